@@ -1,0 +1,144 @@
+//! `dust3d bench`: timings of the hot kernels on the shared presets W1 and W2 (the same
+//! model sizes as the NIFTy.re reference benchmark in ../shared/peer).
+
+use anyhow::{bail, Result};
+use rand::Rng;
+use rand_distr::StandardNormal;
+use serde_json::{json, Map, Value};
+use std::time::Instant;
+
+use crate::config::Precision;
+use crate::grid::Chart;
+use crate::icr::Icr;
+use crate::kernel::{Matern, Nu};
+
+/// A benchmark preset.
+#[derive(Clone, Debug)]
+pub struct Preset {
+    /// Name ("w1", "w2").
+    pub name: &'static str,
+    /// The ICR chart.
+    pub chart: Chart,
+    /// The prior kernel.
+    pub kernel: Matern,
+    /// Stars of the likelihood benchmarks.
+    pub n_stars: usize,
+}
+
+/// The preset called `name`: W1 = nside 32 (nside0 2, 4 levels), W2 = nside 64 (5 levels);
+/// 12 level-0 shells, inner shells log-uniform over 40–2000 pc, Matérn-3/2 (1.5, 30 pc).
+pub fn preset(name: &str) -> Result<Preset> {
+    let (levels, n_stars, name) = match name.to_ascii_lowercase().as_str() {
+        "w1" => (4, 200_000, "w1"),
+        "w2" => (5, 2_000_000, "w2"),
+        other => bail!("unknown preset {other:?} (use w1 or w2)"),
+    };
+    Ok(Preset {
+        name,
+        chart: Chart::new(2, 12, levels, 2, 40.0, 2000.0)?,
+        kernel: Matern {
+            nu: Nu::ThreeHalves,
+            std: 1.5,
+            length_pc: 30.0,
+        },
+        n_stars,
+    })
+}
+
+/// Benchmark result: one JSON object and a human-readable table.
+pub struct BenchOut {
+    /// `preset`, `threads`, `backend`, `<op>_s` medians, `matrix_bytes`, `peak_rss_bytes`.
+    pub json: Value,
+    /// The same as text.
+    pub text: String,
+}
+
+/// Peak resident set size of this process in bytes (Linux VmHWM), 0 if unknown.
+pub fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<u64>().ok())
+            })
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Median wall time in seconds of `reps` calls of `f` after two warm-up calls.
+pub fn median_time(reps: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    f();
+    let mut t: Vec<f64> = (0..reps.max(1))
+        .map(|_| {
+            let s = Instant::now();
+            f();
+            s.elapsed().as_secs_f64()
+        })
+        .collect();
+    t.sort_by(f64::total_cmp);
+    t[t.len() / 2]
+}
+
+/// Run benchmark `what` on preset `preset_name`.
+pub fn run(what: &str, preset_name: &str, reps: usize, backend: &str) -> Result<BenchOut> {
+    if backend != "cpu" {
+        bail!("backend {backend:?} is not available in this build (only \"cpu\")");
+    }
+    let p = preset(preset_name)?;
+    let mut ops: Vec<(&str, f64)> = Vec::new();
+    let mut extra = Map::new();
+    match what {
+        "icr" => {
+            let t0 = Instant::now();
+            let icr = Icr::new(&p.chart, &p.kernel, Precision::F64)?;
+            ops.push(("setup_s", t0.elapsed().as_secs_f64()));
+            let mut rng = crate::rng::stream(0, crate::rng::streams::BENCH);
+            let xi: Vec<f64> = (0..icr.n_xi())
+                .map(|_| rng.sample(StandardNormal))
+                .collect();
+            let mut w = icr.workspace();
+            ops.push(("forward_s", median_time(reps, || icr.forward(&xi, &mut w))));
+            let sb: Vec<f64> = (0..icr.n_field())
+                .map(|_| rng.sample(StandardNormal))
+                .collect();
+            let mut xb = vec![0.0; icr.n_xi()];
+            ops.push((
+                "adjoint_s",
+                median_time(reps, || icr.adjoint(&sb, &mut xb, &mut w)),
+            ));
+            extra.insert("matrix_bytes".into(), json!(icr.matrix_bytes()));
+            extra.insert("matrix_classes".into(), json!(icr.class_counts()));
+            extra.insert("n_xi".into(), json!(icr.n_xi()));
+        }
+        other => bail!("unknown benchmark {other:?} (available: icr)"),
+    }
+    let mut obj = Map::new();
+    obj.insert("preset".into(), json!(p.name));
+    obj.insert("threads".into(), json!(rayon::current_num_threads()));
+    obj.insert("backend".into(), json!(backend));
+    obj.insert("benchmark".into(), json!(what));
+    for (k, v) in &ops {
+        obj.insert((*k).into(), json!(v));
+    }
+    obj.extend(extra);
+    obj.insert("peak_rss_bytes".into(), json!(peak_rss_bytes()));
+    let mut text = format!(
+        "dust3d bench {what} --preset {} ({} threads, backend {backend})\n",
+        p.name,
+        rayon::current_num_threads()
+    );
+    for (k, v) in &obj {
+        if k.ends_with("_s") {
+            text += &format!("  {:<18} {:>10.4} s\n", k, v.as_f64().unwrap_or(f64::NAN));
+        } else if !matches!(k.as_str(), "preset" | "threads" | "backend" | "benchmark") {
+            text += &format!("  {k:<18} {v}\n");
+        }
+    }
+    Ok(BenchOut {
+        json: Value::Object(obj),
+        text,
+    })
+}

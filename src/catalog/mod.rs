@@ -1,0 +1,322 @@
+//! Star catalogs: reading (CSV, CSV.gz, FITS binary table, netCDF-4/HDF5), row validation,
+//! the paper's selection cuts, and the (pixel, distance) layout every solver uses.
+
+mod formats;
+
+pub use formats::{read_columns, write_catalog, Format};
+
+use anyhow::{bail, Result};
+use std::path::Path;
+
+use crate::config::CatalogConfig;
+use crate::grid;
+
+/// Stars as a structure of arrays; one entry per star in every vector.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Catalog {
+    /// Integer identifier (row number if the file has none).
+    pub source_id: Vec<i64>,
+    /// Galactic longitude, deg.
+    pub l_deg: Vec<f64>,
+    /// Galactic latitude, deg.
+    pub b_deg: Vec<f64>,
+    /// Parallax, mas.
+    pub parallax_mas: Vec<f64>,
+    /// Parallax uncertainty, mas.
+    pub parallax_error_mas: Vec<f64>,
+    /// Extinction, catalog units.
+    pub extinction: Vec<f64>,
+    /// Extinction uncertainty, catalog units.
+    pub extinction_error: Vec<f64>,
+    /// Further columns carried along (written, not read back by [`Catalog::read`]).
+    pub extra: Vec<(String, Vec<f64>)>,
+}
+
+/// The names the catalog quantities have in [`Catalog`] and in files written by dust3d.
+pub const CORE_COLUMNS: [&str; 6] = [
+    "l",
+    "b",
+    "parallax",
+    "parallax_error",
+    "extinction",
+    "extinction_error",
+];
+
+impl Catalog {
+    /// Number of stars.
+    pub fn len(&self) -> usize {
+        self.l_deg.len()
+    }
+
+    /// True if there are no stars.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Read and validate a catalog file; every bad value is an error naming file, row, column.
+    pub fn read(path: &Path, cfg: &CatalogConfig) -> Result<Self> {
+        let c = &cfg.columns;
+        let mut names: Vec<&str> = vec![
+            &c.l,
+            &c.b,
+            &c.parallax,
+            &c.parallax_error,
+            &c.extinction,
+            &c.extinction_error,
+        ];
+        if let Some(q) = &c.quality {
+            names.push(q);
+        }
+        let mut table = read_columns(path, &names, c.source_id.as_deref(), cfg.hdu.as_deref())?;
+        let columns = std::mem::take(&mut table.columns);
+        let ids = table.source_id.take();
+        let mut cols = columns.into_iter();
+        let mut next = || cols.next().expect("reader returns every requested column");
+        let mut cat = Catalog {
+            source_id: ids.unwrap_or_else(|| (0..table.rows as i64).collect()),
+            l_deg: next(),
+            b_deg: next(),
+            parallax_mas: next(),
+            parallax_error_mas: next(),
+            extinction: next(),
+            extinction_error: next(),
+            extra: Vec::new(),
+        };
+        let quality = c.quality.as_ref().map(|_| next());
+        let file = path.display().to_string();
+        let row_name = |i: usize| table.row_label(i);
+        cat.validate(&file, c, &row_name)?;
+        if let (Some(q), Some(lim)) = (&quality, cfg.quality_below) {
+            let keep: Vec<bool> = q.iter().map(|&v| v < lim).collect();
+            cat = cat.subset(&keep);
+        }
+        cat = cat.apply_distance_cuts(cfg);
+        if cat.is_empty() {
+            bail!(
+                "{file}: no star passes the selection ({} rows read; cuts: quality < {:?}, \
+                 1/(ω−σ) < {:?} pc, 1/(ω+σ) > {:?} pc)",
+                table.rows,
+                cfg.quality_below,
+                cfg.d_max_pc,
+                cfg.d_min_pc
+            );
+        }
+        Ok(cat)
+    }
+
+    /// Check every row: finite values, positive errors, |b| ≤ 90°.
+    fn validate(
+        &self,
+        file: &str,
+        names: &crate::config::ColumnNames,
+        row: &dyn Fn(usize) -> String,
+    ) -> Result<()> {
+        let cols: [(&str, &Vec<f64>); 6] = [
+            (&names.l, &self.l_deg),
+            (&names.b, &self.b_deg),
+            (&names.parallax, &self.parallax_mas),
+            (&names.parallax_error, &self.parallax_error_mas),
+            (&names.extinction, &self.extinction),
+            (&names.extinction_error, &self.extinction_error),
+        ];
+        for (k, (name, v)) in cols.iter().enumerate() {
+            for (i, &x) in v.iter().enumerate() {
+                let problem = if !x.is_finite() {
+                    Some("is not a finite number")
+                } else if (k == 3 || k == 5) && x <= 0.0 {
+                    Some("must be > 0")
+                } else if k == 1 && x.abs() > 90.0 {
+                    Some("must lie in [-90, 90] deg")
+                } else {
+                    None
+                };
+                if let Some(p) = problem {
+                    bail!("{file}: {}, column '{name}': value {x} {p}", row(i));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Keep the stars whose entry in `keep` is true.
+    pub fn subset(&self, keep: &[bool]) -> Self {
+        let pick = |v: &Vec<f64>| -> Vec<f64> {
+            v.iter()
+                .zip(keep)
+                .filter(|(_, &k)| k)
+                .map(|(x, _)| *x)
+                .collect()
+        };
+        Catalog {
+            source_id: self
+                .source_id
+                .iter()
+                .zip(keep)
+                .filter(|(_, &k)| k)
+                .map(|(x, _)| *x)
+                .collect(),
+            l_deg: pick(&self.l_deg),
+            b_deg: pick(&self.b_deg),
+            parallax_mas: pick(&self.parallax_mas),
+            parallax_error_mas: pick(&self.parallax_error_mas),
+            extinction: pick(&self.extinction),
+            extinction_error: pick(&self.extinction_error),
+            extra: self
+                .extra
+                .iter()
+                .map(|(n, v)| (n.clone(), pick(v)))
+                .collect(),
+        }
+    }
+
+    /// Reorder the stars by `order` (a permutation of 0..len).
+    pub fn permute(&self, order: &[usize]) -> Self {
+        let take = |v: &Vec<f64>| -> Vec<f64> { order.iter().map(|&i| v[i]).collect() };
+        Catalog {
+            source_id: order.iter().map(|&i| self.source_id[i]).collect(),
+            l_deg: take(&self.l_deg),
+            b_deg: take(&self.b_deg),
+            parallax_mas: take(&self.parallax_mas),
+            parallax_error_mas: take(&self.parallax_error_mas),
+            extinction: take(&self.extinction),
+            extinction_error: take(&self.extinction_error),
+            extra: self
+                .extra
+                .iter()
+                .map(|(n, v)| (n.clone(), take(v)))
+                .collect(),
+        }
+    }
+
+    /// The paper's distance cuts: 1/(ω − σ_ω) < d_max and 1/(ω + σ_ω) > d_min.
+    pub fn apply_distance_cuts(self, cfg: &CatalogConfig) -> Self {
+        if cfg.d_max_pc.is_none() && cfg.d_min_pc.is_none() {
+            return self;
+        }
+        let keep: Vec<bool> = (0..self.len())
+            .map(|i| passes_distance_cuts(self.parallax_mas[i], self.parallax_error_mas[i], cfg))
+            .collect();
+        self.subset(&keep)
+    }
+
+    /// Assign stars to NESTED pixels at `nside` and sort by (pixel, distance).
+    pub fn into_pixel_layout(self, nside: u32) -> PixelCatalog {
+        let pix: Vec<u64> = (0..self.len())
+            .map(|i| grid::ang2pix(nside, self.l_deg[i], self.b_deg[i]))
+            .collect();
+        let mut order: Vec<usize> = (0..self.len()).collect();
+        // larger parallax = nearer; ties broken by input order for determinism
+        order.sort_by(|&i, &j| {
+            pix[i]
+                .cmp(&pix[j])
+                .then(self.parallax_mas[j].total_cmp(&self.parallax_mas[i]))
+                .then(i.cmp(&j))
+        });
+        let pixel: Vec<u64> = order.iter().map(|&i| pix[i]).collect();
+        let stars = self.permute(&order);
+        let mut offsets = vec![0usize; grid::npix(nside) + 1];
+        for &p in &pixel {
+            offsets[p as usize + 1] += 1;
+        }
+        for k in 1..offsets.len() {
+            offsets[k] += offsets[k - 1];
+        }
+        PixelCatalog {
+            nside,
+            stars,
+            pixel,
+            offsets,
+        }
+    }
+}
+
+/// Whether a star with parallax ω ± σ (mas) passes the configured distance cuts.
+pub fn passes_distance_cuts(parallax_mas: f64, error_mas: f64, cfg: &CatalogConfig) -> bool {
+    if let Some(dmax) = cfg.d_max_pc {
+        // 1/(ω−σ) < d_max ⇔ ω−σ > 1000/d_max (and ω−σ > 0)
+        if parallax_mas - error_mas <= 1000.0 / dmax {
+            return false;
+        }
+    }
+    if let Some(dmin) = cfg.d_min_pc {
+        let hi = parallax_mas + error_mas;
+        if !(hi > 0.0 && hi < 1000.0 / dmin) {
+            return false;
+        }
+    }
+    true
+}
+
+/// A catalog sorted by (NESTED pixel, distance): pixel `p` owns stars
+/// `offsets[p]..offsets[p+1]`, so a contiguous block of pixels owns a contiguous block of stars.
+#[derive(Clone, Debug)]
+pub struct PixelCatalog {
+    /// nside of the pixelisation.
+    pub nside: u32,
+    /// The stars, sorted.
+    pub stars: Catalog,
+    /// NESTED pixel of each star.
+    pub pixel: Vec<u64>,
+    /// Star ranges per pixel, `npix + 1` entries.
+    pub offsets: Vec<usize>,
+}
+
+impl PixelCatalog {
+    /// Star index range of pixel `p`.
+    pub fn stars_of(&self, p: usize) -> std::ops::Range<usize> {
+        self.offsets[p]..self.offsets[p + 1]
+    }
+
+    /// Number of pixels holding at least one star.
+    pub fn occupied_pixels(&self) -> usize {
+        self.offsets.windows(2).filter(|w| w[1] > w[0]).count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny() -> Catalog {
+        Catalog {
+            source_id: vec![1, 2, 3, 4],
+            l_deg: vec![10.0, 190.0, 10.0, 300.0],
+            b_deg: vec![5.0, -60.0, 5.0, 89.0],
+            parallax_mas: vec![2.0, 10.0, 5.0, 0.1],
+            parallax_error_mas: vec![0.1; 4],
+            extinction: vec![0.1; 4],
+            extinction_error: vec![0.05; 4],
+            extra: vec![],
+        }
+    }
+
+    #[test]
+    fn pixel_layout_is_sorted_and_contiguous() {
+        let pc = tiny().into_pixel_layout(4);
+        assert!(pc.pixel.windows(2).all(|w| w[0] <= w[1]));
+        assert_eq!(*pc.offsets.last().unwrap(), 4);
+        for p in 0..grid::npix(4) {
+            for i in pc.stars_of(p) {
+                assert_eq!(pc.pixel[i], p as u64);
+            }
+        }
+        // the two stars sharing a pixel are ordered nearest first
+        let p = grid::ang2pix(4, 10.0, 5.0) as usize;
+        let r = pc.stars_of(p);
+        assert_eq!(r.len(), 2);
+        assert_eq!(pc.stars.source_id[r.start], 3);
+    }
+
+    #[test]
+    fn distance_cuts_follow_the_paper() {
+        let cfg = CatalogConfig {
+            d_max_pc: Some(1800.0),
+            d_min_pc: Some(40.0),
+            ..Default::default()
+        };
+        assert!(passes_distance_cuts(2.0, 0.1, &cfg)); // ~500 pc
+        assert!(!passes_distance_cuts(0.6, 0.1, &cfg)); // 1/(0.5 mas) = 2 kpc > 1.8 kpc
+        assert!(!passes_distance_cuts(30.0, 1.0, &cfg)); // 1/(31 mas) = 32 pc < 40 pc
+        assert!(!passes_distance_cuts(-0.5, 0.1, &cfg));
+    }
+}

@@ -1,0 +1,145 @@
+//! Command-line interface: argument parsing and dispatch to the library.
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use std::path::{Path, PathBuf};
+
+use crate::catalog::write_catalog;
+use crate::config::Config;
+
+/// dust3d: Bayesian 3D dust mapping (HEALPix × log-radius GP via ICR, MGVI).
+#[derive(Parser, Debug)]
+#[command(name = "dust3d", version, about, long_about = None)]
+pub struct Cli {
+    /// Worker threads (default: all cores, or DUST3D_THREADS / RAYON_NUM_THREADS).
+    #[arg(long, global = true)]
+    pub threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Simulate a mock sky: a truth map and a star catalog observed through it.
+    Simulate {
+        /// Run configuration (TOML).
+        #[arg(long)]
+        config: PathBuf,
+        /// Catalog to write (.csv, .csv.gz, .fits, .nc).
+        #[arg(long)]
+        out_catalog: PathBuf,
+        /// Truth map to write (netCDF).
+        #[arg(long)]
+        out_truth: PathBuf,
+        /// Override the seed of the configuration.
+        #[arg(long)]
+        seed: Option<u64>,
+    },
+    /// Summarise a map or catalog file (catalogs are validated and selected as in a fit).
+    Info {
+        /// Map (.nc) or catalog file.
+        file: PathBuf,
+        /// Configuration giving column names and cuts (defaults otherwise).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Check a configuration file and print it with all defaults filled in.
+    Config {
+        /// Run configuration (TOML).
+        file: PathBuf,
+    },
+    /// Benchmarks of the hot kernels (`icr`) on the shared presets W1/W2.
+    Bench {
+        /// What to time: icr.
+        what: String,
+        /// Preset: w1 or w2.
+        #[arg(long, default_value = "w1")]
+        preset: String,
+        /// Print one JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+        /// Timed repetitions after warm-up.
+        #[arg(long, default_value_t = 10)]
+        reps: usize,
+        /// Compute backend (cpu).
+        #[arg(long, default_value = "cpu")]
+        backend: String,
+    },
+}
+
+fn load_config(path: Option<&Path>) -> Result<(Config, String)> {
+    match path {
+        Some(p) => Config::from_file(p),
+        None => Ok((Config::default(), String::new())),
+    }
+}
+
+fn set_threads(n: Option<usize>) -> Result<()> {
+    let n = n.or_else(|| {
+        std::env::var("DUST3D_THREADS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+    });
+    if let Some(n) = n {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .context("cannot configure the thread pool")?;
+    }
+    Ok(())
+}
+
+/// Parse the command line and run the chosen command.
+pub fn run() -> Result<()> {
+    let cli = Cli::parse();
+    set_threads(cli.threads)?;
+    match cli.command {
+        Command::Simulate {
+            config,
+            out_catalog,
+            out_truth,
+            seed,
+        } => {
+            let (mut cfg, text) = load_config(Some(&config))?;
+            if let Some(s) = seed {
+                cfg.seed = s;
+            }
+            crate::catalog::Format::of(&out_catalog)?;
+            let sim = crate::simulate::run(&cfg, &text)?;
+            write_catalog(&sim.catalog, &out_catalog)?;
+            sim.truth.write(&out_truth)?;
+            tracing::info!(
+                stars = sim.catalog.len(),
+                catalog = %out_catalog.display(),
+                truth = %out_truth.display(),
+                "simulated mock sky"
+            );
+        }
+        Command::Info { file, config } => {
+            let (cfg, _) = load_config(config.as_deref())?;
+            print!("{}", crate::info::run(&file, &cfg)?);
+        }
+        Command::Config { file } => {
+            let (cfg, _) = load_config(Some(&file))?;
+            print!(
+                "{}",
+                toml::to_string_pretty(&cfg).context("cannot print configuration")?
+            );
+        }
+        Command::Bench {
+            what,
+            preset,
+            json,
+            reps,
+            backend,
+        } => {
+            let out = crate::bench::run(&what, &preset, reps, &backend)?;
+            if json {
+                println!("{}", serde_json::to_string(&out.json)?);
+            } else {
+                print!("{}", out.text);
+            }
+        }
+    }
+    Ok(())
+}

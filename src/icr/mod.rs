@@ -1,0 +1,378 @@
+//! Iterative charted refinement (ICR) on HEALPix NESTED × log-radius (DESIGN.md §2):
+//! the linear map `s = S ξ` from standardized excitations to the log-density Gaussian
+//! process, and its exact transpose `ξ̄ = Sᵀ s̄`.
+//!
+//! Layout: the field of level `l` is pixel-major, `s_l[p * n_r(l) + i]`. The excitation
+//! vector is `[ξ_0 (npix_0 · n_r0) | level-1 sites | level-2 sites | …]`, where site
+//! (p, j) of a refinement from level l owns `ξ[off_l + (p (n_r(l) − 2) + j) · 8 ..][..8]`,
+//! ordered (child c, radial t) → `2c + t`. Both directions are parallel over coarse pixels
+//! and allocation-free given an [`IcrWork`].
+
+pub mod geometry;
+pub mod matrices;
+
+use anyhow::{Context, Result};
+use rayon::prelude::*;
+
+use crate::config::Precision;
+use crate::grid::{self, Chart};
+use crate::kernel::Kernel;
+use geometry::LevelGeometry;
+use matrices::{cholesky_lower, site_matrices, SITE_LEN};
+
+/// Refinement matrices of all (angular class, radial index) pairs of one level.
+#[derive(Clone, Debug)]
+pub enum Matrices {
+    /// Stored in f64.
+    F64(Vec<f64>),
+    /// Stored in f32 (computed in f64).
+    F32(Vec<f32>),
+}
+
+impl Matrices {
+    fn bytes(&self) -> usize {
+        match self {
+            Matrices::F64(v) => v.len() * 8,
+            Matrices::F32(v) => v.len() * 4,
+        }
+    }
+}
+
+/// One refinement step from level `l` (coarse) to level `l + 1` (fine).
+#[derive(Clone, Debug)]
+pub struct Level {
+    /// Coarse windows and angular classes.
+    pub geom: LevelGeometry,
+    /// Coarse radial shells.
+    pub n_c: usize,
+    /// Fine radial shells, `2 (n_c − 2)`.
+    pub n_f: usize,
+    /// Matrices, `[(class · (n_c − 2) + j) · SITE_LEN ..]`.
+    pub mats: Matrices,
+    /// Reverse window map: coarse pixel q appears in windows `rev[rev_off[q]..rev_off[q+1]]`
+    /// as (pixel, slot).
+    rev_off: Vec<u32>,
+    rev: Vec<(u32, u8)>,
+    /// Offset of this level's excitations in ξ.
+    pub xi_off: usize,
+}
+
+impl Level {
+    fn npix_c(&self) -> usize {
+        self.geom.window.len()
+    }
+    fn n_sites_r(&self) -> usize {
+        self.n_c - 2
+    }
+    /// Number of excitations of this level.
+    pub fn n_xi(&self) -> usize {
+        self.npix_c() * self.n_sites_r() * 8
+    }
+}
+
+/// The ICR prior operator for a chart and kernel.
+#[derive(Clone, Debug)]
+pub struct Icr {
+    /// The chart.
+    pub chart: Chart,
+    /// Lower Cholesky factor of the level-0 covariance, row-major `n0 × n0`.
+    level0: Vec<f64>,
+    n0: usize,
+    /// Refinement steps, level 0→1 first.
+    pub levels: Vec<Level>,
+}
+
+/// Preallocated buffers of [`Icr::forward`] and [`Icr::adjoint`].
+#[derive(Clone, Debug)]
+pub struct IcrWork {
+    /// Field of every level, pixel-major.
+    pub fields: Vec<Vec<f64>>,
+    /// Per-pixel window contributions of the adjoint, `9 · n_c` per coarse pixel.
+    scatter: Vec<f64>,
+}
+
+impl Icr {
+    /// Build the operator: level-0 Cholesky and deduplicated refinement matrices, in parallel.
+    pub fn new(chart: &Chart, kernel: &dyn Kernel, precision: Precision) -> Result<Self> {
+        faer::set_global_parallelism(faer::Par::Seq);
+        let level0 = Self::level0_factor(chart, kernel)?;
+        let n0 = chart.npix(0) * chart.n_r0;
+        let mut xi_off = n0;
+        let mut levels = Vec::with_capacity(chart.levels);
+        for l in 0..chart.levels {
+            let level = Self::build_level(chart, kernel, l, xi_off, precision)
+                .with_context(|| format!("ICR level {l} → {}", l + 1))?;
+            xi_off += level.n_xi();
+            levels.push(level);
+        }
+        Ok(Self {
+            chart: chart.clone(),
+            level0,
+            n0,
+            levels,
+        })
+    }
+
+    fn level0_factor(chart: &Chart, kernel: &dyn Kernel) -> Result<Vec<f64>> {
+        let nside = chart.nside(0);
+        let radii = chart.radii_pc(0);
+        let nr = radii.len();
+        let pos: Vec<[f64; 3]> = (0..chart.npix(0))
+            .flat_map(|p| {
+                let u = grid::pix2vec(nside, p as u64);
+                radii
+                    .iter()
+                    .map(move |&r| [r * u[0], r * u[1], r * u[2]])
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let n = pos.len();
+        debug_assert_eq!(n, chart.npix(0) * nr);
+        let k = faer::Mat::from_fn(n, n, |i, j| {
+            let d = (0..3)
+                .map(|a| (pos[i][a] - pos[j][a]).powi(2))
+                .sum::<f64>()
+                .sqrt();
+            kernel.cov(d)
+        });
+        let l = cholesky_lower(&k).context("level-0 covariance")?;
+        Ok((0..n * n).map(|ij| l[(ij / n, ij % n)]).collect())
+    }
+
+    fn build_level(
+        chart: &Chart,
+        kernel: &dyn Kernel,
+        l: usize,
+        xi_off: usize,
+        precision: Precision,
+    ) -> Result<Level> {
+        let geom = LevelGeometry::new(chart.nside(l));
+        let n_c = chart.n_r(l);
+        let ns = n_c - 2;
+        let mut m = vec![0.0f64; geom.n_classes() * ns * SITE_LEN];
+        m.par_chunks_mut(SITE_LEN)
+            .enumerate()
+            .try_for_each(|(idx, out)| {
+                let (class, j) = (idx / ns, idx % ns);
+                let cr = [0, 1, 2].map(|d| chart.radius_pc(l, (j + d) as f64));
+                let fr = [0, 1].map(|t| chart.radius_pc(l + 1, (2 * j + t) as f64));
+                site_matrices(kernel, &geom.class_gram[class], cr, fr, out)
+            })?;
+        let mats = match precision {
+            Precision::F64 => Matrices::F64(m),
+            Precision::F32 => Matrices::F32(m.iter().map(|&v| v as f32).collect()),
+        };
+        let npix = geom.window.len();
+        let mut count = vec![0u32; npix + 1];
+        for w in &geom.window {
+            for &q in w {
+                count[q as usize + 1] += 1;
+            }
+        }
+        for i in 1..=npix {
+            count[i] += count[i - 1];
+        }
+        let mut fill = count.clone();
+        let mut rev = vec![(0u32, 0u8); 9 * npix];
+        for (p, w) in geom.window.iter().enumerate() {
+            for (a, &q) in w.iter().enumerate() {
+                rev[fill[q as usize] as usize] = (p as u32, a as u8);
+                fill[q as usize] += 1;
+            }
+        }
+        Ok(Level {
+            geom,
+            n_c,
+            n_f: 2 * ns,
+            mats,
+            rev_off: count,
+            rev,
+            xi_off,
+        })
+    }
+
+    /// Total number of excitations ξ.
+    pub fn n_xi(&self) -> usize {
+        self.levels.last().map_or(self.n0, |l| l.xi_off + l.n_xi())
+    }
+
+    /// Number of values of the final field (pixels × chart shells).
+    pub fn n_field(&self) -> usize {
+        let l = self.chart.levels;
+        self.chart.npix(l) * self.chart.n_r(l)
+    }
+
+    /// Bytes held by refinement matrices and the level-0 factor.
+    pub fn matrix_bytes(&self) -> usize {
+        self.level0.len() * 8 + self.levels.iter().map(|l| l.mats.bytes()).sum::<usize>()
+    }
+
+    /// Distinct angular classes per refinement level.
+    pub fn class_counts(&self) -> Vec<usize> {
+        self.levels.iter().map(|l| l.geom.n_classes()).collect()
+    }
+
+    /// Buffers for forward and adjoint.
+    pub fn workspace(&self) -> IcrWork {
+        let c = &self.chart;
+        let fields = (0..=c.levels)
+            .map(|l| vec![0.0; c.npix(l) * c.n_r(l)])
+            .collect();
+        let scatter = self
+            .levels
+            .iter()
+            .map(|l| 9 * l.npix_c() * l.n_c)
+            .max()
+            .unwrap_or(0);
+        IcrWork {
+            fields,
+            scatter: vec![0.0; scatter],
+        }
+    }
+
+    /// `s = S ξ`; the final field is left in `work.fields[levels]`.
+    pub fn forward(&self, xi: &[f64], work: &mut IcrWork) {
+        assert_eq!(
+            xi.len(),
+            self.n_xi(),
+            "ICR forward: wrong number of excitations"
+        );
+        let n0 = self.n0;
+        let l0 = &self.level0;
+        work.fields[0]
+            .par_iter_mut()
+            .enumerate()
+            .for_each(|(i, s)| {
+                let row = &l0[i * n0..i * n0 + i + 1];
+                *s = row.iter().zip(&xi[..=i]).map(|(a, b)| a * b).sum();
+            });
+        for (l, level) in self.levels.iter().enumerate() {
+            let (lo, hi) = work.fields.split_at_mut(l + 1);
+            let xi_l = &xi[level.xi_off..level.xi_off + level.n_xi()];
+            match &level.mats {
+                Matrices::F64(m) => refine(level, m, &lo[l], xi_l, &mut hi[0]),
+                Matrices::F32(m) => refine(level, m, &lo[l], xi_l, &mut hi[0]),
+            }
+        }
+    }
+
+    /// `ξ̄ = Sᵀ s̄` for a final-level cotangent `s_bar`; overwrites `xi_bar`.
+    pub fn adjoint(&self, s_bar: &[f64], xi_bar: &mut [f64], work: &mut IcrWork) {
+        assert_eq!(
+            xi_bar.len(),
+            self.n_xi(),
+            "ICR adjoint: wrong number of excitations"
+        );
+        let nl = self.levels.len();
+        work.fields[nl].copy_from_slice(s_bar);
+        for (l, level) in self.levels.iter().enumerate().rev() {
+            let (lo, hi) = work.fields.split_at_mut(l + 1);
+            let xb = &mut xi_bar[level.xi_off..level.xi_off + level.n_xi()];
+            let t = &mut work.scatter[..9 * level.npix_c() * level.n_c];
+            match &level.mats {
+                Matrices::F64(m) => refine_adjoint(level, m, &hi[0], xb, t, &mut lo[l]),
+                Matrices::F32(m) => refine_adjoint(level, m, &hi[0], xb, t, &mut lo[l]),
+            }
+        }
+        let n0 = self.n0;
+        let l0 = &self.level0;
+        let s0 = &work.fields[0];
+        xi_bar[..n0].par_iter_mut().enumerate().for_each(|(m, x)| {
+            *x = (m..n0).map(|i| l0[i * n0 + m] * s0[i]).sum();
+        });
+    }
+}
+
+/// Refine one level: every coarse pixel's sites write its 4 children's fine columns.
+fn refine<T: Copy + Into<f64> + Sync>(
+    level: &Level,
+    mats: &[T],
+    coarse: &[f64],
+    xi: &[f64],
+    fine: &mut [f64],
+) {
+    let (n_c, n_f, ns) = (level.n_c, level.n_f, level.n_sites_r());
+    fine.par_chunks_mut(4 * n_f)
+        .enumerate()
+        .for_each(|(p, out)| {
+            let win = &level.geom.window[p];
+            let class = level.geom.class[p] as usize;
+            let mut c = [0.0f64; 27];
+            for j in 0..ns {
+                for (a, &q) in win.iter().enumerate() {
+                    let base = q as usize * n_c + j;
+                    c[a * 3..a * 3 + 3].copy_from_slice(&coarse[base..base + 3]);
+                }
+                let m = &mats[(class * ns + j) * SITE_LEN..][..SITE_LEN];
+                let x = &xi[(p * ns + j) * 8..][..8];
+                for o in 0..8 {
+                    let r = &m[o * 27..o * 27 + 27];
+                    let mut acc = 0.0;
+                    for k in 0..27 {
+                        acc += r[k].into() * c[k];
+                    }
+                    let sd = &m[216 + o * 8..216 + o * 8 + o + 1];
+                    for q in 0..=o {
+                        acc += sd[q].into() * x[q];
+                    }
+                    out[(o / 2) * n_f + 2 * j + (o % 2)] = acc;
+                }
+            }
+        });
+}
+
+/// Transpose of [`refine`]: per-pixel window contributions into `scatter`, then a gather over
+/// the reverse window map, so no two threads write the same value.
+fn refine_adjoint<T: Copy + Into<f64> + Sync>(
+    level: &Level,
+    mats: &[T],
+    fine_bar: &[f64],
+    xi_bar: &mut [f64],
+    scatter: &mut [f64],
+    coarse_bar: &mut [f64],
+) {
+    let (n_c, n_f, ns) = (level.n_c, level.n_f, level.n_sites_r());
+    scatter
+        .par_chunks_mut(9 * n_c)
+        .zip(xi_bar.par_chunks_mut(ns * 8))
+        .enumerate()
+        .for_each(|(p, (t, xb))| {
+            t.fill(0.0);
+            let class = level.geom.class[p] as usize;
+            let fb = &fine_bar[4 * p * n_f..4 * (p + 1) * n_f];
+            for j in 0..ns {
+                let mut g = [0.0f64; 8];
+                for (o, gv) in g.iter_mut().enumerate() {
+                    *gv = fb[(o / 2) * n_f + 2 * j + (o % 2)];
+                }
+                let m = &mats[(class * ns + j) * SITE_LEN..][..SITE_LEN];
+                let x = &mut xb[j * 8..j * 8 + 8];
+                for (q, xq) in x.iter_mut().enumerate() {
+                    *xq = (q..8).map(|o| m[216 + o * 8 + q].into() * g[o]).sum();
+                }
+                for a in 0..9 {
+                    for dj in 0..3 {
+                        let k = a * 3 + dj;
+                        let v: f64 = (0..8).map(|o| m[o * 27 + k].into() * g[o]).sum();
+                        t[a * n_c + j + dj] += v;
+                    }
+                }
+            }
+        });
+    let scatter = &*scatter;
+    coarse_bar
+        .par_chunks_mut(n_c)
+        .enumerate()
+        .for_each(|(q, out)| {
+            out.fill(0.0);
+            for &(p, a) in &level.rev[level.rev_off[q] as usize..level.rev_off[q + 1] as usize] {
+                let t = &scatter[(p as usize * 9 + a as usize) * n_c..][..n_c];
+                for (o, v) in out.iter_mut().zip(t) {
+                    *o += v;
+                }
+            }
+        });
+}
+
+#[cfg(test)]
+mod tests;

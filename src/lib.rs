@@ -1,0 +1,20 @@
+//! dust3d: Bayesian 3D dust mapping of the Milky Way (Edenhofer et al. 2024, A&A 685, A82).
+//!
+//! A log-normal Gaussian process over HEALPix NESTED pixels × log-spaced distance shells,
+//! realised by iterative charted refinement (ICR). The `dust3d` binary is a thin driver of
+//! this library; see README.md for the command line and DESIGN.md for the mathematics.
+
+pub mod atomic;
+pub mod bench;
+pub mod catalog;
+pub mod cli;
+pub mod config;
+pub mod grid;
+pub mod icr;
+pub mod info;
+pub mod kernel;
+pub mod logging;
+pub mod mapfile;
+pub mod provenance;
+pub mod rng;
+pub mod simulate;

@@ -1,0 +1,265 @@
+//! The dust3d map file (netCDF-4): posterior mean, std and samples of the differential
+//! extinction ρ on NESTED pixels × radial shells, the integrated inner-region map, and
+//! provenance. Arrays are stored as float32 (like the published release), radii as float64.
+
+use anyhow::{anyhow, bail, Context, Result};
+use std::path::Path;
+
+use crate::atomic::write_atomically;
+use crate::grid::{self, Shells};
+use crate::provenance::Provenance;
+
+/// A 3D dust map: arrays are [radius][pixel] (pixel fastest), NESTED ordering.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DustMap {
+    /// HEALPix nside (NESTED).
+    pub nside: u32,
+    /// Radial shells, pc.
+    pub shells: Shells,
+    /// Mean differential extinction per pc, [radius][pixel].
+    pub mean: Vec<f64>,
+    /// Standard deviation, [radius][pixel] (zeros for a truth map).
+    pub std: Vec<f64>,
+    /// Samples, each [radius][pixel]; may be empty.
+    pub samples: Vec<Vec<f64>>,
+    /// Mean integrated extinction inside the inner shell edge, per pixel.
+    pub inner_mean: Vec<f64>,
+    /// Standard deviation of the inner integrated extinction, per pixel.
+    pub inner_std: Vec<f64>,
+    /// Inner integrated extinction per sample, each per pixel; empty if no samples.
+    pub inner_samples: Vec<Vec<f64>>,
+    /// Unit of ρ.
+    pub units: String,
+    /// "truth" or "posterior".
+    pub kind: String,
+    /// Where the map came from.
+    pub provenance: Provenance,
+}
+
+impl DustMap {
+    /// Number of pixels.
+    pub fn npix(&self) -> usize {
+        grid::npix(self.nside)
+    }
+
+    /// Number of radial shells.
+    pub fn n_r(&self) -> usize {
+        self.shells.len()
+    }
+
+    /// Check array sizes against the grid.
+    pub fn check(&self) -> Result<()> {
+        let n = self.npix() * self.n_r();
+        if self.mean.len() != n || self.std.len() != n {
+            bail!(
+                "map arrays have {} / {} values, grid needs {n}",
+                self.mean.len(),
+                self.std.len()
+            );
+        }
+        if self.samples.iter().any(|s| s.len() != n) {
+            bail!("a sample has the wrong size (grid needs {n})");
+        }
+        if self.inner_mean.len() != self.npix() || self.inner_std.len() != self.npix() {
+            bail!("inner maps must have one value per pixel ({})", self.npix());
+        }
+        if !self.inner_samples.is_empty() && self.inner_samples.len() != self.samples.len() {
+            bail!("inner samples must match the samples in number");
+        }
+        Ok(())
+    }
+
+    /// Write the map atomically to `path` (netCDF-4).
+    pub fn write(&self, path: &Path) -> Result<()> {
+        self.check()?;
+        write_atomically(path, |tmp| self.write_netcdf(tmp))
+            .with_context(|| format!("cannot write map {}", path.display()))
+    }
+
+    fn write_netcdf(&self, tmp: &Path) -> Result<()> {
+        let (npix, nr, ns) = (self.npix(), self.n_r(), self.samples.len());
+        let mut nc = netcdf::create(tmp)?;
+        nc.add_dimension("radius", nr)?;
+        nc.add_dimension("radius_edge", nr + 1)?;
+        nc.add_dimension("pixel", npix)?;
+        if ns > 0 {
+            nc.add_dimension("sample", ns)?;
+        }
+        self.write_attributes(&mut nc)?;
+        let mut v = nc.add_variable::<f64>("radius", &["radius"])?;
+        v.put_attribute("units", "pc")?;
+        v.put_attribute("long_name", "shell centre (geometric mean of edges)")?;
+        v.put_values(&self.shells.centres_pc(), ..)?;
+        let mut v = nc.add_variable::<f64>("radius_edges", &["radius_edge"])?;
+        v.put_attribute("units", "pc")?;
+        v.put_values(&self.shells.edges_pc, ..)?;
+        let f32s = |x: &[f64]| -> Vec<f32> { x.iter().map(|&v| v as f32).collect() };
+        for (name, data, what) in [
+            (
+                "mean",
+                &self.mean,
+                "posterior mean of differential extinction",
+            ),
+            (
+                "std",
+                &self.std,
+                "posterior standard deviation of differential extinction",
+            ),
+        ] {
+            let mut v = nc.add_variable::<f32>(name, &["radius", "pixel"])?;
+            v.put_attribute("units", self.units.as_str())?;
+            v.put_attribute("long_name", what)?;
+            v.put_values(&f32s(data), ..)?;
+        }
+        let inner = format!("{} pc", self.shells.edges_pc[0]);
+        for (name, data) in [
+            ("inner_integrated_mean", &self.inner_mean),
+            ("inner_integrated_std", &self.inner_std),
+        ] {
+            let mut v = nc.add_variable::<f32>(name, &["pixel"])?;
+            v.put_attribute("long_name", format!("integrated extinction inside {inner}"))?;
+            v.put_values(&f32s(data), ..)?;
+        }
+        if ns > 0 {
+            let mut v = nc.add_variable::<f32>("samples", &["sample", "radius", "pixel"])?;
+            v.put_attribute("units", self.units.as_str())?;
+            for (k, s) in self.samples.iter().enumerate() {
+                v.put_values(&f32s(s), (k, .., ..))?;
+            }
+            if !self.inner_samples.is_empty() {
+                let mut v =
+                    nc.add_variable::<f32>("inner_integrated_samples", &["sample", "pixel"])?;
+                for (k, s) in self.inner_samples.iter().enumerate() {
+                    v.put_values(&f32s(s), (k, ..))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn write_attributes(&self, nc: &mut netcdf::FileMut) -> Result<()> {
+        let p = &self.provenance;
+        nc.add_attribute("title", "dust3d 3D dust extinction map")?;
+        nc.add_attribute("Conventions", "dust3d-map-1")?;
+        nc.add_attribute("map_kind", self.kind.as_str())?;
+        nc.add_attribute("nside", self.nside as i32)?;
+        nc.add_attribute("ordering", "NESTED")?;
+        nc.add_attribute("coordinate_frame", "Galactic, heliocentric")?;
+        nc.add_attribute("units", self.units.as_str())?;
+        nc.add_attribute("inner_radius_pc", self.shells.edges_pc[0])?;
+        nc.add_attribute("dust3d_version", p.version.as_str())?;
+        nc.add_attribute("git_commit", p.git_commit.as_str())?;
+        nc.add_attribute("config", p.config.as_str())?;
+        nc.add_attribute("seed", p.seed.to_string())?;
+        nc.add_attribute("command_line", p.command_line.as_str())?;
+        nc.add_attribute("catalog_sha256", p.catalog_sha256.as_str())?;
+        nc.add_attribute("created", p.created.as_str())?;
+        Ok(())
+    }
+
+    /// Read a dust3d map file; errors say what is missing.
+    pub fn read(path: &Path) -> Result<Self> {
+        let file = path.display().to_string();
+        let nc = netcdf::open(path).map_err(|e| anyhow!("{file}: cannot open as netCDF: {e}"))?;
+        let attr_str = |name: &str| -> Result<String> {
+            let a = nc
+                .attribute(name)
+                .ok_or_else(|| anyhow!("{file}: missing attribute '{name}'"))?;
+            match a.value()? {
+                netcdf::AttributeValue::Str(s) => Ok(s),
+                other => Ok(format!("{other:?}")),
+            }
+        };
+        let nside: u32 = match nc.attribute("nside").map(|a| a.value()).transpose()? {
+            Some(netcdf::AttributeValue::Int(n)) if n > 0 => n as u32,
+            Some(other) => bail!("{file}: attribute 'nside' is not a positive integer: {other:?}"),
+            None => bail!("{file}: missing attribute 'nside' (not a dust3d map file?)"),
+        };
+        grid::depth_of_nside(nside).with_context(|| format!("{file}: attribute 'nside'"))?;
+        let ordering = attr_str("ordering")?;
+        if ordering != "NESTED" {
+            bail!("{file}: ordering is '{ordering}', dust3d maps are NESTED");
+        }
+        let var = |name: &str| {
+            nc.variable(name)
+                .ok_or_else(|| anyhow!("{file}: missing variable '{name}'"))
+        };
+        let read_f64 = |name: &str| -> Result<Vec<f64>> {
+            var(name)?
+                .get_values::<f64, _>(..)
+                .map_err(|e| anyhow!("{file}: variable '{name}': {e}"))
+        };
+        let edges_pc = read_f64("radius_edges")?;
+        if edges_pc.len() < 2 || edges_pc.windows(2).any(|w| !(w[1] > w[0])) {
+            bail!("{file}: radius_edges must be strictly increasing with ≥ 2 values");
+        }
+        let shells = Shells { edges_pc };
+        let (npix, nr) = (grid::npix(nside), shells.len());
+        let mean = read_f64("mean")?;
+        let std = read_f64("std")?;
+        let samples = match nc.variable("samples") {
+            Some(v) => {
+                let all: Vec<f64> = v.get_values::<f64, _>(..)?;
+                all.chunks(npix * nr).map(<[f64]>::to_vec).collect()
+            }
+            None => Vec::new(),
+        };
+        let inner_samples = match nc.variable("inner_integrated_samples") {
+            Some(v) => v
+                .get_values::<f64, _>(..)?
+                .chunks(npix)
+                .map(<[f64]>::to_vec)
+                .collect(),
+            None => Vec::new(),
+        };
+        let seed = attr_str("seed").unwrap_or_default().parse().unwrap_or(0);
+        let provenance = Provenance {
+            version: attr_str("dust3d_version").unwrap_or_default(),
+            git_commit: attr_str("git_commit").unwrap_or_default(),
+            config: attr_str("config").unwrap_or_default(),
+            seed,
+            command_line: attr_str("command_line").unwrap_or_default(),
+            catalog_sha256: attr_str("catalog_sha256").unwrap_or_default(),
+            created: attr_str("created").unwrap_or_default(),
+        };
+        let map = DustMap {
+            nside,
+            shells,
+            mean,
+            std,
+            samples,
+            inner_mean: read_f64("inner_integrated_mean")?,
+            inner_std: read_f64("inner_integrated_std")?,
+            inner_samples,
+            units: attr_str("units")?,
+            kind: attr_str("map_kind").unwrap_or_else(|_| "unknown".into()),
+            provenance,
+        };
+        map.check()
+            .with_context(|| format!("{file}: inconsistent map"))?;
+        Ok(map)
+    }
+
+    /// Integrated extinction from the inner edge to the far edge of every shell, one
+    /// pixel's column of `field` ([radius][pixel]); plus the inner map.
+    pub fn integrate_column(&self, field: &[f64], inner: &[f64], pixel: usize) -> Vec<f64> {
+        let widths = self.shells.widths_pc();
+        let npix = self.npix();
+        let mut acc = inner[pixel];
+        widths
+            .iter()
+            .enumerate()
+            .map(|(k, w)| {
+                acc += field[k * npix + pixel] * w;
+                acc
+            })
+            .collect()
+    }
+}
+
+/// True if `path` looks like a dust3d map (a netCDF file with a `mean` and `nside`).
+pub fn is_map_file(path: &Path) -> bool {
+    netcdf::open(path)
+        .map(|nc| nc.variable("mean").is_some() && nc.attribute("nside").is_some())
+        .unwrap_or(false)
+}
