@@ -164,7 +164,7 @@ impl Default for NoiseConfig {
 }
 
 /// `[catalog]`: column names and selection cuts (paper §2).
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct CatalogConfig {
     /// Column names in the input file.
@@ -177,18 +177,6 @@ pub struct CatalogConfig {
     pub d_max_pc: Option<f64>,
     /// Keep stars with 1/(ω + σ_ω) > this distance, pc; paper: 40.
     pub d_min_pc: Option<f64>,
-}
-
-impl Default for CatalogConfig {
-    fn default() -> Self {
-        Self {
-            columns: ColumnNames::default(),
-            hdu: None,
-            quality_below: None,
-            d_max_pc: None,
-            d_min_pc: None,
-        }
-    }
 }
 
 /// `[catalog.columns]`: the input file's name for each quantity.

@@ -4,6 +4,9 @@
 //! realised by iterative charted refinement (ICR). The `dust3d` binary is a thin driver of
 //! this library; see README.md for the command line and DESIGN.md for the mathematics.
 
+// Index loops mirror the formulas (sums over shells, sites, window slots) in numerical code.
+#![allow(clippy::needless_range_loop)]
+
 pub mod atomic;
 pub mod bench;
 pub mod catalog;

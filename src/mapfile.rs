@@ -190,7 +190,7 @@ impl DustMap {
                 .map_err(|e| anyhow!("{file}: variable '{name}': {e}"))
         };
         let edges_pc = read_f64("radius_edges")?;
-        if edges_pc.len() < 2 || edges_pc.windows(2).any(|w| !(w[1] > w[0])) {
+        if edges_pc.len() < 2 || edges_pc.windows(2).any(|w| w[1] <= w[0] || w[1].is_nan()) {
             bail!("{file}: radius_edges must be strictly increasing with ≥ 2 values");
         }
         let shells = Shells { edges_pc };

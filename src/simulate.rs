@@ -156,45 +156,6 @@ pub fn simulate(
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn integral_of_piecewise_constant_column() {
-        let s = Shells {
-            edges_pc: vec![10.0, 20.0, 40.0, 80.0],
-        };
-        let rho = [1.0, 2.0, 3.0];
-        let f = |d| integrate_to(&s, |k| rho[k], d);
-        assert_eq!(f(5.0), 0.0);
-        assert!((f(15.0) - 5.0).abs() < 1e-12);
-        assert!((f(30.0) - (10.0 + 20.0)).abs() < 1e-12);
-        assert!((f(1000.0) - (10.0 + 40.0 + 120.0)).abs() < 1e-12);
-    }
-
-    #[test]
-    fn simulation_is_reproducible_and_consistent() {
-        let mut cfg = Config::default();
-        cfg.simulate.n_stars = 500;
-        let a = simulate(&cfg, "", None).unwrap();
-        let b = simulate(&cfg, "", None).unwrap();
-        assert_eq!(a.catalog, b.catalog);
-        let t = &a.truth;
-        // the recorded true extinction is the column integral to the true distance
-        let npix = t.npix();
-        for i in 0..50 {
-            let p = grid::ang2pix(t.nside, a.catalog.l_deg[i], a.catalog.b_deg[i]) as usize;
-            let d = a.catalog.extra[0].1[i];
-            let want = integrate_to(&t.shells, |k| t.mean[k * npix + p], d);
-            assert!((a.catalog.extra[1].1[i] - want).abs() < 1e-12);
-        }
-        cfg.seed = 7;
-        let c = simulate(&cfg, "", None).unwrap();
-        assert_ne!(a.catalog.l_deg, c.catalog.l_deg);
-    }
-}
-
 /// A draw from the prior on the kept shells, [radius][pixel]: s = ICR(ξ) with ξ from the
 /// seed's prior stream, ρ = exp(scale · s + offset) at the prior medians of scale and offset.
 pub fn prior_truth(cfg: &Config) -> Result<Vec<f64>> {
@@ -233,4 +194,43 @@ pub fn run(cfg: &Config, config_text: &str) -> Result<Simulation> {
         _ => None,
     };
     simulate(cfg, config_text, truth)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn integral_of_piecewise_constant_column() {
+        let s = Shells {
+            edges_pc: vec![10.0, 20.0, 40.0, 80.0],
+        };
+        let rho = [1.0, 2.0, 3.0];
+        let f = |d| integrate_to(&s, |k| rho[k], d);
+        assert_eq!(f(5.0), 0.0);
+        assert!((f(15.0) - 5.0).abs() < 1e-12);
+        assert!((f(30.0) - (10.0 + 20.0)).abs() < 1e-12);
+        assert!((f(1000.0) - (10.0 + 40.0 + 120.0)).abs() < 1e-12);
+    }
+
+    #[test]
+    fn simulation_is_reproducible_and_consistent() {
+        let mut cfg = Config::default();
+        cfg.simulate.n_stars = 500;
+        let a = simulate(&cfg, "", None).unwrap();
+        let b = simulate(&cfg, "", None).unwrap();
+        assert_eq!(a.catalog, b.catalog);
+        let t = &a.truth;
+        // the recorded true extinction is the column integral to the true distance
+        let npix = t.npix();
+        for i in 0..50 {
+            let p = grid::ang2pix(t.nside, a.catalog.l_deg[i], a.catalog.b_deg[i]) as usize;
+            let d = a.catalog.extra[0].1[i];
+            let want = integrate_to(&t.shells, |k| t.mean[k * npix + p], d);
+            assert!((a.catalog.extra[1].1[i] - want).abs() < 1e-12);
+        }
+        cfg.seed = 7;
+        let c = simulate(&cfg, "", None).unwrap();
+        assert_ne!(a.catalog.l_deg, c.catalog.l_deg);
+    }
 }

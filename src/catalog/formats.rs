@@ -215,7 +215,7 @@ fn read_fits(
             return Err(missing(path, n, &present));
         }
         let col: Vec<f64> = table_hdu
-            .read_col(&mut f, *n)
+            .read_col(&mut f, n)
             .map_err(|e| anyhow!("{file}: column '{n}' is not numeric: {e}"))?;
         columns.push(col);
     }

@@ -38,7 +38,7 @@ fn substitute(nside: u32, window: &[Option<u64>; 9], slot: usize) -> u64 {
             .sum::<f64>()
             - (flank.len() as f64 - 1.0) * vc[k];
     }
-    let in_window = |q: u64| window.iter().any(|w| *w == Some(q));
+    let in_window = |q: u64| window.contains(&Some(q));
     let mut best: Option<(f64, u64)> = None;
     for w in window.iter().flatten() {
         for q in grid::neighbours(nside, *w).into_iter().flatten() {

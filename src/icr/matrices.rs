@@ -7,7 +7,9 @@ use faer::{Mat, Side};
 
 use crate::kernel::Kernel;
 
-/// Values stored per site: R (8×27, row-major) then √D (8×8, row-major).
+/// Values stored per site: Rᵀ (27×8: `[k * 8 + o] = R[o][k]`) then √Dᵀ (8×8:
+/// `[216 + q * 8 + o] = √D[o][q]`), so that the 8 outputs of a site are one SIMD-friendly
+/// contiguous row per input.
 pub const SITE_LEN: usize = 8 * 27 + 64;
 
 /// Lower Cholesky factor of a symmetric positive-definite matrix (row-major, n×n); adds
@@ -59,7 +61,7 @@ pub fn site_matrices(
         let d2 = rad[i] * rad[i] + rad[j] * rad[j] - 2.0 * rad[i] * rad[j] * g;
         kernel.cov(d2.max(0.0).sqrt())
     };
-    let kcc = Mat::from_fn(27, 27, |i, j| k(i, j));
+    let kcc = Mat::from_fn(27, 27, k);
     let kcf = Mat::from_fn(27, 8, |i, j| k(i, 27 + j));
     let kff = Mat::from_fn(8, 8, |i, j| k(27 + i, 27 + j));
     let llt = match kcc.llt(Side::Lower) {
@@ -73,10 +75,10 @@ pub fn site_matrices(
     let sqrt_d = cholesky_lower(&d)?;
     for o in 0..8 {
         for c in 0..27 {
-            out[o * 27 + c] = x[(c, o)];
+            out[c * 8 + o] = x[(c, o)];
         }
-        for m in 0..8 {
-            out[216 + o * 8 + m] = sqrt_d[(o, m)];
+        for q in 0..8 {
+            out[216 + q * 8 + o] = sqrt_d[(o, q)];
         }
     }
     Ok(())

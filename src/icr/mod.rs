@@ -53,6 +53,8 @@ pub struct Level {
     /// as (pixel, slot).
     rev_off: Vec<u32>,
     rev: Vec<(u32, u8)>,
+    /// Coarse pixels ordered by angular class.
+    by_class: Vec<u32>,
     /// Offset of this level's excitations in ξ.
     pub xi_off: usize,
 }
@@ -180,6 +182,8 @@ impl Icr {
                 fill[q as usize] += 1;
             }
         }
+        let mut by_class: Vec<u32> = (0..npix as u32).collect();
+        by_class.sort_by_key(|&p| (geom.class[p as usize], p));
         Ok(Level {
             geom,
             n_c,
@@ -187,6 +191,7 @@ impl Icr {
             mats,
             rev_off: count,
             rev,
+            by_class,
             xi_off,
         })
     }
@@ -292,9 +297,13 @@ fn refine<T: Copy + Into<f64> + Sync>(
     fine: &mut [f64],
 ) {
     let (n_c, n_f, ns) = (level.n_c, level.n_f, level.n_sites_r());
-    fine.par_chunks_mut(4 * n_f)
-        .enumerate()
-        .for_each(|(p, out)| {
+    let fine = DisjointMut::new(fine);
+    // pixels grouped by angular class: a class's matrices stay in cache for all its members
+    level.by_class.par_chunks(8).for_each(|ps| {
+        for &p in ps {
+            let p = p as usize;
+            // SAFETY: every pixel occurs once in `by_class`, so the chunks are disjoint
+            let out = unsafe { fine.chunk(p * 4 * n_f, 4 * n_f) };
             let win = &level.geom.window[p];
             let class = level.geom.class[p] as usize;
             let mut c = [0.0f64; 27];
@@ -305,20 +314,20 @@ fn refine<T: Copy + Into<f64> + Sync>(
                 }
                 let m = &mats[(class * ns + j) * SITE_LEN..][..SITE_LEN];
                 let x = &xi[(p * ns + j) * 8..][..8];
-                for o in 0..8 {
-                    let r = &m[o * 27..o * 27 + 27];
-                    let mut acc = 0.0;
-                    for k in 0..27 {
-                        acc += r[k].into() * c[k];
+                let mut acc = [0.0f64; 8];
+                for (k, row) in m.chunks_exact(8).enumerate() {
+                    // rows 0..27 multiply the coarse values, rows 27..35 the excitations
+                    let v = if k < 27 { c[k] } else { x[k - 27] };
+                    for o in 0..8 {
+                        acc[o] += row[o].into() * v;
                     }
-                    let sd = &m[216 + o * 8..216 + o * 8 + o + 1];
-                    for q in 0..=o {
-                        acc += sd[q].into() * x[q];
-                    }
-                    out[(o / 2) * n_f + 2 * j + (o % 2)] = acc;
+                }
+                for (o, a) in acc.iter().enumerate() {
+                    out[(o / 2) * n_f + 2 * j + (o % 2)] = *a;
                 }
             }
-        });
+        }
+    });
 }
 
 /// Transpose of [`refine`]: per-pixel window contributions into `scatter`, then a gather over
@@ -332,11 +341,12 @@ fn refine_adjoint<T: Copy + Into<f64> + Sync>(
     coarse_bar: &mut [f64],
 ) {
     let (n_c, n_f, ns) = (level.n_c, level.n_f, level.n_sites_r());
-    scatter
-        .par_chunks_mut(9 * n_c)
-        .zip(xi_bar.par_chunks_mut(ns * 8))
-        .enumerate()
-        .for_each(|(p, (t, xb))| {
+    let (tp, xp) = (DisjointMut::new(scatter), DisjointMut::new(xi_bar));
+    level.by_class.par_chunks(8).for_each(|ps| {
+        for &p in ps {
+            let p = p as usize;
+            // SAFETY: every pixel occurs once in `by_class`, so the chunks are disjoint
+            let (t, xb) = unsafe { (tp.chunk(p * 9 * n_c, 9 * n_c), xp.chunk(p * ns * 8, ns * 8)) };
             t.fill(0.0);
             let class = level.geom.class[p] as usize;
             let fb = &fine_bar[4 * p * n_f..4 * (p + 1) * n_f];
@@ -347,18 +357,21 @@ fn refine_adjoint<T: Copy + Into<f64> + Sync>(
                 }
                 let m = &mats[(class * ns + j) * SITE_LEN..][..SITE_LEN];
                 let x = &mut xb[j * 8..j * 8 + 8];
+                let dot = |k: usize| -> f64 {
+                    let row = &m[k * 8..k * 8 + 8];
+                    (0..8).map(|o| row[o].into() * g[o]).sum()
+                };
                 for (q, xq) in x.iter_mut().enumerate() {
-                    *xq = (q..8).map(|o| m[216 + o * 8 + q].into() * g[o]).sum();
+                    *xq = dot(27 + q);
                 }
                 for a in 0..9 {
                     for dj in 0..3 {
-                        let k = a * 3 + dj;
-                        let v: f64 = (0..8).map(|o| m[o * 27 + k].into() * g[o]).sum();
-                        t[a * n_c + j + dj] += v;
+                        t[a * n_c + j + dj] += dot(a * 3 + dj);
                     }
                 }
             }
-        });
+        }
+    });
     let scatter = &*scatter;
     coarse_bar
         .par_chunks_mut(n_c)
@@ -372,6 +385,33 @@ fn refine_adjoint<T: Copy + Into<f64> + Sync>(
                 }
             }
         });
+}
+
+/// A mutable slice handed to parallel workers that write provably disjoint chunks of it.
+struct DisjointMut<T> {
+    ptr: *mut T,
+    len: usize,
+}
+
+// SAFETY: workers only access disjoint chunks (see `chunk`), so sharing the pointer is sound.
+unsafe impl<T: Send> Sync for DisjointMut<T> {}
+unsafe impl<T: Send> Send for DisjointMut<T> {}
+
+impl<T> DisjointMut<T> {
+    fn new(s: &mut [T]) -> Self {
+        Self {
+            ptr: s.as_mut_ptr(),
+            len: s.len(),
+        }
+    }
+
+    /// # Safety
+    /// No two live chunks may overlap.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn chunk(&self, start: usize, len: usize) -> &mut [T] {
+        assert!(start + len <= self.len, "chunk out of bounds");
+        std::slice::from_raw_parts_mut(self.ptr.add(start), len)
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,203 @@
+//! End-to-end tests of the `dust3d` binary: simulate, info, configuration errors, and
+//! clear failures (file, row, column; non-zero exit; nothing written) on bad catalogs.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn dust3d(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_dust3d"))
+        .args(args)
+        .env("DUST3D_LOG", "warn")
+        .output()
+        .expect("run dust3d")
+}
+
+fn small_config(dir: &Path) -> PathBuf {
+    let p = dir.join("small.toml");
+    std::fs::write(
+        &p,
+        "seed = 3\n[grid]\nnside0 = 1\nn_r0 = 6\nlevels = 2\nr_min_pc = 50.0\nr_max_pc = 500.0\n\
+         [simulate]\nn_stars = 300\n",
+    )
+    .unwrap();
+    p
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn simulate_then_info_on_map_and_catalog() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = small_config(dir.path());
+    let cat = dir.path().join("stars.csv");
+    let truth = dir.path().join("truth.nc");
+    let o = dust3d(&[
+        "simulate",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out-catalog",
+        cat.to_str().unwrap(),
+        "--out-truth",
+        truth.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = dust3d(&["info", truth.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("nside 4 NESTED") && out.contains("truth"),
+        "{out}"
+    );
+    let o = dust3d(&[
+        "info",
+        cat.to_str().unwrap(),
+        "--config",
+        cfg.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("300 stars"));
+    // no temporary files are left behind
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(names.iter().all(|n| !n.contains(".tmp-")), "{names:?}");
+}
+
+#[test]
+fn prior_truth_simulation_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("prior.toml");
+    std::fs::write(
+        &cfg,
+        "[grid]\nnside0 = 1\nn_r0 = 6\nlevels = 2\nr_min_pc = 50.0\nr_max_pc = 500.0\n\
+         [simulate]\nn_stars = 100\ntruth = \"prior\"\n",
+    )
+    .unwrap();
+    let truth = dir.path().join("t.nc");
+    let o = dust3d(&[
+        "simulate",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out-catalog",
+        dir.path().join("c.fits").to_str().unwrap(),
+        "--out-truth",
+        truth.to_str().unwrap(),
+        "--seed",
+        "11",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let map = dust3d::mapfile::DustMap::read(&truth).unwrap();
+    assert_eq!(map.provenance.seed, 11);
+    assert!(map.mean.iter().all(|v| *v > 0.0));
+}
+
+#[test]
+fn config_errors_name_file_key_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("bad.toml");
+    std::fs::write(&cfg, "seed = 1\n\n[kernel]\nlenght_pc = 3.0\n").unwrap();
+    let out = dir.path().join("x.csv");
+    let truth = dir.path().join("x.nc");
+    let o = dust3d(&[
+        "simulate",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out-catalog",
+        out.to_str().unwrap(),
+        "--out-truth",
+        truth.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(
+        e.contains("bad.toml") && e.contains("lenght_pc") && e.contains("line 4"),
+        "{e}"
+    );
+    assert!(!out.exists() && !truth.exists());
+}
+
+const HEADER: &str = "source_id,l,b,parallax,parallax_error,extinction,extinction_error\n";
+const GOOD: &str = "1,10.0,5.0,2.0,0.1,0.3,0.05\n";
+
+fn expect_failure(body: &str, needles: &[&str]) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.csv");
+    std::fs::write(&path, format!("{HEADER}{GOOD}{body}")).unwrap();
+    let o = dust3d(&["info", path.to_str().unwrap()]);
+    assert!(!o.status.success(), "accepted {body:?}");
+    let e = stderr(&o);
+    assert!(e.contains("bad.csv"), "{e}");
+    for n in needles {
+        assert!(e.contains(n), "missing {n:?} in: {e}");
+    }
+}
+
+#[test]
+fn bad_catalog_rows_are_named() {
+    expect_failure(
+        "2,10.0,5.0,NaN,0.1,0.3,0.05\n",
+        &["row 2", "line 3", "'parallax'", "finite"],
+    );
+    expect_failure(
+        "2,10.0,5.0,1.0,inf,0.3,0.05\n",
+        &["row 2", "'parallax_error'"],
+    );
+    expect_failure(
+        "2,10.0,5.0,1.0,-0.1,0.3,0.05\n",
+        &["row 2", "'parallax_error'", "> 0"],
+    );
+    expect_failure(
+        "2,10.0,5.0,1.0,0.1,0.3,0\n",
+        &["row 2", "'extinction_error'", "> 0"],
+    );
+    expect_failure(
+        "2,10.0,95.0,1.0,0.1,0.3,0.05\n",
+        &["row 2", "'b'", "[-90, 90]"],
+    );
+    expect_failure(
+        "2,10.0,5.0,abc,0.1,0.3,0.05\n",
+        &["row 2", "'parallax'", "cannot parse"],
+    );
+}
+
+#[test]
+fn missing_column_and_empty_selection_fail_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nocol.csv");
+    std::fs::write(
+        &path,
+        "l,b,parallax,parallax_error,extinction\n1,2,3,0.1,0.2\n",
+    )
+    .unwrap();
+    let o = dust3d(&["info", path.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("missing column 'extinction_error'"),
+        "{}",
+        stderr(&o)
+    );
+
+    let cfg = dir.path().join("cut.toml");
+    std::fs::write(&cfg, "[catalog]\nd_max_pc = 100.0\n").unwrap();
+    let far = dir.path().join("far.csv");
+    std::fs::write(&far, format!("{HEADER}1,10.0,5.0,1.0,0.1,0.3,0.05\n")).unwrap();
+    let o = dust3d(&[
+        "info",
+        far.to_str().unwrap(),
+        "--config",
+        cfg.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("no star passes the selection"),
+        "{}",
+        stderr(&o)
+    );
+
+    let o = dust3d(&["info", dir.path().join("absent.csv").to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("no such file"));
+}
