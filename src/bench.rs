@@ -7,7 +7,8 @@ use rand_distr::StandardNormal;
 use serde_json::{json, Map, Value};
 use std::time::Instant;
 
-use crate::config::Precision;
+use crate::config::{Config, Precision};
+use crate::model::Model;
 use crate::grid::Chart;
 use crate::icr::Icr;
 use crate::kernel::{Matern, Nu};
@@ -82,8 +83,66 @@ pub fn median_time(reps: usize, mut f: impl FnMut()) -> f64 {
     t[t.len() / 2]
 }
 
+/// The configuration of a preset's synthetic sky: prior-draw truth at the prior medians,
+/// stars uniform on the sky with density ∝ r² over 40–2000 pc, no outliers.
+pub fn preset_config(p: &Preset) -> Config {
+    let mut cfg = Config::default();
+    let c = &p.chart;
+    cfg.seed = 42;
+    cfg.grid.nside0 = c.nside0;
+    cfg.grid.n_r0 = c.n_r0;
+    cfg.grid.levels = c.levels;
+    cfg.grid.padding = c.padding;
+    cfg.grid.r_min_pc = c.r_min_pc;
+    cfg.grid.r_max_pc = c.r_max_pc;
+    cfg.kernel.std = p.kernel.std;
+    cfg.kernel.length_pc = p.kernel.length_pc;
+    cfg.simulate.n_stars = p.n_stars;
+    cfg.simulate.truth = "prior".into();
+    cfg.simulate.outlier_fraction = 0.0;
+    cfg
+}
+
+fn bench_model(p: &Preset, what: &str, reps: usize, precision: Precision, ops: &mut Vec<(&str, f64)>, extra: &mut Map<String, Value>) -> Result<()> {
+    let cfg = preset_config(p);
+    let t0 = Instant::now();
+    let sim = crate::simulate::run(&cfg, "")?;
+    let t_sim = t0.elapsed().as_secs_f64();
+    let t0 = Instant::now();
+    let icr = Icr::new(&p.chart, &p.kernel, precision)?;
+    let mut x = crate::simulate::prior_excitations(cfg.seed, icr.n_xi());
+    x.extend([0.0, 0.0]);
+    let pc = sim.catalog.into_pixel_layout(p.chart.nside_final());
+    let model = Model::new(&cfg, icr, &pc)?;
+    ops.push(("setup_s", t0.elapsed().as_secs_f64()));
+    let xs = vec![0.0; model.data.len()];
+    let mut w = model.workspace();
+    let (mut gx, mut gs) = (vec![0.0; model.n_params()], vec![0.0; model.data.len()]);
+    if what == "likelihood" {
+        let mut st = model.state(&x, &xs, &mut w);
+        ops.push((
+            "value_grad_s",
+            median_time(reps, || {
+                model.update_state(&x, &xs, &mut st, &mut w);
+                std::hint::black_box(model.energy(&st, &x, &xs));
+                model.gradient(&st, &x, &xs, &mut gx, &mut gs, &mut w);
+            }),
+        ));
+    } else {
+        let st = model.state(&x, &xs, &mut w);
+        let mut rng = crate::rng::stream(1, crate::rng::streams::BENCH);
+        let v: Vec<f64> = (0..model.n_params()).map(|_| rng.sample(StandardNormal)).collect();
+        ops.push(("metric_s", median_time(reps, || model.metric(&st, &v, &mut gx, &mut w))));
+    }
+    extra.insert("simulate_s".into(), json!(t_sim));
+    extra.insert("n_stars".into(), json!(model.data.len()));
+    extra.insert("window_bytes".into(), json!(model.data.windows.bytes()));
+    extra.insert("matrix_bytes".into(), json!(model.icr.matrix_bytes()));
+    Ok(())
+}
+
 /// Run benchmark `what` on preset `preset_name`.
-pub fn run(what: &str, preset_name: &str, reps: usize, backend: &str) -> Result<BenchOut> {
+pub fn run(what: &str, preset_name: &str, reps: usize, backend: &str, precision: Precision) -> Result<BenchOut> {
     if backend != "cpu" {
         bail!("backend {backend:?} is not available in this build (only \"cpu\")");
     }
@@ -93,7 +152,7 @@ pub fn run(what: &str, preset_name: &str, reps: usize, backend: &str) -> Result<
     match what {
         "icr" => {
             let t0 = Instant::now();
-            let icr = Icr::new(&p.chart, &p.kernel, Precision::F64)?;
+            let icr = Icr::new(&p.chart, &p.kernel, precision)?;
             ops.push(("setup_s", t0.elapsed().as_secs_f64()));
             let mut rng = crate::rng::stream(0, crate::rng::streams::BENCH);
             let xi: Vec<f64> = (0..icr.n_xi())
@@ -113,12 +172,14 @@ pub fn run(what: &str, preset_name: &str, reps: usize, backend: &str) -> Result<
             extra.insert("matrix_classes".into(), json!(icr.class_counts()));
             extra.insert("n_xi".into(), json!(icr.n_xi()));
         }
-        other => bail!("unknown benchmark {other:?} (available: icr)"),
+        "likelihood" | "metric" => bench_model(&p, what, reps, precision, &mut ops, &mut extra)?,
+        other => bail!("unknown benchmark {other:?} (available: icr, likelihood, metric)"),
     }
     let mut obj = Map::new();
     obj.insert("preset".into(), json!(p.name));
     obj.insert("threads".into(), json!(rayon::current_num_threads()));
     obj.insert("backend".into(), json!(backend));
+    obj.insert("matrix_precision".into(), json!(format!("{precision:?}").to_lowercase()));
     obj.insert("benchmark".into(), json!(what));
     for (k, v) in &ops {
         obj.insert((*k).into(), json!(v));
@@ -126,14 +187,14 @@ pub fn run(what: &str, preset_name: &str, reps: usize, backend: &str) -> Result<
     obj.extend(extra);
     obj.insert("peak_rss_bytes".into(), json!(peak_rss_bytes()));
     let mut text = format!(
-        "dust3d bench {what} --preset {} ({} threads, backend {backend})\n",
+        "dust3d bench {what} --preset {} ({} threads, backend {backend}, {precision:?} matrices)\n",
         p.name,
         rayon::current_num_threads()
     );
     for (k, v) in &obj {
         if k.ends_with("_s") {
             text += &format!("  {:<18} {:>10.4} s\n", k, v.as_f64().unwrap_or(f64::NAN));
-        } else if !matches!(k.as_str(), "preset" | "threads" | "backend" | "benchmark") {
+        } else if !matches!(k.as_str(), "preset" | "threads" | "backend" | "benchmark" | "matrix_precision") {
             text += &format!("  {k:<18} {v}\n");
         }
     }

@@ -48,9 +48,9 @@ enum Command {
         /// Run configuration (TOML).
         file: PathBuf,
     },
-    /// Benchmarks of the hot kernels (`icr`) on the shared presets W1/W2.
+    /// Benchmarks of the hot kernels on the shared presets W1/W2.
     Bench {
-        /// What to time: icr.
+        /// What to time: icr, likelihood (value + gradient) or metric (metric-vector product).
         what: String,
         /// Preset: w1 or w2.
         #[arg(long, default_value = "w1")]
@@ -64,6 +64,9 @@ enum Command {
         /// Compute backend (cpu).
         #[arg(long, default_value = "cpu")]
         backend: String,
+        /// Storage precision of the refinement matrices: f64 or f32.
+        #[arg(long, default_value = "f64")]
+        precision: String,
     },
 }
 
@@ -126,14 +129,13 @@ pub fn run() -> Result<()> {
                 toml::to_string_pretty(&cfg).context("cannot print configuration")?
             );
         }
-        Command::Bench {
-            what,
-            preset,
-            json,
-            reps,
-            backend,
-        } => {
-            let out = crate::bench::run(&what, &preset, reps, &backend)?;
+        Command::Bench { what, preset, json, reps, backend, precision } => {
+            let precision = match precision.as_str() {
+                "f64" => crate::config::Precision::F64,
+                "f32" => crate::config::Precision::F32,
+                other => anyhow::bail!("--precision must be f64 or f32, got {other:?}"),
+            };
+            let out = crate::bench::run(&what, &preset, reps, &backend, precision)?;
             if json {
                 println!("{}", serde_json::to_string(&out.json)?);
             } else {

@@ -329,6 +329,9 @@ pub struct SimulateConfig {
     pub star_r_min_pc: Option<f64>,
     /// Outer limit of star distances, pc.
     pub star_r_max_pc: Option<f64>,
+    /// Distance distribution: "volume" (∝ r², uniform in space) or "parallax" (uniform in
+    /// 1/d, for which the parallax likelihood is an exactly calibrated posterior).
+    pub star_distances: String,
     /// Sky distribution of stars: "uniform" or "disk" (∝ exp(−|z|/h_star)).
     pub star_sky: String,
     /// Scale height of the "disk" star distribution, pc.
@@ -357,6 +360,7 @@ impl Default for SimulateConfig {
             n_stars: 20_000,
             star_r_min_pc: None,
             star_r_max_pc: None,
+            star_distances: "volume".into(),
             star_sky: "uniform".into(),
             star_scale_height_pc: 300.0,
             parallax_error_mas: [0.02, 0.3],
@@ -537,6 +541,9 @@ impl Config {
                 "simulate.truth must be \"clouds\" or \"prior\", got {:?}",
                 s.truth
             );
+        }
+        if !matches!(s.star_distances.as_str(), "volume" | "parallax") {
+            bail!("simulate.star_distances must be \"volume\" or \"parallax\", got {:?}", s.star_distances);
         }
         if !matches!(s.star_sky.as_str(), "uniform" | "disk") {
             bail!(

@@ -74,8 +74,12 @@ fn draw_position<R: Rng>(
         let z: f64 = rng.random_range(-1.0..1.0);
         let lon: f64 = rng.random_range(0.0..std::f64::consts::TAU);
         let u: f64 = rng.random();
-        // density ∝ r² between r_lo and r_hi
-        let r = (r_lo.powi(3) + u * (r_hi.powi(3) - r_lo.powi(3))).cbrt();
+        let r = if sim.star_distances == "parallax" {
+            1000.0 / (1000.0 / r_hi + u * (1000.0 / r_lo - 1000.0 / r_hi))
+        } else {
+            // density ∝ r² between r_lo and r_hi
+            (r_lo.powi(3) + u * (r_hi.powi(3) - r_lo.powi(3))).cbrt()
+        };
         let keep = sim.star_sky != "disk"
             || rng.random::<f64>() < (-(r * z).abs() / sim.star_scale_height_pc).exp();
         if keep {
@@ -154,6 +158,12 @@ pub fn simulate(
         catalog: cat,
         truth,
     })
+}
+
+/// The ICR excitations of the prior-draw truth of seed `seed` (scale and offset latents are 0).
+pub fn prior_excitations(seed: u64, n_xi: usize) -> Vec<f64> {
+    let mut rng = rng::stream(seed, rng::streams::SIMULATE_PRIOR);
+    (0..n_xi).map(|_| rng.sample(StandardNormal)).collect()
 }
 
 /// A draw from the prior on the kept shells, [radius][pixel]: s = ICR(ξ) with ξ from the

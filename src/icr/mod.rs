@@ -17,6 +17,7 @@ use rayon::prelude::*;
 use crate::config::Precision;
 use crate::grid::{self, Chart};
 use crate::kernel::Kernel;
+use crate::util::DisjointMut;
 use geometry::LevelGeometry;
 use matrices::{cholesky_lower, site_matrices, SITE_LEN};
 
@@ -359,7 +360,10 @@ fn refine_adjoint<T: Copy + Into<f64> + Sync>(
                 let x = &mut xb[j * 8..j * 8 + 8];
                 let dot = |k: usize| -> f64 {
                     let row = &m[k * 8..k * 8 + 8];
-                    (0..8).map(|o| row[o].into() * g[o]).sum()
+                    let p: [f64; 8] = std::array::from_fn(|o| row[o].into() * g[o]);
+                    // a balanced tree instead of a sequential chain: independent adds
+                    // that vectorise (float sums are not reassociated by the compiler)
+                    ((p[0] + p[4]) + (p[2] + p[6])) + ((p[1] + p[5]) + (p[3] + p[7]))
                 };
                 for (q, xq) in x.iter_mut().enumerate() {
                     *xq = dot(27 + q);
@@ -385,33 +389,6 @@ fn refine_adjoint<T: Copy + Into<f64> + Sync>(
                 }
             }
         });
-}
-
-/// A mutable slice handed to parallel workers that write provably disjoint chunks of it.
-struct DisjointMut<T> {
-    ptr: *mut T,
-    len: usize,
-}
-
-// SAFETY: workers only access disjoint chunks (see `chunk`), so sharing the pointer is sound.
-unsafe impl<T: Send> Sync for DisjointMut<T> {}
-unsafe impl<T: Send> Send for DisjointMut<T> {}
-
-impl<T> DisjointMut<T> {
-    fn new(s: &mut [T]) -> Self {
-        Self {
-            ptr: s.as_mut_ptr(),
-            len: s.len(),
-        }
-    }
-
-    /// # Safety
-    /// No two live chunks may overlap.
-    #[allow(clippy::mut_from_ref)]
-    unsafe fn chunk(&self, start: usize, len: usize) -> &mut [T] {
-        assert!(start + len <= self.len, "chunk out of bounds");
-        std::slice::from_raw_parts_mut(self.ptr.add(start), len)
-    }
 }
 
 #[cfg(test)]

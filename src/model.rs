@@ -1,0 +1,355 @@
+//! The dust model composed from its stages (DESIGN.md §1, §3):
+//! `ξ → (s, scale, offset) → ρ → (ā, σ_a²) per star → (ā, v) → −ln P`,
+//! with the gradient (VJP of the energy), the Jacobian-vector product into (ā, v) space, its
+//! transpose, and the MGVI metric `M = I + Jᵀ F J` with `F = diag(1/v, 1/(2v²))`.
+//!
+//! Parameters: the sampled vector `x = [ξ_e (ICR) | ξ_scale | ξ_offset]` and the per-star
+//! point estimates `ξ_σ` (never sampled, not part of the metric). Energies drop the constant
+//! `½ ln 2π` per star. All reductions are done in a fixed order, so results do not depend on
+//! the thread count.
+
+use anyhow::{bail, Result};
+use rayon::prelude::*;
+
+use crate::catalog::PixelCatalog;
+use crate::config::Config;
+use crate::icr::{Icr, IcrWork};
+use crate::response::{finish_vjp, inner_columns, star_jvp, star_moments, star_vjp, Windows};
+use crate::transforms::{InvGamma, LogNormal, Normal};
+use crate::util::{det_sum, DisjointMut};
+
+/// Stars as the likelihood sees them: grouped by final-level pixel.
+#[derive(Clone, Debug)]
+pub struct StarData {
+    /// Stars of pixel p are `offsets[p]..offsets[p+1]`.
+    pub offsets: Vec<usize>,
+    /// Distance windows.
+    pub windows: Windows,
+    /// Observed extinction.
+    pub a_obs: Vec<f64>,
+    /// Extinction uncertainty σ_A.
+    pub a_err: Vec<f64>,
+}
+
+impl StarData {
+    /// Build from a pixel-sorted catalog on the model's kept shells.
+    pub fn new(cat: &PixelCatalog, shells: &crate::grid::Shells) -> Self {
+        let s = &cat.stars;
+        Self {
+            offsets: cat.offsets.clone(),
+            windows: Windows::new(shells, &s.parallax_mas, &s.parallax_error_mas),
+            a_obs: s.extinction.clone(),
+            a_err: s.extinction_error.clone(),
+        }
+    }
+
+    /// Number of stars.
+    pub fn len(&self) -> usize {
+        self.a_obs.len()
+    }
+
+    /// True if there are no stars.
+    pub fn is_empty(&self) -> bool {
+        self.a_obs.is_empty()
+    }
+}
+
+/// The composed model.
+pub struct Model {
+    /// ICR prior operator.
+    pub icr: Icr,
+    /// Stars.
+    pub data: StarData,
+    /// Widths of the kept shells, pc.
+    pub widths: Vec<f64>,
+    /// Prior of the scale of s.
+    pub scale: LogNormal,
+    /// Prior of the offset of ln ρ.
+    pub offset: Normal,
+    /// Prior of n_σ.
+    pub nsigma: InvGamma,
+    /// Whether n_σ is a free point estimate (else fixed at 1).
+    pub infer_nsigma: bool,
+    pad: usize,
+    n_chart: usize,
+}
+
+/// Everything computed at one point (x, ξ_σ); JVPs, VJPs and metric products reuse it.
+#[derive(Clone, Debug)]
+pub struct State {
+    /// Log-density s on the kept shells, pixel-major.
+    pub s: Vec<f64>,
+    /// Density ρ on the kept shells, pixel-major.
+    pub rho: Vec<f64>,
+    /// Scale of s.
+    pub scl: f64,
+    /// d scale / d ξ_scale.
+    pub dscl: f64,
+    /// Offset of ln ρ.
+    pub off: f64,
+    /// Predicted mean extinction ā per star.
+    pub abar: Vec<f64>,
+    /// Variance v = (n_σ σ_A)² + σ_a² per star.
+    pub var: Vec<f64>,
+    /// n_σ per star.
+    pub nsig: Vec<f64>,
+    /// d n_σ / d ξ_σ per star.
+    pub dnsig: Vec<f64>,
+}
+
+/// Buffers reused across calls.
+pub struct ModelWork {
+    icr: IcrWork,
+    field: Vec<f64>,
+    rho_t: Vec<f64>,
+    star_a: Vec<f64>,
+    star_v: Vec<f64>,
+    pix_scalars: Vec<[f64; 2]>,
+}
+
+impl Model {
+    /// Build the model for `cfg` and pixel-sorted stars at the final nside.
+    pub fn new(cfg: &Config, icr: Icr, cat: &PixelCatalog) -> Result<Self> {
+        let chart = icr.chart.clone();
+        if cat.nside != chart.nside_final() {
+            bail!("stars are pixelised at nside {}, the model at {}", cat.nside, chart.nside_final());
+        }
+        let shells = chart.kept_shells();
+        let p = &cfg.prior;
+        Ok(Self {
+            data: StarData::new(cat, &shells),
+            widths: shells.widths_pc(),
+            scale: LogNormal::from_mean_std(p.scale_mean, p.scale_std),
+            offset: Normal { mean: p.offset_mean, std: p.offset_std },
+            nsigma: InvGamma::new(cfg.noise.nsigma_shape, cfg.noise.nsigma_scale),
+            infer_nsigma: cfg.noise.infer_nsigma,
+            pad: chart.padding,
+            n_chart: chart.n_r(chart.levels),
+            icr,
+        })
+    }
+
+    /// Number of kept shells.
+    pub fn n_r(&self) -> usize {
+        self.widths.len()
+    }
+
+    /// Number of final pixels.
+    pub fn npix(&self) -> usize {
+        self.data.offsets.len() - 1
+    }
+
+    /// Length of the sampled parameter vector x.
+    pub fn n_params(&self) -> usize {
+        self.icr.n_xi() + 2
+    }
+
+    /// Buffers for this model.
+    pub fn workspace(&self) -> ModelWork {
+        let n = self.data.len();
+        ModelWork {
+            icr: self.icr.workspace(),
+            field: vec![0.0; self.icr.n_field()],
+            rho_t: vec![0.0; self.npix() * self.n_r()],
+            star_a: vec![0.0; n],
+            star_v: vec![0.0; n],
+            pix_scalars: vec![[0.0; 2]; self.npix()],
+        }
+    }
+
+    /// Evaluate the model at (x, ξ_σ).
+    pub fn state(&self, x: &[f64], xsig: &[f64], w: &mut ModelWork) -> State {
+        let mut st = State {
+            s: vec![0.0; self.npix() * self.n_r()],
+            rho: vec![0.0; self.npix() * self.n_r()],
+            scl: 0.0,
+            dscl: 0.0,
+            off: 0.0,
+            abar: vec![0.0; self.data.len()],
+            var: vec![0.0; self.data.len()],
+            nsig: vec![1.0; self.data.len()],
+            dnsig: vec![0.0; self.data.len()],
+        };
+        self.update_state(x, xsig, &mut st, w);
+        st
+    }
+
+    /// Re-evaluate the model at (x, ξ_σ) into an existing state (no allocation).
+    pub fn update_state(&self, x: &[f64], xsig: &[f64], st: &mut State, w: &mut ModelWork) {
+        let nxi = self.icr.n_xi();
+        assert_eq!(x.len(), nxi + 2, "parameter vector length");
+        assert_eq!(xsig.len(), self.data.len(), "one ξ_σ per star");
+        self.icr.forward(&x[..nxi], &mut w.icr);
+        let field = &w.icr.fields[self.icr.chart.levels];
+        let scl = self.scale.value(x[nxi]);
+        let off = self.offset.value(x[nxi + 1]);
+        let (n, nc, pad) = (self.n_r(), self.n_chart, self.pad);
+        if self.infer_nsigma {
+            st.nsig.par_iter_mut().zip(st.dnsig.par_iter_mut()).zip(xsig).for_each(|((v, d), &z)| {
+                (*v, *d) = self.nsigma.value_deriv(z);
+            });
+        }
+        let State { s, rho, abar, var, nsig, .. } = st;
+        let nsig = &*nsig;
+        let (ap, vp) = (DisjointMut::new(abar), DisjointMut::new(var));
+        let d = &self.data;
+        // one pass per pixel: its kept log-density, ρ column, inner columns and stars
+        s.par_chunks_mut(n).zip(rho.par_chunks_mut(n)).enumerate().for_each_init(
+            || vec![0.0; n + 1],
+            |cum, (p, (sk, col))| {
+                sk.copy_from_slice(&field[p * nc + pad..p * nc + pad + n]);
+                for k in 0..n {
+                    col[k] = (scl * sk[k] + off).exp();
+                }
+                let (lo, hi) = (d.offsets[p], d.offsets[p + 1]);
+                if lo == hi {
+                    return;
+                }
+                // SAFETY: star ranges of distinct pixels are disjoint
+                let (a, v) = unsafe { (ap.chunk(lo, hi - lo), vp.chunk(lo, hi - lo)) };
+                inner_columns(col, &self.widths, cum);
+                for (j, i) in (lo..hi).enumerate() {
+                    let (ab, va) = star_moments(d.windows.of(i), col, &self.widths, cum);
+                    let ns = nsig[i] * d.a_err[i];
+                    a[j] = ab;
+                    v[j] = ns * ns + va;
+                }
+            },
+        );
+        st.scl = scl;
+        st.off = off;
+        st.dscl = self.scale.deriv(x[nxi]);
+    }
+
+    /// −ln P(x, ξ_σ | data) up to a constant: Σ_i [(A−ā)²/(2v) + ½ ln v] + ½|x|² + ½|ξ_σ|².
+    pub fn energy(&self, st: &State, x: &[f64], xsig: &[f64]) -> f64 {
+        let d = &self.data;
+        let lik = det_sum(d.len(), |i| {
+            let r = d.a_obs[i] - st.abar[i];
+            0.5 * r * r / st.var[i] + 0.5 * st.var[i].ln()
+        });
+        let prior = 0.5 * det_sum(x.len(), |i| x[i] * x[i]);
+        let psig = if self.infer_nsigma { 0.5 * det_sum(xsig.len(), |i| xsig[i] * xsig[i]) } else { 0.0 };
+        lik + prior + psig
+    }
+
+    /// Pull star cotangents (`ca` on ā, `cv` on σ_a² — the data part of v) back to x:
+    /// writes `g = Jᵀ c` (no prior term).
+    pub fn vjp(&self, st: &State, ca: &[f64], cv: &[f64], g: &mut [f64], w: &mut ModelWork) {
+        let (n, nc, pad, nxi) = (self.n_r(), self.n_chart, self.pad, self.icr.n_xi());
+        let d = &self.data;
+        let ModelWork { field, pix_scalars, icr, .. } = w;
+        field.par_chunks_mut(nc).zip(pix_scalars.par_iter_mut()).enumerate().for_each_init(
+            || (vec![0.0; n + 1], vec![0.0; n + 1], vec![0.0; n]),
+            |(cum, cum_bar, rho_bar), (p, (sbar, sc))| {
+                let col = &st.rho[p * n..(p + 1) * n];
+                rho_bar.fill(0.0);
+                cum_bar.fill(0.0);
+                inner_columns(col, &self.widths, cum);
+                for i in d.offsets[p]..d.offsets[p + 1] {
+                    let win = d.windows.of(i);
+                    star_vjp(win, col, &self.widths, cum, st.abar[i], ca[i], cv[i], rho_bar, cum_bar);
+                }
+                finish_vjp(&self.widths, cum_bar, rho_bar);
+                // ρ = exp(scl s + off): ∂ρ/∂s = scl ρ, ∂ρ/∂scl = s ρ, ∂ρ/∂off = ρ
+                sbar.fill(0.0);
+                let (mut g_scl, mut g_off) = (0.0, 0.0);
+                for k in 0..n {
+                    let t = rho_bar[k] * col[k];
+                    sbar[pad + k] = st.scl * t;
+                    g_scl += st.s[p * n + k] * t;
+                    g_off += t;
+                }
+                *sc = [g_scl, g_off];
+            },
+        );
+        self.icr.adjoint(field, &mut g[..nxi], icr);
+        let (g_scl, g_off) = pix_scalars.iter().fold((0.0, 0.0), |a, s| (a.0 + s[0], a.1 + s[1]));
+        g[nxi] = g_scl * st.dscl;
+        g[nxi + 1] = g_off * self.offset.std;
+    }
+
+    /// Gradient of [`Model::energy`] with respect to x and ξ_σ.
+    pub fn gradient(&self, st: &State, x: &[f64], xsig: &[f64], gx: &mut [f64], gsig: &mut [f64], w: &mut ModelWork) {
+        let d = &self.data;
+        let mut ca = std::mem::take(&mut w.star_a);
+        let mut cv = std::mem::take(&mut w.star_v);
+        ca.par_iter_mut().zip(cv.par_iter_mut()).zip(gsig.par_iter_mut()).enumerate().for_each(
+            |(i, ((a, c), gs))| {
+                let r = d.a_obs[i] - st.abar[i];
+                let v = st.var[i];
+                *a = -r / v;
+                *c = 0.5 / v - 0.5 * r * r / (v * v);
+                *gs = if self.infer_nsigma {
+                    *c * 2.0 * st.nsig[i] * d.a_err[i] * d.a_err[i] * st.dnsig[i] + xsig[i]
+                } else {
+                    0.0
+                };
+            },
+        );
+        self.vjp(st, &ca, &cv, gx, w);
+        gx.par_iter_mut().zip(x).for_each(|(g, xv)| *g += xv);
+        w.star_a = ca;
+        w.star_v = cv;
+    }
+
+    /// Tangent of (ā, v) per star for a tangent `dx` of x (ξ_σ held fixed).
+    pub fn jvp(&self, st: &State, dx: &[f64], da: &mut [f64], dv: &mut [f64], w: &mut ModelWork) {
+        let (n, nc, pad, nxi) = (self.n_r(), self.n_chart, self.pad, self.icr.n_xi());
+        self.icr.forward(&dx[..nxi], &mut w.icr);
+        let ds = &w.icr.fields[self.icr.chart.levels];
+        let dscl = st.dscl * dx[nxi];
+        let doff = self.offset.std * dx[nxi + 1];
+        let d = &self.data;
+        let (ap, vp) = (DisjointMut::new(da), DisjointMut::new(dv));
+        w.rho_t.par_chunks_mut(n).enumerate().for_each_init(
+            || (vec![0.0; n + 1], vec![0.0; n + 1]),
+            |(cum, dcum), (p, drho)| {
+                let col = &st.rho[p * n..(p + 1) * n];
+                for k in 0..n {
+                    let j = p * nc + pad + k;
+                    drho[k] = col[k] * (st.scl * ds[j] + st.s[p * n + k] * dscl + doff);
+                }
+                let (lo, hi) = (d.offsets[p], d.offsets[p + 1]);
+                if lo == hi {
+                    return;
+                }
+                inner_columns(col, &self.widths, cum);
+                inner_columns(drho, &self.widths, dcum);
+                // SAFETY: star ranges of distinct pixels are disjoint
+                let (a, v) = unsafe { (ap.chunk(lo, hi - lo), vp.chunk(lo, hi - lo)) };
+                for (j, i) in (lo..hi).enumerate() {
+                    let (x, y) = star_jvp(d.windows.of(i), col, drho, &self.widths, cum, dcum, st.abar[i]);
+                    a[j] = x;
+                    v[j] = y;
+                }
+            },
+        );
+    }
+
+    /// Metric-vector product `out = v + Jᵀ F J v`.
+    pub fn metric(&self, st: &State, v: &[f64], out: &mut [f64], w: &mut ModelWork) {
+        let mut da = std::mem::take(&mut w.star_a);
+        let mut dv = std::mem::take(&mut w.star_v);
+        self.jvp(st, v, &mut da, &mut dv, w);
+        for i in 0..da.len() {
+            let var = st.var[i];
+            da[i] /= var;
+            dv[i] /= 2.0 * var * var;
+        }
+        self.vjp(st, &da, &dv, out, w);
+        out.par_iter_mut().zip(v).for_each(|(o, x)| *o += x);
+        w.star_a = da;
+        w.star_v = dv;
+    }
+
+    /// `Jᵀ F^{1/2} η` for standard-normal `eta_a`, `eta_v` (one pair per star).
+    pub fn sqrt_fisher_t(&self, st: &State, eta_a: &[f64], eta_v: &[f64], out: &mut [f64], w: &mut ModelWork) {
+        let ca: Vec<f64> = eta_a.iter().zip(&st.var).map(|(e, v)| e / v.sqrt()).collect();
+        let cv: Vec<f64> = eta_v.iter().zip(&st.var).map(|(e, v)| e / (std::f64::consts::SQRT_2 * v)).collect();
+        self.vjp(st, &ca, &cv, out, w);
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,329 @@
+//! The star response (paper eqs. 12–17, DESIGN.md §1): each star's distance distribution
+//! (parallax Gaussian in 1/d) over the radial shells, and per pixel the parallax-
+//! marginalised mean extinction ā and its variance σ_a², with JVP and VJP.
+//!
+//! Shells are indexed by an *extended* index `e`: `e = 0` is "nearer than the inner edge"
+//! (no dust there, extinction 0), `e = k + 1` is kept shell `k`, `e = n + 1` is "beyond the
+//! outer edge" (the whole column; this bin also holds the mass at negative parallax).
+//!
+//! Within-shell convention: a star in shell k sees `c̃ = C_{k−1} + ρ_k Δr_k f`, where
+//! `C_{k−1}` is the column to the shell's inner edge and `f` is the star's mean fractional
+//! position inside the shell under its own distance distribution (not the midpoint). Then ā
+//! is the exact expectation of the extinction of the piecewise-constant ρ, which tends to the
+//! exact integral to the star's distance as σ_ω → 0. The second moment adds the spread
+//! inside the shell, `ρ_k² Δr_k² h` with `h` the variance of the fractional position, so ā
+//! and σ_a² are the exact first two moments of the extinction of a piecewise-constant ρ
+//! under the star's distance distribution.
+
+use rayon::prelude::*;
+
+use crate::grid::Shells;
+use crate::transforms::{norm_cdf, norm_pdf};
+
+/// Half-width of a star's window in units of its parallax error: tails beyond ±5.3σ (mass
+/// 6e-8 each) are lumped into the window's end bins, so each window sums to 1.
+const Z_WINDOW: f64 = 5.3;
+
+/// Per-star shell windows: probabilities and within-shell positions.
+#[derive(Clone, Debug, Default)]
+pub struct Windows {
+    /// Number of kept shells `n`.
+    pub n: usize,
+    /// First extended index of each star's window.
+    pub start: Vec<u32>,
+    /// Star `i` owns entries `offset[i]..offset[i+1]`.
+    pub offset: Vec<usize>,
+    /// Probability of each extended bin of the window (f32: ā to 1e-7 relative, and the
+    /// window data is what the per-star passes stream from memory).
+    pub prob: Vec<f32>,
+    /// Mean fractional position inside the shell (0 for the two outer bins).
+    pub frac: Vec<f32>,
+    /// Variance of the fractional position inside the shell (0 for the two outer bins).
+    pub spread: Vec<f32>,
+}
+
+/// One star's window: first extended index, probabilities, mean positions, position variances.
+pub type Window<'a> = (usize, &'a [f32], &'a [f32], &'a [f32]);
+
+/// sf(r) = P(d > r) for parallax ω ± σ (mas), r in pc; and its complement, both accurate.
+fn tail_probs(r_pc: f64, parallax: f64, err: f64) -> (f64, f64) {
+    if r_pc.is_infinite() {
+        return (0.0, 1.0);
+    }
+    if r_pc <= 0.0 {
+        return (1.0, 0.0);
+    }
+    let z = (1000.0 / r_pc - parallax) / err;
+    (norm_cdf(z), norm_cdf(-z))
+}
+
+/// Extended bin containing distance `d_pc`.
+fn extended_bin(edges: &[f64], d_pc: f64) -> usize {
+    let n = edges.len() - 1;
+    if d_pc < edges[0] {
+        0
+    } else if d_pc >= edges[n] {
+        n + 1
+    } else {
+        edges.partition_point(|&x| x <= d_pc)
+    }
+}
+
+/// Gauss–Legendre nodes and weights on [−1, 1], 5 points.
+const GL5: [(f64, f64); 5] = [
+    (0.0, 0.568_888_888_888_888_9),
+    (-0.538_469_310_105_683_1, 0.478_628_670_499_366_47),
+    (0.538_469_310_105_683_1, 0.478_628_670_499_366_47),
+    (-0.906_179_845_938_664, 0.236_926_885_056_189_08),
+    (0.906_179_845_938_664, 0.236_926_885_056_189_08),
+];
+
+/// Mean and variance of the fractional position in [r_lo, r_hi] of a star with parallax
+/// ω ± σ, by quadrature over the parallax variable t = 1000/d (pieces ≤ 1σ wide, 5-point
+/// Gauss–Legendre).
+fn position_moments(r_lo: f64, r_hi: f64, parallax: f64, err: f64) -> (f32, f32) {
+    let z_a = ((1000.0 / r_hi - parallax) / err).max(-8.5);
+    let z_b = ((1000.0 / r_lo - parallax) / err).min(8.5);
+    if z_b <= z_a {
+        // the distribution's bulk is outside the shell: use the nearer edge
+        return (if (1000.0 / r_hi - parallax) / err > 0.0 { 0.0 } else { 1.0 }, 0.0);
+    }
+    let pieces = ((z_b - z_a).ceil() as usize).max(1);
+    let h = (z_b - z_a) / pieces as f64;
+    let (mut num, mut num2, mut den) = (0.0, 0.0, 0.0);
+    for p in 0..pieces {
+        let mid = z_a + (p as f64 + 0.5) * h;
+        for (x, w) in GL5 {
+            let z = mid + 0.5 * h * x;
+            let d = 1000.0 / (parallax + err * z);
+            let wt = w * norm_pdf(z);
+            let x = (d - r_lo) / (r_hi - r_lo);
+            num += wt * x;
+            num2 += wt * x * x;
+            den += wt;
+        }
+    }
+    if den > 0.0 {
+        let f = (num / den).clamp(0.0, 1.0);
+        (f as f32, (num2 / den - f * f).max(0.0) as f32)
+    } else {
+        (0.5, 1.0 / 12.0)
+    }
+}
+
+impl Windows {
+    /// Windows of all stars over `shells`, computed in parallel (order of `parallax`).
+    pub fn new(shells: &Shells, parallax_mas: &[f64], error_mas: &[f64]) -> Self {
+        let edges = &shells.edges_pc;
+        let n = shells.len();
+        let per_star: Vec<(u32, Vec<f32>, Vec<f32>, Vec<f32>)> = parallax_mas
+            .par_iter()
+            .zip(error_mas)
+            .map(|(&w, &s)| Self::one(edges, n, w, s))
+            .collect();
+        let mut out = Windows { n, ..Default::default() };
+        out.offset.push(0);
+        for (st, p, f, h) in per_star {
+            out.start.push(st);
+            out.prob.extend(p);
+            out.frac.extend(f);
+            out.spread.extend(h);
+            out.offset.push(out.prob.len());
+        }
+        out
+    }
+
+    fn one(edges: &[f64], n: usize, w: f64, s: f64) -> (u32, Vec<f32>, Vec<f32>, Vec<f32>) {
+        let t_hi = w + Z_WINDOW * s;
+        let t_lo = w - Z_WINDOW * s;
+        let d_near = if t_hi > 0.0 { 1000.0 / t_hi } else { f64::INFINITY };
+        let d_far = if t_lo > 0.0 { 1000.0 / t_lo } else { f64::INFINITY };
+        let e_lo = extended_bin(edges, d_near);
+        let e_hi = extended_bin(edges, d_far);
+        let lower = |e: usize| if e == 0 { 0.0 } else { edges[e - 1] };
+        let upper = |e: usize| if e > n { f64::INFINITY } else { edges[e] };
+        let mut prob = Vec::with_capacity(e_hi - e_lo + 1);
+        let mut frac = Vec::with_capacity(e_hi - e_lo + 1);
+        let mut spread = Vec::with_capacity(e_hi - e_lo + 1);
+        for e in e_lo..=e_hi {
+            // the window's end bins absorb the tails: all mass nearer / farther
+            let (sf_lo, cdf_lo) = if e == e_lo { (1.0, 0.0) } else { tail_probs(lower(e), w, s) };
+            let (sf_hi, cdf_hi) = if e == e_hi { (0.0, 1.0) } else { tail_probs(upper(e), w, s) };
+            // difference of the smaller-magnitude representation, for precision in the tails
+            let p = if sf_lo < 0.5 { sf_lo - sf_hi } else { cdf_hi - cdf_lo };
+            prob.push(p.max(0.0) as f32);
+            let (f, h) = if e == 0 || e > n { (0.0, 0.0) } else { position_moments(lower(e), upper(e), w, s) };
+            frac.push(f);
+            spread.push(h);
+        }
+        (e_lo as u32, prob, frac, spread)
+    }
+
+    /// Number of stars.
+    pub fn len(&self) -> usize {
+        self.start.len()
+    }
+
+    /// True if there are no stars.
+    pub fn is_empty(&self) -> bool {
+        self.start.is_empty()
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.prob.len() * 12 + self.start.len() * 12
+    }
+
+    /// The window of star `i`.
+    pub fn of(&self, i: usize) -> Window<'_> {
+        let r = self.offset[i]..self.offset[i + 1];
+        (self.start[i] as usize, &self.prob[r.clone()], &self.frac[r.clone()], &self.spread[r])
+    }
+}
+
+/// Column to the inner edge of every shell: `cum[k] = Σ_{k' < k} ρ_k' Δr_k'` plus the
+/// total in `cum[n]`.
+pub fn inner_columns(rho: &[f64], widths: &[f64], cum: &mut [f64]) {
+    let mut acc = 0.0;
+    for k in 0..rho.len() {
+        cum[k] = acc;
+        acc += rho[k] * widths[k];
+    }
+    cum[rho.len()] = acc;
+}
+
+/// c̃ of extended bin `e` (see module docs).
+#[inline]
+fn ctilde(e: usize, f: f32, rho: &[f64], widths: &[f64], cum: &[f64]) -> f64 {
+    let n = rho.len();
+    if e == 0 {
+        0.0
+    } else if e <= n {
+        let k = e - 1;
+        cum[k] + rho[k] * widths[k] * f as f64
+    } else {
+        cum[n]
+    }
+}
+
+/// ā and σ_a² of one star given its pixel's ρ column and inner columns.
+pub fn star_moments(win: Window<'_>, rho: &[f64], widths: &[f64], cum: &[f64]) -> (f64, f64) {
+    let (e0, p, f, h) = win;
+    let (mut a, mut m) = (0.0, 0.0);
+    for j in 0..p.len() {
+        let c = ctilde(e0 + j, f[j], rho, widths, cum);
+        let pj = p[j] as f64;
+        a += pj * c;
+        m += pj * (c * c + spread_term(e0 + j, h[j], rho, rho, widths));
+    }
+    (a, m - a * a)
+}
+
+/// Within-shell spread `ρ_k σ_k Δr_k² h` of extended bin `e` (σ = ρ gives the second-moment
+/// term itself, σ = δρ half its tangent).
+#[inline]
+fn spread_term(e: usize, h: f32, rho: &[f64], sigma: &[f64], widths: &[f64]) -> f64 {
+    if e == 0 || e > rho.len() {
+        0.0
+    } else {
+        let k = e - 1;
+        rho[k] * sigma[k] * widths[k] * widths[k] * h as f64
+    }
+}
+
+/// Tangent (δā, δσ_a²) of one star for a tangent `drho` of its column (`dcum` its columns).
+#[allow(clippy::too_many_arguments)]
+pub fn star_jvp(
+    win: Window<'_>,
+    rho: &[f64],
+    drho: &[f64],
+    widths: &[f64],
+    cum: &[f64],
+    dcum: &[f64],
+    abar: f64,
+) -> (f64, f64) {
+    let (e0, p, f, h) = win;
+    let (mut da, mut dm) = (0.0, 0.0);
+    for j in 0..p.len() {
+        let c = ctilde(e0 + j, f[j], rho, widths, cum);
+        let dc = ctilde(e0 + j, f[j], drho, widths, dcum);
+        let pj = p[j] as f64;
+        da += pj * dc;
+        dm += 2.0 * pj * (c * dc + spread_term(e0 + j, h[j], rho, drho, widths));
+    }
+    (da, dm - 2.0 * abar * da)
+}
+
+/// Accumulate the cotangent of one star (`ga` on ā, `gv` on σ_a²) into its pixel's
+/// cotangents: `rho_bar` directly, `cum_bar` on the inner columns (resolved by
+/// [`finish_vjp`]).
+#[allow(clippy::too_many_arguments)]
+pub fn star_vjp(
+    win: Window<'_>,
+    rho: &[f64],
+    widths: &[f64],
+    cum: &[f64],
+    abar: f64,
+    ga: f64,
+    gv: f64,
+    rho_bar: &mut [f64],
+    cum_bar: &mut [f64],
+) {
+    let (e0, p, f, h) = win;
+    let n = rho.len();
+    for j in 0..p.len() {
+        let e = e0 + j;
+        let c = ctilde(e, f[j], rho, widths, cum);
+        let pj = p[j] as f64;
+        let w = pj * (ga + gv * (2.0 * c - 2.0 * abar));
+        if e == 0 {
+            continue;
+        } else if e <= n {
+            let k = e - 1;
+            cum_bar[k] += w;
+            rho_bar[k] += w * widths[k] * f[j] as f64
+                + gv * pj * 2.0 * rho[k] * widths[k] * widths[k] * h[j] as f64;
+        } else {
+            cum_bar[n] += w;
+        }
+    }
+}
+
+/// Fold the inner-column cotangents into `rho_bar`: ρ_k enters every `cum[k']` with k' > k.
+pub fn finish_vjp(widths: &[f64], cum_bar: &[f64], rho_bar: &mut [f64]) {
+    let n = rho_bar.len();
+    let mut acc = cum_bar[n];
+    for k in (0..n).rev() {
+        rho_bar[k] += widths[k] * acc;
+        acc += cum_bar[k];
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_sum_to_one_and_small_error_limit_is_exact() {
+        let shells = Shells::log_uniform(40.0, 2000.0, 64).unwrap();
+        let par = [2.5, 0.6, 10.0, -0.3, 30.0, 1.0];
+        let err = [0.1, 0.3, 0.02, 0.2, 0.05, 1e-6];
+        let w = Windows::new(&shells, &par, &err);
+        for i in 0..par.len() {
+            let (_, p, _, _) = w.of(i);
+            let s: f64 = p.iter().map(|&v| v as f64).sum();
+            assert!((s - 1.0).abs() < 1e-6, "star {i}: sum {s}");
+        }
+        // negative parallax: everything is beyond the grid
+        assert_eq!(w.of(3).0, 65);
+        // σ_ω → 0: ā is the exact integral of the piecewise-constant ρ to d = 1 kpc
+        let rho: Vec<f64> = (0..64).map(|k| 1e-3 * (1.0 + (k as f64 * 0.3).sin())).collect();
+        let widths = shells.widths_pc();
+        let mut cum = vec![0.0; 65];
+        inner_columns(&rho, &widths, &mut cum);
+        let (a, var) = star_moments(w.of(5), &rho, &widths, &cum);
+        let exact = crate::simulate::integrate_to(&shells, |k| rho[k], 1000.0);
+        assert!((a - exact).abs() < 1e-6 * exact, "{a} vs {exact}");
+        assert!(var.abs() < 1e-9, "var {var}");
+    }
+}

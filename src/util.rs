@@ -1,0 +1,41 @@
+//! Small shared helpers.
+
+/// A mutable slice handed to parallel workers that write provably disjoint chunks of it.
+pub(crate) struct DisjointMut<T> {
+    ptr: *mut T,
+    len: usize,
+}
+
+// SAFETY: workers only access disjoint chunks (see `chunk`), so sharing the pointer is sound.
+unsafe impl<T: Send> Sync for DisjointMut<T> {}
+unsafe impl<T: Send> Send for DisjointMut<T> {}
+
+impl<T> DisjointMut<T> {
+    pub(crate) fn new(s: &mut [T]) -> Self {
+        Self {
+            ptr: s.as_mut_ptr(),
+            len: s.len(),
+        }
+    }
+
+    /// # Safety
+    /// No two live chunks may overlap.
+    #[allow(clippy::mut_from_ref)]
+    pub(crate) unsafe fn chunk(&self, start: usize, len: usize) -> &mut [T] {
+        assert!(start + len <= self.len, "chunk out of bounds");
+        std::slice::from_raw_parts_mut(self.ptr.add(start), len)
+    }
+}
+
+
+/// Σ f(i) for i in 0..n, in parallel over fixed chunks summed in a fixed order, so the
+/// result does not depend on the number of threads.
+pub(crate) fn det_sum(n: usize, f: impl Fn(usize) -> f64 + Sync) -> f64 {
+    use rayon::prelude::*;
+    const CHUNK: usize = 8192;
+    let parts: Vec<f64> = (0..n.div_ceil(CHUNK))
+        .into_par_iter()
+        .map(|c| (c * CHUNK..((c + 1) * CHUNK).min(n)).map(&f).sum())
+        .collect();
+    parts.iter().sum()
+}
