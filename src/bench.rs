@@ -8,10 +8,10 @@ use serde_json::{json, Map, Value};
 use std::time::Instant;
 
 use crate::config::{Config, Precision};
-use crate::model::Model;
 use crate::grid::Chart;
 use crate::icr::Icr;
 use crate::kernel::{Matern, Nu};
+use crate::model::Model;
 
 /// A benchmark preset.
 #[derive(Clone, Debug)]
@@ -103,7 +103,14 @@ pub fn preset_config(p: &Preset) -> Config {
     cfg
 }
 
-fn bench_model(p: &Preset, what: &str, reps: usize, precision: Precision, ops: &mut Vec<(&str, f64)>, extra: &mut Map<String, Value>) -> Result<()> {
+fn bench_model(
+    p: &Preset,
+    what: &str,
+    reps: usize,
+    precision: Precision,
+    ops: &mut Vec<(&str, f64)>,
+    extra: &mut Map<String, Value>,
+) -> Result<()> {
     let cfg = preset_config(p);
     let t0 = Instant::now();
     let sim = crate::simulate::run(&cfg, "")?;
@@ -113,7 +120,7 @@ fn bench_model(p: &Preset, what: &str, reps: usize, precision: Precision, ops: &
     let mut x = crate::simulate::prior_excitations(cfg.seed, icr.n_xi());
     x.extend([0.0, 0.0]);
     let pc = sim.catalog.into_pixel_layout(p.chart.nside_final());
-    let model = Model::new(&cfg, icr, &pc)?;
+    let model = Model::new(&cfg, std::sync::Arc::new(icr), &pc)?;
     ops.push(("setup_s", t0.elapsed().as_secs_f64()));
     let xs = vec![0.0; model.data.len()];
     let mut w = model.workspace();
@@ -128,11 +135,36 @@ fn bench_model(p: &Preset, what: &str, reps: usize, precision: Precision, ops: &
                 model.gradient(&st, &x, &xs, &mut gx, &mut gs, &mut w);
             }),
         ));
+    } else if what == "mgvi" {
+        // one global iteration as in the reference: 2 antithetic pairs, exactly 20 sampling-CG
+        // iterations, 3 Newton steps of at most 10 CG iterations, from ξ = 0
+        let stage = crate::config::StageConfig {
+            sample_pairs: 2,
+            sample_cg_iterations: 20,
+            sample_cg_tolerance: 0.0,
+            newton_steps: 3,
+            newton_cg_iterations: 10,
+            ..Default::default()
+        };
+        let mask = vec![1.0; model.n_params()];
+        let (mut x0, mut s0, mut res) = (vec![0.0; model.n_params()], xs.clone(), Vec::new());
+        let t = Instant::now();
+        let rep = crate::mgvi::global_iteration(&model, &stage, &mask, 0, (0, 0), &mut x0, &mut s0, &mut res)?;
+        ops.push(("mgvi_iteration_s", t.elapsed().as_secs_f64()));
+        extra.insert("kl".into(), json!(rep.kl));
+        extra.insert("newton_steps".into(), json!(rep.newton.steps));
+        extra.insert("newton_cg".into(), json!(rep.newton.cg_iterations));
+        extra.insert("sample_cg".into(), json!(rep.sample_cg));
     } else {
         let st = model.state(&x, &xs, &mut w);
         let mut rng = crate::rng::stream(1, crate::rng::streams::BENCH);
-        let v: Vec<f64> = (0..model.n_params()).map(|_| rng.sample(StandardNormal)).collect();
-        ops.push(("metric_s", median_time(reps, || model.metric(&st, &v, &mut gx, &mut w))));
+        let v: Vec<f64> = (0..model.n_params())
+            .map(|_| rng.sample(StandardNormal))
+            .collect();
+        ops.push((
+            "metric_s",
+            median_time(reps, || model.metric(&st, &v, &mut gx, &mut w)),
+        ));
     }
     extra.insert("simulate_s".into(), json!(t_sim));
     extra.insert("n_stars".into(), json!(model.data.len()));
@@ -142,7 +174,13 @@ fn bench_model(p: &Preset, what: &str, reps: usize, precision: Precision, ops: &
 }
 
 /// Run benchmark `what` on preset `preset_name`.
-pub fn run(what: &str, preset_name: &str, reps: usize, backend: &str, precision: Precision) -> Result<BenchOut> {
+pub fn run(
+    what: &str,
+    preset_name: &str,
+    reps: usize,
+    backend: &str,
+    precision: Precision,
+) -> Result<BenchOut> {
     if backend != "cpu" {
         bail!("backend {backend:?} is not available in this build (only \"cpu\")");
     }
@@ -172,14 +210,17 @@ pub fn run(what: &str, preset_name: &str, reps: usize, backend: &str, precision:
             extra.insert("matrix_classes".into(), json!(icr.class_counts()));
             extra.insert("n_xi".into(), json!(icr.n_xi()));
         }
-        "likelihood" | "metric" => bench_model(&p, what, reps, precision, &mut ops, &mut extra)?,
-        other => bail!("unknown benchmark {other:?} (available: icr, likelihood, metric)"),
+        "likelihood" | "metric" | "mgvi" => bench_model(&p, what, reps, precision, &mut ops, &mut extra)?,
+        other => bail!("unknown benchmark {other:?} (available: icr, likelihood, metric, mgvi)"),
     }
     let mut obj = Map::new();
     obj.insert("preset".into(), json!(p.name));
     obj.insert("threads".into(), json!(rayon::current_num_threads()));
     obj.insert("backend".into(), json!(backend));
-    obj.insert("matrix_precision".into(), json!(format!("{precision:?}").to_lowercase()));
+    obj.insert(
+        "matrix_precision".into(),
+        json!(format!("{precision:?}").to_lowercase()),
+    );
     obj.insert("benchmark".into(), json!(what));
     for (k, v) in &ops {
         obj.insert((*k).into(), json!(v));
@@ -194,7 +235,10 @@ pub fn run(what: &str, preset_name: &str, reps: usize, backend: &str, precision:
     for (k, v) in &obj {
         if k.ends_with("_s") {
             text += &format!("  {:<18} {:>10.4} s\n", k, v.as_f64().unwrap_or(f64::NAN));
-        } else if !matches!(k.as_str(), "preset" | "threads" | "backend" | "benchmark" | "matrix_precision") {
+        } else if !matches!(
+            k.as_str(),
+            "preset" | "threads" | "backend" | "benchmark" | "matrix_precision"
+        ) {
             text += &format!("  {k:<18} {v}\n");
         }
     }

@@ -543,7 +543,10 @@ impl Config {
             );
         }
         if !matches!(s.star_distances.as_str(), "volume" | "parallax") {
-            bail!("simulate.star_distances must be \"volume\" or \"parallax\", got {:?}", s.star_distances);
+            bail!(
+                "simulate.star_distances must be \"volume\" or \"parallax\", got {:?}",
+                s.star_distances
+            );
         }
         if !matches!(s.star_sky.as_str(), "uniform" | "disk") {
             bail!(

@@ -10,6 +10,7 @@
 
 use anyhow::{bail, Result};
 use rayon::prelude::*;
+use std::sync::Arc;
 
 use crate::catalog::PixelCatalog;
 use crate::config::Config;
@@ -56,8 +57,8 @@ impl StarData {
 
 /// The composed model.
 pub struct Model {
-    /// ICR prior operator.
-    pub icr: Icr,
+    /// ICR prior operator (shared by the models of all schedule stages).
+    pub icr: Arc<Icr>,
     /// Stars.
     pub data: StarData,
     /// Widths of the kept shells, pc.
@@ -79,8 +80,8 @@ pub struct Model {
 pub struct State {
     /// Log-density s on the kept shells, pixel-major.
     pub s: Vec<f64>,
-    /// Density ρ on the kept shells, pixel-major.
-    pub rho: Vec<f64>,
+    /// Extinction across each kept shell, `ρ Δr`, pixel-major (ρ = rw / Δr).
+    pub rw: Vec<f64>,
     /// Scale of s.
     pub scl: f64,
     /// d scale / d ξ_scale.
@@ -109,10 +110,14 @@ pub struct ModelWork {
 
 impl Model {
     /// Build the model for `cfg` and pixel-sorted stars at the final nside.
-    pub fn new(cfg: &Config, icr: Icr, cat: &PixelCatalog) -> Result<Self> {
+    pub fn new(cfg: &Config, icr: Arc<Icr>, cat: &PixelCatalog) -> Result<Self> {
         let chart = icr.chart.clone();
         if cat.nside != chart.nside_final() {
-            bail!("stars are pixelised at nside {}, the model at {}", cat.nside, chart.nside_final());
+            bail!(
+                "stars are pixelised at nside {}, the model at {}",
+                cat.nside,
+                chart.nside_final()
+            );
         }
         let shells = chart.kept_shells();
         let p = &cfg.prior;
@@ -120,7 +125,10 @@ impl Model {
             data: StarData::new(cat, &shells),
             widths: shells.widths_pc(),
             scale: LogNormal::from_mean_std(p.scale_mean, p.scale_std),
-            offset: Normal { mean: p.offset_mean, std: p.offset_std },
+            offset: Normal {
+                mean: p.offset_mean,
+                std: p.offset_std,
+            },
             nsigma: InvGamma::new(cfg.noise.nsigma_shape, cfg.noise.nsigma_scale),
             infer_nsigma: cfg.noise.infer_nsigma,
             pad: chart.padding,
@@ -161,7 +169,7 @@ impl Model {
     pub fn state(&self, x: &[f64], xsig: &[f64], w: &mut ModelWork) -> State {
         let mut st = State {
             s: vec![0.0; self.npix() * self.n_r()],
-            rho: vec![0.0; self.npix() * self.n_r()],
+            rw: vec![0.0; self.npix() * self.n_r()],
             scl: 0.0,
             dscl: 0.0,
             off: 0.0,
@@ -185,37 +193,51 @@ impl Model {
         let off = self.offset.value(x[nxi + 1]);
         let (n, nc, pad) = (self.n_r(), self.n_chart, self.pad);
         if self.infer_nsigma {
-            st.nsig.par_iter_mut().zip(st.dnsig.par_iter_mut()).zip(xsig).for_each(|((v, d), &z)| {
-                (*v, *d) = self.nsigma.value_deriv(z);
-            });
+            st.nsig
+                .par_iter_mut()
+                .zip(st.dnsig.par_iter_mut())
+                .zip(xsig)
+                .for_each(|((v, d), &z)| {
+                    (*v, *d) = self.nsigma.value_deriv(z);
+                });
         }
-        let State { s, rho, abar, var, nsig, .. } = st;
+        let State {
+            s,
+            rw,
+            abar,
+            var,
+            nsig,
+            ..
+        } = st;
         let nsig = &*nsig;
         let (ap, vp) = (DisjointMut::new(abar), DisjointMut::new(var));
         let d = &self.data;
         // one pass per pixel: its kept log-density, ρ column, inner columns and stars
-        s.par_chunks_mut(n).zip(rho.par_chunks_mut(n)).enumerate().for_each_init(
-            || vec![0.0; n + 1],
-            |cum, (p, (sk, col))| {
-                sk.copy_from_slice(&field[p * nc + pad..p * nc + pad + n]);
-                for k in 0..n {
-                    col[k] = (scl * sk[k] + off).exp();
-                }
-                let (lo, hi) = (d.offsets[p], d.offsets[p + 1]);
-                if lo == hi {
-                    return;
-                }
-                // SAFETY: star ranges of distinct pixels are disjoint
-                let (a, v) = unsafe { (ap.chunk(lo, hi - lo), vp.chunk(lo, hi - lo)) };
-                inner_columns(col, &self.widths, cum);
-                for (j, i) in (lo..hi).enumerate() {
-                    let (ab, va) = star_moments(d.windows.of(i), col, &self.widths, cum);
-                    let ns = nsig[i] * d.a_err[i];
-                    a[j] = ab;
-                    v[j] = ns * ns + va;
-                }
-            },
-        );
+        s.par_chunks_mut(n)
+            .zip(rw.par_chunks_mut(n))
+            .enumerate()
+            .for_each_init(
+                || vec![0.0; n + 1],
+                |cum, (p, (sk, col))| {
+                    sk.copy_from_slice(&field[p * nc + pad..p * nc + pad + n]);
+                    for k in 0..n {
+                        col[k] = (scl * sk[k] + off).exp() * self.widths[k];
+                    }
+                    let (lo, hi) = (d.offsets[p], d.offsets[p + 1]);
+                    if lo == hi {
+                        return;
+                    }
+                    // SAFETY: star ranges of distinct pixels are disjoint
+                    let (a, v) = unsafe { (ap.chunk(lo, hi - lo), vp.chunk(lo, hi - lo)) };
+                    inner_columns(col, cum);
+                    for (j, i) in (lo..hi).enumerate() {
+                        let (ab, va) = star_moments(d.windows.of(i), col, cum);
+                        let ns = nsig[i] * d.a_err[i];
+                        a[j] = ab;
+                        v[j] = ns * ns + va;
+                    }
+                },
+            );
         st.scl = scl;
         st.off = off;
         st.dscl = self.scale.deriv(x[nxi]);
@@ -229,7 +251,11 @@ impl Model {
             0.5 * r * r / st.var[i] + 0.5 * st.var[i].ln()
         });
         let prior = 0.5 * det_sum(x.len(), |i| x[i] * x[i]);
-        let psig = if self.infer_nsigma { 0.5 * det_sum(xsig.len(), |i| xsig[i] * xsig[i]) } else { 0.0 };
+        let psig = if self.infer_nsigma {
+            0.5 * det_sum(xsig.len(), |i| xsig[i] * xsig[i])
+        } else {
+            0.0
+        };
         lik + prior + psig
     }
 
@@ -238,44 +264,66 @@ impl Model {
     pub fn vjp(&self, st: &State, ca: &[f64], cv: &[f64], g: &mut [f64], w: &mut ModelWork) {
         let (n, nc, pad, nxi) = (self.n_r(), self.n_chart, self.pad, self.icr.n_xi());
         let d = &self.data;
-        let ModelWork { field, pix_scalars, icr, .. } = w;
-        field.par_chunks_mut(nc).zip(pix_scalars.par_iter_mut()).enumerate().for_each_init(
-            || (vec![0.0; n + 1], vec![0.0; n + 1], vec![0.0; n]),
-            |(cum, cum_bar, rho_bar), (p, (sbar, sc))| {
-                let col = &st.rho[p * n..(p + 1) * n];
-                rho_bar.fill(0.0);
-                cum_bar.fill(0.0);
-                inner_columns(col, &self.widths, cum);
-                for i in d.offsets[p]..d.offsets[p + 1] {
-                    let win = d.windows.of(i);
-                    star_vjp(win, col, &self.widths, cum, st.abar[i], ca[i], cv[i], rho_bar, cum_bar);
-                }
-                finish_vjp(&self.widths, cum_bar, rho_bar);
-                // ρ = exp(scl s + off): ∂ρ/∂s = scl ρ, ∂ρ/∂scl = s ρ, ∂ρ/∂off = ρ
-                sbar.fill(0.0);
-                let (mut g_scl, mut g_off) = (0.0, 0.0);
-                for k in 0..n {
-                    let t = rho_bar[k] * col[k];
-                    sbar[pad + k] = st.scl * t;
-                    g_scl += st.s[p * n + k] * t;
-                    g_off += t;
-                }
-                *sc = [g_scl, g_off];
-            },
-        );
+        let ModelWork {
+            field,
+            pix_scalars,
+            icr,
+            ..
+        } = w;
+        field
+            .par_chunks_mut(nc)
+            .zip(pix_scalars.par_iter_mut())
+            .enumerate()
+            .for_each_init(
+                || (vec![0.0; n + 1], vec![0.0; n + 1], vec![0.0; n]),
+                |(cum, cum_bar, rw_bar), (p, (sbar, sc))| {
+                    let col = &st.rw[p * n..(p + 1) * n];
+                    rw_bar.fill(0.0);
+                    cum_bar.fill(0.0);
+                    inner_columns(col, cum);
+                    for i in d.offsets[p]..d.offsets[p + 1] {
+                        let win = d.windows.of(i);
+                        star_vjp(win, col, cum, st.abar[i], ca[i], cv[i], rw_bar, cum_bar);
+                    }
+                    finish_vjp(cum_bar, rw_bar);
+                    // rw = Δr exp(scl s + off): ∂rw/∂s = scl rw, ∂rw/∂scl = s rw, ∂rw/∂off = rw
+                    sbar.fill(0.0);
+                    let (mut g_scl, mut g_off) = (0.0, 0.0);
+                    for k in 0..n {
+                        let t = rw_bar[k] * col[k];
+                        sbar[pad + k] = st.scl * t;
+                        g_scl += st.s[p * n + k] * t;
+                        g_off += t;
+                    }
+                    *sc = [g_scl, g_off];
+                },
+            );
         self.icr.adjoint(field, &mut g[..nxi], icr);
-        let (g_scl, g_off) = pix_scalars.iter().fold((0.0, 0.0), |a, s| (a.0 + s[0], a.1 + s[1]));
+        let (g_scl, g_off) = pix_scalars
+            .iter()
+            .fold((0.0, 0.0), |a, s| (a.0 + s[0], a.1 + s[1]));
         g[nxi] = g_scl * st.dscl;
         g[nxi + 1] = g_off * self.offset.std;
     }
 
     /// Gradient of [`Model::energy`] with respect to x and ξ_σ.
-    pub fn gradient(&self, st: &State, x: &[f64], xsig: &[f64], gx: &mut [f64], gsig: &mut [f64], w: &mut ModelWork) {
+    pub fn gradient(
+        &self,
+        st: &State,
+        x: &[f64],
+        xsig: &[f64],
+        gx: &mut [f64],
+        gsig: &mut [f64],
+        w: &mut ModelWork,
+    ) {
         let d = &self.data;
         let mut ca = std::mem::take(&mut w.star_a);
         let mut cv = std::mem::take(&mut w.star_v);
-        ca.par_iter_mut().zip(cv.par_iter_mut()).zip(gsig.par_iter_mut()).enumerate().for_each(
-            |(i, ((a, c), gs))| {
+        ca.par_iter_mut()
+            .zip(cv.par_iter_mut())
+            .zip(gsig.par_iter_mut())
+            .enumerate()
+            .for_each(|(i, ((a, c), gs))| {
                 let r = d.a_obs[i] - st.abar[i];
                 let v = st.var[i];
                 *a = -r / v;
@@ -285,8 +333,7 @@ impl Model {
                 } else {
                     0.0
                 };
-            },
-        );
+            });
         self.vjp(st, &ca, &cv, gx, w);
         gx.par_iter_mut().zip(x).for_each(|(g, xv)| *g += xv);
         w.star_a = ca;
@@ -304,22 +351,22 @@ impl Model {
         let (ap, vp) = (DisjointMut::new(da), DisjointMut::new(dv));
         w.rho_t.par_chunks_mut(n).enumerate().for_each_init(
             || (vec![0.0; n + 1], vec![0.0; n + 1]),
-            |(cum, dcum), (p, drho)| {
-                let col = &st.rho[p * n..(p + 1) * n];
+            |(cum, dcum), (p, drw)| {
+                let col = &st.rw[p * n..(p + 1) * n];
                 for k in 0..n {
                     let j = p * nc + pad + k;
-                    drho[k] = col[k] * (st.scl * ds[j] + st.s[p * n + k] * dscl + doff);
+                    drw[k] = col[k] * (st.scl * ds[j] + st.s[p * n + k] * dscl + doff);
                 }
                 let (lo, hi) = (d.offsets[p], d.offsets[p + 1]);
                 if lo == hi {
                     return;
                 }
-                inner_columns(col, &self.widths, cum);
-                inner_columns(drho, &self.widths, dcum);
+                inner_columns(col, cum);
+                inner_columns(drw, dcum);
                 // SAFETY: star ranges of distinct pixels are disjoint
                 let (a, v) = unsafe { (ap.chunk(lo, hi - lo), vp.chunk(lo, hi - lo)) };
                 for (j, i) in (lo..hi).enumerate() {
-                    let (x, y) = star_jvp(d.windows.of(i), col, drho, &self.widths, cum, dcum, st.abar[i]);
+                    let (x, y) = star_jvp(d.windows.of(i), col, drw, cum, dcum, st.abar[i]);
                     a[j] = x;
                     v[j] = y;
                 }
@@ -344,9 +391,24 @@ impl Model {
     }
 
     /// `Jᵀ F^{1/2} η` for standard-normal `eta_a`, `eta_v` (one pair per star).
-    pub fn sqrt_fisher_t(&self, st: &State, eta_a: &[f64], eta_v: &[f64], out: &mut [f64], w: &mut ModelWork) {
-        let ca: Vec<f64> = eta_a.iter().zip(&st.var).map(|(e, v)| e / v.sqrt()).collect();
-        let cv: Vec<f64> = eta_v.iter().zip(&st.var).map(|(e, v)| e / (std::f64::consts::SQRT_2 * v)).collect();
+    pub fn sqrt_fisher_t(
+        &self,
+        st: &State,
+        eta_a: &[f64],
+        eta_v: &[f64],
+        out: &mut [f64],
+        w: &mut ModelWork,
+    ) {
+        let ca: Vec<f64> = eta_a
+            .iter()
+            .zip(&st.var)
+            .map(|(e, v)| e / v.sqrt())
+            .collect();
+        let cv: Vec<f64> = eta_v
+            .iter()
+            .zip(&st.var)
+            .map(|(e, v)| e / (std::f64::consts::SQRT_2 * v))
+            .collect();
         self.vjp(st, &ca, &cv, out, w);
     }
 }

@@ -42,6 +42,9 @@ pub struct Windows {
     pub spread: Vec<f32>,
 }
 
+/// A star's window while being built: first index, probabilities, positions, spreads.
+type OneWindow = (u32, Vec<f32>, Vec<f32>, Vec<f32>);
+
 /// One star's window: first extended index, probabilities, mean positions, position variances.
 pub type Window<'a> = (usize, &'a [f32], &'a [f32], &'a [f32]);
 
@@ -86,7 +89,14 @@ fn position_moments(r_lo: f64, r_hi: f64, parallax: f64, err: f64) -> (f32, f32)
     let z_b = ((1000.0 / r_lo - parallax) / err).min(8.5);
     if z_b <= z_a {
         // the distribution's bulk is outside the shell: use the nearer edge
-        return (if (1000.0 / r_hi - parallax) / err > 0.0 { 0.0 } else { 1.0 }, 0.0);
+        return (
+            if (1000.0 / r_hi - parallax) / err > 0.0 {
+                0.0
+            } else {
+                1.0
+            },
+            0.0,
+        );
     }
     let pieces = ((z_b - z_a).ceil() as usize).max(1);
     let h = (z_b - z_a) / pieces as f64;
@@ -116,12 +126,15 @@ impl Windows {
     pub fn new(shells: &Shells, parallax_mas: &[f64], error_mas: &[f64]) -> Self {
         let edges = &shells.edges_pc;
         let n = shells.len();
-        let per_star: Vec<(u32, Vec<f32>, Vec<f32>, Vec<f32>)> = parallax_mas
+        let per_star: Vec<OneWindow> = parallax_mas
             .par_iter()
             .zip(error_mas)
             .map(|(&w, &s)| Self::one(edges, n, w, s))
             .collect();
-        let mut out = Windows { n, ..Default::default() };
+        let mut out = Windows {
+            n,
+            ..Default::default()
+        };
         out.offset.push(0);
         for (st, p, f, h) in per_star {
             out.start.push(st);
@@ -133,11 +146,19 @@ impl Windows {
         out
     }
 
-    fn one(edges: &[f64], n: usize, w: f64, s: f64) -> (u32, Vec<f32>, Vec<f32>, Vec<f32>) {
+    fn one(edges: &[f64], n: usize, w: f64, s: f64) -> OneWindow {
         let t_hi = w + Z_WINDOW * s;
         let t_lo = w - Z_WINDOW * s;
-        let d_near = if t_hi > 0.0 { 1000.0 / t_hi } else { f64::INFINITY };
-        let d_far = if t_lo > 0.0 { 1000.0 / t_lo } else { f64::INFINITY };
+        let d_near = if t_hi > 0.0 {
+            1000.0 / t_hi
+        } else {
+            f64::INFINITY
+        };
+        let d_far = if t_lo > 0.0 {
+            1000.0 / t_lo
+        } else {
+            f64::INFINITY
+        };
         let e_lo = extended_bin(edges, d_near);
         let e_hi = extended_bin(edges, d_far);
         let lower = |e: usize| if e == 0 { 0.0 } else { edges[e - 1] };
@@ -147,12 +168,28 @@ impl Windows {
         let mut spread = Vec::with_capacity(e_hi - e_lo + 1);
         for e in e_lo..=e_hi {
             // the window's end bins absorb the tails: all mass nearer / farther
-            let (sf_lo, cdf_lo) = if e == e_lo { (1.0, 0.0) } else { tail_probs(lower(e), w, s) };
-            let (sf_hi, cdf_hi) = if e == e_hi { (0.0, 1.0) } else { tail_probs(upper(e), w, s) };
+            let (sf_lo, cdf_lo) = if e == e_lo {
+                (1.0, 0.0)
+            } else {
+                tail_probs(lower(e), w, s)
+            };
+            let (sf_hi, cdf_hi) = if e == e_hi {
+                (0.0, 1.0)
+            } else {
+                tail_probs(upper(e), w, s)
+            };
             // difference of the smaller-magnitude representation, for precision in the tails
-            let p = if sf_lo < 0.5 { sf_lo - sf_hi } else { cdf_hi - cdf_lo };
+            let p = if sf_lo < 0.5 {
+                sf_lo - sf_hi
+            } else {
+                cdf_hi - cdf_lo
+            };
             prob.push(p.max(0.0) as f32);
-            let (f, h) = if e == 0 || e > n { (0.0, 0.0) } else { position_moments(lower(e), upper(e), w, s) };
+            let (f, h) = if e == 0 || e > n {
+                (0.0, 0.0)
+            } else {
+                position_moments(lower(e), upper(e), w, s)
+            };
             frac.push(f);
             spread.push(h);
         }
@@ -177,124 +214,120 @@ impl Windows {
     /// The window of star `i`.
     pub fn of(&self, i: usize) -> Window<'_> {
         let r = self.offset[i]..self.offset[i + 1];
-        (self.start[i] as usize, &self.prob[r.clone()], &self.frac[r.clone()], &self.spread[r])
+        (
+            self.start[i] as usize,
+            &self.prob[r.clone()],
+            &self.frac[r.clone()],
+            &self.spread[r],
+        )
     }
 }
 
-/// Column to the inner edge of every shell: `cum[k] = Σ_{k' < k} ρ_k' Δr_k'` plus the
-/// total in `cum[n]`.
-pub fn inner_columns(rho: &[f64], widths: &[f64], cum: &mut [f64]) {
+/// Inner columns `cum[k] = Σ_{k' < k} rw[k']` (n + 1 values, the total last) of a column
+/// given as `rw[k] = ρ_k Δr_k` (extinction across shell k).
+pub fn inner_columns(rw: &[f64], cum: &mut [f64]) {
     let mut acc = 0.0;
-    for k in 0..rho.len() {
+    for k in 0..rw.len() {
         cum[k] = acc;
-        acc += rho[k] * widths[k];
+        acc += rw[k];
     }
-    cum[rho.len()] = acc;
+    cum[rw.len()] = acc;
 }
 
-/// c̃ of extended bin `e` (see module docs).
+/// The window positions `jl..jh` that are kept shells (shell of `jl` is `k0`), and whether
+/// the last position is the "beyond" bin.
 #[inline]
-fn ctilde(e: usize, f: f32, rho: &[f64], widths: &[f64], cum: &[f64]) -> f64 {
-    let n = rho.len();
-    if e == 0 {
-        0.0
-    } else if e <= n {
-        let k = e - 1;
-        cum[k] + rho[k] * widths[k] * f as f64
-    } else {
-        cum[n]
-    }
+fn split(e0: usize, len: usize, n: usize) -> (usize, usize, usize, bool) {
+    let jl = usize::from(e0 == 0);
+    let jh = len.min((n + 1).saturating_sub(e0));
+    let k0 = (e0 + jl).saturating_sub(1);
+    (jl, jh.max(jl), k0, e0 + len == n + 2)
 }
 
-/// ā and σ_a² of one star given its pixel's ρ column and inner columns.
-pub fn star_moments(win: Window<'_>, rho: &[f64], widths: &[f64], cum: &[f64]) -> (f64, f64) {
+/// ā and σ_a² of one star from its pixel's `rw = ρ Δr` and inner columns `cum`.
+pub fn star_moments(win: Window<'_>, rw: &[f64], cum: &[f64]) -> (f64, f64) {
     let (e0, p, f, h) = win;
+    let n = rw.len();
+    let (jl, jh, k0, beyond) = split(e0, p.len(), n);
     let (mut a, mut m) = (0.0, 0.0);
-    for j in 0..p.len() {
-        let c = ctilde(e0 + j, f[j], rho, widths, cum);
-        let pj = p[j] as f64;
+    for (j, k) in (jl..jh).zip(k0..) {
+        let (pj, r) = (p[j] as f64, rw[k]);
+        let c = cum[k] + r * f[j] as f64;
         a += pj * c;
-        m += pj * (c * c + spread_term(e0 + j, h[j], rho, rho, widths));
+        m += pj * (c * c + r * r * h[j] as f64);
+    }
+    if beyond {
+        let pj = p[p.len() - 1] as f64;
+        a += pj * cum[n];
+        m += pj * cum[n] * cum[n];
     }
     (a, m - a * a)
 }
 
-/// Within-shell spread `ρ_k σ_k Δr_k² h` of extended bin `e` (σ = ρ gives the second-moment
-/// term itself, σ = δρ half its tangent).
-#[inline]
-fn spread_term(e: usize, h: f32, rho: &[f64], sigma: &[f64], widths: &[f64]) -> f64 {
-    if e == 0 || e > rho.len() {
-        0.0
-    } else {
-        let k = e - 1;
-        rho[k] * sigma[k] * widths[k] * widths[k] * h as f64
-    }
-}
-
-/// Tangent (δā, δσ_a²) of one star for a tangent `drho` of its column (`dcum` its columns).
-#[allow(clippy::too_many_arguments)]
+/// Tangent (δā, δσ_a²) of one star for a tangent `drw` of its column (`dcum` its columns).
 pub fn star_jvp(
     win: Window<'_>,
-    rho: &[f64],
-    drho: &[f64],
-    widths: &[f64],
+    rw: &[f64],
+    drw: &[f64],
     cum: &[f64],
     dcum: &[f64],
     abar: f64,
 ) -> (f64, f64) {
     let (e0, p, f, h) = win;
+    let n = rw.len();
+    let (jl, jh, k0, beyond) = split(e0, p.len(), n);
     let (mut da, mut dm) = (0.0, 0.0);
-    for j in 0..p.len() {
-        let c = ctilde(e0 + j, f[j], rho, widths, cum);
-        let dc = ctilde(e0 + j, f[j], drho, widths, dcum);
-        let pj = p[j] as f64;
+    for (j, k) in (jl..jh).zip(k0..) {
+        let (pj, fj) = (p[j] as f64, f[j] as f64);
+        let c = cum[k] + rw[k] * fj;
+        let dc = dcum[k] + drw[k] * fj;
         da += pj * dc;
-        dm += 2.0 * pj * (c * dc + spread_term(e0 + j, h[j], rho, drho, widths));
+        dm += pj * (c * dc + rw[k] * drw[k] * h[j] as f64);
     }
-    (da, dm - 2.0 * abar * da)
+    if beyond {
+        let pj = p[p.len() - 1] as f64;
+        da += pj * dcum[n];
+        dm += pj * cum[n] * dcum[n];
+    }
+    (da, 2.0 * dm - 2.0 * abar * da)
 }
 
 /// Accumulate the cotangent of one star (`ga` on ā, `gv` on σ_a²) into its pixel's
-/// cotangents: `rho_bar` directly, `cum_bar` on the inner columns (resolved by
-/// [`finish_vjp`]).
+/// cotangents of `rw` and of the inner columns (folded by [`finish_vjp`]).
 #[allow(clippy::too_many_arguments)]
 pub fn star_vjp(
     win: Window<'_>,
-    rho: &[f64],
-    widths: &[f64],
+    rw: &[f64],
     cum: &[f64],
     abar: f64,
     ga: f64,
     gv: f64,
-    rho_bar: &mut [f64],
+    rw_bar: &mut [f64],
     cum_bar: &mut [f64],
 ) {
     let (e0, p, f, h) = win;
-    let n = rho.len();
-    for j in 0..p.len() {
-        let e = e0 + j;
-        let c = ctilde(e, f[j], rho, widths, cum);
-        let pj = p[j] as f64;
-        let w = pj * (ga + gv * (2.0 * c - 2.0 * abar));
-        if e == 0 {
-            continue;
-        } else if e <= n {
-            let k = e - 1;
-            cum_bar[k] += w;
-            rho_bar[k] += w * widths[k] * f[j] as f64
-                + gv * pj * 2.0 * rho[k] * widths[k] * widths[k] * h[j] as f64;
-        } else {
-            cum_bar[n] += w;
-        }
+    let n = rw.len();
+    let (jl, jh, k0, beyond) = split(e0, p.len(), n);
+    let base = ga - 2.0 * gv * abar;
+    for (j, k) in (jl..jh).zip(k0..) {
+        let (pj, fj) = (p[j] as f64, f[j] as f64);
+        let c = cum[k] + rw[k] * fj;
+        let w = pj * (base + 2.0 * gv * c);
+        cum_bar[k] += w;
+        rw_bar[k] += w * fj + 2.0 * gv * pj * rw[k] * h[j] as f64;
+    }
+    if beyond {
+        let pj = p[p.len() - 1] as f64;
+        cum_bar[n] += pj * (base + 2.0 * gv * cum[n]);
     }
 }
 
-/// Fold the inner-column cotangents into `rho_bar`: ρ_k enters every `cum[k']` with k' > k.
-pub fn finish_vjp(widths: &[f64], cum_bar: &[f64], rho_bar: &mut [f64]) {
-    let n = rho_bar.len();
+/// Fold the inner-column cotangents into `rw_bar`: `rw_k` enters every `cum[k']`, k' > k.
+pub fn finish_vjp(cum_bar: &[f64], rw_bar: &mut [f64]) {
+    let n = rw_bar.len();
     let mut acc = cum_bar[n];
     for k in (0..n).rev() {
-        rho_bar[k] += widths[k] * acc;
+        rw_bar[k] += acc;
         acc += cum_bar[k];
     }
 }
@@ -306,7 +339,7 @@ mod tests {
     #[test]
     fn windows_sum_to_one_and_small_error_limit_is_exact() {
         let shells = Shells::log_uniform(40.0, 2000.0, 64).unwrap();
-        let par = [2.5, 0.6, 10.0, -0.3, 30.0, 1.0];
+        let par = [2.5, 0.6, 10.0, -2.0, 30.0, 1.0];
         let err = [0.1, 0.3, 0.02, 0.2, 0.05, 1e-6];
         let w = Windows::new(&shells, &par, &err);
         for i in 0..par.len() {
@@ -317,11 +350,17 @@ mod tests {
         // negative parallax: everything is beyond the grid
         assert_eq!(w.of(3).0, 65);
         // σ_ω → 0: ā is the exact integral of the piecewise-constant ρ to d = 1 kpc
-        let rho: Vec<f64> = (0..64).map(|k| 1e-3 * (1.0 + (k as f64 * 0.3).sin())).collect();
-        let widths = shells.widths_pc();
+        let rho: Vec<f64> = (0..64)
+            .map(|k| 1e-3 * (1.0 + (k as f64 * 0.3).sin()))
+            .collect();
+        let rw: Vec<f64> = rho
+            .iter()
+            .zip(shells.widths_pc())
+            .map(|(r, w)| r * w)
+            .collect();
         let mut cum = vec![0.0; 65];
-        inner_columns(&rho, &widths, &mut cum);
-        let (a, var) = star_moments(w.of(5), &rho, &widths, &cum);
+        inner_columns(&rw, &mut cum);
+        let (a, var) = star_moments(w.of(5), &rw, &cum);
         let exact = crate::simulate::integrate_to(&shells, |k| rho[k], 1000.0);
         assert!((a - exact).abs() < 1e-6 * exact, "{a} vs {exact}");
         assert!(var.abs() < 1e-9, "var {var}");

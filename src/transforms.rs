@@ -27,7 +27,10 @@ impl LogNormal {
     /// From the mean and standard deviation of the log-normal variable.
     pub fn from_mean_std(mean: f64, std: f64) -> Self {
         let s2 = (1.0 + (std / mean).powi(2)).ln();
-        Self { mu: mean.ln() - 0.5 * s2, sigma: s2.sqrt() }
+        Self {
+            mu: mean.ln() - 0.5 * s2,
+            sigma: s2.sqrt(),
+        }
     }
     /// Value at latent ξ.
     pub fn value(&self, xi: f64) -> f64 {
@@ -99,7 +102,10 @@ impl InvGamma {
     /// Value and derivative by solving for the quantile (no table).
     pub fn exact(&self, xi: f64) -> (f64, f64) {
         let y = self.gamma_quantile(xi);
-        (self.scale / y, self.scale * norm_pdf(xi) / (y * y * self.gamma_pdf(y)))
+        (
+            self.scale / y,
+            self.scale * norm_pdf(xi) / (y * y * self.gamma_pdf(y)),
+        )
     }
 
     fn gamma_pdf(&self, y: f64) -> f64 {
@@ -120,7 +126,11 @@ impl InvGamma {
             };
             let step = resid / self.gamma_pdf(y);
             let next = y - step;
-            y = if next > 0.0 && next.is_finite() { next } else { 0.5 * y };
+            y = if next > 0.0 && next.is_finite() {
+                next
+            } else {
+                0.5 * y
+            };
             if step.abs() <= 1e-15 * y {
                 break;
             }
@@ -149,7 +159,8 @@ impl InvGamma {
             + (t3 - 2.0 * t2 + t) * h * d0
             + (-2.0 * t3 + 3.0 * t2) * y1
             + (t3 - t2) * h * d1;
-        let dln = ((6.0 * t2 - 6.0 * t) * y0 + (3.0 * t2 - 4.0 * t + 1.0) * h * d0
+        let dln = ((6.0 * t2 - 6.0 * t) * y0
+            + (3.0 * t2 - 4.0 * t + 1.0) * h * d0
             + (-6.0 * t2 + 6.0 * t) * y1
             + (3.0 * t2 - 2.0 * t) * h * d1)
             / h;
@@ -173,7 +184,10 @@ mod tests {
             assert!((got / want - 1.0).abs() < 1e-9, "xi {xi}: {got} vs {want}");
             let (v, d) = t.exact(xi);
             let (vt, dt) = t.value_deriv(xi);
-            assert!((vt / v - 1.0).abs() < 1e-9 && (dt / d - 1.0).abs() < 1e-7, "table at {xi}");
+            assert!(
+                (vt / v - 1.0).abs() < 1e-9 && (dt / d - 1.0).abs() < 1e-7,
+                "table at {xi}"
+            );
         }
         // mode of InvGamma(3, 4) is b/(a+1) = 1: the CDF there
         let u = ig.cdf(1.0);
@@ -201,7 +215,10 @@ mod tests {
             let h = 1e-5;
             let fd = (t.value(xi + h) - t.value(xi - h)) / (2.0 * h);
             let (_, d) = t.value_deriv(xi);
-            assert!((fd - d).abs() <= 1e-6 * d.abs().max(1e-300), "invgamma xi {xi}: {fd} vs {d}");
+            assert!(
+                (fd - d).abs() <= 1e-6 * d.abs().max(1e-300),
+                "invgamma xi {xi}: {fd} vs {d}"
+            );
             let fd = (ln.value(xi + h) - ln.value(xi - h)) / (2.0 * h);
             assert!((fd - ln.deriv(xi)).abs() <= 1e-7 * ln.deriv(xi));
         }

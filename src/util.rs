@@ -27,7 +27,6 @@ impl<T> DisjointMut<T> {
     }
 }
 
-
 /// Σ f(i) for i in 0..n, in parallel over fixed chunks summed in a fixed order, so the
 /// result does not depend on the number of threads.
 pub(crate) fn det_sum(n: usize, f: impl Fn(usize) -> f64 + Sync) -> f64 {

@@ -1,0 +1,313 @@
+//! Metric Gaussian variational inference (paper §5, App. B; DESIGN.md §4): antithetic
+//! residuals drawn by conjugate gradients from `N(0, M⁻¹)`, and the KL — the sample average
+//! of the energy — minimised over the expansion point and the per-star ξ_σ by truncated
+//! Newton-CG with the sample-averaged metric.
+
+use anyhow::{anyhow, Result};
+use rand::Rng;
+use rand_distr::StandardNormal;
+use rayon::prelude::*;
+use std::sync::Mutex;
+
+use crate::cg::{self, CgReport, CgSettings};
+use crate::config::StageConfig;
+use crate::model::{Model, ModelWork, State};
+use crate::newton::{self, MetricObjective, NewtonReport, NewtonSettings};
+
+/// Which entries of x are free in a stage (1) or held fixed (0): ICR levels beyond the
+/// stage's `levels` are held (at 0 when they first appear).
+pub fn level_mask(model: &Model, levels: Option<usize>) -> Vec<f64> {
+    let np = model.n_params();
+    let nxi = model.icr.n_xi();
+    let end = match levels {
+        Some(l) if l < model.icr.levels.len() => model.icr.levels[l].xi_off,
+        _ => nxi,
+    };
+    (0..np)
+        .map(|i| if i < end || i >= nxi { 1.0 } else { 0.0 })
+        .collect()
+}
+
+/// A linearised model as MGVI's sampler sees it: the metric `M = I + Jᵀ F J` and the map
+/// `η ↦ Jᵀ F^{1/2} η` (two standard normals per datum: mean and variance parts).
+pub trait Fisher {
+    /// Number of parameters.
+    fn dim(&self) -> usize;
+    /// Number of data.
+    fn n_data(&self) -> usize;
+    /// `out = Jᵀ F^{1/2} (eta_a, eta_v)`.
+    fn sqrt_fisher_t(&self, eta_a: &[f64], eta_v: &[f64], out: &mut [f64]);
+    /// `out = M v`.
+    fn metric(&self, v: &[f64], out: &mut [f64]);
+}
+
+/// The dust model linearised at a state, restricted to the free entries of `mask`
+/// (identity on the held ones).
+pub struct ModelAt<'a> {
+    /// The model.
+    pub model: &'a Model,
+    /// The expansion point.
+    pub state: &'a State,
+    /// Free (1) or held (0) entries of x.
+    pub mask: &'a [f64],
+    work: std::cell::RefCell<ModelWork>,
+}
+
+impl<'a> ModelAt<'a> {
+    /// Linearisation of `model` at `state`.
+    pub fn new(model: &'a Model, state: &'a State, mask: &'a [f64]) -> Self {
+        Self {
+            model,
+            state,
+            mask,
+            work: std::cell::RefCell::new(model.workspace()),
+        }
+    }
+}
+
+impl Fisher for ModelAt<'_> {
+    fn dim(&self) -> usize {
+        self.model.n_params()
+    }
+    fn n_data(&self) -> usize {
+        self.model.data.len()
+    }
+    fn sqrt_fisher_t(&self, eta_a: &[f64], eta_v: &[f64], out: &mut [f64]) {
+        self.model
+            .sqrt_fisher_t(self.state, eta_a, eta_v, out, &mut self.work.borrow_mut());
+        out.iter_mut().zip(self.mask).for_each(|(o, m)| *o *= m);
+    }
+    fn metric(&self, v: &[f64], out: &mut [f64]) {
+        let vm: Vec<f64> = v.iter().zip(self.mask).map(|(a, m)| a * m).collect();
+        self.model
+            .metric(self.state, &vm, out, &mut self.work.borrow_mut());
+        out.par_iter_mut()
+            .zip(v)
+            .zip(self.mask)
+            .for_each(|((o, vi), m)| *o = m * *o + (1.0 - m) * vi);
+    }
+}
+
+/// One residual δ ~ N(0, M⁻¹): y = η₁ + Jᵀ F^{1/2} η₂ (so y ~ N(0, M)), then M δ = y by CG.
+/// The normals are drawn in a fixed order from `rng`.
+pub fn draw_residual<F: Fisher, R: Rng>(
+    f: &F,
+    rng: &mut R,
+    settings: &CgSettings,
+) -> (Vec<f64>, CgReport) {
+    let (np, ns) = (f.dim(), f.n_data());
+    let eta1: Vec<f64> = (0..np).map(|_| rng.sample(StandardNormal)).collect();
+    let eta_a: Vec<f64> = (0..ns).map(|_| rng.sample(StandardNormal)).collect();
+    let eta_v: Vec<f64> = (0..ns).map(|_| rng.sample(StandardNormal)).collect();
+    let mut y = vec![0.0; np];
+    f.sqrt_fisher_t(&eta_a, &eta_v, &mut y);
+    for i in 0..np {
+        y[i] += eta1[i];
+    }
+    let mut delta = vec![0.0; np];
+    let rep = cg::solve(|v, out| f.metric(v, out), &y, &mut delta, settings);
+    (delta, rep)
+}
+
+/// The KL objective over p = [x | ξ_σ]: average energy over the samples x ± δ_k.
+pub struct Kl<'a> {
+    model: &'a Model,
+    residuals: &'a [Vec<f64>],
+    mask: &'a [f64],
+    cache: Mutex<KlCache>,
+}
+
+struct KlCache {
+    at: Vec<f64>,
+    states: Vec<State>,
+    work: ModelWork,
+}
+
+impl<'a> Kl<'a> {
+    /// KL of `model` with antithetic residuals `residuals` and free-entry `mask`.
+    pub fn new(model: &'a Model, residuals: &'a [Vec<f64>], mask: &'a [f64]) -> Self {
+        let cache = KlCache {
+            at: Vec::new(),
+            states: Vec::new(),
+            work: model.workspace(),
+        };
+        Self {
+            model,
+            residuals,
+            mask,
+            cache: Mutex::new(cache),
+        }
+    }
+
+    fn samples(&self, x: &[f64]) -> Vec<Vec<f64>> {
+        self.residuals
+            .iter()
+            .flat_map(|d| {
+                let plus: Vec<f64> = x.iter().zip(d).map(|(a, b)| a + b).collect();
+                let minus: Vec<f64> = x.iter().zip(d).map(|(a, b)| a - b).collect();
+                [plus, minus]
+            })
+            .collect()
+    }
+
+    /// States at the samples of p (cached for the last p).
+    fn ensure_states(&self, p: &[f64], c: &mut KlCache) {
+        if c.at == p && !c.states.is_empty() {
+            return;
+        }
+        let np = self.model.n_params();
+        let (x, xsig) = p.split_at(np);
+        let samples = self.samples(x);
+        let KlCache { states, work, .. } = c;
+        if states.len() != samples.len() {
+            *states = samples
+                .iter()
+                .map(|xs| self.model.state(xs, xsig, work))
+                .collect();
+        } else {
+            for (st, xs) in states.iter_mut().zip(&samples) {
+                self.model.update_state(xs, xsig, st, work);
+            }
+        }
+        c.at = p.to_vec();
+    }
+}
+
+impl MetricObjective for Kl<'_> {
+    fn value_grad(&self, p: &[f64], g: &mut [f64]) -> f64 {
+        let mut c = self.cache.lock().expect("KL cache");
+        self.ensure_states(p, &mut c);
+        let np = self.model.n_params();
+        let (x, xsig) = p.split_at(np);
+        let samples = self.samples(x);
+        let n = samples.len() as f64;
+        g.iter_mut().for_each(|v| *v = 0.0);
+        let mut gx = vec![0.0; np];
+        let mut gs = vec![0.0; xsig.len()];
+        let mut value = 0.0;
+        let KlCache { states, work, .. } = &mut *c;
+        for (st, xs) in states.iter().zip(&samples) {
+            value += self.model.energy(st, xs, xsig) / n;
+            self.model.gradient(st, xs, xsig, &mut gx, &mut gs, work);
+            for i in 0..np {
+                g[i] += self.mask[i] * gx[i] / n;
+            }
+            for (o, v) in g[np..].iter_mut().zip(&gs) {
+                *o += v / n;
+            }
+        }
+        value
+    }
+
+    fn metric(&self, p: &[f64], v: &[f64], out: &mut [f64]) {
+        let mut c = self.cache.lock().expect("KL cache");
+        self.ensure_states(p, &mut c);
+        let np = self.model.n_params();
+        let ns = p.len() - np;
+        let (vx, vs) = v.split_at(np);
+        let vxm: Vec<f64> = vx.iter().zip(self.mask).map(|(a, m)| a * m).collect();
+        out.iter_mut().for_each(|o| *o = 0.0);
+        let KlCache { states, work, .. } = &mut *c;
+        let n = states.len() as f64;
+        let (mut da, mut dv) = (vec![0.0; ns], vec![0.0; ns]);
+        let mut ox = vec![0.0; np];
+        for st in states.iter() {
+            self.model.jvp(st, &vxm, &mut da, &mut dv, work);
+            let d = &self.model.data;
+            // v also depends on ξ_σ: ∂v/∂ξ_σ = 2 n_σ σ_A² dn_σ/dξ_σ (diagonal per star)
+            let dvds: Vec<f64> = (0..ns)
+                .map(|i| 2.0 * st.nsig[i] * d.a_err[i] * d.a_err[i] * st.dnsig[i])
+                .collect();
+            for i in 0..ns {
+                dv[i] += dvds[i] * vs[i];
+                da[i] /= st.var[i];
+                dv[i] /= 2.0 * st.var[i] * st.var[i];
+            }
+            self.model.vjp(st, &da, &dv, &mut ox, work);
+            for i in 0..np {
+                out[i] += self.mask[i] * ox[i] / n;
+            }
+            for i in 0..ns {
+                out[np + i] += dvds[i] * dv[i] / n;
+            }
+        }
+        for i in 0..np {
+            out[i] += vx[i];
+        }
+        for i in 0..ns {
+            out[np + i] += vs[i];
+        }
+    }
+}
+
+/// What one global MGVI iteration did.
+#[derive(Clone, Debug)]
+pub struct IterationReport {
+    /// KL (sample-averaged energy) after the Newton steps.
+    pub kl: f64,
+    /// CG iterations of each residual draw.
+    pub sample_cg: Vec<usize>,
+    /// Newton minimisation summary.
+    pub newton: NewtonReport,
+}
+
+/// Stream id of residual pair `pair` of global iteration (`stage`, `iteration`).
+pub fn residual_stream(stage: usize, iteration: usize, pair: usize) -> u64 {
+    1_000 + ((stage as u64 * 100_000 + iteration as u64) * 1_000 + pair as u64)
+}
+
+/// One global iteration: draw residuals at (x, ξ_σ), then minimise the KL; updates x, ξ_σ and
+/// `residuals` in place.
+#[allow(clippy::too_many_arguments)]
+pub fn global_iteration(
+    model: &Model,
+    stage_cfg: &StageConfig,
+    mask: &[f64],
+    seed: u64,
+    ids: (usize, usize),
+    x: &mut [f64],
+    xsig: &mut [f64],
+    residuals: &mut Vec<Vec<f64>>,
+) -> Result<IterationReport> {
+    let mut w = model.workspace();
+    let st = model.state(x, xsig, &mut w);
+    let lin = ModelAt::new(model, &st, mask);
+    let cg_settings = CgSettings {
+        rel_tol: stage_cfg.sample_cg_tolerance,
+        max_iter: stage_cfg.sample_cg_iterations,
+        ..Default::default()
+    };
+    residuals.clear();
+    let mut sample_cg = Vec::new();
+    for pair in 0..stage_cfg.sample_pairs {
+        let mut rng = crate::rng::stream(seed, residual_stream(ids.0, ids.1, pair));
+        let (mut d, rep) = draw_residual(&lin, &mut rng, &cg_settings);
+        // held entries stay where they are in every sample
+        d.iter_mut().zip(mask).for_each(|(v, m)| *v *= m);
+        sample_cg.push(rep.iterations);
+        residuals.push(d);
+    }
+    drop(lin);
+    drop(st);
+    let kl = Kl::new(model, residuals, mask);
+    let mut p0 = x.to_vec();
+    p0.extend_from_slice(xsig);
+    let settings = NewtonSettings {
+        cg_max_iter: stage_cfg.newton_cg_iterations,
+        rel_tol: 1e-10,
+        ..Default::default()
+    };
+    let (p, newton) = newton::minimize(&kl, p0, stage_cfg.newton_steps as u64, settings)
+        .map_err(|e| anyhow!("KL minimisation failed: {e}"))?;
+    let np = model.n_params();
+    x.copy_from_slice(&p[..np]);
+    xsig.copy_from_slice(&p[np..]);
+    Ok(IterationReport {
+        kl: newton.value,
+        sample_cg,
+        newton,
+    })
+}
+
+#[cfg(test)]
+mod tests;
