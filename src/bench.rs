@@ -149,7 +149,16 @@ fn bench_model(
         let mask = vec![1.0; model.n_params()];
         let (mut x0, mut s0, mut res) = (vec![0.0; model.n_params()], xs.clone(), Vec::new());
         let t = Instant::now();
-        let rep = crate::mgvi::global_iteration(&model, &stage, &mask, 0, (0, 0), &mut x0, &mut s0, &mut res)?;
+        let rep = crate::mgvi::global_iteration(
+            &model,
+            &stage,
+            &mask,
+            0,
+            (0, 0),
+            &mut x0,
+            &mut s0,
+            &mut res,
+        )?;
         ops.push(("mgvi_iteration_s", t.elapsed().as_secs_f64()));
         extra.insert("kl".into(), json!(rep.kl));
         extra.insert("newton_steps".into(), json!(rep.newton.steps));
@@ -210,7 +219,9 @@ pub fn run(
             extra.insert("matrix_classes".into(), json!(icr.class_counts()));
             extra.insert("n_xi".into(), json!(icr.n_xi()));
         }
-        "likelihood" | "metric" | "mgvi" => bench_model(&p, what, reps, precision, &mut ops, &mut extra)?,
+        "likelihood" | "metric" | "mgvi" => {
+            bench_model(&p, what, reps, precision, &mut ops, &mut extra)?
+        }
         other => bail!("unknown benchmark {other:?} (available: icr, likelihood, metric, mgvi)"),
     }
     let mut obj = Map::new();

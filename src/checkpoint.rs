@@ -29,6 +29,12 @@ pub struct HistoryRow {
     pub newton_cg: usize,
     /// Total CG iterations of the residual draws.
     pub sample_cg: usize,
+    /// KL gradient norm at the start of the last Newton step.
+    #[serde(default)]
+    pub grad_norm: f64,
+    /// Length of the last Newton step.
+    #[serde(default)]
+    pub step: f64,
     /// Wall time of the iteration, s.
     pub seconds: f64,
     /// Peak resident memory so far, bytes.

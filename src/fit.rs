@@ -202,6 +202,8 @@ fn run_schedule(
                 newton_steps: rep.newton.steps,
                 newton_cg: rep.newton.cg_iterations.iter().sum(),
                 sample_cg: rep.sample_cg.iter().sum(),
+                grad_norm: rep.newton.grad_norms.last().copied().unwrap_or(f64::NAN),
+                step: rep.newton.step_norms.last().copied().unwrap_or(f64::NAN),
                 seconds: t.elapsed().as_secs_f64(),
                 peak_rss_bytes: crate::bench::peak_rss_bytes(),
             };
@@ -211,6 +213,8 @@ fn run_schedule(
                     iteration = row.iteration,
                     stars = row.n_stars,
                     kl = row.kl,
+                    grad_norm = format!("{:.3e}", row.grad_norm),
+                    step = format!("{:.3e}", row.step),
                     newton_steps = row.newton_steps,
                     newton_cg = row.newton_cg,
                     sample_cg = ?rep.sample_cg,
@@ -280,6 +284,23 @@ pub fn map_from_samples(
     }
     let (mean, std) = mean_std(&samples);
     let (inner_mean, inner_std) = mean_std(&inner);
+    // integrated extinction to each shell's far edge, per sample
+    let integrated: Vec<Vec<f64>> = samples
+        .iter()
+        .zip(&inner)
+        .map(|(rho, inn)| {
+            let mut out = vec![0.0; nr * npix];
+            for p in 0..npix {
+                let mut acc = inn[p];
+                for k in 0..nr {
+                    acc += rho[k * npix + p] * widths[lo + k];
+                    out[k * npix + p] = acc;
+                }
+            }
+            out
+        })
+        .collect();
+    let (integrated_mean, integrated_std) = mean_std(&integrated);
     let map = DustMap {
         nside: chart.nside_final(),
         shells: out_shells,
@@ -289,6 +310,8 @@ pub fn map_from_samples(
         inner_mean,
         inner_std,
         inner_samples: if cfg.output.samples { inner } else { vec![] },
+        integrated_mean,
+        integrated_std,
         units: cfg.output.units.clone(),
         kind: "posterior".into(),
         provenance,
@@ -424,16 +447,18 @@ fn write_history(path: &Path, rows: &[HistoryRow]) -> Result<()> {
         let mut f = std::io::BufWriter::new(std::fs::File::create(tmp)?);
         writeln!(
             f,
-            "stage,iteration,n_stars,kl,newton_steps,newton_cg,sample_cg,seconds,peak_rss_bytes"
+            "stage,iteration,n_stars,kl,grad_norm,step,newton_steps,newton_cg,sample_cg,seconds,peak_rss_bytes"
         )?;
         for r in rows {
             writeln!(
                 f,
-                "{},{},{},{},{},{},{},{:.3},{}",
+                "{},{},{},{},{},{},{},{},{},{:.3},{}",
                 r.stage,
                 r.iteration,
                 r.n_stars,
                 r.kl,
+                r.grad_norm,
+                r.step,
                 r.newton_steps,
                 r.newton_cg,
                 r.sample_cg,
@@ -444,4 +469,44 @@ fn write_history(path: &Path, rows: &[HistoryRow]) -> Result<()> {
         f.flush()?;
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn product_cut_moves_inner_shells_into_the_inner_map() {
+        let mut cfg = Config::default();
+        cfg.grid.nside0 = 1;
+        cfg.grid.n_r0 = 6;
+        cfg.grid.levels = 1;
+        cfg.grid.padding = 1;
+        cfg.grid.r_min_pc = 40.0;
+        cfg.grid.r_max_pc = 640.0;
+        let chart = cfg.chart().unwrap();
+        let shells = chart.kept_shells(); // 6 shells, ratio 2^(4/6)
+        cfg.output.r_min_pc = Some(shells.edges_pc[2]);
+        cfg.output.r_max_pc = Some(shells.edges_pc[5]);
+        let npix = grid::npix(chart.nside_final());
+        let n = shells.len();
+        let rw: Vec<Vec<f64>> = (0..2)
+            .map(|s| {
+                (0..npix * n)
+                    .map(|i| 1.0 + (i % n) as f64 + s as f64)
+                    .collect()
+            })
+            .collect();
+        let map = map_from_samples(&cfg, &chart, &rw, Provenance::default()).unwrap();
+        assert_eq!(map.n_r(), 3);
+        assert_eq!(map.shells.edges_pc, shells.edges_pc[2..=5].to_vec());
+        // inner map: mean over the two samples of rw[0] + rw[1] = (1+2) and (2+3)
+        assert!((map.inner_mean[7] - 4.0).abs() < 1e-12);
+        assert!((map.inner_std[7] - 1.0).abs() < 1e-12);
+        // ρ = rw / Δr and the integrated map ends at inner + Σ rw of the kept shells
+        let w = shells.widths_pc();
+        assert!((map.mean[npix + 3] - 4.5 / w[3]).abs() < 1e-12);
+        let last = map.integrated_mean[2 * npix + 3];
+        assert!((last - (4.0 + 3.5 + 4.5 + 5.5)).abs() < 1e-9, "{last}");
+    }
 }

@@ -28,6 +28,11 @@ pub struct DustMap {
     pub inner_std: Vec<f64>,
     /// Inner integrated extinction per sample, each per pixel; empty if no samples.
     pub inner_samples: Vec<Vec<f64>>,
+    /// Posterior mean of the integrated extinction to the far edge of each shell (including
+    /// the inner map), [radius][pixel]; empty if not computed.
+    pub integrated_mean: Vec<f64>,
+    /// Posterior std of the integrated extinction, [radius][pixel]; empty if not computed.
+    pub integrated_std: Vec<f64>,
     /// Unit of ρ.
     pub units: String,
     /// "truth" or "posterior".
@@ -56,6 +61,11 @@ impl DustMap {
                 self.mean.len(),
                 self.std.len()
             );
+        }
+        if !self.integrated_mean.is_empty()
+            && (self.integrated_mean.len() != n || self.integrated_std.len() != n)
+        {
+            bail!("integrated maps must have {n} values");
         }
         if self.samples.iter().any(|s| s.len() != n) {
             bail!("a sample has the wrong size (grid needs {n})");
@@ -110,6 +120,24 @@ impl DustMap {
             v.put_attribute("units", self.units.as_str())?;
             v.put_attribute("long_name", what)?;
             v.put_values(&f32s(data), ..)?;
+        }
+        if !self.integrated_mean.is_empty() {
+            for (name, data, what) in [
+                (
+                    "integrated_mean",
+                    &self.integrated_mean,
+                    "posterior mean of extinction integrated to the shell's far edge",
+                ),
+                (
+                    "integrated_std",
+                    &self.integrated_std,
+                    "posterior std of extinction integrated to the shell's far edge",
+                ),
+            ] {
+                let mut v = nc.add_variable::<f32>(name, &["radius", "pixel"])?;
+                v.put_attribute("long_name", what)?;
+                v.put_values(&f32s(data), ..)?;
+            }
         }
         let inner = format!("{} pc", self.shells.edges_pc[0]);
         for (name, data) in [
@@ -231,6 +259,16 @@ impl DustMap {
             inner_mean: read_f64("inner_integrated_mean")?,
             inner_std: read_f64("inner_integrated_std")?,
             inner_samples,
+            integrated_mean: if nc.variable("integrated_mean").is_some() {
+                read_f64("integrated_mean")?
+            } else {
+                vec![]
+            },
+            integrated_std: if nc.variable("integrated_std").is_some() {
+                read_f64("integrated_std")?
+            } else {
+                vec![]
+            },
             units: attr_str("units")?,
             kind: attr_str("map_kind").unwrap_or_else(|_| "unknown".into()),
             provenance,

@@ -75,6 +75,10 @@ pub struct TruncatedNewton {
     linesearch: MoreThuenteLineSearch<Vec<f64>, Vec<f64>, f64>,
     /// Inner CG iterations of every step taken.
     pub cg_iterations: Vec<usize>,
+    /// Gradient norm at the start of every step.
+    pub grad_norms: Vec<f64>,
+    /// Length |Δp| of every step taken.
+    pub step_norms: Vec<f64>,
 }
 
 impl TruncatedNewton {
@@ -85,6 +89,8 @@ impl TruncatedNewton {
             settings,
             linesearch,
             cg_iterations: Vec::new(),
+            grad_norms: Vec::new(),
+            step_norms: Vec::new(),
         })
     }
 }
@@ -122,6 +128,8 @@ impl<T: MetricObjective> Solver<ArgminObjective<'_, T>, St> for TruncatedNewton 
             },
         );
         self.cg_iterations.push(rep.iterations);
+        self.grad_norms
+            .push(grad.iter().map(|g| g * g).sum::<f64>().sqrt());
         // bound the first trial step: far from the optimum a full Newton step of an
         // exponential model can overflow (ρ = e^{…}); the line search may still extend it
         let max_abs = dir.iter().fold(0.0f64, |m, v| m.max(v.abs()));
@@ -164,6 +172,14 @@ impl<T: MetricObjective> Solver<ArgminObjective<'_, T>, St> for TruncatedNewton 
                 backtrack(obj, &param, cost, &dir, slope, alpha0)
             }
         };
+        self.step_norms.push(
+            new_param
+                .iter()
+                .zip(&param)
+                .map(|(a, b)| (a - b).powi(2))
+                .sum::<f64>()
+                .sqrt(),
+        );
         let kv = argmin::kv!("cg_iterations" => rep.iterations as u64; "cg_rel_residual" => rep.rel_residual;);
         Ok((state.param(new_param).cost(new_cost), Some(kv)))
     }
@@ -210,6 +226,10 @@ pub struct NewtonReport {
     pub steps: u64,
     /// Inner CG iterations per step.
     pub cg_iterations: Vec<usize>,
+    /// Gradient norm at the start of each step.
+    pub grad_norms: Vec<f64>,
+    /// Step lengths.
+    pub step_norms: Vec<f64>,
 }
 
 /// Minimise `obj` from `p0` with at most `max_steps` Newton steps.
@@ -236,7 +256,9 @@ pub fn minimize<T: MetricObjective>(
         NewtonReport {
             value,
             steps,
-            cg_iterations: res.solver.cg_iterations,
+            cg_iterations: res.solver.cg_iterations.clone(),
+            grad_norms: res.solver.grad_norms.clone(),
+            step_norms: res.solver.step_norms.clone(),
         },
     ))
 }

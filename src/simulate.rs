@@ -150,6 +150,8 @@ pub fn simulate(
         inner_mean: vec![0.0; npix],
         inner_std: vec![0.0; npix],
         inner_samples: vec![],
+        integrated_mean: vec![],
+        integrated_std: vec![],
         units: cfg.output.units.clone(),
         kind: "truth".into(),
         provenance: Provenance::current(config_text, cfg.seed, ""),
