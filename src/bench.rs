@@ -130,9 +130,7 @@ fn bench_model(
         ops.push((
             "value_grad_s",
             median_time(reps, || {
-                model.update_state(&x, &xs, &mut st, &mut w);
-                std::hint::black_box(model.energy(&st, &x, &xs));
-                model.gradient(&st, &x, &xs, &mut gx, &mut gs, &mut w);
+                std::hint::black_box(model.value_grad(&x, &xs, &mut st, &mut gx, &mut gs, &mut w));
             }),
         ));
     } else if what == "mgvi" {

@@ -176,7 +176,6 @@ impl<'a> Kl<'a> {
 impl MetricObjective for Kl<'_> {
     fn value_grad(&self, p: &[f64], g: &mut [f64]) -> f64 {
         let mut c = self.cache.lock().expect("KL cache");
-        self.ensure_states(p, &mut c);
         let np = self.model.n_params();
         let (x, xsig) = p.split_at(np);
         let samples = self.samples(x);
@@ -185,10 +184,16 @@ impl MetricObjective for Kl<'_> {
         let mut gx = vec![0.0; np];
         let mut gs = vec![0.0; xsig.len()];
         let mut value = 0.0;
-        let KlCache { states, work, .. } = &mut *c;
-        for (st, xs) in states.iter().zip(&samples) {
-            value += self.model.energy(st, xs, xsig) / n;
-            self.model.gradient(st, xs, xsig, &mut gx, &mut gs, work);
+        let KlCache { states, work, at } = &mut *c;
+        if states.len() != samples.len() {
+            *states = samples
+                .iter()
+                .map(|xs| self.model.state(xs, xsig, work))
+                .collect();
+        }
+        // one fused pass per sample: value, gradient, and the state the metric will reuse
+        for (st, xs) in states.iter_mut().zip(&samples) {
+            value += self.model.value_grad(xs, xsig, st, &mut gx, &mut gs, work) / n;
             for i in 0..np {
                 g[i] += self.mask[i] * gx[i] / n;
             }
@@ -196,6 +201,7 @@ impl MetricObjective for Kl<'_> {
                 *o += v / n;
             }
         }
+        *at = p.to_vec();
         value
     }
 

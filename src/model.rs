@@ -106,6 +106,7 @@ pub struct ModelWork {
     star_a: Vec<f64>,
     star_v: Vec<f64>,
     pix_scalars: Vec<[f64; 2]>,
+    pix_energy: Vec<f64>,
 }
 
 impl Model {
@@ -162,6 +163,7 @@ impl Model {
             star_a: vec![0.0; n],
             star_v: vec![0.0; n],
             pix_scalars: vec![[0.0; 2]; self.npix()],
+            pix_energy: vec![0.0; self.npix()],
         }
     }
 
@@ -338,6 +340,132 @@ impl Model {
         gx.par_iter_mut().zip(x).for_each(|(g, xv)| *g += xv);
         w.star_a = ca;
         w.star_v = cv;
+    }
+
+    /// Energy and gradient in one pass over the stars (each star's window is read once):
+    /// fills `st` like [`Model::update_state`] and the gradients like [`Model::gradient`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn value_grad(
+        &self,
+        x: &[f64],
+        xsig: &[f64],
+        st: &mut State,
+        gx: &mut [f64],
+        gsig: &mut [f64],
+        w: &mut ModelWork,
+    ) -> f64 {
+        let nxi = self.icr.n_xi();
+        let (n, nc, pad) = (self.n_r(), self.n_chart, self.pad);
+        self.icr.forward(&x[..nxi], &mut w.icr);
+        let scl = self.scale.value(x[nxi]);
+        let off = self.offset.value(x[nxi + 1]);
+        if self.infer_nsigma {
+            st.nsig
+                .par_iter_mut()
+                .zip(st.dnsig.par_iter_mut())
+                .zip(xsig)
+                .for_each(|((v, d), &z)| {
+                    (*v, *d) = self.nsigma.value_deriv(z);
+                });
+        }
+        let d = &self.data;
+        let ModelWork {
+            icr,
+            field: sbar_all,
+            pix_scalars,
+            pix_energy,
+            ..
+        } = w;
+        let field = &icr.fields[self.icr.chart.levels];
+        let State {
+            s,
+            rw,
+            abar,
+            var,
+            nsig,
+            dnsig,
+            ..
+        } = st;
+        let (nsig, dnsig) = (&*nsig, &*dnsig);
+        let (ap, vp, gp) = (
+            DisjointMut::new(abar),
+            DisjointMut::new(var),
+            DisjointMut::new(gsig),
+        );
+        s.par_chunks_mut(n)
+            .zip(rw.par_chunks_mut(n))
+            .zip(sbar_all.par_chunks_mut(nc))
+            .zip(pix_scalars.par_iter_mut())
+            .zip(pix_energy.par_iter_mut())
+            .enumerate()
+            .for_each_init(
+                || (vec![0.0; n + 1], vec![0.0; n + 1], vec![0.0; n]),
+                |(cum, cum_bar, rw_bar), (p, ((((sk, col), sbar), sc), en))| {
+                    sk.copy_from_slice(&field[p * nc + pad..p * nc + pad + n]);
+                    for k in 0..n {
+                        col[k] = (scl * sk[k] + off).exp() * self.widths[k];
+                    }
+                    inner_columns(col, cum);
+                    rw_bar.fill(0.0);
+                    cum_bar.fill(0.0);
+                    let (lo, hi) = (d.offsets[p], d.offsets[p + 1]);
+                    // SAFETY: star ranges of distinct pixels are disjoint
+                    let (a, v, g) = unsafe {
+                        (
+                            ap.chunk(lo, hi - lo),
+                            vp.chunk(lo, hi - lo),
+                            gp.chunk(lo, hi - lo),
+                        )
+                    };
+                    let mut e = 0.0;
+                    for (j, i) in (lo..hi).enumerate() {
+                        let win = d.windows.of(i);
+                        let (ab, va) = star_moments(win, col, cum);
+                        let ns = nsig[i] * d.a_err[i];
+                        let vv = ns * ns + va;
+                        let r = d.a_obs[i] - ab;
+                        e += 0.5 * r * r / vv + 0.5 * vv.ln();
+                        let (ca, cv) = (-r / vv, 0.5 / vv - 0.5 * r * r / (vv * vv));
+                        star_vjp(win, col, cum, ab, ca, cv, rw_bar, cum_bar);
+                        a[j] = ab;
+                        v[j] = vv;
+                        g[j] = if self.infer_nsigma {
+                            cv * 2.0 * ns * d.a_err[i] * dnsig[i] + xsig[i]
+                        } else {
+                            0.0
+                        };
+                    }
+                    *en = e;
+                    finish_vjp(cum_bar, rw_bar);
+                    sbar.fill(0.0);
+                    let (mut g_scl, mut g_off) = (0.0, 0.0);
+                    for k in 0..n {
+                        let t = rw_bar[k] * col[k];
+                        sbar[pad + k] = scl * t;
+                        g_scl += sk[k] * t;
+                        g_off += t;
+                    }
+                    *sc = [g_scl, g_off];
+                },
+            );
+        st.scl = scl;
+        st.off = off;
+        st.dscl = self.scale.deriv(x[nxi]);
+        self.icr.adjoint(sbar_all, &mut gx[..nxi], icr);
+        let (g_scl, g_off) = pix_scalars
+            .iter()
+            .fold((0.0, 0.0), |a, s| (a.0 + s[0], a.1 + s[1]));
+        gx[nxi] = g_scl * st.dscl;
+        gx[nxi + 1] = g_off * self.offset.std;
+        gx.par_iter_mut().zip(x).for_each(|(g, xv)| *g += xv);
+        let lik: f64 = pix_energy.iter().sum();
+        let prior = 0.5 * det_sum(x.len(), |i| x[i] * x[i]);
+        let psig = if self.infer_nsigma {
+            0.5 * det_sum(xsig.len(), |i| xsig[i] * xsig[i])
+        } else {
+            0.0
+        };
+        lik + prior + psig
     }
 
     /// Tangent of (ā, v) per star for a tangent `dx` of x (ξ_σ held fixed).

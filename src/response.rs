@@ -19,6 +19,7 @@ use rayon::prelude::*;
 
 use crate::grid::Shells;
 use crate::transforms::{norm_cdf, norm_pdf};
+use crate::util::DisjointMut;
 
 /// Half-width of a star's window in units of its parallax error: tails beyond ±5.3σ (mass
 /// 6e-8 each) are lumped into the window's end bins, so each window sums to 1.
@@ -41,9 +42,6 @@ pub struct Windows {
     /// Variance of the fractional position inside the shell (0 for the two outer bins).
     pub spread: Vec<f32>,
 }
-
-/// A star's window while being built: first index, probabilities, positions, spreads.
-type OneWindow = (u32, Vec<f32>, Vec<f32>, Vec<f32>);
 
 /// One star's window: first extended index, probabilities, mean positions, position variances.
 pub type Window<'a> = (usize, &'a [f32], &'a [f32], &'a [f32]);
@@ -126,27 +124,50 @@ impl Windows {
     pub fn new(shells: &Shells, parallax_mas: &[f64], error_mas: &[f64]) -> Self {
         let edges = &shells.edges_pc;
         let n = shells.len();
-        let per_star: Vec<OneWindow> = parallax_mas
+        // two passes, so the flat arrays are allocated once at their final size
+        let ranges: Vec<(usize, usize)> = parallax_mas
             .par_iter()
             .zip(error_mas)
-            .map(|(&w, &s)| Self::one(edges, n, w, s))
+            .map(|(&w, &s)| Self::range(edges, w, s))
             .collect();
-        let mut out = Windows {
-            n,
-            ..Default::default()
-        };
-        out.offset.push(0);
-        for (st, p, f, h) in per_star {
-            out.start.push(st);
-            out.prob.extend(p);
-            out.frac.extend(f);
-            out.spread.extend(h);
-            out.offset.push(out.prob.len());
+        let mut offset = Vec::with_capacity(ranges.len() + 1);
+        offset.push(0);
+        for (lo, hi) in &ranges {
+            offset.push(offset.last().copied().unwrap_or(0) + hi - lo + 1);
         }
-        out
+        let total = *offset.last().unwrap_or(&0);
+        let (mut prob, mut frac, mut spread) =
+            (vec![0f32; total], vec![0f32; total], vec![0f32; total]);
+        let (pp, fp, hp) = (
+            DisjointMut::new(&mut prob),
+            DisjointMut::new(&mut frac),
+            DisjointMut::new(&mut spread),
+        );
+        (0..ranges.len()).into_par_iter().for_each(|i| {
+            let len = offset[i + 1] - offset[i];
+            // SAFETY: the star ranges `offset[i]..offset[i+1]` are disjoint
+            let (p, f, h) = unsafe {
+                (
+                    pp.chunk(offset[i], len),
+                    fp.chunk(offset[i], len),
+                    hp.chunk(offset[i], len),
+                )
+            };
+            Self::fill(edges, n, parallax_mas[i], error_mas[i], ranges[i], p, f, h);
+        });
+        let start = ranges.iter().map(|r| r.0 as u32).collect();
+        Windows {
+            n,
+            start,
+            offset,
+            prob,
+            frac,
+            spread,
+        }
     }
 
-    fn one(edges: &[f64], n: usize, w: f64, s: f64) -> OneWindow {
+    /// First and last extended bin of a star's ±Z_WINDOW σ window.
+    fn range(edges: &[f64], w: f64, s: f64) -> (usize, usize) {
         let t_hi = w + Z_WINDOW * s;
         let t_lo = w - Z_WINDOW * s;
         let d_near = if t_hi > 0.0 {
@@ -159,14 +180,23 @@ impl Windows {
         } else {
             f64::INFINITY
         };
-        let e_lo = extended_bin(edges, d_near);
-        let e_hi = extended_bin(edges, d_far);
+        (extended_bin(edges, d_near), extended_bin(edges, d_far))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn fill(
+        edges: &[f64],
+        n: usize,
+        w: f64,
+        s: f64,
+        (e_lo, e_hi): (usize, usize),
+        prob: &mut [f32],
+        frac: &mut [f32],
+        spread: &mut [f32],
+    ) {
         let lower = |e: usize| if e == 0 { 0.0 } else { edges[e - 1] };
         let upper = |e: usize| if e > n { f64::INFINITY } else { edges[e] };
-        let mut prob = Vec::with_capacity(e_hi - e_lo + 1);
-        let mut frac = Vec::with_capacity(e_hi - e_lo + 1);
-        let mut spread = Vec::with_capacity(e_hi - e_lo + 1);
-        for e in e_lo..=e_hi {
+        for (j, e) in (e_lo..=e_hi).enumerate() {
             // the window's end bins absorb the tails: all mass nearer / farther
             let (sf_lo, cdf_lo) = if e == e_lo {
                 (1.0, 0.0)
@@ -184,16 +214,15 @@ impl Windows {
             } else {
                 cdf_hi - cdf_lo
             };
-            prob.push(p.max(0.0) as f32);
+            prob[j] = p.max(0.0) as f32;
             let (f, h) = if e == 0 || e > n {
                 (0.0, 0.0)
             } else {
                 position_moments(lower(e), upper(e), w, s)
             };
-            frac.push(f);
-            spread.push(h);
+            frac[j] = f;
+            spread[j] = h;
         }
-        (e_lo as u32, prob, frac, spread)
     }
 
     /// Number of stars.

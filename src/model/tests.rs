@@ -340,3 +340,26 @@ fn response_stage_derivatives() {
         );
     }
 }
+
+#[test]
+fn fused_value_grad_equals_separate_passes() {
+    let (m, x_true, _) = setup(400, true, "volume");
+    let mut w = m.workspace();
+    let n = m.data.len();
+    let x = axpy(&x_true, 0.3, &gauss(m.n_params(), 61, 1.0));
+    let xs = gauss(n, 62, 1.0);
+    let st = m.state(&x, &xs, &mut w);
+    let e = m.energy(&st, &x, &xs);
+    let (mut gx, mut gs) = (vec![0.0; m.n_params()], vec![0.0; n]);
+    m.gradient(&st, &x, &xs, &mut gx, &mut gs, &mut w);
+    let mut st2 = m.state(&vec![0.0; m.n_params()], &vec![0.0; n], &mut w);
+    let (mut gx2, mut gs2) = (vec![0.0; m.n_params()], vec![0.0; n]);
+    let e2 = m.value_grad(&x, &xs, &mut st2, &mut gx2, &mut gs2, &mut w);
+    assert!((e - e2).abs() <= 1e-12 * e.abs());
+    let rel = |a: &[f64], b: &[f64]| {
+        let num: f64 = a.iter().zip(b).map(|(p, q)| (p - q).powi(2)).sum();
+        (num / b.iter().map(|q| q * q).sum::<f64>()).sqrt()
+    };
+    assert!(rel(&gx2, &gx) < 1e-12 && rel(&gs2, &gs) < 1e-12);
+    assert_eq!(st2.abar, st.abar);
+}
