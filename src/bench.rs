@@ -115,12 +115,17 @@ fn bench_model(
     let t0 = Instant::now();
     let sim = crate::simulate::run(&cfg, "")?;
     let t_sim = t0.elapsed().as_secs_f64();
+    // keep only what a fit would hold: the truth map and the raw catalog go
+    let mut catalog = sim.catalog;
+    drop(sim.truth);
+    catalog.extra.clear();
     let t0 = Instant::now();
     let icr = Icr::new(&p.chart, &p.kernel, precision)?;
     let mut x = crate::simulate::prior_excitations(cfg.seed, icr.n_xi());
     x.extend([0.0, 0.0]);
-    let pc = sim.catalog.into_pixel_layout(p.chart.nside_final());
+    let pc = catalog.into_pixel_layout(p.chart.nside_final());
     let model = Model::new(&cfg, std::sync::Arc::new(icr), &pc)?;
+    drop(pc);
     ops.push(("setup_s", t0.elapsed().as_secs_f64()));
     let xs = vec![0.0; model.data.len()];
     let mut w = model.workspace();

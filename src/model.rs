@@ -102,7 +102,6 @@ pub struct State {
 pub struct ModelWork {
     icr: IcrWork,
     field: Vec<f64>,
-    rho_t: Vec<f64>,
     star_a: Vec<f64>,
     star_v: Vec<f64>,
     pix_scalars: Vec<[f64; 2]>,
@@ -159,7 +158,6 @@ impl Model {
         ModelWork {
             icr: self.icr.workspace(),
             field: vec![0.0; self.icr.n_field()],
-            rho_t: vec![0.0; self.npix() * self.n_r()],
             star_a: vec![0.0; n],
             star_v: vec![0.0; n],
             pix_scalars: vec![[0.0; 2]; self.npix()],
@@ -477,29 +475,33 @@ impl Model {
         let doff = self.offset.std * dx[nxi + 1];
         let d = &self.data;
         let (ap, vp) = (DisjointMut::new(da), DisjointMut::new(dv));
-        w.rho_t.par_chunks_mut(n).enumerate().for_each_init(
-            || (vec![0.0; n + 1], vec![0.0; n + 1]),
-            |(cum, dcum), (p, drw)| {
-                let col = &st.rw[p * n..(p + 1) * n];
-                for k in 0..n {
-                    let j = p * nc + pad + k;
-                    drw[k] = col[k] * (st.scl * ds[j] + st.s[p * n + k] * dscl + doff);
-                }
-                let (lo, hi) = (d.offsets[p], d.offsets[p + 1]);
-                if lo == hi {
-                    return;
-                }
-                inner_columns(col, cum);
-                inner_columns(drw, dcum);
-                // SAFETY: star ranges of distinct pixels are disjoint
-                let (a, v) = unsafe { (ap.chunk(lo, hi - lo), vp.chunk(lo, hi - lo)) };
-                for (j, i) in (lo..hi).enumerate() {
-                    let (x, y) = star_jvp(d.windows.of(i), col, drw, cum, dcum, st.abar[i]);
-                    a[j] = x;
-                    v[j] = y;
-                }
-            },
-        );
+        // the tangent of rw borrows the cotangent field's buffer (jvp and vjp never overlap)
+        w.field[..self.npix() * n]
+            .par_chunks_mut(n)
+            .enumerate()
+            .for_each_init(
+                || (vec![0.0; n + 1], vec![0.0; n + 1]),
+                |(cum, dcum), (p, drw)| {
+                    let col = &st.rw[p * n..(p + 1) * n];
+                    for k in 0..n {
+                        let j = p * nc + pad + k;
+                        drw[k] = col[k] * (st.scl * ds[j] + st.s[p * n + k] * dscl + doff);
+                    }
+                    let (lo, hi) = (d.offsets[p], d.offsets[p + 1]);
+                    if lo == hi {
+                        return;
+                    }
+                    inner_columns(col, cum);
+                    inner_columns(drw, dcum);
+                    // SAFETY: star ranges of distinct pixels are disjoint
+                    let (a, v) = unsafe { (ap.chunk(lo, hi - lo), vp.chunk(lo, hi - lo)) };
+                    for (j, i) in (lo..hi).enumerate() {
+                        let (x, y) = star_jvp(d.windows.of(i), col, drw, cum, dcum, st.abar[i]);
+                        a[j] = x;
+                        v[j] = y;
+                    }
+                },
+            );
     }
 
     /// Metric-vector product `out = v + Jᵀ F J v`.
