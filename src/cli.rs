@@ -66,6 +66,27 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Draw a figure of a map (PNG). Kinds so far: sky (Mollweide of integrated extinction).
+    Plot {
+        /// Map file.
+        #[arg(long)]
+        map: PathBuf,
+        /// Kind of figure: sky.
+        #[arg(long, default_value = "sky")]
+        kind: String,
+        /// Integrate out to this distance, pc (default: the map's outer edge).
+        #[arg(long)]
+        max_distance: Option<f64>,
+        /// Factor from catalog units to the plotted unit (A_V ≈ 2.8 E for ZGR23).
+        #[arg(long, default_value_t = 2.8)]
+        factor: f64,
+        /// Name of the plotted unit.
+        #[arg(long, default_value = "A_V [mag]")]
+        unit: String,
+        /// Output PNG.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Summarise a map or catalog file (catalogs are validated and selected as in a fit).
     Info {
         /// Map (.nc) or catalog file.
@@ -177,6 +198,23 @@ pub fn run() -> Result<()> {
                 100.0 * r.coverage_1sigma,
                 r.n_voxels
             );
+        }
+        Command::Plot {
+            map,
+            kind,
+            max_distance,
+            factor,
+            unit,
+            out,
+        } => {
+            if kind != "sky" {
+                anyhow::bail!("--kind {kind:?} is not available yet (available: sky)");
+            }
+            let m = crate::mapfile::DustMap::read(&map)?;
+            let d = max_distance.unwrap_or(*m.shells.edges_pc.last().expect("shells"));
+            let title = format!("{} map: integrated extinction to {d:.0} pc", m.kind);
+            crate::plot::sky(&m, d, factor, &unit, &title, &out)?;
+            tracing::info!(out = %out.display(), "figure written");
         }
         Command::Info { file, config } => {
             let (cfg, _) = load_config(config.as_deref())?;

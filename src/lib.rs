@@ -24,6 +24,7 @@ pub mod mapfile;
 pub mod mgvi;
 pub mod model;
 pub mod newton;
+pub mod plot;
 pub mod provenance;
 pub mod recovery;
 pub mod response;
