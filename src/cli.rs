@@ -148,7 +148,9 @@ fn set_threads(n: Option<usize>) -> Result<()> {
 /// Parse the command line and run the chosen command.
 pub fn run() -> Result<()> {
     let cli = Cli::parse();
-    set_threads(cli.threads)?;
+    if cli.threads.is_some() || std::env::var("DUST3D_THREADS").is_ok() {
+        set_threads(cli.threads)?;
+    }
     match cli.command {
         Command::Simulate {
             config,

@@ -306,7 +306,7 @@ impl Default for OutputConfig {
 pub struct BackendConfig {
     /// "cpu" or "opencl".
     pub kind: String,
-    /// Worker threads (0 = all cores).
+    /// Worker threads for `fit` (0 = all cores); `--threads` and DUST3D_THREADS override it.
     pub threads: usize,
 }
 

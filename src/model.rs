@@ -182,16 +182,16 @@ impl Model {
         st
     }
 
-    /// Re-evaluate the model at (x, ξ_σ) into an existing state (no allocation).
-    pub fn update_state(&self, x: &[f64], xsig: &[f64], st: &mut State, w: &mut ModelWork) {
+    /// ICR forward of x, the global scale and offset, and n_σ of every star into `st`.
+    fn forward_globals(
+        &self,
+        x: &[f64],
+        xsig: &[f64],
+        st: &mut State,
+        icr: &mut IcrWork,
+    ) -> (f64, f64) {
         let nxi = self.icr.n_xi();
-        assert_eq!(x.len(), nxi + 2, "parameter vector length");
-        assert_eq!(xsig.len(), self.data.len(), "one ξ_σ per star");
-        self.icr.forward(&x[..nxi], &mut w.icr);
-        let field = &w.icr.fields[self.icr.chart.levels];
-        let scl = self.scale.value(x[nxi]);
-        let off = self.offset.value(x[nxi + 1]);
-        let (n, nc, pad) = (self.n_r(), self.n_chart, self.pad);
+        self.icr.forward(&x[..nxi], icr);
         if self.infer_nsigma {
             st.nsig
                 .par_iter_mut()
@@ -201,6 +201,37 @@ impl Model {
                     (*v, *d) = self.nsigma.value_deriv(z);
                 });
         }
+        st.scl = self.scale.value(x[nxi]);
+        st.off = self.offset.value(x[nxi + 1]);
+        st.dscl = self.scale.deriv(x[nxi]);
+        (st.scl, st.off)
+    }
+
+    /// Pixel `p`'s kept log-density `sk` and extinction per shell `col = Δr exp(scl s + off)`.
+    fn fill_column(
+        &self,
+        field: &[f64],
+        p: usize,
+        scl: f64,
+        off: f64,
+        sk: &mut [f64],
+        col: &mut [f64],
+    ) {
+        let (n, nc, pad) = (self.n_r(), self.n_chart, self.pad);
+        sk.copy_from_slice(&field[p * nc + pad..p * nc + pad + n]);
+        for k in 0..n {
+            col[k] = (scl * sk[k] + off).exp() * self.widths[k];
+        }
+    }
+
+    /// Re-evaluate the model at (x, ξ_σ) into an existing state (no allocation).
+    pub fn update_state(&self, x: &[f64], xsig: &[f64], st: &mut State, w: &mut ModelWork) {
+        let nxi = self.icr.n_xi();
+        assert_eq!(x.len(), nxi + 2, "parameter vector length");
+        assert_eq!(xsig.len(), self.data.len(), "one ξ_σ per star");
+        let (scl, off) = self.forward_globals(x, xsig, st, &mut w.icr);
+        let field = &w.icr.fields[self.icr.chart.levels];
+        let n = self.n_r();
         let State {
             s,
             rw,
@@ -219,10 +250,7 @@ impl Model {
             .for_each_init(
                 || vec![0.0; n + 1],
                 |cum, (p, (sk, col))| {
-                    sk.copy_from_slice(&field[p * nc + pad..p * nc + pad + n]);
-                    for k in 0..n {
-                        col[k] = (scl * sk[k] + off).exp() * self.widths[k];
-                    }
+                    self.fill_column(field, p, scl, off, sk, col);
                     let (lo, hi) = (d.offsets[p], d.offsets[p + 1]);
                     if lo == hi {
                         return;
@@ -238,9 +266,6 @@ impl Model {
                     }
                 },
             );
-        st.scl = scl;
-        st.off = off;
-        st.dscl = self.scale.deriv(x[nxi]);
     }
 
     /// −ln P(x, ξ_σ | data) up to a constant: Σ_i [(A−ā)²/(2v) + ½ ln v] + ½|x|² + ½|ξ_σ|².
@@ -354,18 +379,7 @@ impl Model {
     ) -> f64 {
         let nxi = self.icr.n_xi();
         let (n, nc, pad) = (self.n_r(), self.n_chart, self.pad);
-        self.icr.forward(&x[..nxi], &mut w.icr);
-        let scl = self.scale.value(x[nxi]);
-        let off = self.offset.value(x[nxi + 1]);
-        if self.infer_nsigma {
-            st.nsig
-                .par_iter_mut()
-                .zip(st.dnsig.par_iter_mut())
-                .zip(xsig)
-                .for_each(|((v, d), &z)| {
-                    (*v, *d) = self.nsigma.value_deriv(z);
-                });
-        }
+        let (scl, off) = self.forward_globals(x, xsig, st, &mut w.icr);
         let d = &self.data;
         let ModelWork {
             icr,
@@ -399,10 +413,7 @@ impl Model {
             .for_each_init(
                 || (vec![0.0; n + 1], vec![0.0; n + 1], vec![0.0; n]),
                 |(cum, cum_bar, rw_bar), (p, ((((sk, col), sbar), sc), en))| {
-                    sk.copy_from_slice(&field[p * nc + pad..p * nc + pad + n]);
-                    for k in 0..n {
-                        col[k] = (scl * sk[k] + off).exp() * self.widths[k];
-                    }
+                    self.fill_column(field, p, scl, off, sk, col);
                     inner_columns(col, cum);
                     rw_bar.fill(0.0);
                     cum_bar.fill(0.0);
@@ -446,9 +457,6 @@ impl Model {
                     *sc = [g_scl, g_off];
                 },
             );
-        st.scl = scl;
-        st.off = off;
-        st.dscl = self.scale.deriv(x[nxi]);
         self.icr.adjoint(sbar_all, &mut gx[..nxi], icr);
         let (g_scl, g_off) = pix_scalars
             .iter()
