@@ -75,3 +75,15 @@ fn map_file_round_trips() {
     assert_eq!(back.provenance.version, env!("CARGO_PKG_VERSION"));
     assert!(dust3d::mapfile::is_map_file(&path));
 }
+
+#[test]
+fn plain_hdf5_tables_from_h5py_are_read() {
+    // tests/fixtures/h5py_catalog.h5: 20 rows written by h5py (no netCDF metadata)
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/h5py_catalog.h5");
+    let cat = Catalog::read(&path, &CatalogConfig::default()).unwrap();
+    assert_eq!(cat.len(), 20);
+    assert_eq!(cat.source_id[0], 100);
+    assert_eq!((cat.l_deg[0], cat.extinction[1]), (184.256, 0.007));
+    assert!(cat.parallax_error_mas.iter().all(|&e| e == 0.1));
+    assert!(cat.l_deg.iter().all(|&l| (0.0..360.0).contains(&l)));
+}
