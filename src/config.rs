@@ -257,6 +257,8 @@ pub struct StageConfig {
     pub newton_steps: usize,
     /// Cap of CG iterations inside one Newton step.
     pub newton_cg_iterations: usize,
+    /// Relative residual at which a Newton step's inner CG stops.
+    pub newton_forcing: f64,
 }
 
 impl Default for StageConfig {
@@ -271,6 +273,7 @@ impl Default for StageConfig {
             sample_cg_tolerance: 1e-3,
             newton_steps: 5,
             newton_cg_iterations: 50,
+            newton_forcing: 0.1,
         }
     }
 }
@@ -508,6 +511,12 @@ impl Config {
                 bail!(
                     "{key}.star_fraction must be in (0, 1], got {}",
                     s.star_fraction
+                );
+            }
+            if !(s.newton_forcing > 0.0 && s.newton_forcing < 1.0) {
+                bail!(
+                    "{key}.newton_forcing must be in (0, 1), got {}",
+                    s.newton_forcing
                 );
             }
             if s.sample_pairs == 0 || s.iterations == 0 {

@@ -299,6 +299,7 @@ pub fn global_iteration(
     let mut p0 = x.to_vec();
     p0.extend_from_slice(xsig);
     let settings = NewtonSettings {
+        forcing: stage_cfg.newton_forcing,
         cg_max_iter: stage_cfg.newton_cg_iterations,
         rel_tol: 1e-10,
         ..Default::default()

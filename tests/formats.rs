@@ -79,7 +79,8 @@ fn map_file_round_trips() {
 #[test]
 fn plain_hdf5_tables_from_h5py_are_read() {
     // tests/fixtures/h5py_catalog.h5: 20 rows written by h5py (no netCDF metadata)
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/h5py_catalog.h5");
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/h5py_catalog.h5");
     let cat = Catalog::read(&path, &CatalogConfig::default()).unwrap();
     assert_eq!(cat.len(), 20);
     assert_eq!(cat.source_id[0], 100);
