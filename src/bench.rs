@@ -132,6 +132,23 @@ fn bench_model(
     let (mut gx, mut gs) = (vec![0.0; model.n_params()], vec![0.0; model.data.len()]);
     if what == "likelihood" {
         let mut st = model.state(&x, &xs, &mut w);
+        // cross-checks against the reference's sanity numbers (χ²/star at the truth and at 0)
+        let chi2 = |st: &crate::model::State| {
+            let d = &model.data;
+            (0..d.len())
+                .map(|i| (d.a_obs[i] - st.abar[i]).powi(2) / st.var[i])
+                .sum::<f64>()
+                / d.len() as f64
+        };
+        extra.insert("chi2_per_star_at_truth".into(), json!(chi2(&st)));
+        extra.insert(
+            "neg_log_joint_at_truth".into(),
+            json!(model.energy(&st, &x, &xs)),
+        );
+        let zero = vec![0.0; model.n_params()];
+        let st0 = model.state(&zero, &xs, &mut w);
+        extra.insert("chi2_per_star_at_zero".into(), json!(chi2(&st0)));
+        drop(st0);
         ops.push((
             "value_grad_s",
             median_time(reps, || {
