@@ -106,11 +106,11 @@ pub fn preset_config(p: &Preset) -> Config {
 fn bench_model(
     p: &Preset,
     what: &str,
-    reps: usize,
-    precision: Precision,
+    opts: BenchOptions,
     ops: &mut Vec<(&str, f64)>,
     extra: &mut Map<String, Value>,
 ) -> Result<()> {
+    let (reps, precision) = (opts.reps, opts.precision);
     let cfg = preset_config(p);
     let t0 = Instant::now();
     let sim = crate::simulate::run(&cfg, "")?;
@@ -157,13 +157,16 @@ fn bench_model(
         ));
     } else if what == "mgvi" {
         // one global iteration as in the reference: 2 antithetic pairs, exactly 20 sampling-CG
-        // iterations, 3 Newton steps of at most 10 CG iterations, from ξ = 0
+        // iterations, 3 Newton steps of ≤ 10 CG iterations, from ξ = 0
         let stage = crate::config::StageConfig {
             sample_pairs: 2,
             sample_cg_iterations: 20,
             sample_cg_tolerance: 0.0,
             newton_steps: 3,
             newton_cg_iterations: 10,
+            // 0.1 by default; a tiny forcing runs exactly 10 inner CG iterations per Newton
+            // step, the reference's work
+            newton_forcing: opts.newton_forcing,
             ..Default::default()
         };
         let mask = vec![1.0; model.n_params()];
@@ -202,14 +205,20 @@ fn bench_model(
     Ok(())
 }
 
+/// Options of [`run`].
+#[derive(Clone, Copy, Debug)]
+pub struct BenchOptions {
+    /// Timed repetitions after warm-up.
+    pub reps: usize,
+    /// Storage precision of the refinement matrices.
+    pub precision: Precision,
+    /// Inner-CG forcing of the Newton steps of `bench mgvi`.
+    pub newton_forcing: f64,
+}
+
 /// Run benchmark `what` on preset `preset_name`.
-pub fn run(
-    what: &str,
-    preset_name: &str,
-    reps: usize,
-    backend: &str,
-    precision: Precision,
-) -> Result<BenchOut> {
+pub fn run(what: &str, preset_name: &str, backend: &str, opts: BenchOptions) -> Result<BenchOut> {
+    let (reps, precision) = (opts.reps, opts.precision);
     if backend != "cpu" {
         bail!("backend {backend:?} is not available in this build (only \"cpu\")");
     }
@@ -239,9 +248,7 @@ pub fn run(
             extra.insert("matrix_classes".into(), json!(icr.class_counts()));
             extra.insert("n_xi".into(), json!(icr.n_xi()));
         }
-        "likelihood" | "metric" | "mgvi" => {
-            bench_model(&p, what, reps, precision, &mut ops, &mut extra)?
-        }
+        "likelihood" | "metric" | "mgvi" => bench_model(&p, what, opts, &mut ops, &mut extra)?,
         other => bail!("unknown benchmark {other:?} (available: icr, likelihood, metric, mgvi)"),
     }
     let mut obj = Map::new();

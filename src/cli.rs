@@ -120,6 +120,10 @@ enum Command {
         /// Storage precision of the refinement matrices: f64 or f32.
         #[arg(long, default_value = "f64")]
         precision: String,
+        /// mgvi: relative residual at which each Newton step's CG stops (1e-12 runs the
+        /// full 10 iterations, the reference's work).
+        #[arg(long, default_value_t = 0.1)]
+        newton_forcing: f64,
     },
 }
 
@@ -236,13 +240,19 @@ pub fn run() -> Result<()> {
             reps,
             backend,
             precision,
+            newton_forcing,
         } => {
             let precision = match precision.as_str() {
                 "f64" => crate::config::Precision::F64,
                 "f32" => crate::config::Precision::F32,
                 other => anyhow::bail!("--precision must be f64 or f32, got {other:?}"),
             };
-            let out = crate::bench::run(&what, &preset, reps, &backend, precision)?;
+            let opts = crate::bench::BenchOptions {
+                reps,
+                precision,
+                newton_forcing,
+            };
+            let out = crate::bench::run(&what, &preset, &backend, opts)?;
             if json {
                 println!("{}", serde_json::to_string(&out.json)?);
             } else {
