@@ -208,41 +208,8 @@ impl MetricObjective for Kl<'_> {
     fn metric(&self, p: &[f64], v: &[f64], out: &mut [f64]) {
         let mut c = self.cache.lock().expect("KL cache");
         self.ensure_states(p, &mut c);
-        let np = self.model.n_params();
-        let ns = p.len() - np;
-        let (vx, vs) = v.split_at(np);
-        let vxm: Vec<f64> = vx.iter().zip(self.mask).map(|(a, m)| a * m).collect();
-        out.iter_mut().for_each(|o| *o = 0.0);
         let KlCache { states, work, .. } = &mut *c;
-        let n = states.len() as f64;
-        let (mut da, mut dv) = (vec![0.0; ns], vec![0.0; ns]);
-        let mut ox = vec![0.0; np];
-        for st in states.iter() {
-            self.model.jvp(st, &vxm, &mut da, &mut dv, work);
-            let d = &self.model.data;
-            // v also depends on ξ_σ: ∂v/∂ξ_σ = 2 n_σ σ_A² dn_σ/dξ_σ (diagonal per star)
-            let dvds: Vec<f64> = (0..ns)
-                .map(|i| 2.0 * st.nsig[i] * d.a_err[i] * d.a_err[i] * st.dnsig[i])
-                .collect();
-            for i in 0..ns {
-                dv[i] += dvds[i] * vs[i];
-                da[i] /= st.var[i];
-                dv[i] /= 2.0 * st.var[i] * st.var[i];
-            }
-            self.model.vjp(st, &da, &dv, &mut ox, work);
-            for i in 0..np {
-                out[i] += self.mask[i] * ox[i] / n;
-            }
-            for i in 0..ns {
-                out[np + i] += dvds[i] * dv[i] / n;
-            }
-        }
-        for i in 0..np {
-            out[i] += vx[i];
-        }
-        for i in 0..ns {
-            out[np + i] += vs[i];
-        }
+        self.model.averaged_metric(states, self.mask, v, out, work);
     }
 }
 

@@ -106,6 +106,7 @@ pub struct ModelWork {
     star_v: Vec<f64>,
     pix_scalars: Vec<[f64; 2]>,
     pix_energy: Vec<f64>,
+    acc: Vec<f64>,
 }
 
 impl Model {
@@ -162,6 +163,7 @@ impl Model {
             star_v: vec![0.0; n],
             pix_scalars: vec![[0.0; 2]; self.npix()],
             pix_energy: vec![0.0; self.npix()],
+            acc: Vec::new(),
         }
     }
 
@@ -287,15 +289,32 @@ impl Model {
     /// Pull star cotangents (`ca` on ā, `cv` on σ_a² — the data part of v) back to x:
     /// writes `g = Jᵀ c` (no prior term).
     pub fn vjp(&self, st: &State, ca: &[f64], cv: &[f64], g: &mut [f64], w: &mut ModelWork) {
-        let (n, nc, pad, nxi) = (self.n_r(), self.n_chart, self.pad, self.icr.n_xi());
+        let nxi = self.icr.n_xi();
+        let [g_scl, g_off] =
+            self.vjp_to_field(st, ca, cv, 1.0, false, &mut w.field, &mut w.pix_scalars);
+        self.icr.adjoint(&w.field, &mut g[..nxi], &mut w.icr);
+        g[nxi] = g_scl * st.dscl;
+        g[nxi + 1] = g_off * self.offset.std;
+    }
+
+    /// The part of [`Model::vjp`] before the ICR adjoint: the cotangent of the final chart
+    /// field, times `weight`, written to (or with `accumulate` added to) `sbar`; returns the
+    /// cotangents of the scale and offset values (before their latent transforms), times
+    /// `weight`.
+    #[allow(clippy::too_many_arguments)]
+    fn vjp_to_field(
+        &self,
+        st: &State,
+        ca: &[f64],
+        cv: &[f64],
+        weight: f64,
+        accumulate: bool,
+        sbar_all: &mut [f64],
+        pix_scalars: &mut [[f64; 2]],
+    ) -> [f64; 2] {
+        let (n, nc, pad) = (self.n_r(), self.n_chart, self.pad);
         let d = &self.data;
-        let ModelWork {
-            field,
-            pix_scalars,
-            icr,
-            ..
-        } = w;
-        field
+        sbar_all
             .par_chunks_mut(nc)
             .zip(pix_scalars.par_iter_mut())
             .enumerate()
@@ -307,28 +326,99 @@ impl Model {
                     cum_bar.fill(0.0);
                     inner_columns(col, cum);
                     for i in d.offsets[p]..d.offsets[p + 1] {
-                        let win = d.windows.of(i);
-                        star_vjp(win, col, cum, st.abar[i], ca[i], cv[i], rw_bar, cum_bar);
+                        star_vjp(
+                            d.windows.of(i),
+                            col,
+                            cum,
+                            st.abar[i],
+                            ca[i],
+                            cv[i],
+                            rw_bar,
+                            cum_bar,
+                        );
                     }
                     finish_vjp(cum_bar, rw_bar);
                     // rw = Δr exp(scl s + off): ∂rw/∂s = scl rw, ∂rw/∂scl = s rw, ∂rw/∂off = rw
-                    sbar.fill(0.0);
+                    if !accumulate {
+                        sbar.fill(0.0);
+                    }
                     let (mut g_scl, mut g_off) = (0.0, 0.0);
                     for k in 0..n {
-                        let t = rw_bar[k] * col[k];
-                        sbar[pad + k] = st.scl * t;
+                        let t = weight * rw_bar[k] * col[k];
+                        sbar[pad + k] += st.scl * t;
                         g_scl += st.s[p * n + k] * t;
                         g_off += t;
                     }
                     *sc = [g_scl, g_off];
                 },
             );
-        self.icr.adjoint(field, &mut g[..nxi], icr);
         let (g_scl, g_off) = pix_scalars
             .iter()
             .fold((0.0, 0.0), |a, s| (a.0 + s[0], a.1 + s[1]));
-        g[nxi] = g_scl * st.dscl;
-        g[nxi + 1] = g_off * self.offset.std;
+        [g_scl, g_off]
+    }
+
+    /// Sample-averaged metric of the KL over p = [x | ξ_σ]: `out = v + (1/N) Σ_k J_kᵀ F_k J_k v`
+    /// with J_k the Jacobian at sample state k into (ā, v) including ∂v/∂ξ_σ, and `mask`
+    /// restricting x. ICR is linear and the same for every sample, so one forward and one
+    /// adjoint serve all N samples.
+    pub fn averaged_metric(
+        &self,
+        states: &[State],
+        mask: &[f64],
+        v: &[f64],
+        out: &mut [f64],
+        w: &mut ModelWork,
+    ) {
+        let (nxi, np, ns) = (self.icr.n_xi(), self.n_params(), self.data.len());
+        let (vx, vs) = v.split_at(np);
+        let vxm: Vec<f64> = vx.iter().zip(mask).map(|(a, m)| a * m).collect();
+        self.icr.forward(&vxm[..nxi], &mut w.icr);
+        let ds = std::mem::take(&mut w.icr.fields[self.icr.chart.levels]);
+        let mut acc = std::mem::take(&mut w.acc);
+        acc.resize(ds.len(), 0.0);
+        acc.fill(0.0);
+        let n = states.len() as f64;
+        let (mut da, mut dv) = (std::mem::take(&mut w.star_a), std::mem::take(&mut w.star_v));
+        let (mut g_scl, mut g_off) = (0.0, 0.0);
+        out.iter_mut().for_each(|o| *o = 0.0);
+        let d = &self.data;
+        for st in states {
+            self.jvp_from_field(
+                st,
+                &ds,
+                vxm[nxi],
+                vxm[nxi + 1],
+                &mut da,
+                &mut dv,
+                &mut w.field,
+            );
+            for i in 0..ns {
+                // v also depends on ξ_σ: ∂v/∂ξ_σ = 2 n_σ σ_A² dn_σ/dξ_σ (diagonal per star)
+                let dvds = 2.0 * st.nsig[i] * d.a_err[i] * d.a_err[i] * st.dnsig[i];
+                dv[i] += dvds * vs[i];
+                da[i] /= st.var[i];
+                dv[i] /= 2.0 * st.var[i] * st.var[i];
+                out[np + i] += dvds * dv[i] / n;
+            }
+            let [a, b] =
+                self.vjp_to_field(st, &da, &dv, 1.0 / n, true, &mut acc, &mut w.pix_scalars);
+            g_scl += a * st.dscl;
+            g_off += b * self.offset.std;
+        }
+        w.icr.fields[self.icr.chart.levels] = ds;
+        self.icr.adjoint(&acc, &mut out[..nxi], &mut w.icr);
+        out[nxi] = g_scl;
+        out[nxi + 1] = g_off;
+        for i in 0..np {
+            out[i] = mask[i] * out[i] + vx[i];
+        }
+        for i in 0..ns {
+            out[np + i] += vs[i];
+        }
+        w.acc = acc;
+        w.star_a = da;
+        w.star_v = dv;
     }
 
     /// Gradient of [`Model::energy`] with respect to x and ξ_σ.
@@ -476,15 +566,31 @@ impl Model {
 
     /// Tangent of (ā, v) per star for a tangent `dx` of x (ξ_σ held fixed).
     pub fn jvp(&self, st: &State, dx: &[f64], da: &mut [f64], dv: &mut [f64], w: &mut ModelWork) {
-        let (n, nc, pad, nxi) = (self.n_r(), self.n_chart, self.pad, self.icr.n_xi());
+        let nxi = self.icr.n_xi();
         self.icr.forward(&dx[..nxi], &mut w.icr);
         let ds = &w.icr.fields[self.icr.chart.levels];
-        let dscl = st.dscl * dx[nxi];
-        let doff = self.offset.std * dx[nxi + 1];
+        self.jvp_from_field(st, ds, dx[nxi], dx[nxi + 1], da, dv, &mut w.field);
+    }
+
+    /// The part of [`Model::jvp`] after the ICR forward: `ds = S dξ_e` (final chart field) and
+    /// the latent tangents of scale and offset; `buf` holds the tangent of rw.
+    #[allow(clippy::too_many_arguments)]
+    fn jvp_from_field(
+        &self,
+        st: &State,
+        ds: &[f64],
+        dxi_scl: f64,
+        dxi_off: f64,
+        da: &mut [f64],
+        dv: &mut [f64],
+        buf: &mut [f64],
+    ) {
+        let (n, nc, pad) = (self.n_r(), self.n_chart, self.pad);
+        let dscl = st.dscl * dxi_scl;
+        let doff = self.offset.std * dxi_off;
         let d = &self.data;
         let (ap, vp) = (DisjointMut::new(da), DisjointMut::new(dv));
-        // the tangent of rw borrows the cotangent field's buffer (jvp and vjp never overlap)
-        w.field[..self.npix() * n]
+        buf[..self.npix() * n]
             .par_chunks_mut(n)
             .enumerate()
             .for_each_init(

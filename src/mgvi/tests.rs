@@ -198,3 +198,88 @@ fn linear_gaussian_samples_match_exact_posterior() {
         }
     }
 }
+
+#[test]
+fn averaged_metric_matches_per_sample_products_and_is_symmetric() {
+    use crate::config::{Config, Precision};
+    let mut cfg = Config {
+        seed: 8,
+        ..Default::default()
+    };
+    cfg.grid.nside0 = 1;
+    cfg.grid.n_r0 = 6;
+    cfg.grid.levels = 2;
+    cfg.grid.padding = 1;
+    cfg.grid.r_min_pc = 50.0;
+    cfg.grid.r_max_pc = 800.0;
+    cfg.simulate.n_stars = 300;
+    let sim = crate::simulate::run(&cfg, "").unwrap();
+    let chart = cfg.chart().unwrap();
+    let icr = crate::icr::Icr::new(
+        &chart,
+        crate::kernel::from_config(&cfg.kernel).unwrap().as_ref(),
+        Precision::F64,
+    )
+    .unwrap();
+    let model = Model::new(
+        &cfg,
+        std::sync::Arc::new(icr),
+        &sim.catalog.into_pixel_layout(chart.nside_final()),
+    )
+    .unwrap();
+    let (np, ns) = (model.n_params(), model.data.len());
+    let mut rng = crate::rng::stream(1, 1);
+    let mut g = |n: usize, s: f64| -> Vec<f64> {
+        (0..n)
+            .map(|_| s * rng.sample::<f64, _>(StandardNormal))
+            .collect()
+    };
+    let residuals = vec![g(np, 0.3), g(np, 0.3)];
+    let mut mask = vec![1.0; np];
+    mask[5] = 0.0;
+    let p: Vec<f64> = g(np, 0.5).into_iter().chain(g(ns, 1.0)).collect();
+    let kl = Kl::new(&model, &residuals, &mask);
+    let (v, u) = (g(np + ns, 1.0), g(np + ns, 1.0));
+    let (mut mv, mut mu) = (vec![0.0; np + ns], vec![0.0; np + ns]);
+    kl.metric(&p, &v, &mut mv);
+    kl.metric(&p, &u, &mut mu);
+    // reference: the four sample states, one full JᵀFJ product each
+    let mut w = model.workspace();
+    let (x, xsig) = p.split_at(np);
+    let vxm: Vec<f64> = v[..np].iter().zip(&mask).map(|(a, m)| a * m).collect();
+    let mut want = vec![0.0; np + ns];
+    for d in &residuals {
+        for sign in [1.0, -1.0] {
+            let xs: Vec<f64> = x.iter().zip(d).map(|(a, b)| a + sign * b).collect();
+            let st = model.state(&xs, xsig, &mut w);
+            let (mut da, mut dv) = (vec![0.0; ns], vec![0.0; ns]);
+            model.jvp(&st, &vxm, &mut da, &mut dv, &mut w);
+            for i in 0..ns {
+                let dvds = 2.0 * st.nsig[i] * model.data.a_err[i].powi(2) * st.dnsig[i];
+                dv[i] += dvds * v[np + i];
+                da[i] /= st.var[i];
+                dv[i] /= 2.0 * st.var[i] * st.var[i];
+                want[np + i] += dvds * dv[i] / 4.0;
+            }
+            let mut ox = vec![0.0; np];
+            model.vjp(&st, &da, &dv, &mut ox, &mut w);
+            for i in 0..np {
+                want[i] += mask[i] * ox[i] / 4.0;
+            }
+        }
+    }
+    for i in 0..np + ns {
+        want[i] += v[i];
+    }
+    let err: f64 = mv
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    let nrm: f64 = want.iter().map(|b| b * b).sum::<f64>().sqrt();
+    assert!(err < 1e-12 * nrm, "relative error {}", err / nrm);
+    let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
+    let (l, r) = (dot(&mv, &u), dot(&v, &mu));
+    assert!((l - r).abs() < 1e-10 * l.abs().max(r.abs()), "{l} vs {r}");
+}
