@@ -187,6 +187,7 @@ fn bench_model(
         extra.insert("newton_steps".into(), json!(rep.newton.steps));
         extra.insert("newton_cg".into(), json!(rep.newton.cg_iterations));
         extra.insert("sample_cg".into(), json!(rep.sample_cg));
+        extra.insert("kl_evaluations".into(), json!(rep.newton.evaluations));
     } else {
         let st = model.state(&x, &xs, &mut w);
         let mut rng = crate::rng::stream(1, crate::rng::streams::BENCH);

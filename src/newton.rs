@@ -20,15 +20,47 @@ pub trait MetricObjective {
     fn metric(&self, p: &[f64], v: &[f64], out: &mut [f64]);
 }
 
-/// Adapter giving argmin's cost and gradient traits to a [`MetricObjective`].
-pub struct ArgminObjective<'a, T: MetricObjective>(pub &'a T);
+/// Adapter giving argmin's cost and gradient traits to a [`MetricObjective`]. argmin asks
+/// for the cost and the gradient at the same point separately; both come from one
+/// `value_grad` call, cached for the last point.
+pub struct ArgminObjective<'a, T: MetricObjective> {
+    obj: &'a T,
+    last: std::sync::Mutex<Option<(Vec<f64>, f64, Vec<f64>)>>,
+    evaluations: std::sync::atomic::AtomicUsize,
+}
+
+impl<'a, T: MetricObjective> ArgminObjective<'a, T> {
+    /// Wrap `obj`.
+    pub fn new(obj: &'a T) -> Self {
+        Self {
+            obj,
+            last: std::sync::Mutex::new(None),
+            evaluations: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    /// Value and gradient at `p` (from the cache when `p` was the last point).
+    pub fn value_grad(&self, p: &[f64]) -> (f64, Vec<f64>) {
+        let mut last = self.last.lock().expect("objective cache");
+        if let Some((q, v, g)) = last.as_ref() {
+            if q.as_slice() == p {
+                return (*v, g.clone());
+            }
+        }
+        let mut g = vec![0.0; p.len()];
+        let v = self.obj.value_grad(p, &mut g);
+        self.evaluations
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        *last = Some((p.to_vec(), v, g.clone()));
+        (v, g)
+    }
+}
 
 impl<T: MetricObjective> CostFunction for ArgminObjective<'_, T> {
     type Param = Vec<f64>;
     type Output = f64;
     fn cost(&self, p: &Vec<f64>) -> Result<f64, Error> {
-        let mut g = vec![0.0; p.len()];
-        Ok(self.0.value_grad(p, &mut g))
+        Ok(self.value_grad(p).0)
     }
 }
 
@@ -36,9 +68,7 @@ impl<T: MetricObjective> Gradient for ArgminObjective<'_, T> {
     type Param = Vec<f64>;
     type Gradient = Vec<f64>;
     fn gradient(&self, p: &Vec<f64>) -> Result<Vec<f64>, Error> {
-        let mut g = vec![0.0; p.len()];
-        self.0.value_grad(p, &mut g);
-        Ok(g)
+        Ok(self.value_grad(p).1)
     }
 }
 
@@ -108,13 +138,12 @@ impl<T: MetricObjective> Solver<ArgminObjective<'_, T>, St> for TruncatedNewton 
         let param = state
             .take_param()
             .ok_or_else(|| Error::msg("truncated Newton needs an initial parameter"))?;
-        let obj = problem
+        let wrapped = problem
             .problem
             .as_ref()
-            .ok_or_else(|| Error::msg("objective missing"))?
-            .0;
-        let mut grad = vec![0.0; param.len()];
-        let cost = obj.value_grad(&param, &mut grad);
+            .ok_or_else(|| Error::msg("objective missing"))?;
+        let obj = wrapped.obj;
+        let (cost, grad) = wrapped.value_grad(&param);
         let rhs: Vec<f64> = grad.iter().map(|g| -g).collect();
         let mut dir = vec![0.0; param.len()];
         let rep = cg::solve(
@@ -168,7 +197,7 @@ impl<T: MetricObjective> Solver<ArgminObjective<'_, T>, St> for TruncatedNewton 
                     .problem
                     .as_ref()
                     .ok_or_else(|| Error::msg("objective missing"))?
-                    .0;
+                    .obj;
                 backtrack(obj, &param, cost, &dir, slope, alpha0)
             }
         };
@@ -230,6 +259,8 @@ pub struct NewtonReport {
     pub grad_norms: Vec<f64>,
     /// Step lengths.
     pub step_norms: Vec<f64>,
+    /// Evaluations of value and gradient (line searches included).
+    pub evaluations: usize,
 }
 
 /// Minimise `obj` from `p0` with at most `max_steps` Newton steps.
@@ -240,11 +271,14 @@ pub fn minimize<T: MetricObjective>(
     settings: NewtonSettings,
 ) -> Result<(Vec<f64>, NewtonReport), Error> {
     let solver = TruncatedNewton::new(settings)?;
-    let res = Executor::new(ArgminObjective(obj), solver)
+    let res = Executor::new(ArgminObjective::new(obj), solver)
         .configure(|s| s.param(p0).max_iters(max_steps))
         .ctrlc(false)
         .run()?;
     let steps = res.state.get_iter();
+    let evaluations = res.problem.problem.as_ref().map_or(0, |o| {
+        o.evaluations.load(std::sync::atomic::Ordering::Relaxed)
+    });
     let mut state = res.state;
     let value = state.get_best_cost();
     let p = state
@@ -259,6 +293,7 @@ pub fn minimize<T: MetricObjective>(
             cg_iterations: res.solver.cg_iterations.clone(),
             grad_norms: res.solver.grad_norms.clone(),
             step_norms: res.solver.step_norms.clone(),
+            evaluations,
         },
     ))
 }
