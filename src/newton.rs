@@ -20,12 +20,15 @@ pub trait MetricObjective {
     fn metric(&self, p: &[f64], v: &[f64], out: &mut [f64]);
 }
 
+/// A point with its value and gradient.
+type Evaluated = (Vec<f64>, f64, Vec<f64>);
+
 /// Adapter giving argmin's cost and gradient traits to a [`MetricObjective`]. argmin asks
 /// for the cost and the gradient at the same point separately; both come from one
 /// `value_grad` call, cached for the last point.
 pub struct ArgminObjective<'a, T: MetricObjective> {
     obj: &'a T,
-    last: std::sync::Mutex<Option<(Vec<f64>, f64, Vec<f64>)>>,
+    last: std::sync::Mutex<Option<Evaluated>>,
     evaluations: std::sync::atomic::AtomicUsize,
 }
 
