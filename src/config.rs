@@ -429,6 +429,26 @@ impl Config {
         Ok((cfg, text))
     }
 
+    /// A small grid for tests: nside0 1 with `levels` refinements, 6 level-0 shells, one
+    /// padding shell, kept range 50–800 pc.
+    #[cfg(test)]
+    pub(crate) fn tiny(seed: u64, levels: usize) -> Self {
+        let mut cfg = Config {
+            seed,
+            ..Default::default()
+        };
+        cfg.grid = GridConfig {
+            nside0: 1,
+            n_r0: 6,
+            levels,
+            padding: 1,
+            r_min_pc: 50.0,
+            r_max_pc: 800.0,
+            ..cfg.grid
+        };
+        cfg
+    }
+
     /// The ICR chart described by `[grid]`.
     pub fn chart(&self) -> Result<Chart> {
         let g = &self.grid;

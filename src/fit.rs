@@ -477,15 +477,9 @@ mod tests {
 
     #[test]
     fn product_cut_moves_inner_shells_into_the_inner_map() {
-        let mut cfg = Config::default();
-        cfg.grid.nside0 = 1;
-        cfg.grid.n_r0 = 6;
-        cfg.grid.levels = 1;
-        cfg.grid.padding = 1;
-        cfg.grid.r_min_pc = 40.0;
-        cfg.grid.r_max_pc = 640.0;
+        let mut cfg = Config::tiny(0, 1);
         let chart = cfg.chart().unwrap();
-        let shells = chart.kept_shells(); // 6 shells, ratio 2^(4/6)
+        let shells = chart.kept_shells(); // 6 shells
         cfg.output.r_min_pc = Some(shells.edges_pc[2]);
         cfg.output.r_max_pc = Some(shells.edges_pc[5]);
         let npix = grid::npix(chart.nside_final());

@@ -202,16 +202,7 @@ fn linear_gaussian_samples_match_exact_posterior() {
 #[test]
 fn averaged_metric_matches_per_sample_products_and_is_symmetric() {
     use crate::config::{Config, Precision};
-    let mut cfg = Config {
-        seed: 8,
-        ..Default::default()
-    };
-    cfg.grid.nside0 = 1;
-    cfg.grid.n_r0 = 6;
-    cfg.grid.levels = 2;
-    cfg.grid.padding = 1;
-    cfg.grid.r_min_pc = 50.0;
-    cfg.grid.r_max_pc = 800.0;
+    let mut cfg = Config::tiny(8, 2);
     cfg.simulate.n_stars = 300;
     let sim = crate::simulate::run(&cfg, "").unwrap();
     let chart = cfg.chart().unwrap();

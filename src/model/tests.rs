@@ -7,16 +7,7 @@ use rand_distr::StandardNormal;
 
 /// A small simulated sky with a prior-draw truth and the model built on it.
 fn setup(n_stars: usize, infer_nsigma: bool, distances: &str) -> (Model, Vec<f64>, Config) {
-    let mut cfg = Config {
-        seed: 5,
-        ..Default::default()
-    };
-    cfg.grid.nside0 = 1;
-    cfg.grid.n_r0 = 6;
-    cfg.grid.levels = 2;
-    cfg.grid.padding = 1;
-    cfg.grid.r_min_pc = 50.0;
-    cfg.grid.r_max_pc = 800.0;
+    let mut cfg = Config::tiny(5, 2);
     cfg.kernel.length_pc = 80.0;
     cfg.noise.infer_nsigma = infer_nsigma;
     cfg.simulate.n_stars = n_stars;
