@@ -122,8 +122,17 @@ pub fn save(path: &Path, id: &RunId, st: &FitState) -> Result<()> {
     .with_context(|| format!("cannot write checkpoint {}", path.display()))
 }
 
-/// Read a checkpoint, checking that it belongs to run `id`.
-pub fn load(path: &Path, id: &RunId) -> Result<FitState> {
+/// True if `path` starts like a dust3d checkpoint.
+pub fn is_checkpoint(path: &Path) -> bool {
+    let mut magic = [0u8; 10];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok()
+        && &magic == MAGIC
+}
+
+/// The header, the whole file, and the header length.
+fn read_header(path: &Path) -> Result<(Header, Vec<u8>, usize)> {
     let file = path.display();
     let mut bytes = Vec::new();
     std::fs::File::open(path)
@@ -136,6 +145,35 @@ pub fn load(path: &Path, id: &RunId) -> Result<FitState> {
     let header: Header =
         serde_json::from_slice(bytes.get(18..18 + hlen).context("truncated header")?)
             .with_context(|| format!("{file}: corrupt checkpoint header"))?;
+    Ok((header, bytes, hlen))
+}
+
+/// A human-readable summary of a checkpoint: position in the schedule and recent history.
+pub fn summary(path: &Path) -> Result<String> {
+    let (h, _, _) = read_header(path)?;
+    let mut s = format!(
+        "{}: dust3d fit checkpoint\n  position  stage {} after {} global iterations; {} parameters, {} stars, {} residuals\n  seed      {}\n",
+        path.display(),
+        h.stage,
+        h.iteration,
+        h.n_x,
+        h.n_sig,
+        h.n_residuals,
+        h.seed
+    );
+    for r in h.history.iter().rev().take(5).rev() {
+        s += &format!(
+            "  stage {} it {:>3}: KL {:.6e}  |grad| {:.3e}  step {:.3e}  {:.1} s\n",
+            r.stage, r.iteration, r.kl, r.grad_norm, r.step, r.seconds
+        );
+    }
+    Ok(s)
+}
+
+/// Read a checkpoint, checking that it belongs to run `id`.
+pub fn load(path: &Path, id: &RunId) -> Result<FitState> {
+    let file = path.display();
+    let (header, bytes, hlen) = read_header(path)?;
     if header.seed != id.seed || header.config_sha256 != id.config_sha256 {
         bail!("{file}: checkpoint was written with another configuration or seed; delete it to start over");
     }
@@ -190,6 +228,10 @@ mod tests {
         };
         save(&p, &id, &st).unwrap();
         assert_eq!(load(&p, &id).unwrap(), st);
+        assert!(is_checkpoint(&p));
+        assert!(summary(&p)
+            .unwrap()
+            .contains("stage 1 after 2 global iterations"));
         let other = RunId {
             seed: 4,
             ..id.clone()

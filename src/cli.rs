@@ -87,9 +87,10 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Summarise a map or catalog file (catalogs are validated and selected as in a fit).
+    /// Summarise a map, fit checkpoint or catalog file (catalogs are validated and selected as
+    /// in a fit).
     Info {
-        /// Map (.nc) or catalog file.
+        /// Map (.nc), checkpoint (.ckpt) or catalog file.
         file: PathBuf,
         /// Configuration giving column names and cuts (defaults otherwise).
         #[arg(long)]

@@ -101,8 +101,11 @@ pub fn catalog_summary(path: &Path, cat: &Catalog, nside: u32) -> String {
     s
 }
 
-/// Print the summary of a map or catalog file.
+/// Print the summary of a map, checkpoint or catalog file.
 pub fn run(path: &Path, cfg: &Config) -> Result<String> {
+    if crate::checkpoint::is_checkpoint(path) {
+        return crate::checkpoint::summary(path);
+    }
     if mapfile::is_map_file(path) {
         let map = DustMap::read(path)?;
         return Ok(map_summary(path, &map));
