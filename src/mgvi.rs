@@ -121,6 +121,10 @@ struct KlCache {
     at: Vec<f64>,
     states: Vec<State>,
     work: ModelWork,
+    /// The sample points x ± δ_k of `at`.
+    xs: Vec<Vec<f64>>,
+    gx: Vec<f64>,
+    gs: Vec<f64>,
 }
 
 impl<'a> Kl<'a> {
@@ -130,6 +134,9 @@ impl<'a> Kl<'a> {
             at: Vec::new(),
             states: Vec::new(),
             work: model.workspace(),
+            xs: Vec::new(),
+            gx: Vec::new(),
+            gs: Vec::new(),
         };
         Self {
             model,
@@ -139,35 +146,43 @@ impl<'a> Kl<'a> {
         }
     }
 
-    fn samples(&self, x: &[f64]) -> Vec<Vec<f64>> {
-        self.residuals
-            .iter()
-            .flat_map(|d| {
-                let plus: Vec<f64> = x.iter().zip(d).map(|(a, b)| a + b).collect();
-                let minus: Vec<f64> = x.iter().zip(d).map(|(a, b)| a - b).collect();
-                [plus, minus]
-            })
-            .collect()
+    /// Write the sample points x ± δ_k into `xs` (allocated once, then reused).
+    fn fill_samples(&self, x: &[f64], xs: &mut Vec<Vec<f64>>) {
+        xs.resize_with(2 * self.residuals.len(), || vec![0.0; x.len()]);
+        for (k, d) in self.residuals.iter().enumerate() {
+            let sign_pair = xs[2 * k..2 * k + 2].iter_mut().zip([1.0, -1.0]);
+            for (out, sign) in sign_pair {
+                out.par_iter_mut()
+                    .zip(x)
+                    .zip(d)
+                    .for_each(|((o, a), b)| *o = a + sign * b);
+            }
+        }
+    }
+
+    /// Buffers sized for this model and sample count.
+    fn prepare(&self, c: &mut KlCache) {
+        let n = 2 * self.residuals.len();
+        if c.states.len() != n {
+            c.states = (0..n).map(|_| self.model.empty_state()).collect();
+            c.at.clear();
+        }
     }
 
     /// States at the samples of p (cached for the last p).
     fn ensure_states(&self, p: &[f64], c: &mut KlCache) {
-        if c.at == p && !c.states.is_empty() {
+        self.prepare(c);
+        if c.at == p {
             return;
         }
         let np = self.model.n_params();
         let (x, xsig) = p.split_at(np);
-        let samples = self.samples(x);
-        let KlCache { states, work, .. } = c;
-        if states.len() != samples.len() {
-            *states = samples
-                .iter()
-                .map(|xs| self.model.state(xs, xsig, work))
-                .collect();
-        } else {
-            for (st, xs) in states.iter_mut().zip(&samples) {
-                self.model.update_state(xs, xsig, st, work);
-            }
+        self.fill_samples(x, &mut c.xs);
+        let KlCache {
+            states, work, xs, ..
+        } = c;
+        for (st, xk) in states.iter_mut().zip(xs.iter()) {
+            self.model.update_state(xk, xsig, st, work);
         }
         c.at = p.to_vec();
     }
@@ -176,28 +191,30 @@ impl<'a> Kl<'a> {
 impl MetricObjective for Kl<'_> {
     fn value_grad(&self, p: &[f64], g: &mut [f64]) -> f64 {
         let mut c = self.cache.lock().expect("KL cache");
+        self.prepare(&mut c);
         let np = self.model.n_params();
         let (x, xsig) = p.split_at(np);
-        let samples = self.samples(x);
-        let n = samples.len() as f64;
+        let KlCache {
+            states,
+            work,
+            at,
+            xs,
+            gx,
+            gs,
+        } = &mut *c;
+        self.fill_samples(x, xs);
+        gx.resize(np, 0.0);
+        gs.resize(xsig.len(), 0.0);
+        let n = xs.len() as f64;
         g.iter_mut().for_each(|v| *v = 0.0);
-        let mut gx = vec![0.0; np];
-        let mut gs = vec![0.0; xsig.len()];
         let mut value = 0.0;
-        let KlCache { states, work, at } = &mut *c;
-        if states.len() != samples.len() {
-            *states = samples
-                .iter()
-                .map(|xs| self.model.state(xs, xsig, work))
-                .collect();
-        }
         // one fused pass per sample: value, gradient, and the state the metric will reuse
-        for (st, xs) in states.iter_mut().zip(&samples) {
-            value += self.model.value_grad(xs, xsig, st, &mut gx, &mut gs, work) / n;
+        for (st, xk) in states.iter_mut().zip(xs.iter()) {
+            value += self.model.value_grad(xk, xsig, st, gx, gs, work) / n;
             for i in 0..np {
                 g[i] += self.mask[i] * gx[i] / n;
             }
-            for (o, v) in g[np..].iter_mut().zip(&gs) {
+            for (o, v) in g[np..].iter_mut().zip(gs.iter()) {
                 *o += v / n;
             }
         }

@@ -169,17 +169,7 @@ impl Model {
 
     /// Evaluate the model at (x, ξ_σ).
     pub fn state(&self, x: &[f64], xsig: &[f64], w: &mut ModelWork) -> State {
-        let mut st = State {
-            s: vec![0.0; self.npix() * self.n_r()],
-            rw: vec![0.0; self.npix() * self.n_r()],
-            scl: 0.0,
-            dscl: 0.0,
-            off: 0.0,
-            abar: vec![0.0; self.data.len()],
-            var: vec![0.0; self.data.len()],
-            nsig: vec![1.0; self.data.len()],
-            dnsig: vec![0.0; self.data.len()],
-        };
+        let mut st = self.empty_state();
         self.update_state(x, xsig, &mut st, w);
         st
     }
@@ -223,6 +213,22 @@ impl Model {
         sk.copy_from_slice(&field[p * nc + pad..p * nc + pad + n]);
         for k in 0..n {
             col[k] = (scl * sk[k] + off).exp() * self.widths[k];
+        }
+    }
+
+    /// A state with every buffer allocated, to be filled by [`Model::update_state`] or
+    /// [`Model::value_grad`].
+    pub fn empty_state(&self) -> State {
+        State {
+            s: vec![0.0; self.npix() * self.n_r()],
+            rw: vec![0.0; self.npix() * self.n_r()],
+            scl: 0.0,
+            dscl: 0.0,
+            off: 0.0,
+            abar: vec![0.0; self.data.len()],
+            var: vec![0.0; self.data.len()],
+            nsig: vec![1.0; self.data.len()],
+            dnsig: vec![0.0; self.data.len()],
         }
     }
 
