@@ -51,6 +51,7 @@ pub struct ModelAt<'a> {
     /// Free (1) or held (0) entries of x.
     pub mask: &'a [f64],
     work: std::cell::RefCell<ModelWork>,
+    scratch: std::cell::RefCell<Vec<f64>>,
 }
 
 impl<'a> ModelAt<'a> {
@@ -61,6 +62,7 @@ impl<'a> ModelAt<'a> {
             state,
             mask,
             work: std::cell::RefCell::new(model.workspace()),
+            scratch: std::cell::RefCell::new(Vec::new()),
         }
     }
 }
@@ -78,7 +80,9 @@ impl Fisher for ModelAt<'_> {
         out.iter_mut().zip(self.mask).for_each(|(o, m)| *o *= m);
     }
     fn metric(&self, v: &[f64], out: &mut [f64]) {
-        let vm: Vec<f64> = v.iter().zip(self.mask).map(|(a, m)| a * m).collect();
+        let mut vm = self.scratch.borrow_mut();
+        vm.clear();
+        vm.extend(v.iter().zip(self.mask).map(|(a, m)| a * m));
         self.model
             .metric(self.state, &vm, out, &mut self.work.borrow_mut());
         out.par_iter_mut()

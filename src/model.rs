@@ -107,6 +107,7 @@ pub struct ModelWork {
     pix_scalars: Vec<[f64; 2]>,
     pix_energy: Vec<f64>,
     acc: Vec<f64>,
+    masked: Vec<f64>,
 }
 
 impl Model {
@@ -164,6 +165,7 @@ impl Model {
             pix_scalars: vec![[0.0; 2]; self.npix()],
             pix_energy: vec![0.0; self.npix()],
             acc: Vec::new(),
+            masked: Vec::new(),
         }
     }
 
@@ -378,7 +380,9 @@ impl Model {
     ) {
         let (nxi, np, ns) = (self.icr.n_xi(), self.n_params(), self.data.len());
         let (vx, vs) = v.split_at(np);
-        let vxm: Vec<f64> = vx.iter().zip(mask).map(|(a, m)| a * m).collect();
+        let mut vxm = std::mem::take(&mut w.masked);
+        vxm.clear();
+        vxm.extend(vx.iter().zip(mask).map(|(a, m)| a * m));
         self.icr.forward(&vxm[..nxi], &mut w.icr);
         let ds = std::mem::take(&mut w.icr.fields[self.icr.chart.levels]);
         let mut acc = std::mem::take(&mut w.acc);
@@ -423,6 +427,7 @@ impl Model {
             out[np + i] += vs[i];
         }
         w.acc = acc;
+        w.masked = vxm;
         w.star_a = da;
         w.star_v = dv;
     }
