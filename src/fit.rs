@@ -282,8 +282,8 @@ pub fn map_from_samples(
         samples.push(rho);
         inner.push(inn);
     }
-    let (mean, std) = mean_std(&samples);
-    let (inner_mean, inner_std) = mean_std(&inner);
+    let (mean, std) = crate::util::mean_std(&samples);
+    let (inner_mean, inner_std) = crate::util::mean_std(&inner);
     // integrated extinction to each shell's far edge, per sample
     let integrated: Vec<Vec<f64>> = samples
         .iter()
@@ -300,9 +300,11 @@ pub fn map_from_samples(
             out
         })
         .collect();
-    let (integrated_mean, integrated_std) = mean_std(&integrated);
+    let (integrated_mean, integrated_std) = crate::util::mean_std(&integrated);
     let map = DustMap {
         nside: chart.nside_final(),
+        centres_pc: out_shells.centres_pc(),
+        star_count: vec![],
         shells: out_shells,
         mean,
         std,
@@ -318,25 +320,6 @@ pub fn map_from_samples(
     };
     map.check()?;
     Ok(map)
-}
-
-/// Element-wise mean and standard deviation (1/N) over samples.
-fn mean_std(samples: &[Vec<f64>]) -> (Vec<f64>, Vec<f64>) {
-    let n = samples.len() as f64;
-    let len = samples.first().map_or(0, Vec::len);
-    let mut mean = vec![0.0; len];
-    let mut var = vec![0.0; len];
-    for s in samples {
-        for (m, v) in mean.iter_mut().zip(s) {
-            *m += v / n;
-        }
-    }
-    for s in samples {
-        for ((q, v), m) in var.iter_mut().zip(s).zip(&mean) {
-            *q += (v - m).powi(2) / n;
-        }
-    }
-    (mean, var.into_iter().map(f64::sqrt).collect())
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -377,7 +360,12 @@ fn write_products(
     }
     let mut prov = Provenance::current(config_text, cfg.seed, &id.catalog_sha256);
     prov.catalog_sha256 = id.catalog_sha256.clone();
-    let map = map_from_samples(cfg, chart, &samples_rw, prov)?;
+    let mut map = map_from_samples(cfg, chart, &samples_rw, prov)?;
+    map.star_count = all
+        .offsets
+        .windows(2)
+        .map(|w| (w[1] - w[0]) as u32)
+        .collect();
     map.write(&paths.map)?;
     // n_σ of the last stage's stars, by source id
     let last = cfg.inference.stage.last().expect("at least one stage");
@@ -409,8 +397,8 @@ fn write_star_predictions(
     nsig: &HashMap<i64, f64>,
 ) -> Result<()> {
     let s = &all.stars;
-    let (a_m, a_s) = mean_std(abar);
-    let (sa_m, _) = mean_std(sig_a);
+    let (a_m, a_s) = crate::util::mean_std(abar);
+    let (sa_m, _) = crate::util::mean_std(sig_a);
     write_atomically(path, |tmp| {
         let mut f = std::io::BufWriter::new(std::fs::File::create(tmp)?);
         writeln!(

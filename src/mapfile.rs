@@ -16,6 +16,9 @@ pub struct DustMap {
     pub nside: u32,
     /// Radial shells, pc.
     pub shells: Shells,
+    /// Shell centres used for interpolation, pc (geometric means of the edges for dust3d's
+    /// own maps; whatever a foreign file says for imported ones).
+    pub centres_pc: Vec<f64>,
     /// Mean differential extinction per pc, [radius][pixel].
     pub mean: Vec<f64>,
     /// Standard deviation, [radius][pixel] (zeros for a truth map).
@@ -33,6 +36,8 @@ pub struct DustMap {
     pub integrated_mean: Vec<f64>,
     /// Posterior std of the integrated extinction, [radius][pixel]; empty if not computed.
     pub integrated_std: Vec<f64>,
+    /// Number of stars the fit used per pixel (empty if unknown, e.g. for a truth map).
+    pub star_count: Vec<u32>,
     /// Unit of ρ.
     pub units: String,
     /// "truth" or "posterior".
@@ -42,6 +47,41 @@ pub struct DustMap {
 }
 
 impl DustMap {
+    /// A truth-like map (zero std, no samples, no inner dust) with density `rho(r_pc, unit
+    /// vector)` evaluated at every voxel centre (geometric shell centre, pixel centre).
+    pub fn from_fn(
+        nside: u32,
+        shells: Shells,
+        units: &str,
+        rho: impl Fn(f64, [f64; 3]) -> f64,
+    ) -> Self {
+        let npix = grid::npix(nside);
+        let centres_pc = shells.centres_pc();
+        let dirs: Vec<[f64; 3]> = (0..npix as u64).map(|p| grid::pix2vec(nside, p)).collect();
+        let mean: Vec<f64> = centres_pc
+            .iter()
+            .flat_map(|&r| dirs.iter().map(move |&u| (r, u)))
+            .map(|(r, u)| rho(r, u))
+            .collect();
+        DustMap {
+            nside,
+            centres_pc,
+            star_count: vec![],
+            std: vec![0.0; mean.len()],
+            mean,
+            samples: vec![],
+            inner_mean: vec![0.0; npix],
+            inner_std: vec![0.0; npix],
+            inner_samples: vec![],
+            integrated_mean: vec![],
+            integrated_std: vec![],
+            units: units.into(),
+            kind: "truth".into(),
+            provenance: Provenance::default(),
+            shells,
+        }
+    }
+
     /// Number of pixels.
     pub fn npix(&self) -> usize {
         grid::npix(self.nside)
@@ -69,6 +109,21 @@ impl DustMap {
         }
         if self.samples.iter().any(|s| s.len() != n) {
             bail!("a sample has the wrong size (grid needs {n})");
+        }
+        if self.centres_pc.len() != self.n_r()
+            || self
+                .centres_pc
+                .iter()
+                .zip(self.shells.edges_pc.windows(2))
+                .any(|(c, e)| !(*c >= e[0] && *c <= e[1]))
+        {
+            bail!("shell centres must lie inside their shells, one per shell");
+        }
+        if !self.star_count.is_empty() && self.star_count.len() != self.npix() {
+            bail!(
+                "star counts must have one value per pixel ({})",
+                self.npix()
+            );
         }
         if self.inner_mean.len() != self.npix() || self.inner_std.len() != self.npix() {
             bail!("inner maps must have one value per pixel ({})", self.npix());
@@ -99,7 +154,7 @@ impl DustMap {
         let mut v = nc.add_variable::<f64>("radius", &["radius"])?;
         v.put_attribute("units", "pc")?;
         v.put_attribute("long_name", "shell centre (geometric mean of edges)")?;
-        v.put_values(&self.shells.centres_pc(), ..)?;
+        v.put_values(&self.centres_pc, ..)?;
         let mut v = nc.add_variable::<f64>("radius_edges", &["radius_edge"])?;
         v.put_attribute("units", "pc")?;
         v.put_values(&self.shells.edges_pc, ..)?;
@@ -147,6 +202,12 @@ impl DustMap {
             let mut v = nc.add_variable::<f32>(name, &["pixel"])?;
             v.put_attribute("long_name", format!("integrated extinction inside {inner}"))?;
             v.put_values(&f32s(data), ..)?;
+        }
+        if !self.star_count.is_empty() {
+            let mut v = nc.add_variable::<i32>("star_count", &["pixel"])?;
+            v.put_attribute("long_name", "number of stars the fit used in the pixel")?;
+            let c: Vec<i32> = self.star_count.iter().map(|&c| c as i32).collect();
+            v.put_values(&c, ..)?;
         }
         if ns > 0 {
             let mut v = nc.add_variable::<f32>("samples", &["sample", "radius", "pixel"])?;
@@ -223,6 +284,18 @@ impl DustMap {
         }
         let shells = Shells { edges_pc };
         let (npix, nr) = (grid::npix(nside), shells.len());
+        let centres_pc = match nc.variable("radius") {
+            Some(_) => read_f64("radius")?,
+            None => shells.centres_pc(),
+        };
+        let star_count = match nc.variable("star_count") {
+            Some(v) => v
+                .get_values::<i32, _>(..)?
+                .into_iter()
+                .map(|c| c.max(0) as u32)
+                .collect(),
+            None => Vec::new(),
+        };
         let mean = read_f64("mean")?;
         let std = read_f64("std")?;
         let samples = match nc.variable("samples") {
@@ -253,6 +326,8 @@ impl DustMap {
         let map = DustMap {
             nside,
             shells,
+            centres_pc,
+            star_count,
             mean,
             std,
             samples,

@@ -142,6 +142,8 @@ pub fn simulate(
     ];
     let truth = DustMap {
         nside,
+        centres_pc: shells.centres_pc(),
+        star_count: vec![],
         shells,
         std: vec![0.0; field.len()],
         mean: field,

@@ -38,3 +38,22 @@ pub(crate) fn det_sum(n: usize, f: impl Fn(usize) -> f64 + Sync) -> f64 {
         .collect();
     parts.iter().sum()
 }
+
+/// Element-wise mean and standard deviation (1/N) over samples.
+pub(crate) fn mean_std(samples: &[Vec<f64>]) -> (Vec<f64>, Vec<f64>) {
+    let n = samples.len() as f64;
+    let len = samples.first().map_or(0, Vec::len);
+    let mut mean = vec![0.0; len];
+    let mut var = vec![0.0; len];
+    for s in samples {
+        for (m, v) in mean.iter_mut().zip(s) {
+            *m += v / n;
+        }
+    }
+    for s in samples {
+        for ((q, v), m) in var.iter_mut().zip(s).zip(&mean) {
+            *q += (v - m).powi(2) / n;
+        }
+    }
+    (mean, var.into_iter().map(f64::sqrt).collect())
+}

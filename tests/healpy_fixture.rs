@@ -1,5 +1,6 @@
 //! dust3d's HEALPix layer (cdshealpix, NESTED) against values computed once with healpy
-//! (scripts/make_healpy_fixture.py): pixel centres, neighbours and ang2pix.
+//! (scripts/make_healpy_fixture.py): pixel centres, neighbours, ang2pix and the angular
+//! interpolation weights of `get_interp_weights` (which dustmaps uses).
 
 use dust3d::grid;
 use serde_json::Value;
@@ -65,4 +66,46 @@ fn centres_neighbours_and_ang2pix_match_healpy() {
         }
     }
     assert!(checked > 200);
+}
+
+#[test]
+fn interpolation_weights_match_healpy_get_interp_weights() {
+    let fx = fixture();
+    let mut checked = 0;
+    for case in fx["cases"].as_array().unwrap() {
+        let nside = case["nside"].as_u64().unwrap() as u32;
+        let layer = cdshealpix::nested::get(grid::depth_of_nside(nside).unwrap());
+        let l = f64s(&case["interp_l_deg"]);
+        let b = f64s(&case["interp_b_deg"]);
+        for k in 0..l.len() {
+            let (pix, w) = dust3d::query::angular_weights(layer, l[k], b[k]);
+            let want_p = i64s(&case["interp_pix"][k]);
+            let want_w = f64s(&case["interp_w"][k]);
+            // compare as pixel -> weight maps: a pixel may appear twice near the poles
+            let mut got = std::collections::BTreeMap::<i64, f64>::new();
+            let mut want = std::collections::BTreeMap::<i64, f64>::new();
+            for j in 0..4 {
+                *got.entry(pix[j] as i64).or_default() += w[j];
+                *want.entry(want_p[j]).or_default() += want_w[j];
+            }
+            got.retain(|_, v| *v > 1e-13);
+            want.retain(|_, v| *v > 1e-13);
+            assert_eq!(
+                got.keys().collect::<Vec<_>>(),
+                want.keys().collect::<Vec<_>>(),
+                "nside {nside} point #{k} (l {}, b {}): pixels",
+                l[k],
+                b[k]
+            );
+            for (p, v) in &got {
+                assert!(
+                    (v - want[p]).abs() < 1e-12,
+                    "nside {nside} point #{k}: weight of {p}: {v} vs {}",
+                    want[p]
+                );
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked > 1500);
 }

@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use crate::catalog::write_catalog;
 use crate::config::Config;
 
+mod products;
+
 /// dust3d: Bayesian 3D dust mapping (HEALPix × log-radius GP via ICR, MGVI).
 #[derive(Parser, Debug)]
 #[command(name = "dust3d", version, about, long_about = None)]
@@ -66,27 +68,23 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
-    /// Draw a figure of a map (PNG). Kinds so far: sky (Mollweide of integrated extinction).
-    Plot {
-        /// Map file.
-        #[arg(long)]
-        map: PathBuf,
-        /// Kind of figure: sky.
-        #[arg(long, default_value = "sky")]
-        kind: String,
-        /// Integrate out to this distance, pc (default: the map's outer edge).
-        #[arg(long)]
-        max_distance: Option<f64>,
-        /// Factor from catalog units to the plotted unit (A_V ≈ 2.8 E for ZGR23).
-        #[arg(long, default_value_t = 2.8)]
-        factor: f64,
-        /// Name of the plotted unit.
-        #[arg(long, default_value = "A_V [mag]")]
-        unit: String,
-        /// Output PNG.
-        #[arg(long)]
-        out: PathBuf,
+    /// Draw a figure of a map (PNG): sky (Mollweide of integrated extinction), xyz (X–Y,
+    /// X–Z, Y–Z slab projections), uncertainty (relative std of integrated extinction) or
+    /// stars (sky density of the stars the fit used).
+    Plot(products::PlotArgs),
+    /// Extinction at points: differential or integrated, mean, std or samples.
+    Query(products::QueryArgs),
+    /// Export a map in the published release's FITS layout (readable by dustmaps).
+    Export(products::ExportArgs),
+    /// Interpolate a map onto a Cartesian (box) or (l, b, d) (lbd) grid.
+    Interp {
+        #[command(subcommand)]
+        kind: products::InterpKind,
     },
+    /// Predicted extinction to the stars of any catalog (with its parallax uncertainty).
+    Predict(products::PredictArgs),
+    /// Compare a map with a reference map (paper Fig. 10): 2D histogram and quantiles.
+    Compare(products::CompareArgs),
     /// Summarise a map, fit checkpoint or catalog file (catalogs are validated and selected as
     /// in a fit).
     Info {
@@ -128,7 +126,7 @@ enum Command {
     },
 }
 
-fn load_config(path: Option<&Path>) -> Result<(Config, String)> {
+pub(crate) fn load_config(path: Option<&Path>) -> Result<(Config, String)> {
     match path {
         Some(p) => Config::from_file(p),
         None => Ok((Config::default(), String::new())),
@@ -206,23 +204,12 @@ pub fn run() -> Result<()> {
                 r.n_voxels
             );
         }
-        Command::Plot {
-            map,
-            kind,
-            max_distance,
-            factor,
-            unit,
-            out,
-        } => {
-            if kind != "sky" {
-                anyhow::bail!("--kind {kind:?} is not available yet (available: sky)");
-            }
-            let m = crate::mapfile::DustMap::read(&map)?;
-            let d = max_distance.unwrap_or(*m.shells.edges_pc.last().expect("shells"));
-            let title = format!("{} map: integrated extinction to {d:.0} pc", m.kind);
-            crate::plot::sky(&m, d, factor, &unit, &title, &out)?;
-            tracing::info!(out = %out.display(), "figure written");
-        }
+        Command::Plot(a) => products::plot(a)?,
+        Command::Query(a) => products::query(a)?,
+        Command::Export(a) => products::export(a)?,
+        Command::Interp { kind } => products::interp(kind)?,
+        Command::Predict(a) => products::predict(a)?,
+        Command::Compare(a) => products::compare(a)?,
         Command::Info { file, config } => {
             let (cfg, _) = load_config(config.as_deref())?;
             print!("{}", crate::info::run(&file, &cfg)?);
