@@ -217,6 +217,77 @@ pub struct BenchOptions {
     pub newton_forcing: f64,
 }
 
+/// Point queries on a map of the preset's final grid: 10⁶ random points (l, b uniform on the
+/// sky, d uniform over the radial range), mean of differential and integrated extinction, on
+/// one thread (per-core rate) and on the whole pool.
+fn bench_query(
+    p: &Preset,
+    reps: usize,
+    ops: &mut Vec<(&str, f64)>,
+    extra: &mut Map<String, Value>,
+) -> Result<()> {
+    use crate::query::{Convention, Interpolator, Quantity};
+    use rayon::prelude::*;
+    let shells = p.chart.kept_shells();
+    let mut rng = crate::rng::stream(1, crate::rng::streams::BENCH);
+    let mut map =
+        crate::mapfile::DustMap::from_fn(p.chart.nside_final(), shells, "E / pc", |_, _| 0.0);
+    for v in map.mean.iter_mut() {
+        *v = 1e-3 * (rng.sample::<f64, _>(StandardNormal)).exp();
+    }
+    let n = 1_000_000;
+    let (r0, r1) = (
+        map.shells.edges_pc[0],
+        *map.shells.edges_pc.last().expect("shells"),
+    );
+    let pts: Vec<[f64; 3]> = (0..n)
+        .map(|_| {
+            let z: f64 = rng.random_range(-1.0..1.0);
+            [
+                rng.random_range(0.0..360.0),
+                z.asin().to_degrees(),
+                rng.random_range(r0..r1),
+            ]
+        })
+        .collect();
+    for (q, name1, name_all) in [
+        (
+            Quantity::Differential,
+            "differential_1thread_s",
+            "differential_pool_s",
+        ),
+        (
+            Quantity::Integrated,
+            "integrated_1thread_s",
+            "integrated_pool_s",
+        ),
+    ] {
+        let it = Interpolator::new(&map, q, Convention::Native, false)?;
+        let t1 = median_time(reps, || {
+            let s: f64 = pts.iter().map(|x| it.mean(x[0], x[1], x[2])).sum();
+            std::hint::black_box(s);
+        });
+        let tp = median_time(reps, || {
+            let s: f64 = pts.par_iter().map(|x| it.mean(x[0], x[1], x[2])).sum();
+            std::hint::black_box(s);
+        });
+        ops.push((name1, t1));
+        ops.push((name_all, tp));
+        let key = name1.trim_end_matches("_1thread_s");
+        extra.insert(
+            format!("{key}_points_per_s_per_core"),
+            json!((n as f64 / t1).round()),
+        );
+        extra.insert(
+            format!("{key}_points_per_s_pool"),
+            json!((n as f64 / tp).round()),
+        );
+    }
+    extra.insert("points".into(), json!(n));
+    extra.insert("map_voxels".into(), json!(map.mean.len()));
+    Ok(())
+}
+
 /// Run benchmark `what` on preset `preset_name`.
 pub fn run(what: &str, preset_name: &str, backend: &str, opts: BenchOptions) -> Result<BenchOut> {
     let (reps, precision) = (opts.reps, opts.precision);
@@ -250,7 +321,10 @@ pub fn run(what: &str, preset_name: &str, backend: &str, opts: BenchOptions) -> 
             extra.insert("n_xi".into(), json!(icr.n_xi()));
         }
         "likelihood" | "metric" | "mgvi" => bench_model(&p, what, opts, &mut ops, &mut extra)?,
-        other => bail!("unknown benchmark {other:?} (available: icr, likelihood, metric, mgvi)"),
+        "query" => bench_query(&p, reps, &mut ops, &mut extra)?,
+        other => {
+            bail!("unknown benchmark {other:?} (available: icr, likelihood, metric, mgvi, query)")
+        }
     }
     let mut obj = Map::new();
     obj.insert("preset".into(), json!(p.name));

@@ -27,15 +27,6 @@ impl Column {
             Column::Str(v) => v.len(),
         }
     }
-
-    /// Text of row `i` as CSV writes it (shortest round-trip form for floats).
-    fn text(&self, i: usize) -> String {
-        match self {
-            Column::F64(v) => format!("{}", v[i]),
-            Column::I64(v) => v[i].to_string(),
-            Column::Str(v) => v[i].clone(),
-        }
-    }
 }
 
 /// A table read from or written to a point file.
@@ -138,13 +129,21 @@ impl Table {
     }
 
     fn write_csv<W: Write>(&self, w: W) -> Result<()> {
+        use std::fmt::Write as _;
         let mut wtr = csv::Writer::from_writer(w);
         wtr.write_record(&self.names)?;
-        let mut rec = Vec::with_capacity(self.names.len());
+        let mut buf = String::new();
         for i in 0..self.rows {
-            rec.clear();
-            rec.extend(self.columns.iter().map(|c| c.text(i)));
-            wtr.write_record(&rec)?;
+            for c in &self.columns {
+                buf.clear();
+                match c {
+                    Column::F64(v) => write!(buf, "{}", v[i])?,
+                    Column::I64(v) => write!(buf, "{}", v[i])?,
+                    Column::Str(v) => buf.push_str(&v[i]),
+                }
+                wtr.write_field(&buf)?;
+            }
+            wtr.write_record(None::<&[u8]>)?;
         }
         wtr.into_inner().map_err(|e| anyhow!("{e}"))?.flush()?;
         Ok(())
@@ -179,15 +178,38 @@ impl Table {
     }
 }
 
-/// Type each CSV column: all integers → I64, all numbers → F64, otherwise text.
-fn typed(values: Vec<String>) -> Column {
-    if !values.is_empty() && values.iter().all(|s| s.parse::<i64>().is_ok()) {
-        return Column::I64(values.iter().map(|s| s.parse().expect("checked")).collect());
+/// A CSV column being read: integers until a value is not one, then floats, then text.
+enum Building {
+    Int(Vec<i64>),
+    Float(Vec<f64>),
+    Text(Vec<String>),
+}
+
+impl Building {
+    fn push(&mut self, field: &[u8]) {
+        let text = std::str::from_utf8(field).unwrap_or("");
+        loop {
+            match self {
+                Building::Int(v) => match text.parse::<i64>() {
+                    Ok(x) => return v.push(x),
+                    Err(_) => *self = Building::Float(v.iter().map(|&x| x as f64).collect()),
+                },
+                Building::Float(v) => match text.parse::<f64>() {
+                    Ok(x) => return v.push(x),
+                    Err(_) => *self = Building::Text(v.iter().map(|x| x.to_string()).collect()),
+                },
+                Building::Text(v) => return v.push(text.to_owned()),
+            }
+        }
     }
-    if values.iter().all(|s| s.parse::<f64>().is_ok()) {
-        return Column::F64(values.iter().map(|s| s.parse().expect("checked")).collect());
+
+    fn finish(self) -> Column {
+        match self {
+            Building::Int(v) => Column::I64(v),
+            Building::Float(v) => Column::F64(v),
+            Building::Text(v) => Column::Str(v),
+        }
     }
-    Column::Str(values)
 }
 
 fn read_csv<R: BufRead>(reader: R, file: &str) -> Result<Table> {
@@ -200,24 +222,24 @@ fn read_csv<R: BufRead>(reader: R, file: &str) -> Result<Table> {
         .iter()
         .map(str::to_owned)
         .collect();
-    let mut cols: Vec<Vec<String>> = vec![Vec::new(); names.len()];
-    let mut rec = csv::StringRecord::new();
+    let mut cols: Vec<Building> = names.iter().map(|_| Building::Int(Vec::new())).collect();
+    let mut rec = csv::ByteRecord::new();
     let mut row = 0;
     loop {
-        match rdr.read_record(&mut rec) {
+        match rdr.read_byte_record(&mut rec) {
             Ok(false) => break,
             Ok(true) => {}
             Err(e) => bail!("{file}: row {}: malformed CSV: {e}", row + 1),
         }
         row += 1;
         for (c, v) in cols.iter_mut().zip(rec.iter()) {
-            c.push(v.to_owned());
+            c.push(v);
         }
     }
     Ok(Table {
         source: file.into(),
         names,
-        columns: cols.into_iter().map(typed).collect(),
+        columns: cols.into_iter().map(Building::finish).collect(),
         rows: row,
     })
 }

@@ -102,7 +102,7 @@ enum Command {
     /// Benchmarks of the hot kernels on the shared presets W1/W2.
     Bench {
         /// What to time: icr, likelihood (value + gradient), metric (metric-vector product) or
-        /// mgvi (one global MGVI iteration).
+        /// mgvi (one global MGVI iteration), query (point queries of a map on the preset grid).
         what: String,
         /// Preset: w1 or w2.
         #[arg(long, default_value = "w1")]

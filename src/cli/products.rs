@@ -200,7 +200,7 @@ pub fn query(a: QueryArgs) -> Result<()> {
         }
         (None, true) => {
             let unit = if a.integrated {
-                map.units.trim_end_matches(" per pc").to_string()
+                integrated_unit(&map.units)
             } else {
                 map.units.clone()
             };
@@ -218,6 +218,17 @@ pub fn query(a: QueryArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The unit of integrated extinction: the map's unit without its "per pc".
+fn integrated_unit(u: &str) -> String {
+    let t = u.trim();
+    for suffix in [" per pc", " / pc", "/pc", "/ pc", " pc^-1"] {
+        if let Some(s) = t.strip_suffix(suffix) {
+            return s.trim().to_string();
+        }
+    }
+    format!("({t}) × pc")
 }
 
 fn tempfile_path() -> Result<PathBuf> {
@@ -371,6 +382,9 @@ pub struct PlotArgs {
     /// Points to draw over the figure: CSV/FITS with l, b (deg), optional d, d_err (pc), label.
     #[arg(long)]
     overlay: Option<PathBuf>,
+    /// Colour-scale range "lo,hi" in the plotted unit (e.g. to draw two maps alike).
+    #[arg(long)]
+    range: Option<String>,
     /// stars: catalog to count when the map does not record its star counts.
     #[arg(long)]
     catalog: Option<PathBuf>,
@@ -392,8 +406,9 @@ pub fn plot(a: PlotArgs) -> Result<()> {
     if d.is_nan() || d <= 0.0 {
         bail!("--max-distance must be > 0, got {d}");
     }
+    let range = a.range.as_deref().map(parse_range).transpose()?;
     let sky = |vals: Vec<f64>, log, unit: &str, title: String| {
-        crate::plot::sky(&vals, log, unit, &title, &overlay, &a.out)
+        crate::plot::sky(&vals, (log, range), unit, &title, &overlay, &a.out)
     };
     match a.kind.as_str() {
         "sky" => {
@@ -433,6 +448,7 @@ pub fn plot(a: PlotArgs) -> Result<()> {
                 factor: a.factor,
                 unit: a.unit.clone(),
                 pixels: 200,
+                range,
             };
             if o.slab_pc.is_nan() || o.slab_pc <= 0.0 {
                 bail!("--slab must be > 0");
@@ -444,6 +460,15 @@ pub fn plot(a: PlotArgs) -> Result<()> {
     }
     tracing::info!(out = %a.out.display(), "figure written");
     Ok(())
+}
+
+/// Parse "lo,hi" with lo < hi.
+fn parse_range(s: &str) -> Result<(f64, f64)> {
+    let v: Vec<f64> = s.split(',').filter_map(|x| x.trim().parse().ok()).collect();
+    match v[..] {
+        [lo, hi] if lo < hi && lo.is_finite() && hi.is_finite() => Ok((lo, hi)),
+        _ => bail!("--range {s:?}: expected 'lo,hi' with lo < hi"),
+    }
 }
 
 /// Star counts per pixel: recorded in the map, or counted from a catalog.

@@ -149,10 +149,14 @@ fn colour_bar<DB: DrawingBackend>(
 /// Compact tick label.
 fn tick(v: f64) -> String {
     let a = v.abs();
-    if a != 0.0 && !(1e-3..1e4).contains(&a) {
+    if a != 0.0 && !(1e-3..1e5).contains(&a) {
         format!("{v:.2e}")
+    } else if a >= 100.0 {
+        format!("{v:.0}")
+    } else if a >= 1.0 {
+        format!("{v:.2}")
     } else {
-        format!("{:.3}", v)
+        format!("{v:.3}")
     }
 }
 

@@ -81,10 +81,10 @@ fn mollweide(l_deg: f64, b_deg: f64) -> (f64, f64) {
 }
 
 /// Draw per-pixel `vals` (NESTED, nside of their length) as a Mollweide PNG with a colour bar
-/// (`log` scale or linear) and optional overlay points.
+/// (`log` scale or linear, over `range` or the values' own) and optional overlay points.
 pub fn sky(
     vals: &[f64],
-    log: bool,
+    (log, range): (bool, Option<(f64, f64)>),
     unit: &str,
     title: &str,
     overlay: &[OverlayPoint],
@@ -92,7 +92,7 @@ pub fn sky(
 ) -> Result<()> {
     let nside = ((vals.len() / 12) as f64).sqrt().round() as u32;
     grid::depth_of_nside(nside)?;
-    let (lo, hi) = limits(vals, log);
+    let (lo, hi) = range.unwrap_or_else(|| limits(vals, log));
     let (mw, mh, left, top) = (960u32, 480u32, 20i32, 50i32);
     let s2 = std::f64::consts::SQRT_2;
     png(out, (1000, 620), |root| {

@@ -23,6 +23,8 @@ pub struct SliceOptions {
     pub unit: String,
     /// Pixels per panel side.
     pub pixels: usize,
+    /// Colour-scale range (default: the values' own).
+    pub range: Option<(f64, f64)>,
 }
 
 /// (horizontal axis, vertical axis, normal axis) of each panel, and axis names.
@@ -86,10 +88,10 @@ pub fn slices(
     let q = Interpolator::new(map, Quantity::Differential, Convention::Native, false)?;
     let panels: Vec<Vec<f64>> = PANELS.iter().map(|&p| panel(&q, o, p)).collect();
     let all: Vec<f64> = panels.iter().flatten().copied().collect();
-    let (lo, hi) = limits(&all, true);
+    let (lo, hi) = o.range.unwrap_or_else(|| limits(&all, true));
     let np = o.pixels;
     let e = o.extent_pc;
-    png(out, (1500, 640), |root| {
+    png(out, (1500, 680), |root| {
         root.draw(&Text::new(
             title.to_string(),
             (20, 10),
@@ -117,6 +119,8 @@ pub fn slices(
                 .disable_mesh()
                 .x_desc(format!("{} [pc]", AXES[h]))
                 .y_desc(format!("{} [pc]", AXES[v]))
+                .x_label_formatter(&|x| format!("{x:.0}"))
+                .y_label_formatter(&|y| format!("{y:.0}"))
                 .label_style(("sans-serif", 14))
                 .draw()
                 .map_err(|e| anyhow!("{e}"))?;
@@ -191,6 +195,7 @@ mod tests {
             factor: 1.0,
             unit: "E".into(),
             pixels: 20,
+            range: None,
         };
         let p = panel(&q, &o, PANELS[0]);
         // pixel (row 2, col 2) sits at (−170, 170): |r| < 300 for all of the slab
