@@ -4,7 +4,7 @@
 usage: fetch.py DIR [--samples] [--record ID]
        fetch.py --verify DIR
 
-Downloads mean_and_std_healpix.fits (and, with --samples, samples_healpix.fits, ~30 GB) of
+Downloads mean_and_std_healpix.fits (and, with --samples, samples_healpix.fits, about 19.5 GB) of
 Zenodo record ID (default 8187943, the version dustmaps uses; concept DOI
 10.5281/zenodo.8187942) into DIR, resuming partial downloads. Each file is checked against
 the MD5 checksum Zenodo publishes for it in the record's metadata; the SHA-256 of every
