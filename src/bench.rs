@@ -215,6 +215,71 @@ pub struct BenchOptions {
     pub precision: Precision,
     /// Inner-CG forcing of the Newton steps of `bench mgvi`.
     pub newton_forcing: f64,
+    /// Arithmetic precision on an OpenCL device.
+    pub device_precision: crate::gpu::GpuPrecision,
+}
+
+/// ICR on the OpenCL device: device-only passes (inputs resident), and with the host
+/// transfers; the global-memory bytes the kernels access (every load and store counted, a
+/// site's matrix once per site although sites of one class share it, so an upper bound on
+/// DRAM traffic) and the access rate that implies.
+fn bench_icr_opencl(
+    icr: &Icr,
+    xi: &[f64],
+    sb: &[f64],
+    reps: usize,
+    precision: crate::gpu::GpuPrecision,
+    ops: &mut Vec<(&str, f64)>,
+    extra: &mut Map<String, Value>,
+) -> Result<()> {
+    use crate::gpu::{icr::GpuIcr, DeviceSpec, Gpu};
+    let gpu = Gpu::open(&DeviceSpec::from_env())?;
+    let t0 = Instant::now();
+    let dev = GpuIcr::new(icr, &gpu, precision)?;
+    ops.push(("device_setup_s", t0.elapsed().as_secs_f64()));
+    dev.upload_xi(xi)?;
+    dev.upload_field_bar(sb)?;
+    let run = |f: &dyn Fn() -> Result<()>| {
+        median_time(reps, || {
+            f().expect("OpenCL pass");
+            dev.finish().expect("OpenCL finish");
+        })
+    };
+    let tf = run(&|| dev.forward());
+    let ta = run(&|| {
+        dev.upload_field_bar(sb)?;
+        dev.adjoint()
+    });
+    let tfh = run(&|| {
+        dev.upload_xi(xi)?;
+        dev.forward()?;
+        dev.download_field(&mut vec![0.0; icr.n_field()])
+    });
+    ops.push(("forward_s", tf));
+    ops.push(("adjoint_s", ta));
+    ops.push(("forward_with_transfers_s", tfh));
+    let (bf, ba) = dev.traffic_bytes();
+    extra.insert("device".into(), json!(dev.device));
+    extra.insert(
+        "device_precision".into(),
+        json!(format!("{precision:?}").to_lowercase()),
+    );
+    extra.insert("device_matrix_bytes".into(), json!(dev.matrix_bytes()));
+    extra.insert("forward_bytes_accessed".into(), json!(bf));
+    extra.insert("adjoint_bytes_accessed".into(), json!(ba));
+    extra.insert(
+        "forward_access_rate_gbytes_per_second".into(),
+        json!(bf as f64 / tf / 1e9),
+    );
+    extra.insert(
+        "adjoint_access_rate_gbytes_per_second".into(),
+        json!(ba as f64 / ta / 1e9),
+    );
+    extra.insert(
+        "host_transfer_bytes_forward".into(),
+        json!(8 * (icr.n_xi() + icr.n_field())),
+    );
+    Ok(())
 }
 
 /// Point queries on a map of the preset's final grid: 10⁶ random points (l, b uniform on the
@@ -291,8 +356,13 @@ fn bench_query(
 /// Run benchmark `what` on preset `preset_name`.
 pub fn run(what: &str, preset_name: &str, backend: &str, opts: BenchOptions) -> Result<BenchOut> {
     let (reps, precision) = (opts.reps, opts.precision);
-    if backend != "cpu" {
-        bail!("backend {backend:?} is not available in this build (only \"cpu\")");
+    match (backend, what) {
+        ("cpu", _) | ("opencl", "icr") => {}
+        ("opencl", _) => bail!(
+            "--backend opencl runs the icr benchmark only so far (likelihood, metric and mgvi \
+             kernels are not on the device yet)"
+        ),
+        _ => bail!("unknown backend {backend:?} (cpu or opencl)"),
     }
     let p = preset(preset_name)?;
     let mut ops: Vec<(&str, f64)> = Vec::new();
@@ -318,6 +388,19 @@ pub fn run(what: &str, preset_name: &str, backend: &str, opts: BenchOptions) -> 
             ));
             extra.insert("matrix_bytes".into(), json!(icr.matrix_bytes()));
             extra.insert("matrix_classes".into(), json!(icr.class_counts()));
+            if backend == "opencl" {
+                ops.clear();
+                ops.push(("setup_s", t0.elapsed().as_secs_f64()));
+                bench_icr_opencl(
+                    &icr,
+                    &xi,
+                    &sb,
+                    reps,
+                    opts.device_precision,
+                    &mut ops,
+                    &mut extra,
+                )?;
+            }
             extra.insert("n_xi".into(), json!(icr.n_xi()));
         }
         "likelihood" | "metric" | "mgvi" => bench_model(&p, what, opts, &mut ops, &mut extra)?,

@@ -17,6 +17,7 @@ pub mod compare;
 pub mod config;
 pub mod dustmaps;
 pub mod fit;
+pub mod gpu;
 pub mod grid;
 pub mod icr;
 pub mod info;

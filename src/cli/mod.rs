@@ -113,9 +113,13 @@ enum Command {
         /// Timed repetitions after warm-up.
         #[arg(long, default_value_t = 10)]
         reps: usize,
-        /// Compute backend (cpu).
+        /// Compute backend: cpu, or opencl (icr only so far; device from
+        /// DUST3D_OPENCL_PLATFORM / DUST3D_OPENCL_DEVICE, index or name).
         #[arg(long, default_value = "cpu")]
         backend: String,
+        /// Arithmetic precision on an OpenCL device: f64 or f32.
+        #[arg(long, default_value = "f64")]
+        device_precision: String,
         /// Storage precision of the refinement matrices: f64 or f32.
         #[arg(long, default_value = "f64")]
         precision: String,
@@ -229,16 +233,23 @@ pub fn run() -> Result<()> {
             backend,
             precision,
             newton_forcing,
+            device_precision,
         } => {
             let precision = match precision.as_str() {
                 "f64" => crate::config::Precision::F64,
                 "f32" => crate::config::Precision::F32,
                 other => anyhow::bail!("--precision must be f64 or f32, got {other:?}"),
             };
+            let device_precision = match device_precision.as_str() {
+                "f64" => crate::gpu::GpuPrecision::F64,
+                "f32" => crate::gpu::GpuPrecision::F32,
+                other => anyhow::bail!("--device-precision must be f64 or f32, got {other:?}"),
+            };
             let opts = crate::bench::BenchOptions {
                 reps,
                 precision,
                 newton_forcing,
+                device_precision,
             };
             let out = crate::bench::run(&what, &preset, &backend, opts)?;
             if json {

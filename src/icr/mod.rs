@@ -52,8 +52,8 @@ pub struct Level {
     pub mats: Matrices,
     /// Reverse window map: coarse pixel q appears in windows `rev[rev_off[q]..rev_off[q+1]]`
     /// as (pixel, slot).
-    rev_off: Vec<u32>,
-    rev: Vec<(u32, u8)>,
+    pub(crate) rev_off: Vec<u32>,
+    pub(crate) rev: Vec<(u32, u8)>,
     /// Coarse pixels ordered by angular class.
     by_class: Vec<u32>,
     /// Offset of this level's excitations in ξ.
@@ -61,7 +61,8 @@ pub struct Level {
 }
 
 impl Level {
-    fn npix_c(&self) -> usize {
+    /// Number of coarse pixels.
+    pub fn npix_c(&self) -> usize {
         self.geom.window.len()
     }
     fn n_sites_r(&self) -> usize {
@@ -195,6 +196,11 @@ impl Icr {
             by_class,
             xi_off,
         })
+    }
+
+    /// Lower Cholesky factor of the level-0 covariance (row-major n0 × n0) and n0.
+    pub(crate) fn level0_factor_rows(&self) -> (&[f64], usize) {
+        (&self.level0, self.n0)
     }
 
     /// Total number of excitations ξ.
