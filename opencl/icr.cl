@@ -9,6 +9,8 @@
 #ifdef USE_FP64
 #pragma OPENCL EXTENSION cl_khr_fp64 : enable
 #endif
+// no fused multiply-adds: the CPU code does not fuse either, so sums round alike
+#pragma OPENCL FP_CONTRACT OFF
 
 #define SITE_LEN 280
 

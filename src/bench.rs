@@ -111,7 +111,11 @@ fn bench_model(
     extra: &mut Map<String, Value>,
 ) -> Result<()> {
     let (reps, precision) = (opts.reps, opts.precision);
-    let cfg = preset_config(p);
+    let mut cfg = preset_config(p);
+    if opts.opencl {
+        cfg.backend.kind = "opencl".into();
+        cfg.backend.precision = format!("{:?}", opts.device_precision).to_lowercase();
+    }
     let t0 = Instant::now();
     let sim = crate::simulate::run(&cfg, "")?;
     let t_sim = t0.elapsed().as_secs_f64();
@@ -199,6 +203,25 @@ fn bench_model(
             median_time(reps, || model.metric(&st, &v, &mut gx, &mut w)),
         ));
     }
+    if let Some(t) = model.device_traffic() {
+        let (dev, host) = if what == "likelihood" {
+            t.value_grad
+        } else {
+            t.metric
+        };
+        extra.insert("device".into(), json!(t.device));
+        extra.insert("device_bytes_accessed_per_call".into(), json!(dev));
+        extra.insert("host_transfer_bytes_per_call".into(), json!(host));
+        if let Some((_, secs)) = ops
+            .iter()
+            .find(|(k, _)| *k == "value_grad_s" || *k == "metric_s")
+        {
+            extra.insert(
+                "device_access_rate_gbytes_per_second".into(),
+                json!(dev as f64 / secs / 1e9),
+            );
+        }
+    }
     extra.insert("simulate_s".into(), json!(t_sim));
     extra.insert("n_stars".into(), json!(model.data.len()));
     extra.insert("window_bytes".into(), json!(model.data.windows.bytes()));
@@ -217,6 +240,8 @@ pub struct BenchOptions {
     pub newton_forcing: f64,
     /// Arithmetic precision on an OpenCL device.
     pub device_precision: crate::gpu::GpuPrecision,
+    /// Run the model benchmarks on the OpenCL device.
+    pub opencl: bool,
 }
 
 /// ICR on the OpenCL device: device-only passes (inputs resident), and with the host
@@ -357,11 +382,8 @@ fn bench_query(
 pub fn run(what: &str, preset_name: &str, backend: &str, opts: BenchOptions) -> Result<BenchOut> {
     let (reps, precision) = (opts.reps, opts.precision);
     match (backend, what) {
-        ("cpu", _) | ("opencl", "icr") => {}
-        ("opencl", _) => bail!(
-            "--backend opencl runs the icr benchmark only so far (likelihood, metric and mgvi \
-             kernels are not on the device yet)"
-        ),
+        ("cpu", _) | ("opencl", "icr" | "likelihood" | "metric" | "mgvi") => {}
+        ("opencl", _) => bail!("--backend opencl runs icr, likelihood, metric and mgvi"),
         _ => bail!("unknown backend {backend:?} (cpu or opencl)"),
     }
     let p = preset(preset_name)?;

@@ -311,6 +311,15 @@ pub struct BackendConfig {
     pub kind: String,
     /// Worker threads for `fit` (0 = all cores); `--threads` and DUST3D_THREADS override it.
     pub threads: usize,
+    /// OpenCL arithmetic: "f64" (needs cl_khr_fp64) or "f32" (relative error ~1e-6 per
+    /// operation; the fit then agrees with f64 to about 1e-5).
+    pub precision: String,
+    /// OpenCL platform: index or name substring (default the first; env
+    /// DUST3D_OPENCL_PLATFORM overrides).
+    pub platform: Option<String>,
+    /// OpenCL device: index or name substring (default the first; env DUST3D_OPENCL_DEVICE
+    /// overrides).
+    pub device: Option<String>,
 }
 
 impl Default for BackendConfig {
@@ -318,6 +327,29 @@ impl Default for BackendConfig {
         Self {
             kind: "cpu".into(),
             threads: 0,
+            precision: "f64".into(),
+            platform: None,
+            device: None,
+        }
+    }
+}
+
+impl BackendConfig {
+    /// The OpenCL device choice: environment first, then the configuration.
+    pub fn device_spec(&self) -> crate::gpu::DeviceSpec {
+        let env = crate::gpu::DeviceSpec::from_env();
+        crate::gpu::DeviceSpec {
+            platform: env.platform.or_else(|| self.platform.clone()),
+            device: env.device.or_else(|| self.device.clone()),
+        }
+    }
+
+    /// The OpenCL arithmetic precision.
+    pub fn gpu_precision(&self) -> crate::gpu::GpuPrecision {
+        if self.precision == "f32" {
+            crate::gpu::GpuPrecision::F32
+        } else {
+            crate::gpu::GpuPrecision::F64
         }
     }
 }
@@ -485,6 +517,12 @@ impl Config {
             bail!(
                 "backend.kind must be \"cpu\" or \"opencl\", got {:?}",
                 self.backend.kind
+            );
+        }
+        if !matches!(self.backend.precision.as_str(), "f64" | "f32") {
+            bail!(
+                "backend.precision must be \"f64\" or \"f32\", got {:?}",
+                self.backend.precision
             );
         }
         Ok(())

@@ -73,6 +73,8 @@ pub struct Model {
     pub infer_nsigma: bool,
     pad: usize,
     n_chart: usize,
+    /// The OpenCL likelihood, when `backend.kind = "opencl"`.
+    gpu: Option<std::sync::Mutex<crate::gpu::model::GpuModel>>,
 }
 
 /// Everything computed at one point (x, ξ_σ); JVPs, VJPs and metric products reuse it.
@@ -96,6 +98,15 @@ pub struct State {
     pub nsig: Vec<f64>,
     /// d n_σ / d ξ_σ per star.
     pub dnsig: Vec<f64>,
+    /// Identity of the contents: a fresh value whenever a model method refills the state
+    /// (the OpenCL backend keeps device copies keyed by it).
+    pub id: u64,
+}
+
+/// A fresh state identity.
+fn next_state_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Buffers reused across calls.
@@ -123,9 +134,28 @@ impl Model {
         }
         let shells = chart.kept_shells();
         let p = &cfg.prior;
+        let data = StarData::new(cat, &shells);
+        let widths = shells.widths_pc();
+        let gpu = if cfg.backend.kind == "opencl" {
+            let dev = crate::gpu::Gpu::open(&cfg.backend.device_spec())?;
+            let precision = cfg.backend.gpu_precision();
+            tracing::info!(device = %dev.name, ?precision, "likelihood and ICR on OpenCL");
+            let m = crate::gpu::model::GpuModel::new(
+                &icr,
+                &data,
+                &widths,
+                chart.padding,
+                &dev,
+                precision,
+            )?;
+            Some(std::sync::Mutex::new(m))
+        } else {
+            None
+        };
         Ok(Self {
-            data: StarData::new(cat, &shells),
-            widths: shells.widths_pc(),
+            gpu,
+            data,
+            widths,
             scale: LogNormal::from_mean_std(p.scale_mean, p.scale_std),
             offset: Normal {
                 mean: p.offset_mean,
@@ -231,7 +261,35 @@ impl Model {
             var: vec![0.0; self.data.len()],
             nsig: vec![1.0; self.data.len()],
             dnsig: vec![0.0; self.data.len()],
+            id: next_state_id(),
         }
+    }
+
+    /// Estimated bytes per call on the device and across the bus, if on a device.
+    pub fn device_traffic(&self) -> Option<crate::gpu::model::Traffic> {
+        self.device()
+            .map(|d| crate::on_gpu_model!(&*d, m => m.traffic()))
+    }
+
+    /// The OpenCL model, locked, if this model runs on a device.
+    fn device(&self) -> Option<std::sync::MutexGuard<'_, crate::gpu::model::GpuModel>> {
+        self.gpu
+            .as_ref()
+            .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Host globals (scale, offset, n_σ) without the ICR forward, for the device path.
+    fn globals_only(&self, x: &[f64], xsig: &[f64], st: &mut State) -> (f64, f64) {
+        let nxi = self.icr.n_xi();
+        if self.infer_nsigma {
+            for ((v, d), &z) in st.nsig.iter_mut().zip(st.dnsig.iter_mut()).zip(xsig) {
+                (*v, *d) = self.nsigma.value_deriv(z);
+            }
+        }
+        st.scl = self.scale.value(x[nxi]);
+        st.off = self.offset.value(x[nxi + 1]);
+        st.dscl = self.scale.deriv(x[nxi]);
+        (st.scl, st.off)
     }
 
     /// Re-evaluate the model at (x, ξ_σ) into an existing state (no allocation).
@@ -239,6 +297,23 @@ impl Model {
         let nxi = self.icr.n_xi();
         assert_eq!(x.len(), nxi + 2, "parameter vector length");
         assert_eq!(xsig.len(), self.data.len(), "one ξ_σ per star");
+        st.id = next_state_id();
+        if let Some(mut g) = self.device() {
+            let (scl, off) = self.globals_only(x, xsig, st);
+            let State {
+                s,
+                rw,
+                abar,
+                var,
+                nsig,
+                id,
+                ..
+            } = st;
+            let mut out = crate::gpu::model::HostState { s, rw, abar, var };
+            crate::on_gpu_model!(&mut *g, m => m.state(*id, &x[..nxi], nsig, scl, off, &mut out))
+                .expect("OpenCL state evaluation failed");
+            return;
+        }
         let (scl, off) = self.forward_globals(x, xsig, st, &mut w.icr);
         let field = &w.icr.fields[self.icr.chart.levels];
         let n = self.n_r();
@@ -298,6 +373,14 @@ impl Model {
     /// writes `g = Jᵀ c` (no prior term).
     pub fn vjp(&self, st: &State, ca: &[f64], cv: &[f64], g: &mut [f64], w: &mut ModelWork) {
         let nxi = self.icr.n_xi();
+        if let Some(mut d) = self.device() {
+            let [g_scl, g_off] =
+                crate::on_gpu_model!(&mut *d, m => m.vjp(st, ca, cv, &mut g[..nxi]))
+                    .expect("OpenCL VJP failed");
+            g[nxi] = g_scl * st.dscl;
+            g[nxi + 1] = g_off * self.offset.std;
+            return;
+        }
         let [g_scl, g_off] =
             self.vjp_to_field(st, ca, cv, 1.0, false, &mut w.field, &mut w.pix_scalars);
         self.icr.adjoint(&w.field, &mut g[..nxi], &mut w.icr);
@@ -380,6 +463,10 @@ impl Model {
     ) {
         let (nxi, np, ns) = (self.icr.n_xi(), self.n_params(), self.data.len());
         let (vx, vs) = v.split_at(np);
+        if let Some(mut d) = self.device() {
+            self.averaged_metric_device(&mut d, states, mask, v, out);
+            return;
+        }
         let mut vxm = std::mem::take(&mut w.masked);
         vxm.clear();
         vxm.extend(vx.iter().zip(mask).map(|(a, m)| a * m));
@@ -432,6 +519,95 @@ impl Model {
         w.star_v = dv;
     }
 
+    /// [`Model::averaged_metric`] on the OpenCL device: one ICR forward and adjoint for all
+    /// states, per state a device JVP and VJP with the Fisher weighting on the host.
+    fn averaged_metric_device(
+        &self,
+        dev: &mut crate::gpu::model::GpuModel,
+        states: &[State],
+        mask: &[f64],
+        v: &[f64],
+        out: &mut [f64],
+    ) {
+        let (nxi, np, ns) = (self.icr.n_xi(), self.n_params(), self.data.len());
+        let (vx, vs) = v.split_at(np);
+        let vxm: Vec<f64> = vx.iter().zip(mask).map(|(a, m)| a * m).collect();
+        out.iter_mut().for_each(|o| *o = 0.0);
+        let (out_x, out_sig) = out.split_at_mut(np);
+        let n = states.len() as f64;
+        let d = &self.data;
+        let mut weigh = |k: usize, da: &mut [f64], dv: &mut [f64]| {
+            let st = &states[k];
+            for i in 0..ns {
+                let dvds = 2.0 * st.nsig[i] * d.a_err[i] * d.a_err[i] * st.dnsig[i];
+                dv[i] += dvds * vs[i];
+                da[i] /= st.var[i];
+                dv[i] /= 2.0 * st.var[i] * st.var[i];
+                out_sig[i] += dvds * dv[i] / n;
+            }
+        };
+        let lat = [vxm[nxi], vxm[nxi + 1]];
+        let sc = crate::on_gpu_model!(dev, m => m.averaged_metric(states, &vxm[..nxi], lat, self.offset.std, &mut weigh, &mut out_x[..nxi]))
+            .expect("OpenCL metric product failed");
+        let (mut g_scl, mut g_off) = (0.0, 0.0);
+        for (st, [a, b]) in states.iter().zip(sc) {
+            g_scl += a * st.dscl;
+            g_off += b * self.offset.std;
+        }
+        out_x[nxi] = g_scl;
+        out_x[nxi + 1] = g_off;
+        for i in 0..np {
+            out_x[i] = mask[i] * out_x[i] + vx[i];
+        }
+        for i in 0..ns {
+            out_sig[i] += vs[i];
+        }
+    }
+
+    /// [`Model::value_grad`] on the OpenCL device.
+    fn value_grad_device(
+        &self,
+        dev: &mut crate::gpu::model::GpuModel,
+        x: &[f64],
+        xsig: &[f64],
+        st: &mut State,
+        gx: &mut [f64],
+        gsig: &mut [f64],
+    ) -> f64 {
+        let nxi = self.icr.n_xi();
+        st.id = next_state_id();
+        let (scl, off) = self.globals_only(x, xsig, st);
+        let State {
+            s,
+            rw,
+            abar,
+            var,
+            nsig,
+            dnsig,
+            id,
+            ..
+        } = st;
+        let mut out = crate::gpu::model::HostState { s, rw, abar, var };
+        let sig = [&nsig[..], &dnsig[..], xsig];
+        let [lik, g_scl, g_off] = crate::on_gpu_model!(dev, m => m.value_grad(*id, &x[..nxi], sig, self.infer_nsigma, (scl, off), &mut out, gsig, &mut gx[..nxi]))
+            .expect("OpenCL value and gradient failed");
+        gx[nxi] = g_scl * st.dscl;
+        gx[nxi + 1] = g_off * self.offset.std;
+        gx.iter_mut().zip(x).for_each(|(g, xv)| *g += xv);
+        lik + self.prior_energy(x, xsig)
+    }
+
+    /// ½|x|² + ½|ξ_σ|² (the latter only when n_σ is inferred).
+    fn prior_energy(&self, x: &[f64], xsig: &[f64]) -> f64 {
+        let prior = 0.5 * det_sum(x.len(), |i| x[i] * x[i]);
+        let psig = if self.infer_nsigma {
+            0.5 * det_sum(xsig.len(), |i| xsig[i] * xsig[i])
+        } else {
+            0.0
+        };
+        prior + psig
+    }
+
     /// Gradient of [`Model::energy`] with respect to x and ξ_σ.
     pub fn gradient(
         &self,
@@ -478,6 +654,10 @@ impl Model {
         gsig: &mut [f64],
         w: &mut ModelWork,
     ) -> f64 {
+        if let Some(mut d) = self.device() {
+            return self.value_grad_device(&mut d, x, xsig, st, gx, gsig);
+        }
+        st.id = next_state_id();
         let nxi = self.icr.n_xi();
         let (n, nc, pad) = (self.n_r(), self.n_chart, self.pad);
         let (scl, off) = self.forward_globals(x, xsig, st, &mut w.icr);
@@ -578,6 +758,12 @@ impl Model {
     /// Tangent of (ā, v) per star for a tangent `dx` of x (ξ_σ held fixed).
     pub fn jvp(&self, st: &State, dx: &[f64], da: &mut [f64], dv: &mut [f64], w: &mut ModelWork) {
         let nxi = self.icr.n_xi();
+        if let Some(mut d) = self.device() {
+            let (dscl, doff) = (st.dscl * dx[nxi], self.offset.std * dx[nxi + 1]);
+            crate::on_gpu_model!(&mut *d, m => m.jvp(st, &dx[..nxi], dscl, doff, da, dv))
+                .expect("OpenCL JVP failed");
+            return;
+        }
         self.icr.forward(&dx[..nxi], &mut w.icr);
         let ds = &w.icr.fields[self.icr.chart.levels];
         self.jvp_from_field(st, ds, dx[nxi], dx[nxi + 1], da, dv, &mut w.field);

@@ -104,3 +104,66 @@ fn bad_device_choices_are_clear_errors() {
     .to_string();
     assert!(e.contains("device index 99"), "{e}");
 }
+
+fn max_rel(a: &[f64], b: &[f64]) -> f64 {
+    let scale = b.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    a.iter()
+        .zip(b)
+        .fold(0.0f64, |m, (x, y)| m.max((x - y).abs()))
+        / scale
+}
+
+#[test]
+fn a_short_fit_on_opencl_equals_the_cpu_fit() {
+    if gpu().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/demo.toml");
+    let (mut cfg, _) = dust3d::config::Config::from_file(&path).unwrap();
+    cfg.inference.stage.truncate(1);
+    let st = &mut cfg.inference.stage[0];
+    // One global iteration with one Newton step and fixed CG lengths. The KL minimisation
+    // amplifies rounding-level differences about 100-fold per Newton step (measured on the
+    // CPU alone: extinctions perturbed by 1e-13 move the map by 3e-8 after one step, 4e-6
+    // after three, 1e-4 after two global iterations), and adaptive CG stopping turns them
+    // into different iteration counts; so a bit-for-bit comparison of long fits measures
+    // the optimiser, not the backend.
+    st.iterations = 1;
+    (st.sample_cg_iterations, st.sample_cg_tolerance) = (20, 1e-300);
+    (st.newton_steps, st.newton_cg_iterations, st.newton_forcing) = (1, 10, 1e-300);
+    let sim = dust3d::simulate::run(&cfg, "").unwrap();
+    let cat = dir.path().join("cat.csv");
+    dust3d::catalog::write_catalog(&sim.catalog, &cat).unwrap();
+    let mut maps = Vec::new();
+    let mut stars = Vec::new();
+    for kind in ["cpu", "opencl"] {
+        cfg.backend.kind = kind.into();
+        let text = toml::to_string(&cfg).unwrap();
+        let out = dir.path().join(format!("{kind}.nc"));
+        dust3d::fit::run(&cfg, &text, &cat, &out, false).unwrap();
+        maps.push(dust3d::mapfile::DustMap::read(&out).unwrap());
+        // the per-star predictions are written in full f64 precision
+        let t = dust3d::table::Table::read(&dir.path().join(format!("{kind}_stars.csv"))).unwrap();
+        stars.push([
+            t.f64_column("predicted_extinction").unwrap(),
+            t.f64_column("predicted_extinction_std").unwrap(),
+            t.f64_column("nsigma").unwrap(),
+        ]);
+    }
+    let mut worst: f64 = 0.0;
+    for (a, b) in stars[1].iter().zip(&stars[0]) {
+        worst = worst.max(max_rel(a, b));
+    }
+    let (c, o) = (&maps[0], &maps[1]);
+    let mut worst_map: f64 = 0.0;
+    for (a, b) in [(&o.mean, &c.mean), (&o.std, &c.std)] {
+        worst_map = worst_map.max(max_rel(a, b));
+    }
+    println!(
+        "OpenCL fit vs CPU fit: per-star predictions (f64) {worst:.1e}, map (float32) {worst_map:.1e}"
+    );
+    assert!(worst <= 1e-8, "predictions differ by {worst:e}");
+    // the map file holds float32: one or two units in the last place
+    assert!(worst_map <= 2.5e-7, "maps differ by {worst_map:e}");
+}

@@ -52,6 +52,10 @@ enum Command {
         /// Continue from the checkpoint of an interrupted run.
         #[arg(long)]
         resume: bool,
+        /// Compute backend, overriding `backend.kind`: cpu or opencl (device from
+        /// `backend.platform` / `backend.device` or DUST3D_OPENCL_PLATFORM / _DEVICE).
+        #[arg(long)]
+        backend: Option<String>,
     },
     /// Recovery metrics of a fit of a simulated sky against its truth.
     Recovery {
@@ -113,8 +117,8 @@ enum Command {
         /// Timed repetitions after warm-up.
         #[arg(long, default_value_t = 10)]
         reps: usize,
-        /// Compute backend: cpu, or opencl (icr only so far; device from
-        /// DUST3D_OPENCL_PLATFORM / DUST3D_OPENCL_DEVICE, index or name).
+        /// Compute backend: cpu, or opencl (device from DUST3D_OPENCL_PLATFORM /
+        /// DUST3D_OPENCL_DEVICE, index or name).
         #[arg(long, default_value = "cpu")]
         backend: String,
         /// Arithmetic precision on an OpenCL device: f64 or f32.
@@ -185,8 +189,13 @@ pub fn run() -> Result<()> {
             catalog,
             out,
             resume,
+            backend,
         } => {
-            let (cfg, text) = load_config(Some(&config))?;
+            let (mut cfg, text) = load_config(Some(&config))?;
+            if let Some(b) = backend {
+                cfg.backend.kind = b;
+                cfg.validate()?;
+            }
             crate::fit::run(&cfg, &text, &catalog, &out, resume)?;
         }
         Command::Recovery {
@@ -250,6 +259,7 @@ pub fn run() -> Result<()> {
                 precision,
                 newton_forcing,
                 device_precision,
+                opencl: backend == "opencl",
             };
             let out = crate::bench::run(&what, &preset, &backend, opts)?;
             if json {

@@ -36,7 +36,7 @@ impl Real for f32 {
     }
 }
 
-fn buffer<T: Real>(gpu: &Gpu, data: &[T]) -> Result<Buffer<T>> {
+pub(crate) fn buffer<T: Real>(gpu: &Gpu, data: &[T]) -> Result<Buffer<T>> {
     let one = [T::default()];
     let data = if data.is_empty() { &one[..] } else { data };
     Buffer::builder()
@@ -47,7 +47,7 @@ fn buffer<T: Real>(gpu: &Gpu, data: &[T]) -> Result<Buffer<T>> {
         .context("cannot allocate an OpenCL buffer")
 }
 
-fn zeros<T: Real>(gpu: &Gpu, len: usize) -> Result<Buffer<T>> {
+pub(crate) fn zeros<T: Real>(gpu: &Gpu, len: usize) -> Result<Buffer<T>> {
     Buffer::builder()
         .queue(gpu.queue.clone())
         .len(len.max(1))
@@ -94,10 +94,10 @@ impl<'a> Header<'a> {
 }
 
 /// Device-resident state for one arithmetic type.
-struct Resident<T: Real> {
-    xi: Buffer<T>,
-    xi_bar: Buffer<T>,
-    fields: Vec<Buffer<T>>,
+pub(crate) struct Resident<T: Real> {
+    pub(crate) xi: Buffer<T>,
+    pub(crate) xi_bar: Buffer<T>,
+    pub(crate) fields: Vec<Buffer<T>>,
     level0_forward: Kernel,
     level0_adjoint: Kernel,
     levels: Vec<LevelKernels>,
@@ -141,7 +141,7 @@ impl MatBuf {
 }
 
 impl<T: Real> Resident<T> {
-    fn new(icr: &Icr, gpu: &Gpu, precision: GpuPrecision) -> Result<Self> {
+    pub(crate) fn new(icr: &Icr, gpu: &Gpu, precision: GpuPrecision) -> Result<Self> {
         let mat_f64 = icr
             .levels
             .iter()
@@ -271,7 +271,7 @@ impl<T: Real> Resident<T> {
         })
     }
 
-    fn forward(&self) -> Result<()> {
+    pub(crate) fn forward(&self) -> Result<()> {
         // SAFETY: every kernel's arguments are buffers sized for its global work size
         unsafe {
             self.level0_forward.enq()?;
@@ -282,7 +282,7 @@ impl<T: Real> Resident<T> {
         Ok(())
     }
 
-    fn adjoint(&self) -> Result<()> {
+    pub(crate) fn adjoint(&self) -> Result<()> {
         // SAFETY: as in `forward`; the queue is in order, so each level's gather finishes
         // before the next coarser level reads its field
         unsafe {
@@ -296,13 +296,23 @@ impl<T: Real> Resident<T> {
         Ok(())
     }
 
-    fn write(buf: &Buffer<T>, host: &[f64]) -> Result<()> {
+    /// Bytes accessed by one forward and one adjoint pass (see [`GpuIcr::traffic_bytes`]).
+    pub(crate) fn traffic_bytes(&self) -> (usize, usize) {
+        let ts = std::mem::size_of::<T>();
+        let l0 = self.n0 * (self.n0 + 1) / 2 * ts;
+        (
+            l0 + self.levels.iter().map(|l| l.forward_bytes).sum::<usize>(),
+            l0 + self.levels.iter().map(|l| l.adjoint_bytes).sum::<usize>(),
+        )
+    }
+
+    pub(crate) fn write(buf: &Buffer<T>, host: &[f64]) -> Result<()> {
         let v: Vec<T> = host.iter().map(|&x| T::from_f64(x)).collect();
         buf.write(&v).enq()?;
         Ok(())
     }
 
-    fn read(buf: &Buffer<T>, host: &mut [f64]) -> Result<()> {
+    pub(crate) fn read(buf: &Buffer<T>, host: &mut [f64]) -> Result<()> {
         let mut v = vec![T::default(); host.len()];
         buf.read(&mut v).enq()?;
         for (h, x) in host.iter_mut().zip(v) {
@@ -410,14 +420,7 @@ impl GpuIcr {
 
     /// Estimated global-memory bytes read and written by one forward and one adjoint pass.
     pub fn traffic_bytes(&self) -> (usize, usize) {
-        on!(self, r => {
-            let ts = if matches!(self.state, AnyResident::F64(_)) { 8 } else { 4 };
-            let l0 = r.n0 * (r.n0 + 1) / 2 * ts;
-            (
-                l0 + r.levels.iter().map(|l| l.forward_bytes).sum::<usize>(),
-                l0 + r.levels.iter().map(|l| l.adjoint_bytes).sum::<usize>(),
-            )
-        })
+        on!(self, r => r.traffic_bytes())
     }
 
     /// Bytes of matrices resident on the device.

@@ -2,10 +2,13 @@
 //! `opencl/*.cl` and are compiled at run time for the chosen device, in f64 where the device
 //! supports it (`cl_khr_fp64`) and f32 otherwise or on request.
 //!
-//! So far the ICR prior operator runs on the device ([`icr::GpuIcr`]); the likelihood
-//! kernels and `fit --backend opencl` are not written yet (issue 8).
+//! The ICR prior operator ([`icr::GpuIcr`]) and the likelihood stages ([`model::GpuModel`]:
+//! exp/scale, per-pixel columns and star moments, their JVP and VJP) run on the device;
+//! [`crate::model::Model`] dispatches to them when the configuration asks for
+//! `backend.kind = "opencl"`.
 
 pub mod icr;
+pub mod model;
 
 use anyhow::{anyhow, bail, Context, Result};
 use ocl::enums::{DeviceInfo, DeviceInfoResult};
@@ -158,7 +161,7 @@ impl Gpu {
             "float"
         };
         let mat = if mat_f64 { "double" } else { "float" };
-        let mut opts = format!("-DREAL={real} -DMAT={mat}");
+        let mut opts = format!("-DREAL={real} -DREAL2={real}2 -DMAT={mat}");
         if precision == GpuPrecision::F64 || mat_f64 {
             opts += " -DUSE_FP64";
         }
@@ -170,3 +173,6 @@ impl Gpu {
             .map_err(|e| anyhow!("OpenCL kernels do not build on {}: {e}", self.name))
     }
 }
+
+#[cfg(test)]
+mod tests;
