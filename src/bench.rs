@@ -202,6 +202,33 @@ fn bench_model(
             "metric_s",
             median_time(reps, || model.metric(&st, &v, &mut gx, &mut w)),
         ));
+        if opts.opencl {
+            // CG with every vector resident on the device: 10 iterations of the sampling
+            // metric (one metric product, two dot products, three vector updates each)
+            let mask = vec![1.0; model.n_params()];
+            let settings = crate::cg::CgSettings {
+                rel_tol: 0.0,
+                max_iter: 10,
+                ..Default::default()
+            };
+            let t = median_time(reps, || {
+                let mut x = vec![0.0; model.n_params()];
+                model
+                    .solve_metric(&[&st], &mask, false, &v, &mut x, &settings)
+                    .expect("device CG");
+            });
+            ops.push(("device_cg_10_iterations_s", t));
+            let n = model.n_params();
+            let chunks = n.div_ceil(8192);
+            extra.insert(
+                "device_cg_host_bytes_per_iteration".into(),
+                json!(8 * (6 + 2 * model.npix().div_ceil(8192) + 2 * chunks)),
+            );
+            extra.insert(
+                "device_cg_host_bytes_per_solve_in_out".into(),
+                json!(8 * 2 * n),
+            );
+        }
     }
     if let Some(t) = model.device_traffic() {
         let (dev, host) = if what == "likelihood" {

@@ -43,6 +43,56 @@ fn dot(a: &[f64], b: &[f64]) -> f64 {
     det_sum(a.len(), |i| a[i] * b[i])
 }
 
+/// The vector operations CG needs, so the same iteration runs on host vectors and on
+/// device-resident ones (where only the scalars of these calls cross the bus).
+pub trait CgSpace {
+    /// A vector.
+    type V;
+    /// A new vector holding a copy of `x`.
+    fn clone_of(&mut self, x: &Self::V) -> Self::V;
+    /// xᵀy, summed in a fixed order.
+    fn dot(&mut self, x: &Self::V, y: &Self::V) -> f64;
+    /// y += a x.
+    fn axpy(&mut self, a: f64, x: &Self::V, y: &mut Self::V);
+    /// y = x + b y.
+    fn xpay(&mut self, x: &Self::V, b: f64, y: &mut Self::V);
+    /// r = b − ap.
+    fn sub(&mut self, b: &Self::V, ap: &Self::V, r: &mut Self::V);
+    /// x = 0.
+    fn zero(&mut self, x: &mut Self::V);
+}
+
+/// Host vectors.
+pub struct Host;
+
+impl CgSpace for Host {
+    type V = Vec<f64>;
+    fn clone_of(&mut self, x: &Vec<f64>) -> Vec<f64> {
+        x.clone()
+    }
+    fn dot(&mut self, x: &Vec<f64>, y: &Vec<f64>) -> f64 {
+        dot(x, y)
+    }
+    fn axpy(&mut self, a: f64, x: &Vec<f64>, y: &mut Vec<f64>) {
+        for (yi, xi) in y.iter_mut().zip(x) {
+            *yi += a * xi;
+        }
+    }
+    fn xpay(&mut self, x: &Vec<f64>, b: f64, y: &mut Vec<f64>) {
+        for (yi, xi) in y.iter_mut().zip(x) {
+            *yi = xi + b * *yi;
+        }
+    }
+    fn sub(&mut self, b: &Vec<f64>, ap: &Vec<f64>, r: &mut Vec<f64>) {
+        for ((ri, bi), ai) in r.iter_mut().zip(b).zip(ap) {
+            *ri = bi - ai;
+        }
+    }
+    fn zero(&mut self, x: &mut Vec<f64>) {
+        x.iter_mut().for_each(|v| *v = 0.0);
+    }
+}
+
 /// Solve `A x = b` from the initial guess in `x`; `apply(v, out)` writes `A v`.
 pub fn solve(
     mut apply: impl FnMut(&[f64], &mut [f64]),
@@ -50,59 +100,67 @@ pub fn solve(
     x: &mut [f64],
     s: &CgSettings,
 ) -> CgReport {
-    let n = b.len();
-    let bnorm = dot(b, b).sqrt();
+    let (bv, mut xv) = (b.to_vec(), x.to_vec());
+    let rep = solve_in(
+        &mut Host,
+        |v: &Vec<f64>, o: &mut Vec<f64>| apply(v, o),
+        &bv,
+        &mut xv,
+        s,
+    );
+    x.copy_from_slice(&xv);
+    rep
+}
+
+/// [`solve`] in any [`CgSpace`]: `apply(space, v, out)` writes `A v`.
+pub fn solve_in<S: CgSpace>(
+    space: &mut S,
+    mut apply: impl FnMut(&S::V, &mut S::V),
+    b: &S::V,
+    x: &mut S::V,
+    s: &CgSettings,
+) -> CgReport {
+    let bnorm = space.dot(b, b).sqrt();
     if bnorm == 0.0 {
-        x.iter_mut().for_each(|v| *v = 0.0);
+        space.zero(x);
         return CgReport {
             iterations: 0,
             rel_residual: 0.0,
         };
     }
-    let mut ap = vec![0.0; n];
-    let mut r = vec![0.0; n];
-    let residual =
-        |x: &[f64], ap: &mut [f64], r: &mut [f64], apply: &mut dyn FnMut(&[f64], &mut [f64])| {
-            apply(x, ap);
-            for i in 0..n {
-                r[i] = b[i] - ap[i];
-            }
-        };
-    residual(x, &mut ap, &mut r, &mut apply);
-    let mut p = r.clone();
-    let mut rr = dot(&r, &r);
+    let mut ap = space.clone_of(b);
+    let mut r = space.clone_of(b);
+    apply(x, &mut ap);
+    space.sub(b, &ap, &mut r);
+    let mut p = space.clone_of(&r);
+    let mut rr = space.dot(&r, &r);
     let mut total_decrease = 0.0;
     let mut it = 0;
     while it < s.max_iter && rr.sqrt() > s.rel_tol * bnorm {
         apply(&p, &mut ap);
-        let pap = dot(&p, &ap);
+        let pap = space.dot(&p, &ap);
         if pap <= 0.0 {
             break; // not positive definite along p: keep what we have
         }
         let alpha = rr / pap;
-        for i in 0..n {
-            x[i] += alpha * p[i];
-        }
+        space.axpy(alpha, &p, x);
         it += 1;
-        // energy decrease of this step: ½ α² pᵀAp... = ½ α rr
+        // energy decrease of this step: ½ α² pᵀAp = ½ α rr
         let dec = 0.5 * alpha * rr;
         total_decrease += dec;
         if s.recompute_every > 0 && it % s.recompute_every == 0 {
-            residual(x, &mut ap, &mut r, &mut apply);
+            apply(x, &mut ap);
+            space.sub(b, &ap, &mut r);
         } else {
-            for i in 0..n {
-                r[i] -= alpha * ap[i];
-            }
+            space.axpy(-alpha, &ap, &mut r);
         }
-        let rr_new = dot(&r, &r);
+        let rr_new = space.dot(&r, &r);
         if s.energy_tol > 0.0 && dec < s.energy_tol * total_decrease {
             rr = rr_new;
             break;
         }
         let beta = rr_new / rr;
-        for i in 0..n {
-            p[i] = r[i] + beta * p[i];
-        }
+        space.xpay(&r, beta, &mut p);
         rr = rr_new;
     }
     CgReport {

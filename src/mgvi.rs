@@ -39,6 +39,10 @@ pub trait Fisher {
     fn sqrt_fisher_t(&self, eta_a: &[f64], eta_v: &[f64], out: &mut [f64]);
     /// `out = M v`.
     fn metric(&self, v: &[f64], out: &mut [f64]);
+    /// Solve `M δ = y` by CG from the guess in `delta` (on the host unless overridden).
+    fn solve(&self, y: &[f64], delta: &mut [f64], settings: &CgSettings) -> CgReport {
+        cg::solve(|v, out| self.metric(v, out), y, delta, settings)
+    }
 }
 
 /// The dust model linearised at a state, restricted to the free entries of `mask`
@@ -90,6 +94,12 @@ impl Fisher for ModelAt<'_> {
             .zip(self.mask)
             .for_each(|((o, vi), m)| *o = m * *o + (1.0 - m) * vi);
     }
+    fn solve(&self, y: &[f64], delta: &mut [f64], settings: &CgSettings) -> CgReport {
+        // on a device the whole CG stays there; on the CPU it runs here
+        self.model
+            .solve_metric(&[self.state], self.mask, false, y, delta, settings)
+            .unwrap_or_else(|| cg::solve(|v, out| self.metric(v, out), y, delta, settings))
+    }
 }
 
 /// One residual δ ~ N(0, M⁻¹): y = η₁ + Jᵀ F^{1/2} η₂ (so y ~ N(0, M)), then M δ = y by CG.
@@ -109,7 +119,7 @@ pub fn draw_residual<F: Fisher, R: Rng>(
         y[i] += eta1[i];
     }
     let mut delta = vec![0.0; np];
-    let rep = cg::solve(|v, out| f.metric(v, out), &y, &mut delta, settings);
+    let rep = f.solve(&y, &mut delta, settings);
     (delta, rep)
 }
 
@@ -231,6 +241,17 @@ impl MetricObjective for Kl<'_> {
         self.ensure_states(p, &mut c);
         let KlCache { states, work, .. } = &mut *c;
         self.model.averaged_metric(states, self.mask, v, out, work);
+    }
+
+    fn solve(&self, p: &[f64], b: &[f64], x: &mut [f64], settings: &CgSettings) -> CgReport {
+        let on_device = {
+            let mut c = self.cache.lock().expect("KL cache");
+            self.ensure_states(p, &mut c);
+            let refs: Vec<&State> = c.states.iter().collect();
+            self.model
+                .solve_metric(&refs, self.mask, true, b, x, settings)
+        };
+        on_device.unwrap_or_else(|| cg::solve(|v, out| self.metric(p, v, out), b, x, settings))
     }
 }
 

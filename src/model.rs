@@ -306,11 +306,13 @@ impl Model {
                 abar,
                 var,
                 nsig,
+                dnsig,
                 id,
                 ..
             } = st;
             let mut out = crate::gpu::model::HostState { s, rw, abar, var };
-            crate::on_gpu_model!(&mut *g, m => m.state(*id, &x[..nxi], nsig, scl, off, &mut out))
+            let sig = [&nsig[..], &dnsig[..]];
+            crate::on_gpu_model!(&mut *g, m => m.state(*id, &x[..nxi], sig, scl, off, &mut out))
                 .expect("OpenCL state evaluation failed");
             return;
         }
@@ -443,10 +445,7 @@ impl Model {
                     *sc = [g_scl, g_off];
                 },
             );
-        let (g_scl, g_off) = pix_scalars
-            .iter()
-            .fold((0.0, 0.0), |a, s| (a.0 + s[0], a.1 + s[1]));
-        [g_scl, g_off]
+        crate::util::chunked_pair_sum(pix_scalars)
     }
 
     /// Sample-averaged metric of the KL over p = [x | ξ_σ]: `out = v + (1/N) Σ_k J_kᵀ F_k J_k v`
@@ -519,8 +518,7 @@ impl Model {
         w.star_v = dv;
     }
 
-    /// [`Model::averaged_metric`] on the OpenCL device: one ICR forward and adjoint for all
-    /// states, per state a device JVP and VJP with the Fisher weighting on the host.
+    /// [`Model::averaged_metric`] on the OpenCL device (host vectors in and out).
     fn averaged_metric_device(
         &self,
         dev: &mut crate::gpu::model::GpuModel,
@@ -529,39 +527,29 @@ impl Model {
         v: &[f64],
         out: &mut [f64],
     ) {
-        let (nxi, np, ns) = (self.icr.n_xi(), self.n_params(), self.data.len());
-        let (vx, vs) = v.split_at(np);
-        let vxm: Vec<f64> = vx.iter().zip(mask).map(|(a, m)| a * m).collect();
-        out.iter_mut().for_each(|o| *o = 0.0);
-        let (out_x, out_sig) = out.split_at_mut(np);
-        let n = states.len() as f64;
-        let d = &self.data;
-        let mut weigh = |k: usize, da: &mut [f64], dv: &mut [f64]| {
-            let st = &states[k];
-            for i in 0..ns {
-                let dvds = 2.0 * st.nsig[i] * d.a_err[i] * d.a_err[i] * st.dnsig[i];
-                dv[i] += dvds * vs[i];
-                da[i] /= st.var[i];
-                dv[i] /= 2.0 * st.var[i] * st.var[i];
-                out_sig[i] += dvds * dv[i] / n;
-            }
-        };
-        let lat = [vxm[nxi], vxm[nxi + 1]];
-        let sc = crate::on_gpu_model!(dev, m => m.averaged_metric(states, &vxm[..nxi], lat, self.offset.std, &mut weigh, &mut out_x[..nxi]))
+        let refs: Vec<&State> = states.iter().collect();
+        let done = crate::on_gpu_model!(dev, m => m.metric_host(&refs, mask, true, self.offset.std, v, out))
             .expect("OpenCL metric product failed");
-        let (mut g_scl, mut g_off) = (0.0, 0.0);
-        for (st, [a, b]) in states.iter().zip(sc) {
-            g_scl += a * st.dscl;
-            g_off += b * self.offset.std;
-        }
-        out_x[nxi] = g_scl;
-        out_x[nxi + 1] = g_off;
-        for i in 0..np {
-            out_x[i] = mask[i] * out_x[i] + vx[i];
-        }
-        for i in 0..ns {
-            out_sig[i] += vs[i];
-        }
+        assert!(done, "more sample states than the OpenCL state cache holds");
+    }
+
+    /// Solve `M x = b` by CG on the OpenCL device for the metric of `states` (averaged, with
+    /// the ξ_σ block when `with_sig`, as [`Model::averaged_metric`]; one state without it is
+    /// the sampling metric of [`crate::mgvi::ModelAt`]). None on the CPU backend (or when the
+    /// states do not fit on the device): the caller then runs CG on the host.
+    #[allow(clippy::too_many_arguments)]
+    pub fn solve_metric(
+        &self,
+        states: &[&State],
+        mask: &[f64],
+        with_sig: bool,
+        b: &[f64],
+        x: &mut [f64],
+        settings: &crate::cg::CgSettings,
+    ) -> Option<crate::cg::CgReport> {
+        let mut d = self.device()?;
+        crate::on_gpu_model!(&mut *d, m => m.solve(states, mask, with_sig, self.offset.std, b, x, settings))
+            .expect("OpenCL CG solve failed")
     }
 
     /// [`Model::value_grad`] on the OpenCL device.

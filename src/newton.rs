@@ -18,6 +18,10 @@ pub trait MetricObjective {
     fn value_grad(&self, p: &[f64], g: &mut [f64]) -> f64;
     /// `out = M(p) v`.
     fn metric(&self, p: &[f64], v: &[f64], out: &mut [f64]);
+    /// Solve `M(p) x = b` by CG from the guess in `x` (on the host unless overridden).
+    fn solve(&self, p: &[f64], b: &[f64], x: &mut [f64], settings: &CgSettings) -> cg::CgReport {
+        cg::solve(|v, out| self.metric(p, v, out), b, x, settings)
+    }
 }
 
 /// A point with its value and gradient.
@@ -149,8 +153,8 @@ impl<T: MetricObjective> Solver<ArgminObjective<'_, T>, St> for TruncatedNewton 
         let (cost, grad) = wrapped.value_grad(&param);
         let rhs: Vec<f64> = grad.iter().map(|g| -g).collect();
         let mut dir = vec![0.0; param.len()];
-        let rep = cg::solve(
-            |v, out| obj.metric(&param, v, out),
+        let rep = obj.solve(
+            &param,
             &rhs,
             &mut dir,
             &CgSettings {

@@ -12,7 +12,13 @@ use super::{Gpu, GpuPrecision};
 use crate::icr::Icr;
 use crate::model::StarData;
 
-static SOURCE: &str = include_str!("../../opencl/likelihood.cl");
+static SOURCE: &str = concat!(
+    include_str!("../../opencl/likelihood.cl"),
+    include_str!("../../opencl/vector.cl")
+);
+
+/// Values per dot-product chunk (as in vector.cl and `det_sum`).
+const DOT_CHUNK: usize = 8192;
 
 /// States kept on the device (two per antithetic sample pair of a typical KL, plus one).
 const CACHE: usize = 13;
@@ -23,6 +29,8 @@ struct DevState<T: Real> {
     rw: Buffer<T>,
     abar: Buffer<T>,
     var: Buffer<T>,
+    nsig: Buffer<T>,
+    dnsig: Buffer<T>,
 }
 
 /// Shapes: pixels, kept shells, chart shells, padding, stars.
@@ -72,20 +80,23 @@ pub struct Inner<T: Real> {
     aux_r: Buffer<T>,
     ds: Buffer<T>,
     partial: Buffer<T>,
-    star: [Buffer<T>; 8],
+    /// The masked tangent (n_params) and the mask.
+    vm: Buffer<T>,
+    mask: Buffer<T>,
+    /// Chunk sums of reductions.
+    chunk: Buffer<T>,
+    star: [Buffer<T>; 6],
     cache: Vec<(u64, DevState<T>)>,
     host_a: Vec<f64>,
 }
 
 /// Indices into `Inner::star`.
-const NSIG: usize = 0;
-const DNSIG: usize = 1;
-const XSIG: usize = 2;
-const GSIG: usize = 3;
-const CA: usize = 4;
-const CV: usize = 5;
-const DA: usize = 6;
-const DV: usize = 7;
+const XSIG: usize = 0;
+const GSIG: usize = 1;
+const CA: usize = 2;
+const CV: usize = 3;
+const DA: usize = 4;
+const DV: usize = 5;
 
 /// Estimated bytes of one call: (device global-memory bytes accessed, host↔device bytes).
 #[derive(Clone, Debug)]
@@ -144,8 +155,8 @@ impl<T: Real> Inner<T> {
             frac: raw(&q, &w.frac)?,
             spread: raw(&q, &w.spread)?,
         };
-        let star = [(); 8].map(|_| zeros_q::<T>(&q, d.nstar));
-        let [a, b, c2, e, f, g, h, i] = star;
+        let star = [(); 6].map(|_| zeros_q::<T>(&q, d.nstar));
+        let [a, b, c2, e, f, g] = star;
         Ok(Self {
             icr: Resident::new(icr, gpu, precision)?,
             widths: buffer(gpu, &conv(widths))?,
@@ -157,7 +168,13 @@ impl<T: Real> Inner<T> {
             aux_r: zeros_q(&q, d.npix * d.n)?,
             ds: zeros_q(&q, d.npix * d.nc)?,
             partial: zeros_q(&q, 3 * d.npix)?,
-            star: [a?, b?, c2?, e?, f?, g?, h?, i?],
+            vm: zeros_q(&q, icr.n_xi() + 2)?,
+            mask: zeros_q(&q, icr.n_xi() + 2)?,
+            chunk: zeros_q(
+                &q,
+                2 * (icr.n_xi() + 2 + d.nstar).div_ceil(DOT_CHUNK) + 2 * d.npix.div_ceil(DOT_CHUNK),
+            )?,
+            star: [a?, b?, c2?, e?, f?, g?],
             cache: Vec::new(),
             host_a: Vec::new(),
             device: gpu.name.clone(),
@@ -223,6 +240,8 @@ impl<T: Real> Inner<T> {
                 rw: zeros_q(&self.queue, d.npix * d.n)?,
                 abar: zeros_q(&self.queue, d.nstar)?,
                 var: zeros_q(&self.queue, d.nstar)?,
+                nsig: zeros_q(&self.queue, d.nstar)?,
+                dnsig: zeros_q(&self.queue, d.nstar)?,
             }
         };
         self.cache.push((id, st));
@@ -270,6 +289,8 @@ impl<T: Real> Inner<T> {
         self.upload(&st.rw, &host.rw)?;
         self.upload(&st.abar, &host.abar)?;
         self.upload(&st.var, &host.var)?;
+        self.upload(&st.nsig, &host.nsig)?;
+        self.upload(&st.dnsig, &host.dnsig)?;
         Ok(i)
     }
 
@@ -286,15 +307,16 @@ impl<T: Real> Inner<T> {
         &mut self,
         id: u64,
         xi: &[f64],
-        nsig: &[f64],
+        sig: [&[f64]; 2],
         scl: f64,
         off: f64,
         out: &mut HostState<'_>,
     ) -> Result<()> {
         let i = self.slot(id)?;
         self.columns(xi, scl, off, i)?;
-        self.upload(&self.star[NSIG], nsig)?;
         let st = &self.cache[i].1;
+        self.upload(&st.nsig, sig[0])?;
+        self.upload(&st.dnsig, sig[1])?;
         let k = self
             .kernel("star_state", self.d.npix)
             .arg(&self.win.offsets)
@@ -304,7 +326,7 @@ impl<T: Real> Inner<T> {
             .arg(&self.win.frac)
             .arg(&self.win.spread)
             .arg(&self.a_err)
-            .arg(&self.star[NSIG])
+            .arg(&st.nsig)
             .arg(&st.rw)
             .arg(&self.cum)
             .arg(&st.abar)
@@ -331,11 +353,11 @@ impl<T: Real> Inner<T> {
     ) -> Result<[f64; 3]> {
         let i = self.slot(id)?;
         self.columns(xi, scl, off, i)?;
-        for (b, h) in [NSIG, DNSIG, XSIG].into_iter().zip(sig) {
-            self.upload(&self.star[b], h)?;
-        }
         let d = self.d;
         let st = &self.cache[i].1;
+        self.upload(&st.nsig, sig[0])?;
+        self.upload(&st.dnsig, sig[1])?;
+        self.upload(&self.star[XSIG], sig[2])?;
         let k = self
             .kernel("value_grad", d.npix)
             .arg(d.nc as u32)
@@ -348,8 +370,8 @@ impl<T: Real> Inner<T> {
             .arg(&self.win.spread)
             .arg(&self.a_obs)
             .arg(&self.a_err)
-            .arg(&self.star[NSIG])
-            .arg(&self.star[DNSIG])
+            .arg(&st.nsig)
+            .arg(&st.dnsig)
             .arg(&self.star[XSIG])
             .arg(i32::from(infer_nsigma))
             .arg(T::from_f64(scl))
@@ -428,8 +450,15 @@ impl<T: Real> Inner<T> {
         Ok(())
     }
 
-    /// Field cotangent of star cotangents in CA/CV at state slot `i` into the final field.
-    fn vjp_kernel(&self, i: usize, scl: f64, weight: f64, accumulate: bool) -> Result<()> {
+    /// Field cotangent of star cotangents `ca`, `cv` at state slot `i` into the final field.
+    fn vjp_kernel(
+        &self,
+        i: usize,
+        (ca, cv): (&Buffer<T>, &Buffer<T>),
+        scl: f64,
+        weight: f64,
+        accumulate: bool,
+    ) -> Result<()> {
         let d = self.d;
         let st = &self.cache[i].1;
         let k = self
@@ -446,8 +475,8 @@ impl<T: Real> Inner<T> {
             .arg(&st.s)
             .arg(&st.rw)
             .arg(&st.abar)
-            .arg(&self.star[CA])
-            .arg(&self.star[CV])
+            .arg(ca)
+            .arg(cv)
             .arg(T::from_f64(weight))
             .arg(i32::from(accumulate))
             .arg(&self.cum)
@@ -490,50 +519,329 @@ impl<T: Real> Inner<T> {
         let i = self.ensure(st.id, st)?;
         self.upload(&self.star[CA], ca)?;
         self.upload(&self.star[CV], cv)?;
-        self.vjp_kernel(i, st.scl, 1.0, false)?;
+        self.vjp_kernel(i, (&self.star[CA], &self.star[CV]), st.scl, 1.0, false)?;
         self.icr.adjoint()?;
         self.download(&self.icr.xi_bar, g_xi)?;
-        let s = self.sum_partials(2)?;
-        Ok([s[0], s[1]])
+        self.pair_sum()
     }
 
-    /// The sample-averaged metric's device part: one ICR forward of the masked tangent,
-    /// per state a JVP, the Fisher weighting by `weigh` on the host, a weighted VJP
-    /// accumulated into one field, then one ICR adjoint into `out_xi`. Returns the summed
-    /// [Σ s t, Σ t] per state.
-    pub(crate) fn averaged_metric(
-        &mut self,
-        states: &[crate::model::State],
-        dxi: &[f64],
-        dlatent: [f64; 2],
+    /// Sum of the interleaved pixel partials [Σ s t, Σ t] in chunks on the device.
+    fn pair_sum(&self) -> Result<[f64; 2]> {
+        let nc = self.d.npix.div_ceil(DOT_CHUNK);
+        let k = self
+            .vkernel("pair_partials", nc)
+            .arg(self.d.npix as u64)
+            .arg(&self.partial)
+            .arg(&self.chunk)
+            .build()?;
+        // SAFETY: `chunk` holds ≥ 2 values per chunk of pixels
+        unsafe { k.enq()? };
+        let mut h = vec![T::default(); 2 * nc];
+        self.chunk.read(&mut h).enq()?;
+        let mut acc = [0.0; 2];
+        for c in h.chunks(2) {
+            acc = [acc[0] + c[0].to_f64(), acc[1] + c[1].to_f64()];
+        }
+        Ok(acc)
+    }
+
+    /// A vector kernel (no pixel/shell leading arguments).
+    fn vkernel(&self, name: &str, n: usize) -> ocl::builders::KernelBuilder<'_> {
+        let mut kb = Kernel::builder();
+        kb.program(&self.prog)
+            .name(name)
+            .queue(self.queue.clone())
+            .global_work_size(n.max(1));
+        kb
+    }
+
+    fn enq(kb: &mut ocl::builders::KernelBuilder<'_>) -> Result<()> {
+        let k = kb.build()?;
+        // SAFETY: every vector kernel checks its index against the length it is given
+        unsafe { k.enq()? };
+        Ok(())
+    }
+
+    /// Two values of a device vector at `off`.
+    fn read2(buf: &Buffer<T>, off: usize) -> Result<[f64; 2]> {
+        let mut h = [T::default(); 2];
+        buf.read(&mut h[..]).offset(off).enq()?;
+        Ok([h[0].to_f64(), h[1].to_f64()])
+    }
+
+    /// The metric product entirely on the device (see `Model::averaged_metric`; with one
+    /// state and `with_sig` false it is `ModelAt::metric`): `out = mask ∘ (1/N) Σ_k J_kᵀ F_k
+    /// J_k (mask ∘ v) + v`, plus the ξ_σ part when `with_sig`. Only four scalars and the
+    /// chunk sums of the scale/offset cotangents cross the bus.
+    #[allow(clippy::too_many_arguments)]
+    fn metric_apply(
+        &self,
+        slots: &[(usize, f64, f64)],
+        mask: &Buffer<T>,
+        mask_host: &[f64],
+        with_sig: bool,
         offset_std: f64,
-        weigh: &mut Weigh<'_>,
-        out_xi: &mut [f64],
-    ) -> Result<Vec<[f64; 2]>> {
-        self.upload(&self.icr.xi, dxi)?;
+        v: &Buffer<T>,
+        out: &Buffer<T>,
+    ) -> Result<()> {
+        let np = mask_host.len();
+        let nxi = np - 2;
+        let nst = self.d.nstar;
+        Self::enq(
+            self.vkernel("mask_mul", np)
+                .arg(np as u64)
+                .arg(mask)
+                .arg(v)
+                .arg(&self.vm),
+        )?;
+        self.vm.copy(&self.icr.xi, None, Some(nxi)).enq()?;
+        let lat = Self::read2(&self.vm, nxi)?;
+        let vlat = Self::read2(v, nxi)?;
         self.icr.forward()?;
         self.final_field().copy(&self.ds, None, None).enq()?;
         self.final_field().cmd().fill(T::default(), None).enq()?;
-        let n = states.len() as f64;
-        let (mut da, mut dv) = (vec![0.0; self.d.nstar], vec![0.0; self.d.nstar]);
-        let mut scalars = Vec::with_capacity(states.len());
-        for (k, st) in states.iter().enumerate() {
-            let i = self.ensure(st.id, st)?;
-            let dscl = st.dscl * dlatent[0];
-            let doff = offset_std * dlatent[1];
-            self.jvp_kernel(i, &self.ds, st.scl, dscl, doff)?;
-            self.download(&self.star[DA], &mut da)?;
-            self.download(&self.star[DV], &mut dv)?;
-            weigh(k, &mut da, &mut dv);
-            self.upload(&self.star[CA], &da)?;
-            self.upload(&self.star[CV], &dv)?;
-            self.vjp_kernel(i, st.scl, 1.0 / n, true)?;
-            let s = self.sum_partials(2)?;
-            scalars.push([s[0], s[1]]);
+        out.cmd().fill(T::default(), None).enq()?;
+        let n = slots.len() as f64;
+        let (mut g_scl, mut g_off) = (0.0, 0.0);
+        for &(i, scl, dscl) in slots {
+            self.jvp_kernel(i, &self.ds, scl, dscl * lat[0], offset_std * lat[1])?;
+            let st = &self.cache[i].1;
+            Self::enq(
+                self.vkernel("fisher_weigh", nst)
+                    .arg(nst as u64)
+                    .arg(i32::from(with_sig))
+                    .arg(np as u64)
+                    .arg(T::from_f64(n))
+                    .arg(&st.nsig)
+                    .arg(&st.dnsig)
+                    .arg(&self.a_err)
+                    .arg(&st.var)
+                    .arg(v)
+                    .arg(&self.star[DA])
+                    .arg(&self.star[DV])
+                    .arg(out),
+            )?;
+            self.vjp_kernel(i, (&self.star[DA], &self.star[DV]), scl, 1.0 / n, true)?;
+            let [a, b] = self.pair_sum()?;
+            g_scl += a * dscl;
+            g_off += b * offset_std;
         }
         self.icr.adjoint()?;
-        self.download(&self.icr.xi_bar, out_xi)?;
-        Ok(scalars)
+        Self::enq(
+            self.vkernel("combine", nxi)
+                .arg(nxi as u64)
+                .arg(mask)
+                .arg(&self.icr.xi_bar)
+                .arg(v)
+                .arg(out),
+        )?;
+        let tail = [
+            T::from_f64(mask_host[nxi] * g_scl + vlat[0]),
+            T::from_f64(mask_host[nxi + 1] * g_off + vlat[1]),
+        ];
+        out.write(&tail[..]).offset(nxi).enq()?;
+        if with_sig {
+            Self::enq(
+                self.vkernel("add_tail", nst)
+                    .arg(nst as u64)
+                    .arg(np as u64)
+                    .arg(v)
+                    .arg(out),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Make `states` resident and return (slot, scl, dscl) per state; None if they do not
+    /// all fit in the cache.
+    fn resident(
+        &mut self,
+        states: &[&crate::model::State],
+    ) -> Result<Option<Vec<(usize, f64, f64)>>> {
+        if states.len() > CACHE {
+            return Ok(None);
+        }
+        for st in states {
+            self.ensure(st.id, st)?;
+        }
+        // a later `ensure` may have evicted an earlier state only if they did not all fit
+        Ok(Some(
+            states
+                .iter()
+                .map(|st| {
+                    let i = self
+                        .cache
+                        .iter()
+                        .position(|(k, _)| *k == st.id)
+                        .expect("resident");
+                    (i, st.scl, st.dscl)
+                })
+                .collect(),
+        ))
+    }
+
+    /// One metric product from and to the host (the KL's `averaged_metric`).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn metric_host(
+        &mut self,
+        states: &[&crate::model::State],
+        mask: &[f64],
+        with_sig: bool,
+        offset_std: f64,
+        v: &[f64],
+        out: &mut [f64],
+    ) -> Result<bool> {
+        let Some(slots) = self.resident(states)? else {
+            return Ok(false);
+        };
+        self.upload(&self.mask, mask)?;
+        let vb = zeros_q::<T>(&self.queue, v.len())?;
+        let ob = zeros_q::<T>(&self.queue, v.len())?;
+        self.upload(&vb, v)?;
+        self.metric_apply(&slots, &self.mask, mask, with_sig, offset_std, &vb, &ob)?;
+        self.download(&ob, out)?;
+        Ok(true)
+    }
+
+    /// Solve `M x = b` by CG with every vector on the device (M as in [`Self::metric_apply`]);
+    /// `x` holds the initial guess. None in single precision or if the states do not fit in
+    /// the device cache (the caller then runs CG on the host).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn solve(
+        &mut self,
+        states: &[&crate::model::State],
+        mask: &[f64],
+        with_sig: bool,
+        offset_std: f64,
+        b: &[f64],
+        x: &mut [f64],
+        settings: &crate::cg::CgSettings,
+    ) -> Result<Option<crate::cg::CgReport>> {
+        if std::mem::size_of::<T>() < 8 {
+            // single-precision CG stalls on this metric (condition numbers reach 1e6): the
+            // caller runs CG on the host in f64 over the device's products
+            return Ok(None);
+        }
+        let Some(slots) = self.resident(states)? else {
+            return Ok(None);
+        };
+        self.upload(&self.mask, mask)?;
+        let n = b.len();
+        let bb = zeros_q::<T>(&self.queue, n)?;
+        let mut xb = zeros_q::<T>(&self.queue, n)?;
+        self.upload(&bb, b)?;
+        self.upload(&xb, x)?;
+        let this = &*self;
+        let mut space = DeviceSpace {
+            inner: this,
+            n,
+            err: None,
+        };
+        let rep = crate::cg::solve_in(
+            &mut space,
+            |v: &Buffer<T>, o: &mut Buffer<T>| {
+                if let Err(e) =
+                    this.metric_apply(&slots, &this.mask, mask, with_sig, offset_std, v, o)
+                {
+                    panic!("OpenCL metric product failed: {e:#}");
+                }
+            },
+            &bb,
+            &mut xb,
+            settings,
+        );
+        if let Some(e) = space.err {
+            return Err(e);
+        }
+        self.download(&xb, x)?;
+        Ok(Some(rep))
+    }
+}
+
+/// Device vectors for [`crate::cg::solve_in`]; the first error is kept (and the CG then
+/// finishes on garbage that the caller discards).
+struct DeviceSpace<'a, T: Real> {
+    inner: &'a Inner<T>,
+    n: usize,
+    err: Option<anyhow::Error>,
+}
+
+impl<T: Real> DeviceSpace<'_, T> {
+    fn run(&mut self, r: Result<()>) {
+        if let (Err(e), None) = (r, &self.err) {
+            self.err = Some(e);
+        }
+    }
+}
+
+impl<T: Real> crate::cg::CgSpace for DeviceSpace<'_, T> {
+    type V = Buffer<T>;
+    fn clone_of(&mut self, x: &Buffer<T>) -> Buffer<T> {
+        let y = zeros_q::<T>(&self.inner.queue, self.n).expect("OpenCL allocation");
+        let r = x.copy(&y, None, None).enq().map_err(Into::into);
+        self.run(r);
+        y
+    }
+    fn dot(&mut self, x: &Buffer<T>, y: &Buffer<T>) -> f64 {
+        let nc = self.n.div_ceil(DOT_CHUNK);
+        let inner = self.inner;
+        let r = (|| -> Result<f64> {
+            Inner::<T>::enq(
+                inner
+                    .vkernel("dot_partials", nc)
+                    .arg(self.n as u64)
+                    .arg(x)
+                    .arg(y)
+                    .arg(&inner.chunk),
+            )?;
+            let mut h = vec![T::default(); nc];
+            inner.chunk.read(&mut h).enq()?;
+            Ok(h.iter().fold(0.0, |a, v| a + v.to_f64()))
+        })();
+        match r {
+            Ok(v) => v,
+            Err(e) => {
+                self.run(Err(e));
+                f64::NAN
+            }
+        }
+    }
+    fn axpy(&mut self, a: f64, x: &Buffer<T>, y: &mut Buffer<T>) {
+        let r = Inner::<T>::enq(
+            self.inner
+                .vkernel("axpy", self.n)
+                .arg(self.n as u64)
+                .arg(T::from_f64(a))
+                .arg(x)
+                .arg(&*y),
+        );
+        self.run(r);
+    }
+    fn xpay(&mut self, x: &Buffer<T>, b: f64, y: &mut Buffer<T>) {
+        let r = Inner::<T>::enq(
+            self.inner
+                .vkernel("xpay", self.n)
+                .arg(self.n as u64)
+                .arg(x)
+                .arg(T::from_f64(b))
+                .arg(&*y),
+        );
+        self.run(r);
+    }
+    fn sub(&mut self, b: &Buffer<T>, ap: &Buffer<T>, r: &mut Buffer<T>) {
+        let res = Inner::<T>::enq(
+            self.inner
+                .vkernel("sub", self.n)
+                .arg(self.n as u64)
+                .arg(b)
+                .arg(ap)
+                .arg(&*r),
+        );
+        self.run(res);
+    }
+    fn zero(&mut self, x: &mut Buffer<T>) {
+        let r = x.cmd().fill(T::default(), None).enq().map_err(Into::into);
+        self.run(r);
     }
 }
 

@@ -128,10 +128,64 @@ fn check(precision: &str, kernel: f64, reduced: f64) {
     cpu.averaged_metric(&states_c, &mask, &vv, &mut ac, &mut wc);
     dev.averaged_metric(&states_d, &mask, &vv, &mut ad, &mut wd);
     errs.push(("averaged metric".into(), rel(&ad, &ac), reduced));
-    for (name, e, t) in &errs {
+    // CG with every vector on the device against CG on the host with the same (device)
+    // operator, for the KL metric (two states, with ξ_σ) and the sampling metric (one
+    // state); the operators themselves are compared with the CPU above
+    let settings = crate::cg::CgSettings {
+        rel_tol: 1e-300,
+        max_iter: 15,
+        ..Default::default()
+    };
+    let rc: Vec<&State> = states_c.iter().collect();
+    let rd: Vec<&State> = states_d.iter().collect();
+    assert!(cpu
+        .solve_metric(&rc, &mask, true, &vv, &mut vec![0.0; np + ns], &settings)
+        .is_none());
+    let mut xc = vec![0.0; np + ns];
+    crate::cg::solve(
+        |v, o| dev.averaged_metric(&states_d, &mask, v, o, &mut wd),
+        &vv,
+        &mut xc,
+        &settings,
+    );
+    let mut xcpu = vec![0.0; np + ns];
+    crate::cg::solve(
+        |v, o| cpu.averaged_metric(&states_c, &mask, v, o, &mut wc),
+        &vv,
+        &mut xcpu,
+        &settings,
+    );
+    let mut xd = vec![0.0; np + ns];
+    let Some(rep) = dev.solve_metric(&rd, &mask, true, &vv, &mut xd, &settings) else {
+        // single precision: CG stays on the host (f64) over the device's products
+        assert_eq!(precision, "f32");
+        report(precision, &errs);
+        return;
+    };
+    assert_eq!(rep.iterations, 15);
+    errs.push(("CG solve, KL metric".into(), rel(&xd, &xc), kernel));
+    // against CG with the CPU operator: 15 iterations on this ill-conditioned metric (the
+    // scale latent's diagonal is 7e5) amplify the operators' 1e-13 differences
+    errs.push((
+        "CG solve vs CPU operator".into(),
+        rel(&xd, &xcpu),
+        1e4 * reduced,
+    ));
+    let y = &vv[..np];
+    let lin_d = crate::mgvi::ModelAt::new(&dev, &states_d[0], &mask);
+    use crate::mgvi::Fisher;
+    let (mut dc, mut dd) = (vec![0.0; np], vec![0.0; np]);
+    crate::cg::solve(|v, o| lin_d.metric(v, o), y, &mut dc, &settings);
+    lin_d.solve(y, &mut dd, &settings);
+    errs.push(("CG solve, sampling metric".into(), rel(&dd, &dc), kernel));
+    report(precision, &errs);
+}
+
+fn report(precision: &str, errs: &[(String, f64, f64)]) {
+    for (name, e, t) in errs {
         println!("{precision} {name:<32} {e:.1e} (tolerance {t:.0e})");
     }
-    for (name, e, t) in &errs {
+    for (name, e, t) in errs {
         assert!(e <= t, "{precision} {name}: {e:e} > {t:e}");
     }
 }
