@@ -167,3 +167,54 @@ fn a_short_fit_on_opencl_equals_the_cpu_fit() {
     // the map file holds float32: one or two units in the last place
     assert!(worst_map <= 2.5e-7, "maps differ by {worst_map:e}");
 }
+
+#[test]
+fn command_line_backend_choice_and_missing_platform_errors() {
+    let run = |args: &[&str], env: &[(&str, &str)]| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_dust3d"));
+        c.args(args).env("DUST3D_LOG", "warn");
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        c.output().unwrap()
+    };
+    // no ICD at all: a clear message, exit 1, no panic
+    let empty = tempfile::tempdir().unwrap();
+    let o = run(
+        &["bench", "icr", "--backend", "opencl", "--reps", "1"],
+        &[("OCL_ICD_VENDORS", empty.path().to_str().unwrap())],
+    );
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(
+        e.contains("no OpenCL platform found") && e.contains("pocl"),
+        "{e}"
+    );
+    let o = run(&["bench", "icr", "--backend", "cuda"], &[]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("cpu or opencl"));
+    let cfg = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/demo.toml");
+    let o = run(
+        &[
+            "fit",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--catalog",
+            "x.csv",
+            "--out",
+            "x.nc",
+            "--backend",
+            "gpu",
+        ],
+        &[],
+    );
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("backend.kind"));
+    if gpu().is_some() {
+        let o = run(
+            &["bench", "icr", "--backend", "opencl", "--reps", "1"],
+            &[("DUST3D_OPENCL_DEVICE", "no-such-device")],
+        );
+        assert!(String::from_utf8_lossy(&o.stderr).contains("no OpenCL device matches"));
+    }
+}

@@ -92,7 +92,12 @@ pub fn list_devices() -> Result<Vec<(String, String, bool)>> {
 }
 
 fn platforms() -> Result<Vec<Platform>> {
-    let list = Platform::list();
+    // `Platform::list` panics when the ICD loader finds no platform; ask the core API
+    let list: Vec<Platform> = ocl::core::get_platform_ids()
+        .unwrap_or_default()
+        .into_iter()
+        .map(Platform::new)
+        .collect();
     if list.is_empty() {
         bail!(
             "no OpenCL platform found: install a driver (ICD), e.g. PoCL for CPUs \
