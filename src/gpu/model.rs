@@ -43,6 +43,23 @@ struct Dims {
     nstar: usize,
 }
 
+/// Appending the star-window arguments (offsets, start, entry offsets, prob, frac, spread)
+/// that every per-pixel star kernel takes in this order.
+trait WindowArgs<'a> {
+    fn args_windows(&mut self, w: &'a Windows) -> &mut Self;
+}
+
+impl<'a> WindowArgs<'a> for ocl::builders::KernelBuilder<'a> {
+    fn args_windows(&mut self, w: &'a Windows) -> &mut Self {
+        self.arg(&w.offsets)
+            .arg(&w.start)
+            .arg(&w.woff)
+            .arg(&w.prob)
+            .arg(&w.frac)
+            .arg(&w.spread)
+    }
+}
+
 /// Star windows on the device.
 struct Windows {
     offsets: Buffer<u64>,
@@ -319,12 +336,7 @@ impl<T: Real> Inner<T> {
         self.upload(&st.dnsig, sig[1])?;
         let k = self
             .kernel("star_state", self.d.npix)
-            .arg(&self.win.offsets)
-            .arg(&self.win.start)
-            .arg(&self.win.woff)
-            .arg(&self.win.prob)
-            .arg(&self.win.frac)
-            .arg(&self.win.spread)
+            .args_windows(&self.win)
             .arg(&self.a_err)
             .arg(&st.nsig)
             .arg(&st.rw)
@@ -362,12 +374,7 @@ impl<T: Real> Inner<T> {
             .kernel("value_grad", d.npix)
             .arg(d.nc as u32)
             .arg(d.pad as u32)
-            .arg(&self.win.offsets)
-            .arg(&self.win.start)
-            .arg(&self.win.woff)
-            .arg(&self.win.prob)
-            .arg(&self.win.frac)
-            .arg(&self.win.spread)
+            .args_windows(&self.win)
             .arg(&self.a_obs)
             .arg(&self.a_err)
             .arg(&st.nsig)
@@ -426,12 +433,7 @@ impl<T: Real> Inner<T> {
             .kernel("jvp", d.npix)
             .arg(d.nc as u32)
             .arg(d.pad as u32)
-            .arg(&self.win.offsets)
-            .arg(&self.win.start)
-            .arg(&self.win.woff)
-            .arg(&self.win.prob)
-            .arg(&self.win.frac)
-            .arg(&self.win.spread)
+            .args_windows(&self.win)
             .arg(T::from_f64(scl))
             .arg(T::from_f64(dscl))
             .arg(T::from_f64(doff))
@@ -465,12 +467,7 @@ impl<T: Real> Inner<T> {
             .kernel("vjp", d.npix)
             .arg(d.nc as u32)
             .arg(d.pad as u32)
-            .arg(&self.win.offsets)
-            .arg(&self.win.start)
-            .arg(&self.win.woff)
-            .arg(&self.win.prob)
-            .arg(&self.win.frac)
-            .arg(&self.win.spread)
+            .args_windows(&self.win)
             .arg(T::from_f64(scl))
             .arg(&st.s)
             .arg(&st.rw)
