@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 
 use crate::atomic::write_atomically;
 use crate::grid::{self, Shells};
-use crate::mapfile::DustMap;
+use crate::mapfile::{DustMap, Load};
 use crate::provenance::Provenance;
 
 /// File name of the mean-and-std file of the release.
@@ -316,7 +316,7 @@ fn inner_radius(ctype: &str, prefix: &str) -> Option<f64> {
     rest.strip_suffix("pc")?.trim().parse().ok()
 }
 
-fn read_parts(path: &Path) -> Result<Parts> {
+fn read_parts(path: &Path, load: Load) -> Result<Parts> {
     let file = path.display().to_string();
     let mut f = FitsFile::open(path).map_err(|e| anyhow!("{file}: cannot open as FITS: {e}"))?;
     let mut parts = Parts::default();
@@ -337,6 +337,8 @@ fn read_parts(path: &Path) -> Result<Parts> {
         let name = read_str_key(&mut f, &hdu, "EXTNAME").unwrap_or_default();
         let lname = name.to_ascii_lowercase();
         match lname.as_str() {
+            "std." if !load.std => {}
+            n if n.starts_with("std. of integrated inner") && !load.std => {}
             "mean" | "samples" | "std." => {
                 let img = read_image(&mut f, &hdu, &file, &name)?;
                 let nside: i64 = hdu.read_key(&mut f, "NSIDE")?;
@@ -381,8 +383,14 @@ fn sample_moments(data: &[f64], len: usize) -> (Vec<f64>, Vec<f64>) {
 /// Read a file in the release layout (mean-and-std or samples file) as a map. A samples file
 /// yields samples, with the mean and std computed from them.
 pub fn import(path: &Path) -> Result<DustMap> {
+    import_with(path, Load::ALL)
+}
+
+/// [`import`] of the parts `load` asks for (a samples file is read whole to form the mean,
+/// then its samples are dropped unless asked for).
+pub fn import_with(path: &Path, load: Load) -> Result<DustMap> {
     let file = path.display().to_string();
-    let p = read_parts(path)?;
+    let p = read_parts(path, load)?;
     let nside = p
         .nside
         .ok_or_else(|| anyhow!("{file}: no MEAN or SAMPLES image HDU"))?;
@@ -453,6 +461,16 @@ pub fn import(path: &Path) -> Result<DustMap> {
         }
         (None, _) => (vec![0.0; npix], vec![0.0; npix], Vec::new()),
     };
+    let (std, inner_std) = if load.std {
+        (std, inner_std)
+    } else {
+        (Vec::new(), vec![0.0; npix])
+    };
+    let (samples, inner_samples) = if load.samples {
+        (samples, inner_samples)
+    } else {
+        (Vec::new(), Vec::new())
+    };
     let map = DustMap {
         nside,
         shells,
@@ -477,13 +495,18 @@ pub fn import(path: &Path) -> Result<DustMap> {
 
 /// Open a map in any format dust3d reads: its own netCDF map or the release's FITS layout.
 pub fn open_map(path: &Path) -> Result<DustMap> {
+    open_map_with(path, Load::ALL)
+}
+
+/// [`open_map`] of the parts `load` asks for.
+pub fn open_map_with(path: &Path, load: Load) -> Result<DustMap> {
     if !path.exists() {
         bail!("{}: no such file", path.display());
     }
     if is_fits(path) {
-        import(path)
+        import_with(path, load)
     } else {
-        DustMap::read(path)
+        DustMap::read_with(path, load)
     }
 }
 
@@ -551,6 +574,34 @@ mod tests {
         assert!(close(&s.samples[1], &m.samples[1]) && close(&s.mean, &m.mean));
         assert!(close(&s.inner_samples[0], &m.inner_samples[0]));
         assert_eq!(s.mean.len(), n);
+        // partial loads: what is left out stays empty, the rest is identical
+        for f in &files {
+            let part = import_with(f, Load::MEAN).unwrap();
+            let full = import(f).unwrap();
+            assert!(
+                part.std.is_empty() && part.samples.is_empty() && part.inner_samples.is_empty()
+            );
+            assert_eq!(part.mean, full.mean);
+            assert_eq!(part.inner_mean, full.inner_mean);
+        }
+        let nc = dir.path().join("m.nc");
+        m.write(&nc).unwrap();
+        let part = DustMap::read_with(&nc, Load::MEAN).unwrap();
+        assert!(part.std.is_empty() && part.samples.is_empty());
+        assert_eq!(part.mean, DustMap::read(&nc).unwrap().mean);
+        let q = crate::query::Interpolator::new(
+            &part,
+            crate::query::Quantity::Differential,
+            crate::query::Convention::Native,
+            false,
+        )
+        .unwrap();
+        assert!(q.std(10.0, 10.0, 100.0).is_err());
+        let with = Load {
+            samples: true,
+            ..Load::MEAN
+        };
+        assert_eq!(DustMap::read_with(&nc, with).unwrap().samples.len(), 2);
     }
 
     #[test]

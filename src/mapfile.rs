@@ -9,6 +9,32 @@ use crate::atomic::write_atomically;
 use crate::grid::{self, Shells};
 use crate::provenance::Provenance;
 
+/// Which optional parts of a map file to read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Load {
+    /// The std map.
+    pub std: bool,
+    /// The samples (and inner samples).
+    pub samples: bool,
+    /// The stored integrated mean and std.
+    pub integrated: bool,
+}
+
+impl Load {
+    /// Everything.
+    pub const ALL: Load = Load {
+        std: true,
+        samples: true,
+        integrated: true,
+    };
+    /// The mean (and inner maps) only.
+    pub const MEAN: Load = Load {
+        std: false,
+        samples: false,
+        integrated: false,
+    };
+}
+
 /// A 3D dust map: arrays are [radius][pixel] (pixel fastest), NESTED ordering.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DustMap {
@@ -95,7 +121,8 @@ impl DustMap {
     /// Check array sizes against the grid.
     pub fn check(&self) -> Result<()> {
         let n = self.npix() * self.n_r();
-        if self.mean.len() != n || self.std.len() != n {
+        // an empty std is a map read without it (see `Load`)
+        if self.mean.len() != n || (self.std.len() != n && !self.std.is_empty()) {
             bail!(
                 "map arrays have {} / {} values, grid needs {n}",
                 self.mean.len(),
@@ -248,6 +275,13 @@ impl DustMap {
 
     /// Read a dust3d map file; errors say what is missing.
     pub fn read(path: &Path) -> Result<Self> {
+        Self::read_with(path, Load::ALL)
+    }
+
+    /// Read the parts of a dust3d map file that `load` asks for (the mean, inner maps and
+    /// radii always); what is left out stays empty, so a command on a paper-size map holds
+    /// only what it uses (the 12 samples alone are 39 GB in f64 at nside 256 × 516 shells).
+    pub fn read_with(path: &Path, load: Load) -> Result<Self> {
         let file = path.display().to_string();
         let nc = netcdf::open(path).map_err(|e| anyhow!("{file}: cannot open as netCDF: {e}"))?;
         let attr_str = |name: &str| -> Result<String> {
@@ -283,7 +317,6 @@ impl DustMap {
             bail!("{file}: radius_edges must be strictly increasing with ≥ 2 values");
         }
         let shells = Shells { edges_pc };
-        let (npix, nr) = (grid::npix(nside), shells.len());
         let centres_pc = match nc.variable("radius") {
             Some(_) => read_f64("radius")?,
             None => shells.centres_pc(),
@@ -297,22 +330,30 @@ impl DustMap {
             None => Vec::new(),
         };
         let mean = read_f64("mean")?;
-        let std = read_f64("std")?;
-        let samples = match nc.variable("samples") {
-            Some(v) => {
-                let all: Vec<f64> = v.get_values::<f64, _>(..)?;
-                all.chunks(npix * nr).map(<[f64]>::to_vec).collect()
-            }
-            None => Vec::new(),
+        let std = if load.std {
+            read_f64("std")?
+        } else {
+            Vec::new()
         };
-        let inner_samples = match nc.variable("inner_integrated_samples") {
-            Some(v) => v
-                .get_values::<f64, _>(..)?
-                .chunks(npix)
-                .map(<[f64]>::to_vec)
-                .collect(),
-            None => Vec::new(),
+        let per_sample = |name: &str| -> Result<Vec<Vec<f64>>> {
+            let Some(v) = nc.variable(name).filter(|_| load.samples) else {
+                return Ok(Vec::new());
+            };
+            let ns = v.dimensions()[0].len();
+            (0..ns)
+                .map(|k| {
+                    let r: Vec<f64> = if v.dimensions().len() == 3 {
+                        v.get_values((k, .., ..))?
+                    } else {
+                        v.get_values((k, ..))?
+                    };
+                    Ok(r)
+                })
+                .collect::<Result<_>>()
+                .map_err(|e: anyhow::Error| anyhow!("{file}: variable '{name}': {e}"))
         };
+        let samples = per_sample("samples")?;
+        let inner_samples = per_sample("inner_integrated_samples")?;
         let seed = attr_str("seed").unwrap_or_default().parse().unwrap_or(0);
         let provenance = Provenance {
             version: attr_str("dust3d_version").unwrap_or_default(),
@@ -334,12 +375,12 @@ impl DustMap {
             inner_mean: read_f64("inner_integrated_mean")?,
             inner_std: read_f64("inner_integrated_std")?,
             inner_samples,
-            integrated_mean: if nc.variable("integrated_mean").is_some() {
+            integrated_mean: if load.integrated && nc.variable("integrated_mean").is_some() {
                 read_f64("integrated_mean")?
             } else {
                 vec![]
             },
-            integrated_std: if nc.variable("integrated_std").is_some() {
+            integrated_std: if load.integrated && nc.variable("integrated_std").is_some() {
                 read_f64("integrated_std")?
             } else {
                 vec![]

@@ -403,6 +403,9 @@ impl<'m> Interpolator<'m> {
         let np = self.npix;
         if self.quantity == Quantity::Differential {
             let sd = &self.map.std;
+            if sd.is_empty() {
+                bail!("the map was read without its std");
+            }
             return Ok(match self.centre_bracket(d_pc) {
                 Some(b) => self
                     .lin_interp(&ang, b, |k, p| sd[k * np + p].powi(2))

@@ -5,8 +5,9 @@ use clap::{Args, Subcommand};
 use rayon::prelude::*;
 use std::path::PathBuf;
 
-use crate::dustmaps::open_map;
+use crate::dustmaps::{open_map, open_map_with};
 use crate::mapfile::DustMap;
+use crate::mapfile::Load;
 use crate::query::{Convention, Interpolator, Quantity};
 use crate::table::{Column, Table};
 
@@ -168,7 +169,15 @@ pub fn query(a: QueryArgs) -> Result<()> {
         table.f64_column("d")?,
     );
     check_positions(&table.source, &l, &b)?;
-    let map = open_map(&a.map)?;
+    let wants = |m: Mode| modes.contains(&m);
+    let load = Load {
+        std: wants(Mode::Std) && !a.integrated,
+        samples: wants(Mode::Samples)
+            || wants(Mode::RandomSample)
+            || (a.integrated && wants(Mode::Std)),
+        integrated: a.integrated && wants(Mode::Std),
+    };
+    let map = open_map_with(&a.map, load)?;
     let quantity = if a.integrated {
         Quantity::Integrated
     } else {
@@ -300,7 +309,12 @@ pub fn interp(kind: InterpKind) -> Result<()> {
         InterpKind::Lbd(a) => (a, crate::regrid::BoxKind::Lbd),
     };
     let spec = crate::regrid::BoxSpec::parse(&a.spec, k)?;
-    let map = open_map(&a.map)?;
+    let load = Load {
+        std: !a.integrated,
+        samples: a.integrated,
+        integrated: a.integrated,
+    };
+    let map = open_map_with(&a.map, load)?;
     let quantity = if a.integrated {
         Quantity::Integrated
     } else {
@@ -345,7 +359,11 @@ pub fn predict(a: PredictArgs) -> Result<()> {
         .iter()
         .map(|n| t.f64_column(n))
         .collect::<Result<Vec<_>>>()?;
-    let map = open_map(&a.map)?;
+    let load = Load {
+        samples: true,
+        ..Load::MEAN
+    };
+    let map = open_map_with(&a.map, load)?;
     let p = crate::predict::predict(&map, &cols[0], &cols[1], &cols[2], &cols[3])
         .with_context(|| format!("{}", a.catalog.display()))?;
     t.push("predicted_extinction", Column::F64(p.mean));
@@ -396,7 +414,12 @@ pub struct PlotArgs {
 /// Run `dust3d plot`.
 pub fn plot(a: PlotArgs) -> Result<()> {
     use crate::plot::SkyField;
-    let m = open_map(&a.map)?;
+    let load = if a.kind == "uncertainty" {
+        Load::ALL
+    } else {
+        Load::MEAN
+    };
+    let m = open_map_with(&a.map, load)?;
     let overlay = match &a.overlay {
         Some(p) => crate::plot::read_overlay(p)?,
         None => vec![],
@@ -519,8 +542,9 @@ pub struct CompareArgs {
 
 /// Run `dust3d compare`.
 pub fn compare(a: CompareArgs) -> Result<()> {
-    let map = open_map(&a.map)?;
-    let reference = open_map(&a.reference)?;
+    // integrated means only: a paper-size map is 1.6 GB per array in f64
+    let map = open_map_with(&a.map, Load::MEAN)?;
+    let reference = open_map_with(&a.reference, Load::MEAN)?;
     let o = crate::compare::CompareOptions {
         nside: a.nside,
         step_pc: a.step,
