@@ -119,6 +119,7 @@ pub fn sky(
                 top + ((s2 - y) / (2.0 * s2) * mh as f64) as i32,
             )
         };
+        graticule(root, &to_px)?;
         let font = ("sans-serif", 14).into_font().color(&RED);
         for p in overlay {
             let c = to_px(p.l_deg, p.b_deg);
@@ -152,6 +153,35 @@ pub fn sky(
             unit,
         )
     })
+}
+
+/// Lines of constant latitude every 30° and longitude every 60°, with longitude labels on
+/// the equator.
+fn graticule<DB: DrawingBackend>(
+    root: &DrawingArea<DB, plotters::coord::Shift>,
+    to_px: &dyn Fn(f64, f64) -> (i32, i32),
+) -> Result<()> {
+    let grey = RGBColor(255, 255, 255).mix(0.45);
+    for b in [-60.0, -30.0, 0.0, 30.0, 60.0] {
+        // l runs from just left of the right edge (l = 180 + ε) round to the left edge
+        let pts: Vec<(i32, i32)> = (0..=360)
+            .map(|i| to_px(180.001 + i as f64 * 0.99999, b))
+            .collect();
+        root.draw(&PathElement::new(pts, grey))
+            .map_err(|e| anyhow!("{e}"))?;
+    }
+    for l in [0.0, 60.0, 120.0, 240.0, 300.0] {
+        let pts: Vec<(i32, i32)> = (0..=180).map(|i| to_px(l, -90.0 + i as f64)).collect();
+        root.draw(&PathElement::new(pts, grey))
+            .map_err(|e| anyhow!("{e}"))?;
+    }
+    let font = ("sans-serif", 13).into_font().color(&WHITE);
+    for l in [0.0, 60.0, 120.0, 240.0, 300.0] {
+        let (x, y) = to_px(l, 0.0);
+        root.draw(&Text::new(format!("{l:.0}°"), (x + 3, y + 3), font.clone()))
+            .map_err(|e| anyhow!("{e}"))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
