@@ -36,6 +36,7 @@ pub mod regrid;
 pub mod response;
 pub mod rng;
 pub mod simulate;
+pub mod state;
 pub mod table;
 pub mod transforms;
 mod util;

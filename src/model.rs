@@ -15,45 +15,11 @@ use std::sync::Arc;
 use crate::catalog::PixelCatalog;
 use crate::config::Config;
 use crate::icr::{Icr, IcrWork};
-use crate::response::{finish_vjp, inner_columns, star_jvp, star_moments, star_vjp, Windows};
+use crate::response::{finish_vjp, inner_columns, star_jvp, star_moments, star_vjp};
+use crate::state::next_state_id;
+pub use crate::state::{StarData, State};
 use crate::transforms::{InvGamma, LogNormal, Normal};
 use crate::util::{det_sum, DisjointMut};
-
-/// Stars as the likelihood sees them: grouped by final-level pixel.
-#[derive(Clone, Debug)]
-pub struct StarData {
-    /// Stars of pixel p are `offsets[p]..offsets[p+1]`.
-    pub offsets: Vec<usize>,
-    /// Distance windows.
-    pub windows: Windows,
-    /// Observed extinction.
-    pub a_obs: Vec<f64>,
-    /// Extinction uncertainty σ_A.
-    pub a_err: Vec<f64>,
-}
-
-impl StarData {
-    /// Build from a pixel-sorted catalog on the model's kept shells.
-    pub fn new(cat: &PixelCatalog, shells: &crate::grid::Shells) -> Self {
-        let s = &cat.stars;
-        Self {
-            offsets: cat.offsets.clone(),
-            windows: Windows::new(shells, &s.parallax_mas, &s.parallax_error_mas),
-            a_obs: s.extinction.clone(),
-            a_err: s.extinction_error.clone(),
-        }
-    }
-
-    /// Number of stars.
-    pub fn len(&self) -> usize {
-        self.a_obs.len()
-    }
-
-    /// True if there are no stars.
-    pub fn is_empty(&self) -> bool {
-        self.a_obs.is_empty()
-    }
-}
 
 /// The composed model.
 pub struct Model {
@@ -75,38 +41,6 @@ pub struct Model {
     n_chart: usize,
     /// The OpenCL likelihood, when `backend.kind = "opencl"`.
     gpu: Option<std::sync::Mutex<crate::gpu::model::GpuModel>>,
-}
-
-/// Everything computed at one point (x, ξ_σ); JVPs, VJPs and metric products reuse it.
-#[derive(Clone, Debug)]
-pub struct State {
-    /// Log-density s on the kept shells, pixel-major.
-    pub s: Vec<f64>,
-    /// Extinction across each kept shell, `ρ Δr`, pixel-major (ρ = rw / Δr).
-    pub rw: Vec<f64>,
-    /// Scale of s.
-    pub scl: f64,
-    /// d scale / d ξ_scale.
-    pub dscl: f64,
-    /// Offset of ln ρ.
-    pub off: f64,
-    /// Predicted mean extinction ā per star.
-    pub abar: Vec<f64>,
-    /// Variance v = (n_σ σ_A)² + σ_a² per star.
-    pub var: Vec<f64>,
-    /// n_σ per star.
-    pub nsig: Vec<f64>,
-    /// d n_σ / d ξ_σ per star.
-    pub dnsig: Vec<f64>,
-    /// Identity of the contents: a fresh value whenever a model method refills the state
-    /// (the OpenCL backend keeps device copies keyed by it).
-    pub id: u64,
-}
-
-/// A fresh state identity.
-fn next_state_id() -> u64 {
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Buffers reused across calls.

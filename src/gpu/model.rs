@@ -1,6 +1,6 @@
 //! The likelihood on an OpenCL device: star windows, observations and every buffer the
 //! per-pixel kernels need stay resident; states (s, ρΔr, ā, v) are kept in a small cache on
-//! the device keyed by [`crate::model::State::id`], so JVPs and VJPs at a state computed on
+//! the device keyed by [`State::id`], so JVPs and VJPs at a state computed on
 //! the device upload nothing but the tangent or cotangent. Host copies of every state are
 //! kept complete, so the rest of dust3d sees the same `State` on either backend.
 
@@ -10,7 +10,7 @@ use ocl::{Buffer, Kernel, Program, Queue};
 use super::icr::{buffer, Real, Resident};
 use super::{Gpu, GpuPrecision};
 use crate::icr::Icr;
-use crate::model::StarData;
+use crate::state::{StarData, State};
 
 static SOURCE: &str = concat!(
     include_str!("../../opencl/likelihood.cl"),
@@ -296,7 +296,7 @@ impl<T: Real> Inner<T> {
     }
 
     /// Make state `id` resident, uploading the host copy if the cache lost it.
-    fn ensure(&mut self, id: u64, host: &crate::model::State) -> Result<usize> {
+    fn ensure(&mut self, id: u64, host: &State) -> Result<usize> {
         if let Some(i) = self.cache.iter().position(|(k, _)| *k == id) {
             return Ok(i);
         }
@@ -490,7 +490,7 @@ impl<T: Real> Inner<T> {
     /// JVP at a state: `dxi` the ICR tangent, `dscl`, `doff` the value tangents.
     pub(crate) fn jvp(
         &mut self,
-        st: &crate::model::State,
+        st: &State,
         dxi: &[f64],
         dscl: f64,
         doff: f64,
@@ -508,7 +508,7 @@ impl<T: Real> Inner<T> {
     /// VJP at a state: writes the ICR part of `Jᵀ c` to `g_xi`, returns [Σ s t, Σ t].
     pub(crate) fn vjp(
         &mut self,
-        st: &crate::model::State,
+        st: &State,
         ca: &[f64],
         cv: &[f64],
         g_xi: &mut [f64],
@@ -651,10 +651,7 @@ impl<T: Real> Inner<T> {
 
     /// Make `states` resident and return (slot, scl, dscl) per state; None if they do not
     /// all fit in the cache.
-    fn resident(
-        &mut self,
-        states: &[&crate::model::State],
-    ) -> Result<Option<Vec<(usize, f64, f64)>>> {
+    fn resident(&mut self, states: &[&State]) -> Result<Option<Vec<(usize, f64, f64)>>> {
         if states.len() > CACHE {
             return Ok(None);
         }
@@ -681,7 +678,7 @@ impl<T: Real> Inner<T> {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn metric_host(
         &mut self,
-        states: &[&crate::model::State],
+        states: &[&State],
         mask: &[f64],
         with_sig: bool,
         offset_std: f64,
@@ -706,7 +703,7 @@ impl<T: Real> Inner<T> {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn solve(
         &mut self,
-        states: &[&crate::model::State],
+        states: &[&State],
         mask: &[f64],
         with_sig: bool,
         offset_std: f64,

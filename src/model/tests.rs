@@ -1,6 +1,7 @@
 use super::*;
 use crate::config::Precision;
 use crate::kernel::from_config;
+use crate::response::Windows;
 use crate::simulate;
 use rand::Rng;
 use rand_distr::StandardNormal;
