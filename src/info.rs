@@ -18,8 +18,8 @@ fn stats(v: &[f64]) -> (f64, f64, f64) {
     (lo, hi, sum / v.len().max(1) as f64)
 }
 
-/// Summary of a map file.
-pub fn map_summary(path: &Path, map: &DustMap) -> String {
+/// Summary of a map file (`n_samples`: how many samples the file holds).
+pub fn map_summary(path: &Path, map: &DustMap, n_samples: usize) -> String {
     let mut s = String::new();
     let e = &map.shells.edges_pc;
     let (lo, hi, mean) = stats(&map.mean);
@@ -39,7 +39,7 @@ pub fn map_summary(path: &Path, map: &DustMap) -> String {
         e[e.len() - 1],
         e[1] / e[0]
     );
-    let _ = writeln!(s, "  samples   {}", map.samples.len());
+    let _ = writeln!(s, "  samples   {n_samples}");
     let _ = writeln!(
         s,
         "  mean rho  min {lo:.4e} max {hi:.4e} avg {mean:.4e} [{}]",
@@ -107,8 +107,9 @@ pub fn run(path: &Path, cfg: &Config) -> Result<String> {
         return crate::checkpoint::summary(path);
     }
     if mapfile::is_map_file(path) {
-        let map = DustMap::read(path)?;
-        return Ok(map_summary(path, &map));
+        // the mean suffices for the summary; samples are counted, not read
+        let map = DustMap::read_with(path, mapfile::Load::MEAN)?;
+        return Ok(map_summary(path, &map, mapfile::sample_count(path)));
     }
     let cat = Catalog::read(path, &cfg.catalog)?;
     Ok(catalog_summary(path, &cat, cfg.chart()?.nside_final()))

@@ -411,6 +411,14 @@ impl DustMap {
     }
 }
 
+/// Number of samples a dust3d map file holds (0 if none or unreadable).
+pub fn sample_count(path: &Path) -> usize {
+    netcdf::open(path)
+        .ok()
+        .and_then(|nc| nc.dimension("sample").map(|d| d.len()))
+        .unwrap_or(0)
+}
+
 /// True if `path` looks like a dust3d map (a netCDF file with a `mean` and `nside`).
 pub fn is_map_file(path: &Path) -> bool {
     netcdf::open(path)
