@@ -196,6 +196,7 @@ impl Model {
             nsig: vec![1.0; self.data.len()],
             dnsig: vec![0.0; self.data.len()],
             id: next_state_id(),
+            fields_on_host: true,
         }
     }
 
@@ -232,6 +233,7 @@ impl Model {
         assert_eq!(x.len(), nxi + 2, "parameter vector length");
         assert_eq!(xsig.len(), self.data.len(), "one ξ_σ per star");
         st.id = next_state_id();
+        st.fields_on_host = true;
         if let Some(mut g) = self.device() {
             let (scl, off) = self.globals_only(x, xsig, st);
             let State {
@@ -498,6 +500,7 @@ impl Model {
     ) -> f64 {
         let nxi = self.icr.n_xi();
         st.id = next_state_id();
+        st.fields_on_host = false;
         let (scl, off) = self.globals_only(x, xsig, st);
         let State {
             s,
@@ -580,6 +583,7 @@ impl Model {
             return self.value_grad_device(&mut d, x, xsig, st, gx, gsig);
         }
         st.id = next_state_id();
+        st.fields_on_host = true;
         let nxi = self.icr.n_xi();
         let (n, nc, pad) = (self.n_r(), self.n_chart, self.pad);
         let (scl, off) = self.forward_globals(x, xsig, st, &mut w.icr);

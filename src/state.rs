@@ -65,6 +65,9 @@ pub struct State {
     /// Identity of the contents: a fresh value whenever a model method refills the state
     /// (the OpenCL backend keeps device copies keyed by it).
     pub id: u64,
+    /// Whether `s` and `rw` hold this state's values on the host (the OpenCL `value_grad`
+    /// leaves them on the device: the KL needs them only there).
+    pub fields_on_host: bool,
 }
 
 /// A fresh state identity.

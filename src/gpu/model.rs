@@ -212,7 +212,7 @@ impl<T: Real> Inner<T> {
         let (icr_f, icr_a) = self.icr.traffic_bytes();
         let value_grad = (
             icr_f + icr_a + 2 * win + 12 * col + 12 * star + d.npix * d.nc * t,
-            (2 * self.xi_len() + 3 * d.nstar + 3 * d.nstar + 2 * d.npix * d.n + 3 * d.npix) * t,
+            (2 * self.xi_len() + 3 * d.nstar + 3 * d.nstar + 3 * d.npix) * t,
         );
         let metric = (
             icr_f + icr_a + 2 * win + 14 * col + 8 * star + 2 * d.npix * d.nc * t,
@@ -299,6 +299,12 @@ impl<T: Real> Inner<T> {
     fn ensure(&mut self, id: u64, host: &State) -> Result<usize> {
         if let Some(i) = self.cache.iter().position(|(k, _)| *k == id) {
             return Ok(i);
+        }
+        if !host.fields_on_host {
+            anyhow::bail!(
+                "state {id} left the OpenCL state cache ({CACHE} states) and its fields were \
+                 never copied to the host"
+            );
         }
         let i = self.slot(id)?;
         let st = &self.cache[i].1;
@@ -398,7 +404,10 @@ impl<T: Real> Inner<T> {
         self.icr.adjoint()?;
         self.download(&self.icr.xi_bar, gx_xi)?;
         self.download(&self.star[GSIG], gsig)?;
-        self.download_state(i, out)?;
+        // ā and v come back; s and ρΔr stay on the device, where the KL uses them
+        let st = &self.cache[i].1;
+        self.download(&st.abar, out.abar)?;
+        self.download(&st.var, out.var)?;
         self.sum_partials(3)
     }
 
