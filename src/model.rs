@@ -148,21 +148,8 @@ impl Model {
         st: &mut State,
         icr: &mut IcrWork,
     ) -> (f64, f64) {
-        let nxi = self.icr.n_xi();
-        self.icr.forward(&x[..nxi], icr);
-        if self.infer_nsigma {
-            st.nsig
-                .par_iter_mut()
-                .zip(st.dnsig.par_iter_mut())
-                .zip(xsig)
-                .for_each(|((v, d), &z)| {
-                    (*v, *d) = self.nsigma.value_deriv(z);
-                });
-        }
-        st.scl = self.scale.value(x[nxi]);
-        st.off = self.offset.value(x[nxi + 1]);
-        st.dscl = self.scale.deriv(x[nxi]);
-        (st.scl, st.off)
+        self.icr.forward(&x[..self.icr.n_xi()], icr);
+        self.globals_only(x, xsig, st)
     }
 
     /// Pixel `p`'s kept log-density `sk` and extinction per shell `col = Δr exp(scl s + off)`.
@@ -213,13 +200,17 @@ impl Model {
             .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
-    /// Host globals (scale, offset, n_σ) without the ICR forward, for the device path.
+    /// The global scale and offset and every star's n_σ (no ICR forward).
     fn globals_only(&self, x: &[f64], xsig: &[f64], st: &mut State) -> (f64, f64) {
         let nxi = self.icr.n_xi();
         if self.infer_nsigma {
-            for ((v, d), &z) in st.nsig.iter_mut().zip(st.dnsig.iter_mut()).zip(xsig) {
-                (*v, *d) = self.nsigma.value_deriv(z);
-            }
+            st.nsig
+                .par_iter_mut()
+                .zip(st.dnsig.par_iter_mut())
+                .zip(xsig)
+                .for_each(|((v, d), &z)| {
+                    (*v, *d) = self.nsigma.value_deriv(z);
+                });
         }
         st.scl = self.scale.value(x[nxi]);
         st.off = self.offset.value(x[nxi + 1]);

@@ -239,6 +239,15 @@ impl<T: Real> Inner<T> {
         kb
     }
 
+    /// A per-pixel star kernel: (npix, n, nc, pad) then the star windows.
+    fn star_kernel(&self, name: &str) -> ocl::builders::KernelBuilder<'_> {
+        let mut kb = self.kernel(name, self.d.npix);
+        kb.arg(self.d.nc as u32)
+            .arg(self.d.pad as u32)
+            .args_windows(&self.win);
+        kb
+    }
+
     fn final_field(&self) -> &Buffer<T> {
         self.icr.fields.last().expect("levels")
     }
@@ -371,16 +380,12 @@ impl<T: Real> Inner<T> {
     ) -> Result<[f64; 3]> {
         let i = self.slot(id)?;
         self.columns(xi, scl, off, i)?;
-        let d = self.d;
         let st = &self.cache[i].1;
         self.upload(&st.nsig, sig[0])?;
         self.upload(&st.dnsig, sig[1])?;
         self.upload(&self.star[XSIG], sig[2])?;
         let k = self
-            .kernel("value_grad", d.npix)
-            .arg(d.nc as u32)
-            .arg(d.pad as u32)
-            .args_windows(&self.win)
+            .star_kernel("value_grad")
             .arg(&self.a_obs)
             .arg(&self.a_err)
             .arg(&st.nsig)
@@ -436,13 +441,9 @@ impl<T: Real> Inner<T> {
         dscl: f64,
         doff: f64,
     ) -> Result<()> {
-        let d = self.d;
         let st = &self.cache[i].1;
         let k = self
-            .kernel("jvp", d.npix)
-            .arg(d.nc as u32)
-            .arg(d.pad as u32)
-            .args_windows(&self.win)
+            .star_kernel("jvp")
             .arg(T::from_f64(scl))
             .arg(T::from_f64(dscl))
             .arg(T::from_f64(doff))
@@ -470,13 +471,9 @@ impl<T: Real> Inner<T> {
         weight: f64,
         accumulate: bool,
     ) -> Result<()> {
-        let d = self.d;
         let st = &self.cache[i].1;
         let k = self
-            .kernel("vjp", d.npix)
-            .arg(d.nc as u32)
-            .arg(d.pad as u32)
-            .args_windows(&self.win)
+            .star_kernel("vjp")
             .arg(T::from_f64(scl))
             .arg(&st.s)
             .arg(&st.rw)
