@@ -144,6 +144,7 @@ struct KlCache {
 impl<'a> Kl<'a> {
     /// KL of `model` with antithetic residuals `residuals` and free-entry `mask`.
     pub fn new(model: &'a Model, residuals: &'a [Vec<f64>], mask: &'a [f64]) -> Self {
+        model.reserve_device_states(2 * residuals.len() + 1);
         let cache = KlCache {
             at: Vec::new(),
             states: Vec::new(),

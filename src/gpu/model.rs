@@ -20,7 +20,8 @@ static SOURCE: &str = concat!(
 /// Values per dot-product chunk (as in vector.cl and `det_sum`).
 const DOT_CHUNK: usize = 8192;
 
-/// States kept on the device (two per antithetic sample pair of a typical KL, plus one).
+/// States kept on the device unless a caller reserves more (two per antithetic sample pair
+/// of the paper's KL, plus one).
 const CACHE: usize = 13;
 
 /// One state on the device.
@@ -104,6 +105,8 @@ pub struct Inner<T: Real> {
     chunk: Buffer<T>,
     star: [Buffer<T>; 6],
     cache: Vec<(u64, DevState<T>)>,
+    /// States the cache keeps before evicting the oldest.
+    capacity: usize,
     host_a: Vec<f64>,
 }
 
@@ -193,6 +196,7 @@ impl<T: Real> Inner<T> {
             )?,
             star: [a?, b?, c2?, e?, f?, g?],
             cache: Vec::new(),
+            capacity: CACHE,
             host_a: Vec::new(),
             device: gpu.name.clone(),
             queue: q,
@@ -239,6 +243,11 @@ impl<T: Real> Inner<T> {
         kb
     }
 
+    /// Keep at least `n` states on the device (each costs 2 npix·n_r + 4 n_stars values).
+    pub(crate) fn reserve(&mut self, n: usize) {
+        self.capacity = self.capacity.max(n);
+    }
+
     /// A per-pixel star kernel: (npix, n, nc, pad) then the star windows.
     fn star_kernel(&self, name: &str) -> ocl::builders::KernelBuilder<'_> {
         let mut kb = self.kernel(name, self.d.npix);
@@ -258,7 +267,7 @@ impl<T: Real> Inner<T> {
             return Ok(i);
         }
         let d = self.d;
-        let st = if self.cache.len() >= CACHE {
+        let st = if self.cache.len() >= self.capacity {
             self.cache.remove(0).1
         } else {
             DevState {
@@ -311,8 +320,9 @@ impl<T: Real> Inner<T> {
         }
         if !host.fields_on_host {
             anyhow::bail!(
-                "state {id} left the OpenCL state cache ({CACHE} states) and its fields were \
-                 never copied to the host"
+                "state {id} left the OpenCL state cache ({} states) and its fields were \
+                 never copied to the host",
+                self.capacity
             );
         }
         let i = self.slot(id)?;
@@ -655,29 +665,24 @@ impl<T: Real> Inner<T> {
         Ok(())
     }
 
-    /// Make `states` resident and return (slot, scl, dscl) per state; None if they do not
-    /// all fit in the cache.
-    fn resident(&mut self, states: &[&State]) -> Result<Option<Vec<(usize, f64, f64)>>> {
-        if states.len() > CACHE {
-            return Ok(None);
-        }
+    /// Make `states` resident (growing the cache to hold them) and return (slot, scl, dscl)
+    /// per state.
+    fn resident(&mut self, states: &[&State]) -> Result<Vec<(usize, f64, f64)>> {
+        self.reserve(states.len() + 1);
         for st in states {
             self.ensure(st.id, st)?;
         }
-        // a later `ensure` may have evicted an earlier state only if they did not all fit
-        Ok(Some(
-            states
-                .iter()
-                .map(|st| {
-                    let i = self
-                        .cache
-                        .iter()
-                        .position(|(k, _)| *k == st.id)
-                        .expect("resident");
-                    (i, st.scl, st.dscl)
-                })
-                .collect(),
-        ))
+        Ok(states
+            .iter()
+            .map(|st| {
+                let i = self
+                    .cache
+                    .iter()
+                    .position(|(k, _)| *k == st.id)
+                    .expect("resident");
+                (i, st.scl, st.dscl)
+            })
+            .collect())
     }
 
     /// One metric product from and to the host (the KL's `averaged_metric`).
@@ -690,17 +695,14 @@ impl<T: Real> Inner<T> {
         offset_std: f64,
         v: &[f64],
         out: &mut [f64],
-    ) -> Result<bool> {
-        let Some(slots) = self.resident(states)? else {
-            return Ok(false);
-        };
+    ) -> Result<()> {
+        let slots = self.resident(states)?;
         self.upload(&self.mask, mask)?;
         let vb = zeros_q::<T>(&self.queue, v.len())?;
         let ob = zeros_q::<T>(&self.queue, v.len())?;
         self.upload(&vb, v)?;
         self.metric_apply(&slots, &self.mask, mask, with_sig, offset_std, &vb, &ob)?;
-        self.download(&ob, out)?;
-        Ok(true)
+        self.download(&ob, out)
     }
 
     /// Solve `M x = b` by CG with every vector on the device (M as in [`Self::metric_apply`]);
@@ -722,9 +724,7 @@ impl<T: Real> Inner<T> {
             // caller runs CG on the host in f64 over the device's products
             return Ok(None);
         }
-        let Some(slots) = self.resident(states)? else {
-            return Ok(None);
-        };
+        let slots = self.resident(states)?;
         self.upload(&self.mask, mask)?;
         let n = b.len();
         let bb = zeros_q::<T>(&self.queue, n)?;
