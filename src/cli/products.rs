@@ -542,7 +542,7 @@ pub struct CompareArgs {
 
 /// Run `dust3d compare`.
 pub fn compare(a: CompareArgs) -> Result<()> {
-    // integrated means only: a paper-size map is 1.6 GB per array in f64
+    // means only: a paper-size array (516 shells × 786,432 pixels) is 3.2 GB in f64
     let map = open_map_with(&a.map, Load::MEAN)?;
     let reference = open_map_with(&a.reference, Load::MEAN)?;
     let o = crate::compare::CompareOptions {
