@@ -128,7 +128,8 @@ impl Table {
         .with_context(|| format!("cannot write {}", path.display()))
     }
 
-    fn write_csv<W: Write>(&self, w: W) -> Result<()> {
+    /// Write as CSV to any writer (e.g. standard output).
+    pub fn write_csv<W: Write>(&self, w: W) -> Result<()> {
         use std::fmt::Write as _;
         let mut wtr = csv::Writer::from_writer(w);
         wtr.write_record(&self.names)?;

@@ -206,6 +206,23 @@ fn query_single_point_fits_output_and_errors() {
         out.contains("integrated_mean = ") && out.contains("integrated_std = "),
         "{out}"
     );
+    // a coordinate file without --out prints CSV
+    let two = d.join("two.csv");
+    std::fs::write(&two, "l,b,d,name\n10,5,100,a\n200,-3,300,b\n").unwrap();
+    let out = ok(&dust3d(&[
+        "query",
+        "--map",
+        s(&map),
+        "--coords",
+        s(&two),
+        "--mode",
+        "mean,std",
+    ]));
+    assert_eq!(out.lines().count(), 3, "{out}");
+    assert!(
+        out.starts_with("l,b,d,name,differential_mean,differential_std\n10,5,100,a,"),
+        "{out}"
+    );
     // outside the radial range → NaN
     let out = ok(&dust3d(&[
         "query",

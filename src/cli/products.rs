@@ -219,12 +219,7 @@ pub fn query(a: QueryArgs) -> Result<()> {
                 }
             }
         }
-        (None, false) => {
-            let tmp = tempfile_path()?;
-            table.write(&tmp)?;
-            print!("{}", std::fs::read_to_string(&tmp)?);
-            let _ = std::fs::remove_file(&tmp);
-        }
+        (None, false) => table.write_csv(std::io::stdout().lock())?,
     }
     Ok(())
 }
@@ -238,10 +233,6 @@ fn integrated_unit(u: &str) -> String {
         }
     }
     format!("({t}) × pc")
-}
-
-fn tempfile_path() -> Result<PathBuf> {
-    Ok(std::env::temp_dir().join(format!("dust3d-query-{}.csv", std::process::id())))
 }
 
 /// `dust3d export`.
