@@ -73,6 +73,29 @@ pub struct DustMap {
 }
 
 impl DustMap {
+    /// A truth map of the voxel densities `mean` ([radius][pixel]): zero std, no samples and
+    /// no dust inside the inner edge (the model has none there).
+    pub fn truth(nside: u32, shells: Shells, units: &str, mean: Vec<f64>) -> Self {
+        let npix = grid::npix(nside);
+        DustMap {
+            nside,
+            centres_pc: shells.centres_pc(),
+            star_count: vec![],
+            std: vec![0.0; mean.len()],
+            mean,
+            samples: vec![],
+            inner_mean: vec![0.0; npix],
+            inner_std: vec![0.0; npix],
+            inner_samples: vec![],
+            integrated_mean: vec![],
+            integrated_std: vec![],
+            units: units.into(),
+            kind: "truth".into(),
+            provenance: Provenance::default(),
+            shells,
+        }
+    }
+
     /// A truth-like map (zero std, no samples, no inner dust) with density `rho(r_pc, unit
     /// vector)` evaluated at every voxel centre (geometric shell centre, pixel centre).
     pub fn from_fn(
@@ -89,23 +112,7 @@ impl DustMap {
             .flat_map(|&r| dirs.iter().map(move |&u| (r, u)))
             .map(|(r, u)| rho(r, u))
             .collect();
-        DustMap {
-            nside,
-            centres_pc,
-            star_count: vec![],
-            std: vec![0.0; mean.len()],
-            mean,
-            samples: vec![],
-            inner_mean: vec![0.0; npix],
-            inner_std: vec![0.0; npix],
-            inner_samples: vec![],
-            integrated_mean: vec![],
-            integrated_std: vec![],
-            units: units.into(),
-            kind: "truth".into(),
-            provenance: Provenance::default(),
-            shells,
-        }
+        Self::truth(nside, shells, units, mean)
     }
 
     /// Number of pixels.

@@ -141,22 +141,8 @@ pub fn simulate(
         ("outlier".into(), outlier),
     ];
     let truth = DustMap {
-        nside,
-        centres_pc: shells.centres_pc(),
-        star_count: vec![],
-        shells,
-        std: vec![0.0; field.len()],
-        mean: field,
-        samples: vec![],
-        // the model has no dust inside the inner edge, so the truth has none either
-        inner_mean: vec![0.0; npix],
-        inner_std: vec![0.0; npix],
-        inner_samples: vec![],
-        integrated_mean: vec![],
-        integrated_std: vec![],
-        units: cfg.output.units.clone(),
-        kind: "truth".into(),
         provenance: Provenance::current(config_text, cfg.seed, ""),
+        ..DustMap::truth(nside, shells, &cfg.output.units, field)
     };
     Ok(Simulation {
         catalog: cat,
