@@ -94,6 +94,32 @@ inline void finish_vjp(__global const REAL *cum_bar, __global REAL *rw_bar, uint
   }
 }
 
+// Zero one pixel's cotangents of ρΔr (n) and of its inner columns (n + 1).
+inline void clear_cotangents(__global REAL *rb, __global REAL *cb, uint n) {
+  for (uint k = 0; k < n; k++) rb[k] = 0;
+  for (uint k = 0; k <= n; k++) cb[k] = 0;
+}
+
+// Fold the column cotangents and pull them through ρΔr = Δr exp(scl s + off): writes (or
+// with `accumulate` adds) scl·t to the pixel's chart-field cotangent sb (nc values, kept
+// shells from `pad`), t = weight·rw_bar·rw; returns (Σ s t, Σ t) for the scale and offset.
+inline REAL2 field_cotangent(__global const REAL *cb, __global REAL *rb,
+                             __global const REAL *col, __global const REAL *sk,
+                             const REAL scl, const REAL weight, const int accumulate,
+                             __global REAL *sb, uint n, uint nc, uint pad) {
+  finish_vjp(cb, rb, n);
+  if (!accumulate)
+    for (uint k = 0; k < nc; k++) sb[k] = 0;
+  REAL g_scl = 0, g_off = 0;
+  for (uint k = 0; k < n; k++) {
+    REAL t = weight * rb[k] * col[k];
+    sb[pad + k] += scl * t;
+    g_scl += sk[k] * t;
+    g_off += t;
+  }
+  return (REAL2)(g_scl, g_off);
+}
+
 // s and rw of every kept voxel from the final chart field.
 __kernel void columns(const uint npix, const uint n, const uint nc, const uint pad,
                       __global const REAL *widths, __global const REAL *field, const REAL scl,
@@ -148,8 +174,7 @@ __kernel void value_grad(const uint npix, const uint n, const uint nc, const uin
   __global REAL *cb = cum_bar + p * (n + 1);
   __global REAL *rb = rw_bar + p * n;
   inner_columns(col, cm, n);
-  for (uint k = 0; k < n; k++) rb[k] = 0;
-  for (uint k = 0; k <= n; k++) cb[k] = 0;
+  clear_cotangents(rb, cb, n);
   REAL e = 0;
   for (ulong i = offsets[p]; i < offsets[p + 1]; i++) {
     Split w = split(start, woff, i, n);
@@ -164,19 +189,11 @@ __kernel void value_grad(const uint npix, const uint n, const uint nc, const uin
     var[i] = vv;
     gsig[i] = infer_nsigma ? cv * (REAL)2 * ns * a_err[i] * dnsig[i] + xsig[i] : (REAL)0;
   }
-  finish_vjp(cb, rb, n);
-  __global REAL *sb = sbar + p * nc;
-  for (uint k = 0; k < nc; k++) sb[k] = 0;
-  REAL g_scl = 0, g_off = 0;
-  for (uint k = 0; k < n; k++) {
-    REAL t = rb[k] * col[k];
-    sb[pad + k] = scl * t;
-    g_scl += s[p * n + k] * t;
-    g_off += t;
-  }
+  // weight 1 and a cleared field: the same roundings as the CPU's `sbar = scl rw_bar rw`
+  REAL2 g = field_cotangent(cb, rb, col, s + p * n, scl, (REAL)1, 0, sbar + p * nc, n, nc, pad);
   partial[3 * p] = e;
-  partial[3 * p + 1] = g_scl;
-  partial[3 * p + 2] = g_off;
+  partial[3 * p + 1] = g.x;
+  partial[3 * p + 2] = g.y;
 }
 
 // Tangent (δā, δσ_a²) of every star for a chart-field tangent ds and scalar tangents.
@@ -236,23 +253,13 @@ __kernel void vjp(const uint npix, const uint n, const uint nc, const uint pad,
   __global REAL *cm = cum + p * (n + 1);
   __global REAL *cb = cum_bar + p * (n + 1);
   __global REAL *rb = rw_bar + p * n;
-  for (uint k = 0; k < n; k++) rb[k] = 0;
-  for (uint k = 0; k <= n; k++) cb[k] = 0;
+  clear_cotangents(rb, cb, n);
   inner_columns(col, cm, n);
   for (ulong i = offsets[p]; i < offsets[p + 1]; i++)
     star_vjp(split(start, woff, i, n), prob, frac, spread, col, cm, abar[i], ca[i], cv[i], rb,
              cb, n);
-  finish_vjp(cb, rb, n);
-  __global REAL *sb = sbar + p * nc;
-  if (!accumulate)
-    for (uint k = 0; k < nc; k++) sb[k] = 0;
-  REAL g_scl = 0, g_off = 0;
-  for (uint k = 0; k < n; k++) {
-    REAL t = weight * rb[k] * col[k];
-    sb[pad + k] += scl * t;
-    g_scl += s[p * n + k] * t;
-    g_off += t;
-  }
-  partial[2 * p] = g_scl;
-  partial[2 * p + 1] = g_off;
+  REAL2 g = field_cotangent(cb, rb, col, s + p * n, scl, weight, accumulate, sbar + p * nc, n,
+                            nc, pad);
+  partial[2 * p] = g.x;
+  partial[2 * p + 1] = g.y;
 }
