@@ -235,19 +235,8 @@ impl Model {
         st.fields_on_host = true;
         if let Some(mut g) = self.device() {
             let (scl, off) = self.globals_only(x, xsig, st);
-            let State {
-                s,
-                rw,
-                abar,
-                var,
-                nsig,
-                dnsig,
-                id,
-                ..
-            } = st;
-            let mut out = crate::gpu::model::HostState { s, rw, abar, var };
-            let sig = [&nsig[..], &dnsig[..]];
-            crate::on_gpu_model!(&mut *g, m => m.state(*id, &x[..nxi], sig, scl, off, &mut out))
+            let (id, mut out, sig) = st.device_parts();
+            crate::on_gpu_model!(&mut *g, m => m.state(id, &x[..nxi], sig, scl, off, &mut out))
                 .expect("OpenCL state evaluation failed");
             return;
         }
@@ -500,19 +489,9 @@ impl Model {
         st.id = next_state_id();
         st.fields_on_host = false;
         let (scl, off) = self.globals_only(x, xsig, st);
-        let State {
-            s,
-            rw,
-            abar,
-            var,
-            nsig,
-            dnsig,
-            id,
-            ..
-        } = st;
-        let mut out = crate::gpu::model::HostState { s, rw, abar, var };
-        let sig = [&nsig[..], &dnsig[..], xsig];
-        let [lik, g_scl, g_off] = crate::on_gpu_model!(dev, m => m.value_grad(*id, &x[..nxi], sig, self.infer_nsigma, (scl, off), &mut out, gsig, &mut gx[..nxi]))
+        let (id, mut out, [nsig, dnsig]) = st.device_parts();
+        let sig = [nsig, dnsig, xsig];
+        let [lik, g_scl, g_off] = crate::on_gpu_model!(dev, m => m.value_grad(id, &x[..nxi], sig, self.infer_nsigma, (scl, off), &mut out, gsig, &mut gx[..nxi]))
             .expect("OpenCL value and gradient failed");
         gx[nxi] = g_scl * st.dscl;
         gx[nxi + 1] = g_off * self.offset.std;

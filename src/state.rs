@@ -75,3 +75,33 @@ pub(crate) fn next_state_id() -> u64 {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
     NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
+
+/// Host views of a state's arrays, filled from the OpenCL device.
+pub struct HostState<'a> {
+    /// Log-density on the kept shells.
+    pub s: &'a mut [f64],
+    /// ρΔr.
+    pub rw: &'a mut [f64],
+    /// ā per star.
+    pub abar: &'a mut [f64],
+    /// v per star.
+    pub var: &'a mut [f64],
+}
+
+impl State {
+    /// Split for a device evaluation: the identity, the arrays the device fills, and the
+    /// per-star n_σ and dn_σ/dξ_σ it reads.
+    pub fn device_parts(&mut self) -> (u64, HostState<'_>, [&[f64]; 2]) {
+        let State {
+            s,
+            rw,
+            abar,
+            var,
+            nsig,
+            dnsig,
+            id,
+            ..
+        } = self;
+        (*id, HostState { s, rw, abar, var }, [nsig, dnsig])
+    }
+}

@@ -10,7 +10,7 @@ use ocl::{Buffer, Kernel, Program, Queue};
 use super::icr::{buffer, Real, Resident};
 use super::{Gpu, GpuPrecision};
 use crate::icr::Icr;
-use crate::state::{StarData, State};
+use crate::state::{HostState, StarData, State};
 
 static SOURCE: &str = concat!(
     include_str!("../../opencl/likelihood.cl"),
@@ -131,18 +131,6 @@ pub struct Traffic {
 
 /// The Fisher weighting of state k's star tangents, in place (δā, δv).
 pub type Weigh<'a> = dyn FnMut(usize, &mut [f64], &mut [f64]) + 'a;
-
-/// Host views of a state's arrays, filled from the device.
-pub struct HostState<'a> {
-    /// Log-density on the kept shells.
-    pub s: &'a mut [f64],
-    /// ρΔr.
-    pub rw: &'a mut [f64],
-    /// ā per star.
-    pub abar: &'a mut [f64],
-    /// v per star.
-    pub var: &'a mut [f64],
-}
 
 impl<T: Real> Inner<T> {
     fn new(
