@@ -415,9 +415,15 @@ impl<'m> Interpolator<'m> {
         }
         let ns = self.cum_samples.len();
         if ns > 0 {
-            let vals: Vec<f64> = (0..ns).map(|s| self.value(&ang, d_pc, Some(s))).collect();
-            let m = vals.iter().sum::<f64>() / ns as f64;
-            return Ok((vals.iter().map(|v| (v - m).powi(2)).sum::<f64>() / ns as f64).sqrt());
+            // Welford's one-pass mean and variance: no allocation per queried point
+            let (mut m, mut m2) = (0.0, 0.0);
+            for (k, s) in (0..ns).enumerate() {
+                let v = self.value(&ang, d_pc, Some(s));
+                let delta = v - m;
+                m += delta / (k + 1) as f64;
+                m2 += delta * (v - m);
+            }
+            return Ok((m2 / ns as f64).sqrt());
         }
         if self.map.integrated_std.is_empty() {
             bail!("the std of integrated extinction needs samples or a stored integrated std, and this map has neither");
