@@ -17,6 +17,20 @@ __kernel void dot_partials(const ulong n, __global const REAL *x, __global const
   partial[c] = acc;
 }
 
+// Patch-ordered partial sums (dust3d's reduction order, DESIGN.md §5): partial[k] sums
+// x[i] y[i] over the index ranges seg[2s]..seg[2s+1] of parts s = part_off[k]..part_off[k+1],
+// each range in order. Part 0 is the replicated block, part k ≥ 1 patch k − 1.
+__kernel void dot_segments(const ulong nparts, __global const ulong *seg,
+                           __global const uint *part_off, __global const REAL *x,
+                           __global const REAL *y, __global REAL *partial) {
+  const ulong k = get_global_id(0);
+  if (k >= nparts) return;
+  REAL acc = 0;
+  for (uint s = part_off[k]; s < part_off[k + 1]; s++)
+    for (ulong i = seg[2 * s]; i < seg[2 * s + 1]; i++) acc += x[i] * y[i];
+  partial[k] = acc;
+}
+
 // y += a x
 __kernel void axpy(const ulong n, const REAL a, __global const REAL *x, __global REAL *y) {
   const ulong i = get_global_id(0);
@@ -78,13 +92,13 @@ __kernel void fisher_weigh(const ulong nstar, const int with_sig, const ulong of
 }
 
 // Chunk sums of the interleaved pixel partials: out[2c + j] = sum over pixels p of chunk c
-// of partial[2p + j].
-__kernel void pair_partials(const ulong npix, __global const REAL *partial,
+// (`chunk` pixels: one patch) of partial[2p + j].
+__kernel void pair_partials(const ulong npix, const ulong chunk, __global const REAL *partial,
                             __global REAL *out) {
   const ulong c = get_global_id(0);
-  const ulong lo = c * DOT_CHUNK;
+  const ulong lo = c * chunk;
   if (lo >= npix) return;
-  const ulong hi = min(npix, lo + DOT_CHUNK);
+  const ulong hi = min(npix, lo + chunk);
   REAL a = 0, b = 0;
   for (ulong p = lo; p < hi; p++) {
     a += partial[2 * p];

@@ -3,7 +3,7 @@
 //! periodic recomputation of the residual. Dot products are summed in a fixed order, so the
 //! iterates do not depend on the thread count.
 
-use crate::util::det_sum;
+use crate::decomp::{Serial, Space};
 
 /// Stopping rules of [`solve`].
 #[derive(Clone, Copy, Debug)]
@@ -39,10 +39,6 @@ pub struct CgReport {
     pub rel_residual: f64,
 }
 
-fn dot(a: &[f64], b: &[f64]) -> f64 {
-    det_sum(a.len(), |i| a[i] * b[i])
-}
-
 /// The vector operations CG needs, so the same iteration runs on host vectors and on
 /// device-resident ones (where only the scalars of these calls cross the bus).
 pub trait CgSpace {
@@ -62,16 +58,16 @@ pub trait CgSpace {
     fn zero(&mut self, x: &mut Self::V);
 }
 
-/// Host vectors.
-pub struct Host;
+/// Host vectors (this rank's part), with inner products from a [`Space`].
+pub struct Host<'a>(pub &'a dyn Space);
 
-impl CgSpace for Host {
+impl CgSpace for Host<'_> {
     type V = Vec<f64>;
     fn clone_of(&mut self, x: &Vec<f64>) -> Vec<f64> {
         x.clone()
     }
     fn dot(&mut self, x: &Vec<f64>, y: &Vec<f64>) -> f64 {
-        dot(x, y)
+        self.0.dot(x, y)
     }
     fn axpy(&mut self, a: f64, x: &Vec<f64>, y: &mut Vec<f64>) {
         for (yi, xi) in y.iter_mut().zip(x) {
@@ -93,8 +89,20 @@ impl CgSpace for Host {
     }
 }
 
-/// Solve `A x = b` from the initial guess in `x`; `apply(v, out)` writes `A v`.
+/// Solve `A x = b` from the initial guess in `x` on one process; `apply(v, out)` writes
+/// `A v`.
 pub fn solve(
+    apply: impl FnMut(&[f64], &mut [f64]),
+    b: &[f64],
+    x: &mut [f64],
+    s: &CgSettings,
+) -> CgReport {
+    solve_with(&Serial, apply, b, x, s)
+}
+
+/// [`solve`] for vectors distributed as `space` says (inner products summed over ranks).
+pub fn solve_with(
+    space: &dyn Space,
     mut apply: impl FnMut(&[f64], &mut [f64]),
     b: &[f64],
     x: &mut [f64],
@@ -102,7 +110,7 @@ pub fn solve(
 ) -> CgReport {
     let (bv, mut xv) = (b.to_vec(), x.to_vec());
     let rep = solve_in(
-        &mut Host,
+        &mut Host(space),
         |v: &Vec<f64>, o: &mut Vec<f64>| apply(v, o),
         &bv,
         &mut xv,

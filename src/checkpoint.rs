@@ -37,8 +37,20 @@ pub struct HistoryRow {
     pub step: f64,
     /// Wall time of the iteration, s.
     pub seconds: f64,
-    /// Peak resident memory so far, bytes.
+    /// Peak resident memory so far, bytes (largest rank).
     pub peak_rss_bytes: u64,
+    /// MPI ranks.
+    #[serde(default)]
+    pub ranks: usize,
+    /// CPU seconds of the iteration, summed over ranks (all threads).
+    #[serde(default)]
+    pub cpu_seconds: f64,
+    /// Of which inside MPI calls, summed over ranks.
+    #[serde(default)]
+    pub mpi_cpu_seconds: f64,
+    /// Bytes sent through MPI during the iteration, summed over ranks.
+    #[serde(default)]
+    pub mpi_bytes: u64,
 }
 
 /// Where a fit stands.
@@ -69,6 +81,21 @@ struct Header {
     n_sig: usize,
     n_residuals: usize,
     history: Vec<HistoryRow>,
+    #[serde(default)]
+    part: Part,
+}
+
+/// Which rank of how many wrote a checkpoint, and the patches it held.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Part {
+    /// Rank.
+    pub rank: usize,
+    /// Number of ranks (0 in files of single-process versions: read as 1).
+    pub size: usize,
+    /// First and one-past-last patch held.
+    pub patches: (usize, usize),
+    /// Decomposition nside.
+    pub nside_dec: u32,
 }
 
 /// Identity of a run: a checkpoint only resumes the run it belongs to.
@@ -90,6 +117,11 @@ fn put(buf: &mut Vec<u8>, v: &[f64]) {
 
 /// Write `state` atomically to `path`.
 pub fn save(path: &Path, id: &RunId, st: &FitState) -> Result<()> {
+    save_part(path, id, st, &Part::default())
+}
+
+/// Write one rank's `state` atomically to `path`, recording the rank's part.
+pub fn save_part(path: &Path, id: &RunId, st: &FitState, part: &Part) -> Result<()> {
     let header = Header {
         seed: id.seed,
         config_sha256: id.config_sha256.clone(),
@@ -100,6 +132,7 @@ pub fn save(path: &Path, id: &RunId, st: &FitState) -> Result<()> {
         n_sig: st.xsig.len(),
         n_residuals: st.residuals.len(),
         history: st.history.clone(),
+        part: part.clone(),
     };
     let json = serde_json::to_vec(&header)?;
     let mut buf = Vec::with_capacity(
@@ -161,6 +194,12 @@ pub fn summary(path: &Path) -> Result<String> {
         h.n_residuals,
         h.seed
     );
+    if h.part.size > 1 {
+        s += &format!(
+            "  rank      {} of {} (patches {}..{} at nside_dec {})\n",
+            h.part.rank, h.part.size, h.part.patches.0, h.part.patches.1, h.part.nside_dec
+        );
+    }
     for r in h.history.iter().rev().take(5).rev() {
         s += &format!(
             "  stage {} it {:>3}: KL {:.6e}  |grad| {:.3e}  step {:.3e}  {:.1} s\n",
@@ -168,6 +207,40 @@ pub fn summary(path: &Path) -> Result<String> {
         );
     }
     Ok(s)
+}
+
+/// Position (stage, iteration) of a checkpoint, as one number that orders positions.
+pub fn position(path: &Path) -> Result<u64> {
+    let (h, _, _) = read_header(path)?;
+    Ok(((h.stage as u64) << 32) | h.iteration as u64)
+}
+
+/// Read one rank's checkpoint, checking that it belongs to run `id` and to this `part`.
+pub fn load_part(path: &Path, id: &RunId, part: &Part) -> Result<FitState> {
+    let (h, _, _) = read_header(path)?;
+    let size = h.part.size.max(1);
+    if size != part.size.max(1) || h.part.nside_dec != part.nside_dec && size > 1 {
+        bail!(
+            "{}: checkpoint of rank {} of {size} (nside_dec {}); this run has {} ranks: resume \
+             with the rank count and parallel.nside_dec it was written with",
+            path.display(),
+            h.part.rank,
+            h.part.nside_dec,
+            part.size.max(1)
+        );
+    }
+    if size > 1 && (h.part.rank != part.rank || h.part.patches != part.patches) {
+        bail!(
+            "{}: written by rank {} for patches {:?}, this rank {} holds {:?} (the star \
+             balance differs: same catalog and configuration needed)",
+            path.display(),
+            h.part.rank,
+            h.part.patches,
+            part.rank,
+            part.patches
+        );
+    }
+    load(path, id)
 }
 
 /// Read a checkpoint, checking that it belongs to run `id`.

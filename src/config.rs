@@ -29,6 +29,8 @@ pub struct Config {
     pub output: OutputConfig,
     /// Compute backend.
     pub backend: BackendConfig,
+    /// Distribution over MPI ranks.
+    pub parallel: ParallelConfig,
     /// Mock-sky simulator.
     pub simulate: SimulateConfig,
 }
@@ -354,6 +356,27 @@ impl BackendConfig {
     }
 }
 
+/// `[parallel]`: how `mpirun -n N dust3d fit` splits the sky (DESIGN.md §5).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ParallelConfig {
+    /// nside of the patches ranks own (power of two, 12·nside_dec² ≥ ranks, at most the
+    /// nside where the last refinement starts). Default: 8, or that nside if coarser.
+    /// Results are bit-identical for any rank count at a fixed nside_dec.
+    pub nside_dec: Option<u32>,
+}
+
+impl Config {
+    /// The decomposition nside: configured, or the default for the chart.
+    pub fn nside_dec(&self) -> Result<u32> {
+        let chart = self.chart()?;
+        Ok(self
+            .parallel
+            .nside_dec
+            .unwrap_or_else(|| crate::decomp::default_nside_dec(&chart)))
+    }
+}
+
 /// `[simulate]`: the mock sky of `dust3d simulate`.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -512,6 +535,15 @@ impl Config {
         }
         self.validate_catalog()?;
         self.validate_inference()?;
+        if let Some(n) = self.parallel.nside_dec {
+            let chart = self.chart()?;
+            if !n.is_power_of_two() || n > chart.nside_final() {
+                bail!(
+                    "parallel.nside_dec must be a power of two ≤ the map nside {}, got {n}",
+                    chart.nside_final()
+                );
+            }
+        }
         self.validate_simulate()?;
         if !matches!(self.backend.kind.as_str(), "cpu" | "opencl") {
             bail!(

@@ -13,7 +13,9 @@ use std::time::Instant;
 use crate::atomic::write_atomically;
 use crate::catalog::{Catalog, PixelCatalog};
 use crate::checkpoint::{self, FitState, HistoryRow, RunId};
+use crate::comm;
 use crate::config::{Config, StageConfig};
+use crate::decomp::Decomp;
 use crate::grid::{self, Chart, Shells};
 use crate::icr::Icr;
 use crate::mapfile::DustMap;
@@ -29,13 +31,22 @@ pub struct FitPaths {
     pub stars: PathBuf,
     /// Convergence history (CSV).
     pub history: PathBuf,
-    /// Checkpoint.
+    /// This rank's checkpoint (`<stem>.ckpt` on one process, `<stem>.r<r>of<n>.ckpt` on n
+    /// ranks).
     pub checkpoint: PathBuf,
+    /// The checkpoint before it (kept until the next one is on disk, so that a job killed
+    /// while ranks were writing still finds one position every rank has).
+    pub previous: PathBuf,
 }
 
 impl FitPaths {
-    /// Paths for output map `out` (checkpoint in `checkpoint_dir` if given).
+    /// Paths for output map `out` (checkpoint in `checkpoint_dir` if given) on one process.
     pub fn new(out: &Path, checkpoint_dir: Option<&str>) -> Self {
+        Self::for_rank(out, checkpoint_dir, 0, 1)
+    }
+
+    /// Paths of rank `rank` of `size`.
+    pub fn for_rank(out: &Path, checkpoint_dir: Option<&str>, rank: usize, size: usize) -> Self {
         let stem = out
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
@@ -44,11 +55,17 @@ impl FitPaths {
         let ck_dir = checkpoint_dir
             .map(PathBuf::from)
             .unwrap_or_else(|| dir.clone());
+        let ck = if size == 1 {
+            stem.clone()
+        } else {
+            format!("{stem}.r{rank}of{size}")
+        };
         Self {
             map: out.to_path_buf(),
             stars: dir.join(format!("{stem}_stars.csv")),
             history: dir.join(format!("{stem}_history.csv")),
-            checkpoint: ck_dir.join(format!("{stem}.ckpt")),
+            checkpoint: ck_dir.join(format!("{ck}.ckpt")),
+            previous: ck_dir.join(format!("{ck}.prev.ckpt")),
         }
     }
 }
@@ -73,19 +90,26 @@ pub fn stage_stars(all: &PixelCatalog, stage: &StageConfig, seed: u64) -> PixelC
             near && star_uniform(seed, s.source_id[i] as u64) < stage.star_fraction
         })
         .collect();
-    s.subset(&keep).into_pixel_layout(all.nside)
+    s.subset(&keep).into_pixel_range(all.nside, all.pixels())
 }
 
-/// Run (or resume) a fit.
-pub fn run(
-    cfg: &Config,
-    config_text: &str,
-    catalog: &Path,
-    out: &Path,
-    resume: bool,
-) -> Result<()> {
-    let paths = FitPaths::new(out, cfg.inference.checkpoint_dir.as_deref());
+/// What a fit works with on this rank.
+struct Setup {
+    chart: Chart,
+    icr: Arc<Icr>,
+    /// This rank's stars (its pixel range of the final level).
+    stars: PixelCatalog,
+    /// Identity of the run.
+    id: RunId,
+    /// This rank's part, as checkpoints record it.
+    part: checkpoint::Part,
+}
+
+/// Read the catalog, split the sky over the ranks and build this rank's ICR operator.
+fn setup(cfg: &Config, config_text: &str, catalog: &Path) -> Result<Setup> {
     let chart = cfg.chart()?;
+    // every rank reads and validates the file (errors name the row on every rank) and keeps
+    // only the stars of its own pixels once the decomposition is known
     let cat = Catalog::read(catalog, &cfg.catalog)?;
     let id = RunId {
         seed: cfg.seed,
@@ -95,68 +119,185 @@ pub fn run(
             .collect(),
         catalog_sha256: sha256_file(catalog)?,
     };
-    let all = cat.into_pixel_layout(chart.nside_final());
-    tracing::info!(
-        stars = all.stars.len(),
-        nside = chart.nside_final(),
-        shells = chart.n_kept(),
-        "catalog read"
-    );
+    let nside = chart.nside_final();
+    let nside_dec = cfg.nside_dec()?;
+    let decomp = balance(cfg, &chart, &cat)?;
+    let part = checkpoint::Part {
+        rank: decomp.rank,
+        size: decomp.size(),
+        patches: (decomp.patches().start, decomp.patches().end),
+        nside_dec,
+    };
     let t0 = Instant::now();
     let kernel = crate::kernel::from_config(&cfg.kernel)?;
-    let icr = Arc::new(Icr::new(
+    let icr = Arc::new(Icr::distributed(
         &chart,
         kernel.as_ref(),
         cfg.grid.matrix_precision,
+        Arc::new(decomp),
     )?);
+    let stars = cat.into_pixel_range(nside, icr.final_pixels());
+    // collectives outside the log macros: they skip their arguments where filtered out
+    let n_stars = comm::sum_u64(stars.stars.len() as u64);
+    tracing::info!(
+        stars = n_stars,
+        nside,
+        shells = chart.n_kept(),
+        ranks = comm::size(),
+        "catalog read"
+    );
     tracing::info!(
         seconds = t0.elapsed().as_secs_f64(),
         matrix_mb = icr.matrix_bytes() as f64 / 1e6,
         classes = ?icr.class_counts(),
         "ICR prior ready"
     );
-    let mut st = if paths.checkpoint.exists() {
-        if !resume {
-            bail!(
-                "checkpoint {} exists: pass --resume to continue that run, or delete it to start over",
-                paths.checkpoint.display()
-            );
-        }
-        let s = checkpoint::load(&paths.checkpoint, &id)?;
-        tracing::info!(
-            stage = s.stage,
-            iteration = s.iteration,
-            "resuming from checkpoint"
-        );
-        s
-    } else {
-        if resume {
-            tracing::info!(checkpoint = %paths.checkpoint.display(), "no checkpoint to resume from: starting afresh");
-        }
-        FitState {
+    Ok(Setup {
+        chart,
+        icr,
+        stars,
+        id,
+        part,
+    })
+}
+
+/// This process's share of the sky: patches at `parallel.nside_dec` in contiguous runs of
+/// about equal work (a patch's voxels plus 4 per star: a star costs about four voxels).
+pub fn balance(cfg: &Config, chart: &Chart, cat: &Catalog) -> Result<Decomp> {
+    let nside = chart.nside_final();
+    let nside_dec = cfg.nside_dec()?;
+    let n_patch = grid::npix(nside_dec);
+    let per_patch = grid::npix(nside) / n_patch;
+    let mut work = vec![(per_patch * chart.n_kept()) as f64; n_patch];
+    for i in 0..cat.len() {
+        let p = grid::ang2pix(nside, cat.l_deg[i], cat.b_deg[i]) as usize;
+        work[p / per_patch] += 4.0;
+    }
+    Decomp::balanced(nside_dec, comm::rank(), comm::size(), &work)
+}
+
+/// Run (or resume) a fit; on several ranks, this rank's part of it.
+pub fn run(
+    cfg: &Config,
+    config_text: &str,
+    catalog: &Path,
+    out: &Path,
+    resume: bool,
+) -> Result<()> {
+    let (rank, size) = (comm::rank(), comm::size());
+    let paths = FitPaths::for_rank(out, cfg.inference.checkpoint_dir.as_deref(), rank, size);
+    let su = setup(cfg, config_text, catalog)?;
+    let mut st = match resume_point(&paths, &su, resume)? {
+        Some(s) => s,
+        None => FitState {
             stage: 0,
             iteration: 0,
-            x: vec![0.0; icr.n_xi() + 2],
+            x: vec![0.0; su.icr.n_xi() + 2],
             xsig: vec![],
             residuals: vec![],
             history: vec![],
-        }
+        },
     };
-    run_schedule(cfg, &all, &icr, &id, &paths, &mut st)?;
-    write_products(cfg, config_text, &chart, &all, &icr, &id, &paths, &st)?;
-    // the products are complete: the checkpoint has served its purpose
+    run_schedule(cfg, &su, &paths, &mut st)?;
+    write_products(cfg, config_text, &su, &paths, &st)?;
+    // the products are complete on every rank: the checkpoints have served their purpose
+    comm::barrier();
     std::fs::remove_file(&paths.checkpoint).ok();
+    std::fs::remove_file(&paths.previous).ok();
     Ok(())
 }
 
-fn run_schedule(
-    cfg: &Config,
-    all: &PixelCatalog,
-    icr: &Arc<Icr>,
-    id: &RunId,
-    paths: &FitPaths,
-    st: &mut FitState,
-) -> Result<()> {
+/// The state to continue from: the newest position every rank has a checkpoint of.
+fn resume_point(paths: &FitPaths, su: &Setup, resume: bool) -> Result<Option<FitState>> {
+    let mine: Vec<(u64, &PathBuf)> = [&paths.checkpoint, &paths.previous]
+        .into_iter()
+        .filter(|p| p.exists())
+        .map(|p| Ok((checkpoint::position(p)?, p)))
+        .collect::<Result<_>>()?;
+    let none_anywhere = comm::all(mine.is_empty());
+    if none_anywhere {
+        if resume {
+            tracing::info!(checkpoint = %paths.checkpoint.display(), "no checkpoint to resume from: starting afresh");
+        }
+        refuse_other_rank_counts(paths)?;
+        return Ok(None);
+    }
+    if !resume {
+        bail!(
+            "checkpoint {} exists: pass --resume to continue that run, or delete it to start over",
+            paths.checkpoint.display()
+        );
+    }
+    if !comm::all(!mine.is_empty()) {
+        bail!(
+            "some ranks have no checkpoint ({} is missing on at least one): the checkpoint \
+             set is incomplete; delete it to start over",
+            paths.checkpoint.display()
+        );
+    }
+    let newest = mine.iter().map(|m| m.0).max().unwrap_or(0);
+    let target = comm::min_u64(newest);
+    let pick = mine.iter().find(|m| m.0 == target);
+    if !comm::all(pick.is_some()) {
+        bail!("checkpoints of the ranks share no position: the set is inconsistent");
+    }
+    let path = pick.expect("checked on every rank").1;
+    let s = checkpoint::load_part(path, &su.id, &su.part)?;
+    tracing::info!(
+        stage = s.stage,
+        iteration = s.iteration,
+        "resuming from checkpoint"
+    );
+    Ok(Some(s))
+}
+
+/// A fresh start must not silently ignore checkpoints written with another rank count.
+fn refuse_other_rank_counts(paths: &FitPaths) -> Result<()> {
+    let Some(dir) = paths.checkpoint.parent() else {
+        return Ok(());
+    };
+    let stem = paths
+        .map
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let foreign = name.starts_with(&format!("{stem}."))
+            && name.ends_with(".ckpt")
+            && dir.join(&name) != paths.checkpoint
+            && dir.join(&name) != paths.previous;
+        if foreign {
+            bail!(
+                "{} belongs to a run with another rank count: resume it with that count \
+                 (mpirun -n N dust3d fit ... --resume), or delete it to start over",
+                dir.join(&name).display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Save this rank's checkpoint, keeping the previous one.
+fn save_checkpoint(paths: &FitPaths, su: &Setup, st: &FitState) -> Result<()> {
+    if paths.checkpoint.exists() {
+        std::fs::rename(&paths.checkpoint, &paths.previous)
+            .with_context(|| format!("cannot move {} aside", paths.checkpoint.display()))?;
+    }
+    checkpoint::save_part(&paths.checkpoint, &su.id, st, &su.part)
+}
+
+use crate::comm::process_cpu_seconds;
+
+fn run_schedule(cfg: &Config, su: &Setup, paths: &FitPaths, st: &mut FitState) -> Result<()> {
     let stages = &cfg.inference.stage;
     let total: usize = stages.iter().map(|s| s.iterations).sum();
     let done: usize = stages[..st.stage.min(stages.len())]
@@ -168,21 +309,23 @@ fn run_schedule(
     pb.set_position(done as u64);
     while st.stage < stages.len() {
         let sc = &stages[st.stage];
-        let stars = stage_stars(all, sc, cfg.seed);
-        if stars.stars.is_empty() {
+        let stars = stage_stars(&su.stars, sc, cfg.seed);
+        let n_stars = comm::sum_u64(stars.stars.len() as u64) as usize;
+        if n_stars == 0 {
             bail!(
                 "inference.stage[{}] selects no stars (max_distance_pc / star_fraction)",
                 st.stage
             );
         }
-        let model = Model::new(cfg, icr.clone(), &stars)?;
+        let model = Model::new(cfg, su.icr.clone(), &stars)?;
         let mask = mgvi::level_mask(&model, sc.levels);
         if st.xsig.len() != model.data.len() {
             // a new data set: n_σ starts again from its prior median (paper §5)
             st.xsig = vec![0.0; model.data.len()];
         }
         while st.iteration < sc.iterations {
-            let t = Instant::now();
+            let (t, cpu0) = (Instant::now(), process_cpu_seconds());
+            let (bytes0, mpi0) = (comm::bytes_sent(), comm::mpi_cpu_seconds());
             let rep = mgvi::global_iteration(
                 &model,
                 sc,
@@ -197,7 +340,7 @@ fn run_schedule(
             let row = HistoryRow {
                 stage: st.stage,
                 iteration: st.iteration,
-                n_stars: model.data.len(),
+                n_stars,
                 kl: rep.kl,
                 newton_steps: rep.newton.steps,
                 newton_cg: rep.newton.cg_iterations.iter().sum(),
@@ -205,7 +348,11 @@ fn run_schedule(
                 grad_norm: rep.newton.grad_norms.last().copied().unwrap_or(f64::NAN),
                 step: rep.newton.step_norms.last().copied().unwrap_or(f64::NAN),
                 seconds: t.elapsed().as_secs_f64(),
-                peak_rss_bytes: crate::bench::peak_rss_bytes(),
+                peak_rss_bytes: comm::max_f64(crate::bench::peak_rss_bytes() as f64) as u64,
+                ranks: comm::size(),
+                cpu_seconds: sum_f64(process_cpu_seconds() - cpu0),
+                mpi_cpu_seconds: sum_f64(comm::mpi_cpu_seconds() - mpi0),
+                mpi_bytes: comm::sum_u64(comm::bytes_sent() - bytes0),
             };
             pb.suspend(|| {
                 tracing::info!(
@@ -220,19 +367,26 @@ fn run_schedule(
                     sample_cg = ?rep.sample_cg,
                     seconds = format!("{:.2}", row.seconds),
                     rss_mb = row.peak_rss_bytes / (1 << 20),
+                    mpi_mb = format!("{:.1}", row.mpi_bytes as f64 / 1e6),
                     "MGVI iteration"
                 )
             });
             st.history.push(row);
-            checkpoint::save(&paths.checkpoint, id, st)?;
+            save_checkpoint(paths, su, st)?;
             pb.inc(1);
         }
         st.stage += 1;
         st.iteration = 0;
-        checkpoint::save(&paths.checkpoint, id, st)?;
+        save_checkpoint(paths, su, st)?;
     }
     pb.finish_and_clear();
     Ok(())
+}
+
+/// Sum over ranks of a float, in rank order (exact reproducibility is not needed here).
+fn sum_f64(v: f64) -> f64 {
+    let size = comm::size();
+    comm::all_gather_f64(&[v], &vec![1; size]).iter().sum()
 }
 
 /// Shell range [lo, hi) of `shells` inside the product cut, and the cut radius.
@@ -262,7 +416,8 @@ pub fn map_from_samples(
     let (lo, hi) = product_range(&shells, cfg);
     let widths = shells.widths_pc();
     let n = shells.len();
-    let npix = grid::npix(chart.nside_final());
+    // all pixels, or one rank's block of them
+    let npix = samples_rw.first().map_or(0, |s| s.len() / n);
     let out_shells = Shells {
         edges_pc: shells.edges_pc[lo..=hi].to_vec(),
     };
@@ -318,58 +473,73 @@ pub fn map_from_samples(
         kind: "posterior".into(),
         provenance,
     };
-    map.check()?;
+    if npix == grid::npix(chart.nside_final()) {
+        map.check()?;
+    }
     Ok(map)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn write_products(
-    cfg: &Config,
-    config_text: &str,
-    chart: &Chart,
-    all: &PixelCatalog,
-    icr: &Arc<Icr>,
-    id: &RunId,
-    paths: &FitPaths,
-    st: &FitState,
-) -> Result<()> {
-    if st.residuals.is_empty() {
-        bail!("the fit has no samples: the schedule ran no iteration");
-    }
-    let model = Model::new(cfg, icr.clone(), all)?;
+/// Samples of this rank's part of the map and its stars' predictions.
+struct LocalProducts {
+    samples_rw: Vec<Vec<f64>>,
+    abar: Vec<Vec<f64>>,
+    sig_a: Vec<Vec<f64>>,
+}
+
+fn local_products(cfg: &Config, su: &Setup, st: &FitState) -> Result<LocalProducts> {
+    let model = Model::new(cfg, su.icr.clone(), &su.stars)?;
     let mut w = model.workspace();
     let xsig0 = vec![0.0; model.data.len()];
-    let mut samples_rw = Vec::new();
-    let mut abar = Vec::new();
-    let mut sig_a = Vec::new();
+    let mut out = LocalProducts {
+        samples_rw: Vec::new(),
+        abar: Vec::new(),
+        sig_a: Vec::new(),
+    };
     for d in &st.residuals {
         for sign in [1.0, -1.0] {
             let x: Vec<f64> = st.x.iter().zip(d).map(|(a, b)| a + sign * b).collect();
             let s = model.state(&x, &xsig0, &mut w);
-            abar.push(s.abar.clone());
+            out.abar.push(s.abar.clone());
             // v − (n_σ σ_A)² with n_σ = 1 here: the distance-marginalisation variance
-            sig_a.push(
+            out.sig_a.push(
                 s.var
                     .iter()
                     .zip(&model.data.a_err)
                     .map(|(v, e)| (v - e * e).max(0.0).sqrt())
                     .collect::<Vec<_>>(),
             );
-            samples_rw.push(s.rw);
+            out.samples_rw.push(s.rw);
         }
     }
-    let mut prov = Provenance::current(config_text, cfg.seed, &id.catalog_sha256);
-    prov.catalog_sha256 = id.catalog_sha256.clone();
-    let mut map = map_from_samples(cfg, chart, &samples_rw, prov)?;
-    map.star_count = all
+    Ok(out)
+}
+
+fn write_products(
+    cfg: &Config,
+    config_text: &str,
+    su: &Setup,
+    paths: &FitPaths,
+    st: &FitState,
+) -> Result<()> {
+    if st.residuals.is_empty() {
+        bail!("the fit has no samples: the schedule ran no iteration");
+    }
+    let lp = local_products(cfg, su, st)?;
+    let mut prov = Provenance::current(config_text, cfg.seed, &su.id.catalog_sha256);
+    prov.catalog_sha256 = su.id.catalog_sha256.clone();
+    let mut map = map_from_samples(cfg, &su.chart, &lp.samples_rw, prov)?;
+    drop(lp.samples_rw);
+    map.star_count = su
+        .stars
         .offsets
         .windows(2)
         .map(|w| (w[1] - w[0]) as u32)
         .collect();
-    map.write(&paths.map)?;
+    write_map_blocks(&map, su, &paths.map)?;
+    drop(map);
     // n_σ of the last stage's stars, by source id
     let last = cfg.inference.stage.last().expect("at least one stage");
-    let last_stars = stage_stars(all, last, cfg.seed);
+    let last_stars = stage_stars(&su.stars, last, cfg.seed);
     let tf = crate::transforms::InvGamma::new(cfg.noise.nsigma_shape, cfg.noise.nsigma_scale);
     let nsig: HashMap<i64, f64> =
         if cfg.noise.infer_nsigma && st.xsig.len() == last_stars.stars.len() {
@@ -383,46 +553,91 @@ fn write_products(
         } else {
             HashMap::new()
         };
-    write_star_predictions(&paths.stars, all, &abar, &sig_a, &nsig)?;
-    write_history(&paths.history, &st.history)?;
+    let rows = star_prediction_rows(&su.stars, &lp.abar, &lp.sig_a, &nsig)?;
+    write_star_predictions(&paths.stars, rows)?;
+    if comm::is_root() {
+        write_history(&paths.history, &st.history)?;
+    }
     tracing::info!(map = %paths.map.display(), stars = %paths.stars.display(), history = %paths.history.display(), "fit products written");
     Ok(())
 }
 
-fn write_star_predictions(
-    path: &Path,
+/// Rank 0 writes the map block by block as the ranks' pixel ranges arrive (its own, then
+/// one other rank's at a time): no rank ever holds the whole map.
+fn write_map_blocks(map: &DustMap, su: &Setup, path: &Path) -> Result<()> {
+    let size = comm::size();
+    if size == 1 {
+        return map.write(path);
+    }
+    if !comm::is_root() {
+        comm::send_f64(0, &map.block_to_vec());
+        return Ok(());
+    }
+    let d = &su.icr.decomp;
+    let nside = su.chart.nside_final();
+    let mut r = 0;
+    map.write_blocks(path, grid::npix(nside), || {
+        r += 1;
+        if r == size {
+            return Ok(None);
+        }
+        let px = d.pixels_of(r, nside);
+        let v = comm::recv_f64(r);
+        Ok(Some((
+            px.start,
+            DustMap::block_from_vec(map, px.len(), &v)?,
+        )))
+    })
+}
+
+/// This rank's rows of the star-prediction table (CSV text, no header).
+fn star_prediction_rows(
     all: &PixelCatalog,
     abar: &[Vec<f64>],
     sig_a: &[Vec<f64>],
     nsig: &HashMap<i64, f64>,
-) -> Result<()> {
+) -> Result<Vec<u8>> {
     let s = &all.stars;
     let (a_m, a_s) = crate::util::mean_std(abar);
     let (sa_m, _) = crate::util::mean_std(sig_a);
+    let mut f = Vec::new();
+    for i in 0..s.len() {
+        let ns = nsig.get(&s.source_id[i]).copied().unwrap_or(f64::NAN);
+        writeln!(
+            f,
+            "{},{},{},{},{},{},{},{},{},{},{},{}",
+            s.source_id[i],
+            s.l_deg[i],
+            s.b_deg[i],
+            s.parallax_mas[i],
+            s.parallax_error_mas[i],
+            s.extinction[i],
+            s.extinction_error[i],
+            all.pixel[i],
+            a_m.get(i).copied().unwrap_or(f64::NAN),
+            a_s.get(i).copied().unwrap_or(f64::NAN),
+            sa_m.get(i).copied().unwrap_or(f64::NAN),
+            ns
+        )?;
+    }
+    Ok(f)
+}
+
+/// Rank 0 writes the table: its rows, then every other rank's in rank (= pixel) order.
+fn write_star_predictions(path: &Path, rows: Vec<u8>) -> Result<()> {
+    if !comm::is_root() {
+        comm::send_bytes(0, &rows);
+        return Ok(());
+    }
     write_atomically(path, |tmp| {
         let mut f = std::io::BufWriter::new(std::fs::File::create(tmp)?);
         writeln!(
             f,
             "source_id,l,b,parallax,parallax_error,extinction,extinction_error,pixel,predicted_extinction,predicted_extinction_std,distance_marginal_std,nsigma"
         )?;
-        for i in 0..s.len() {
-            let ns = nsig.get(&s.source_id[i]).copied().unwrap_or(f64::NAN);
-            writeln!(
-                f,
-                "{},{},{},{},{},{},{},{},{},{},{},{}",
-                s.source_id[i],
-                s.l_deg[i],
-                s.b_deg[i],
-                s.parallax_mas[i],
-                s.parallax_error_mas[i],
-                s.extinction[i],
-                s.extinction_error[i],
-                all.pixel[i],
-                a_m[i],
-                a_s[i],
-                sa_m[i],
-                ns
-            )?;
+        f.write_all(&rows)?;
+        for r in 1..comm::size() {
+            f.write_all(&comm::recv_bytes(r))?;
         }
         f.flush()?;
         Ok(())
@@ -435,12 +650,12 @@ fn write_history(path: &Path, rows: &[HistoryRow]) -> Result<()> {
         let mut f = std::io::BufWriter::new(std::fs::File::create(tmp)?);
         writeln!(
             f,
-            "stage,iteration,n_stars,kl,grad_norm,step,newton_steps,newton_cg,sample_cg,seconds,peak_rss_bytes"
+            "stage,iteration,n_stars,kl,grad_norm,step,newton_steps,newton_cg,sample_cg,seconds,peak_rss_bytes,ranks,cpu_seconds,mpi_cpu_seconds,mpi_bytes"
         )?;
         for r in rows {
             writeln!(
                 f,
-                "{},{},{},{},{},{},{},{},{},{:.3},{}",
+                "{},{},{},{},{},{},{},{},{},{:.3},{},{},{:.3},{:.3},{}",
                 r.stage,
                 r.iteration,
                 r.n_stars,
@@ -451,7 +666,11 @@ fn write_history(path: &Path, rows: &[HistoryRow]) -> Result<()> {
                 r.newton_cg,
                 r.sample_cg,
                 r.seconds,
-                r.peak_rss_bytes
+                r.peak_rss_bytes,
+                r.ranks,
+                r.cpu_seconds,
+                r.mpi_cpu_seconds,
+                r.mpi_bytes
             )?;
         }
         f.flush()?;

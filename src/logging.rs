@@ -4,11 +4,17 @@
 use std::io::IsTerminal;
 use tracing_subscriber::EnvFilter;
 
-/// Install the global subscriber; safe to call more than once.
+/// Install the global subscriber; safe to call more than once. Under MPI only rank 0
+/// logs below `warn` (the ranks would repeat each other), unless `DUST3D_LOG` is set.
 pub fn init() {
+    let default = if crate::comm::is_root() {
+        "info"
+    } else {
+        "warn"
+    };
     let filter = std::env::var("DUST3D_LOG")
         .or_else(|_| std::env::var("RUST_LOG"))
-        .unwrap_or_else(|_| "info".into());
+        .unwrap_or_else(|_| default.into());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::new(filter))
         .with_writer(std::io::stderr)

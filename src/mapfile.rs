@@ -176,7 +176,89 @@ impl DustMap {
     }
 
     fn write_netcdf(&self, tmp: &Path) -> Result<()> {
-        let (npix, nr, ns) = (self.npix(), self.n_r(), self.samples.len());
+        let mut nc = self.define(tmp, self.npix())?;
+        self.put_block(&mut nc, 0)
+    }
+
+    /// Write a map that is held in pixel blocks (one per MPI rank, never all at once):
+    /// `self` is the block starting at pixel 0 and carries the metadata; `next()` yields
+    /// the following blocks with their first pixel, until `None`. Atomic like [`DustMap::write`].
+    pub fn write_blocks(
+        &self,
+        path: &Path,
+        npix_total: usize,
+        mut next: impl FnMut() -> Result<Option<(usize, DustMap)>>,
+    ) -> Result<()> {
+        write_atomically(path, |tmp| {
+            let mut nc = self.define(tmp, npix_total)?;
+            self.put_block(&mut nc, 0)?;
+            while let Some((p0, b)) = next()? {
+                b.put_block(&mut nc, p0)?;
+            }
+            Ok(())
+        })
+        .with_context(|| format!("cannot write map {}", path.display()))
+    }
+
+    /// The arrays of a pixel block as one vector (for sending to the writing rank).
+    pub fn block_to_vec(&self) -> Vec<f64> {
+        let mut v = Vec::new();
+        for a in [
+            &self.mean,
+            &self.std,
+            &self.integrated_mean,
+            &self.integrated_std,
+            &self.inner_mean,
+            &self.inner_std,
+        ] {
+            v.extend_from_slice(a);
+        }
+        v.extend(self.star_count.iter().map(|&c| c as f64));
+        for s in self.samples.iter().chain(&self.inner_samples) {
+            v.extend_from_slice(s);
+        }
+        v
+    }
+
+    /// A block of `nb` pixels from [`DustMap::block_to_vec`]; `like` is a block of the same
+    /// map (same shells, sample count and metadata).
+    pub fn block_from_vec(like: &DustMap, nb: usize, v: &[f64]) -> Result<DustMap> {
+        let nr = like.n_r();
+        let mut at = 0;
+        let mut take = |n: usize| -> Result<Vec<f64>> {
+            let s = v.get(at..at + n).context("map block message too short")?;
+            at += n;
+            Ok(s.to_vec())
+        };
+        let integ = if like.integrated_mean.is_empty() {
+            0
+        } else {
+            nr * nb
+        };
+        let sc = if like.star_count.is_empty() { 0 } else { nb };
+        let mut b = like.clone();
+        b.mean = take(nr * nb)?;
+        b.std = take(nr * nb)?;
+        b.integrated_mean = take(integ)?;
+        b.integrated_std = take(integ)?;
+        b.inner_mean = take(nb)?;
+        b.inner_std = take(nb)?;
+        b.star_count = take(sc)?.into_iter().map(|c| c as u32).collect();
+        b.samples = (0..like.samples.len())
+            .map(|_| take(nr * nb))
+            .collect::<Result<_>>()?;
+        b.inner_samples = (0..like.inner_samples.len())
+            .map(|_| take(nb))
+            .collect::<Result<_>>()?;
+        if at != v.len() {
+            bail!("map block message has {} values, expected {at}", v.len());
+        }
+        Ok(b)
+    }
+
+    /// Create the file for `npix_total` pixels: dimensions, metadata, radii, variables.
+    fn define(&self, tmp: &Path, npix_total: usize) -> Result<netcdf::FileMut> {
+        let (npix, nr, ns) = (npix_total, self.n_r(), self.samples.len());
         let mut nc = netcdf::create(tmp)?;
         nc.add_dimension("radius", nr)?;
         nc.add_dimension("radius_edge", nr + 1)?;
@@ -192,70 +274,86 @@ impl DustMap {
         let mut v = nc.add_variable::<f64>("radius_edges", &["radius_edge"])?;
         v.put_attribute("units", "pc")?;
         v.put_values(&self.shells.edges_pc, ..)?;
-        let f32s = |x: &[f64]| -> Vec<f32> { x.iter().map(|&v| v as f32).collect() };
-        for (name, data, what) in [
-            (
-                "mean",
-                &self.mean,
-                "posterior mean of differential extinction",
-            ),
+        for (name, what) in [
+            ("mean", "posterior mean of differential extinction"),
             (
                 "std",
-                &self.std,
                 "posterior standard deviation of differential extinction",
             ),
         ] {
             let mut v = nc.add_variable::<f32>(name, &["radius", "pixel"])?;
             v.put_attribute("units", self.units.as_str())?;
             v.put_attribute("long_name", what)?;
-            v.put_values(&f32s(data), ..)?;
         }
         if !self.integrated_mean.is_empty() {
-            for (name, data, what) in [
+            for (name, what) in [
                 (
                     "integrated_mean",
-                    &self.integrated_mean,
                     "posterior mean of extinction integrated to the shell's far edge",
                 ),
                 (
                     "integrated_std",
-                    &self.integrated_std,
                     "posterior std of extinction integrated to the shell's far edge",
                 ),
             ] {
                 let mut v = nc.add_variable::<f32>(name, &["radius", "pixel"])?;
                 v.put_attribute("long_name", what)?;
-                v.put_values(&f32s(data), ..)?;
             }
         }
         let inner = format!("{} pc", self.shells.edges_pc[0]);
-        for (name, data) in [
-            ("inner_integrated_mean", &self.inner_mean),
-            ("inner_integrated_std", &self.inner_std),
-        ] {
+        for name in ["inner_integrated_mean", "inner_integrated_std"] {
             let mut v = nc.add_variable::<f32>(name, &["pixel"])?;
             v.put_attribute("long_name", format!("integrated extinction inside {inner}"))?;
-            v.put_values(&f32s(data), ..)?;
         }
         if !self.star_count.is_empty() {
             let mut v = nc.add_variable::<i32>("star_count", &["pixel"])?;
             v.put_attribute("long_name", "number of stars the fit used in the pixel")?;
-            let c: Vec<i32> = self.star_count.iter().map(|&c| c as i32).collect();
-            v.put_values(&c, ..)?;
         }
         if ns > 0 {
             let mut v = nc.add_variable::<f32>("samples", &["sample", "radius", "pixel"])?;
             v.put_attribute("units", self.units.as_str())?;
-            for (k, s) in self.samples.iter().enumerate() {
-                v.put_values(&f32s(s), (k, .., ..))?;
-            }
             if !self.inner_samples.is_empty() {
-                let mut v =
-                    nc.add_variable::<f32>("inner_integrated_samples", &["sample", "pixel"])?;
-                for (k, s) in self.inner_samples.iter().enumerate() {
-                    v.put_values(&f32s(s), (k, ..))?;
-                }
+                nc.add_variable::<f32>("inner_integrated_samples", &["sample", "pixel"])?;
             }
+        }
+        Ok(nc)
+    }
+
+    /// Write this block's arrays at pixels `p0..p0 + npix()` of a file from [`DustMap::define`].
+    fn put_block(&self, nc: &mut netcdf::FileMut, p0: usize) -> Result<()> {
+        let nb = self.mean.len() / self.n_r().max(1);
+        let px = p0..p0 + nb;
+        let f32s = |x: &[f64]| -> Vec<f32> { x.iter().map(|&v| v as f32).collect() };
+        fn var<'f>(nc: &'f mut netcdf::FileMut, name: &str) -> Result<netcdf::VariableMut<'f>> {
+            nc.variable_mut(name)
+                .ok_or_else(|| anyhow!("map variable {name} not defined"))
+        }
+        let planes = [
+            ("mean", &self.mean),
+            ("std", &self.std),
+            ("integrated_mean", &self.integrated_mean),
+            ("integrated_std", &self.integrated_std),
+        ];
+        for (name, data) in planes {
+            if !data.is_empty() {
+                var(nc, name)?.put_values(&f32s(data), (.., px.clone()))?;
+            }
+        }
+        for (name, data) in [
+            ("inner_integrated_mean", &self.inner_mean),
+            ("inner_integrated_std", &self.inner_std),
+        ] {
+            var(nc, name)?.put_values(&f32s(data), px.clone())?;
+        }
+        if !self.star_count.is_empty() {
+            let c: Vec<i32> = self.star_count.iter().map(|&c| c as i32).collect();
+            var(nc, "star_count")?.put_values(&c, px.clone())?;
+        }
+        for (k, s) in self.samples.iter().enumerate() {
+            var(nc, "samples")?.put_values(&f32s(s), (k, .., px.clone()))?;
+        }
+        for (k, s) in self.inner_samples.iter().enumerate() {
+            var(nc, "inner_integrated_samples")?.put_values(&f32s(s), (k, px.clone()))?;
         }
         Ok(())
     }

@@ -7,10 +7,11 @@ use anyhow::{anyhow, Result};
 use rand::Rng;
 use rand_distr::StandardNormal;
 use rayon::prelude::*;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use crate::cg::{self, CgReport, CgSettings};
 use crate::config::StageConfig;
+use crate::decomp::{Serial, Space, VecLayout};
 use crate::model::{Model, ModelWork, State};
 use crate::newton::{self, MetricObjective, NewtonReport, NewtonSettings};
 
@@ -39,9 +40,19 @@ pub trait Fisher {
     fn sqrt_fisher_t(&self, eta_a: &[f64], eta_v: &[f64], out: &mut [f64]);
     /// `out = M v`.
     fn metric(&self, v: &[f64], out: &mut [f64]);
+    /// How parameter vectors are distributed (inner products over ranks).
+    fn space(&self) -> Arc<dyn Space> {
+        Arc::new(Serial)
+    }
+    /// Layouts of parameter and data vectors over patches, when distributed: normals are
+    /// then drawn per patch, so samples do not depend on the rank count.
+    fn layouts(&self) -> Option<(&VecLayout, &VecLayout)> {
+        None
+    }
     /// Solve `M δ = y` by CG from the guess in `delta` (on the host unless overridden).
     fn solve(&self, y: &[f64], delta: &mut [f64], settings: &CgSettings) -> CgReport {
-        cg::solve(|v, out| self.metric(v, out), y, delta, settings)
+        let space = self.space();
+        cg::solve_with(&*space, |v, out| self.metric(v, out), y, delta, settings)
     }
 }
 
@@ -56,6 +67,7 @@ pub struct ModelAt<'a> {
     pub mask: &'a [f64],
     work: std::cell::RefCell<ModelWork>,
     scratch: std::cell::RefCell<Vec<f64>>,
+    space: Arc<dyn Space>,
 }
 
 impl<'a> ModelAt<'a> {
@@ -67,6 +79,7 @@ impl<'a> ModelAt<'a> {
             mask,
             work: std::cell::RefCell::new(model.workspace()),
             scratch: std::cell::RefCell::new(Vec::new()),
+            space: Arc::new(model.dom.x.clone()),
         }
     }
 }
@@ -94,11 +107,25 @@ impl Fisher for ModelAt<'_> {
             .zip(self.mask)
             .for_each(|((o, vi), m)| *o = m * *o + (1.0 - m) * vi);
     }
+    fn space(&self) -> Arc<dyn Space> {
+        self.space.clone()
+    }
+    fn layouts(&self) -> Option<(&VecLayout, &VecLayout)> {
+        Some((&self.model.dom.x, &self.model.dom.stars))
+    }
     fn solve(&self, y: &[f64], delta: &mut [f64], settings: &CgSettings) -> CgReport {
         // on a device the whole CG stays there; on the CPU it runs here
         self.model
             .solve_metric(&[self.state], self.mask, false, y, delta, settings)
-            .unwrap_or_else(|| cg::solve(|v, out| self.metric(v, out), y, delta, settings))
+            .unwrap_or_else(|| {
+                cg::solve_with(
+                    &*self.space,
+                    |v, out| self.metric(v, out),
+                    y,
+                    delta,
+                    settings,
+                )
+            })
     }
 }
 
@@ -123,11 +150,58 @@ pub fn draw_residual<F: Fisher, R: Rng>(
     (delta, rep)
 }
 
+/// Sub-stream of random stream `stream` for the replicated entries (`part` 0) or for patch
+/// q (`part` q + 1).
+fn sub_stream(stream: u64, part: usize) -> u64 {
+    (stream << 24) | part as u64
+}
+
+/// One residual like [`draw_residual`], with its normals drawn from stream `stream` of
+/// `seed`: per patch when `f` is distributed (rank-count independent), else in one
+/// sequence.
+pub fn draw_residual_in<F: Fisher>(
+    f: &F,
+    seed: u64,
+    stream: u64,
+    settings: &CgSettings,
+) -> (Vec<f64>, CgReport) {
+    let Some((xl, sl)) = f.layouts() else {
+        return draw_residual(f, &mut crate::rng::stream(seed, stream), settings);
+    };
+    let (np, ns) = (f.dim(), f.n_data());
+    let (mut eta1, mut eta_a, mut eta_v) = (vec![0.0; np], vec![0.0; ns], vec![0.0; ns]);
+    let mut rng = crate::rng::stream(seed, sub_stream(stream, 0));
+    for i in xl.rep.iter().flat_map(|r| r.clone()) {
+        eta1[i] = rng.sample(StandardNormal);
+    }
+    let first = xl.decomp.patches().start;
+    for (k, (xr, sr)) in xl.patch.iter().zip(&sl.patch).enumerate() {
+        let mut rng = crate::rng::stream(seed, sub_stream(stream, first + k + 1));
+        for i in xr.iter().flat_map(|r| r.clone()) {
+            eta1[i] = rng.sample(StandardNormal);
+        }
+        for eta in [&mut eta_a, &mut eta_v] {
+            for i in sr.iter().flat_map(|r| r.clone()) {
+                eta[i] = rng.sample(StandardNormal);
+            }
+        }
+    }
+    let mut y = vec![0.0; np];
+    f.sqrt_fisher_t(&eta_a, &eta_v, &mut y);
+    for i in 0..np {
+        y[i] += eta1[i];
+    }
+    let mut delta = vec![0.0; np];
+    let rep = f.solve(&y, &mut delta, settings);
+    (delta, rep)
+}
+
 /// The KL objective over p = [x | ξ_σ]: average energy over the samples x ± δ_k.
 pub struct Kl<'a> {
     model: &'a Model,
     residuals: &'a [Vec<f64>],
     mask: &'a [f64],
+    space: Arc<dyn Space>,
     cache: Mutex<KlCache>,
 }
 
@@ -157,6 +231,7 @@ impl<'a> Kl<'a> {
             model,
             residuals,
             mask,
+            space: Arc::new(model.dom.p.clone()),
             cache: Mutex::new(cache),
         }
     }
@@ -187,7 +262,8 @@ impl<'a> Kl<'a> {
     /// States at the samples of p (cached for the last p).
     fn ensure_states(&self, p: &[f64], c: &mut KlCache) {
         self.prepare(c);
-        if c.at == p {
+        // every rank must take the same branch: the evaluation below communicates
+        if self.space.all(c.at == p) {
             return;
         }
         let np = self.model.n_params();
@@ -252,7 +328,19 @@ impl MetricObjective for Kl<'_> {
             self.model
                 .solve_metric(&refs, self.mask, true, b, x, settings)
         };
-        on_device.unwrap_or_else(|| cg::solve(|v, out| self.metric(p, v, out), b, x, settings))
+        on_device.unwrap_or_else(|| {
+            cg::solve_with(
+                &*self.space,
+                |v, out| self.metric(p, v, out),
+                b,
+                x,
+                settings,
+            )
+        })
+    }
+
+    fn space(&self) -> Arc<dyn Space> {
+        self.space.clone()
     }
 }
 
@@ -296,10 +384,16 @@ pub fn global_iteration(
     residuals.clear();
     let mut sample_cg = Vec::new();
     for pair in 0..stage_cfg.sample_pairs {
-        let mut rng = crate::rng::stream(seed, residual_stream(ids.0, ids.1, pair));
-        let (mut d, rep) = draw_residual(&lin, &mut rng, &cg_settings);
+        let stream = residual_stream(ids.0, ids.1, pair);
+        let (mut d, rep) = draw_residual_in(&lin, seed, stream, &cg_settings);
         // held entries stay where they are in every sample
         d.iter_mut().zip(mask).for_each(|(v, m)| *v *= m);
+        tracing::debug!(
+            pair,
+            cg_iterations = rep.iterations,
+            rel_residual = rep.rel_residual,
+            "residual drawn"
+        );
         sample_cg.push(rep.iterations);
         residuals.push(d);
     }

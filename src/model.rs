@@ -14,12 +14,13 @@ use std::sync::Arc;
 
 use crate::catalog::PixelCatalog;
 use crate::config::Config;
+use crate::decomp::{Domain, Space};
 use crate::icr::{Icr, IcrWork};
 use crate::response::{finish_vjp, inner_columns, star_jvp, star_moments, star_vjp};
 use crate::state::next_state_id;
 pub use crate::state::{StarData, State};
 use crate::transforms::{InvGamma, LogNormal, Normal};
-use crate::util::{det_sum, DisjointMut};
+use crate::util::DisjointMut;
 
 /// The composed model.
 pub struct Model {
@@ -39,6 +40,8 @@ pub struct Model {
     pub infer_nsigma: bool,
     pad: usize,
     n_chart: usize,
+    /// Vector layouts and global reductions on this rank.
+    pub dom: Arc<Domain>,
     /// The OpenCL likelihood, when `backend.kind = "opencl"`.
     gpu: Option<std::sync::Mutex<crate::gpu::model::GpuModel>>,
 }
@@ -56,7 +59,8 @@ pub struct ModelWork {
 }
 
 impl Model {
-    /// Build the model for `cfg` and pixel-sorted stars at the final nside.
+    /// Build the model for `cfg` and pixel-sorted stars at the final nside: all pixels on
+    /// one process, or the rank's own pixels (`icr.final_pixels()`, offsets local) on many.
     pub fn new(cfg: &Config, icr: Arc<Icr>, cat: &PixelCatalog) -> Result<Self> {
         let chart = icr.chart.clone();
         if cat.nside != chart.nside_final() {
@@ -66,6 +70,26 @@ impl Model {
                 chart.nside_final()
             );
         }
+        let own = icr.final_pixels();
+        if cat.offsets.len() != own.len() + 1 {
+            bail!(
+                "the catalog covers {} pixels, this rank's model {}",
+                cat.offsets.len() - 1,
+                own.len()
+            );
+        }
+        if cfg.backend.kind == "opencl" && icr.decomp.size() > 1 {
+            bail!(
+                "the OpenCL backend runs on one process: combine it with MPI ranks is not \
+                 supported yet (run `dust3d fit --backend opencl` without mpirun)"
+            );
+        }
+        let dom = Arc::new(Domain::new(
+            icr.x_layout(),
+            &cat.offsets,
+            icr.decomp
+                .pixels_per_patch(chart.nside_final().max(icr.decomp.nside_dec)),
+        ));
         let shells = chart.kept_shells();
         let p = &cfg.prior;
         let data = StarData::new(cat, &shells);
@@ -74,7 +98,7 @@ impl Model {
             let dev = crate::gpu::Gpu::open(&cfg.backend.device_spec())?;
             let precision = cfg.backend.gpu_precision();
             tracing::info!(device = %dev.name, ?precision, "likelihood and ICR on OpenCL");
-            let m = crate::gpu::model::GpuModel::new(
+            let mut m = crate::gpu::model::GpuModel::new(
                 &icr,
                 &data,
                 &widths,
@@ -82,12 +106,14 @@ impl Model {
                 &dev,
                 precision,
             )?;
+            crate::on_gpu_model!(&mut m, g => g.set_reduction(dom.pix_per_patch, &[&dom.x, &dom.p]))?;
             Some(std::sync::Mutex::new(m))
         } else {
             None
         };
         Ok(Self {
             gpu,
+            dom,
             data,
             widths,
             scale: LogNormal::from_mean_std(p.scale_mean, p.scale_std),
@@ -282,17 +308,11 @@ impl Model {
     /// −ln P(x, ξ_σ | data) up to a constant: Σ_i [(A−ā)²/(2v) + ½ ln v] + ½|x|² + ½|ξ_σ|².
     pub fn energy(&self, st: &State, x: &[f64], xsig: &[f64]) -> f64 {
         let d = &self.data;
-        let lik = det_sum(d.len(), |i| {
+        let lik = self.dom.stars.sum(|i| {
             let r = d.a_obs[i] - st.abar[i];
             0.5 * r * r / st.var[i] + 0.5 * st.var[i].ln()
         });
-        let prior = 0.5 * det_sum(x.len(), |i| x[i] * x[i]);
-        let psig = if self.infer_nsigma {
-            0.5 * det_sum(xsig.len(), |i| xsig[i] * xsig[i])
-        } else {
-            0.0
-        };
-        lik + prior + psig
+        lik + self.prior_energy(x, xsig)
     }
 
     /// Pull star cotangents (`ca` on ā, `cv` on σ_a² — the data part of v) back to x:
@@ -369,7 +389,7 @@ impl Model {
                     *sc = [g_scl, g_off];
                 },
             );
-        crate::util::chunked_pair_sum(pix_scalars)
+        self.dom.pixel_sum2(pix_scalars)
     }
 
     /// Sample-averaged metric of the KL over p = [x | ξ_σ]: `out = v + (1/N) Σ_k J_kᵀ F_k J_k v`
@@ -501,9 +521,9 @@ impl Model {
 
     /// ½|x|² + ½|ξ_σ|² (the latter only when n_σ is inferred).
     fn prior_energy(&self, x: &[f64], xsig: &[f64]) -> f64 {
-        let prior = 0.5 * det_sum(x.len(), |i| x[i] * x[i]);
+        let prior = 0.5 * self.dom.x.dot(x, x);
         let psig = if self.infer_nsigma {
-            0.5 * det_sum(xsig.len(), |i| xsig[i] * xsig[i])
+            0.5 * self.dom.stars.dot(xsig, xsig)
         } else {
             0.0
         };
@@ -642,20 +662,12 @@ impl Model {
                 },
             );
         self.icr.adjoint(sbar_all, &mut gx[..nxi], icr);
-        let (g_scl, g_off) = pix_scalars
-            .iter()
-            .fold((0.0, 0.0), |a, s| (a.0 + s[0], a.1 + s[1]));
+        let [g_scl, g_off] = self.dom.pixel_sum2(pix_scalars);
         gx[nxi] = g_scl * st.dscl;
         gx[nxi + 1] = g_off * self.offset.std;
         gx.par_iter_mut().zip(x).for_each(|(g, xv)| *g += xv);
-        let lik: f64 = pix_energy.iter().sum();
-        let prior = 0.5 * det_sum(x.len(), |i| x[i] * x[i]);
-        let psig = if self.infer_nsigma {
-            0.5 * det_sum(xsig.len(), |i| xsig[i] * xsig[i])
-        } else {
-            0.0
-        };
-        lik + prior + psig
+        let lik = self.dom.pixel_sum(pix_energy);
+        lik + self.prior_energy(x, xsig)
     }
 
     /// Tangent of (ā, v) per star for a tangent `dx` of x (ξ_σ held fixed).

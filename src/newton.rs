@@ -9,8 +9,11 @@ use argmin::core::{
     TerminationReason, TerminationStatus, KV,
 };
 use argmin::solver::linesearch::MoreThuenteLineSearch;
+use argmin_math::{ArgminDot, ArgminScaledAdd};
+use std::sync::Arc;
 
 use crate::cg::{self, CgSettings};
+use crate::decomp::{Serial, Space};
 
 /// An objective with value, gradient and a positive-definite metric (Hessian stand-in).
 pub trait MetricObjective {
@@ -18,9 +21,43 @@ pub trait MetricObjective {
     fn value_grad(&self, p: &[f64], g: &mut [f64]) -> f64;
     /// `out = M(p) v`.
     fn metric(&self, p: &[f64], v: &[f64], out: &mut [f64]);
+    /// How parameter vectors are distributed (inner products, shared decisions).
+    fn space(&self) -> Arc<dyn Space> {
+        Arc::new(Serial)
+    }
     /// Solve `M(p) x = b` by CG from the guess in `x` (on the host unless overridden).
     fn solve(&self, p: &[f64], b: &[f64], x: &mut [f64], settings: &CgSettings) -> cg::CgReport {
-        cg::solve(|v, out| self.metric(p, v, out), b, x, settings)
+        let space = self.space();
+        cg::solve_with(&*space, |v, out| self.metric(p, v, out), b, x, settings)
+    }
+}
+
+/// A parameter vector as argmin sees it: this rank's part and the space whose inner
+/// product sums over ranks (so More–Thuente decides alike on every rank).
+#[derive(Clone)]
+pub struct DVec {
+    /// Local values.
+    pub v: Vec<f64>,
+    space: Arc<dyn Space>,
+}
+
+impl ArgminDot<DVec, f64> for DVec {
+    fn dot(&self, other: &DVec) -> f64 {
+        self.space.dot(&self.v, &other.v)
+    }
+}
+
+impl ArgminScaledAdd<DVec, f64, DVec> for DVec {
+    fn scaled_add(&self, factor: &f64, vec: &DVec) -> DVec {
+        DVec {
+            v: self
+                .v
+                .iter()
+                .zip(&vec.v)
+                .map(|(a, b)| a + factor * b)
+                .collect(),
+            space: self.space.clone(),
+        }
     }
 }
 
@@ -32,6 +69,7 @@ type Evaluated = (Vec<f64>, f64, Vec<f64>);
 /// `value_grad` call, cached for the last point.
 pub struct ArgminObjective<'a, T: MetricObjective> {
     obj: &'a T,
+    space: Arc<dyn Space>,
     last: std::sync::Mutex<Option<Evaluated>>,
     evaluations: std::sync::atomic::AtomicUsize,
 }
@@ -41,18 +79,27 @@ impl<'a, T: MetricObjective> ArgminObjective<'a, T> {
     pub fn new(obj: &'a T) -> Self {
         Self {
             obj,
+            space: obj.space(),
             last: std::sync::Mutex::new(None),
             evaluations: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
-    /// Value and gradient at `p` (from the cache when `p` was the last point).
+    /// `v` as an argmin parameter.
+    fn wrap(&self, v: Vec<f64>) -> DVec {
+        DVec {
+            v,
+            space: self.space.clone(),
+        }
+    }
+
+    /// Value and gradient at `p` (from the cache when `p` was the last point on every rank).
     pub fn value_grad(&self, p: &[f64]) -> (f64, Vec<f64>) {
         let mut last = self.last.lock().expect("objective cache");
-        if let Some((q, v, g)) = last.as_ref() {
-            if q.as_slice() == p {
-                return (*v, g.clone());
-            }
+        let hit = last.as_ref().is_some_and(|(q, _, _)| q.as_slice() == p);
+        if self.space.all(hit) {
+            let (_, v, g) = last.as_ref().expect("cached point");
+            return (*v, g.clone());
         }
         let mut g = vec![0.0; p.len()];
         let v = self.obj.value_grad(p, &mut g);
@@ -64,22 +111,22 @@ impl<'a, T: MetricObjective> ArgminObjective<'a, T> {
 }
 
 impl<T: MetricObjective> CostFunction for ArgminObjective<'_, T> {
-    type Param = Vec<f64>;
+    type Param = DVec;
     type Output = f64;
-    fn cost(&self, p: &Vec<f64>) -> Result<f64, Error> {
-        Ok(self.value_grad(p).0)
+    fn cost(&self, p: &DVec) -> Result<f64, Error> {
+        Ok(self.value_grad(&p.v).0)
     }
 }
 
 impl<T: MetricObjective> Gradient for ArgminObjective<'_, T> {
-    type Param = Vec<f64>;
-    type Gradient = Vec<f64>;
-    fn gradient(&self, p: &Vec<f64>) -> Result<Vec<f64>, Error> {
-        Ok(self.value_grad(p).1)
+    type Param = DVec;
+    type Gradient = DVec;
+    fn gradient(&self, p: &DVec) -> Result<DVec, Error> {
+        Ok(self.wrap(self.value_grad(&p.v).1))
     }
 }
 
-type St = IterState<Vec<f64>, Vec<f64>, (), (), (), f64>;
+type St = IterState<DVec, DVec, (), (), (), f64>;
 
 /// Settings of the truncated Newton solver.
 #[derive(Clone, Copy, Debug)]
@@ -109,7 +156,7 @@ impl Default for NewtonSettings {
 #[derive(Clone)]
 pub struct TruncatedNewton {
     settings: NewtonSettings,
-    linesearch: MoreThuenteLineSearch<Vec<f64>, Vec<f64>, f64>,
+    linesearch: MoreThuenteLineSearch<DVec, DVec, f64>,
     /// Inner CG iterations of every step taken.
     pub cg_iterations: Vec<usize>,
     /// Gradient norm at the start of every step.
@@ -144,12 +191,14 @@ impl<T: MetricObjective> Solver<ArgminObjective<'_, T>, St> for TruncatedNewton 
     ) -> Result<(St, Option<KV>), Error> {
         let param = state
             .take_param()
-            .ok_or_else(|| Error::msg("truncated Newton needs an initial parameter"))?;
+            .ok_or_else(|| Error::msg("truncated Newton needs an initial parameter"))?
+            .v;
         let wrapped = problem
             .problem
             .as_ref()
             .ok_or_else(|| Error::msg("objective missing"))?;
         let obj = wrapped.obj;
+        let space = wrapped.space.clone();
         let (cost, grad) = wrapped.value_grad(&param);
         let rhs: Vec<f64> = grad.iter().map(|g| -g).collect();
         let mut dir = vec![0.0; param.len()];
@@ -164,26 +213,30 @@ impl<T: MetricObjective> Solver<ArgminObjective<'_, T>, St> for TruncatedNewton 
             },
         );
         self.cg_iterations.push(rep.iterations);
-        self.grad_norms
-            .push(grad.iter().map(|g| g * g).sum::<f64>().sqrt());
+        tracing::debug!(cost, cg_rel = rep.rel_residual, "newton direction");
+        self.grad_norms.push(space.dot(&grad, &grad).sqrt());
         // bound the first trial step: far from the optimum a full Newton step of an
         // exponential model can overflow (ρ = e^{…}); the line search may still extend it
-        let max_abs = dir.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        let max_abs = space.max(dir.iter().fold(0.0f64, |m, v| m.max(v.abs())));
         let alpha0 = if max_abs > self.settings.max_step {
             self.settings.max_step / max_abs
         } else {
             1.0
         };
-        let slope: f64 = dir.iter().zip(&grad).map(|(d, g)| d * g).sum();
-        self.linesearch.search_direction(dir.clone());
+        let slope = space.dot(&dir, &grad);
+        let wrap = |v: Vec<f64>| DVec {
+            v,
+            space: space.clone(),
+        };
+        self.linesearch.search_direction(wrap(dir.clone()));
         self.linesearch.initial_step_length(alpha0)?;
         let run = Executor::new(
             problem.take_problem().expect("problem present"),
             self.linesearch.clone(),
         )
         .configure(|s| {
-            s.param(param.clone())
-                .gradient(grad.clone())
+            s.param(wrap(param.clone()))
+                .gradient(wrap(grad.clone()))
                 .cost(cost)
                 .max_iters(20)
         })
@@ -196,7 +249,7 @@ impl<T: MetricObjective> Solver<ArgminObjective<'_, T>, St> for TruncatedNewton 
                 let p = ls_state
                     .take_param()
                     .ok_or_else(|| Error::msg("line search returned no parameter"))?;
-                (p, ls_state.get_cost())
+                (p.v, ls_state.get_cost())
             }
             Err(_) => {
                 // More–Thuente met a non-finite value: fall back to Armijo backtracking
@@ -208,16 +261,10 @@ impl<T: MetricObjective> Solver<ArgminObjective<'_, T>, St> for TruncatedNewton 
                 backtrack(obj, &param, cost, &dir, slope, alpha0)
             }
         };
-        self.step_norms.push(
-            new_param
-                .iter()
-                .zip(&param)
-                .map(|(a, b)| (a - b).powi(2))
-                .sum::<f64>()
-                .sqrt(),
-        );
+        let diff: Vec<f64> = new_param.iter().zip(&param).map(|(a, b)| a - b).collect();
+        self.step_norms.push(space.dot(&diff, &diff).sqrt());
         let kv = argmin::kv!("cg_iterations" => rep.iterations as u64; "cg_rel_residual" => rep.rel_residual;);
-        Ok((state.param(new_param).cost(new_cost), Some(kv)))
+        Ok((state.param(wrap(new_param)).cost(new_cost), Some(kv)))
     }
 
     fn terminate(&mut self, state: &St) -> TerminationStatus {
@@ -278,7 +325,9 @@ pub fn minimize<T: MetricObjective>(
     settings: NewtonSettings,
 ) -> Result<(Vec<f64>, NewtonReport), Error> {
     let solver = TruncatedNewton::new(settings)?;
-    let res = Executor::new(ArgminObjective::new(obj), solver)
+    let wrapped = ArgminObjective::new(obj);
+    let p0 = wrapped.wrap(p0);
+    let res = Executor::new(wrapped, solver)
         .configure(|s| s.param(p0).max_iters(max_steps))
         .ctrlc(false)
         .run()?;
@@ -291,7 +340,8 @@ pub fn minimize<T: MetricObjective>(
     let p = state
         .take_best_param()
         .or_else(|| state.take_param())
-        .ok_or_else(|| Error::msg("no result"))?;
+        .ok_or_else(|| Error::msg("no result"))?
+        .v;
     Ok((
         p,
         NewtonReport {

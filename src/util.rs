@@ -39,18 +39,6 @@ pub(crate) fn det_sum(n: usize, f: impl Fn(usize) -> f64 + Sync) -> f64 {
     parts.iter().sum()
 }
 
-/// Component sums of pairs, over fixed chunks of 8192 summed in order (the same association
-/// as [`det_sum`], and as the OpenCL reduction of pixel partials).
-pub(crate) fn chunked_pair_sum(parts: &[[f64; 2]]) -> [f64; 2] {
-    const CHUNK: usize = 8192;
-    let mut acc = [0.0; 2];
-    for c in parts.chunks(CHUNK) {
-        let s = c.iter().fold([0.0, 0.0], |a, p| [a[0] + p[0], a[1] + p[1]]);
-        acc = [acc[0] + s[0], acc[1] + s[1]];
-    }
-    acc
-}
-
 /// Element-wise mean and standard deviation (1/N) over samples.
 pub(crate) fn mean_std(samples: &[Vec<f64>]) -> (Vec<f64>, Vec<f64>) {
     let n = samples.len() as f64;

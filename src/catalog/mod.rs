@@ -204,6 +204,33 @@ impl Catalog {
         let pix: Vec<u64> = (0..self.len())
             .map(|i| grid::ang2pix(nside, self.l_deg[i], self.b_deg[i]))
             .collect();
+        self.into_layout_with(nside, pix, 0..grid::npix(nside))
+    }
+
+    /// The stars of this catalog inside the NESTED pixel range `pixels` (one rank's part
+    /// of the sky), laid out like [`Catalog::into_pixel_layout`] with offsets relative to
+    /// `pixels.start`.
+    pub fn into_pixel_range(self, nside: u32, pixels: std::ops::Range<usize>) -> PixelCatalog {
+        let pix: Vec<u64> = (0..self.len())
+            .map(|i| grid::ang2pix(nside, self.l_deg[i], self.b_deg[i]))
+            .collect();
+        let keep: Vec<bool> = pix
+            .iter()
+            .map(|&p| pixels.contains(&(p as usize)))
+            .collect();
+        let pix = pix
+            .into_iter()
+            .filter(|&p| pixels.contains(&(p as usize)))
+            .collect();
+        self.subset(&keep).into_layout_with(nside, pix, pixels)
+    }
+
+    fn into_layout_with(
+        self,
+        nside: u32,
+        pix: Vec<u64>,
+        pixels: std::ops::Range<usize>,
+    ) -> PixelCatalog {
         let mut order: Vec<usize> = (0..self.len()).collect();
         // larger parallax = nearer; ties broken by input order for determinism
         order.sort_by(|&i, &j| {
@@ -214,9 +241,9 @@ impl Catalog {
         });
         let pixel: Vec<u64> = order.iter().map(|&i| pix[i]).collect();
         let stars = self.permute(&order);
-        let mut offsets = vec![0usize; grid::npix(nside) + 1];
+        let mut offsets = vec![0usize; pixels.len() + 1];
         for &p in &pixel {
-            offsets[p as usize + 1] += 1;
+            offsets[p as usize - pixels.start + 1] += 1;
         }
         for k in 1..offsets.len() {
             offsets[k] += offsets[k - 1];
@@ -226,6 +253,7 @@ impl Catalog {
             stars,
             pixel,
             offsets,
+            first_pixel: pixels.start,
         }
     }
 }
@@ -257,14 +285,33 @@ pub struct PixelCatalog {
     pub stars: Catalog,
     /// NESTED pixel of each star.
     pub pixel: Vec<u64>,
-    /// Star ranges per pixel, `npix + 1` entries.
+    /// Star ranges per pixel of the covered range, `pixels + 1` entries.
     pub offsets: Vec<usize>,
+    /// First NESTED pixel covered (0 unless this is one rank's part of the sky).
+    pub first_pixel: usize,
 }
 
 impl PixelCatalog {
-    /// Star index range of pixel `p`.
+    /// Star index range of pixel `p` (relative to `first_pixel`).
     pub fn stars_of(&self, p: usize) -> std::ops::Range<usize> {
         self.offsets[p]..self.offsets[p + 1]
+    }
+
+    /// The pixel range covered.
+    pub fn pixels(&self) -> std::ops::Range<usize> {
+        self.first_pixel..self.first_pixel + self.offsets.len() - 1
+    }
+
+    /// Stars per patch of `nside_dec` (the pixels must cover whole patches).
+    pub fn patch_counts(&self, nside_dec: u32) -> Vec<u64> {
+        let k = ((self.nside / nside_dec) as usize).pow(2);
+        self.offsets
+            .iter()
+            .step_by(k)
+            .collect::<Vec<_>>()
+            .windows(2)
+            .map(|w| (w[1] - w[0]) as u64)
+            .collect()
     }
 
     /// Number of pixels holding at least one star.

@@ -52,6 +52,10 @@ enum Command {
         /// Continue from the checkpoint of an interrupted run.
         #[arg(long)]
         resume: bool,
+        /// Directory for the checkpoints (overrides `inference.checkpoint_dir`; e.g. a
+        /// scratch file system in batch jobs).
+        #[arg(long)]
+        checkpoint_dir: Option<String>,
         /// Compute backend, overriding `backend.kind`: cpu or opencl (device from
         /// `backend.platform` / `backend.device` or DUST3D_OPENCL_PLATFORM / _DEVICE).
         #[arg(long)]
@@ -162,6 +166,12 @@ pub fn run() -> Result<()> {
     if cli.threads.is_some() || std::env::var("DUST3D_THREADS").is_ok() {
         set_threads(cli.threads)?;
     }
+    let distributed = matches!(cli.command, Command::Fit { .. });
+    if crate::comm::size() > 1 && !distributed {
+        anyhow::bail!(
+            "only `dust3d fit` runs on several MPI ranks; run this command without mpirun"
+        );
+    }
     match cli.command {
         Command::Simulate {
             config,
@@ -190,8 +200,12 @@ pub fn run() -> Result<()> {
             out,
             resume,
             backend,
+            checkpoint_dir,
         } => {
             let (mut cfg, text) = load_config(Some(&config))?;
+            if let Some(d) = checkpoint_dir {
+                cfg.inference.checkpoint_dir = Some(d);
+            }
             if let Some(b) = backend {
                 cfg.backend.kind = b;
                 cfg.validate()?;

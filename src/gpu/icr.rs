@@ -195,7 +195,7 @@ impl<T: Real> Resident<T> {
                     .build()?)
             };
             let window: Vec<u32> = lev.geom.window.iter().flatten().copied().collect();
-            let rev: Vec<u32> = lev.rev.iter().map(|&(p, a)| p * 9 + a as u32).collect();
+            let rev: Vec<u32> = lev.rev.clone();
             let mats = match (&lev.mats, mat_f64) {
                 (Matrices::F64(m), true) => MatBuf::F64(buffer(gpu, m)?),
                 (Matrices::F64(m), false) => MatBuf::F32(buffer(

@@ -108,6 +108,10 @@ pub struct Inner<T: Real> {
     /// States the cache keeps before evicting the oldest.
     capacity: usize,
     host_a: Vec<f64>,
+    /// Pixels per partial sum of pixel reductions (one patch; DOT_CHUNK until set).
+    pix_chunk: usize,
+    /// Patch-ordered dot layouts by vector length: (length, ranges, part offsets, parts).
+    dot_layouts: Vec<(usize, Buffer<u64>, Buffer<u32>, usize)>,
 }
 
 /// Indices into `Inner::star`.
@@ -186,6 +190,8 @@ impl<T: Real> Inner<T> {
             cache: Vec::new(),
             capacity: CACHE,
             host_a: Vec::new(),
+            pix_chunk: DOT_CHUNK,
+            dot_layouts: Vec::new(),
             device: gpu.name.clone(),
             queue: q,
             prog,
@@ -420,8 +426,14 @@ impl<T: Real> Inner<T> {
         h.resize(width * self.d.npix, 0.0);
         Resident::read(&self.partial, &mut h)?;
         let mut acc = [0.0; 3];
-        for p in h.chunks(width) {
-            for (a, v) in acc.iter_mut().zip(p) {
+        for patch in h.chunks(width * self.pix_chunk) {
+            let mut part = [0.0; 3];
+            for p in patch.chunks(width) {
+                for (a, v) in part.iter_mut().zip(p) {
+                    *a += v;
+                }
+            }
+            for (a, v) in acc.iter_mut().zip(part) {
                 *a += v;
             }
         }
@@ -526,12 +538,44 @@ impl<T: Real> Inner<T> {
         self.pair_sum()
     }
 
+    /// Reduce in the CPU model's order: pixel sums per patch of `pix_per_patch` pixels, dot
+    /// products of vectors laid out as `layouts` replicated part first, then patch by patch.
+    pub fn set_reduction(
+        &mut self,
+        pix_per_patch: usize,
+        layouts: &[&crate::decomp::VecLayout],
+    ) -> Result<()> {
+        self.pix_chunk = pix_per_patch.max(1);
+        let mut need = 2 * self.d.npix.div_ceil(self.pix_chunk);
+        self.dot_layouts.clear();
+        for l in layouts {
+            let mut seg = Vec::new();
+            let mut off = vec![0u32];
+            for part in std::iter::once(&l.rep).chain(&l.patch) {
+                for r in part {
+                    seg.extend([r.start as u64, r.end as u64]);
+                }
+                off.push((seg.len() / 2) as u32);
+            }
+            let nparts = off.len() - 1;
+            need = need.max(nparts);
+            let segs = raw(&self.queue, &seg)?;
+            let offs = raw(&self.queue, &off)?;
+            self.dot_layouts.push((l.len, segs, offs, nparts));
+        }
+        if need > self.chunk.len() {
+            self.chunk = zeros_q(&self.queue, need)?;
+        }
+        Ok(())
+    }
+
     /// Sum of the interleaved pixel partials [Σ s t, Σ t] in chunks on the device.
     fn pair_sum(&self) -> Result<[f64; 2]> {
-        let nc = self.d.npix.div_ceil(DOT_CHUNK);
+        let nc = self.d.npix.div_ceil(self.pix_chunk);
         let k = self
             .vkernel("pair_partials", nc)
             .arg(self.d.npix as u64)
+            .arg(self.pix_chunk as u64)
             .arg(&self.partial)
             .arg(&self.chunk)
             .build()?;
@@ -773,6 +817,28 @@ impl<T: Real> crate::cg::CgSpace for DeviceSpace<'_, T> {
     fn dot(&mut self, x: &Buffer<T>, y: &Buffer<T>) -> f64 {
         let nc = self.n.div_ceil(DOT_CHUNK);
         let inner = self.inner;
+        if let Some((_, seg, off, nparts)) = inner.dot_layouts.iter().find(|l| l.0 == self.n) {
+            let r = (|| -> Result<f64> {
+                Inner::<T>::enq(
+                    inner
+                        .vkernel("dot_segments", *nparts)
+                        .arg(*nparts as u64)
+                        .arg(seg)
+                        .arg(off)
+                        .arg(x)
+                        .arg(y)
+                        .arg(&inner.chunk),
+                )?;
+                let mut h = vec![T::default(); *nparts];
+                inner.chunk.read(&mut h).enq()?;
+                // the replicated part, then the patches in order (as VecLayout::sum)
+                Ok(h.iter().fold(0.0, |a, v| a + v.to_f64()))
+            })();
+            return r.unwrap_or_else(|e| {
+                self.run(Err(e));
+                f64::NAN
+            });
+        }
         let r = (|| -> Result<f64> {
             Inner::<T>::enq(
                 inner

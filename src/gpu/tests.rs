@@ -141,15 +141,18 @@ fn check(precision: &str, kernel: f64, reduced: f64) {
     assert!(cpu
         .solve_metric(&rc, &mask, true, &vv, &mut vec![0.0; np + ns], &settings)
         .is_none());
+    // host CG with the models' own (patch-ordered) inner products
     let mut xc = vec![0.0; np + ns];
-    crate::cg::solve(
+    crate::cg::solve_with(
+        &dev.dom.p,
         |v, o| dev.averaged_metric(&states_d, &mask, v, o, &mut wd),
         &vv,
         &mut xc,
         &settings,
     );
     let mut xcpu = vec![0.0; np + ns];
-    crate::cg::solve(
+    crate::cg::solve_with(
+        &cpu.dom.p,
         |v, o| cpu.averaged_metric(&states_c, &mask, v, o, &mut wc),
         &vv,
         &mut xcpu,
@@ -175,7 +178,7 @@ fn check(precision: &str, kernel: f64, reduced: f64) {
     let lin_d = crate::mgvi::ModelAt::new(&dev, &states_d[0], &mask);
     use crate::mgvi::Fisher;
     let (mut dc, mut dd) = (vec![0.0; np], vec![0.0; np]);
-    crate::cg::solve(|v, o| lin_d.metric(v, o), y, &mut dc, &settings);
+    crate::cg::solve_with(&dev.dom.x, |v, o| lin_d.metric(v, o), y, &mut dc, &settings);
     lin_d.solve(y, &mut dd, &settings);
     errs.push(("CG solve, sampling metric".into(), rel(&dd, &dc), kernel));
     report(precision, &errs);

@@ -10,16 +10,22 @@
 
 pub mod geometry;
 pub mod matrices;
+pub mod plan;
 
 use anyhow::{Context, Result};
 use rayon::prelude::*;
 
+use crate::comm;
 use crate::config::Precision;
+use crate::decomp::Decomp;
 use crate::grid::{self, Chart};
 use crate::kernel::Kernel;
 use crate::util::DisjointMut;
 use geometry::LevelGeometry;
 use matrices::{cholesky_lower, site_matrices, SITE_LEN};
+use plan::{Exchange, StepKind};
+use std::ops::Range;
+use std::sync::Arc;
 
 /// Refinement matrices of all (angular class, radial index) pairs of one level.
 #[derive(Clone, Debug)]
@@ -39,10 +45,11 @@ impl Matrices {
     }
 }
 
-/// One refinement step from level `l` (coarse) to level `l + 1` (fine).
+/// One refinement step from level `l` (coarse) to level `l + 1` (fine), as this rank runs it.
 #[derive(Clone, Debug)]
 pub struct Level {
-    /// Coarse windows and angular classes.
+    /// Coarse windows (indices into the local coarse array) and local angular classes of
+    /// the coarse pixels this rank refines.
     pub geom: LevelGeometry,
     /// Coarse radial shells.
     pub n_c: usize,
@@ -50,18 +57,27 @@ pub struct Level {
     pub n_f: usize,
     /// Matrices, `[(class · (n_c − 2) + j) · SITE_LEN ..]`.
     pub mats: Matrices,
-    /// Reverse window map: coarse pixel q appears in windows `rev[rev_off[q]..rev_off[q+1]]`
-    /// as (pixel, slot).
+    /// Reverse window map: the cotangent of coarse pixel q sums the window-contribution
+    /// chunks `rev[rev_off[q]..rev_off[q+1]]` (chunk p·9 + slot of local pixel p, or of the
+    /// received/gathered chunks in a distributed step).
     pub(crate) rev_off: Vec<u32>,
-    pub(crate) rev: Vec<(u32, u8)>,
+    pub(crate) rev: Vec<u32>,
     /// Coarse pixels ordered by angular class.
     by_class: Vec<u32>,
     /// Offset of this level's excitations in ξ.
     pub xi_off: usize,
+    /// How the step is distributed.
+    pub kind: StepKind,
+    /// Global coarse pixels refined here.
+    pub own: Range<usize>,
+    /// Halo pixels (global ids) received before refining.
+    pub halo: Vec<u32>,
+    /// Exchange lists.
+    pub(crate) ex: Exchange,
 }
 
 impl Level {
-    /// Number of coarse pixels.
+    /// Number of coarse pixels refined on this rank.
     pub fn npix_c(&self) -> usize {
         self.geom.window.len()
     }
@@ -84,6 +100,10 @@ pub struct Icr {
     n0: usize,
     /// Refinement steps, level 0→1 first.
     pub levels: Vec<Level>,
+    /// The decomposition over ranks.
+    pub decomp: Arc<Decomp>,
+    /// Pixels in the local field array of every level (owned or all, then any halo).
+    field_pix: Vec<usize>,
 }
 
 /// Preallocated buffers of [`Icr::forward`] and [`Icr::adjoint`].
@@ -91,30 +111,129 @@ pub struct Icr {
 pub struct IcrWork {
     /// Field of every level, pixel-major.
     pub fields: Vec<Vec<f64>>,
-    /// Per-pixel window contributions of the adjoint, `9 · n_c` per coarse pixel.
+    /// Per-pixel window contributions of the adjoint, `9 · n_c` per coarse pixel, followed
+    /// by those received from other ranks.
     scatter: Vec<f64>,
+    /// All ranks' window contributions of a gathered step.
+    gathered: Vec<f64>,
+    /// Send buffer of the exchanges.
+    send: Vec<f64>,
 }
 
 impl Icr {
-    /// Build the operator: level-0 Cholesky and deduplicated refinement matrices, in parallel.
+    /// Build the operator on one process: level-0 Cholesky and deduplicated refinement
+    /// matrices, in parallel.
     pub fn new(chart: &Chart, kernel: &dyn Kernel, precision: Precision) -> Result<Self> {
+        let d = Decomp::single(crate::decomp::default_nside_dec(chart));
+        Self::distributed(chart, kernel, precision, Arc::new(d))
+    }
+
+    /// Build this rank's part of the operator for decomposition `decomp`: the steps coarser
+    /// than `decomp.nside_dec` whole, the later ones for the rank's own pixels only, with
+    /// matrices of the angular classes those pixels use.
+    pub fn distributed(
+        chart: &Chart,
+        kernel: &dyn Kernel,
+        precision: Precision,
+        decomp: Arc<Decomp>,
+    ) -> Result<Self> {
         faer::set_global_parallelism(faer::Par::Seq);
+        if decomp.nside_dec > chart.nside_final() {
+            anyhow::bail!(
+                "parallel.nside_dec = {} is finer than the map (nside {})",
+                decomp.nside_dec,
+                chart.nside_final()
+            );
+        }
+        if decomp.size() > 1
+            && (chart.levels == 0 || chart.nside(chart.levels - 1) < decomp.nside_dec)
+        {
+            anyhow::bail!(
+                "with {} ranks the last refinement must be distributed: parallel.nside_dec = {} \
+                 must not exceed nside {} (where the last refinement starts)",
+                decomp.size(),
+                decomp.nside_dec,
+                chart.nside(chart.levels.max(1) - 1)
+            );
+        }
         let level0 = Self::level0_factor(chart, kernel)?;
         let n0 = chart.npix(0) * chart.n_r0;
         let mut xi_off = n0;
-        let mut levels = Vec::with_capacity(chart.levels);
+        let mut levels: Vec<Level> = Vec::with_capacity(chart.levels);
         for l in 0..chart.levels {
-            let level = Self::build_level(chart, kernel, l, xi_off, precision)
-                .with_context(|| format!("ICR level {l} → {}", l + 1))?;
+            let coarse_distributed = levels
+                .last()
+                .is_some_and(|p| p.kind != StepKind::Replicated);
+            let level = Self::build_level(
+                chart,
+                kernel,
+                l,
+                xi_off,
+                precision,
+                &decomp,
+                coarse_distributed,
+            )
+            .with_context(|| format!("ICR level {l} → {}", l + 1))?;
             xi_off += level.n_xi();
             levels.push(level);
         }
+        let field_pix = (0..=chart.levels)
+            .map(|l| {
+                let made = match l.checked_sub(1).map(|k| &levels[k]) {
+                    None => chart.npix(0),
+                    Some(s) if s.kind == StepKind::Replicated => chart.npix(l),
+                    Some(s) => 4 * s.npix_c(),
+                };
+                made + levels.get(l).map_or(0, |s| s.halo.len())
+            })
+            .collect();
         Ok(Self {
             chart: chart.clone(),
             level0,
             n0,
             levels,
+            decomp,
+            field_pix,
         })
+    }
+
+    /// How the excitations followed by the two global latents (ξ_scale, ξ_offset) lie on
+    /// this rank: level 0 and replicated steps are replicated, a distributed step's sites
+    /// belong to the patch of their coarse pixel.
+    pub fn x_layout(&self) -> crate::decomp::VecLayout {
+        let d = &self.decomp;
+        let n_patch = d.patches().len();
+        let mut rep: Vec<Range<usize>> = Vec::new();
+        rep.push(0..self.n0);
+        let mut patch = vec![Vec::new(); n_patch];
+        for (l, lev) in self.levels.iter().enumerate() {
+            let r = lev.xi_off..lev.xi_off + lev.n_xi();
+            // by nside, not by step kind: one process splits its sums exactly as N ranks do
+            if self.chart.nside(l) < d.nside_dec {
+                rep.push(r);
+                continue;
+            }
+            let per = lev.n_xi() / n_patch;
+            for (k, rs) in patch.iter_mut().enumerate() {
+                rs.push(r.start + k * per..r.start + (k + 1) * per);
+            }
+        }
+        let nxi = self.n_xi();
+        rep.push(nxi..nxi + 2);
+        crate::decomp::VecLayout {
+            decomp: self.decomp.clone(),
+            rep,
+            patch,
+            len: nxi + 2,
+        }
+    }
+
+    /// Final-level pixels (global NESTED ids) whose field this rank computes.
+    pub fn final_pixels(&self) -> Range<usize> {
+        match self.levels.last() {
+            Some(s) if s.kind != StepKind::Replicated => 4 * s.own.start..4 * s.own.end,
+            _ => 0..self.chart.npix(self.chart.levels),
+        }
     }
 
     fn level0_factor(chart: &Chart, kernel: &dyn Kernel) -> Result<Vec<f64>> {
@@ -149,8 +268,12 @@ impl Icr {
         l: usize,
         xi_off: usize,
         precision: Precision,
+        decomp: &Decomp,
+        coarse_distributed: bool,
     ) -> Result<Level> {
-        let geom = LevelGeometry::new(chart.nside(l));
+        let global = LevelGeometry::new(chart.nside(l));
+        let step = plan::plan_step(global, decomp, coarse_distributed);
+        let geom = step.geom;
         let n_c = chart.n_r(l);
         let ns = n_c - 2;
         let mut m = vec![0.0f64; geom.n_classes() * ns * SITE_LEN];
@@ -167,23 +290,6 @@ impl Icr {
             Precision::F32 => Matrices::F32(m.iter().map(|&v| v as f32).collect()),
         };
         let npix = geom.window.len();
-        let mut count = vec![0u32; npix + 1];
-        for w in &geom.window {
-            for &q in w {
-                count[q as usize + 1] += 1;
-            }
-        }
-        for i in 1..=npix {
-            count[i] += count[i - 1];
-        }
-        let mut fill = count.clone();
-        let mut rev = vec![(0u32, 0u8); 9 * npix];
-        for (p, w) in geom.window.iter().enumerate() {
-            for (a, &q) in w.iter().enumerate() {
-                rev[fill[q as usize] as usize] = (p as u32, a as u8);
-                fill[q as usize] += 1;
-            }
-        }
         let mut by_class: Vec<u32> = (0..npix as u32).collect();
         by_class.sort_by_key(|&p| (geom.class[p as usize], p));
         Ok(Level {
@@ -191,10 +297,14 @@ impl Icr {
             n_c,
             n_f: 2 * ns,
             mats,
-            rev_off: count,
-            rev,
+            rev_off: step.rev_off,
+            rev: step.rev,
             by_class,
             xi_off,
+            kind: step.kind,
+            own: step.own,
+            halo: step.halo,
+            ex: step.ex,
         })
     }
 
@@ -208,10 +318,10 @@ impl Icr {
         self.levels.last().map_or(self.n0, |l| l.xi_off + l.n_xi())
     }
 
-    /// Number of values of the final field (pixels × chart shells).
+    /// Number of values of this rank's final field (pixels × chart shells).
     pub fn n_field(&self) -> usize {
         let l = self.chart.levels;
-        self.chart.npix(l) * self.chart.n_r(l)
+        self.final_pixels().len() * self.chart.n_r(l)
     }
 
     /// Bytes held by refinement matrices and the level-0 factor.
@@ -228,17 +338,18 @@ impl Icr {
     pub fn workspace(&self) -> IcrWork {
         let c = &self.chart;
         let fields = (0..=c.levels)
-            .map(|l| vec![0.0; c.npix(l) * c.n_r(l)])
+            .map(|l| vec![0.0; self.field_pix[l] * c.n_r(l)])
             .collect();
-        let scatter = self
-            .levels
-            .iter()
-            .map(|l| 9 * l.npix_c() * l.n_c)
-            .max()
-            .unwrap_or(0);
+        let max_of = |f: &dyn Fn(&Level) -> usize| self.levels.iter().map(f).max().unwrap_or(0);
+        let scatter =
+            max_of(&|l| (9 * l.npix_c() + l.ex.back_recv_counts.iter().sum::<usize>()) * l.n_c);
+        let gathered = max_of(&|l| l.ex.gather_counts.iter().sum::<usize>() * l.n_c);
+        let send = max_of(&|l| (l.ex.halo_send.len() * l.n_c).max(l.ex.back_send.len() * l.n_c));
         IcrWork {
             fields,
             scatter: vec![0.0; scatter],
+            gathered: vec![0.0; gathered],
+            send: vec![0.0; send],
         }
     }
 
@@ -260,6 +371,9 @@ impl Icr {
             });
         for (l, level) in self.levels.iter().enumerate() {
             let (lo, hi) = work.fields.split_at_mut(l + 1);
+            if level.kind == StepKind::Halo {
+                exchange_halo(level, &mut lo[l], &mut work.send);
+            }
             let xi_l = &xi[level.xi_off..level.xi_off + level.n_xi()];
             match &level.mats {
                 Matrices::F64(m) => refine(level, m, &lo[l], xi_l, &mut hi[0]),
@@ -276,15 +390,35 @@ impl Icr {
             "ICR adjoint: wrong number of excitations"
         );
         let nl = self.levels.len();
-        work.fields[nl].copy_from_slice(s_bar);
+        work.fields[nl][..s_bar.len()].copy_from_slice(s_bar);
         for (l, level) in self.levels.iter().enumerate().rev() {
             let (lo, hi) = work.fields.split_at_mut(l + 1);
             let xb = &mut xi_bar[level.xi_off..level.xi_off + level.n_xi()];
-            let t = &mut work.scatter[..9 * level.npix_c() * level.n_c];
+            let n_local = 9 * level.npix_c() * level.n_c;
+            let t = &mut work.scatter[..n_local];
             match &level.mats {
-                Matrices::F64(m) => refine_adjoint(level, m, &hi[0], xb, t, &mut lo[l]),
-                Matrices::F32(m) => refine_adjoint(level, m, &hi[0], xb, t, &mut lo[l]),
+                Matrices::F64(m) => scatter_adjoint(level, m, &hi[0], xb, t),
+                Matrices::F32(m) => scatter_adjoint(level, m, &hi[0], xb, t),
             }
+            let source: &[f64] = match level.kind {
+                StepKind::Replicated => &work.scatter[..n_local],
+                StepKind::Gathered => {
+                    let counts: Vec<usize> = level
+                        .ex
+                        .gather_counts
+                        .iter()
+                        .map(|c| c * level.n_c)
+                        .collect();
+                    let all = comm::all_gather_f64(&work.scatter[..n_local], &counts);
+                    work.gathered[..all.len()].copy_from_slice(&all);
+                    &work.gathered[..all.len()]
+                }
+                StepKind::Halo => {
+                    exchange_back(level, &mut work.scatter, &mut work.send);
+                    &work.scatter
+                }
+            };
+            gather_adjoint(level, source, &mut lo[l]);
         }
         let n0 = self.n0;
         let l0 = &self.level0;
@@ -337,15 +471,14 @@ fn refine<T: Copy + Into<f64> + Sync>(
     });
 }
 
-/// Transpose of [`refine`]: per-pixel window contributions into `scatter`, then a gather over
-/// the reverse window map, so no two threads write the same value.
-fn refine_adjoint<T: Copy + Into<f64> + Sync>(
+/// Transpose of [`refine`], first half: every local pixel's window contributions into
+/// `scatter` (chunk p·9 + slot) and its excitations' cotangents.
+fn scatter_adjoint<T: Copy + Into<f64> + Sync>(
     level: &Level,
     mats: &[T],
     fine_bar: &[f64],
     xi_bar: &mut [f64],
     scatter: &mut [f64],
-    coarse_bar: &mut [f64],
 ) {
     let (n_c, n_f, ns) = (level.n_c, level.n_f, level.n_sites_r());
     let (tp, xp) = (DisjointMut::new(scatter), DisjointMut::new(xi_bar));
@@ -382,19 +515,53 @@ fn refine_adjoint<T: Copy + Into<f64> + Sync>(
             }
         }
     });
-    let scatter = &*scatter;
-    coarse_bar
+}
+
+/// Transpose of [`refine`], second half: each coarse cotangent sums its window chunks in the
+/// fixed reverse-map order, so no two threads write the same value.
+fn gather_adjoint(level: &Level, source: &[f64], coarse_bar: &mut [f64]) {
+    let n_c = level.n_c;
+    let n_out = level.rev_off.len() - 1;
+    coarse_bar[..n_out * n_c]
         .par_chunks_mut(n_c)
         .enumerate()
         .for_each(|(q, out)| {
             out.fill(0.0);
-            for &(p, a) in &level.rev[level.rev_off[q] as usize..level.rev_off[q + 1] as usize] {
-                let t = &scatter[(p as usize * 9 + a as usize) * n_c..][..n_c];
+            for &c in &level.rev[level.rev_off[q] as usize..level.rev_off[q + 1] as usize] {
+                let t = &source[c as usize * n_c..][..n_c];
                 for (o, v) in out.iter_mut().zip(t) {
                     *o += v;
                 }
             }
         });
+}
+
+/// Fill the halo rows of a coarse field (after the owned rows) from their owners.
+fn exchange_halo(level: &Level, coarse: &mut [f64], send: &mut Vec<f64>) {
+    let (n_c, n_own) = (level.n_c, level.npix_c());
+    send.clear();
+    for &q in &level.ex.halo_send {
+        send.extend_from_slice(&coarse[q as usize * n_c..][..n_c]);
+    }
+    let sc: Vec<usize> = level.ex.halo_send_counts.iter().map(|c| c * n_c).collect();
+    let rc: Vec<usize> = level.ex.halo_recv_counts.iter().map(|c| c * n_c).collect();
+    let halo = &mut coarse[n_own * n_c..(n_own + level.halo.len()) * n_c];
+    comm::all_to_all_into(send, &sc, &rc, halo);
+}
+
+/// Send the window chunks of foreign coarse pixels to their owners; what arrives lands
+/// after the local chunks of `scatter`.
+fn exchange_back(level: &Level, scatter: &mut [f64], send: &mut Vec<f64>) {
+    let n_c = level.n_c;
+    let n_local = 9 * level.npix_c() * n_c;
+    send.clear();
+    for &c in &level.ex.back_send {
+        send.extend_from_slice(&scatter[c as usize * n_c..][..n_c]);
+    }
+    let sc: Vec<usize> = level.ex.back_send_counts.iter().map(|c| c * n_c).collect();
+    let rc: Vec<usize> = level.ex.back_recv_counts.iter().map(|c| c * n_c).collect();
+    let n_recv: usize = rc.iter().sum();
+    comm::all_to_all_into(send, &sc, &rc, &mut scatter[n_local..n_local + n_recv]);
 }
 
 #[cfg(test)]

@@ -1,0 +1,260 @@
+//! Multi-rank runs under `mpirun` (DESIGN.md §5): every distributed operation and a whole
+//! fit give the same numbers on 1, 2 and 4 ranks (oversubscribed on 2 cores) as a plain
+//! process; killing one rank ends the job, and `--resume` continues from the last
+//! checkpoint every rank has. Skipped without `mpirun` unless DUST3D_REQUIRE_MPI is set.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use dust3d::config::Config;
+use dust3d::mapfile::DustMap;
+
+fn mpirun_available() -> bool {
+    let ok = Command::new("mpirun")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        assert!(
+            std::env::var_os("DUST3D_REQUIRE_MPI").is_none(),
+            "DUST3D_REQUIRE_MPI is set but mpirun is missing"
+        );
+        eprintln!("mpirun not found: MPI tests skipped");
+    }
+    ok
+}
+
+/// `mpirun -n n` (as root, oversubscribed, unbound, one thread per rank) of `args`.
+fn mpirun(n: usize, args: &[&std::ffi::OsStr]) -> Command {
+    let mut c = Command::new("mpirun");
+    c.args(["-n", &n.to_string(), "--bind-to", "none", "--oversubscribe"])
+        .args(["-x", "RAYON_NUM_THREADS=1", "-x", "DUST3D_LOG=warn"])
+        .args(args)
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("OMPI_MCA_rmaps_base_oversubscribe", "1");
+    c
+}
+
+fn example(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap();
+    dir.join("examples").join(name)
+}
+
+fn relative_difference(a: &serde_json::Value, b: &serde_json::Value) -> f64 {
+    let (a, b) = (a.as_object().unwrap(), b.as_object().unwrap());
+    assert_eq!(a.len(), b.len());
+    let mut worst = 0.0f64;
+    for (k, va) in a {
+        let (va, vb) = (va.as_array().unwrap(), b[k].as_array().unwrap());
+        assert_eq!(va.len(), vb.len(), "{k}: lengths differ");
+        let f = |v: &serde_json::Value| v.as_f64().unwrap();
+        let scale = va
+            .iter()
+            .map(|v| f(v).abs())
+            .fold(0.0, f64::max)
+            .max(1e-300);
+        for (x, y) in va.iter().zip(vb) {
+            let d = (f(x) - f(y)).abs() / scale;
+            assert!(d <= 1e-10, "{k}: {} vs {} ({d:e})", f(x), f(y));
+            worst = worst.max(d);
+        }
+    }
+    worst
+}
+
+#[test]
+fn operations_agree_on_every_rank_count() {
+    if !mpirun_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let exe = example("mpi_ops");
+    let read = |p: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    };
+    for nside_dec in ["1", "2"] {
+        let plain = dir.path().join(format!("plain{nside_dec}.json"));
+        let st = Command::new(&exe)
+            .arg(&plain)
+            .arg(nside_dec)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let reference = read(&plain);
+        for n in [1, 2, 4] {
+            let out = dir.path().join(format!("n{n}_{nside_dec}.json"));
+            let st = mpirun(n, &[exe.as_os_str(), out.as_os_str(), nside_dec.as_ref()])
+                .status()
+                .unwrap();
+            assert!(st.success(), "mpi_ops on {n} ranks failed");
+            let d = relative_difference(&reference, &read(&out));
+            eprintln!("nside_dec {nside_dec}, {n} ranks: max relative difference {d:e}");
+        }
+    }
+}
+
+fn small_fit_config(dir: &Path) -> (PathBuf, PathBuf) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/demo.toml");
+    let (mut cfg, _) = Config::from_file(&path).unwrap();
+    cfg.simulate.n_stars = 6000;
+    cfg.inference.stage[0].iterations = 1;
+    cfg.inference.stage[1].iterations = 2;
+    // nside 2 patches: the first refinement gathers, the second exchanges halos
+    cfg.parallel.nside_dec = Some(2);
+    let cfg_path = dir.join("cfg.toml");
+    std::fs::write(&cfg_path, toml::to_string(&cfg).unwrap()).unwrap();
+    let sim = dust3d::simulate::run(&cfg, "").unwrap();
+    let cat = dir.join("cat.csv");
+    dust3d::catalog::write_catalog(&sim.catalog, &cat).unwrap();
+    (cfg_path, cat)
+}
+
+fn fit_args<'a>(cfg: &'a Path, cat: &'a Path, out: &'a Path) -> Vec<&'a std::ffi::OsStr> {
+    vec![
+        env!("CARGO_BIN_EXE_dust3d").as_ref(),
+        "fit".as_ref(),
+        "--config".as_ref(),
+        cfg.as_os_str(),
+        "--catalog".as_ref(),
+        cat.as_os_str(),
+        "--out".as_ref(),
+        out.as_os_str(),
+    ]
+}
+
+type Arrays = (Vec<f64>, Vec<f64>, Vec<Vec<f64>>, Vec<f64>, Vec<u32>);
+
+fn arrays(path: &Path) -> Arrays {
+    let m = DustMap::read(path).unwrap();
+    (m.mean, m.std, m.samples, m.inner_mean, m.star_count)
+}
+
+#[test]
+fn fit_is_identical_on_one_two_and_four_ranks() {
+    if !mpirun_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (cfg, cat) = small_fit_config(dir.path());
+    let plain = dir.path().join("plain.nc");
+    let args = fit_args(&cfg, &cat, &plain);
+    let st = Command::new(args[0])
+        .args(&args[1..])
+        .env("DUST3D_LOG", "warn")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let reference = arrays(&plain);
+    let stars = std::fs::read(dir.path().join("plain_stars.csv")).unwrap();
+    for n in [1, 2, 4] {
+        let out = dir.path().join(format!("n{n}.nc"));
+        assert!(mpirun(n, &fit_args(&cfg, &cat, &out))
+            .status()
+            .unwrap()
+            .success());
+        assert!(arrays(&out) == reference, "map on {n} ranks differs");
+        let s = std::fs::read(dir.path().join(format!("n{n}_stars.csv"))).unwrap();
+        assert!(s == stars, "star table on {n} ranks differs");
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".ckpt"))
+            .collect();
+        assert!(leftovers.is_empty(), "checkpoints left: {leftovers:?}");
+    }
+}
+
+/// Pids of the processes whose command line mentions `needle` (the dust3d ranks).
+fn ranks_of(needle: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.contains(needle) && cmd.contains("dust3d") && !cmd.contains("mpirun") {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+fn wait_bounded(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let t0 = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        if t0.elapsed() > limit {
+            child.kill().ok();
+            panic!("the job did not end within {limit:?} after a rank was killed: it hangs");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn killing_one_rank_ends_the_job_and_resume_continues() {
+    if !mpirun_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (cfg, cat) = small_fit_config(dir.path());
+    let full = dir.path().join("full.nc");
+    assert!(mpirun(2, &fit_args(&cfg, &cat, &full))
+        .status()
+        .unwrap()
+        .success());
+
+    let killed = dir.path().join("killed.nc");
+    let ck = |r: usize| dir.path().join(format!("killed.r{r}of2.ckpt"));
+    let mut job = mpirun(2, &fit_args(&cfg, &cat, &killed))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !(ck(0).exists() && ck(1).exists()) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "no checkpoints appeared"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let pids = ranks_of(killed.to_str().unwrap());
+    assert_eq!(pids.len(), 2, "expected two ranks, found {pids:?}");
+    Command::new("kill")
+        .args(["-KILL", &pids[1].to_string()])
+        .status()
+        .unwrap();
+    let status = wait_bounded(&mut job, Duration::from_secs(60));
+    assert!(!status.success(), "the job survived the loss of a rank");
+    assert!(
+        !killed.exists(),
+        "the fit finished before the kill: the test proves nothing"
+    );
+    assert!(
+        ranks_of(killed.to_str().unwrap()).is_empty(),
+        "a rank survived"
+    );
+    // without --resume the checkpoints are not overwritten silently
+    let again = mpirun(2, &fit_args(&cfg, &cat, &killed)).output().unwrap();
+    assert!(!again.status.success());
+    // another rank count is refused with a message naming the checkpoint
+    let mut other = fit_args(&cfg, &cat, &killed);
+    other.push("--resume".as_ref());
+    let out4 = mpirun(4, &other).output().unwrap();
+    assert!(!out4.status.success());
+    assert!(
+        String::from_utf8_lossy(&out4.stderr).contains("another rank count"),
+        "{}",
+        String::from_utf8_lossy(&out4.stderr)
+    );
+    assert!(mpirun(2, &other).status().unwrap().success());
+    assert!(arrays(&full) == arrays(&killed), "resumed map differs");
+}
