@@ -108,9 +108,6 @@ struct Setup {
 /// Read the catalog, split the sky over the ranks and build this rank's ICR operator.
 fn setup(cfg: &Config, config_text: &str, catalog: &Path) -> Result<Setup> {
     let chart = cfg.chart()?;
-    // every rank reads and validates the file (errors name the row on every rank) and keeps
-    // only the stars of its own pixels once the decomposition is known
-    let cat = Catalog::read(catalog, &cfg.catalog)?;
     let id = RunId {
         seed: cfg.seed,
         config_sha256: Sha256::digest(config_text.as_bytes())
@@ -121,7 +118,7 @@ fn setup(cfg: &Config, config_text: &str, catalog: &Path) -> Result<Setup> {
     };
     let nside = chart.nside_final();
     let nside_dec = cfg.nside_dec()?;
-    let decomp = balance(cfg, &chart, &cat)?;
+    let (decomp, cat) = read_distributed(cfg, &chart, catalog)?;
     let part = checkpoint::Part {
         rank: decomp.rank,
         size: decomp.size(),
@@ -136,8 +133,7 @@ fn setup(cfg: &Config, config_text: &str, catalog: &Path) -> Result<Setup> {
         cfg.grid.matrix_precision,
         Arc::new(decomp),
     )?);
-    let stars = cat.into_pixel_range(nside, icr.final_pixels());
-    // collectives outside the log macros: they skip their arguments where filtered out
+    let stars = cat.into_pixel_range(nside, icr.final_pixels()); // collectives outside the log macros: they skip their arguments where filtered out
     let n_stars = comm::sum_u64(stars.stars.len() as u64);
     tracing::info!(
         stars = n_stars,
@@ -161,19 +157,104 @@ fn setup(cfg: &Config, config_text: &str, catalog: &Path) -> Result<Setup> {
     })
 }
 
+/// Every rank reads its share of the file's rows (a block of a FITS or netCDF table, every
+/// n-th row of a CSV), validates and selects them, counts stars per patch for the balance,
+/// and sends each star to the rank that owns its pixel. Returns the decomposition and this
+/// rank's stars in file-row order (so that every rank count sees the same order).
+fn read_distributed(cfg: &Config, chart: &Chart, path: &Path) -> Result<(Decomp, Catalog)> {
+    let (rank, size) = (comm::rank(), comm::size());
+    let part = crate::catalog::RowPart { rank, size };
+    let (cat, rows, n_read) = Catalog::read_part_rows(path, &cfg.catalog, part)?;
+    let total = comm::sum_u64(cat.len() as u64);
+    if total == 0 {
+        let read = comm::sum_u64(n_read as u64) as usize;
+        bail!(
+            "{}",
+            crate::catalog::no_star_message(path, read, &cfg.catalog)
+        );
+    }
+    let nside = chart.nside_final();
+    let pix: Vec<usize> = (0..cat.len())
+        .map(|i| grid::ang2pix(nside, cat.l_deg[i], cat.b_deg[i]) as usize)
+        .collect();
+    let n_patch = grid::npix(cfg.nside_dec()?);
+    let per_patch = grid::npix(nside) / n_patch;
+    let mut counts = vec![0u64; n_patch];
+    for &p in &pix {
+        counts[p / per_patch] += 1;
+    }
+    let all = comm::all_gather_u64(&counts, &vec![n_patch; size]);
+    let counts: Vec<u64> = (0..n_patch)
+        .map(|q| (0..size).map(|r| all[r * n_patch + q]).sum())
+        .collect();
+    let decomp = balance_counts(cfg, chart, &counts)?;
+    if size == 1 {
+        return Ok((decomp, cat));
+    }
+    // [row, source_id, l, b, ω, σ_ω, A, σ_A] per star, bit-exact through f64 slots
+    const W: usize = 8;
+    let mut by_dest: Vec<Vec<f64>> = vec![Vec::new(); size];
+    for i in 0..cat.len() {
+        let v = &mut by_dest[decomp.owner(nside, pix[i])];
+        v.extend([
+            f64::from_bits(rows[i]),
+            f64::from_bits(cat.source_id[i] as u64),
+            cat.l_deg[i],
+            cat.b_deg[i],
+            cat.parallax_mas[i],
+            cat.parallax_error_mas[i],
+            cat.extinction[i],
+            cat.extinction_error[i],
+        ]);
+    }
+    drop(cat);
+    let send_counts: Vec<usize> = by_dest.iter().map(Vec::len).collect();
+    let sc: Vec<f64> = send_counts.iter().map(|&c| c as f64).collect();
+    let ones = vec![1; size];
+    let recv_counts: Vec<usize> = comm::all_to_all_f64(&sc, &ones, &ones)
+        .iter()
+        .map(|&c| c as usize)
+        .collect();
+    let send: Vec<f64> = by_dest.concat();
+    drop(by_dest);
+    let recv = comm::all_to_all_f64(&send, &send_counts, &recv_counts);
+    drop(send);
+    let mut recs: Vec<&[f64]> = recv.chunks_exact(W).collect();
+    recs.sort_by_key(|r| r[0].to_bits());
+    let mut mine = Catalog::default();
+    for r in recs {
+        mine.source_id.push(r[1].to_bits() as i64);
+        mine.l_deg.push(r[2]);
+        mine.b_deg.push(r[3]);
+        mine.parallax_mas.push(r[4]);
+        mine.parallax_error_mas.push(r[5]);
+        mine.extinction.push(r[6]);
+        mine.extinction_error.push(r[7]);
+    }
+    Ok((decomp, mine))
+}
+
+/// Decomposition for stars per patch `counts` (see [`balance`]).
+fn balance_counts(cfg: &Config, chart: &Chart, counts: &[u64]) -> Result<Decomp> {
+    let per_patch = grid::npix(chart.nside_final()) / counts.len();
+    let work: Vec<f64> = counts
+        .iter()
+        .map(|&c| (per_patch * chart.n_kept()) as f64 + 4.0 * c as f64)
+        .collect();
+    Decomp::balanced(cfg.nside_dec()?, comm::rank(), comm::size(), &work)
+}
+
 /// This process's share of the sky: patches at `parallel.nside_dec` in contiguous runs of
 /// about equal work (a patch's voxels plus 4 per star: a star costs about four voxels).
 pub fn balance(cfg: &Config, chart: &Chart, cat: &Catalog) -> Result<Decomp> {
     let nside = chart.nside_final();
-    let nside_dec = cfg.nside_dec()?;
-    let n_patch = grid::npix(nside_dec);
+    let n_patch = grid::npix(cfg.nside_dec()?);
     let per_patch = grid::npix(nside) / n_patch;
-    let mut work = vec![(per_patch * chart.n_kept()) as f64; n_patch];
+    let mut counts = vec![0u64; n_patch];
     for i in 0..cat.len() {
-        let p = grid::ang2pix(nside, cat.l_deg[i], cat.b_deg[i]) as usize;
-        work[p / per_patch] += 4.0;
+        counts[grid::ang2pix(nside, cat.l_deg[i], cat.b_deg[i]) as usize / per_patch] += 1;
     }
-    Decomp::balanced(nside_dec, comm::rank(), comm::size(), &work)
+    balance_counts(cfg, chart, &counts)
 }
 
 /// Run (or resume) a fit; on several ranks, this rank's part of it.
@@ -373,6 +454,7 @@ fn run_schedule(cfg: &Config, su: &Setup, paths: &FitPaths, st: &mut FitState) -
             });
             st.history.push(row);
             save_checkpoint(paths, su, st)?;
+            injected_failure(st.history.len());
             pb.inc(1);
         }
         st.stage += 1;
@@ -381,6 +463,27 @@ fn run_schedule(cfg: &Config, su: &Setup, paths: &FitPaths, st: &mut FitState) -
     }
     pb.finish_and_clear();
     Ok(())
+}
+
+/// Fault injection for the resilience tests of the batch scripts: with
+/// `DUST3D_TEST_FAIL_AFTER=k` and `DUST3D_TEST_FAIL_MARKER=file`, the last rank aborts (as a
+/// failed node would) right after its k-th checkpoint, once: the marker records that it did.
+fn injected_failure(iterations_done: usize) {
+    let (Ok(k), Ok(marker)) = (
+        std::env::var("DUST3D_TEST_FAIL_AFTER"),
+        std::env::var("DUST3D_TEST_FAIL_MARKER"),
+    ) else {
+        return;
+    };
+    let last = comm::rank() + 1 == comm::size();
+    if last && k.parse() == Ok(iterations_done) && !Path::new(&marker).exists() {
+        let _ = std::fs::write(&marker, "failed once\n");
+        eprintln!(
+            "DUST3D_TEST_FAIL_AFTER: rank {} aborts after checkpoint {k}",
+            comm::rank()
+        );
+        std::process::abort();
+    }
 }
 
 /// Sum over ranks of a float, in rank order (exact reproducibility is not needed here).

@@ -29,6 +29,7 @@ pub mod mapfile;
 pub mod mgvi;
 pub mod model;
 pub mod newton;
+pub mod plan;
 pub mod plot;
 pub mod predict;
 pub mod provenance;

@@ -169,6 +169,38 @@ fn fit_is_identical_on_one_two_and_four_ranks() {
     }
 }
 
+#[test]
+fn a_bad_row_names_the_file_row_and_ends_every_rank() {
+    if !mpirun_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (cfg, cat) = small_fit_config(dir.path());
+    let text = std::fs::read_to_string(&cat).unwrap();
+    let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+    // data row 3001 is line 3002 (after the header): make its parallax error negative
+    let mut fields: Vec<String> = lines[3001].split(',').map(str::to_owned).collect();
+    let j = lines[0]
+        .split(',')
+        .position(|h| h == "parallax_error")
+        .unwrap();
+    fields[j] = "-0.1".into();
+    lines[3001] = fields.join(",");
+    let bad = dir.path().join("bad.csv");
+    std::fs::write(&bad, lines.join("\n") + "\n").unwrap();
+    let out = dir.path().join("bad.nc");
+    let t0 = Instant::now();
+    let o = mpirun(4, &fit_args(&cfg, &bad, &out)).output().unwrap();
+    assert!(!o.status.success());
+    assert!(t0.elapsed() < Duration::from_secs(60));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("row 3001") && err.contains("parallax_error") && err.contains("bad.csv"),
+        "{err}"
+    );
+    assert!(!out.exists());
+}
+
 /// Pids of the processes whose command line mentions `needle` (the dust3d ranks).
 fn ranks_of(needle: &str) -> Vec<u32> {
     let mut pids = Vec::new();

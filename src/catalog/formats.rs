@@ -55,15 +55,38 @@ pub struct Table {
     pub source_id: Option<Vec<i64>>,
     /// Text line of each row (CSV only), for error messages.
     pub lines: Option<Vec<u64>>,
+    /// File row (0-based) of each row read, when only part of the rows was read.
+    pub row_index: Option<Vec<u64>>,
 }
 
 impl Table {
     /// "row N" (1-based data row), with the text line where known.
     pub fn row_label(&self, i: usize) -> String {
+        let row = self.row_index.as_ref().map_or(i as u64, |r| r[i]) + 1;
         match &self.lines {
-            Some(l) => format!("row {} (line {})", i + 1, l[i]),
-            None => format!("row {}", i + 1),
+            Some(l) => format!("row {row} (line {})", l[i]),
+            None => format!("row {row}"),
         }
+    }
+}
+
+/// Which rows of a file one reader takes: part `rank` of `size` (contiguous blocks for
+/// FITS and netCDF, every `size`-th row for CSV, which cannot be entered mid-file).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RowPart {
+    /// This reader.
+    pub rank: usize,
+    /// Number of readers.
+    pub size: usize,
+}
+
+impl RowPart {
+    /// All rows.
+    pub const ALL: RowPart = RowPart { rank: 0, size: 1 };
+
+    /// The contiguous block of `rows` rows this part reads.
+    fn block(&self, rows: usize) -> std::ops::Range<usize> {
+        rows * self.rank / self.size..rows * (self.rank + 1) / self.size
     }
 }
 
@@ -74,6 +97,17 @@ pub fn read_columns(
     id_name: Option<&str>,
     hdu: Option<&str>,
 ) -> Result<Table> {
+    read_columns_part(path, names, id_name, hdu, RowPart::ALL)
+}
+
+/// [`read_columns`] for the rows of `part` only.
+pub fn read_columns_part(
+    path: &Path,
+    names: &[&str],
+    id_name: Option<&str>,
+    hdu: Option<&str>,
+    part: RowPart,
+) -> Result<Table> {
     if !path.exists() {
         bail!("{}: no such file", path.display());
     }
@@ -81,16 +115,16 @@ pub fn read_columns(
         Format::Csv => {
             let f = std::fs::File::open(path)
                 .with_context(|| format!("cannot open {}", path.display()))?;
-            read_csv(BufReader::new(f), path, names, id_name)
+            read_csv(BufReader::new(f), path, names, id_name, part)
         }
         Format::CsvGz => {
             let f = std::fs::File::open(path)
                 .with_context(|| format!("cannot open {}", path.display()))?;
             let dec = flate2::read::MultiGzDecoder::new(BufReader::new(f));
-            read_csv(BufReader::new(dec), path, names, id_name)
+            read_csv(BufReader::new(dec), path, names, id_name, part)
         }
-        Format::Fits => read_fits(path, names, id_name, hdu),
-        Format::NetCdf => read_netcdf(path, names, id_name),
+        Format::Fits => read_fits(path, names, id_name, hdu, part),
+        Format::NetCdf => read_netcdf(path, names, id_name, part),
     }
 }
 
@@ -107,6 +141,7 @@ fn read_csv<R: BufRead>(
     path: &Path,
     names: &[&str],
     id_name: Option<&str>,
+    part: RowPart,
 ) -> Result<Table> {
     let file = path.display();
     let mut rdr = csv::ReaderBuilder::new()
@@ -127,16 +162,20 @@ fn read_csv<R: BufRead>(
     let mut columns = vec![Vec::new(); names.len()];
     let mut ids = id_idx.map(|_| Vec::new());
     let mut lines = Vec::new();
+    let mut row_index = Vec::new();
     let mut rec = csv::StringRecord::new();
-    loop {
-        let row = lines.len();
+    for row in 0.. {
         match rdr.read_record(&mut rec) {
             Ok(false) => break,
             Ok(true) => {}
             Err(e) => bail!("{file}: row {}: malformed CSV: {e}", row + 1),
         }
+        if row % part.size != part.rank {
+            continue;
+        }
         let line = rec.position().map_or(0, |p| p.line());
         lines.push(line);
+        row_index.push(row as u64);
         for (k, &j) in idx.iter().enumerate() {
             let field = rec.get(j).unwrap_or("");
             let v: f64 = field.parse().map_err(|_| {
@@ -164,6 +203,7 @@ fn read_csv<R: BufRead>(
         columns,
         source_id: ids,
         lines: Some(lines),
+        row_index: (part.size > 1).then_some(row_index),
     })
 }
 
@@ -172,6 +212,7 @@ fn read_fits(
     names: &[&str],
     id_name: Option<&str>,
     hdu: Option<&str>,
+    part: RowPart,
 ) -> Result<Table> {
     use fitsio::hdu::HduInfo;
     let file = path.display();
@@ -209,33 +250,40 @@ fn read_fits(
         ),
         _ => bail!("{file}: HDU {hdu:?} is not a table"),
     };
+    let block = part.block(rows);
     let mut columns = Vec::with_capacity(names.len());
     for n in names {
         if !present.iter().any(|p| p == n) {
             return Err(missing(path, n, &present));
         }
-        let col: Vec<f64> = table_hdu
-            .read_col(&mut f, n)
-            .map_err(|e| anyhow!("{file}: column '{n}' is not numeric: {e}"))?;
+        let col: Vec<f64> = if block.is_empty() {
+            Vec::new()
+        } else {
+            table_hdu
+                .read_col_range(&mut f, n, &block)
+                .map_err(|e| anyhow!("{file}: column '{n}' is not numeric: {e}"))?
+        };
         columns.push(col);
     }
     let source_id = match id_name.filter(|n| present.iter().any(|p| p == n)) {
+        Some(_) if block.is_empty() => Some(Vec::new()),
         Some(n) => Some(
             table_hdu
-                .read_col::<i64>(&mut f, n)
+                .read_col_range::<i64>(&mut f, n, &block)
                 .map_err(|e| anyhow!("{file}: column '{n}' is not an integer column: {e}"))?,
         ),
         None => None,
     };
     Ok(Table {
-        rows,
+        rows: block.len(),
         columns,
         source_id,
         lines: None,
+        row_index: (part.size > 1).then(|| block.map(|r| r as u64).collect()),
     })
 }
 
-fn read_netcdf(path: &Path, names: &[&str], id_name: Option<&str>) -> Result<Table> {
+fn read_netcdf(path: &Path, names: &[&str], id_name: Option<&str>, part: RowPart) -> Result<Table> {
     let file = path.display();
     let nc = netcdf::open(path).map_err(|e| anyhow!("{file}: cannot open as netCDF/HDF5: {e}"))?;
     let present: Vec<String> = nc.variables().map(|v| v.name()).collect();
@@ -249,37 +297,39 @@ fn read_netcdf(path: &Path, names: &[&str], id_name: Option<&str>) -> Result<Tab
         }
         Ok(v)
     };
-    let mut columns: Vec<Vec<f64>> = Vec::with_capacity(names.len());
+    let len = |n: &str| -> Result<usize> { Ok(read_1d(n)?.dimensions()[0].len()) };
+    let all_rows = len(names.first().copied().unwrap_or_default())?;
     for n in names {
-        let v = read_1d(n)?;
-        let vals: Vec<f64> = v
-            .get_values::<f64, _>(..)
-            .map_err(|e| anyhow!("{file}: column '{n}' is not numeric: {e}"))?;
-        columns.push(vals);
-    }
-    let rows = columns.first().map_or(0, Vec::len);
-    for (n, c) in names.iter().zip(&columns) {
-        if c.len() != rows {
+        let l = len(n)?;
+        if l != all_rows {
             bail!(
-                "{file}: column '{n}' has {} rows, column '{}' has {rows}",
-                c.len(),
+                "{file}: column '{n}' has {l} rows, column '{}' has {all_rows}",
                 names[0]
             );
         }
     }
+    let block = part.block(all_rows);
+    let mut columns: Vec<Vec<f64>> = Vec::with_capacity(names.len());
+    for n in names {
+        let vals: Vec<f64> = read_1d(n)?
+            .get_values::<f64, _>(block.clone())
+            .map_err(|e| anyhow!("{file}: column '{n}' is not numeric: {e}"))?;
+        columns.push(vals);
+    }
     let source_id = match id_name.filter(|n| present.iter().any(|p| p == n)) {
         Some(n) => Some(
             read_1d(n)?
-                .get_values::<i64, _>(..)
+                .get_values::<i64, _>(block.clone())
                 .map_err(|e| anyhow!("{file}: column '{n}' is not an integer column: {e}"))?,
         ),
         None => None,
     };
     Ok(Table {
-        rows,
+        rows: block.len(),
         columns,
         source_id,
         lines: None,
+        row_index: (part.size > 1).then(|| block.map(|r| r as u64).collect()),
     })
 }
 

@@ -3,7 +3,7 @@
 
 mod formats;
 
-pub use formats::{read_columns, write_catalog, Format};
+pub use formats::{read_columns, read_columns_part, write_catalog, Format, RowPart};
 
 use anyhow::{bail, Result};
 use std::path::Path;
@@ -55,6 +55,27 @@ impl Catalog {
 
     /// Read and validate a catalog file; every bad value is an error naming file, row, column.
     pub fn read(path: &Path, cfg: &CatalogConfig) -> Result<Self> {
+        let (cat, rows) = Self::read_part(path, cfg, RowPart::ALL)?;
+        if cat.is_empty() {
+            bail!("{}", no_star_message(path, rows, cfg));
+        }
+        Ok(cat)
+    }
+
+    /// Read, validate and select the rows of `part` (one MPI rank's share of the file);
+    /// returns the stars with the file row of each (for a rank-independent order) and the
+    /// number of rows read. The caller decides whether an empty result is an error.
+    pub fn read_part(path: &Path, cfg: &CatalogConfig, part: RowPart) -> Result<(Self, usize)> {
+        let (cat, _, rows) = Self::read_part_rows(path, cfg, part)?;
+        Ok((cat, rows))
+    }
+
+    /// [`Catalog::read_part`] with the file row of every star kept.
+    pub fn read_part_rows(
+        path: &Path,
+        cfg: &CatalogConfig,
+        part: RowPart,
+    ) -> Result<(Self, Vec<u64>, usize)> {
         let c = &cfg.columns;
         let mut names: Vec<&str> = vec![
             &c.l,
@@ -67,13 +88,23 @@ impl Catalog {
         if let Some(q) = &c.quality {
             names.push(q);
         }
-        let mut table = read_columns(path, &names, c.source_id.as_deref(), cfg.hdu.as_deref())?;
+        let mut table = read_columns_part(
+            path,
+            &names,
+            c.source_id.as_deref(),
+            cfg.hdu.as_deref(),
+            part,
+        )?;
         let columns = std::mem::take(&mut table.columns);
         let ids = table.source_id.take();
+        let row: Vec<u64> = table
+            .row_index
+            .clone()
+            .unwrap_or_else(|| (0..table.rows as u64).collect());
         let mut cols = columns.into_iter();
         let mut next = || cols.next().expect("reader returns every requested column");
-        let mut cat = Catalog {
-            source_id: ids.unwrap_or_else(|| (0..table.rows as i64).collect()),
+        let cat = Catalog {
+            source_id: ids.unwrap_or_else(|| row.iter().map(|&r| r as i64).collect()),
             l_deg: next(),
             b_deg: next(),
             parallax_mas: next(),
@@ -86,22 +117,20 @@ impl Catalog {
         let file = path.display().to_string();
         let row_name = |i: usize| table.row_label(i);
         cat.validate(&file, c, &row_name)?;
-        if let (Some(q), Some(lim)) = (&quality, cfg.quality_below) {
-            let keep: Vec<bool> = q.iter().map(|&v| v < lim).collect();
-            cat = cat.subset(&keep);
+        let mut keep: Vec<bool> = match (&quality, cfg.quality_below) {
+            (Some(q), Some(lim)) => q.iter().map(|&v| v < lim).collect(),
+            _ => vec![true; cat.len()],
+        };
+        for (i, k) in keep.iter_mut().enumerate() {
+            *k = *k && passes_distance_cuts(cat.parallax_mas[i], cat.parallax_error_mas[i], cfg);
         }
-        cat = cat.apply_distance_cuts(cfg);
-        if cat.is_empty() {
-            bail!(
-                "{file}: no star passes the selection ({} rows read; cuts: quality < {:?}, \
-                 1/(ω−σ) < {:?} pc, 1/(ω+σ) > {:?} pc)",
-                table.rows,
-                cfg.quality_below,
-                cfg.d_max_pc,
-                cfg.d_min_pc
-            );
-        }
-        Ok(cat)
+        let rows_kept = row
+            .iter()
+            .zip(&keep)
+            .filter(|(_, &k)| k)
+            .map(|(&r, _)| r)
+            .collect();
+        Ok((cat.subset(&keep), rows_kept, table.rows))
     }
 
     /// Check every row: finite values, positive errors, |b| ≤ 90°.
@@ -256,6 +285,18 @@ impl Catalog {
             first_pixel: pixels.start,
         }
     }
+}
+
+/// The error of a selection that keeps no star of `rows` rows read.
+pub fn no_star_message(path: &Path, rows: usize, cfg: &CatalogConfig) -> String {
+    format!(
+        "{}: no star passes the selection ({rows} rows read; cuts: quality < {:?}, \
+         1/(ω−σ) < {:?} pc, 1/(ω+σ) > {:?} pc)",
+        path.display(),
+        cfg.quality_below,
+        cfg.d_max_pc,
+        cfg.d_min_pc
+    )
 }
 
 /// Whether a star with parallax ω ± σ (mas) passes the configured distance cuts.

@@ -107,6 +107,24 @@ enum Command {
         /// Run configuration (TOML).
         file: PathBuf,
     },
+    /// Memory and time per rank of a distributed fit, before running it.
+    Plan {
+        /// Run configuration (TOML).
+        #[arg(long)]
+        config: PathBuf,
+        /// MPI ranks.
+        #[arg(long, default_value_t = 64)]
+        ranks: usize,
+        /// Stars after the selection cuts (default: the paper's 54 million).
+        #[arg(long, default_value_t = 54e6)]
+        stars: f64,
+        /// Threads per rank, for the time estimate.
+        #[arg(long, default_value_t = 16)]
+        threads_per_rank: usize,
+        /// Do not time the kernels here (use fixed reference speeds).
+        #[arg(long)]
+        no_timing: bool,
+    },
     /// Benchmarks of the hot kernels on the shared presets W1/W2.
     Bench {
         /// What to time: icr, likelihood (value + gradient), metric (metric-vector product) or
@@ -240,6 +258,26 @@ pub fn run() -> Result<()> {
         Command::Info { file, config } => {
             let (cfg, _) = load_config(config.as_deref())?;
             print!("{}", crate::info::run(&file, &cfg)?);
+        }
+        Command::Plan {
+            config,
+            ranks,
+            stars,
+            threads_per_rank,
+            no_timing,
+        } => {
+            let (cfg, _) = load_config(Some(&config))?;
+            anyhow::ensure!(
+                ranks >= 1 && threads_per_rank >= 1,
+                "--ranks and --threads-per-rank must be ≥ 1"
+            );
+            let opts = crate::plan::PlanOptions {
+                ranks,
+                stars,
+                threads_per_rank,
+                no_timing,
+            };
+            print!("{}", crate::plan::run(&cfg, &opts)?);
         }
         Command::Config { file } => {
             let (cfg, _) = load_config(Some(&file))?;

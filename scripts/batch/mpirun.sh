@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# dust3d fit on N MPI ranks on one machine (or under any launcher that takes -n), resuming
+# from the last consistent checkpoint after a failure, up to MAX_TRIES times.
+#
+#   scripts/batch/mpirun.sh -n 4 -t 2 -c configs/paper.toml -s stars.fits -o out/map.nc \
+#       [-k /scratch/ckpt] [-r MAX_TRIES]
+#
+#   -n ranks, -t threads per rank, -c config, -s catalog, -o output map,
+#   -k checkpoint directory (default: next to the map), -r tries (default 3).
+# Environment: MPIRUN (default mpirun), MPIRUN_ARGS (extra launcher arguments),
+# DUST3D (default target/release/dust3d).
+set -euo pipefail
+RANKS=1 THREADS=1 CONFIG="" CATALOG="" OUT="" CKPT="" TRIES=3
+while getopts "n:t:c:s:o:k:r:" opt; do
+  case $opt in
+    n) RANKS=$OPTARG ;; t) THREADS=$OPTARG ;; c) CONFIG=$OPTARG ;; s) CATALOG=$OPTARG ;;
+    o) OUT=$OPTARG ;; k) CKPT=$OPTARG ;; r) TRIES=$OPTARG ;;
+    *) echo "usage: $0 -n RANKS -t THREADS -c CONFIG -s CATALOG -o OUT [-k CKPT_DIR] [-r TRIES]" >&2; exit 2 ;;
+  esac
+done
+[ -n "$CONFIG" ] && [ -n "$CATALOG" ] && [ -n "$OUT" ] || { echo "$0: -c, -s and -o are required" >&2; exit 2; }
+DUST3D=${DUST3D:-target/release/dust3d}
+MPIRUN=${MPIRUN:-mpirun}
+# OpenMPI: root needs consent; more ranks than cores need oversubscription; binding would pin
+# each rank (and all its threads) to one core
+if [ "$(id -u)" -eq 0 ]; then export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1; fi
+export OMPI_MCA_rmaps_base_oversubscribe=${OMPI_MCA_rmaps_base_oversubscribe:-1}
+ARGS=(fit --config "$CONFIG" --catalog "$CATALOG" --out "$OUT")
+[ -n "$CKPT" ] && { mkdir -p "$CKPT"; ARGS+=(--checkpoint-dir "$CKPT"); }
+for try in $(seq 1 "$TRIES"); do
+  extra=()
+  [ "$try" -gt 1 ] && extra=(--resume)
+  echo "dust3d batch: try $try of $TRIES on $RANKS ranks x $THREADS threads" >&2
+  fwd=()
+  for v in $(compgen -e | grep '^DUST3D_' || true); do fwd+=(-x "$v"); done
+  # shellcheck disable=SC2086
+  if $MPIRUN -n "$RANKS" --bind-to none -x RAYON_NUM_THREADS="$THREADS" "${fwd[@]}" ${MPIRUN_ARGS:-} \
+      "$DUST3D" --threads "$THREADS" "${ARGS[@]}" "${extra[@]}"; then
+    echo "dust3d batch: done: $OUT" >&2
+    exit 0
+  fi
+done
+echo "dust3d batch: gave up after $TRIES tries; resume later with the same rank count" >&2
+exit 1

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# SLURM job template for a distributed dust3d fit. Submit with
+#
+#   sbatch --nodes=8 --ntasks-per-node=8 --cpus-per-task=16 --time=24:00:00 \
+#       scripts/batch/slurm.sh configs/paper.toml stars.fits out/map.nc [/scratch/$USER/ckpt]
+#
+# nodes x ranks per node x threads per rank come from sbatch (--nodes, --ntasks-per-node,
+# --cpus-per-task). Ten minutes before the time limit SLURM sends SIGUSR1: the script then
+# submits its own successor with --resume (same geometry, afterok-free dependency on this
+# job's end) and lets this step run on until it is stopped. The successor continues from the
+# last checkpoint every rank has. Set DUST3D_MAX_RESUBMITS (default 20) to bound the chain.
+#SBATCH --job-name=dust3d
+#SBATCH --signal=B:USR1@600
+#SBATCH --output=dust3d-%j.out
+set -euo pipefail
+CONFIG=${1:?config}; CATALOG=${2:?catalog}; OUT=${3:?output map}; CKPT=${4:-}
+RESUME=${DUST3D_RESUME:-0}
+COUNT=${DUST3D_RESUBMIT_COUNT:-0}
+MAX=${DUST3D_MAX_RESUBMITS:-20}
+DUST3D=${DUST3D:-$(pwd)/target/release/dust3d}
+export RAYON_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}
+if [ "$RESUME" = 1 ] && [ -e "$OUT" ]; then
+  # the previous job finished the fit after queueing us: nothing left to do
+  echo "dust3d: $OUT exists: the fit is complete" >&2
+  exit 0
+fi
+
+resubmit() {
+  if [ "$COUNT" -ge "$MAX" ]; then
+    echo "dust3d: not resubmitting: $COUNT resubmissions reached" >&2
+    return
+  fi
+  echo "dust3d: time limit near: queueing the continuation" >&2
+  DUST3D_RESUME=1 DUST3D_RESUBMIT_COUNT=$((COUNT + 1)) \
+    sbatch --dependency=afterany:"$SLURM_JOB_ID" --nodes="$SLURM_JOB_NUM_NODES" \
+      --ntasks-per-node="${SLURM_NTASKS_PER_NODE%%(*}" --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
+      --time="${DUST3D_TIME:-24:00:00}" --export=ALL "$0" "$@"
+}
+trap 'resubmit "$CONFIG" "$CATALOG" "$OUT" "$CKPT"' USR1
+
+ARGS=(--threads "$RAYON_NUM_THREADS" fit --config "$CONFIG" --catalog "$CATALOG" --out "$OUT")
+[ -n "$CKPT" ] && { mkdir -p "$CKPT"; ARGS+=(--checkpoint-dir "$CKPT"); }
+[ "$RESUME" = 1 ] && ARGS+=(--resume)
+# srun in the background so the trap can run while the step is alive
+srun --cpu-bind=none "$DUST3D" "${ARGS[@]}" &
+wait $! || status=$?
+# a trapped signal interrupts `wait`: wait for the step itself
+wait || true
+exit "${status:-0}"
