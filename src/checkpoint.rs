@@ -96,6 +96,9 @@ pub struct Part {
     pub patches: (usize, usize),
     /// Decomposition nside.
     pub nside_dec: u32,
+    /// Stars of the current stage per patch held (how ξ_σ splits into patches).
+    #[serde(default)]
+    pub patch_stars: Vec<usize>,
 }
 
 /// Identity of a run: a checkpoint only resumes the run it belongs to.
@@ -209,6 +212,11 @@ pub fn summary(path: &Path) -> Result<String> {
     Ok(s)
 }
 
+/// The rank part a checkpoint records.
+pub fn part(path: &Path) -> Result<Part> {
+    Ok(read_header(path)?.0.part)
+}
+
 /// Position (stage, iteration) of a checkpoint, as one number that orders positions.
 pub fn position(path: &Path) -> Result<u64> {
     let (h, _, _) = read_header(path)?;
@@ -217,30 +225,32 @@ pub fn position(path: &Path) -> Result<u64> {
 
 /// Read one rank's checkpoint, checking that it belongs to run `id` and to this `part`.
 pub fn load_part(path: &Path, id: &RunId, part: &Part) -> Result<FitState> {
-    let (h, _, _) = read_header(path)?;
-    let size = h.part.size.max(1);
-    if size != part.size.max(1) || h.part.nside_dec != part.nside_dec && size > 1 {
+    // identity first: another catalog or configuration is the likelier cause of a mismatch
+    let st = load(path, id)?;
+    let h = self::part(path)?;
+    let size = h.size.max(1);
+    if size != part.size.max(1) || (size > 1 && h.nside_dec != part.nside_dec) {
         bail!(
-            "{}: checkpoint of rank {} of {size} (nside_dec {}); this run has {} ranks: resume \
-             with the rank count and parallel.nside_dec it was written with",
+            "{}: checkpoint of rank {} of {size} (nside_dec {}); this run has {} ranks and \
+             nside_dec {}",
             path.display(),
-            h.part.rank,
-            h.part.nside_dec,
-            part.size.max(1)
+            h.rank,
+            h.nside_dec,
+            part.size.max(1),
+            part.nside_dec
         );
     }
-    if size > 1 && (h.part.rank != part.rank || h.part.patches != part.patches) {
+    if size > 1 && (h.rank != part.rank || h.patches != part.patches) {
         bail!(
-            "{}: written by rank {} for patches {:?}, this rank {} holds {:?} (the star \
-             balance differs: same catalog and configuration needed)",
+            "{}: written by rank {} for patches {:?}, this rank {} holds {:?}",
             path.display(),
-            h.part.rank,
-            h.part.patches,
+            h.rank,
+            h.patches,
             part.rank,
             part.patches
         );
     }
-    load(path, id)
+    Ok(st)
 }
 
 /// Read a checkpoint, checking that it belongs to run `id`.

@@ -103,6 +103,8 @@ struct Setup {
     id: RunId,
     /// This rank's part, as checkpoints record it.
     part: checkpoint::Part,
+    /// Resumed from another rank count's checkpoints, still on disk until the first save.
+    resharded: std::cell::Cell<bool>,
 }
 
 /// Read the catalog, split the sky over the ranks and build this rank's ICR operator.
@@ -124,6 +126,7 @@ fn setup(cfg: &Config, config_text: &str, catalog: &Path) -> Result<Setup> {
         size: decomp.size(),
         patches: (decomp.patches().start, decomp.patches().end),
         nside_dec,
+        patch_stars: Vec::new(),
     };
     let t0 = Instant::now();
     let kernel = crate::kernel::from_config(&cfg.kernel)?;
@@ -154,6 +157,7 @@ fn setup(cfg: &Config, config_text: &str, catalog: &Path) -> Result<Setup> {
         stars,
         id,
         part,
+        resharded: std::cell::Cell::new(false),
     })
 }
 
@@ -285,6 +289,10 @@ pub fn run(
     comm::barrier();
     std::fs::remove_file(&paths.checkpoint).ok();
     std::fs::remove_file(&paths.previous).ok();
+    if comm::is_root() && su.resharded.get() {
+        let (dir, stem) = checkpoint_dir_stem(&paths);
+        crate::reshard::remove_other_sets(&dir, &stem, size)?;
+    }
     Ok(())
 }
 
@@ -297,10 +305,31 @@ fn resume_point(paths: &FitPaths, su: &Setup, resume: bool) -> Result<Option<Fit
         .collect::<Result<_>>()?;
     let none_anywhere = comm::all(mine.is_empty());
     if none_anywhere {
+        let (dir, stem) = checkpoint_dir_stem(paths);
+        if crate::reshard::has_other_sets(&dir, &stem, comm::size())? {
+            if !resume {
+                bail!(
+                    "{} holds checkpoints of this fit written with another rank count: pass \
+                     --resume to continue it on {} ranks, or delete them to start over",
+                    dir.display(),
+                    comm::size()
+                );
+            }
+            let x = su.icr.x_layout();
+            let s = crate::reshard::load(&dir, &stem, &su.id, &su.part, &x)?
+                .context("no checkpoint of another rank count could be read")?;
+            tracing::info!(
+                stage = s.stage,
+                iteration = s.iteration,
+                ranks = comm::size(),
+                "resuming from checkpoints written with another rank count"
+            );
+            su.resharded.set(true);
+            return Ok(Some(s));
+        }
         if resume {
             tracing::info!(checkpoint = %paths.checkpoint.display(), "no checkpoint to resume from: starting afresh");
         }
-        refuse_other_rank_counts(paths)?;
         return Ok(None);
     }
     if !resume {
@@ -332,48 +361,47 @@ fn resume_point(paths: &FitPaths, su: &Setup, resume: bool) -> Result<Option<Fit
     Ok(Some(s))
 }
 
-/// A fresh start must not silently ignore checkpoints written with another rank count.
-fn refuse_other_rank_counts(paths: &FitPaths) -> Result<()> {
-    let Some(dir) = paths.checkpoint.parent() else {
-        return Ok(());
-    };
+/// The checkpoint directory and the stem of the fit's files.
+fn checkpoint_dir_stem(paths: &FitPaths) -> (PathBuf, String) {
+    let dir = paths
+        .checkpoint
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
     let stem = paths
         .map
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let dir = if dir.as_os_str().is_empty() {
-        Path::new(".")
-    } else {
-        dir
-    };
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Ok(());
-    };
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let foreign = name.starts_with(&format!("{stem}."))
-            && name.ends_with(".ckpt")
-            && dir.join(&name) != paths.checkpoint
-            && dir.join(&name) != paths.previous;
-        if foreign {
-            bail!(
-                "{} belongs to a run with another rank count: resume it with that count \
-                 (mpirun -n N dust3d fit ... --resume), or delete it to start over",
-                dir.join(&name).display()
-            );
-        }
-    }
-    Ok(())
+    (dir, stem)
 }
 
 /// Save this rank's checkpoint, keeping the previous one.
-fn save_checkpoint(paths: &FitPaths, su: &Setup, st: &FitState) -> Result<()> {
+fn save_checkpoint(
+    paths: &FitPaths,
+    su: &Setup,
+    st: &FitState,
+    part: &checkpoint::Part,
+) -> Result<()> {
     if paths.checkpoint.exists() {
-        std::fs::rename(&paths.checkpoint, &paths.previous)
-            .with_context(|| format!("cannot move {} aside", paths.checkpoint.display()))?;
+        // keep the current one as the previous (a second name, so that a checkpoint exists
+        // under the current name at every moment), then replace the current atomically
+        std::fs::remove_file(&paths.previous).ok();
+        std::fs::hard_link(&paths.checkpoint, &paths.previous)
+            .or_else(|_| std::fs::copy(&paths.checkpoint, &paths.previous).map(|_| ()))
+            .with_context(|| format!("cannot keep {} as previous", paths.checkpoint.display()))?;
     }
-    checkpoint::save_part(&paths.checkpoint, &su.id, st, &su.part)
+    checkpoint::save_part(&paths.checkpoint, &su.id, st, part)?;
+    if su.resharded.get() {
+        // the new set is on disk on every rank: the old one has served its purpose
+        comm::barrier();
+        if comm::is_root() {
+            let (dir, stem) = checkpoint_dir_stem(paths);
+            crate::reshard::remove_other_sets(&dir, &stem, comm::size())?;
+        }
+        su.resharded.set(false);
+    }
+    Ok(())
 }
 
 use crate::comm::process_cpu_seconds;
@@ -400,6 +428,8 @@ fn run_schedule(cfg: &Config, su: &Setup, paths: &FitPaths, st: &mut FitState) -
         }
         let model = Model::new(cfg, su.icr.clone(), &stars)?;
         let mask = mgvi::level_mask(&model, sc.levels);
+        let mut part = su.part.clone();
+        part.patch_stars = model.dom.stars.patch.iter().map(|r| r[0].len()).collect();
         if st.xsig.len() != model.data.len() {
             // a new data set: n_σ starts again from its prior median (paper §5)
             st.xsig = vec![0.0; model.data.len()];
@@ -453,13 +483,13 @@ fn run_schedule(cfg: &Config, su: &Setup, paths: &FitPaths, st: &mut FitState) -
                 )
             });
             st.history.push(row);
-            save_checkpoint(paths, su, st)?;
+            save_checkpoint(paths, su, st, &part)?;
             injected_failure(st.history.len());
             pb.inc(1);
         }
         st.stage += 1;
         st.iteration = 0;
-        save_checkpoint(paths, su, st)?;
+        save_checkpoint(paths, su, st, &part)?;
     }
     pb.finish_and_clear();
     Ok(())

@@ -36,6 +36,7 @@ pub mod provenance;
 pub mod query;
 pub mod recovery;
 pub mod regrid;
+pub mod reshard;
 pub mod response;
 pub mod rng;
 pub mod simulate;
