@@ -90,7 +90,7 @@ fn main() -> Result<()> {
     cfg.parallel.nside_dec = Some(args.get(2).map_or(Ok(2), |s| s.parse())?);
     let chart = cfg.chart()?;
     let sim = dust3d::simulate::run(&cfg, "")?;
-    let decomp = dust3d::fit::balance(&cfg, &chart, &sim.catalog)?;
+    let decomp = dust3d::catalog::balance(&cfg, &chart, &sim.catalog)?;
     let kernel = dust3d::kernel::from_config(&cfg.kernel)?;
     let icr = Arc::new(Icr::distributed(
         &chart,

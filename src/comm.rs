@@ -192,40 +192,31 @@ pub fn all_to_all_into(
     });
 }
 
-/// Element-wise maximum over ranks.
-pub fn max_f64(v: f64) -> f64 {
+/// `op` of one value over all ranks.
+fn all_reduce<T: Equivalence + Copy>(v: T, op: mpi::collective::SystemOperation) -> T {
     if size() == 1 {
         return v;
     }
-    let mut out = 0.0;
-    with_world(8, |w| {
-        w.all_reduce_into(&v, &mut out, mpi::collective::SystemOperation::max())
+    let mut out = v;
+    with_world(std::mem::size_of::<T>(), |w| {
+        w.all_reduce_into(&v, &mut out, op)
     });
     out
+}
+
+/// Maximum over ranks.
+pub fn max_f64(v: f64) -> f64 {
+    all_reduce(v, mpi::collective::SystemOperation::max())
 }
 
 /// Minimum over ranks.
 pub fn min_u64(v: u64) -> u64 {
-    if size() == 1 {
-        return v;
-    }
-    let mut out = 0u64;
-    with_world(8, |w| {
-        w.all_reduce_into(&v, &mut out, mpi::collective::SystemOperation::min())
-    });
-    out
+    all_reduce(v, mpi::collective::SystemOperation::min())
 }
 
 /// Sum over ranks (integers: exact in any order).
 pub fn sum_u64(v: u64) -> u64 {
-    if size() == 1 {
-        return v;
-    }
-    let mut out = 0u64;
-    with_world(8, |w| {
-        w.all_reduce_into(&v, &mut out, mpi::collective::SystemOperation::sum())
-    });
-    out
+    all_reduce(v, mpi::collective::SystemOperation::sum())
 }
 
 /// True on every rank iff `b` is true on every rank (decisions all ranks must share).

@@ -140,8 +140,19 @@ pub fn draw_residual<F: Fisher, R: Rng>(
     let eta1: Vec<f64> = (0..np).map(|_| rng.sample(StandardNormal)).collect();
     let eta_a: Vec<f64> = (0..ns).map(|_| rng.sample(StandardNormal)).collect();
     let eta_v: Vec<f64> = (0..ns).map(|_| rng.sample(StandardNormal)).collect();
+    residual_from_normals(f, &eta1, [&eta_a, &eta_v], settings)
+}
+
+/// δ solving `M δ = η₁ + Jᵀ F^{1/2} (η_a, η_v)`.
+fn residual_from_normals<F: Fisher>(
+    f: &F,
+    eta1: &[f64],
+    [eta_a, eta_v]: [&[f64]; 2],
+    settings: &CgSettings,
+) -> (Vec<f64>, CgReport) {
+    let np = f.dim();
     let mut y = vec![0.0; np];
-    f.sqrt_fisher_t(&eta_a, &eta_v, &mut y);
+    f.sqrt_fisher_t(eta_a, eta_v, &mut y);
     for i in 0..np {
         y[i] += eta1[i];
     }
@@ -186,14 +197,7 @@ pub fn draw_residual_in<F: Fisher>(
             }
         }
     }
-    let mut y = vec![0.0; np];
-    f.sqrt_fisher_t(&eta_a, &eta_v, &mut y);
-    for i in 0..np {
-        y[i] += eta1[i];
-    }
-    let mut delta = vec![0.0; np];
-    let rep = f.solve(&y, &mut delta, settings);
-    (delta, rep)
+    residual_from_normals(f, &eta1, [&eta_a, &eta_v], settings)
 }
 
 /// The KL objective over p = [x | ξ_σ]: average energy over the samples x ± δ_k.

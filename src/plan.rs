@@ -232,9 +232,8 @@ fn kernel_speeds(no_timing: bool) -> Result<(f64, f64)> {
     })
 }
 
-/// The plan as text.
-pub fn run(cfg: &Config, opts: &PlanOptions) -> Result<String> {
-    let t0 = Instant::now();
+/// Figures of the rank that needs the most memory, and the window bytes per star.
+pub fn largest_rank(cfg: &Config, opts: &PlanOptions) -> Result<(RankFigures, f64)> {
     let chart = cfg.chart()?;
     let nside_dec = cfg.nside_dec()?;
     let geoms: Vec<LevelGeometry> = (0..chart.levels)
@@ -251,7 +250,16 @@ pub fn run(cfg: &Config, opts: &PlanOptions) -> Result<String> {
             worst = f;
         }
     }
-    let (t_vox, t_entry) = kernel_speeds(opts.no_timing)?;
+    Ok((worst, win_bytes))
+}
+
+/// The plan as text.
+pub fn run(cfg: &Config, opts: &PlanOptions) -> Result<String> {
+    let t0 = Instant::now();
+    let chart = cfg.chart()?;
+    let nside_dec = cfg.nside_dec()?;
+    let n_patch = grid::npix(nside_dec);
+    let (worst, win_bytes) = largest_rank(cfg, opts)?;
     let mut s = String::new();
     let gb = |b: f64| b / 1e9;
     writeln!(
@@ -297,6 +305,21 @@ pub fn run(cfg: &Config, opts: &PlanOptions) -> Result<String> {
         opts.ranks,
         gb(catalog_peak)
     )?;
+    s += &traffic_and_time(cfg, &worst, opts, win_bytes, kernel_speeds(opts.no_timing)?)?;
+    writeln!(s, "(planned in {:.1} s)", t0.elapsed().as_secs_f64())?;
+    Ok(s)
+}
+
+/// Communication and time per global iteration of rank `f`, at the last stage's CG caps.
+fn traffic_and_time(
+    cfg: &Config,
+    f: &RankFigures,
+    opts: &PlanOptions,
+    win_bytes: f64,
+    (t_vox, t_entry): (f64, f64),
+) -> Result<String> {
+    let mut s = String::new();
+    let gb = |b: f64| b / 1e9;
     let last = cfg.inference.stage.last().cloned().unwrap_or_default();
     let (n, cs, sn, cn) = (
         last.sample_pairs as f64,
@@ -333,24 +356,46 @@ pub fn run(cfg: &Config, opts: &PlanOptions) -> Result<String> {
     )?;
     writeln!(
         s,
-        "time per global iteration (largest rank, {} threads, ideal thread scaling, kernels \
-         timed here: {:.1} ns per voxel per ICR pair, {:.1} ns per window entry per pass): \
-         {:.0} s",
+        "time per global iteration (largest rank, {} threads, ideal thread scaling, {}: {:.1} ns \
+         per voxel per ICR pair, {:.1} ns per window entry per pass): {:.0} s",
         opts.threads_per_rank,
+        if opts.no_timing {
+            "reference kernel speeds (--no-timing)"
+        } else {
+            "kernels timed here"
+        },
         t_vox * 1e9,
         t_entry * 1e9,
         t_iter
     )?;
-    writeln!(s, "(planned in {:.1} s)", t0.elapsed().as_secs_f64())?;
     Ok(s)
 }
 
-/// Memory of rank `r` of a real run (for checking the model against measured peaks).
-pub fn rank_total_bytes(cfg: &Config, d: &Decomp, stars: f64) -> Result<f64> {
-    let chart = cfg.chart()?;
-    let geoms: Vec<LevelGeometry> = (0..chart.levels)
-        .map(|l| LevelGeometry::new(chart.nside(l)))
-        .collect();
-    let win = window_bytes_per_star(cfg, &chart);
-    Ok(rank_figures(cfg, &chart, d, &geoms, stars, win).total())
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_papers_problem_fits_16_gb_per_rank_on_64_ranks() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/paper.toml");
+        let (cfg, _) = Config::from_file(&path).unwrap();
+        let opts = PlanOptions {
+            ranks: 64,
+            stars: 54e6,
+            threads_per_rank: 16,
+            no_timing: true,
+        };
+        let (f, win) = largest_rank(&cfg, &opts).unwrap();
+        // 786,432 pixels × 772 chart shells over 64 ranks; the paper's 54 M stars
+        assert_eq!(f.pixels, 12288);
+        assert_eq!(f.voxels, 12288 * 772);
+        assert!((f.stars - 54e6 / 64.0).abs() < 1.0);
+        assert!(win > 100.0 && win < 10_000.0, "{win} B per star");
+        let total = f.total();
+        assert!(total < 16e9 && total > 4e9, "{total:e} B per rank");
+        // the same problem on 16 ranks needs about four times as much
+        let (f16, _) = largest_rank(&cfg, &PlanOptions { ranks: 16, ..opts }).unwrap();
+        let r = f16.total() / total;
+        assert!((3.0..4.5).contains(&r), "16 vs 64 ranks: {r}");
+    }
 }

@@ -63,6 +63,31 @@ pub fn has_other_sets(dir: &Path, stem: &str, size: usize) -> Result<bool> {
     Ok(!other_sets(dir, stem, size)?.is_empty())
 }
 
+/// One file per old rank at the newest position all of them have (each keeps its last two;
+/// a rank killed while saving may hold the same position under both names).
+fn common_position(files: &[OldFile], m: usize) -> Result<Vec<&OldFile>> {
+    let mut target = u64::MAX;
+    for r in 0..m {
+        let newest = files
+            .iter()
+            .filter(|f| f.part.rank == r)
+            .map(|f| f.position)
+            .max()
+            .with_context(|| format!("checkpoint set of {m} ranks lacks rank {r}"))?;
+        target = target.min(newest);
+    }
+    (0..m)
+        .map(|r| {
+            files
+                .iter()
+                .find(|f| f.part.rank == r && f.position == target)
+                .with_context(|| {
+                    format!("checkpoint set of {m} ranks: rank {r} has no checkpoint at the common position")
+                })
+        })
+        .collect()
+}
+
 /// The state of this rank (`part`, vectors laid out as `x`) assembled from a checkpoint set
 /// written with another rank count, at the newest position all of its ranks have.
 pub fn load(
@@ -76,29 +101,7 @@ pub fn load(
     let Some((m, files)) = sets.into_iter().next() else {
         return Ok(None);
     };
-    // newest position every old rank has (each keeps its last two)
-    let mut target = u64::MAX;
-    for r in 0..m {
-        let newest = files
-            .iter()
-            .filter(|f| f.part.rank == r)
-            .map(|f| f.position)
-            .max()
-            .with_context(|| format!("checkpoint set of {m} ranks lacks rank {r}"))?;
-        target = target.min(newest);
-    }
-    // one file per old rank at that position (a rank killed while saving may hold the
-    // same position under both names)
-    let at: Vec<&OldFile> = (0..m)
-        .map(|r| {
-            files
-                .iter()
-                .find(|f| f.part.rank == r && f.position == target)
-                .with_context(|| {
-                    format!("checkpoint set of {m} ranks: rank {r} has no checkpoint at the common position")
-                })
-        })
-        .collect::<Result<_>>()?;
+    let at = common_position(&files, m)?;
     for f in &at {
         if f.part.nside_dec != part.nside_dec {
             bail!(
@@ -115,10 +118,51 @@ pub fn load(
         .patch
         .first()
         .map_or(vec![], |rs| rs.iter().map(|r| r.len()).collect());
+    let mine = part.patches.0..part.patches.1;
+    let (out, pieces, xsig) = gather_patches(&at, &mine, id, rep_len, &per_level)?;
+    let Some(mut st) = out else {
+        return Ok(None);
+    };
+    let assemble = |v: &[f64], blocks: &[Vec<f64>]| -> Vec<f64> {
+        let mut a = v[..rep_len].to_vec();
+        for b in blocks {
+            a.extend_from_slice(b);
+        }
+        a.extend_from_slice(&v[v.len() - 2..]);
+        a
+    };
+    st.x = assemble(&st.x, &pieces[0]);
+    st.residuals = st
+        .residuals
+        .iter()
+        .zip(&pieces[1..])
+        .map(|(v, b)| assemble(v, b))
+        .collect();
+    st.xsig = xsig;
+    if st.x.len() != x.len {
+        bail!(
+            "checkpoint vectors assemble to {} values, this rank needs {}",
+            st.x.len(),
+            x.len
+        );
+    }
+    Ok(Some(st))
+}
+
+/// This rank's patch blocks of every vector (x, then each residual; per level) and of ξ_σ,
+/// from the old files holding patches `mine`; also the first old state (for its header
+/// fields and replicated values).
+#[allow(clippy::type_complexity)]
+fn gather_patches(
+    at: &[&OldFile],
+    mine: &std::ops::Range<usize>,
+    id: &RunId,
+    rep_len: usize,
+    per_level: &[usize],
+) -> Result<(Option<FitState>, Vec<Vec<Vec<f64>>>, Vec<f64>)> {
     let mut out: Option<FitState> = None;
     let mut xsig = Vec::new();
-    let mut pieces: Vec<Vec<Vec<f64>>> = Vec::new(); // [vector][level] blocks of my patches
-    let mine = part.patches.0..part.patches.1;
+    let mut pieces: Vec<Vec<Vec<f64>>> = Vec::new();
     let mut holders: Vec<&&OldFile> = at
         .iter()
         .filter(|f| f.part.patches.0 < mine.end && mine.start < f.part.patches.1)
@@ -162,33 +206,7 @@ pub fn load(
             out = Some(old);
         }
     }
-    let Some(mut st) = out else {
-        return Ok(None);
-    };
-    let assemble = |v: &[f64], blocks: &[Vec<f64>]| -> Vec<f64> {
-        let mut a = v[..rep_len].to_vec();
-        for b in blocks {
-            a.extend_from_slice(b);
-        }
-        a.extend_from_slice(&v[v.len() - 2..]);
-        a
-    };
-    st.x = assemble(&st.x, &pieces[0]);
-    st.residuals = st
-        .residuals
-        .iter()
-        .zip(&pieces[1..])
-        .map(|(v, b)| assemble(v, b))
-        .collect();
-    st.xsig = xsig;
-    if st.x.len() != x.len {
-        bail!(
-            "checkpoint vectors assemble to {} values, this rank needs {}",
-            st.x.len(),
-            x.len
-        );
-    }
-    Ok(Some(st))
+    Ok((out, pieces, xsig))
 }
 
 /// Remove a checkpoint set of another rank count (once the new set is on disk).

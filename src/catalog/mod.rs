@@ -1,7 +1,10 @@
 //! Star catalogs: reading (CSV, CSV.gz, FITS binary table, netCDF-4/HDF5), row validation,
 //! the paper's selection cuts, and the (pixel, distance) layout every solver uses.
 
+mod distribute;
 mod formats;
+
+pub use distribute::{balance, read_distributed};
 
 pub use formats::{read_columns, read_columns_part, write_catalog, Format, RowPart};
 
