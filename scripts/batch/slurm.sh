@@ -41,9 +41,13 @@ trap 'resubmit "$CONFIG" "$CATALOG" "$OUT" "$CKPT"' USR1
 ARGS=(--threads "$RAYON_NUM_THREADS" fit --config "$CONFIG" --catalog "$CATALOG" --out "$OUT")
 [ -n "$CKPT" ] && { mkdir -p "$CKPT"; ARGS+=(--checkpoint-dir "$CKPT"); }
 [ "$RESUME" = 1 ] && ARGS+=(--resume)
-# srun in the background so the trap can run while the step is alive
+# srun in the background so the trap can run while the step is alive; a trapped signal
+# interrupts `wait`, so wait again until the step itself has ended
 srun --cpu-bind=none "$DUST3D" "${ARGS[@]}" &
-wait $! || status=$?
-# a trapped signal interrupts `wait`: wait for the step itself
-wait || true
-exit "${status:-0}"
+step=$!
+while :; do
+  status=0
+  wait "$step" || status=$?
+  kill -0 "$step" 2>/dev/null || break
+done
+exit "$status"
