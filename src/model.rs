@@ -80,7 +80,7 @@ impl Model {
         }
         if cfg.backend.kind == "opencl" && icr.decomp.size() > 1 {
             bail!(
-                "the OpenCL backend runs on one process: combine it with MPI ranks is not \
+                "the OpenCL backend runs on one process: combining it with MPI ranks is not \
                  supported yet (run `dust3d fit --backend opencl` without mpirun)"
             );
         }

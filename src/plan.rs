@@ -289,11 +289,18 @@ pub fn run(cfg: &Config, opts: &PlanOptions) -> Result<String> {
     writeln!(s, "  {:<34} {:>8.3}", "total", gb(f.total()))?;
     let per_voxel = (f.memory[0].1 + f.memory[3].1) / f.voxels as f64;
     let per_xi = f.memory[1].1 / (f.xi as f64 + f.stars);
+    let l = chart.levels.max(1) - 1;
+    let mbytes = match cfg.grid.matrix_precision {
+        Precision::F64 => 8,
+        Precision::F32 => 4,
+    };
+    let per_class = (chart.n_r(l) - 2) * SITE_LEN * mbytes;
     writeln!(
         s,
         "  per chart voxel {per_voxel:.0} B (states, workspaces); per parameter {per_xi:.0} B; \
-         per star {:.0} B of windows",
-        win_bytes
+         per star {:.0} B of windows; per angular class of the last step {:.0} KB of matrices",
+        win_bytes,
+        per_class as f64 / 1e3
     )?;
     // a rank's share of the rows (7 columns + row) and the 8-value exchange records
     let catalog_peak = (64.0 + 2.0 * 64.0) * opts.stars / opts.ranks as f64;

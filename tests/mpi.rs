@@ -170,6 +170,49 @@ fn fit_is_identical_on_one_two_and_four_ranks() {
 }
 
 #[test]
+fn ranks_without_stars_and_opencl_refusal() {
+    if !mpirun_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (cfg, cat) = small_fit_config(dir.path());
+    // only the northern sky has stars: the southern ranks fit the prior alone
+    let text = std::fs::read_to_string(&cat).unwrap();
+    let mut lines = text.lines();
+    let header = lines.next().unwrap();
+    let b = header.split(',').position(|h| h == "b").unwrap();
+    let north: Vec<&str> = lines
+        .filter(|l| l.split(',').nth(b).unwrap().parse::<f64>().unwrap() > 30.0)
+        .collect();
+    let north_cat = dir.path().join("north.csv");
+    std::fs::write(&north_cat, format!("{header}\n{}\n", north.join("\n"))).unwrap();
+    let plain = dir.path().join("plain.nc");
+    let args = fit_args(&cfg, &north_cat, &plain);
+    let st = Command::new(args[0])
+        .args(&args[1..])
+        .env("DUST3D_LOG", "warn")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let out = dir.path().join("n4.nc");
+    assert!(mpirun(4, &fit_args(&cfg, &north_cat, &out))
+        .status()
+        .unwrap()
+        .success());
+    assert!(
+        arrays(&out) == arrays(&plain),
+        "north-only map on 4 ranks differs"
+    );
+    // OpenCL is one process only: a clear refusal, not a hang
+    let mut ocl = fit_args(&cfg, &north_cat, &out);
+    ocl.push(std::ffi::OsStr::new("--backend"));
+    ocl.push(std::ffi::OsStr::new("opencl"));
+    let o = mpirun(2, &ocl).output().unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("OpenCL backend runs on one process"));
+}
+
+#[test]
 fn a_bad_row_names_the_file_row_and_ends_every_rank() {
     if !mpirun_available() {
         return;
