@@ -264,3 +264,75 @@ fn plan_halo(
     plan.rev = rev;
     plan.ex = ex;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Plans of every rank of `size` for the step at coarse nside `nside`.
+    fn plans(nside: u32, nside_dec: u32, size: usize, coarse_distributed: bool) -> Vec<StepPlan> {
+        let n = 12 * (nside_dec as usize).pow(2);
+        let work: Vec<f64> = (0..n).map(|q| 1.0 + (q % 5) as f64).collect();
+        (0..size)
+            .map(|r| {
+                let d = Decomp::balanced(nside_dec, r, size, &work).unwrap();
+                plan_step(LevelGeometry::new(nside), &d, coarse_distributed)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn halo_exchanges_are_symmetric_and_windows_local() {
+        for size in [2, 3, 5] {
+            let ps = plans(8, 2, size, true);
+            let global = LevelGeometry::new(8);
+            for (r, p) in ps.iter().enumerate() {
+                assert_eq!(p.kind, StepKind::Halo);
+                // every window value is an owned or a halo pixel, and means the same pixel
+                let n_own = p.own.len();
+                for (k, w) in p.geom.window.iter().enumerate() {
+                    for (a, &i) in w.iter().enumerate() {
+                        let i = i as usize;
+                        let q = if i < n_own {
+                            p.own.start + i
+                        } else {
+                            p.halo[i - n_own] as usize
+                        };
+                        assert_eq!(q as u32, global.window[p.own.start + k][a]);
+                    }
+                }
+                for (s, o) in ps.iter().enumerate() {
+                    // what r sends s is what s expects from r, both ways
+                    assert_eq!(p.ex.halo_send_counts[s], o.ex.halo_recv_counts[r]);
+                    assert_eq!(p.ex.back_send_counts[s], o.ex.back_recv_counts[r]);
+                }
+                assert_eq!(p.ex.halo_send_counts[r], 0);
+                // each owned pixel's cotangent sums as many chunks as windows contain it
+                for (k, q) in p.own.clone().enumerate() {
+                    let n = global
+                        .window
+                        .iter()
+                        .flatten()
+                        .filter(|&&v| v as usize == q)
+                        .count();
+                    assert_eq!((p.rev_off[k + 1] - p.rev_off[k]) as usize, n);
+                }
+            }
+            // the owned ranges tile the sky
+            let total: usize = ps.iter().map(|p| p.own.len()).sum();
+            assert_eq!(total, global.window.len());
+        }
+    }
+
+    #[test]
+    fn steps_coarser_than_the_patches_are_replicated() {
+        let ps = plans(2, 4, 3, false);
+        assert!(ps
+            .iter()
+            .all(|p| p.kind == StepKind::Replicated && p.own.len() == 48));
+        let ps = plans(4, 4, 3, false);
+        assert!(ps.iter().all(|p| p.kind == StepKind::Gathered));
+        let chunks: usize = ps[0].ex.gather_counts.iter().sum();
+        assert_eq!(chunks, 9 * 192);
+    }
+}
