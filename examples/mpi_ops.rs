@@ -91,13 +91,7 @@ fn main() -> Result<()> {
     let chart = cfg.chart()?;
     let sim = dust3d::simulate::run(&cfg, "")?;
     let decomp = dust3d::catalog::balance(&cfg, &chart, &sim.catalog)?;
-    let kernel = dust3d::kernel::from_config(&cfg.kernel)?;
-    let icr = Arc::new(Icr::distributed(
-        &chart,
-        kernel.as_ref(),
-        cfg.grid.matrix_precision,
-        Arc::new(decomp),
-    )?);
+    let icr = Arc::new(Icr::for_config(&cfg, decomp)?);
     let stars = sim
         .catalog
         .into_pixel_range(chart.nside_final(), icr.final_pixels());

@@ -130,35 +130,29 @@ fn counts_of(c: &[usize]) -> Vec<Count> {
 
 /// Gather every rank's `local` (of known lengths `counts`, one per rank) on every rank,
 /// concatenated in rank order.
-pub fn all_gather_f64(local: &[f64], counts: &[usize]) -> Vec<f64> {
+pub fn all_gather<T: Equivalence + Copy + Default>(local: &[T], counts: &[usize]) -> Vec<T> {
     if size() == 1 {
         return local.to_vec();
     }
-    let total = counts.iter().sum();
-    let mut out = vec![0.0; total];
+    let mut out = vec![T::default(); counts.iter().sum()];
     let c = counts_of(counts);
     let d = displs(&c);
-    with_world(local.len() * 8 * (size() - 1), |w| {
+    let bytes = std::mem::size_of_val(local) * (size() - 1);
+    with_world(bytes, |w| {
         let mut part = PartitionMut::new(&mut out[..], c, &d[..]);
         w.all_gather_varcount_into(local, &mut part);
     });
     out
 }
 
-/// Like [`all_gather_f64`] for u64 values.
+/// [`all_gather`] of f64 values.
+pub fn all_gather_f64(local: &[f64], counts: &[usize]) -> Vec<f64> {
+    all_gather(local, counts)
+}
+
+/// [`all_gather`] of u64 values.
 pub fn all_gather_u64(local: &[u64], counts: &[usize]) -> Vec<u64> {
-    if size() == 1 {
-        return local.to_vec();
-    }
-    let total = counts.iter().sum();
-    let mut out = vec![0u64; total];
-    let c = counts_of(counts);
-    let d = displs(&c);
-    with_world(local.len() * 8 * (size() - 1), |w| {
-        let mut part = PartitionMut::new(&mut out[..], c, &d[..]);
-        w.all_gather_varcount_into(local, &mut part);
-    });
-    out
+    all_gather(local, counts)
 }
 
 /// Personalised exchange: `send` holds the blocks for ranks 0, 1, … of lengths

@@ -127,6 +127,17 @@ fn fit_args<'a>(cfg: &'a Path, cat: &'a Path, out: &'a Path) -> Vec<&'a std::ffi
     ]
 }
 
+/// A plain (non-MPI) process fit, quiet.
+fn plain_fit(cfg: &Path, cat: &Path, out: &Path) {
+    let args = fit_args(cfg, cat, out);
+    let st = Command::new(args[0])
+        .args(&args[1..])
+        .env("DUST3D_LOG", "warn")
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
 type Arrays = (Vec<f64>, Vec<f64>, Vec<Vec<f64>>, Vec<f64>, Vec<u32>);
 
 fn arrays(path: &Path) -> Arrays {
@@ -142,13 +153,7 @@ fn fit_is_identical_on_one_two_and_four_ranks() {
     let dir = tempfile::tempdir().unwrap();
     let (cfg, cat) = small_fit_config(dir.path());
     let plain = dir.path().join("plain.nc");
-    let args = fit_args(&cfg, &cat, &plain);
-    let st = Command::new(args[0])
-        .args(&args[1..])
-        .env("DUST3D_LOG", "warn")
-        .status()
-        .unwrap();
-    assert!(st.success());
+    plain_fit(&cfg, &cat, &plain);
     let reference = arrays(&plain);
     let stars = std::fs::read(dir.path().join("plain_stars.csv")).unwrap();
     for n in [1, 2, 4] {
@@ -187,13 +192,7 @@ fn ranks_without_stars_and_opencl_refusal() {
     let north_cat = dir.path().join("north.csv");
     std::fs::write(&north_cat, format!("{header}\n{}\n", north.join("\n"))).unwrap();
     let plain = dir.path().join("plain.nc");
-    let args = fit_args(&cfg, &north_cat, &plain);
-    let st = Command::new(args[0])
-        .args(&args[1..])
-        .env("DUST3D_LOG", "warn")
-        .status()
-        .unwrap();
-    assert!(st.success());
+    plain_fit(&cfg, &north_cat, &plain);
     let out = dir.path().join("n4.nc");
     assert!(mpirun(4, &fit_args(&cfg, &north_cat, &out))
         .status()

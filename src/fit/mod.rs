@@ -130,14 +130,9 @@ fn setup(cfg: &Config, config_text: &str, catalog: &Path) -> Result<Setup> {
         patch_stars: Vec::new(),
     };
     let t0 = Instant::now();
-    let kernel = crate::kernel::from_config(&cfg.kernel)?;
-    let icr = Arc::new(Icr::distributed(
-        &chart,
-        kernel.as_ref(),
-        cfg.grid.matrix_precision,
-        Arc::new(decomp),
-    )?);
-    let stars = cat.into_pixel_range(nside, icr.final_pixels()); // collectives outside the log macros: they skip their arguments where filtered out
+    let icr = Arc::new(Icr::for_config(cfg, decomp)?);
+    let stars = cat.into_pixel_range(nside, icr.final_pixels());
+    // collectives outside the log macros: they skip their arguments where filtered out
     let n_stars = comm::sum_u64(stars.stars.len() as u64);
     tracing::info!(
         stars = n_stars,

@@ -228,6 +228,17 @@ impl Icr {
         }
     }
 
+    /// This rank's operator for the chart, kernel and matrix precision of `cfg`.
+    pub fn for_config(cfg: &crate::config::Config, decomp: Decomp) -> Result<Self> {
+        let kernel = crate::kernel::from_config(&cfg.kernel)?;
+        Self::distributed(
+            &cfg.chart()?,
+            kernel.as_ref(),
+            cfg.grid.matrix_precision,
+            Arc::new(decomp),
+        )
+    }
+
     /// Final-level pixels (global NESTED ids) whose field this rank computes.
     pub fn final_pixels(&self) -> Range<usize> {
         match self.levels.last() {
