@@ -131,18 +131,24 @@ fn counts_of(c: &[usize]) -> Vec<Count> {
 /// Gather every rank's `local` (of known lengths `counts`, one per rank) on every rank,
 /// concatenated in rank order.
 pub fn all_gather<T: Equivalence + Copy + Default>(local: &[T], counts: &[usize]) -> Vec<T> {
-    if size() == 1 {
-        return local.to_vec();
-    }
     let mut out = vec![T::default(); counts.iter().sum()];
+    all_gather_into(local, counts, &mut out);
+    out
+}
+
+/// [`all_gather`] into a caller's buffer of length Σ `counts` (no allocation of the result).
+pub fn all_gather_into<T: Equivalence + Copy>(local: &[T], counts: &[usize], out: &mut [T]) {
+    if size() == 1 {
+        out.copy_from_slice(local);
+        return;
+    }
     let c = counts_of(counts);
     let d = displs(&c);
     let bytes = std::mem::size_of_val(local) * (size() - 1);
     with_world(bytes, |w| {
-        let mut part = PartitionMut::new(&mut out[..], c, &d[..]);
+        let mut part = PartitionMut::new(out, c, &d[..]);
         w.all_gather_varcount_into(local, &mut part);
     });
-    out
 }
 
 /// [`all_gather`] of f64 values.
@@ -216,24 +222,6 @@ pub fn sum_u64(v: u64) -> u64 {
 /// True on every rank iff `b` is true on every rank (decisions all ranks must share).
 pub fn all(b: bool) -> bool {
     min_u64(b as u64) == 1
-}
-
-/// Rank 0's bytes on every rank.
-pub fn broadcast_bytes(bytes: &mut Vec<u8>) {
-    if size() == 1 {
-        return;
-    }
-    let mut n = bytes.len() as u64;
-    with_world(8, |w| w.process_at_rank(0).broadcast_into(&mut n));
-    bytes.resize(n as usize, 0);
-    let sent = if is_root() {
-        bytes.len() * (size() - 1)
-    } else {
-        0
-    };
-    with_world(sent, |w| {
-        w.process_at_rank(0).broadcast_into(&mut bytes[..])
-    });
 }
 
 /// Send `data` to rank `dest` (blocking, matched by [`recv_f64`]).

@@ -58,7 +58,7 @@ impl Catalog {
 
     /// Read and validate a catalog file; every bad value is an error naming file, row, column.
     pub fn read(path: &Path, cfg: &CatalogConfig) -> Result<Self> {
-        let (cat, rows) = Self::read_part(path, cfg, RowPart::ALL)?;
+        let (cat, _, rows) = Self::read_part_rows(path, cfg, RowPart::ALL)?;
         if cat.is_empty() {
             bail!("{}", no_star_message(path, rows, cfg));
         }
@@ -66,14 +66,8 @@ impl Catalog {
     }
 
     /// Read, validate and select the rows of `part` (one MPI rank's share of the file);
-    /// returns the stars with the file row of each (for a rank-independent order) and the
-    /// number of rows read. The caller decides whether an empty result is an error.
-    pub fn read_part(path: &Path, cfg: &CatalogConfig, part: RowPart) -> Result<(Self, usize)> {
-        let (cat, _, rows) = Self::read_part_rows(path, cfg, part)?;
-        Ok((cat, rows))
-    }
-
-    /// [`Catalog::read_part`] with the file row of every star kept.
+    /// returns the stars, the file row of each (for a rank-independent order) and the number
+    /// of rows read. The caller decides whether an empty result is an error.
     pub fn read_part_rows(
         path: &Path,
         cfg: &CatalogConfig,
@@ -218,17 +212,6 @@ impl Catalog {
                 .map(|(n, v)| (n.clone(), take(v)))
                 .collect(),
         }
-    }
-
-    /// The paper's distance cuts: 1/(ω − σ_ω) < d_max and 1/(ω + σ_ω) > d_min.
-    pub fn apply_distance_cuts(self, cfg: &CatalogConfig) -> Self {
-        if cfg.d_max_pc.is_none() && cfg.d_min_pc.is_none() {
-            return self;
-        }
-        let keep: Vec<bool> = (0..self.len())
-            .map(|i| passes_distance_cuts(self.parallax_mas[i], self.parallax_error_mas[i], cfg))
-            .collect();
-        self.subset(&keep)
     }
 
     /// Assign stars to NESTED pixels at `nside` and sort by (pixel, distance).

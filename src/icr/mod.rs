@@ -74,6 +74,9 @@ pub struct Level {
     pub halo: Vec<u32>,
     /// Exchange lists.
     pub(crate) ex: Exchange,
+    /// The exchange counts in values (× n_c): halo send, halo receive, back send, back
+    /// receive, gather.
+    counts: [Vec<usize>; 5],
 }
 
 impl Level {
@@ -315,6 +318,14 @@ impl Icr {
             kind: step.kind,
             own: step.own,
             halo: step.halo,
+            counts: [
+                &step.ex.halo_send_counts,
+                &step.ex.halo_recv_counts,
+                &step.ex.back_send_counts,
+                &step.ex.back_recv_counts,
+                &step.ex.gather_counts,
+            ]
+            .map(|c| c.iter().map(|v| v * n_c).collect()),
             ex: step.ex,
         })
     }
@@ -414,15 +425,10 @@ impl Icr {
             let source: &[f64] = match level.kind {
                 StepKind::Replicated => &work.scatter[..n_local],
                 StepKind::Gathered => {
-                    let counts: Vec<usize> = level
-                        .ex
-                        .gather_counts
-                        .iter()
-                        .map(|c| c * level.n_c)
-                        .collect();
-                    let all = comm::all_gather_f64(&work.scatter[..n_local], &counts);
-                    work.gathered[..all.len()].copy_from_slice(&all);
-                    &work.gathered[..all.len()]
+                    let n = level.counts[4].iter().sum();
+                    let (local, all) = (&work.scatter[..n_local], &mut work.gathered[..n]);
+                    comm::all_gather_into(local, &level.counts[4], all);
+                    &work.gathered[..n]
                 }
                 StepKind::Halo => {
                     exchange_back(level, &mut work.scatter, &mut work.send);
@@ -554,10 +560,8 @@ fn exchange_halo(level: &Level, coarse: &mut [f64], send: &mut Vec<f64>) {
     for &q in &level.ex.halo_send {
         send.extend_from_slice(&coarse[q as usize * n_c..][..n_c]);
     }
-    let sc: Vec<usize> = level.ex.halo_send_counts.iter().map(|c| c * n_c).collect();
-    let rc: Vec<usize> = level.ex.halo_recv_counts.iter().map(|c| c * n_c).collect();
     let halo = &mut coarse[n_own * n_c..(n_own + level.halo.len()) * n_c];
-    comm::all_to_all_into(send, &sc, &rc, halo);
+    comm::all_to_all_into(send, &level.counts[0], &level.counts[1], halo);
 }
 
 /// Send the window chunks of foreign coarse pixels to their owners; what arrives lands
@@ -569,10 +573,9 @@ fn exchange_back(level: &Level, scatter: &mut [f64], send: &mut Vec<f64>) {
     for &c in &level.ex.back_send {
         send.extend_from_slice(&scatter[c as usize * n_c..][..n_c]);
     }
-    let sc: Vec<usize> = level.ex.back_send_counts.iter().map(|c| c * n_c).collect();
-    let rc: Vec<usize> = level.ex.back_recv_counts.iter().map(|c| c * n_c).collect();
-    let n_recv: usize = rc.iter().sum();
-    comm::all_to_all_into(send, &sc, &rc, &mut scatter[n_local..n_local + n_recv]);
+    let n_recv: usize = level.counts[3].iter().sum();
+    let out = &mut scatter[n_local..n_local + n_recv];
+    comm::all_to_all_into(send, &level.counts[2], &level.counts[3], out);
 }
 
 #[cfg(test)]
