@@ -6,13 +6,12 @@
 use std::sync::Arc;
 
 use anyhow::Result;
-use dust3d::comm;
-use dust3d::config::Config;
-use dust3d::decomp::{Space, VecLayout};
-use dust3d::icr::Icr;
-use dust3d::mgvi::{self, Fisher, Kl, ModelAt};
-use dust3d::model::Model;
-use dust3d::newton::MetricObjective;
+use dust3d::app::config::Config;
+use dust3d::base::comm;
+use dust3d::inference::mgvi::{self, Fisher, Kl, ModelAt};
+use dust3d::inference::newton::MetricObjective;
+use dust3d::likelihood::model::Model;
+use dust3d::sphere::decomp::{Space, VecLayout};
 use rand::Rng;
 use rand_distr::StandardNormal;
 
@@ -34,13 +33,13 @@ star_r_max_pc = 850.0
 /// A vector of `layout` with standard normals drawn per patch (rank-count independent).
 fn random(layout: &VecLayout, seed: u64) -> Vec<f64> {
     let mut v = vec![0.0; layout.len];
-    let mut rng = dust3d::rng::stream(seed, 0);
+    let mut rng = dust3d::base::rng::stream(seed, 0);
     for i in layout.rep.iter().flat_map(|r| r.clone()) {
         v[i] = rng.sample(StandardNormal);
     }
     let first = layout.decomp.patches().start;
     for (k, rs) in layout.patch.iter().enumerate() {
-        let mut rng = dust3d::rng::stream(seed, (first + k + 1) as u64);
+        let mut rng = dust3d::base::rng::stream(seed, (first + k + 1) as u64);
         for i in rs.iter().flat_map(|r| r.clone()) {
             v[i] = rng.sample(StandardNormal);
         }
@@ -89,13 +88,13 @@ fn main() -> Result<()> {
     let mut cfg: Config = toml::from_str(CONFIG)?;
     cfg.parallel.nside_dec = Some(args.get(2).map_or(Ok(2), |s| s.parse())?);
     let chart = cfg.chart()?;
-    let sim = dust3d::simulate::run(&cfg, "")?;
-    let decomp = dust3d::catalog::balance(&cfg, &chart, &sim.catalog)?;
-    let icr = Arc::new(Icr::for_config(&cfg, decomp)?);
+    let sim = dust3d::app::simulate::run(&cfg, "")?;
+    let decomp = dust3d::data::catalog::balance(cfg.nside_dec()?, &chart, &sim.catalog)?;
+    let icr = Arc::new(dust3d::app::build::icr(&cfg, decomp)?);
     let stars = sim
         .catalog
         .into_pixel_range(chart.nside_final(), icr.final_pixels());
-    let model = Model::new(&cfg, icr.clone(), &stars)?;
+    let model = dust3d::app::build::model(&cfg, icr.clone(), &stars)?;
     let dom = model.dom.clone();
     let nc = chart.n_r(chart.levels);
     let fl = field_layout(&model, nc);
@@ -127,13 +126,13 @@ fn main() -> Result<()> {
         .iter()
         .map(|v| 0.2 * v)
         .collect::<Vec<_>>();
-    let st = model.state(&x, &xsig, &mut w);
+    let st = model.state(&x, &xsig, &mut w)?;
     let e = model.energy(&st, &x, &xsig);
     let (mut gx, mut gs) = (vec![0.0; dom.x.len], vec![0.0; dom.stars.len]);
-    model.gradient(&st, &x, &xsig, &mut gx, &mut gs, &mut w);
+    model.gradient(&st, &x, &xsig, &mut gx, &mut gs, &mut w)?;
     let mut st2 = model.empty_state();
     let (mut gx2, mut gs2) = (vec![0.0; dom.x.len], vec![0.0; dom.stars.len]);
-    let e2 = model.value_grad(&x, &xsig, &mut st2, &mut gx2, &mut gs2, &mut w);
+    let e2 = model.value_grad(&x, &xsig, &mut st2, &mut gx2, &mut gs2, &mut w)?;
     res.push(("energy".into(), vec![e, e2]));
     res.push(("gradient_x".into(), canonical(&dom.x, &gx)));
     res.push(("gradient_sigma".into(), canonical(&dom.stars, &gs)));
@@ -141,14 +140,14 @@ fn main() -> Result<()> {
     res.push(("abar".into(), canonical(&dom.stars, &st.abar)));
     let v = random(&dom.x, 14);
     let (mut da, mut dv) = (vec![0.0; dom.stars.len], vec![0.0; dom.stars.len]);
-    model.jvp(&st, &v, &mut da, &mut dv, &mut w);
+    model.jvp(&st, &v, &mut da, &mut dv, &mut w)?;
     res.push(("jvp_a".into(), canonical(&dom.stars, &da)));
     res.push(("jvp_v".into(), canonical(&dom.stars, &dv)));
     let mut vj = vec![0.0; dom.x.len];
-    model.vjp(&st, &da, &dv, &mut vj, &mut w);
+    model.vjp(&st, &da, &dv, &mut vj, &mut w)?;
     res.push(("vjp".into(), canonical(&dom.x, &vj)));
     let mut mv = vec![0.0; dom.x.len];
-    model.metric(&st, &v, &mut mv, &mut w);
+    model.metric(&st, &v, &mut mv, &mut w)?;
     res.push(("metric".into(), canonical(&dom.x, &mv)));
 
     // sample-averaged KL metric and value/gradient over [x | ξ_σ]
@@ -161,21 +160,21 @@ fn main() -> Result<()> {
     let p: Vec<f64> = x.iter().chain(&xsig).copied().collect();
     let vp = random(&dom.p, 16);
     let mut kv = vec![0.0; dom.p.len];
-    kl.metric(&p, &vp, &mut kv);
+    kl.metric(&p, &vp, &mut kv)?;
     res.push(("kl_metric".into(), canonical(&dom.p, &kv)));
     let mut kg = vec![0.0; dom.p.len];
-    let kval = kl.value_grad(&p, &mut kg);
+    let kval = kl.value_grad(&p, &mut kg)?;
     res.push(("kl_value".into(), vec![kval]));
     res.push(("kl_gradient".into(), canonical(&dom.p, &kg)));
 
     // one MGVI residual (normals per patch, CG with global dots)
     let lin = ModelAt::new(&model, &st, &mask);
-    let settings = dust3d::cg::CgSettings {
+    let settings = dust3d::num::cg::CgSettings {
         rel_tol: 1e-6,
         max_iter: 30,
         ..Default::default()
     };
-    let (delta, rep) = mgvi::draw_residual_in(&lin, 7, 99, &settings);
+    let (delta, rep) = mgvi::draw_residual_in(&lin, 7, 99, &settings)?;
     res.push(("residual".into(), canonical(&dom.x, &delta)));
     res.push((
         "residual_cg".into(),

@@ -17,7 +17,7 @@ __kernel void dot_partials(const ulong n, __global const REAL *x, __global const
   partial[c] = acc;
 }
 
-// Patch-ordered partial sums (dust3d's reduction order, DESIGN.md §5): partial[k] sums
+// Patch-ordered partial sums (dust3d's reduction order, docs/architecture.md): partial[k] sums
 // x[i] y[i] over the index ranges seg[2s]..seg[2s+1] of parts s = part_off[k]..part_off[k+1],
 // each range in order. Part 0 is the replicated block, part k ≥ 1 patch k − 1.
 __kernel void dot_segments(const ulong nparts, __global const ulong *seg,

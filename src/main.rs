@@ -2,17 +2,17 @@
 
 fn main() {
     // MPI first (when a launcher started us): logging and errors depend on the rank
-    let mpi = dust3d::comm::init();
-    dust3d::logging::init();
+    let mpi = dust3d::base::comm::init();
+    dust3d::base::logging::init();
     if let Err(e) = dust3d::cli::run() {
-        if dust3d::comm::size() > 1 {
+        if dust3d::base::comm::size() > 1 {
             // one rank's error ends the whole job: the others would wait for it forever
             eprintln!(
                 "error (rank {} of {}): {e:#}",
-                dust3d::comm::rank(),
-                dust3d::comm::size()
+                dust3d::base::comm::rank(),
+                dust3d::base::comm::size()
             );
-            dust3d::comm::abort(1);
+            dust3d::base::comm::abort(1);
         }
         eprintln!("error: {e:#}");
         drop(mpi);

@@ -2,15 +2,8 @@
 //! clear failures (file, row, column; non-zero exit; nothing written) on bad catalogs.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn dust3d(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_dust3d"))
-        .args(args)
-        .env("DUST3D_LOG", "warn")
-        .output()
-        .expect("run dust3d")
-}
+mod common;
+use common::{dust3d, stderr};
 
 fn small_config(dir: &Path) -> PathBuf {
     let p = dir.join("small.toml");
@@ -21,10 +14,6 @@ fn small_config(dir: &Path) -> PathBuf {
     )
     .unwrap();
     p
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 #[test]
@@ -89,7 +78,7 @@ fn prior_truth_simulation_runs() {
         "11",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let map = dust3d::mapfile::DustMap::read(&truth).unwrap();
+    let map = dust3d::products::mapfile::DustMap::read(&truth).unwrap();
     assert_eq!(map.provenance.seed, 11);
     assert!(map.mean.iter().all(|v| *v > 0.0));
 }

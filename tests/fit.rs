@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use dust3d::config::Config;
-use dust3d::mapfile::DustMap;
+use dust3d::app::config::Config;
+use dust3d::products::mapfile::DustMap;
 
 fn demo_config() -> (Config, String) {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/demo.toml");
@@ -14,10 +14,10 @@ fn demo_config() -> (Config, String) {
 }
 
 fn simulate(dir: &Path, cfg: &Config) -> (PathBuf, PathBuf) {
-    let sim = dust3d::simulate::run(cfg, "").unwrap();
+    let sim = dust3d::app::simulate::run(cfg, "").unwrap();
     let cat = dir.join("cat.csv");
     let truth = dir.join("truth.nc");
-    dust3d::catalog::write_catalog(&sim.catalog, &cat).unwrap();
+    dust3d::data::catalog::write_catalog(&sim.catalog, &cat).unwrap();
     sim.truth.write(&truth).unwrap();
     (cat, truth)
 }
@@ -28,10 +28,10 @@ fn demo_fit_recovers_the_truth() {
     let (cfg, text) = demo_config();
     let (cat, truth) = simulate(dir.path(), &cfg);
     let out = dir.path().join("fit.nc");
-    dust3d::fit::run(&cfg, &text, &cat, &out, false).unwrap();
+    dust3d::app::fit::run(&cfg, &text, &cat, &out, false).unwrap();
     let fit = DustMap::read(&out).unwrap();
     let tru = DustMap::read(&truth).unwrap();
-    let r = dust3d::recovery::evaluate(&fit, &tru, &cat, &cfg).unwrap();
+    let r = dust3d::app::recovery::evaluate(&fit, &tru, &cat, &cfg).unwrap();
     eprintln!("{r:?}");
     assert!(r.pearson_integrated >= 0.95, "{r:?}");
     assert!((0.50..=0.85).contains(&r.coverage_1sigma), "{r:?}");
@@ -61,7 +61,7 @@ fn fit_is_independent_of_thread_count() {
             .num_threads(threads)
             .build()
             .unwrap();
-        pool.install(|| dust3d::fit::run(&cfg, &text, &cat, &out, false))
+        pool.install(|| dust3d::app::fit::run(&cfg, &text, &cat, &out, false))
             .unwrap();
         arrays(&out)
     };

@@ -1,14 +1,14 @@
 //! Simulated catalogs round-trip unchanged through every input format; maps round-trip
 //! through the netCDF map file.
 
-use dust3d::catalog::{read_columns, write_catalog, Catalog};
-use dust3d::config::{CatalogConfig, Config};
+use dust3d::app::config::{CatalogConfig, Config};
+use dust3d::data::catalog::{read_columns, write_catalog, Catalog};
 
-fn simulated() -> (Catalog, dust3d::mapfile::DustMap) {
+fn simulated() -> (Catalog, dust3d::products::mapfile::DustMap) {
     let mut cfg = Config::default();
     cfg.grid.levels = 1;
     cfg.simulate.n_stars = 2000;
-    let sim = dust3d::simulate::run(&cfg, "seed = 0").unwrap();
+    let sim = dust3d::app::simulate::run(&cfg, "seed = 0").unwrap();
     (sim.catalog, sim.truth)
 }
 
@@ -64,7 +64,7 @@ fn map_file_round_trips() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("m.nc");
     truth.write(&path).unwrap();
-    let back = dust3d::mapfile::DustMap::read(&path).unwrap();
+    let back = dust3d::products::mapfile::DustMap::read(&path).unwrap();
     assert_eq!(back.nside, truth.nside);
     assert_eq!(back.shells, truth.shells);
     assert_eq!(back.samples.len(), 2);
@@ -73,7 +73,7 @@ fn map_file_round_trips() {
     }
     assert_eq!(back.provenance.config, truth.provenance.config);
     assert_eq!(back.provenance.version, env!("CARGO_PKG_VERSION"));
-    assert!(dust3d::mapfile::is_map_file(&path));
+    assert!(dust3d::products::mapfile::is_map_file(&path));
 }
 
 #[test]

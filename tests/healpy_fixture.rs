@@ -2,7 +2,7 @@
 //! (scripts/make_healpy_fixture.py): pixel centres, neighbours, ang2pix and the angular
 //! interpolation weights of `get_interp_weights` (which dustmaps uses).
 
-use dust3d::grid;
+use dust3d::sphere::grid;
 use serde_json::Value;
 
 fn fixture() -> Value {
@@ -78,7 +78,7 @@ fn interpolation_weights_match_healpy_get_interp_weights() {
         let l = f64s(&case["interp_l_deg"]);
         let b = f64s(&case["interp_b_deg"]);
         for k in 0..l.len() {
-            let (pix, w) = dust3d::query::angular_weights(layer, l[k], b[k]);
+            let (pix, w) = dust3d::products::query::angular_weights(layer, l[k], b[k]);
             let want_p = i64s(&case["interp_pix"][k]);
             let want_w = f64s(&case["interp_w"][k]);
             // compare as pixel -> weight maps: a pixel may appear twice near the poles

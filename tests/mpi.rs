@@ -1,4 +1,4 @@
-//! Multi-rank runs under `mpirun` (DESIGN.md §5): every distributed operation and a whole
+//! Multi-rank runs under `mpirun` (docs/architecture.md): every distributed operation and a whole
 //! fit give the same numbers on 1, 2 and 4 ranks (oversubscribed on 2 cores) as a plain
 //! process; killing one rank ends the job, and `--resume` continues from the last
 //! checkpoint every rank has. Skipped without `mpirun` unless DUST3D_REQUIRE_MPI is set.
@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use dust3d::config::Config;
-use dust3d::mapfile::DustMap;
+use dust3d::app::config::Config;
+use dust3d::products::mapfile::DustMap;
 
 fn mpirun_available() -> bool {
     let ok = Command::new("mpirun")
@@ -108,9 +108,9 @@ fn small_fit_config(dir: &Path) -> (PathBuf, PathBuf) {
     cfg.parallel.nside_dec = Some(2);
     let cfg_path = dir.join("cfg.toml");
     std::fs::write(&cfg_path, toml::to_string(&cfg).unwrap()).unwrap();
-    let sim = dust3d::simulate::run(&cfg, "").unwrap();
+    let sim = dust3d::app::simulate::run(&cfg, "").unwrap();
     let cat = dir.join("cat.csv");
-    dust3d::catalog::write_catalog(&sim.catalog, &cat).unwrap();
+    dust3d::data::catalog::write_catalog(&sim.catalog, &cat).unwrap();
     (cfg_path, cat)
 }
 

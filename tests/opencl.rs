@@ -1,12 +1,15 @@
 //! The OpenCL ICR kernels (PoCL on CI) against the Rust kernels: forward and adjoint to
 //! 1e-12 relative in f64 and 1e-5 in f32, and the adjoint dot-product test on the device.
 
-use dust3d::config::Precision;
-use dust3d::gpu::icr::GpuIcr;
-use dust3d::gpu::{DeviceSpec, Gpu, GpuPrecision};
-use dust3d::grid::Chart;
-use dust3d::icr::Icr;
-use dust3d::kernel::{Matern, Nu};
+mod common;
+use common::{dot, rel};
+
+use dust3d::app::config::{BackendKind, Precision};
+use dust3d::backend::opencl::icr::GpuIcr;
+use dust3d::backend::opencl::{DeviceSpec, Gpu};
+use dust3d::prior::icr::Icr;
+use dust3d::sphere::covariance::{Matern, Nu};
+use dust3d::sphere::grid::Chart;
 use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
 
@@ -37,25 +40,15 @@ fn randn(n: usize, seed: u64) -> Vec<f64> {
     (0..n).map(|_| r.sample(StandardNormal)).collect()
 }
 
-fn rel(a: &[f64], b: &[f64]) -> f64 {
-    let num: f64 = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum();
-    let den: f64 = b.iter().map(|y| y * y).sum();
-    (num / den).sqrt()
-}
-
-fn dot(a: &[f64], b: &[f64]) -> f64 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
-}
-
 #[test]
 fn icr_kernels_match_the_cpu_and_are_adjoint_on_the_device() {
     let Some(gpu) = gpu() else { return };
     for (mp, gp, tol) in [
-        (Precision::F64, GpuPrecision::F64, 1e-12),
-        (Precision::F32, GpuPrecision::F64, 1e-12),
-        (Precision::F64, GpuPrecision::F32, 1e-5),
+        (Precision::F64, Precision::F64, 1e-12),
+        (Precision::F32, Precision::F64, 1e-12),
+        (Precision::F64, Precision::F32, 1e-5),
     ] {
-        if gp == GpuPrecision::F64 && !gpu.fp64 {
+        if gp == Precision::F64 && !gpu.fp64 {
             continue;
         }
         let cpu = icr(mp);
@@ -120,7 +113,7 @@ fn a_short_fit_on_opencl_equals_the_cpu_fit() {
     }
     let dir = tempfile::tempdir().unwrap();
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/demo.toml");
-    let (mut cfg, _) = dust3d::config::Config::from_file(&path).unwrap();
+    let (mut cfg, _) = dust3d::app::config::Config::from_file(&path).unwrap();
     cfg.inference.stage.truncate(1);
     let st = &mut cfg.inference.stage[0];
     // One global iteration with one Newton step and fixed CG lengths. The KL minimisation
@@ -136,19 +129,20 @@ fn a_short_fit_on_opencl_equals_the_cpu_fit() {
     st.iterations = 1;
     (st.sample_cg_iterations, st.sample_cg_tolerance) = (8, 1e-300);
     (st.newton_steps, st.newton_cg_iterations, st.newton_forcing) = (1, 5, 1e-300);
-    let sim = dust3d::simulate::run(&cfg, "").unwrap();
+    let sim = dust3d::app::simulate::run(&cfg, "").unwrap();
     let cat = dir.path().join("cat.csv");
-    dust3d::catalog::write_catalog(&sim.catalog, &cat).unwrap();
+    dust3d::data::catalog::write_catalog(&sim.catalog, &cat).unwrap();
     let mut maps = Vec::new();
     let mut stars = Vec::new();
-    for kind in ["cpu", "opencl"] {
-        cfg.backend.kind = kind.into();
+    for (kind, backend) in [("cpu", BackendKind::Cpu), ("opencl", BackendKind::Opencl)] {
+        cfg.backend.kind = backend;
         let text = toml::to_string(&cfg).unwrap();
         let out = dir.path().join(format!("{kind}.nc"));
-        dust3d::fit::run(&cfg, &text, &cat, &out, false).unwrap();
-        maps.push(dust3d::mapfile::DustMap::read(&out).unwrap());
+        dust3d::app::fit::run(&cfg, &text, &cat, &out, false).unwrap();
+        maps.push(dust3d::products::mapfile::DustMap::read(&out).unwrap());
         // the per-star predictions are written in full f64 precision
-        let t = dust3d::table::Table::read(&dir.path().join(format!("{kind}_stars.csv"))).unwrap();
+        let t = dust3d::data::table::Table::read(&dir.path().join(format!("{kind}_stars.csv")))
+            .unwrap();
         stars.push([
             t.f64_column("predicted_extinction").unwrap(),
             t.f64_column("predicted_extinction_std").unwrap(),

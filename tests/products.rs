@@ -2,25 +2,14 @@
 //! round trip (Python, in the build virtualenv), query, interp, predict, plot and compare on
 //! the command line, including clear failures on malformed maps and box strings.
 
-use dust3d::grid::Shells;
-use dust3d::mapfile::DustMap;
+use dust3d::products::mapfile::DustMap;
+use dust3d::sphere::grid::Shells;
 use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
 use std::path::{Path, PathBuf};
+mod common;
+use common::dust3d;
 use std::process::{Command, Output};
-
-fn dust3d(args: &[&str]) -> Output {
-    // Tests of this binary write netCDF maps in-process while others spawn dust3d: a child
-    // can inherit the descriptor, and with it HDF5's exclusive file lock, of a map another
-    // thread is writing, and then a reading child of that map's test is refused ("HDF
-    // error"). The children read files nobody writes any more, so they need no lock.
-    Command::new(env!("CARGO_BIN_EXE_dust3d"))
-        .args(args)
-        .env("DUST3D_LOG", "warn")
-        .env("HDF5_USE_FILE_LOCKING", "FALSE")
-        .output()
-        .expect("run dust3d")
-}
 
 fn ok(o: &Output) -> String {
     assert!(
@@ -511,7 +500,7 @@ fn predict_plot_and_compare_from_the_command_line() {
         "--out",
         s(&out),
     ]));
-    let t = dust3d::table::Table::read(&out).unwrap();
+    let t = dust3d::data::table::Table::read(&out).unwrap();
     let p = t.f64_column("predicted_extinction").unwrap();
     let sd = t.f64_column("predicted_extinction_std").unwrap();
     assert_eq!(t.rows, 3);

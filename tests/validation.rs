@@ -1,8 +1,8 @@
 //! The scripted comparison with the published map (validation/) on small synthetic files in
 //! the release layout: checksum verification, `validation/compare.sh` end to end.
 
-use dust3d::grid::Shells;
-use dust3d::mapfile::DustMap;
+use dust3d::products::mapfile::DustMap;
+use dust3d::sphere::grid::Shells;
 use std::path::Path;
 use std::process::Command;
 
@@ -21,7 +21,7 @@ fn reference(dir: &Path) {
     m.inner_mean = vec![0.01; m.npix()];
     m.inner_std = vec![0.002; m.npix()];
     m.std = m.mean.iter().map(|v| 0.2 * v).collect();
-    dust3d::dustmaps::export(&m, dir).unwrap();
+    dust3d::products::dustmaps::export(&m, dir).unwrap();
 }
 
 #[test]
@@ -56,7 +56,7 @@ fn compare_script_runs_on_release_layout_files_and_checksums_are_verified() {
     let o = verify();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
     // a map to validate: the reference scaled by 1.1
-    let mut map = dust3d::dustmaps::import(&file).unwrap();
+    let mut map = dust3d::products::dustmaps::import(&file).unwrap();
     map.mean.iter_mut().for_each(|v| *v *= 1.1);
     map.inner_mean.iter_mut().for_each(|v| *v *= 1.1);
     let map_path = dir.path().join("fit.nc");

@@ -4,8 +4,8 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
 
-use crate::catalog::write_catalog;
-use crate::config::Config;
+use crate::app::config::{BackendKind, Config, Precision};
+use crate::data::catalog::write_catalog;
 
 mod products;
 
@@ -58,8 +58,8 @@ enum Command {
         checkpoint_dir: Option<String>,
         /// Compute backend, overriding `backend.kind`: cpu or opencl (device from
         /// `backend.platform` / `backend.device` or DUST3D_OPENCL_PLATFORM / _DEVICE).
-        #[arg(long)]
-        backend: Option<String>,
+        #[arg(long, value_parser = parse_backend)]
+        backend: Option<BackendKind>,
     },
     /// Recovery metrics of a fit of a simulated sky against its truth.
     Recovery {
@@ -141,14 +141,14 @@ enum Command {
         reps: usize,
         /// Compute backend: cpu, or opencl (device from DUST3D_OPENCL_PLATFORM /
         /// DUST3D_OPENCL_DEVICE, index or name).
-        #[arg(long, default_value = "cpu")]
-        backend: String,
+        #[arg(long, value_parser = parse_backend, default_value = "cpu")]
+        backend: BackendKind,
         /// Arithmetic precision on an OpenCL device: f64 or f32.
-        #[arg(long, default_value = "f64")]
-        device_precision: String,
+        #[arg(long, value_enum, default_value_t = Precision::F64)]
+        device_precision: Precision,
         /// Storage precision of the refinement matrices: f64 or f32.
-        #[arg(long, default_value = "f64")]
-        precision: String,
+        #[arg(long, value_enum, default_value_t = Precision::F64)]
+        precision: Precision,
         /// mgvi: relative residual at which each Newton step's CG stops (1e-12 runs the
         /// full 10 iterations, the reference's work).
         #[arg(long, default_value_t = 0.1)]
@@ -178,6 +178,12 @@ fn set_threads(n: Option<usize>) -> Result<()> {
     Ok(())
 }
 
+/// `--backend` of `fit` and `bench`: the values of `backend.kind`.
+fn parse_backend(s: &str) -> std::result::Result<BackendKind, String> {
+    <BackendKind as clap::ValueEnum>::from_str(s, true)
+        .map_err(|_| format!("backend.kind must be cpu or opencl, got {s:?}"))
+}
+
 /// Parse the command line and run the chosen command.
 pub fn run() -> Result<()> {
     let cli = Cli::parse();
@@ -185,7 +191,7 @@ pub fn run() -> Result<()> {
         set_threads(cli.threads)?;
     }
     let distributed = matches!(cli.command, Command::Fit { .. });
-    if crate::comm::size() > 1 && !distributed {
+    if crate::base::comm::size() > 1 && !distributed {
         anyhow::bail!(
             "only `dust3d fit` runs on several MPI ranks; run this command without mpirun"
         );
@@ -196,22 +202,7 @@ pub fn run() -> Result<()> {
             out_catalog,
             out_truth,
             seed,
-        } => {
-            let (mut cfg, text) = load_config(Some(&config))?;
-            if let Some(s) = seed {
-                cfg.seed = s;
-            }
-            crate::catalog::Format::of(&out_catalog)?;
-            let sim = crate::simulate::run(&cfg, &text)?;
-            write_catalog(&sim.catalog, &out_catalog)?;
-            sim.truth.write(&out_truth)?;
-            tracing::info!(
-                stars = sim.catalog.len(),
-                catalog = %out_catalog.display(),
-                truth = %out_truth.display(),
-                "simulated mock sky"
-            );
-        }
+        } => simulate(&config, &out_catalog, &out_truth, seed),
         Command::Fit {
             config,
             catalog,
@@ -219,45 +210,23 @@ pub fn run() -> Result<()> {
             resume,
             backend,
             checkpoint_dir,
-        } => {
-            let (mut cfg, text) = load_config(Some(&config))?;
-            if let Some(d) = checkpoint_dir {
-                cfg.inference.checkpoint_dir = Some(d);
-            }
-            if let Some(b) = backend {
-                cfg.backend.kind = b;
-                cfg.validate()?;
-            }
-            crate::fit::run(&cfg, &text, &catalog, &out, resume)?;
-        }
+        } => fit(&config, &catalog, &out, resume, backend, checkpoint_dir),
         Command::Recovery {
             map,
             truth,
             catalog,
             config,
-        } => {
-            let (cfg, _) = load_config(config.as_deref())?;
-            let fit = crate::mapfile::DustMap::read(&map)?;
-            let tru = crate::mapfile::DustMap::read(&truth)?;
-            let r = crate::recovery::evaluate(&fit, &tru, &catalog, &cfg)?;
-            println!(
-                "recovery: Pearson r of integrated extinction at {} true star positions = {:.4}; \
-                 {:.1} % of {} constrained truth voxels inside mean ± 1σ",
-                r.n_stars,
-                r.pearson_integrated,
-                100.0 * r.coverage_1sigma,
-                r.n_voxels
-            );
-        }
-        Command::Plot(a) => products::plot(a)?,
-        Command::Query(a) => products::query(a)?,
-        Command::Export(a) => products::export(a)?,
-        Command::Interp { kind } => products::interp(kind)?,
-        Command::Predict(a) => products::predict(a)?,
-        Command::Compare(a) => products::compare(a)?,
+        } => recovery(&map, &truth, &catalog, config.as_deref()),
+        Command::Plot(a) => products::plot(a),
+        Command::Query(a) => products::query(a),
+        Command::Export(a) => products::export(a),
+        Command::Interp { kind } => products::interp(kind),
+        Command::Predict(a) => products::predict(a),
+        Command::Compare(a) => products::compare(a),
         Command::Info { file, config } => {
             let (cfg, _) = load_config(config.as_deref())?;
-            print!("{}", crate::info::run(&file, &cfg)?);
+            print!("{}", crate::app::info::run(&file, &cfg)?);
+            Ok(())
         }
         Command::Plan {
             config,
@@ -266,25 +235,19 @@ pub fn run() -> Result<()> {
             threads_per_rank,
             no_timing,
         } => {
-            let (cfg, _) = load_config(Some(&config))?;
-            anyhow::ensure!(
-                ranks >= 1 && threads_per_rank >= 1,
-                "--ranks and --threads-per-rank must be ≥ 1"
-            );
-            let opts = crate::plan::PlanOptions {
+            let opts = crate::app::plan::PlanOptions {
                 ranks,
                 stars,
                 threads_per_rank,
                 no_timing,
             };
-            print!("{}", crate::plan::run(&cfg, &opts)?);
+            plan(&config, &opts)
         }
         Command::Config { file } => {
             let (cfg, _) = load_config(Some(&file))?;
-            print!(
-                "{}",
-                toml::to_string_pretty(&cfg).context("cannot print configuration")?
-            );
+            let text = toml::to_string_pretty(&cfg).context("cannot print configuration")?;
+            print!("{text}");
+            Ok(())
         }
         Command::Bench {
             what,
@@ -296,30 +259,101 @@ pub fn run() -> Result<()> {
             newton_forcing,
             device_precision,
         } => {
-            let precision = match precision.as_str() {
-                "f64" => crate::config::Precision::F64,
-                "f32" => crate::config::Precision::F32,
-                other => anyhow::bail!("--precision must be f64 or f32, got {other:?}"),
-            };
-            let device_precision = match device_precision.as_str() {
-                "f64" => crate::gpu::GpuPrecision::F64,
-                "f32" => crate::gpu::GpuPrecision::F32,
-                other => anyhow::bail!("--device-precision must be f64 or f32, got {other:?}"),
-            };
-            let opts = crate::bench::BenchOptions {
+            let opts = crate::app::bench::BenchOptions {
                 reps,
                 precision,
                 newton_forcing,
                 device_precision,
-                opencl: backend == "opencl",
+                opencl: backend == BackendKind::Opencl,
             };
-            let out = crate::bench::run(&what, &preset, &backend, opts)?;
-            if json {
-                println!("{}", serde_json::to_string(&out.json)?);
-            } else {
-                print!("{}", out.text);
-            }
+            bench(&what, &preset, backend, opts, json)
         }
+    }
+}
+
+/// `dust3d simulate`.
+fn simulate(config: &Path, out_catalog: &Path, out_truth: &Path, seed: Option<u64>) -> Result<()> {
+    let (mut cfg, text) = load_config(Some(config))?;
+    if let Some(s) = seed {
+        cfg.seed = s;
+    }
+    crate::data::catalog::Format::of(out_catalog)?;
+    let sim = crate::app::simulate::run(&cfg, &text)?;
+    write_catalog(&sim.catalog, out_catalog)?;
+    sim.truth.write(out_truth)?;
+    tracing::info!(
+        stars = sim.catalog.len(),
+        catalog = %out_catalog.display(),
+        truth = %out_truth.display(),
+        "simulated mock sky"
+    );
+    Ok(())
+}
+
+/// `dust3d fit`.
+fn fit(
+    config: &Path,
+    catalog: &Path,
+    out: &Path,
+    resume: bool,
+    backend: Option<BackendKind>,
+    checkpoint_dir: Option<String>,
+) -> Result<()> {
+    let (mut cfg, text) = load_config(Some(config))?;
+    if let Some(d) = checkpoint_dir {
+        cfg.inference.checkpoint_dir = Some(d);
+    }
+    if let Some(b) = backend {
+        cfg.backend.kind = b;
+    }
+    crate::app::fit::run(&cfg, &text, catalog, out, resume)
+}
+
+/// `dust3d recovery`.
+fn recovery(map: &Path, truth: &Path, catalog: &Path, config: Option<&Path>) -> Result<()> {
+    let (cfg, _) = load_config(config)?;
+    let fit = crate::products::mapfile::DustMap::read(map)?;
+    let tru = crate::products::mapfile::DustMap::read(truth)?;
+    let r = crate::app::recovery::evaluate(&fit, &tru, catalog, &cfg)?;
+    println!(
+        "recovery: Pearson r of integrated extinction at {} true star positions = {:.4}; \
+         {:.1} % of {} constrained truth voxels inside mean ± 1σ",
+        r.n_stars,
+        r.pearson_integrated,
+        100.0 * r.coverage_1sigma,
+        r.n_voxels
+    );
+    Ok(())
+}
+
+/// `dust3d plan`.
+fn plan(config: &Path, opts: &crate::app::plan::PlanOptions) -> Result<()> {
+    let (cfg, _) = load_config(Some(config))?;
+    anyhow::ensure!(
+        opts.ranks >= 1 && opts.threads_per_rank >= 1,
+        "--ranks and --threads-per-rank must be ≥ 1"
+    );
+    print!("{}", crate::app::plan::run(&cfg, opts)?);
+    Ok(())
+}
+
+/// `dust3d bench`.
+fn bench(
+    what: &str,
+    preset: &str,
+    backend: BackendKind,
+    opts: crate::app::bench::BenchOptions,
+    json: bool,
+) -> Result<()> {
+    let backend = match backend {
+        BackendKind::Cpu => "cpu",
+        BackendKind::Opencl => "opencl",
+    };
+    let out = crate::app::bench::run(what, preset, backend, opts)?;
+    if json {
+        println!("{}", serde_json::to_string(&out.json)?);
+    } else {
+        print!("{}", out.text);
     }
     Ok(())
 }

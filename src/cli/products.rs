@@ -5,11 +5,11 @@ use clap::{Args, Subcommand};
 use rayon::prelude::*;
 use std::path::PathBuf;
 
-use crate::dustmaps::{open_map, open_map_with};
-use crate::mapfile::DustMap;
-use crate::mapfile::Load;
-use crate::query::{Convention, Interpolator, Quantity};
-use crate::table::{Column, Table};
+use crate::data::table::{Column, Table};
+use crate::products::dustmaps::{open_map, open_map_with};
+use crate::products::mapfile::DustMap;
+use crate::products::mapfile::Load;
+use crate::products::query::{Convention, Interpolator, Quantity};
 
 /// `dust3d query`.
 #[derive(Args, Debug)]
@@ -130,7 +130,7 @@ fn evaluate(
                 }
             }
             Mode::RandomSample => {
-                let s = q.random_sample_index(&mut crate::rng::stream(seed, 7))?;
+                let s = q.random_sample_index(&mut crate::base::rng::stream(seed, 7))?;
                 tracing::info!(
                     sample = s,
                     "random-sample uses one posterior sample for all points"
@@ -258,7 +258,7 @@ pub fn export(a: ExportArgs) -> Result<()> {
         );
     }
     let map = open_map(&a.map)?;
-    for p in crate::dustmaps::export(&map, &a.out)? {
+    for p in crate::products::dustmaps::export(&map, &a.out)? {
         println!("{}", p.display());
     }
     Ok(())
@@ -296,10 +296,10 @@ pub struct InterpArgs {
 /// Run `dust3d interp`.
 pub fn interp(kind: InterpKind) -> Result<()> {
     let (a, k) = match kind {
-        InterpKind::Box(a) => (a, crate::regrid::BoxKind::Cartesian),
-        InterpKind::Lbd(a) => (a, crate::regrid::BoxKind::Lbd),
+        InterpKind::Box(a) => (a, crate::products::regrid::BoxKind::Cartesian),
+        InterpKind::Lbd(a) => (a, crate::products::regrid::BoxKind::Lbd),
     };
-    let spec = crate::regrid::BoxSpec::parse(&a.spec, k)?;
+    let spec = crate::products::regrid::BoxSpec::parse(&a.spec, k)?;
     let load = Load {
         std: !a.integrated,
         samples: a.integrated,
@@ -319,7 +319,7 @@ pub fn interp(kind: InterpKind) -> Result<()> {
     } else {
         "differential extinction"
     };
-    crate::regrid::write_box(&spec, &q, has_std.then_some(&q), &map.units, what, &a.out)?;
+    crate::products::regrid::write_box(&spec, &q, has_std.then_some(&q), &map.units, what, &a.out)?;
     tracing::info!(points = spec.len(), out = %a.out.display(), "box written");
     Ok(())
 }
@@ -355,7 +355,7 @@ pub fn predict(a: PredictArgs) -> Result<()> {
         ..Load::MEAN
     };
     let map = open_map_with(&a.map, load)?;
-    let p = crate::predict::predict(&map, &cols[0], &cols[1], &cols[2], &cols[3])
+    let p = crate::products::predict::predict(&map, &cols[0], &cols[1], &cols[2], &cols[3])
         .with_context(|| format!("{}", a.catalog.display()))?;
     t.push("predicted_extinction", Column::F64(p.mean));
     t.push("predicted_extinction_std", Column::F64(p.std));
@@ -404,7 +404,7 @@ pub struct PlotArgs {
 
 /// Run `dust3d plot`.
 pub fn plot(a: PlotArgs) -> Result<()> {
-    use crate::plot::SkyField;
+    use crate::products::plot::SkyField;
     let load = if a.kind == "uncertainty" {
         Load::ALL
     } else {
@@ -412,7 +412,7 @@ pub fn plot(a: PlotArgs) -> Result<()> {
     };
     let m = open_map_with(&a.map, load)?;
     let overlay = match &a.overlay {
-        Some(p) => crate::plot::read_overlay(p)?,
+        Some(p) => crate::products::plot::read_overlay(p)?,
         None => vec![],
     };
     let outer = *m.shells.edges_pc.last().expect("shells");
@@ -422,11 +422,11 @@ pub fn plot(a: PlotArgs) -> Result<()> {
     }
     let range = a.range.as_deref().map(parse_range).transpose()?;
     let sky = |vals: Vec<f64>, log, unit: &str, title: String| {
-        crate::plot::sky(&vals, (log, range), unit, &title, &overlay, &a.out)
+        crate::products::plot::sky(&vals, (log, range), unit, &title, &overlay, &a.out)
     };
     match a.kind.as_str() {
         "sky" => {
-            let v = crate::plot::sky_values(&m, SkyField::Integrated, d, None)?;
+            let v = crate::products::plot::sky_values(&m, SkyField::Integrated, d, None)?;
             let v = v.iter().map(|x| x * a.factor).collect();
             sky(
                 v,
@@ -436,7 +436,7 @@ pub fn plot(a: PlotArgs) -> Result<()> {
             )?;
         }
         "uncertainty" => {
-            let v = crate::plot::sky_values(&m, SkyField::RelativeUncertainty, d, None)?;
+            let v = crate::products::plot::sky_values(&m, SkyField::RelativeUncertainty, d, None)?;
             sky(
                 v,
                 false,
@@ -446,7 +446,7 @@ pub fn plot(a: PlotArgs) -> Result<()> {
         }
         "stars" => {
             let counts = star_counts(&m, a.catalog.as_ref())?;
-            let v = crate::plot::sky_values(&m, SkyField::StarDensity, d, Some(&counts))?;
+            let v = crate::products::plot::sky_values(&m, SkyField::StarDensity, d, Some(&counts))?;
             let n: u64 = counts.iter().map(|&c| c as u64).sum();
             sky(
                 v,
@@ -456,7 +456,7 @@ pub fn plot(a: PlotArgs) -> Result<()> {
             )?;
         }
         "xyz" => {
-            let o = crate::plot::SliceOptions {
+            let o = crate::products::plot::SliceOptions {
                 extent_pc: d.min(outer),
                 slab_pc: a.slab.unwrap_or(d.min(outer) / 10.0),
                 factor: a.factor,
@@ -468,7 +468,7 @@ pub fn plot(a: PlotArgs) -> Result<()> {
                 bail!("--slab must be > 0");
             }
             let title = format!("{} map: heliocentric Galactic projections", m.kind);
-            crate::plot::slices(&m, &o, &overlay, &title, &a.out)?;
+            crate::products::plot::slices(&m, &o, &overlay, &title, &a.out)?;
         }
         other => bail!("--kind {other:?}: expected sky, xyz, uncertainty or stars"),
     }
@@ -494,7 +494,7 @@ fn star_counts(m: &DustMap, catalog: Option<&PathBuf>) -> Result<Vec<u32>> {
             check_positions(&t.source, &l, &b)?;
             let mut c = vec![0u32; m.npix()];
             for i in 0..l.len() {
-                c[crate::grid::ang2pix(m.nside, l[i], b[i]) as usize] += 1;
+                c[crate::sphere::grid::ang2pix(m.nside, l[i], b[i]) as usize] += 1;
             }
             Ok(c)
         }
@@ -536,25 +536,29 @@ pub fn compare(a: CompareArgs) -> Result<()> {
     // means only: a paper-size array (516 shells × 786,432 pixels) is 3.2 GB in f64
     let map = open_map_with(&a.map, Load::MEAN)?;
     let reference = open_map_with(&a.reference, Load::MEAN)?;
-    let o = crate::compare::CompareOptions {
+    let o = crate::products::compare::CompareOptions {
         nside: a.nside,
         step_pc: a.step,
         min_value: a.min_value,
         convention: a.convention,
         ..Default::default()
     };
-    let c = crate::compare::compare(&map, &reference, &o)?;
+    let c = crate::products::compare::compare(&map, &reference, &o)?;
     let name = |p: &PathBuf| {
         p.file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default()
     };
-    let files =
-        crate::compare::write_outputs(&c, o.bins, (&name(&a.map), &name(&a.reference)), &a.out)?;
+    let files = crate::products::compare::write_outputs(
+        &c,
+        o.bins,
+        (&name(&a.map), &name(&a.reference)),
+        &a.out,
+    )?;
     println!(
         "compared at {} test points ({} sightlines × {} distances, {:.0}–{:.0} pc): median map/reference {:.4}, Pearson r of log values {:.4}",
         c.n_points,
-        crate::grid::npix(a.nside),
+        crate::sphere::grid::npix(a.nside),
         c.distances_pc.2,
         c.distances_pc.0,
         c.distances_pc.1,

@@ -1,0 +1,35 @@
+//! From a configuration to the operators it describes: this rank's ICR prior and the model
+//! with the backend `[backend]` asks for. Shared by `fit`, `plan`, `bench` and the examples.
+
+use anyhow::Result;
+use std::sync::Arc;
+
+use super::config::{BackendKind, Config};
+use crate::data::catalog::PixelCatalog;
+use crate::likelihood::model::Model;
+use crate::prior::icr::Icr;
+use crate::sphere::decomp::Decomp;
+
+/// This rank's ICR operator for the chart, kernel and matrix precision of `cfg`.
+pub fn icr(cfg: &Config, decomp: Decomp) -> Result<Icr> {
+    let kernel = cfg.kernel.build()?;
+    Icr::distributed(
+        &cfg.chart()?,
+        kernel.as_ref(),
+        cfg.grid.matrix_precision,
+        Arc::new(decomp),
+    )
+}
+
+/// The model of `cfg` over `icr` and pixel-sorted stars, on the backend `cfg` names.
+pub fn model(cfg: &Config, icr: Arc<Icr>, stars: &PixelCatalog) -> Result<Model> {
+    let mut model = Model::new(&cfg.model_params(), icr, stars)?;
+    if cfg.backend.kind == BackendKind::Opencl {
+        crate::backend::opencl::model::attach(
+            &mut model,
+            &cfg.backend.device_spec(),
+            cfg.backend.precision,
+        )?;
+    }
+    Ok(model)
+}

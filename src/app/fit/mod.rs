@@ -1,0 +1,303 @@
+//! `dust3d fit`: from a catalog to a posterior map. Runs the MGVI schedule stage by stage,
+//! checkpoints after every global iteration, and writes the map (samples, mean, std, the
+//! inner-region integral), the per-star predictions and the convergence history.
+
+mod products;
+mod resume;
+
+use anyhow::{bail, Result};
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::app::checkpoint::{self, FitState, HistoryRow, RunId};
+use crate::app::config::{Config, StageConfig};
+use crate::base::comm::{self, process_cpu_seconds};
+use crate::base::provenance::sha256_file;
+use crate::data::catalog::{read_distributed, PixelCatalog};
+use crate::inference::mgvi;
+use crate::prior::icr::Icr;
+use crate::sphere::grid::Chart;
+pub use products::map_from_samples;
+use products::write_products;
+use resume::{checkpoint_dir_stem, resume_point, save_checkpoint};
+
+/// Paths written by a fit next to the map.
+pub struct FitPaths {
+    /// The map (netCDF).
+    pub map: PathBuf,
+    /// Per-star predicted extinctions (CSV).
+    pub stars: PathBuf,
+    /// Convergence history (CSV).
+    pub history: PathBuf,
+    /// This rank's checkpoint (`<stem>.ckpt` on one process, `<stem>.r<r>of<n>.ckpt` on n
+    /// ranks).
+    pub checkpoint: PathBuf,
+    /// The checkpoint before it (kept until the next one is on disk, so that a job killed
+    /// while ranks were writing still finds one position every rank has).
+    pub previous: PathBuf,
+}
+
+impl FitPaths {
+    /// Paths for output map `out` (checkpoint in `checkpoint_dir` if given) on one process.
+    pub fn new(out: &Path, checkpoint_dir: Option<&str>) -> Self {
+        Self::for_rank(out, checkpoint_dir, 0, 1)
+    }
+
+    /// Paths of rank `rank` of `size`.
+    pub fn for_rank(out: &Path, checkpoint_dir: Option<&str>, rank: usize, size: usize) -> Self {
+        let stem = out
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "map".into());
+        let dir = out.parent().map(Path::to_path_buf).unwrap_or_default();
+        let ck_dir = checkpoint_dir
+            .map(PathBuf::from)
+            .unwrap_or_else(|| dir.clone());
+        let ck = if size == 1 {
+            stem.clone()
+        } else {
+            format!("{stem}.r{rank}of{size}")
+        };
+        Self {
+            map: out.to_path_buf(),
+            stars: dir.join(format!("{stem}_stars.csv")),
+            history: dir.join(format!("{stem}_history.csv")),
+            checkpoint: ck_dir.join(format!("{ck}.ckpt")),
+            previous: ck_dir.join(format!("{ck}.prev.ckpt")),
+        }
+    }
+}
+
+/// Uniform number in [0, 1) fixed per (seed, star): nested star subsets across stages.
+fn star_uniform(seed: u64, i: u64) -> f64 {
+    let mut z = seed ^ i.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    (z >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// The stars a stage uses: nearer than `max_distance_pc` (by 1/ω) and in the stage's fraction.
+pub fn stage_stars(all: &PixelCatalog, stage: &StageConfig, seed: u64) -> PixelCatalog {
+    let s = &all.stars;
+    let keep: Vec<bool> = (0..s.len())
+        .map(|i| {
+            let near = stage
+                .max_distance_pc
+                .is_none_or(|d| s.parallax_mas[i] > 1000.0 / d);
+            near && star_uniform(seed, s.source_id[i] as u64) < stage.star_fraction
+        })
+        .collect();
+    s.subset(&keep).into_pixel_range(all.nside, all.pixels())
+}
+
+/// What a fit works with on this rank.
+struct Setup {
+    chart: Chart,
+    icr: Arc<Icr>,
+    /// This rank's stars (its pixel range of the final level).
+    stars: PixelCatalog,
+    /// Identity of the run.
+    id: RunId,
+    /// This rank's part, as checkpoints record it.
+    part: checkpoint::Part,
+    /// Resumed from another rank count's checkpoints, still on disk until the first save.
+    resharded: std::cell::Cell<bool>,
+}
+
+/// Read the catalog, split the sky over the ranks and build this rank's ICR operator.
+fn setup(cfg: &Config, config_text: &str, catalog: &Path) -> Result<Setup> {
+    let chart = cfg.chart()?;
+    let id = RunId {
+        seed: cfg.seed,
+        config_sha256: Sha256::digest(config_text.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect(),
+        catalog_sha256: sha256_file(catalog)?,
+    };
+    let nside = chart.nside_final();
+    let nside_dec = cfg.nside_dec()?;
+    let (decomp, cat) = read_distributed(&cfg.catalog, nside_dec, &chart, catalog)?;
+    let part = checkpoint::Part {
+        rank: decomp.rank,
+        size: decomp.size(),
+        patches: (decomp.patches().start, decomp.patches().end),
+        nside_dec,
+        patch_stars: Vec::new(),
+    };
+    let t0 = Instant::now();
+    let icr = Arc::new(crate::app::build::icr(cfg, decomp)?);
+    let stars = cat.into_pixel_range(nside, icr.final_pixels());
+    // collectives outside the log macros: they skip their arguments where filtered out
+    let n_stars = comm::sum_u64(stars.stars.len() as u64);
+    tracing::info!(
+        stars = n_stars,
+        nside,
+        shells = chart.n_kept(),
+        ranks = comm::size(),
+        "catalog read"
+    );
+    tracing::info!(
+        seconds = t0.elapsed().as_secs_f64(),
+        matrix_mb = icr.matrix_bytes() as f64 / 1e6,
+        classes = ?icr.class_counts(),
+        "ICR prior ready"
+    );
+    Ok(Setup {
+        chart,
+        icr,
+        stars,
+        id,
+        part,
+        resharded: std::cell::Cell::new(false),
+    })
+}
+
+/// Run (or resume) a fit; on several ranks, this rank's part of it.
+pub fn run(
+    cfg: &Config,
+    config_text: &str,
+    catalog: &Path,
+    out: &Path,
+    resume: bool,
+) -> Result<()> {
+    let (rank, size) = (comm::rank(), comm::size());
+    let paths = FitPaths::for_rank(out, cfg.inference.checkpoint_dir.as_deref(), rank, size);
+    let su = setup(cfg, config_text, catalog)?;
+    let mut st = match resume_point(&paths, &su, resume)? {
+        Some(s) => s,
+        None => FitState {
+            stage: 0,
+            iteration: 0,
+            vi: mgvi::MgviState::start(su.icr.n_xi() + 2),
+            history: vec![],
+        },
+    };
+    run_schedule(cfg, &su, &paths, &mut st)?;
+    write_products(cfg, config_text, &su, &paths, &st)?;
+    // the products are complete on every rank: the checkpoints have served their purpose
+    comm::barrier();
+    std::fs::remove_file(&paths.checkpoint).ok();
+    std::fs::remove_file(&paths.previous).ok();
+    if comm::is_root() && su.resharded.get() {
+        let (dir, stem) = checkpoint_dir_stem(&paths);
+        crate::app::reshard::remove_other_sets(&dir, &stem, size)?;
+    }
+    Ok(())
+}
+
+fn run_schedule(cfg: &Config, su: &Setup, paths: &FitPaths, st: &mut FitState) -> Result<()> {
+    let stages = &cfg.inference.stage;
+    let total: usize = stages.iter().map(|s| s.iterations).sum();
+    let done: usize = stages[..st.stage.min(stages.len())]
+        .iter()
+        .map(|s| s.iterations)
+        .sum::<usize>()
+        + st.iteration;
+    let pb = crate::base::logging::progress(total as u64, "MGVI");
+    pb.set_position(done as u64);
+    while st.stage < stages.len() {
+        let sc = &stages[st.stage];
+        let stars = stage_stars(&su.stars, sc, cfg.seed);
+        let n_stars = comm::sum_u64(stars.stars.len() as u64) as usize;
+        if n_stars == 0 {
+            bail!(
+                "inference.stage[{}] selects no stars (max_distance_pc / star_fraction)",
+                st.stage
+            );
+        }
+        let model = crate::app::build::model(cfg, su.icr.clone(), &stars)?;
+        let mask = mgvi::level_mask(&model, sc.levels);
+        let settings = sc.iteration_settings();
+        let mut part = su.part.clone();
+        part.patch_stars = model.dom.stars.patch.iter().map(|r| r[0].len()).collect();
+        if st.vi.xsig.len() != model.data.len() {
+            // a new data set: n_σ starts again from its prior median (paper §5)
+            st.vi.xsig = vec![0.0; model.data.len()];
+        }
+        while st.iteration < sc.iterations {
+            let (t, cpu0) = (Instant::now(), process_cpu_seconds());
+            let (bytes0, mpi0) = (comm::bytes_sent(), comm::mpi_cpu_seconds());
+            let streams = mgvi::Streams {
+                seed: cfg.seed,
+                stage: st.stage,
+                iteration: st.iteration,
+            };
+            let rep = mgvi::global_iteration(&model, &settings, &mask, &mut st.vi, streams)?;
+            st.iteration += 1;
+            let row = HistoryRow {
+                stage: st.stage,
+                iteration: st.iteration,
+                n_stars,
+                kl: rep.kl,
+                newton_steps: rep.newton.steps,
+                newton_cg: rep.newton.cg_iterations.iter().sum(),
+                sample_cg: rep.sample_cg.iter().sum(),
+                grad_norm: rep.newton.grad_norms.last().copied().unwrap_or(f64::NAN),
+                step: rep.newton.step_norms.last().copied().unwrap_or(f64::NAN),
+                seconds: t.elapsed().as_secs_f64(),
+                peak_rss_bytes: comm::max_f64(crate::app::bench::peak_rss_bytes() as f64) as u64,
+                ranks: comm::size(),
+                cpu_seconds: sum_f64(process_cpu_seconds() - cpu0),
+                mpi_cpu_seconds: sum_f64(comm::mpi_cpu_seconds() - mpi0),
+                mpi_bytes: comm::sum_u64(comm::bytes_sent() - bytes0),
+            };
+            pb.suspend(|| {
+                tracing::info!(
+                    stage = row.stage,
+                    iteration = row.iteration,
+                    stars = row.n_stars,
+                    kl = row.kl,
+                    grad_norm = format!("{:.3e}", row.grad_norm),
+                    step = format!("{:.3e}", row.step),
+                    newton_steps = row.newton_steps,
+                    newton_cg = row.newton_cg,
+                    sample_cg = ?rep.sample_cg,
+                    seconds = format!("{:.2}", row.seconds),
+                    rss_mb = row.peak_rss_bytes / (1 << 20),
+                    mpi_mb = format!("{:.1}", row.mpi_bytes as f64 / 1e6),
+                    "MGVI iteration"
+                )
+            });
+            st.history.push(row);
+            save_checkpoint(paths, su, st, &part)?;
+            injected_failure(st.history.len());
+            pb.inc(1);
+        }
+        st.stage += 1;
+        st.iteration = 0;
+        save_checkpoint(paths, su, st, &part)?;
+    }
+    pb.finish_and_clear();
+    Ok(())
+}
+
+/// Fault injection for the resilience tests of the batch scripts: with
+/// `DUST3D_TEST_FAIL_AFTER=k` and `DUST3D_TEST_FAIL_MARKER=file`, the last rank aborts (as a
+/// failed node would) right after its k-th checkpoint, once: the marker records that it did.
+fn injected_failure(iterations_done: usize) {
+    let (Ok(k), Ok(marker)) = (
+        std::env::var("DUST3D_TEST_FAIL_AFTER"),
+        std::env::var("DUST3D_TEST_FAIL_MARKER"),
+    ) else {
+        return;
+    };
+    let last = comm::rank() + 1 == comm::size();
+    if last && k.parse() == Ok(iterations_done) && !Path::new(&marker).exists() {
+        let _ = std::fs::write(&marker, "failed once\n");
+        eprintln!(
+            "DUST3D_TEST_FAIL_AFTER: rank {} aborts after checkpoint {k}",
+            comm::rank()
+        );
+        std::process::abort();
+    }
+}
+
+/// Sum over ranks of a float, in rank order (exact reproducibility is not needed here).
+fn sum_f64(v: f64) -> f64 {
+    let size = comm::size();
+    comm::all_gather_f64(&[v], &vec![1; size]).iter().sum()
+}

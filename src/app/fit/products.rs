@@ -1,0 +1,341 @@
+//! What a finished fit writes: the map (from per-sample ρΔr, gathered block by block from
+//! the ranks), the per-star predictions and the convergence history.
+
+use anyhow::{bail, Context, Result};
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::Path;
+
+use super::{stage_stars, FitPaths, Setup};
+use crate::app::checkpoint::{FitState, HistoryRow};
+use crate::app::config::Config;
+use crate::base::atomic::write_atomically;
+use crate::base::comm;
+use crate::base::provenance::Provenance;
+use crate::data::catalog::PixelCatalog;
+use crate::products::mapfile::DustMap;
+use crate::sphere::grid::{self, Chart, Shells};
+
+/// Shell range [lo, hi) of `shells` inside the product cut, and the cut radius.
+fn product_range(shells: &Shells, cfg: &Config) -> (usize, usize) {
+    let e = &shells.edges_pc;
+    let n = shells.len();
+    let lo = cfg
+        .output
+        .r_min_pc
+        .map_or(0, |r| e.partition_point(|&x| x < r * (1.0 - 1e-9)).min(n));
+    let hi = cfg.output.r_max_pc.map_or(n, |r| {
+        e.partition_point(|&x| x <= r * (1.0 + 1e-9))
+            .saturating_sub(1)
+            .max(lo + 1)
+    });
+    (lo, hi.min(n))
+}
+
+/// Build the map from per-sample `rw` fields (pixel-major, kept shells).
+pub fn map_from_samples(
+    cfg: &Config,
+    chart: &Chart,
+    samples_rw: &[Vec<f64>],
+    provenance: Provenance,
+) -> Result<DustMap> {
+    let shells = chart.kept_shells();
+    let (lo, hi) = product_range(&shells, cfg);
+    let widths = shells.widths_pc();
+    let n = shells.len();
+    // all pixels, or one rank's block of them
+    let npix = samples_rw.first().map_or(0, |s| s.len() / n);
+    let out_shells = Shells {
+        edges_pc: shells.edges_pc[lo..=hi].to_vec(),
+    };
+    let nr = hi - lo;
+    let mut samples = Vec::with_capacity(samples_rw.len());
+    let mut inner = Vec::with_capacity(samples_rw.len());
+    for rw in samples_rw {
+        let mut rho = vec![0.0; nr * npix];
+        let mut inn = vec![0.0; npix];
+        for p in 0..npix {
+            let col = &rw[p * n..(p + 1) * n];
+            inn[p] = col[..lo].iter().sum();
+            for k in lo..hi {
+                rho[(k - lo) * npix + p] = col[k] / widths[k];
+            }
+        }
+        samples.push(rho);
+        inner.push(inn);
+    }
+    let (mean, std) = crate::base::util::mean_std(&samples);
+    let (inner_mean, inner_std) = crate::base::util::mean_std(&inner);
+    // integrated extinction to each shell's far edge, per sample
+    let integrated: Vec<Vec<f64>> = samples
+        .iter()
+        .zip(&inner)
+        .map(|(rho, inn)| {
+            let mut out = vec![0.0; nr * npix];
+            for p in 0..npix {
+                let mut acc = inn[p];
+                for k in 0..nr {
+                    acc += rho[k * npix + p] * widths[lo + k];
+                    out[k * npix + p] = acc;
+                }
+            }
+            out
+        })
+        .collect();
+    let (integrated_mean, integrated_std) = crate::base::util::mean_std(&integrated);
+    let map = DustMap {
+        nside: chart.nside_final(),
+        centres_pc: out_shells.centres_pc(),
+        star_count: vec![],
+        shells: out_shells,
+        mean,
+        std,
+        samples: if cfg.output.samples { samples } else { vec![] },
+        inner_mean,
+        inner_std,
+        inner_samples: if cfg.output.samples { inner } else { vec![] },
+        integrated_mean,
+        integrated_std,
+        units: cfg.output.units.clone(),
+        kind: "posterior".into(),
+        provenance,
+    };
+    if npix == grid::npix(chart.nside_final()) {
+        map.check()?;
+    }
+    Ok(map)
+}
+
+/// Samples of this rank's part of the map and its stars' predictions.
+struct LocalProducts {
+    samples_rw: Vec<Vec<f64>>,
+    abar: Vec<Vec<f64>>,
+    sig_a: Vec<Vec<f64>>,
+}
+
+fn local_products(cfg: &Config, su: &Setup, st: &FitState) -> Result<LocalProducts> {
+    let model = crate::app::build::model(cfg, su.icr.clone(), &su.stars)?;
+    let mut w = model.workspace();
+    let xsig0 = vec![0.0; model.data.len()];
+    let mut out = LocalProducts {
+        samples_rw: Vec::new(),
+        abar: Vec::new(),
+        sig_a: Vec::new(),
+    };
+    for d in &st.vi.residuals {
+        for sign in [1.0, -1.0] {
+            let x: Vec<f64> = st.vi.x.iter().zip(d).map(|(a, b)| a + sign * b).collect();
+            let s = model.state(&x, &xsig0, &mut w)?;
+            out.abar.push(s.abar.clone());
+            // v − (n_σ σ_A)² with n_σ = 1 here: the distance-marginalisation variance
+            out.sig_a.push(
+                s.var
+                    .iter()
+                    .zip(&model.data.a_err)
+                    .map(|(v, e)| (v - e * e).max(0.0).sqrt())
+                    .collect::<Vec<_>>(),
+            );
+            out.samples_rw.push(s.rw);
+        }
+    }
+    Ok(out)
+}
+
+pub(super) fn write_products(
+    cfg: &Config,
+    config_text: &str,
+    su: &Setup,
+    paths: &FitPaths,
+    st: &FitState,
+) -> Result<()> {
+    if st.vi.residuals.is_empty() {
+        bail!("the fit has no samples: the schedule ran no iteration");
+    }
+    let lp = local_products(cfg, su, st)?;
+    let mut prov = Provenance::current(config_text, cfg.seed, &su.id.catalog_sha256);
+    prov.catalog_sha256 = su.id.catalog_sha256.clone();
+    let mut map = map_from_samples(cfg, &su.chart, &lp.samples_rw, prov)?;
+    drop(lp.samples_rw);
+    map.star_count = su
+        .stars
+        .offsets
+        .windows(2)
+        .map(|w| (w[1] - w[0]) as u32)
+        .collect();
+    write_map_blocks(&map, su, &paths.map)?;
+    drop(map);
+    // n_σ of the last stage's stars, by source id
+    let last = cfg.inference.stage.last().expect("at least one stage");
+    let last_stars = stage_stars(&su.stars, last, cfg.seed);
+    let tf =
+        crate::sphere::transforms::InvGamma::new(cfg.noise.nsigma_shape, cfg.noise.nsigma_scale);
+    let nsig: HashMap<i64, f64> =
+        if cfg.noise.infer_nsigma && st.vi.xsig.len() == last_stars.stars.len() {
+            last_stars
+                .stars
+                .source_id
+                .iter()
+                .zip(&st.vi.xsig)
+                .map(|(&i, &z)| (i, tf.value(z)))
+                .collect()
+        } else {
+            HashMap::new()
+        };
+    let rows = star_prediction_rows(&su.stars, &lp.abar, &lp.sig_a, &nsig)?;
+    write_star_predictions(&paths.stars, rows)?;
+    if comm::is_root() {
+        write_history(&paths.history, &st.history)?;
+    }
+    tracing::info!(map = %paths.map.display(), stars = %paths.stars.display(), history = %paths.history.display(), "fit products written");
+    Ok(())
+}
+
+/// Rank 0 writes the map block by block as the ranks' pixel ranges arrive (its own, then
+/// one other rank's at a time): no rank ever holds the whole map.
+fn write_map_blocks(map: &DustMap, su: &Setup, path: &Path) -> Result<()> {
+    let size = comm::size();
+    if size == 1 {
+        return map.write(path);
+    }
+    if !comm::is_root() {
+        comm::send_f64(0, &map.block_to_vec());
+        return Ok(());
+    }
+    let d = &su.icr.decomp;
+    let nside = su.chart.nside_final();
+    let mut r = 0;
+    map.write_blocks(path, grid::npix(nside), || {
+        r += 1;
+        if r == size {
+            return Ok(None);
+        }
+        let px = d.pixels_of(r, nside);
+        let v = comm::recv_f64(r);
+        Ok(Some((
+            px.start,
+            DustMap::block_from_vec(map, px.len(), &v)?,
+        )))
+    })
+}
+
+/// This rank's rows of the star-prediction table (CSV text, no header).
+fn star_prediction_rows(
+    all: &PixelCatalog,
+    abar: &[Vec<f64>],
+    sig_a: &[Vec<f64>],
+    nsig: &HashMap<i64, f64>,
+) -> Result<Vec<u8>> {
+    let s = &all.stars;
+    let (a_m, a_s) = crate::base::util::mean_std(abar);
+    let (sa_m, _) = crate::base::util::mean_std(sig_a);
+    let mut f = Vec::new();
+    for i in 0..s.len() {
+        let ns = nsig.get(&s.source_id[i]).copied().unwrap_or(f64::NAN);
+        writeln!(
+            f,
+            "{},{},{},{},{},{},{},{},{},{},{},{}",
+            s.source_id[i],
+            s.l_deg[i],
+            s.b_deg[i],
+            s.parallax_mas[i],
+            s.parallax_error_mas[i],
+            s.extinction[i],
+            s.extinction_error[i],
+            all.pixel[i],
+            a_m.get(i).copied().unwrap_or(f64::NAN),
+            a_s.get(i).copied().unwrap_or(f64::NAN),
+            sa_m.get(i).copied().unwrap_or(f64::NAN),
+            ns
+        )?;
+    }
+    Ok(f)
+}
+
+/// Rank 0 writes the table: its rows, then every other rank's in rank (= pixel) order.
+fn write_star_predictions(path: &Path, rows: Vec<u8>) -> Result<()> {
+    if !comm::is_root() {
+        comm::send_bytes(0, &rows);
+        return Ok(());
+    }
+    write_atomically(path, |tmp| {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(tmp)?);
+        writeln!(
+            f,
+            "source_id,l,b,parallax,parallax_error,extinction,extinction_error,pixel,predicted_extinction,predicted_extinction_std,distance_marginal_std,nsigma"
+        )?;
+        f.write_all(&rows)?;
+        for r in 1..comm::size() {
+            f.write_all(&comm::recv_bytes(r))?;
+        }
+        f.flush()?;
+        Ok(())
+    })
+    .with_context(|| format!("cannot write {}", path.display()))
+}
+
+pub(super) fn write_history(path: &Path, rows: &[HistoryRow]) -> Result<()> {
+    write_atomically(path, |tmp| {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(tmp)?);
+        writeln!(
+            f,
+            "stage,iteration,n_stars,kl,grad_norm,step,newton_steps,newton_cg,sample_cg,seconds,peak_rss_bytes,ranks,cpu_seconds,mpi_cpu_seconds,mpi_bytes"
+        )?;
+        for r in rows {
+            writeln!(
+                f,
+                "{},{},{},{},{},{},{},{},{},{:.3},{},{},{:.3},{:.3},{}",
+                r.stage,
+                r.iteration,
+                r.n_stars,
+                r.kl,
+                r.grad_norm,
+                r.step,
+                r.newton_steps,
+                r.newton_cg,
+                r.sample_cg,
+                r.seconds,
+                r.peak_rss_bytes,
+                r.ranks,
+                r.cpu_seconds,
+                r.mpi_cpu_seconds,
+                r.mpi_bytes
+            )?;
+        }
+        f.flush()?;
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn product_cut_moves_inner_shells_into_the_inner_map() {
+        let mut cfg = Config::tiny(0, 1);
+        let chart = cfg.chart().unwrap();
+        let shells = chart.kept_shells(); // 6 shells
+        cfg.output.r_min_pc = Some(shells.edges_pc[2]);
+        cfg.output.r_max_pc = Some(shells.edges_pc[5]);
+        let npix = grid::npix(chart.nside_final());
+        let n = shells.len();
+        let rw: Vec<Vec<f64>> = (0..2)
+            .map(|s| {
+                (0..npix * n)
+                    .map(|i| 1.0 + (i % n) as f64 + s as f64)
+                    .collect()
+            })
+            .collect();
+        let map = map_from_samples(&cfg, &chart, &rw, Provenance::default()).unwrap();
+        assert_eq!(map.n_r(), 3);
+        assert_eq!(map.shells.edges_pc, shells.edges_pc[2..=5].to_vec());
+        // inner map: mean over the two samples of rw[0] + rw[1] = (1+2) and (2+3)
+        assert!((map.inner_mean[7] - 4.0).abs() < 1e-12);
+        assert!((map.inner_std[7] - 1.0).abs() < 1e-12);
+        // ρ = rw / Δr and the integrated map ends at inner + Σ rw of the kept shells
+        let w = shells.widths_pc();
+        assert!((map.mean[npix + 3] - 4.5 / w[3]).abs() < 1e-12);
+        let last = map.integrated_mean[2 * npix + 3];
+        assert!((last - (4.0 + 3.5 + 4.5 + 5.5)).abs() < 1e-9, "{last}");
+    }
+}

@@ -1,0 +1,409 @@
+//! `dust3d plan`: memory and time of a distributed fit before it runs. The decomposition,
+//! halos and matrix classes are the exact plans every rank would build; array sizes follow
+//! the arrays the MGVI code holds at its peak (the KL minimisation); star windows are
+//! measured on synthetic stars at the configured shells; kernel speeds are timed here.
+
+use anyhow::Result;
+use rand::Rng;
+use rand_distr::StandardNormal;
+use std::fmt::Write;
+use std::time::Instant;
+
+use crate::app::config::{Config, Precision};
+use crate::prior::icr::exchange::{plan_step, StepKind};
+use crate::prior::icr::geometry::LevelGeometry;
+use crate::prior::icr::matrices::SITE_LEN;
+use crate::sphere::decomp::Decomp;
+use crate::sphere::grid::{self, Chart};
+
+/// What to plan for.
+#[derive(Clone, Debug)]
+pub struct PlanOptions {
+    /// MPI ranks.
+    pub ranks: usize,
+    /// Stars after the selection cuts (the paper: 54 million).
+    pub stars: f64,
+    /// Threads per rank, for the time estimate.
+    pub threads_per_rank: usize,
+    /// Skip timing the kernels (fixed reference speeds instead).
+    pub no_timing: bool,
+}
+
+/// p-vectors ([x | ξ_σ]) alive at the KL peak: argmin's state (param, previous and best
+/// params, gradient and previous gradient), the Newton right-hand side and direction, the
+/// CG's copies and iterates (b, x, r, p, Ap), the line search's copies (start point,
+/// gradient, direction, trial point, trial gradient), the objective's cached point and
+/// gradient, and the KL cache's last point.
+const P_VECTORS: f64 = 21.0;
+
+/// Per-rank figures of one decomposition.
+#[derive(Clone, Debug, Default)]
+pub struct RankFigures {
+    /// Final-level pixels.
+    pub pixels: usize,
+    /// Chart voxels of the final level.
+    pub voxels: usize,
+    /// Excitations (sampled parameters) on this rank.
+    pub xi: usize,
+    /// Stars.
+    pub stars: f64,
+    /// Angular classes per refinement step.
+    pub classes: Vec<usize>,
+    /// Bytes of field values sent per ICR forward + adjoint.
+    pub icr_bytes: f64,
+    /// Patches.
+    pub patches: usize,
+    /// Memory by item (name, bytes).
+    pub memory: Vec<(&'static str, f64)>,
+}
+
+impl RankFigures {
+    /// Total bytes.
+    pub fn total(&self) -> f64 {
+        self.memory.iter().map(|m| m.1).sum()
+    }
+}
+
+/// Window bytes per star (8 per window entry plus its start and offset), measured on 20,000
+/// synthetic stars: volume-uniform distances over the configured catalog cut and
+/// the simulator's parallax-error range, after the selection cuts.
+pub fn window_bytes_per_star(cfg: &Config, chart: &Chart) -> f64 {
+    let shells = chart.kept_shells();
+    let (lo, hi) = (
+        cfg.catalog.d_min_pc.unwrap_or(shells.edges_pc[0]),
+        cfg.catalog
+            .d_max_pc
+            .unwrap_or(shells.edges_pc[shells.len()]),
+    );
+    let mut rng = crate::base::rng::stream(cfg.seed, crate::base::rng::streams::BENCH);
+    let (mut w, mut s) = (Vec::new(), Vec::new());
+    let [e0, e1] = cfg.simulate.parallax_error_mas;
+    while w.len() < 20_000 {
+        let u: f64 = rng.random();
+        let d = (lo.powi(3) + u * (hi.powi(3) - lo.powi(3))).cbrt();
+        let sw: f64 = rng.random_range(e0..=e1);
+        let n: f64 = rng.sample(StandardNormal);
+        let om = 1000.0 / d + sw * n;
+        if crate::data::catalog::passes_distance_cuts(om, sw, &cfg.catalog) {
+            w.push(om);
+            s.push(sw);
+        }
+    }
+    let win = crate::likelihood::response::Windows::new(&shells, &w, &s);
+    (win.prob.len() * 8 + w.len() * 12) as f64 / w.len() as f64
+}
+
+/// Memory and communication of rank `r` of `d`, with `stars` stars on it.
+fn rank_figures(
+    cfg: &Config,
+    chart: &Chart,
+    d: &Decomp,
+    geoms: &[LevelGeometry],
+    stars: f64,
+    win_bytes: f64,
+) -> RankFigures {
+    let mut f = RankFigures {
+        stars,
+        patches: d.patches().len(),
+        ..Default::default()
+    };
+    let mut xi = chart.npix(0) * chart.n_r0;
+    let mut field_pix = vec![chart.npix(0)];
+    let (mut scatter, mut send) = (0usize, 0usize);
+    let mut coarse_distributed = false;
+    let mut matrices = (xi * xi * 8) as f64;
+    let mbytes = match cfg.grid.matrix_precision {
+        Precision::F64 => 8.0,
+        Precision::F32 => 4.0,
+    };
+    for (l, g) in geoms.iter().enumerate() {
+        let s = plan_step(g.clone(), d, coarse_distributed);
+        let n_c = chart.n_r(l);
+        let own = s.own.len();
+        xi += own * (n_c - 2) * 8;
+        *field_pix.last_mut().expect("level") += s.halo.len();
+        field_pix.push(if s.kind == StepKind::Replicated {
+            chart.npix(l + 1)
+        } else {
+            4 * own
+        });
+        f.classes.push(s.geom.n_classes());
+        matrices += (s.geom.n_classes() * (n_c - 2) * SITE_LEN) as f64 * mbytes;
+        let recv: usize = s.ex.back_recv_counts.iter().sum();
+        scatter = scatter.max((9 * own + recv) * n_c);
+        send = send.max(s.ex.halo_send.len().max(s.ex.back_send.len()) * n_c);
+        let gathered = 9 * own * n_c * d.size().saturating_sub(1);
+        f.icr_bytes += 8.0 * ((s.ex.halo_send.len() + s.ex.back_send.len()) * n_c) as f64;
+        if s.kind == StepKind::Gathered {
+            f.icr_bytes += 8.0 * gathered as f64;
+        }
+        coarse_distributed = s.kind != StepKind::Replicated;
+    }
+    let nl = chart.levels;
+    f.pixels = *field_pix.last().expect("final level");
+    f.voxels = f.pixels * chart.n_r(nl);
+    f.xi = xi;
+    let n_kept = chart.n_kept();
+    let fields: usize = (0..=nl).map(|l| field_pix[l] * chart.n_r(l)).sum();
+    let pairs = cfg
+        .inference
+        .stage
+        .iter()
+        .map(|s| s.sample_pairs)
+        .max()
+        .unwrap_or(1) as f64;
+    let (nx, ns) = (xi as f64 + 2.0, stars);
+    // two model workspaces (the iteration's and the KL's): ICR levels, exchange buffers,
+    // the field cotangent and its accumulator, per-star and per-pixel scratch, masked x
+    let work = 2.0
+        * 8.0
+        * ((fields + scatter + send) as f64
+            + 2.0 * f.voxels as f64
+            + 2.0 * ns
+            + 3.0 * f.pixels as f64
+            + nx);
+    let states = 2.0 * pairs * 8.0 * (2.0 * (f.pixels * n_kept) as f64 + 4.0 * ns);
+    f.memory = vec![
+        ("model states (2N samples)", states),
+        (
+            "parameter vectors",
+            8.0 * (P_VECTORS * (nx + ns) + (3.0 * pairs + 3.0) * nx),
+        ),
+        ("star windows", win_bytes * ns),
+        ("workspaces", work),
+        ("refinement matrices", matrices),
+        (
+            "catalog (rank's stars, 2 copies)",
+            2.0 * 64.0 * ns + 24.0 * ns,
+        ),
+    ];
+    f
+}
+
+/// Decompose for `opts.ranks` with stars spread evenly over the sky.
+fn decompose(chart: &Chart, nside_dec: u32, opts: &PlanOptions, r: usize) -> Result<Decomp> {
+    let n = grid::npix(nside_dec);
+    let per = grid::npix(chart.nside_final()) / n;
+    let work = vec![(per * chart.n_kept()) as f64 + 4.0 * opts.stars / n as f64; n];
+    Decomp::balanced(nside_dec, r, opts.ranks, &work)
+}
+
+/// Seconds per chart voxel of an ICR forward + adjoint and per window entry of a star pass
+/// (value and gradient), on one thread of this machine.
+fn kernel_speeds(no_timing: bool) -> Result<(f64, f64)> {
+    if no_timing {
+        return Ok((2.0e-8, 6.0e-9));
+    }
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build()?;
+    pool.install(|| -> Result<(f64, f64)> {
+        let mut cfg = crate::app::bench::preset_config(&crate::app::bench::preset("w1")?);
+        cfg.grid.levels = 3; // nside 16: a second of timing
+        cfg.simulate.n_stars = 40_000;
+        let chart = cfg.chart()?;
+        let sim = crate::app::simulate::run(&cfg, "")?;
+        let kernel = cfg.kernel.build()?;
+        let icr = std::sync::Arc::new(crate::prior::icr::Icr::new(
+            &chart,
+            kernel.as_ref(),
+            Precision::F64,
+        )?);
+        let cat = sim.catalog.into_pixel_layout(chart.nside_final());
+        let model = crate::app::build::model(&cfg, icr.clone(), &cat)?;
+        let x = vec![0.1; model.n_params()];
+        let xsig = vec![0.0; model.data.len()];
+        let mut w = model.workspace();
+        let mut iw = icr.workspace();
+        let mut xb = vec![0.0; icr.n_xi()];
+        let field = vec![0.0; icr.n_field()];
+        let t_icr = crate::app::bench::median_time(5, || {
+            icr.forward(&x[..icr.n_xi()], &mut iw);
+            icr.adjoint(&field, &mut xb, &mut iw);
+        });
+        let mut st = model.empty_state();
+        let (mut gx, mut gs) = (vec![0.0; x.len()], vec![0.0; xsig.len()]);
+        let t_vg = crate::app::bench::try_median_time(5, || {
+            model.value_grad(&x, &xsig, &mut st, &mut gx, &mut gs, &mut w)?;
+            Ok(())
+        })?;
+        let entries = model.data.windows.prob.len() as f64;
+        Ok((
+            t_icr / icr.n_field() as f64,
+            ((t_vg - t_icr).max(0.0)) / entries,
+        ))
+    })
+}
+
+/// Figures of the rank that needs the most memory, and the window bytes per star.
+pub fn largest_rank(cfg: &Config, opts: &PlanOptions) -> Result<(RankFigures, f64)> {
+    let chart = cfg.chart()?;
+    let nside_dec = cfg.nside_dec()?;
+    let geoms: Vec<LevelGeometry> = (0..chart.levels)
+        .map(|l| LevelGeometry::new(chart.nside(l)))
+        .collect();
+    let win_bytes = window_bytes_per_star(cfg, &chart);
+    let n_patch = grid::npix(nside_dec);
+    let mut worst = RankFigures::default();
+    for r in 0..opts.ranks {
+        let d = decompose(&chart, nside_dec, opts, r)?;
+        let stars = opts.stars * d.patches().len() as f64 / n_patch as f64;
+        let f = rank_figures(cfg, &chart, &d, &geoms, stars, win_bytes);
+        if f.total() > worst.total() {
+            worst = f;
+        }
+    }
+    Ok((worst, win_bytes))
+}
+
+/// The plan as text.
+pub fn run(cfg: &Config, opts: &PlanOptions) -> Result<String> {
+    let t0 = Instant::now();
+    let chart = cfg.chart()?;
+    let nside_dec = cfg.nside_dec()?;
+    let n_patch = grid::npix(nside_dec);
+    let (worst, win_bytes) = largest_rank(cfg, opts)?;
+    let mut s = String::new();
+    let gb = |b: f64| b / 1e9;
+    writeln!(
+        s,
+        "dust3d plan: nside {} x {} chart shells ({} kept), {} levels, {:.3e} stars, {} ranks, \
+         nside_dec {} ({} patches)",
+        chart.nside_final(),
+        chart.n_r(chart.levels),
+        chart.n_kept(),
+        chart.levels,
+        opts.stars,
+        opts.ranks,
+        nside_dec,
+        n_patch
+    )?;
+    let f = &worst;
+    writeln!(
+        s,
+        "largest rank: {} patches, {} pixels, {:.3e} chart voxels, {:.3e} excitations, {:.3e} stars",
+        f.patches, f.pixels, f.voxels as f64, f.xi as f64, f.stars
+    )?;
+    writeln!(s, "angular classes per refinement step: {:?}", f.classes)?;
+    writeln!(s, "memory per rank (largest), GB:")?;
+    for (k, v) in &f.memory {
+        writeln!(s, "  {k:<34} {:>8.3}", gb(*v))?;
+    }
+    writeln!(s, "  {:<34} {:>8.3}", "total", gb(f.total()))?;
+    let per_voxel = (f.memory[0].1 + f.memory[3].1) / f.voxels as f64;
+    let per_xi = f.memory[1].1 / (f.xi as f64 + f.stars);
+    let l = chart.levels.max(1) - 1;
+    let mbytes = match cfg.grid.matrix_precision {
+        Precision::F64 => 8,
+        Precision::F32 => 4,
+    };
+    let per_class = (chart.n_r(l) - 2) * SITE_LEN * mbytes;
+    writeln!(
+        s,
+        "  per chart voxel {per_voxel:.0} B (states, workspaces); per parameter {per_xi:.0} B; \
+         per star {:.0} B of windows; per angular class of the last step {:.0} KB of matrices",
+        win_bytes,
+        per_class as f64 / 1e3
+    )?;
+    // a rank's share of the rows (7 columns + row) and the 8-value exchange records
+    let catalog_peak = (64.0 + 2.0 * 64.0) * opts.stars / opts.ranks as f64;
+    writeln!(
+        s,
+        "  reading the catalog: each rank reads 1/{} of the rows (FITS/netCDF: a block; CSV: \
+         every {}-th row) and receives its stars: transient {:.2} GB before the fit starts",
+        opts.ranks,
+        opts.ranks,
+        gb(catalog_peak)
+    )?;
+    s += &traffic_and_time(cfg, &worst, opts, win_bytes, kernel_speeds(opts.no_timing)?)?;
+    writeln!(s, "(planned in {:.1} s)", t0.elapsed().as_secs_f64())?;
+    Ok(s)
+}
+
+/// Communication and time per global iteration of rank `f`, at the last stage's CG caps.
+fn traffic_and_time(
+    cfg: &Config,
+    f: &RankFigures,
+    opts: &PlanOptions,
+    win_bytes: f64,
+    (t_vox, t_entry): (f64, f64),
+) -> Result<String> {
+    let mut s = String::new();
+    let gb = |b: f64| b / 1e9;
+    let last = cfg.inference.stage.last().cloned().unwrap_or_default();
+    let (n, cs, sn, cn) = (
+        last.sample_pairs as f64,
+        last.sample_cg_iterations as f64,
+        last.newton_steps as f64,
+        last.newton_cg_iterations as f64,
+    );
+    // evaluations per Newton step (value+gradient incl. line search): about 2
+    let icr_pairs = n * (1.0 + cs) + sn * (2.0 * 2.0 * n + cn);
+    let star_passes = n * (1.0 + 2.0 * cs) + sn * (2.0 * 2.0 * n + cn * 4.0 * n);
+    let sums = 2.0 * (n * cs + sn * cn) + sn * 2.0 * 2.0 * n * 4.0 + sn * cn * 2.0 * n;
+    let sum_bytes = 8.0 * 2.0 * f.patches as f64 * (opts.ranks as f64 - 1.0);
+    let entries = f.stars * (win_bytes - 12.0) / 8.0;
+    let t_iter = (icr_pairs * t_vox * f.voxels as f64 + star_passes * t_entry * entries)
+        / opts.threads_per_rank as f64;
+    writeln!(s, "communication per rank:")?;
+    writeln!(
+        s,
+        "  per ICR forward+adjoint {:.2} MB; per global sum {:.1} KB",
+        f.icr_bytes / 1e6,
+        sum_bytes / 1e3
+    )?;
+    writeln!(
+        s,
+        "  per global iteration at the last stage's CG caps ({} pairs, {} sampling / {} Newton \
+         CG steps, {} Newton steps): {:.0} ICR pairs, {:.0} sums -> {:.2} GB",
+        last.sample_pairs,
+        last.sample_cg_iterations,
+        last.newton_cg_iterations,
+        last.newton_steps,
+        icr_pairs,
+        sums,
+        gb(icr_pairs * f.icr_bytes + sums * sum_bytes)
+    )?;
+    writeln!(
+        s,
+        "time per global iteration (largest rank, {} threads, ideal thread scaling, {}: {:.1} ns \
+         per voxel per ICR pair, {:.1} ns per window entry per pass): {:.0} s",
+        opts.threads_per_rank,
+        if opts.no_timing {
+            "reference kernel speeds (--no-timing)"
+        } else {
+            "kernels timed here"
+        },
+        t_vox * 1e9,
+        t_entry * 1e9,
+        t_iter
+    )?;
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_papers_problem_fits_16_gb_per_rank_on_64_ranks() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/paper.toml");
+        let (cfg, _) = Config::from_file(&path).unwrap();
+        let opts = PlanOptions {
+            ranks: 64,
+            stars: 54e6,
+            threads_per_rank: 16,
+            no_timing: true,
+        };
+        let (f, win) = largest_rank(&cfg, &opts).unwrap();
+        // 786,432 pixels × 772 chart shells over 64 ranks; the paper's 54 M stars
+        assert_eq!(f.pixels, 12288);
+        assert_eq!(f.voxels, 12288 * 772);
+        assert!((f.stars - 54e6 / 64.0).abs() < 1.0);
+        assert!(win > 100.0 && win < 10_000.0, "{win} B per star");
+        let total = f.total();
+        assert!(total < 16e9 && total > 4e9, "{total:e} B per rank");
+        // the same problem on 16 ranks needs about four times as much
+        let (f16, _) = largest_rank(&cfg, &PlanOptions { ranks: 16, ..opts }).unwrap();
+        let r = f16.total() / total;
+        assert!((3.0..4.5).contains(&r), "16 vs 64 ranks: {r}");
+    }
+}

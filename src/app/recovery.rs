@@ -1,0 +1,90 @@
+//! Recovery of a known truth by a fit (mock skies): correlation of integrated extinction at
+//! the stars' true positions and the coverage of truth voxels by mean ± 1σ.
+
+use anyhow::{bail, Result};
+use std::path::Path;
+
+use crate::app::config::Config;
+use crate::data::catalog::read_columns;
+use crate::products::mapfile::DustMap;
+use crate::sphere::grid;
+use crate::sphere::grid::integrate_to;
+
+/// Recovery metrics.
+#[derive(Clone, Debug)]
+pub struct Recovery {
+    /// Pearson correlation of fitted vs true integrated extinction at the true star positions.
+    pub pearson_integrated: f64,
+    /// Fraction of constrained truth voxels inside mean ± 1σ.
+    pub coverage_1sigma: f64,
+    /// Constrained voxels (≥ `min_stars` stars of the pixel lie beyond the voxel).
+    pub n_voxels: usize,
+    /// Stars used.
+    pub n_stars: usize,
+}
+
+/// Stars needed beyond a voxel for it to count as constrained.
+pub const MIN_STARS_BEYOND: usize = 5;
+
+/// Compare a fitted map with the truth map of a simulated catalog (with `true_distance_pc`).
+pub fn evaluate(fit: &DustMap, truth: &DustMap, catalog: &Path, cfg: &Config) -> Result<Recovery> {
+    if fit.nside != truth.nside || fit.shells != truth.shells {
+        bail!("fit and truth maps must share nside and shells (fit without a product cut)");
+    }
+    let c = &cfg.catalog.columns;
+    let t = read_columns(
+        catalog,
+        &[&c.l, &c.b, "true_distance_pc"],
+        None,
+        cfg.catalog.hdu.as_deref(),
+    )?;
+    let (l, b, d) = (&t.columns[0], &t.columns[1], &t.columns[2]);
+    let npix = fit.npix();
+    let nr = fit.n_r();
+    let mut xs = Vec::with_capacity(d.len());
+    let mut ys = Vec::with_capacity(d.len());
+    let mut beyond = vec![vec![0usize; nr]; npix];
+    for i in 0..d.len() {
+        let p = grid::ang2pix(fit.nside, l[i], b[i]) as usize;
+        xs.push(fit.inner_mean[p] + integrate_to(&fit.shells, |k| fit.mean[k * npix + p], d[i]));
+        ys.push(
+            truth.inner_mean[p] + integrate_to(&truth.shells, |k| truth.mean[k * npix + p], d[i]),
+        );
+        for k in 0..nr {
+            if d[i] > fit.shells.edges_pc[k + 1] {
+                beyond[p][k] += 1;
+            }
+        }
+    }
+    let (mut inside, mut total) = (0usize, 0usize);
+    for p in 0..npix {
+        for k in 0..nr {
+            if beyond[p][k] >= MIN_STARS_BEYOND {
+                let j = k * npix + p;
+                total += 1;
+                if (truth.mean[j] - fit.mean[j]).abs() <= fit.std[j] {
+                    inside += 1;
+                }
+            }
+        }
+    }
+    Ok(Recovery {
+        pearson_integrated: pearson(&xs, &ys),
+        coverage_1sigma: inside as f64 / total.max(1) as f64,
+        n_voxels: total,
+        n_stars: xs.len(),
+    })
+}
+
+/// Pearson correlation coefficient.
+pub fn pearson(x: &[f64], y: &[f64]) -> f64 {
+    let n = x.len() as f64;
+    let (mx, my) = (x.iter().sum::<f64>() / n, y.iter().sum::<f64>() / n);
+    let (mut sxy, mut sxx, mut syy) = (0.0, 0.0, 0.0);
+    for (a, b) in x.iter().zip(y) {
+        sxy += (a - mx) * (b - my);
+        sxx += (a - mx).powi(2);
+        syy += (b - my).powi(2);
+    }
+    sxy / (sxx * syy).sqrt()
+}

@@ -1,0 +1,3 @@
+//! Compute backends other than the CPU code in [`crate::likelihood`]: OpenCL devices.
+
+pub mod opencl;

@@ -1,0 +1,430 @@
+//! The ICR prior operator on an OpenCL device: refinement matrices, windows and every
+//! level's field stay resident, so a forward or adjoint pass moves nothing over the bus;
+//! excitations and fields cross only when the caller uploads or downloads them.
+
+use anyhow::{Context, Result};
+use ocl::{Buffer, Kernel, OclPrm};
+
+use super::{Gpu, Precision};
+use crate::prior::icr::{Icr, Matrices};
+
+static SOURCE: &str = include_str!("../../../opencl/icr.cl");
+
+/// Host ↔ device scalar conversion.
+pub trait Real: OclPrm {
+    /// From f64 (rounding for f32).
+    fn from_f64(x: f64) -> Self;
+    /// To f64.
+    fn to_f64(self) -> f64;
+}
+
+impl Real for f64 {
+    fn from_f64(x: f64) -> Self {
+        x
+    }
+    fn to_f64(self) -> f64 {
+        self
+    }
+}
+
+impl Real for f32 {
+    fn from_f64(x: f64) -> Self {
+        x as f32
+    }
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
+}
+
+pub(crate) fn buffer<T: Real>(gpu: &Gpu, data: &[T]) -> Result<Buffer<T>> {
+    let one = [T::default()];
+    let data = if data.is_empty() { &one[..] } else { data };
+    Buffer::builder()
+        .queue(gpu.queue.clone())
+        .len(data.len())
+        .copy_host_slice(data)
+        .build()
+        .context("cannot allocate an OpenCL buffer")
+}
+
+pub(crate) fn zeros<T: Real>(gpu: &Gpu, len: usize) -> Result<Buffer<T>> {
+    Buffer::builder()
+        .queue(gpu.queue.clone())
+        .len(len.max(1))
+        .fill_val(T::default())
+        .build()
+        .context("cannot allocate an OpenCL buffer")
+}
+
+/// The kernels of one refinement level, bound to their buffers.
+struct LevelKernels {
+    refine: Kernel,
+    adjoint_xi: Kernel,
+    adjoint_scatter: Kernel,
+    adjoint_gather: Kernel,
+    /// Global memory bytes each pass reads and writes (matrices, fields, excitations).
+    forward_bytes: usize,
+    adjoint_bytes: usize,
+}
+
+/// What every refinement kernel starts with: program, queue, (npix_c, n_c) arguments.
+struct Header<'a> {
+    prog: &'a ocl::Program,
+    queue: &'a ocl::Queue,
+    np: usize,
+    n_c: usize,
+}
+
+impl<'a> Header<'a> {
+    fn build(
+        &self,
+        name: &str,
+        n: usize,
+        args: impl FnOnce(&mut ocl::builders::KernelBuilder<'a>),
+    ) -> Result<Kernel> {
+        let mut kb = Kernel::builder();
+        kb.program(self.prog)
+            .name(name)
+            .queue(self.queue.clone())
+            .global_work_size(n);
+        kb.arg(self.np as u32).arg(self.n_c as u32);
+        args(&mut kb);
+        kb.build().with_context(|| format!("kernel {name}"))
+    }
+}
+
+/// Device-resident state for one arithmetic type.
+pub(crate) struct Resident<T: Real> {
+    pub(crate) xi: Buffer<T>,
+    pub(crate) xi_bar: Buffer<T>,
+    pub(crate) fields: Vec<Buffer<T>>,
+    level0_forward: Kernel,
+    level0_adjoint: Kernel,
+    levels: Vec<LevelKernels>,
+    n0: usize,
+    matrix_bytes: usize,
+    /// Buffers the kernels read, kept alive with them.
+    _keep: (Vec<LevelStatics>, Buffer<T>, Buffer<T>),
+}
+
+type LevelStatics = (Buffer<u32>, Buffer<u32>, Buffer<u32>, Buffer<u32>, MatBuf);
+
+/// Refinement matrices on the device in their storage precision.
+enum MatBuf {
+    F64(Buffer<f64>),
+    F32(Buffer<f32>),
+}
+
+impl MatBuf {
+    fn arg<'a>(&'a self, kb: &mut ocl::builders::KernelBuilder<'a>) {
+        match self {
+            MatBuf::F64(b) => {
+                kb.arg(b);
+            }
+            MatBuf::F32(b) => {
+                kb.arg(b);
+            }
+        }
+    }
+    fn value_bytes(&self) -> usize {
+        match self {
+            MatBuf::F64(_) => 8,
+            MatBuf::F32(_) => 4,
+        }
+    }
+    fn bytes(&self) -> usize {
+        match self {
+            MatBuf::F64(b) => b.len() * 8,
+            MatBuf::F32(b) => b.len() * 4,
+        }
+    }
+}
+
+impl<T: Real> Resident<T> {
+    pub(crate) fn new(icr: &Icr, gpu: &Gpu, precision: Precision) -> Result<Self> {
+        let mat_f64 = icr
+            .levels
+            .iter()
+            .any(|l| matches!(l.mats, Matrices::F64(_)))
+            && precision == Precision::F64;
+        let prog = gpu.program(SOURCE, precision, mat_f64)?;
+        let c = &icr.chart;
+        let conv = |v: &[f64]| v.iter().map(|&x| T::from_f64(x)).collect::<Vec<T>>();
+        let (l0, n0) = icr.level0_factor_rows();
+        let l0_buf = buffer(gpu, &conv(l0))?;
+        let xi = zeros::<T>(gpu, icr.n_xi())?;
+        let xi_bar = zeros::<T>(gpu, icr.n_xi())?;
+        let fields = (0..=c.levels)
+            .map(|l| zeros::<T>(gpu, c.npix(l) * c.n_r(l)))
+            .collect::<Result<Vec<_>>>()?;
+        let q = gpu.queue.clone();
+        let k0 = |name: &str, a: &Buffer<T>, b: &Buffer<T>| {
+            Kernel::builder()
+                .program(&prog)
+                .name(name)
+                .queue(q.clone())
+                .global_work_size(n0)
+                .arg(n0 as u32)
+                .arg(&l0_buf)
+                .arg(a)
+                .arg(b)
+                .build()
+                .with_context(|| format!("kernel {name}"))
+        };
+        let level0_forward = k0("level0_forward", &xi, &fields[0])?;
+        let level0_adjoint = k0("level0_adjoint", &fields[0], &xi_bar)?;
+        let scatter_len = icr
+            .levels
+            .iter()
+            .map(|l| 9 * l.npix_c() * l.n_c)
+            .max()
+            .unwrap_or(0);
+        let scatter = zeros::<T>(gpu, scatter_len)?;
+        let ts = std::mem::size_of::<T>();
+        let mut matrix_bytes = l0.len() * ts;
+        // every buffer a kernel uses is created first and kept alive in `keep`
+        let mut statics = Vec::new();
+        for lev in &icr.levels {
+            let u32buf = |v: &[u32]| -> Result<Buffer<u32>> {
+                let one = [0u32];
+                let v = if v.is_empty() { &one[..] } else { v };
+                Ok(Buffer::builder()
+                    .queue(q.clone())
+                    .len(v.len())
+                    .copy_host_slice(v)
+                    .build()?)
+            };
+            let window: Vec<u32> = lev.geom.window.iter().flatten().copied().collect();
+            let rev: Vec<u32> = lev.rev.clone();
+            let mats = match (&lev.mats, mat_f64) {
+                (Matrices::F64(m), true) => MatBuf::F64(buffer(gpu, m)?),
+                (Matrices::F64(m), false) => MatBuf::F32(buffer(
+                    gpu,
+                    &m.iter().map(|&x| x as f32).collect::<Vec<_>>(),
+                )?),
+                (Matrices::F32(m), _) => MatBuf::F32(buffer(gpu, m)?),
+            };
+            matrix_bytes += mats.bytes();
+            statics.push((
+                u32buf(&window)?,
+                u32buf(&lev.geom.class)?,
+                u32buf(&rev)?,
+                u32buf(&lev.rev_off)?,
+                mats,
+            ));
+        }
+        let mut levels = Vec::new();
+        for (l, lev) in icr.levels.iter().enumerate() {
+            let (np, n_c, n_f, ns) = (lev.npix_c(), lev.n_c, lev.n_f, lev.n_c - 2);
+            let (window, class, rev, rev_off, mats) = &statics[l];
+            let (coarse, fine) = (&fields[l], &fields[l + 1]);
+            let hdr = Header {
+                prog: &prog,
+                queue: &q,
+                np,
+                n_c,
+            };
+            let refine = hdr.build("refine", np * ns, |kb| {
+                kb.arg(n_f as u32).arg(window).arg(class);
+                mats.arg(kb);
+                kb.arg(coarse).arg(&xi).arg(lev.xi_off as u64).arg(fine);
+            })?;
+            let adjoint_xi = hdr.build("refine_adjoint_xi", np * ns, |kb| {
+                kb.arg(n_f as u32).arg(class);
+                mats.arg(kb);
+                kb.arg(fine).arg(&xi_bar).arg(lev.xi_off as u64);
+            })?;
+            let adjoint_scatter = hdr.build("refine_adjoint_scatter", np * 9, |kb| {
+                kb.arg(n_f as u32).arg(class);
+                mats.arg(kb);
+                kb.arg(fine).arg(&scatter);
+            })?;
+            let adjoint_gather = hdr.build("refine_adjoint_gather", np * n_c, |kb| {
+                kb.arg(rev_off).arg(rev).arg(&scatter).arg(coarse);
+            })?;
+            // per site: its matrix (an upper bound: sites of one class share it), 27 coarse
+            // and 8 excitation reads, 8 writes, the window; the adjoint reads the matrix
+            // twice and writes and rereads the 9-slot scatter rows
+            let sites = np * ns;
+            let mat = crate::prior::icr::matrices::SITE_LEN * mats.value_bytes();
+            let forward_bytes = sites * (mat + (27 + 8 + 8) * ts + 9 * 4);
+            let adjoint_bytes = sites * (2 * mat + 16 * ts) + 3 * 9 * np * n_c * ts;
+            levels.push(LevelKernels {
+                refine,
+                adjoint_xi,
+                adjoint_scatter,
+                adjoint_gather,
+                forward_bytes,
+                adjoint_bytes,
+            });
+        }
+        Ok(Self {
+            xi,
+            xi_bar,
+            fields,
+            level0_forward,
+            level0_adjoint,
+            levels,
+            n0,
+            matrix_bytes,
+            _keep: (statics, scatter, l0_buf),
+        })
+    }
+
+    pub(crate) fn forward(&self) -> Result<()> {
+        // SAFETY: every kernel's arguments are buffers sized for its global work size
+        unsafe {
+            self.level0_forward.enq()?;
+            for l in &self.levels {
+                l.refine.enq()?;
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn adjoint(&self) -> Result<()> {
+        // SAFETY: as in `forward`; the queue is in order, so each level's gather finishes
+        // before the next coarser level reads its field
+        unsafe {
+            for l in self.levels.iter().rev() {
+                l.adjoint_xi.enq()?;
+                l.adjoint_scatter.enq()?;
+                l.adjoint_gather.enq()?;
+            }
+            self.level0_adjoint.enq()?;
+        }
+        Ok(())
+    }
+
+    /// Bytes accessed by one forward and one adjoint pass (see [`GpuIcr::traffic_bytes`]).
+    pub(crate) fn traffic_bytes(&self) -> (usize, usize) {
+        let ts = std::mem::size_of::<T>();
+        let l0 = self.n0 * (self.n0 + 1) / 2 * ts;
+        (
+            l0 + self.levels.iter().map(|l| l.forward_bytes).sum::<usize>(),
+            l0 + self.levels.iter().map(|l| l.adjoint_bytes).sum::<usize>(),
+        )
+    }
+
+    pub(crate) fn write(buf: &Buffer<T>, host: &[f64]) -> Result<()> {
+        let v: Vec<T> = host.iter().map(|&x| T::from_f64(x)).collect();
+        buf.write(&v).enq()?;
+        Ok(())
+    }
+
+    pub(crate) fn read(buf: &Buffer<T>, host: &mut [f64]) -> Result<()> {
+        let mut v = vec![T::default(); host.len()];
+        buf.read(&mut v).enq()?;
+        for (h, x) in host.iter_mut().zip(v) {
+            *h = x.to_f64();
+        }
+        Ok(())
+    }
+}
+
+enum AnyResident {
+    F64(Resident<f64>),
+    F32(Resident<f32>),
+}
+
+/// ICR forward and adjoint on an OpenCL device.
+pub struct GpuIcr {
+    state: AnyResident,
+    queue: ocl::Queue,
+    n_xi: usize,
+    n_field: usize,
+    /// Device name.
+    pub device: String,
+}
+
+macro_rules! on {
+    ($self:expr, $r:ident => $body:expr) => {
+        match &$self.state {
+            AnyResident::F64($r) => $body,
+            AnyResident::F32($r) => $body,
+        }
+    };
+}
+
+impl GpuIcr {
+    /// Upload `icr`'s matrices and allocate every level's field on `gpu`.
+    pub fn new(icr: &Icr, gpu: &Gpu, precision: Precision) -> Result<Self> {
+        let state = match precision {
+            Precision::F64 => AnyResident::F64(Resident::new(icr, gpu, precision)?),
+            Precision::F32 => AnyResident::F32(Resident::new(icr, gpu, precision)?),
+        };
+        Ok(Self {
+            state,
+            queue: gpu.queue.clone(),
+            n_xi: icr.n_xi(),
+            n_field: icr.n_field(),
+            device: gpu.name.clone(),
+        })
+    }
+
+    /// Copy excitations to the device.
+    pub fn upload_xi(&self, xi: &[f64]) -> Result<()> {
+        assert_eq!(xi.len(), self.n_xi);
+        on!(self, r => Resident::write(&r.xi, xi))
+    }
+
+    /// Copy a final-level cotangent to the device.
+    pub fn upload_field_bar(&self, s_bar: &[f64]) -> Result<()> {
+        assert_eq!(s_bar.len(), self.n_field);
+        on!(self, r => Resident::write(r.fields.last().expect("levels"), s_bar))
+    }
+
+    /// `s = S ξ` on the device (enqueued; reads block until done).
+    pub fn forward(&self) -> Result<()> {
+        on!(self, r => r.forward())
+    }
+
+    /// `ξ̄ = Sᵀ s̄` on the device; overwrites the final field buffer's coarser levels.
+    pub fn adjoint(&self) -> Result<()> {
+        on!(self, r => r.adjoint())
+    }
+
+    /// Copy the final field to the host.
+    pub fn download_field(&self, out: &mut [f64]) -> Result<()> {
+        on!(self, r => Resident::read(r.fields.last().expect("levels"), out))
+    }
+
+    /// Copy ξ̄ to the host.
+    pub fn download_xi_bar(&self, out: &mut [f64]) -> Result<()> {
+        on!(self, r => Resident::read(&r.xi_bar, out))
+    }
+
+    /// Wait for everything enqueued.
+    pub fn finish(&self) -> Result<()> {
+        self.queue.finish()?;
+        Ok(())
+    }
+
+    /// `S ξ` from and to the host.
+    pub fn forward_host(&self, xi: &[f64]) -> Result<Vec<f64>> {
+        self.upload_xi(xi)?;
+        self.forward()?;
+        let mut s = vec![0.0; self.n_field];
+        self.download_field(&mut s)?;
+        Ok(s)
+    }
+
+    /// `Sᵀ s̄` from and to the host.
+    pub fn adjoint_host(&self, s_bar: &[f64]) -> Result<Vec<f64>> {
+        self.upload_field_bar(s_bar)?;
+        self.adjoint()?;
+        let mut x = vec![0.0; self.n_xi];
+        self.download_xi_bar(&mut x)?;
+        Ok(x)
+    }
+
+    /// Estimated global-memory bytes read and written by one forward and one adjoint pass.
+    pub fn traffic_bytes(&self) -> (usize, usize) {
+        on!(self, r => r.traffic_bytes())
+    }
+
+    /// Bytes of matrices resident on the device.
+    pub fn matrix_bytes(&self) -> usize {
+        on!(self, r => r.matrix_bytes)
+    }
+}

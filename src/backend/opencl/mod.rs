@@ -1,0 +1,176 @@
+//! OpenCL offload (ocl crate): device selection and program building. Kernels live in
+//! `opencl/*.cl` and are compiled at run time for the chosen device, in f64 where the device
+//! supports it (`cl_khr_fp64`) and f32 otherwise or on request.
+//!
+//! The ICR prior operator ([`icr::GpuIcr`]) and the likelihood stages ([`model::GpuModel`]:
+//! exp/scale, per-pixel columns and star moments, their JVP and VJP) run on the device;
+//! [`model::attach`] puts them behind a model's [`crate::likelihood::backend::Backend`]
+//! when the configuration asks for `backend.kind = "opencl"`.
+
+pub mod icr;
+pub mod model;
+
+use anyhow::{anyhow, bail, Context, Result};
+use ocl::enums::{DeviceInfo, DeviceInfoResult};
+use ocl::{Device, Platform};
+
+pub use crate::base::precision::Precision;
+
+/// Which OpenCL device to use: platform and device by index or by (case-insensitive)
+/// substring of their names; `None` means the first one.
+#[derive(Clone, Debug, Default)]
+pub struct DeviceSpec {
+    /// Platform index or name substring.
+    pub platform: Option<String>,
+    /// Device index or name substring.
+    pub device: Option<String>,
+}
+
+impl DeviceSpec {
+    /// From the environment: `DUST3D_OPENCL_PLATFORM`, `DUST3D_OPENCL_DEVICE`.
+    pub fn from_env() -> Self {
+        Self {
+            platform: std::env::var("DUST3D_OPENCL_PLATFORM").ok(),
+            device: std::env::var("DUST3D_OPENCL_DEVICE").ok(),
+        }
+    }
+}
+
+/// An OpenCL context with one device and an in-order queue.
+pub struct Gpu {
+    /// The context.
+    pub context: ocl::Context,
+    /// Its only queue.
+    pub queue: ocl::Queue,
+    /// The device.
+    pub device: Device,
+    /// "platform / device" for logs and benchmark output.
+    pub name: String,
+    /// Whether the device does double precision.
+    pub fp64: bool,
+}
+
+fn pick<T: Clone>(items: &[T], names: &[String], want: Option<&str>, what: &str) -> Result<T> {
+    let listing = || {
+        names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| format!("{i}: {n}"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    let i = match want {
+        None => 0,
+        Some(w) => match w.parse::<usize>() {
+            Ok(i) if i < items.len() => i,
+            Ok(i) => bail!("OpenCL {what} index {i} does not exist ({})", listing()),
+            Err(_) => names
+                .iter()
+                .position(|n| n.to_lowercase().contains(&w.to_lowercase()))
+                .ok_or_else(|| anyhow!("no OpenCL {what} matches {w:?} ({})", listing()))?,
+        },
+    };
+    Ok(items[i].clone())
+}
+
+/// All (platform, device, fp64) names visible to the OpenCL ICD loader.
+pub fn list_devices() -> Result<Vec<(String, String, bool)>> {
+    let mut out = Vec::new();
+    for p in platforms()? {
+        for d in Device::list_all(p).unwrap_or_default() {
+            out.push((p.name()?, d.name()?, has_fp64(&d)));
+        }
+    }
+    Ok(out)
+}
+
+fn platforms() -> Result<Vec<Platform>> {
+    // `Platform::list` panics when the ICD loader finds no platform; ask the core API
+    let list: Vec<Platform> = ocl::core::get_platform_ids()
+        .unwrap_or_default()
+        .into_iter()
+        .map(Platform::new)
+        .collect();
+    if list.is_empty() {
+        bail!(
+            "no OpenCL platform found: install a driver (ICD), e.g. PoCL for CPUs \
+             (apt-get install pocl-opencl-icd) or the GPU vendor's OpenCL runtime"
+        );
+    }
+    Ok(list)
+}
+
+fn has_fp64(d: &Device) -> bool {
+    match d.info(DeviceInfo::DoubleFpConfig) {
+        Ok(DeviceInfoResult::DoubleFpConfig(flags)) => !flags.is_empty(),
+        _ => false,
+    }
+}
+
+impl Gpu {
+    /// Open the device chosen by `spec`.
+    pub fn open(spec: &DeviceSpec) -> Result<Self> {
+        // some ICDs (PoCL 3.1) can report no devices to a second thread enumerating
+        // concurrently during their first initialisation
+        static ENUMERATE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _guard = ENUMERATE.lock().unwrap_or_else(|e| e.into_inner());
+        let plats = platforms()?;
+        let pnames: Vec<String> = plats.iter().map(|p| p.name().unwrap_or_default()).collect();
+        let platform = pick(&plats, &pnames, spec.platform.as_deref(), "platform")?;
+        let devs = Device::list_all(platform).context("cannot list OpenCL devices")?;
+        if devs.is_empty() {
+            bail!("OpenCL platform {:?} has no devices", platform.name()?);
+        }
+        let dnames: Vec<String> = devs.iter().map(|d| d.name().unwrap_or_default()).collect();
+        let device = pick(&devs, &dnames, spec.device.as_deref(), "device")?;
+        let context = ocl::Context::builder()
+            .platform(platform)
+            .devices(device)
+            .build()
+            .context("cannot create an OpenCL context")?;
+        let queue =
+            ocl::Queue::new(&context, device, None).context("cannot create an OpenCL queue")?;
+        let name = format!("{} / {}", platform.name()?, device.name()?.trim());
+        Ok(Self {
+            fp64: has_fp64(&device),
+            context,
+            queue,
+            device,
+            name,
+        })
+    }
+
+    /// Build `source` with the REAL/MAT type definitions for `precision`.
+    pub fn program(
+        &self,
+        source: &str,
+        precision: Precision,
+        mat_f64: bool,
+    ) -> Result<ocl::Program> {
+        if (precision == Precision::F64 || mat_f64) && !self.fp64 {
+            bail!(
+                "OpenCL device {} has no double precision (cl_khr_fp64): use f32",
+                self.name
+            );
+        }
+        let real = if precision == Precision::F64 {
+            "double"
+        } else {
+            "float"
+        };
+        let mat = if mat_f64 { "double" } else { "float" };
+        let mut opts = format!("-DREAL={real} -DREAL2={real}2 -DMAT={mat}");
+        if precision == Precision::F64 || mat_f64 {
+            opts += " -DUSE_FP64";
+        }
+        ocl::Program::builder()
+            .src(source)
+            .devices(self.device)
+            .cmplr_opt(opts)
+            .build(&self.context)
+            .with_context(|| format!("OpenCL kernels do not build on {}", self.name))
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,174 @@
+//! The KL objective of MGVI: the energy averaged over the antithetic samples x ± δ_k, as a
+//! function of the expansion point x and the per-star ξ_σ, with the sample-averaged metric
+//! for the Newton-CG minimiser.
+
+use anyhow::{Context, Result};
+use rayon::prelude::*;
+use std::sync::{Arc, Mutex};
+
+use crate::inference::newton::MetricObjective;
+use crate::likelihood::model::{Model, ModelWork, State};
+use crate::num::cg::{self, CgReport, CgSettings};
+use crate::sphere::decomp::Space;
+
+/// The KL objective over p = [x | ξ_σ]: average energy over the samples x ± δ_k.
+pub struct Kl<'a> {
+    model: &'a Model,
+    residuals: &'a [Vec<f64>],
+    mask: &'a [f64],
+    space: Arc<dyn Space>,
+    cache: Mutex<KlCache>,
+}
+
+struct KlCache {
+    at: Vec<f64>,
+    states: Vec<State>,
+    work: ModelWork,
+    /// The sample points x ± δ_k of `at`.
+    xs: Vec<Vec<f64>>,
+    gx: Vec<f64>,
+    gs: Vec<f64>,
+}
+
+impl<'a> Kl<'a> {
+    /// KL of `model` with antithetic residuals `residuals` and free-entry `mask`.
+    pub fn new(model: &'a Model, residuals: &'a [Vec<f64>], mask: &'a [f64]) -> Self {
+        model.reserve_device_states(2 * residuals.len() + 1);
+        let cache = KlCache {
+            at: Vec::new(),
+            states: Vec::new(),
+            work: model.workspace(),
+            xs: Vec::new(),
+            gx: Vec::new(),
+            gs: Vec::new(),
+        };
+        Self {
+            model,
+            residuals,
+            mask,
+            space: Arc::new(model.dom.p.clone()),
+            cache: Mutex::new(cache),
+        }
+    }
+
+    /// Write the sample points x ± δ_k into `xs` (allocated once, then reused).
+    fn fill_samples(&self, x: &[f64], xs: &mut Vec<Vec<f64>>) {
+        xs.resize_with(2 * self.residuals.len(), || vec![0.0; x.len()]);
+        for (k, d) in self.residuals.iter().enumerate() {
+            let sign_pair = xs[2 * k..2 * k + 2].iter_mut().zip([1.0, -1.0]);
+            for (out, sign) in sign_pair {
+                out.par_iter_mut()
+                    .zip(x)
+                    .zip(d)
+                    .for_each(|((o, a), b)| *o = a + sign * b);
+            }
+        }
+    }
+
+    /// Buffers sized for this model and sample count.
+    fn prepare(&self, c: &mut KlCache) {
+        let n = 2 * self.residuals.len();
+        if c.states.len() != n {
+            c.states = (0..n).map(|_| self.model.empty_state()).collect();
+            c.at.clear();
+        }
+    }
+
+    /// States at the samples of p (cached for the last p).
+    fn ensure_states(&self, p: &[f64], c: &mut KlCache) -> Result<()> {
+        self.prepare(c);
+        // every rank must take the same branch: the evaluation below communicates
+        if self.space.all(c.at == p) {
+            return Ok(());
+        }
+        let np = self.model.n_params();
+        let (x, xsig) = p.split_at(np);
+        self.fill_samples(x, &mut c.xs);
+        let KlCache {
+            states, work, xs, ..
+        } = c;
+        for (st, xk) in states.iter_mut().zip(xs.iter()) {
+            if let Err(e) = self.model.update_state(xk, xsig, st, work) {
+                // the cached states are half updated: none of them may be reused
+                c.at.clear();
+                return Err(e);
+            }
+        }
+        c.at = p.to_vec();
+        Ok(())
+    }
+}
+
+impl MetricObjective for Kl<'_> {
+    fn value_grad(&self, p: &[f64], g: &mut [f64]) -> Result<f64> {
+        let mut c = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        self.prepare(&mut c);
+        let np = self.model.n_params();
+        let (x, xsig) = p.split_at(np);
+        let KlCache {
+            states,
+            work,
+            at,
+            xs,
+            gx,
+            gs,
+        } = &mut *c;
+        self.fill_samples(x, xs);
+        gx.resize(np, 0.0);
+        gs.resize(xsig.len(), 0.0);
+        let n = xs.len() as f64;
+        g.iter_mut().for_each(|v| *v = 0.0);
+        let mut value = 0.0;
+        // one fused pass per sample: value, gradient, and the state the metric will reuse
+        at.clear();
+        for (st, xk) in states.iter_mut().zip(xs.iter()) {
+            value += self.model.value_grad(xk, xsig, st, gx, gs, work)? / n;
+            for i in 0..np {
+                g[i] += self.mask[i] * gx[i] / n;
+            }
+            for (o, v) in g[np..].iter_mut().zip(gs.iter()) {
+                *o += v / n;
+            }
+        }
+        *at = p.to_vec();
+        Ok(value)
+    }
+
+    fn metric(&self, p: &[f64], v: &[f64], out: &mut [f64]) -> Result<()> {
+        let mut c = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        self.ensure_states(p, &mut c)?;
+        let KlCache { states, work, .. } = &mut *c;
+        self.model.averaged_metric(states, self.mask, v, out, work)
+    }
+
+    fn solve(
+        &self,
+        p: &[f64],
+        b: &[f64],
+        x: &mut [f64],
+        settings: &CgSettings,
+    ) -> Result<CgReport> {
+        let on_device = {
+            let mut c = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+            self.ensure_states(p, &mut c)?;
+            let refs: Vec<&State> = c.states.iter().collect();
+            self.model
+                .solve_metric(&refs, self.mask, true, b, x, settings)
+                .context("metric solve on the device")?
+        };
+        match on_device {
+            Some(rep) => Ok(rep),
+            None => cg::try_solve_with(
+                &*self.space,
+                |v, out| self.metric(p, v, out),
+                b,
+                x,
+                settings,
+            ),
+        }
+    }
+
+    fn space(&self) -> Arc<dyn Space> {
+        self.space.clone()
+    }
+}

@@ -1,0 +1,187 @@
+//! MGVI's residual samples: δ ~ N(0, M⁻¹) with M = I + Jᵀ F J the metric at the expansion
+//! point, drawn as `M δ = η₁ + Jᵀ F^{1/2} η₂` by conjugate gradients (paper App. B).
+
+use anyhow::Result;
+use rand::Rng;
+use rand_distr::StandardNormal;
+use rayon::prelude::*;
+use std::sync::Arc;
+
+use crate::likelihood::model::{Model, ModelWork, State};
+use crate::num::cg::{self, CgReport, CgSettings};
+use crate::sphere::decomp::{Serial, Space, VecLayout};
+
+/// A linearised model as MGVI's sampler sees it: the metric `M = I + Jᵀ F J` and the map
+/// `η ↦ Jᵀ F^{1/2} η` (two standard normals per datum: mean and variance parts).
+pub trait Fisher {
+    /// Number of parameters.
+    fn dim(&self) -> usize;
+    /// Number of data.
+    fn n_data(&self) -> usize;
+    /// `out = Jᵀ F^{1/2} (eta_a, eta_v)`.
+    fn sqrt_fisher_t(&self, eta_a: &[f64], eta_v: &[f64], out: &mut [f64]) -> Result<()>;
+    /// `out = M v`.
+    fn metric(&self, v: &[f64], out: &mut [f64]) -> Result<()>;
+    /// How parameter vectors are distributed (inner products over ranks).
+    fn space(&self) -> Arc<dyn Space> {
+        Arc::new(Serial)
+    }
+    /// Layouts of parameter and data vectors over patches, when distributed: normals are
+    /// then drawn per patch, so samples do not depend on the rank count.
+    fn layouts(&self) -> Option<(&VecLayout, &VecLayout)> {
+        None
+    }
+    /// Solve `M δ = y` by CG from the guess in `delta` (on the host unless overridden).
+    fn solve(&self, y: &[f64], delta: &mut [f64], settings: &CgSettings) -> Result<CgReport> {
+        let space = self.space();
+        cg::try_solve_with(&*space, |v, out| self.metric(v, out), y, delta, settings)
+    }
+}
+
+/// The dust model linearised at a state, restricted to the free entries of `mask`
+/// (identity on the held ones).
+pub struct ModelAt<'a> {
+    /// The model.
+    pub model: &'a Model,
+    /// The expansion point.
+    pub state: &'a State,
+    /// Free (1) or held (0) entries of x.
+    pub mask: &'a [f64],
+    work: std::cell::RefCell<ModelWork>,
+    scratch: std::cell::RefCell<Vec<f64>>,
+    space: Arc<dyn Space>,
+}
+
+impl<'a> ModelAt<'a> {
+    /// Linearisation of `model` at `state`.
+    pub fn new(model: &'a Model, state: &'a State, mask: &'a [f64]) -> Self {
+        Self {
+            model,
+            state,
+            mask,
+            work: std::cell::RefCell::new(model.workspace()),
+            scratch: std::cell::RefCell::new(Vec::new()),
+            space: Arc::new(model.dom.x.clone()),
+        }
+    }
+}
+
+impl Fisher for ModelAt<'_> {
+    fn dim(&self) -> usize {
+        self.model.n_params()
+    }
+    fn n_data(&self) -> usize {
+        self.model.data.len()
+    }
+    fn sqrt_fisher_t(&self, eta_a: &[f64], eta_v: &[f64], out: &mut [f64]) -> Result<()> {
+        self.model
+            .sqrt_fisher_t(self.state, eta_a, eta_v, out, &mut self.work.borrow_mut())?;
+        out.iter_mut().zip(self.mask).for_each(|(o, m)| *o *= m);
+        Ok(())
+    }
+    fn metric(&self, v: &[f64], out: &mut [f64]) -> Result<()> {
+        let mut vm = self.scratch.borrow_mut();
+        vm.clear();
+        vm.extend(v.iter().zip(self.mask).map(|(a, m)| a * m));
+        self.model
+            .metric(self.state, &vm, out, &mut self.work.borrow_mut())?;
+        out.par_iter_mut()
+            .zip(v)
+            .zip(self.mask)
+            .for_each(|((o, vi), m)| *o = m * *o + (1.0 - m) * vi);
+        Ok(())
+    }
+    fn space(&self) -> Arc<dyn Space> {
+        self.space.clone()
+    }
+    fn layouts(&self) -> Option<(&VecLayout, &VecLayout)> {
+        Some((&self.model.dom.x, &self.model.dom.stars))
+    }
+    fn solve(&self, y: &[f64], delta: &mut [f64], settings: &CgSettings) -> Result<CgReport> {
+        // on a device the whole CG stays there; on the CPU it runs here
+        let on_device =
+            self.model
+                .solve_metric(&[self.state], self.mask, false, y, delta, settings)?;
+        match on_device {
+            Some(rep) => Ok(rep),
+            None => cg::try_solve_with(
+                &*self.space,
+                |v, out| self.metric(v, out),
+                y,
+                delta,
+                settings,
+            ),
+        }
+    }
+}
+
+/// One residual δ ~ N(0, M⁻¹): y = η₁ + Jᵀ F^{1/2} η₂ (so y ~ N(0, M)), then M δ = y by CG.
+/// The normals are drawn in a fixed order from `rng`.
+pub fn draw_residual<F: Fisher, R: Rng>(
+    f: &F,
+    rng: &mut R,
+    settings: &CgSettings,
+) -> Result<(Vec<f64>, CgReport)> {
+    let (np, ns) = (f.dim(), f.n_data());
+    let eta1: Vec<f64> = (0..np).map(|_| rng.sample(StandardNormal)).collect();
+    let eta_a: Vec<f64> = (0..ns).map(|_| rng.sample(StandardNormal)).collect();
+    let eta_v: Vec<f64> = (0..ns).map(|_| rng.sample(StandardNormal)).collect();
+    residual_from_normals(f, &eta1, [&eta_a, &eta_v], settings)
+}
+
+/// δ solving `M δ = η₁ + Jᵀ F^{1/2} (η_a, η_v)`.
+fn residual_from_normals<F: Fisher>(
+    f: &F,
+    eta1: &[f64],
+    [eta_a, eta_v]: [&[f64]; 2],
+    settings: &CgSettings,
+) -> Result<(Vec<f64>, CgReport)> {
+    let np = f.dim();
+    let mut y = vec![0.0; np];
+    f.sqrt_fisher_t(eta_a, eta_v, &mut y)?;
+    for i in 0..np {
+        y[i] += eta1[i];
+    }
+    let mut delta = vec![0.0; np];
+    let rep = f.solve(&y, &mut delta, settings)?;
+    Ok((delta, rep))
+}
+
+/// Sub-stream of random stream `stream` for the replicated entries (`part` 0) or for patch
+/// q (`part` q + 1).
+fn sub_stream(stream: u64, part: usize) -> u64 {
+    (stream << 24) | part as u64
+}
+
+/// One residual like [`draw_residual`], with its normals drawn from stream `stream` of
+/// `seed`: per patch when `f` is distributed (rank-count independent), else in one
+/// sequence.
+pub fn draw_residual_in<F: Fisher>(
+    f: &F,
+    seed: u64,
+    stream: u64,
+    settings: &CgSettings,
+) -> Result<(Vec<f64>, CgReport)> {
+    let Some((xl, sl)) = f.layouts() else {
+        return draw_residual(f, &mut crate::base::rng::stream(seed, stream), settings);
+    };
+    let (np, ns) = (f.dim(), f.n_data());
+    let (mut eta1, mut eta_a, mut eta_v) = (vec![0.0; np], vec![0.0; ns], vec![0.0; ns]);
+    let mut rng = crate::base::rng::stream(seed, sub_stream(stream, 0));
+    for i in xl.rep.iter().flat_map(|r| r.clone()) {
+        eta1[i] = rng.sample(StandardNormal);
+    }
+    let first = xl.decomp.patches().start;
+    for (k, (xr, sr)) in xl.patch.iter().zip(&sl.patch).enumerate() {
+        let mut rng = crate::base::rng::stream(seed, sub_stream(stream, first + k + 1));
+        for i in xr.iter().flat_map(|r| r.clone()) {
+            eta1[i] = rng.sample(StandardNormal);
+        }
+        for eta in [&mut eta_a, &mut eta_v] {
+            for i in sr.iter().flat_map(|r| r.clone()) {
+                eta[i] = rng.sample(StandardNormal);
+            }
+        }
+    }
+    residual_from_normals(f, &eta1, [&eta_a, &eta_v], settings)
+}

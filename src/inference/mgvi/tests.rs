@@ -1,0 +1,279 @@
+use super::*;
+use crate::inference::newton::MetricObjective;
+use anyhow::Result;
+use faer::linalg::solvers::Solve;
+use rand::Rng;
+use rand_distr::StandardNormal;
+
+/// Linear-Gaussian toy: d = R x + n, x ~ N(0, I), n ~ N(0, diag(noise)). Exact posterior:
+/// covariance M⁻¹ with M = I + Rᵀ N⁻¹ R, mean M⁻¹ Rᵀ N⁻¹ d.
+struct Linear {
+    r: Vec<Vec<f64>>, // m × n
+    noise: Vec<f64>,
+    d: Vec<f64>,
+}
+
+impl Linear {
+    fn new(m: usize, n: usize) -> Self {
+        let mut rng = crate::base::rng::stream(9, 9);
+        let r: Vec<Vec<f64>> = (0..m)
+            .map(|_| {
+                (0..n)
+                    .map(|_| rng.sample::<f64, _>(StandardNormal) * 0.7)
+                    .collect()
+            })
+            .collect();
+        let noise: Vec<f64> = (0..m).map(|i| 0.5 + (i % 3) as f64).collect();
+        let truth: Vec<f64> = (0..n).map(|_| rng.sample(StandardNormal)).collect();
+        let d = (0..m)
+            .map(|i| {
+                (0..n).map(|j| r[i][j] * truth[j]).sum::<f64>()
+                    + noise[i].sqrt() * rng.sample::<f64, _>(StandardNormal)
+            })
+            .collect();
+        Self { r, noise, d }
+    }
+    fn resp(&self, x: &[f64]) -> Vec<f64> {
+        self.r
+            .iter()
+            .map(|row| row.iter().zip(x).map(|(a, b)| a * b).sum())
+            .collect()
+    }
+    fn resp_t(&self, y: &[f64], out: &mut [f64]) {
+        out.iter_mut().for_each(|o| *o = 0.0);
+        for (i, row) in self.r.iter().enumerate() {
+            for (o, a) in out.iter_mut().zip(row) {
+                *o += a * y[i];
+            }
+        }
+    }
+    fn dense_metric(&self) -> faer::Mat<f64> {
+        let n = self.r[0].len();
+        faer::Mat::from_fn(n, n, |a, b| {
+            let s: f64 = (0..self.r.len())
+                .map(|i| self.r[i][a] * self.r[i][b] / self.noise[i])
+                .sum();
+            s + if a == b { 1.0 } else { 0.0 }
+        })
+    }
+}
+
+impl Fisher for Linear {
+    fn dim(&self) -> usize {
+        self.r[0].len()
+    }
+    fn n_data(&self) -> usize {
+        self.r.len()
+    }
+    fn sqrt_fisher_t(&self, eta_a: &[f64], _eta_v: &[f64], out: &mut [f64]) -> Result<()> {
+        let y: Vec<f64> = eta_a
+            .iter()
+            .zip(&self.noise)
+            .map(|(e, v)| e / v.sqrt())
+            .collect();
+        self.resp_t(&y, out);
+        Ok(())
+    }
+    fn metric(&self, v: &[f64], out: &mut [f64]) -> Result<()> {
+        let y: Vec<f64> = self
+            .resp(v)
+            .iter()
+            .zip(&self.noise)
+            .map(|(a, nv)| a / nv)
+            .collect();
+        self.resp_t(&y, out);
+        for (o, x) in out.iter_mut().zip(v) {
+            *o += x;
+        }
+        Ok(())
+    }
+}
+
+/// KL of the toy: average over x̄ ± δ_k of the negative log posterior.
+struct LinearKl<'a> {
+    lin: &'a Linear,
+    residuals: &'a [Vec<f64>],
+}
+
+impl MetricObjective for LinearKl<'_> {
+    fn value_grad(&self, p: &[f64], g: &mut [f64]) -> Result<f64> {
+        let n = p.len();
+        g.iter_mut().for_each(|v| *v = 0.0);
+        let mut val = 0.0;
+        let k = 2.0 * self.residuals.len() as f64;
+        let mut tmp = vec![0.0; n];
+        for d in self.residuals {
+            for sign in [1.0, -1.0] {
+                let x: Vec<f64> = p.iter().zip(d).map(|(a, b)| a + sign * b).collect();
+                let res: Vec<f64> = self
+                    .lin
+                    .resp(&x)
+                    .iter()
+                    .zip(&self.lin.d)
+                    .map(|(a, b)| a - b)
+                    .collect();
+                val += (0.5 * x.iter().map(|v| v * v).sum::<f64>()
+                    + 0.5
+                        * res
+                            .iter()
+                            .zip(&self.lin.noise)
+                            .map(|(r, v)| r * r / v)
+                            .sum::<f64>())
+                    / k;
+                let y: Vec<f64> = res
+                    .iter()
+                    .zip(&self.lin.noise)
+                    .map(|(r, v)| r / v)
+                    .collect();
+                self.lin.resp_t(&y, &mut tmp);
+                for i in 0..n {
+                    g[i] += (tmp[i] + x[i]) / k;
+                }
+            }
+        }
+        Ok(val)
+    }
+    fn metric(&self, _p: &[f64], v: &[f64], out: &mut [f64]) -> Result<()> {
+        Fisher::metric(self.lin, v, out)
+    }
+}
+
+#[test]
+fn linear_gaussian_samples_match_exact_posterior() {
+    let lin = Linear::new(40, 10);
+    let n = 10;
+    let m = lin.dense_metric();
+    let cov = m
+        .llt(faer::Side::Lower)
+        .unwrap()
+        .solve(faer::Mat::<f64>::identity(n, n));
+    let mut rhs = vec![0.0; n];
+    let nd: Vec<f64> = lin.d.iter().zip(&lin.noise).map(|(a, b)| a / b).collect();
+    lin.resp_t(&nd, &mut rhs);
+    let mean: Vec<f64> = (0..n)
+        .map(|a| (0..n).map(|b| cov[(a, b)] * rhs[b]).sum())
+        .collect();
+
+    let pairs = 2000;
+    let settings = CgSettings {
+        rel_tol: 1e-12,
+        max_iter: 100,
+        ..Default::default()
+    };
+    let mut rng = crate::base::rng::stream(4, 4);
+    let residuals: Vec<Vec<f64>> = (0..pairs)
+        .map(|_| draw_residual(&lin, &mut rng, &settings).unwrap().0)
+        .collect();
+    // the KL minimum over x̄ with these residuals is the exact posterior mean
+    let kl = LinearKl {
+        lin: &lin,
+        residuals: &residuals[..4],
+    };
+    let (xbar, _) = newton::minimize(
+        &kl,
+        vec![0.0; n],
+        10,
+        NewtonSettings {
+            forcing: 1e-10,
+            cg_max_iter: 50,
+            rel_tol: 0.0,
+            max_step: 1e3,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    for a in 0..n {
+        assert!(
+            (xbar[a] - mean[a]).abs() < 1e-8,
+            "mean[{a}]: {} vs {}",
+            xbar[a],
+            mean[a]
+        );
+    }
+    // samples x̄ ± δ: covariance equals M⁻¹ within sampling error (4000 samples)
+    let ns = 2.0 * pairs as f64;
+    for a in 0..n {
+        for b in 0..=a {
+            let emp = residuals.iter().map(|d| 2.0 * d[a] * d[b]).sum::<f64>() / ns;
+            let se = ((cov[(a, a)] * cov[(b, b)] + cov[(a, b)].powi(2)) / pairs as f64).sqrt();
+            assert!(
+                (emp - cov[(a, b)]).abs() < 5.0 * se,
+                "cov[{a},{b}] {emp} vs {} (se {se})",
+                cov[(a, b)]
+            );
+        }
+    }
+}
+
+#[test]
+fn averaged_metric_matches_per_sample_products_and_is_symmetric() {
+    use crate::app::config::{Config, Precision};
+    let mut cfg = Config::tiny(8, 2);
+    cfg.simulate.n_stars = 300;
+    let sim = crate::app::simulate::run(&cfg, "").unwrap();
+    let chart = cfg.chart().unwrap();
+    let icr =
+        crate::prior::icr::Icr::new(&chart, cfg.kernel.build().unwrap().as_ref(), Precision::F64)
+            .unwrap();
+    let model = crate::app::build::model(
+        &cfg,
+        std::sync::Arc::new(icr),
+        &sim.catalog.into_pixel_layout(chart.nside_final()),
+    )
+    .unwrap();
+    let (np, ns) = (model.n_params(), model.data.len());
+    let mut rng = crate::base::rng::stream(1, 1);
+    let mut g = |n: usize, s: f64| -> Vec<f64> {
+        (0..n)
+            .map(|_| s * rng.sample::<f64, _>(StandardNormal))
+            .collect()
+    };
+    let residuals = vec![g(np, 0.3), g(np, 0.3)];
+    let mut mask = vec![1.0; np];
+    mask[5] = 0.0;
+    let p: Vec<f64> = g(np, 0.5).into_iter().chain(g(ns, 1.0)).collect();
+    let kl = Kl::new(&model, &residuals, &mask);
+    let (v, u) = (g(np + ns, 1.0), g(np + ns, 1.0));
+    let (mut mv, mut mu) = (vec![0.0; np + ns], vec![0.0; np + ns]);
+    kl.metric(&p, &v, &mut mv).unwrap();
+    kl.metric(&p, &u, &mut mu).unwrap();
+    // reference: the four sample states, one full JᵀFJ product each
+    let mut w = model.workspace();
+    let (x, xsig) = p.split_at(np);
+    let vxm: Vec<f64> = v[..np].iter().zip(&mask).map(|(a, m)| a * m).collect();
+    let mut want = vec![0.0; np + ns];
+    for d in &residuals {
+        for sign in [1.0, -1.0] {
+            let xs: Vec<f64> = x.iter().zip(d).map(|(a, b)| a + sign * b).collect();
+            let st = model.state(&xs, xsig, &mut w).unwrap();
+            let (mut da, mut dv) = (vec![0.0; ns], vec![0.0; ns]);
+            model.jvp(&st, &vxm, &mut da, &mut dv, &mut w).unwrap();
+            for i in 0..ns {
+                let dvds = 2.0 * st.nsig[i] * model.data.a_err[i].powi(2) * st.dnsig[i];
+                dv[i] += dvds * v[np + i];
+                da[i] /= st.var[i];
+                dv[i] /= 2.0 * st.var[i] * st.var[i];
+                want[np + i] += dvds * dv[i] / 4.0;
+            }
+            let mut ox = vec![0.0; np];
+            model.vjp(&st, &da, &dv, &mut ox, &mut w).unwrap();
+            for i in 0..np {
+                want[i] += mask[i] * ox[i] / 4.0;
+            }
+        }
+    }
+    for i in 0..np + ns {
+        want[i] += v[i];
+    }
+    let err: f64 = mv
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    let nrm: f64 = want.iter().map(|b| b * b).sum::<f64>().sqrt();
+    assert!(err < 1e-12 * nrm, "relative error {}", err / nrm);
+    let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
+    let (l, r) = (dot(&mv, &u), dot(&v, &mu));
+    assert!((l - r).abs() < 1e-10 * l.abs().max(r.abs()), "{l} vs {r}");
+}

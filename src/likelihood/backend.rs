@@ -1,0 +1,137 @@
+//! The compute backend of the likelihood: one interface for the operations whose cost grows
+//! with voxels and stars, implemented on the CPU ([`super::cpu::Cpu`]) and on OpenCL devices
+//! (`crate::backend::opencl`).
+//!
+//! A backend works in *value* space: it sees the scale and offset values of ρ = exp(scale ·
+//! s + offset) and returns their cotangents. The latent transforms of the scale and offset
+//! (their priors), the prior energy, the ξ_σ prior and the free-entry mask are applied once,
+//! by [`super::model::Model`], through [`Chain`]; both backends call [`Chain`] for the
+//! per-sample chain rule inside the averaged metric.
+
+use anyhow::Result;
+
+use super::model::{Model, ModelWork};
+use super::state::State;
+use crate::num::cg::{CgReport, CgSettings};
+
+/// The operations of the likelihood that a backend provides. Every method sees the model
+/// (star data, ICR operator, shells) and may keep its own resident copies of them.
+pub trait Backend: Send + Sync {
+    /// "cpu", or the device's name.
+    fn describe(&self) -> String;
+
+    /// Fill `st.s`, `st.rw`, `st.abar`, `st.var` for ICR excitations `xi`; the scale,
+    /// offset and n_σ in `st` are already set.
+    fn state(&self, m: &Model, xi: &[f64], st: &mut State, w: &mut ModelWork) -> Result<()>;
+
+    /// The state as [`Backend::state`], the likelihood's energy, the ICR part of its
+    /// gradient (`g_xi`, no prior term) and the ξ_σ gradient (prior term included) in one
+    /// pass; returns [energy, ∂E/∂scale, ∂E/∂offset] (value-space cotangents).
+    #[allow(clippy::too_many_arguments)]
+    fn value_grad(
+        &self,
+        m: &Model,
+        xi: &[f64],
+        xsig: &[f64],
+        st: &mut State,
+        g_xi: &mut [f64],
+        gsig: &mut [f64],
+        w: &mut ModelWork,
+    ) -> Result<[f64; 3]>;
+
+    /// Star tangents (δā, δσ_a²) at `st` for an ICR tangent `dxi` and value tangents
+    /// `dscl`, `doff` of the scale and offset.
+    #[allow(clippy::too_many_arguments)]
+    fn jvp(
+        &self,
+        m: &Model,
+        st: &State,
+        dxi: &[f64],
+        dscl: f64,
+        doff: f64,
+        da: &mut [f64],
+        dv: &mut [f64],
+        w: &mut ModelWork,
+    ) -> Result<()>;
+
+    /// Pull star cotangents (`ca` on ā, `cv` on σ_a²) back: the ICR part into `g_xi`;
+    /// returns the value-space cotangents [scale, offset].
+    fn vjp(
+        &self,
+        m: &Model,
+        st: &State,
+        ca: &[f64],
+        cv: &[f64],
+        g_xi: &mut [f64],
+        w: &mut ModelWork,
+    ) -> Result<[f64; 2]>;
+
+    /// The sample-averaged KL metric product of [`Model::averaged_metric`].
+    fn averaged_metric(
+        &self,
+        m: &Model,
+        states: &[State],
+        mask: &[f64],
+        v: &[f64],
+        out: &mut [f64],
+        w: &mut ModelWork,
+    ) -> Result<()>;
+
+    /// Solve `M x = b` for the metric of `states` where the vectors live (see
+    /// [`Model::solve_metric`]); `Ok(None)` when the caller should run CG on the host.
+    #[allow(clippy::too_many_arguments)]
+    fn solve_metric(
+        &self,
+        _m: &Model,
+        _states: &[&State],
+        _mask: &[f64],
+        _with_sig: bool,
+        _b: &[f64],
+        _x: &mut [f64],
+        _settings: &CgSettings,
+    ) -> Result<Option<CgReport>> {
+        Ok(None)
+    }
+
+    /// Keep at least `n` states resident (a KL with n sample states needs them together).
+    fn reserve_states(&self, _n: usize) {}
+
+    /// Estimated bytes per call on a device and across the bus; None on the CPU.
+    fn traffic(&self) -> Option<Traffic> {
+        None
+    }
+}
+
+/// Estimated bytes of one call: (device global-memory bytes accessed, host↔device bytes).
+#[derive(Clone, Debug)]
+pub struct Traffic {
+    /// Device name.
+    pub device: String,
+    /// `value_grad`.
+    pub value_grad: (usize, usize),
+    /// `metric` (one JVP and one VJP with their ICR passes).
+    pub metric: (usize, usize),
+}
+
+/// The chain rule between the latent coordinates (ξ_scale, ξ_offset) and the values of the
+/// scale and offset, written once for every backend.
+#[derive(Clone, Copy, Debug)]
+pub struct Chain {
+    /// d offset / d ξ_offset (the offset prior's standard deviation).
+    pub offset_std: f64,
+}
+
+impl Chain {
+    /// Value tangents (δscale, δoffset) of latent tangents `t` at a state whose
+    /// d scale / d ξ_scale is `dscl`.
+    #[inline]
+    pub fn tangent(&self, dscl: f64, t: [f64; 2]) -> (f64, f64) {
+        (dscl * t[0], self.offset_std * t[1])
+    }
+
+    /// Latent cotangents of value cotangents `c` = [∂/∂scale, ∂/∂offset].
+    #[inline]
+    pub fn cotangent(&self, dscl: f64, c: [f64; 2]) -> [f64; 2] {
+        [c[0] * dscl, c[1] * self.offset_std]
+    }
+}

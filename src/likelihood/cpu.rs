@@ -1,0 +1,392 @@
+//! The likelihood on the CPU: rayon over pixels, one pass per pixel over its column and its
+//! stars. Every reduction runs in a fixed order (pixel partials summed per patch), so the
+//! results do not depend on the thread count or the MPI rank count.
+
+use anyhow::Result;
+use rayon::prelude::*;
+
+use super::backend::Backend;
+use super::model::{Model, ModelWork};
+use super::response::{finish_vjp, inner_columns, star_jvp, star_moments, star_vjp};
+use super::state::State;
+use crate::base::util::DisjointMut;
+
+/// The CPU backend (the default).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Cpu;
+
+/// Pixel `p`'s kept log-density `sk` and extinction per shell `col = Δr exp(scl s + off)`.
+fn fill_column(
+    m: &Model,
+    field: &[f64],
+    p: usize,
+    scl: f64,
+    off: f64,
+    sk: &mut [f64],
+    col: &mut [f64],
+) {
+    let (n, nc, pad) = (m.n_r(), m.n_chart(), m.padding());
+    sk.copy_from_slice(&field[p * nc + pad..p * nc + pad + n]);
+    for k in 0..n {
+        col[k] = (scl * sk[k] + off).exp() * m.widths[k];
+    }
+}
+
+impl Backend for Cpu {
+    fn describe(&self) -> String {
+        "cpu".into()
+    }
+
+    fn state(&self, m: &Model, xi: &[f64], st: &mut State, w: &mut ModelWork) -> Result<()> {
+        m.icr.forward(xi, &mut w.icr);
+        st.fields_on_host = true;
+        let field = &w.icr.fields[m.icr.chart.levels];
+        let n = m.n_r();
+        let (scl, off) = (st.scl, st.off);
+        let State {
+            s,
+            rw,
+            abar,
+            var,
+            nsig,
+            ..
+        } = st;
+        let nsig = &*nsig;
+        let (ap, vp) = (DisjointMut::new(abar), DisjointMut::new(var));
+        let d = &m.data;
+        // one pass per pixel: its kept log-density, ρ column, inner columns and stars
+        s.par_chunks_mut(n)
+            .zip(rw.par_chunks_mut(n))
+            .enumerate()
+            .for_each_init(
+                || vec![0.0; n + 1],
+                |cum, (p, (sk, col))| {
+                    fill_column(m, field, p, scl, off, sk, col);
+                    let (lo, hi) = (d.offsets[p], d.offsets[p + 1]);
+                    if lo == hi {
+                        return;
+                    }
+                    // SAFETY: star ranges of distinct pixels are disjoint
+                    let (a, v) = unsafe { (ap.chunk(lo, hi - lo), vp.chunk(lo, hi - lo)) };
+                    inner_columns(col, cum);
+                    for (j, i) in (lo..hi).enumerate() {
+                        let (ab, va) = star_moments(d.windows.of(i), col, cum);
+                        let ns = nsig[i] * d.a_err[i];
+                        a[j] = ab;
+                        v[j] = ns * ns + va;
+                    }
+                },
+            );
+        Ok(())
+    }
+
+    fn value_grad(
+        &self,
+        m: &Model,
+        xi: &[f64],
+        xsig: &[f64],
+        st: &mut State,
+        g_xi: &mut [f64],
+        gsig: &mut [f64],
+        w: &mut ModelWork,
+    ) -> Result<[f64; 3]> {
+        st.fields_on_host = true;
+        m.icr.forward(xi, &mut w.icr);
+        let ModelWork {
+            icr,
+            field: sbar_all,
+            pix_scalars,
+            pix_energy,
+            ..
+        } = w;
+        value_grad_pixels(
+            m,
+            &icr.fields[m.icr.chart.levels],
+            xsig,
+            st,
+            gsig,
+            sbar_all,
+            pix_scalars,
+            pix_energy,
+        );
+        m.icr.adjoint(sbar_all, g_xi, icr);
+        let [g_scl, g_off] = m.dom.pixel_sum2(pix_scalars);
+        Ok([m.dom.pixel_sum(pix_energy), g_scl, g_off])
+    }
+
+    fn jvp(
+        &self,
+        m: &Model,
+        st: &State,
+        dxi: &[f64],
+        dscl: f64,
+        doff: f64,
+        da: &mut [f64],
+        dv: &mut [f64],
+        w: &mut ModelWork,
+    ) -> Result<()> {
+        m.icr.forward(dxi, &mut w.icr);
+        let ds = &w.icr.fields[m.icr.chart.levels];
+        jvp_from_field(m, st, ds, dscl, doff, da, dv, &mut w.field);
+        Ok(())
+    }
+
+    fn vjp(
+        &self,
+        m: &Model,
+        st: &State,
+        ca: &[f64],
+        cv: &[f64],
+        g_xi: &mut [f64],
+        w: &mut ModelWork,
+    ) -> Result<[f64; 2]> {
+        let c = vjp_to_field(m, st, ca, cv, 1.0, false, &mut w.field, &mut w.pix_scalars);
+        m.icr.adjoint(&w.field, g_xi, &mut w.icr);
+        Ok(c)
+    }
+
+    fn averaged_metric(
+        &self,
+        m: &Model,
+        states: &[State],
+        mask: &[f64],
+        v: &[f64],
+        out: &mut [f64],
+        w: &mut ModelWork,
+    ) -> Result<()> {
+        let (nxi, np, ns) = (m.icr.n_xi(), m.n_params(), m.data.len());
+        let (vx, vs) = v.split_at(np);
+        let chain = m.chain();
+        let mut vxm = std::mem::take(&mut w.masked);
+        vxm.clear();
+        vxm.extend(vx.iter().zip(mask).map(|(a, m)| a * m));
+        m.icr.forward(&vxm[..nxi], &mut w.icr);
+        let ds = std::mem::take(&mut w.icr.fields[m.icr.chart.levels]);
+        let mut acc = std::mem::take(&mut w.acc);
+        acc.resize(ds.len(), 0.0);
+        acc.fill(0.0);
+        let n = states.len() as f64;
+        let (mut da, mut dv) = (std::mem::take(&mut w.star_a), std::mem::take(&mut w.star_v));
+        let (mut g_scl, mut g_off) = (0.0, 0.0);
+        out.iter_mut().for_each(|o| *o = 0.0);
+        let d = &m.data;
+        for st in states {
+            let (dscl, doff) = chain.tangent(st.dscl, [vxm[nxi], vxm[nxi + 1]]);
+            jvp_from_field(m, st, &ds, dscl, doff, &mut da, &mut dv, &mut w.field);
+            for i in 0..ns {
+                // v also depends on ξ_σ: ∂v/∂ξ_σ = 2 n_σ σ_A² dn_σ/dξ_σ (diagonal per star)
+                let dvds = 2.0 * st.nsig[i] * d.a_err[i] * d.a_err[i] * st.dnsig[i];
+                dv[i] += dvds * vs[i];
+                da[i] /= st.var[i];
+                dv[i] /= 2.0 * st.var[i] * st.var[i];
+                out[np + i] += dvds * dv[i] / n;
+            }
+            let c = vjp_to_field(m, st, &da, &dv, 1.0 / n, true, &mut acc, &mut w.pix_scalars);
+            let [a, b] = chain.cotangent(st.dscl, c);
+            g_scl += a;
+            g_off += b;
+        }
+        w.icr.fields[m.icr.chart.levels] = ds;
+        m.icr.adjoint(&acc, &mut out[..nxi], &mut w.icr);
+        out[nxi] = g_scl;
+        out[nxi + 1] = g_off;
+        for i in 0..np {
+            out[i] = mask[i] * out[i] + vx[i];
+        }
+        for i in 0..ns {
+            out[np + i] += vs[i];
+        }
+        w.acc = acc;
+        w.masked = vxm;
+        w.star_a = da;
+        w.star_v = dv;
+        Ok(())
+    }
+}
+
+/// The per-pixel pass of [`Cpu::value_grad`] after the ICR forward: state, energy partials,
+/// ξ_σ gradient, field cotangent and the [Σ s t, Σ t] partials of every pixel.
+#[allow(clippy::too_many_arguments)]
+fn value_grad_pixels(
+    m: &Model,
+    field: &[f64],
+    xsig: &[f64],
+    st: &mut State,
+    gsig: &mut [f64],
+    sbar_all: &mut [f64],
+    pix_scalars: &mut [[f64; 2]],
+    pix_energy: &mut [f64],
+) {
+    let (n, nc, pad) = (m.n_r(), m.n_chart(), m.padding());
+    let d = &m.data;
+    let (scl, off) = (st.scl, st.off);
+    let State {
+        s,
+        rw,
+        abar,
+        var,
+        nsig,
+        dnsig,
+        ..
+    } = st;
+    let (nsig, dnsig) = (&*nsig, &*dnsig);
+    let (ap, vp, gp) = (
+        DisjointMut::new(abar),
+        DisjointMut::new(var),
+        DisjointMut::new(gsig),
+    );
+    s.par_chunks_mut(n)
+        .zip(rw.par_chunks_mut(n))
+        .zip(sbar_all.par_chunks_mut(nc))
+        .zip(pix_scalars.par_iter_mut())
+        .zip(pix_energy.par_iter_mut())
+        .enumerate()
+        .for_each_init(
+            || (vec![0.0; n + 1], vec![0.0; n + 1], vec![0.0; n]),
+            |(cum, cum_bar, rw_bar), (p, ((((sk, col), sbar), sc), en))| {
+                fill_column(m, field, p, scl, off, sk, col);
+                inner_columns(col, cum);
+                rw_bar.fill(0.0);
+                cum_bar.fill(0.0);
+                let (lo, hi) = (d.offsets[p], d.offsets[p + 1]);
+                // SAFETY: star ranges of distinct pixels are disjoint
+                let (a, v, g) = unsafe {
+                    (
+                        ap.chunk(lo, hi - lo),
+                        vp.chunk(lo, hi - lo),
+                        gp.chunk(lo, hi - lo),
+                    )
+                };
+                let mut e = 0.0;
+                for (j, i) in (lo..hi).enumerate() {
+                    let win = d.windows.of(i);
+                    let (ab, va) = star_moments(win, col, cum);
+                    let ns = nsig[i] * d.a_err[i];
+                    let vv = ns * ns + va;
+                    let r = d.a_obs[i] - ab;
+                    e += 0.5 * r * r / vv + 0.5 * vv.ln();
+                    let (ca, cv) = (-r / vv, 0.5 / vv - 0.5 * r * r / (vv * vv));
+                    star_vjp(win, col, cum, ab, ca, cv, rw_bar, cum_bar);
+                    a[j] = ab;
+                    v[j] = vv;
+                    g[j] = if m.infer_nsigma {
+                        cv * 2.0 * ns * d.a_err[i] * dnsig[i] + xsig[i]
+                    } else {
+                        0.0
+                    };
+                }
+                *en = e;
+                finish_vjp(cum_bar, rw_bar);
+                sbar.fill(0.0);
+                let (mut g_scl, mut g_off) = (0.0, 0.0);
+                for k in 0..n {
+                    let t = rw_bar[k] * col[k];
+                    sbar[pad + k] = scl * t;
+                    g_scl += sk[k] * t;
+                    g_off += t;
+                }
+                *sc = [g_scl, g_off];
+            },
+        );
+}
+
+/// The part of a VJP before the ICR adjoint: the cotangent of the final chart field, times
+/// `weight`, written to (or with `accumulate` added to) `sbar_all`; returns the value-space
+/// cotangents of the scale and offset, times `weight`.
+#[allow(clippy::too_many_arguments)]
+fn vjp_to_field(
+    m: &Model,
+    st: &State,
+    ca: &[f64],
+    cv: &[f64],
+    weight: f64,
+    accumulate: bool,
+    sbar_all: &mut [f64],
+    pix_scalars: &mut [[f64; 2]],
+) -> [f64; 2] {
+    let (n, nc, pad) = (m.n_r(), m.n_chart(), m.padding());
+    let d = &m.data;
+    sbar_all
+        .par_chunks_mut(nc)
+        .zip(pix_scalars.par_iter_mut())
+        .enumerate()
+        .for_each_init(
+            || (vec![0.0; n + 1], vec![0.0; n + 1], vec![0.0; n]),
+            |(cum, cum_bar, rw_bar), (p, (sbar, sc))| {
+                let col = &st.rw[p * n..(p + 1) * n];
+                rw_bar.fill(0.0);
+                cum_bar.fill(0.0);
+                inner_columns(col, cum);
+                for i in d.offsets[p]..d.offsets[p + 1] {
+                    star_vjp(
+                        d.windows.of(i),
+                        col,
+                        cum,
+                        st.abar[i],
+                        ca[i],
+                        cv[i],
+                        rw_bar,
+                        cum_bar,
+                    );
+                }
+                finish_vjp(cum_bar, rw_bar);
+                // rw = Δr exp(scl s + off): ∂rw/∂s = scl rw, ∂rw/∂scl = s rw, ∂rw/∂off = rw
+                if !accumulate {
+                    sbar.fill(0.0);
+                }
+                let (mut g_scl, mut g_off) = (0.0, 0.0);
+                for k in 0..n {
+                    let t = weight * rw_bar[k] * col[k];
+                    sbar[pad + k] += st.scl * t;
+                    g_scl += st.s[p * n + k] * t;
+                    g_off += t;
+                }
+                *sc = [g_scl, g_off];
+            },
+        );
+    m.dom.pixel_sum2(pix_scalars)
+}
+
+/// The part of a JVP after the ICR forward: `ds = S dξ_e` (final chart field) and the value
+/// tangents of scale and offset; `buf` holds the tangent of rw.
+#[allow(clippy::too_many_arguments)]
+fn jvp_from_field(
+    m: &Model,
+    st: &State,
+    ds: &[f64],
+    dscl: f64,
+    doff: f64,
+    da: &mut [f64],
+    dv: &mut [f64],
+    buf: &mut [f64],
+) {
+    let (n, nc, pad) = (m.n_r(), m.n_chart(), m.padding());
+    let d = &m.data;
+    let (ap, vp) = (DisjointMut::new(da), DisjointMut::new(dv));
+    buf[..m.npix() * n]
+        .par_chunks_mut(n)
+        .enumerate()
+        .for_each_init(
+            || (vec![0.0; n + 1], vec![0.0; n + 1]),
+            |(cum, dcum), (p, drw)| {
+                let col = &st.rw[p * n..(p + 1) * n];
+                for k in 0..n {
+                    let j = p * nc + pad + k;
+                    drw[k] = col[k] * (st.scl * ds[j] + st.s[p * n + k] * dscl + doff);
+                }
+                let (lo, hi) = (d.offsets[p], d.offsets[p + 1]);
+                if lo == hi {
+                    return;
+                }
+                inner_columns(col, cum);
+                inner_columns(drw, dcum);
+                // SAFETY: star ranges of distinct pixels are disjoint
+                let (a, v) = unsafe { (ap.chunk(lo, hi - lo), vp.chunk(lo, hi - lo)) };
+                for (j, i) in (lo..hi).enumerate() {
+                    let (x, y) = star_jvp(d.windows.of(i), col, drw, cum, dcum, st.abar[i]);
+                    a[j] = x;
+                    v[j] = y;
+                }
+            },
+        );
+}

@@ -1,0 +1,8 @@
+//! The likelihood: star distance windows and line-of-sight response, the model state, and
+//! the composed model (energy, gradient, JVP/VJP, MGVI metric) over a compute backend.
+
+pub mod backend;
+pub mod cpu;
+pub mod model;
+pub mod response;
+pub mod state;

@@ -1,0 +1,464 @@
+//! The dust model composed from its stages (docs/model.md):
+//! `ξ → (s, scale, offset) → ρ → (ā, σ_a²) per star → (ā, v) → −ln P`,
+//! with the gradient (VJP of the energy), the Jacobian-vector product into (ā, v) space, its
+//! transpose, and the MGVI metric `M = I + Jᵀ F J` with `F = diag(1/v, 1/(2v²))`.
+//!
+//! Parameters: the sampled vector `x = [ξ_e (ICR) | ξ_scale | ξ_offset]` and the per-star
+//! point estimates `ξ_σ` (never sampled, not part of the metric). Energies drop the constant
+//! `½ ln 2π` per star. The voxel and star stages run on a [`Backend`] (the CPU by default);
+//! the chain rule through the priors, the prior terms and the masks live here, once.
+
+use anyhow::{bail, Result};
+use rayon::prelude::*;
+use std::sync::Arc;
+
+use super::backend::{Backend, Chain, Traffic};
+use super::cpu::Cpu;
+use super::state::next_state_id;
+pub use super::state::{StarData, State};
+use crate::data::catalog::PixelCatalog;
+use crate::num::cg::{CgReport, CgSettings};
+use crate::prior::icr::{Icr, IcrWork};
+use crate::sphere::decomp::{Domain, Space};
+use crate::sphere::transforms::{InvGamma, LogNormal, Normal};
+
+/// The model's priors and noise model (paper §4, App. A): what a configuration fixes.
+#[derive(Clone, Debug)]
+pub struct ModelParams {
+    /// Prior of the scale of s (log-normal in its mean and standard deviation).
+    pub scale: LogNormal,
+    /// Prior of the offset of ln ρ, ln(extinction units per pc).
+    pub offset: Normal,
+    /// Prior of the per-star error inflation n_σ.
+    pub nsigma: InvGamma,
+    /// Whether n_σ is a free point estimate (else fixed at 1).
+    pub infer_nsigma: bool,
+}
+
+impl Default for ModelParams {
+    /// The paper's priors: scale LogNormal(mean 1, std 0.5), offset N(−6.91, 1),
+    /// n_σ ~ InvGamma(3, 4), inferred.
+    fn default() -> Self {
+        Self {
+            scale: LogNormal::from_mean_std(1.0, 0.5),
+            offset: Normal {
+                mean: -6.91,
+                std: 1.0,
+            },
+            nsigma: InvGamma::new(3.0, 4.0),
+            infer_nsigma: true,
+        }
+    }
+}
+
+/// The composed model.
+pub struct Model {
+    /// ICR prior operator (shared by the models of all schedule stages).
+    pub icr: Arc<Icr>,
+    /// Stars.
+    pub data: StarData,
+    /// Widths of the kept shells, pc.
+    pub widths: Vec<f64>,
+    /// Prior of the scale of s.
+    pub scale: LogNormal,
+    /// Prior of the offset of ln ρ.
+    pub offset: Normal,
+    /// Prior of n_σ.
+    pub nsigma: InvGamma,
+    /// Whether n_σ is a free point estimate (else fixed at 1).
+    pub infer_nsigma: bool,
+    pad: usize,
+    n_chart: usize,
+    /// Vector layouts and global reductions on this rank.
+    pub dom: Arc<Domain>,
+    /// Where the voxel and star stages run.
+    backend: Box<dyn Backend>,
+}
+
+/// Buffers reused across calls (used by the CPU backend; a device backend keeps its own).
+pub struct ModelWork {
+    pub(crate) icr: IcrWork,
+    pub(crate) field: Vec<f64>,
+    pub(crate) star_a: Vec<f64>,
+    pub(crate) star_v: Vec<f64>,
+    pub(crate) pix_scalars: Vec<[f64; 2]>,
+    pub(crate) pix_energy: Vec<f64>,
+    pub(crate) acc: Vec<f64>,
+    pub(crate) masked: Vec<f64>,
+}
+
+impl Model {
+    /// Build the model on the CPU backend for pixel-sorted stars at the final nside: all
+    /// pixels on one process, or the rank's own pixels (`icr.final_pixels()`, offsets
+    /// local) on many.
+    pub fn new(params: &ModelParams, icr: Arc<Icr>, cat: &PixelCatalog) -> Result<Self> {
+        let chart = icr.chart.clone();
+        if cat.nside != chart.nside_final() {
+            bail!(
+                "stars are pixelised at nside {}, the model at {}",
+                cat.nside,
+                chart.nside_final()
+            );
+        }
+        let own = icr.final_pixels();
+        if cat.offsets.len() != own.len() + 1 {
+            bail!(
+                "the catalog covers {} pixels, this rank's model {}",
+                cat.offsets.len() - 1,
+                own.len()
+            );
+        }
+        let dom = Arc::new(Domain::new(
+            icr.x_layout(),
+            &cat.offsets,
+            icr.decomp
+                .pixels_per_patch(chart.nside_final().max(icr.decomp.nside_dec)),
+        ));
+        let shells = chart.kept_shells();
+        let data = StarData::new(cat, &shells);
+        let widths = shells.widths_pc();
+        Ok(Self {
+            backend: Box::new(Cpu),
+            dom,
+            data,
+            widths,
+            scale: params.scale,
+            offset: params.offset,
+            nsigma: params.nsigma.clone(),
+            infer_nsigma: params.infer_nsigma,
+            pad: chart.padding,
+            n_chart: chart.n_r(chart.levels),
+            icr,
+        })
+    }
+
+    /// Run the voxel and star stages on `backend` from now on.
+    pub fn set_backend(&mut self, backend: Box<dyn Backend>) {
+        self.backend = backend;
+    }
+
+    /// "cpu" or the device the model runs on.
+    pub fn backend_name(&self) -> String {
+        self.backend.describe()
+    }
+
+    /// Number of kept shells.
+    pub fn n_r(&self) -> usize {
+        self.widths.len()
+    }
+
+    /// Shells of the final ICR chart, padding included.
+    pub fn n_chart(&self) -> usize {
+        self.n_chart
+    }
+
+    /// Prior-only chart shells at either radial end.
+    pub fn padding(&self) -> usize {
+        self.pad
+    }
+
+    /// Number of final pixels.
+    pub fn npix(&self) -> usize {
+        self.data.offsets.len() - 1
+    }
+
+    /// Length of the sampled parameter vector x.
+    pub fn n_params(&self) -> usize {
+        self.icr.n_xi() + 2
+    }
+
+    /// The latent-to-value chain rule of the scale and offset.
+    pub fn chain(&self) -> Chain {
+        Chain {
+            offset_std: self.offset.std,
+        }
+    }
+
+    /// Buffers for this model.
+    pub fn workspace(&self) -> ModelWork {
+        let n = self.data.len();
+        ModelWork {
+            icr: self.icr.workspace(),
+            field: vec![0.0; self.icr.n_field()],
+            star_a: vec![0.0; n],
+            star_v: vec![0.0; n],
+            pix_scalars: vec![[0.0; 2]; self.npix()],
+            pix_energy: vec![0.0; self.npix()],
+            acc: Vec::new(),
+            masked: Vec::new(),
+        }
+    }
+
+    /// Evaluate the model at (x, ξ_σ).
+    pub fn state(&self, x: &[f64], xsig: &[f64], w: &mut ModelWork) -> Result<State> {
+        let mut st = self.empty_state();
+        self.update_state(x, xsig, &mut st, w)?;
+        Ok(st)
+    }
+
+    /// A state with every buffer allocated, to be filled by [`Model::update_state`] or
+    /// [`Model::value_grad`].
+    pub fn empty_state(&self) -> State {
+        State {
+            s: vec![0.0; self.npix() * self.n_r()],
+            rw: vec![0.0; self.npix() * self.n_r()],
+            scl: 0.0,
+            dscl: 0.0,
+            off: 0.0,
+            abar: vec![0.0; self.data.len()],
+            var: vec![0.0; self.data.len()],
+            nsig: vec![1.0; self.data.len()],
+            dnsig: vec![0.0; self.data.len()],
+            id: next_state_id(),
+            fields_on_host: true,
+        }
+    }
+
+    /// On a device backend, keep at least `n` states resident (a KL with n samples needs
+    /// them all at once); nothing on the CPU.
+    pub fn reserve_device_states(&self, n: usize) {
+        self.backend.reserve_states(n);
+    }
+
+    /// Estimated bytes per call on the device and across the bus, if on a device.
+    pub fn device_traffic(&self) -> Option<Traffic> {
+        self.backend.traffic()
+    }
+
+    /// The global scale and offset and every star's n_σ into `st`.
+    fn set_globals(&self, x: &[f64], xsig: &[f64], st: &mut State) {
+        let nxi = self.icr.n_xi();
+        if self.infer_nsigma {
+            st.nsig
+                .par_iter_mut()
+                .zip(st.dnsig.par_iter_mut())
+                .zip(xsig)
+                .for_each(|((v, d), &z)| {
+                    (*v, *d) = self.nsigma.value_deriv(z);
+                });
+        }
+        st.scl = self.scale.value(x[nxi]);
+        st.off = self.offset.value(x[nxi + 1]);
+        st.dscl = self.scale.deriv(x[nxi]);
+    }
+
+    /// Check the lengths of a parameter vector and its ξ_σ.
+    fn check_lengths(&self, x: &[f64], xsig: &[f64]) -> Result<()> {
+        if x.len() != self.n_params() || xsig.len() != self.data.len() {
+            bail!(
+                "parameter vectors of length {} and {} for a model of {} parameters and {} stars",
+                x.len(),
+                xsig.len(),
+                self.n_params(),
+                self.data.len()
+            );
+        }
+        Ok(())
+    }
+
+    /// Re-evaluate the model at (x, ξ_σ) into an existing state (no allocation).
+    pub fn update_state(
+        &self,
+        x: &[f64],
+        xsig: &[f64],
+        st: &mut State,
+        w: &mut ModelWork,
+    ) -> Result<()> {
+        self.check_lengths(x, xsig)?;
+        st.id = next_state_id();
+        self.set_globals(x, xsig, st);
+        self.backend.state(self, &x[..self.icr.n_xi()], st, w)
+    }
+
+    /// −ln P(x, ξ_σ | data) up to a constant: Σ_i [(A−ā)²/(2v) + ½ ln v] + ½|x|² + ½|ξ_σ|².
+    pub fn energy(&self, st: &State, x: &[f64], xsig: &[f64]) -> f64 {
+        let d = &self.data;
+        let lik = self.dom.stars.sum(|i| {
+            let r = d.a_obs[i] - st.abar[i];
+            0.5 * r * r / st.var[i] + 0.5 * st.var[i].ln()
+        });
+        lik + self.prior_energy(x, xsig)
+    }
+
+    /// Pull star cotangents (`ca` on ā, `cv` on σ_a² — the data part of v) back to x:
+    /// writes `g = Jᵀ c` (no prior term).
+    pub fn vjp(
+        &self,
+        st: &State,
+        ca: &[f64],
+        cv: &[f64],
+        g: &mut [f64],
+        w: &mut ModelWork,
+    ) -> Result<()> {
+        let nxi = self.icr.n_xi();
+        let c = self.backend.vjp(self, st, ca, cv, &mut g[..nxi], w)?;
+        let [a, b] = self.chain().cotangent(st.dscl, c);
+        g[nxi] = a;
+        g[nxi + 1] = b;
+        Ok(())
+    }
+
+    /// Sample-averaged metric of the KL over p = [x | ξ_σ]: `out = v + (1/N) Σ_k J_kᵀ F_k J_k v`
+    /// with J_k the Jacobian at sample state k into (ā, v) including ∂v/∂ξ_σ, and `mask`
+    /// restricting x. ICR is linear and the same for every sample, so one forward and one
+    /// adjoint serve all N samples.
+    pub fn averaged_metric(
+        &self,
+        states: &[State],
+        mask: &[f64],
+        v: &[f64],
+        out: &mut [f64],
+        w: &mut ModelWork,
+    ) -> Result<()> {
+        self.backend.averaged_metric(self, states, mask, v, out, w)
+    }
+
+    /// Solve `M x = b` where the backend keeps its vectors, for the metric of `states`
+    /// (averaged, with the ξ_σ block when `with_sig`, as [`Model::averaged_metric`]; one
+    /// state without it is the sampling metric of `inference::mgvi::ModelAt`). `Ok(None)` on
+    /// the CPU backend (or when the states do not fit on the device): the caller then runs
+    /// CG on the host.
+    pub fn solve_metric(
+        &self,
+        states: &[&State],
+        mask: &[f64],
+        with_sig: bool,
+        b: &[f64],
+        x: &mut [f64],
+        settings: &CgSettings,
+    ) -> Result<Option<CgReport>> {
+        self.backend
+            .solve_metric(self, states, mask, with_sig, b, x, settings)
+    }
+
+    /// ½|x|² + ½|ξ_σ|² (the latter only when n_σ is inferred).
+    fn prior_energy(&self, x: &[f64], xsig: &[f64]) -> f64 {
+        let prior = 0.5 * self.dom.x.dot(x, x);
+        let psig = if self.infer_nsigma {
+            0.5 * self.dom.stars.dot(xsig, xsig)
+        } else {
+            0.0
+        };
+        prior + psig
+    }
+
+    /// Gradient of [`Model::energy`] with respect to x and ξ_σ.
+    pub fn gradient(
+        &self,
+        st: &State,
+        x: &[f64],
+        xsig: &[f64],
+        gx: &mut [f64],
+        gsig: &mut [f64],
+        w: &mut ModelWork,
+    ) -> Result<()> {
+        let d = &self.data;
+        let mut ca = std::mem::take(&mut w.star_a);
+        let mut cv = std::mem::take(&mut w.star_v);
+        ca.par_iter_mut()
+            .zip(cv.par_iter_mut())
+            .zip(gsig.par_iter_mut())
+            .enumerate()
+            .for_each(|(i, ((a, c), gs))| {
+                let r = d.a_obs[i] - st.abar[i];
+                let v = st.var[i];
+                *a = -r / v;
+                *c = 0.5 / v - 0.5 * r * r / (v * v);
+                *gs = if self.infer_nsigma {
+                    *c * 2.0 * st.nsig[i] * d.a_err[i] * d.a_err[i] * st.dnsig[i] + xsig[i]
+                } else {
+                    0.0
+                };
+            });
+        let r = self.vjp(st, &ca, &cv, gx, w);
+        w.star_a = ca;
+        w.star_v = cv;
+        r?;
+        gx.par_iter_mut().zip(x).for_each(|(g, xv)| *g += xv);
+        Ok(())
+    }
+
+    /// Energy and gradient in one pass over the stars (each star's window is read once):
+    /// fills `st` like [`Model::update_state`] and the gradients like [`Model::gradient`].
+    pub fn value_grad(
+        &self,
+        x: &[f64],
+        xsig: &[f64],
+        st: &mut State,
+        gx: &mut [f64],
+        gsig: &mut [f64],
+        w: &mut ModelWork,
+    ) -> Result<f64> {
+        self.check_lengths(x, xsig)?;
+        let nxi = self.icr.n_xi();
+        st.id = next_state_id();
+        self.set_globals(x, xsig, st);
+        let [lik, g_scl, g_off] =
+            self.backend
+                .value_grad(self, &x[..nxi], xsig, st, &mut gx[..nxi], gsig, w)?;
+        let [a, b] = self.chain().cotangent(st.dscl, [g_scl, g_off]);
+        gx[nxi] = a;
+        gx[nxi + 1] = b;
+        gx.par_iter_mut().zip(x).for_each(|(g, xv)| *g += xv);
+        Ok(lik + self.prior_energy(x, xsig))
+    }
+
+    /// Tangent of (ā, v) per star for a tangent `dx` of x (ξ_σ held fixed).
+    pub fn jvp(
+        &self,
+        st: &State,
+        dx: &[f64],
+        da: &mut [f64],
+        dv: &mut [f64],
+        w: &mut ModelWork,
+    ) -> Result<()> {
+        let nxi = self.icr.n_xi();
+        let (dscl, doff) = self.chain().tangent(st.dscl, [dx[nxi], dx[nxi + 1]]);
+        self.backend
+            .jvp(self, st, &dx[..nxi], dscl, doff, da, dv, w)
+    }
+
+    /// Metric-vector product `out = v + Jᵀ F J v`.
+    pub fn metric(&self, st: &State, v: &[f64], out: &mut [f64], w: &mut ModelWork) -> Result<()> {
+        let mut da = std::mem::take(&mut w.star_a);
+        let mut dv = std::mem::take(&mut w.star_v);
+        let r = self.jvp(st, v, &mut da, &mut dv, w).and_then(|()| {
+            for i in 0..da.len() {
+                let var = st.var[i];
+                da[i] /= var;
+                dv[i] /= 2.0 * var * var;
+            }
+            self.vjp(st, &da, &dv, out, w)
+        });
+        w.star_a = da;
+        w.star_v = dv;
+        r?;
+        out.par_iter_mut().zip(v).for_each(|(o, x)| *o += x);
+        Ok(())
+    }
+
+    /// `Jᵀ F^{1/2} η` for standard-normal `eta_a`, `eta_v` (one pair per star).
+    pub fn sqrt_fisher_t(
+        &self,
+        st: &State,
+        eta_a: &[f64],
+        eta_v: &[f64],
+        out: &mut [f64],
+        w: &mut ModelWork,
+    ) -> Result<()> {
+        let ca: Vec<f64> = eta_a
+            .iter()
+            .zip(&st.var)
+            .map(|(e, v)| e / v.sqrt())
+            .collect();
+        let cv: Vec<f64> = eta_v
+            .iter()
+            .zip(&st.var)
+            .map(|(e, v)| e / (std::f64::consts::SQRT_2 * v))
+            .collect();
+        self.vjp(st, &ca, &cv, out, w)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,357 @@
+use super::*;
+use crate::app::config::Config;
+use crate::app::config::Precision;
+use crate::app::simulate;
+use crate::likelihood::response::Windows;
+use crate::likelihood::response::{finish_vjp, inner_columns, star_jvp, star_moments, star_vjp};
+use rand::Rng;
+use rand_distr::StandardNormal;
+
+/// A small simulated sky with a prior-draw truth and the model built on it.
+fn setup(n_stars: usize, infer_nsigma: bool, distances: &str) -> (Model, Vec<f64>, Config) {
+    let mut cfg = Config::tiny(5, 2);
+    cfg.kernel.length_pc = 80.0;
+    cfg.noise.infer_nsigma = infer_nsigma;
+    cfg.simulate.n_stars = n_stars;
+    cfg.simulate.truth = "prior".into();
+    cfg.simulate.outlier_fraction = 0.0;
+    cfg.simulate.star_distances = distances.into();
+    let sim = simulate::run(&cfg, "").unwrap();
+    let chart = cfg.chart().unwrap();
+    let kernel = cfg.kernel.build().unwrap();
+    let icr = Icr::new(&chart, kernel.as_ref(), Precision::F64).unwrap();
+    let mut x = simulate::prior_excitations(cfg.seed, icr.n_xi());
+    x.extend([0.0, 0.0]);
+    let pc = sim.catalog.into_pixel_layout(chart.nside_final());
+    let model = crate::app::build::model(&cfg, std::sync::Arc::new(icr), &pc).unwrap();
+    (model, x, cfg)
+}
+
+fn gauss(n: usize, seed: u64, scale: f64) -> Vec<f64> {
+    let mut r = crate::base::rng::stream(seed, 77);
+    (0..n)
+        .map(|_| scale * r.sample::<f64, _>(StandardNormal))
+        .collect()
+}
+
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+fn axpy(x: &[f64], h: f64, u: &[f64]) -> Vec<f64> {
+    x.iter().zip(u).map(|(a, b)| a + h * b).collect()
+}
+
+/// Central difference with Richardson extrapolation (error O(h⁴)).
+fn richardson(mut f: impl FnMut(f64) -> f64, h: f64) -> f64 {
+    let d1 = (f(h) - f(-h)) / (2.0 * h);
+    let d2 = (f(h / 2.0) - f(-h / 2.0)) / h;
+    (4.0 * d2 - d1) / 3.0
+}
+
+/// The truth with every 5th finest-level excitation set to ±3 and the scale and offset
+/// latents at +0.8 / −1.5: large |ξ| while the energy stays within what double-precision
+/// differences resolve (with every ξ 2.5σ out, ρ reaches e^10 per pc and the energy 1e15).
+fn large_point(m: &Model, x_true: &[f64]) -> Vec<f64> {
+    let mut x = x_true.to_vec();
+    let n = x.len();
+    let start = m.icr.levels.last().unwrap().xi_off;
+    for (i, v) in x.iter_mut().enumerate().take(n - 2).skip(start).step_by(5) {
+        *v = if i % 10 < 5 { 3.0 } else { -3.0 };
+    }
+    x[n - 2] = 0.8;
+    x[n - 1] = -1.5;
+    x
+}
+
+#[test]
+fn gradient_matches_finite_differences() {
+    let (m, x_true, _) = setup(400, true, "volume");
+    let mut w = m.workspace();
+    let n = m.data.len();
+    // the truth, a random point, and a point with large |ξ| (incl. the scale and offset)
+    let points = [
+        (x_true.clone(), vec![0.0; n]),
+        (
+            axpy(&x_true, 0.2, &gauss(m.n_params(), 1, 1.0)),
+            gauss(n, 2, 1.0),
+        ),
+        (large_point(&m, &x_true), gauss(n, 4, 2.5)),
+    ];
+    for (pi, (x, xs)) in points.iter().enumerate() {
+        let st = m.state(x, xs, &mut w).unwrap();
+        let mut gx = vec![0.0; m.n_params()];
+        let mut gs = vec![0.0; n];
+        m.gradient(&st, x, xs, &mut gx, &mut gs, &mut w).unwrap();
+        for dir in 0..4 {
+            let u = gauss(m.n_params(), 10 + dir, 1.0);
+            let us = gauss(n, 20 + dir, 1.0);
+            let mut w2 = m.workspace();
+            let e = |h: f64| {
+                let (xp, sp) = (axpy(x, h, &u), axpy(xs, h, &us));
+                let s = m.state(&xp, &sp, &mut w2).unwrap();
+                m.energy(&s, &xp, &sp)
+            };
+            let an = dot(&gx, &u) + dot(&gs, &us);
+            let mut e = e;
+            // the finite-difference error is V-shaped in h (truncation vs rounding): take
+            // its minimum; a wrong derivative has no h at which it agrees
+            let rel = [1e-2, 3e-3, 1e-3, 3e-4, 1e-4]
+                .iter()
+                .map(|&h| (richardson(&mut e, h) - an).abs() / an.abs().max(1e-300))
+                .fold(f64::INFINITY, f64::min);
+            let fd = an;
+            assert!(
+                rel < 1e-6,
+                "point {pi} dir {dir}: fd {fd} analytic {an} rel {rel:e}"
+            );
+        }
+    }
+}
+
+#[test]
+fn jvp_matches_finite_differences_and_vjp() {
+    let (m, x_true, _) = setup(400, true, "volume");
+    let mut w = m.workspace();
+    let n = m.data.len();
+    for (pi, x) in [x_true.clone(), gauss(m.n_params(), 5, 2.0)]
+        .iter()
+        .enumerate()
+    {
+        let xs = gauss(n, 6, 1.0);
+        let st = m.state(x, &xs, &mut w).unwrap();
+        let u = gauss(m.n_params(), 7, 1.0);
+        let (mut da, mut dv) = (vec![0.0; n], vec![0.0; n]);
+        m.jvp(&st, &u, &mut da, &mut dv, &mut w).unwrap();
+        let mut w2 = m.workspace();
+        // relative error of the tangent vectors (norm over stars)
+        let h = 1e-3;
+        let plus = m.state(&axpy(x, h, &u), &xs, &mut w2).unwrap();
+        let minus = m.state(&axpy(x, -h, &u), &xs, &mut w2).unwrap();
+        let plus2 = m.state(&axpy(x, h / 2.0, &u), &xs, &mut w2).unwrap();
+        let minus2 = m.state(&axpy(x, -h / 2.0, &u), &xs, &mut w2).unwrap();
+        let rich = |a: &[f64], b: &[f64], c: &[f64], d: &[f64], i: usize| {
+            (4.0 * (c[i] - d[i]) / h - (a[i] - b[i]) / (2.0 * h)) / 3.0
+        };
+        let (mut ea, mut na, mut ev, mut nv) = (0.0, 0.0, 0.0, 0.0);
+        for i in 0..n {
+            ea += (rich(&plus.abar, &minus.abar, &plus2.abar, &minus2.abar, i) - da[i]).powi(2);
+            na += da[i] * da[i];
+            ev += (rich(&plus.var, &minus.var, &plus2.var, &minus2.var, i) - dv[i]).powi(2);
+            nv += dv[i] * dv[i];
+        }
+        let (ra, rv) = ((ea / na).sqrt(), (ev / nv).sqrt());
+        assert!(
+            ra < 1e-6 && rv < 1e-6,
+            "point {pi}: relative JVP error ā {ra:e}, v {rv:e}"
+        );
+        // dot-product test ⟨J u, c⟩ = ⟨u, Jᵀ c⟩
+        let (ca, cv) = (gauss(n, 8, 1.0), gauss(n, 9, 1.0));
+        let mut g = vec![0.0; m.n_params()];
+        m.vjp(&st, &ca, &cv, &mut g, &mut w).unwrap();
+        let (l, r) = (dot(&da, &ca) + dot(&dv, &cv), dot(&u, &g));
+        assert!(
+            (l - r).abs() <= 1e-10 * (l.abs() + r.abs()),
+            "point {pi}: {l} vs {r}"
+        );
+    }
+}
+
+#[test]
+fn metric_is_spd_and_equals_dense_jt_f_j() {
+    let mut cfg_small = setup(150, true, "volume");
+    // a tiny grid so the dense Jacobian fits: level 0 and one refinement only
+    cfg_small.2.grid.levels = 1;
+    let cfg = cfg_small.2.clone();
+    let sim = simulate::run(&cfg, "").unwrap();
+    let chart = cfg.chart().unwrap();
+    let icr = Icr::new(&chart, cfg.kernel.build().unwrap().as_ref(), Precision::F64).unwrap();
+    let m = crate::app::build::model(
+        &cfg,
+        std::sync::Arc::new(icr),
+        &sim.catalog.into_pixel_layout(chart.nside_final()),
+    )
+    .unwrap();
+    let np = m.n_params();
+    let n = m.data.len();
+    let mut w = m.workspace();
+    let x = gauss(np, 31, 1.0);
+    let xs = gauss(n, 32, 1.0);
+    let st = m.state(&x, &xs, &mut w).unwrap();
+    // dense J (2n × np) column by column
+    let mut jac = vec![vec![0.0; 2 * n]; np];
+    let mut e = vec![0.0; np];
+    let (mut da, mut dv) = (vec![0.0; n], vec![0.0; n]);
+    for k in 0..np {
+        e[k] = 1.0;
+        m.jvp(&st, &e, &mut da, &mut dv, &mut w).unwrap();
+        jac[k][..n].copy_from_slice(&da);
+        jac[k][n..].copy_from_slice(&dv);
+        e[k] = 0.0;
+    }
+    let fisher: Vec<f64> = (0..2 * n)
+        .map(|r| {
+            if r < n {
+                1.0 / st.var[r]
+            } else {
+                0.5 / (st.var[r - n] * st.var[r - n])
+            }
+        })
+        .collect();
+    let mut col = vec![0.0; np];
+    for k in (0..np).step_by(5) {
+        e[k] = 1.0;
+        m.metric(&st, &e, &mut col, &mut w).unwrap();
+        e[k] = 0.0;
+        for l in 0..np {
+            let dense: f64 = (0..2 * n)
+                .map(|r| jac[l][r] * fisher[r] * jac[k][r])
+                .sum::<f64>()
+                + if l == k { 1.0 } else { 0.0 };
+            assert!(
+                (col[l] - dense).abs() <= 1e-10 * dense.abs().max(1.0),
+                "M[{l},{k}] {} vs {dense}",
+                col[l]
+            );
+        }
+    }
+    // symmetric and positive definite on random vectors
+    for t in 0..5 {
+        let (a, b) = (gauss(np, 40 + t, 1.0), gauss(np, 50 + t, 1.0));
+        let (mut ma, mut mb) = (vec![0.0; np], vec![0.0; np]);
+        m.metric(&st, &a, &mut ma, &mut w).unwrap();
+        m.metric(&st, &b, &mut mb, &mut w).unwrap();
+        let (l, r) = (dot(&ma, &b), dot(&a, &mb));
+        assert!((l - r).abs() <= 1e-10 * (l.abs() + r.abs()));
+        assert!(dot(&a, &ma) >= dot(&a, &a));
+    }
+}
+
+#[test]
+fn chi2_at_the_truth_is_one_within_sampling_error() {
+    // distances uniform in parallax: the parallax likelihood is then the exact posterior of
+    // 1/d, so (A − ā)² / v has expectation 1 per star
+    let (m, x, _) = setup(20_000, false, "parallax");
+    let mut w = m.workspace();
+    let n = m.data.len();
+    let st = m.state(&x, &vec![0.0; n], &mut w).unwrap();
+    let chi2: f64 = (0..n)
+        .map(|i| (m.data.a_obs[i] - st.abar[i]).powi(2) / st.var[i])
+        .sum::<f64>()
+        / n as f64;
+    // sd of the mean of χ²₁ variables is sqrt(2/n); allow 4 sd
+    let tol = 4.0 * (2.0 / n as f64).sqrt();
+    assert!(
+        (chi2 - 1.0).abs() < tol,
+        "chi2/star {chi2}, tolerance {tol}"
+    );
+}
+
+#[test]
+fn distance_variance_vanishes_with_parallax_error() {
+    let shells = crate::sphere::grid::Shells::log_uniform(50.0, 800.0, 40).unwrap();
+    let rw: Vec<f64> = shells
+        .widths_pc()
+        .iter()
+        .enumerate()
+        .map(|(k, w)| w * 1e-3 * (1.2 + (k as f64).cos()))
+        .collect();
+    let mut cum = vec![0.0; 41];
+    inner_columns(&rw, &mut cum);
+    let mut last = f64::INFINITY;
+    let mut first = 0.0;
+    for err in [0.5, 0.1, 0.02, 0.004, 1e-4] {
+        let wdw = Windows::new(&shells, &[3.7], &[err]);
+        let (_, var) = star_moments(wdw.of(0), &rw, &cum);
+        assert!(var <= last && var >= -1e-15, "err {err}: var {var}");
+        if first == 0.0 {
+            first = var;
+        }
+        last = var;
+    }
+    // σ_a² ∝ σ_ω² as σ_ω → 0: five thousand times smaller error, 2.5e7 times smaller variance
+    assert!(last < 1e-7 * first, "{last} vs {first}");
+}
+
+#[test]
+fn response_stage_derivatives() {
+    // the per-star stage alone: FD of (ā, σ_a²) in rw = ρΔr and the JVP/VJP dot-product test
+    let shells = crate::sphere::grid::Shells::log_uniform(50.0, 800.0, 30).unwrap();
+    let wdw = Windows::new(
+        &shells,
+        &[4.0, 1.5, 12.0, 0.9, -0.2, 25.0],
+        &[0.3, 0.2, 0.05, 0.5, 0.3, 0.1],
+    );
+    let rw: Vec<f64> = shells
+        .widths_pc()
+        .iter()
+        .enumerate()
+        .map(|(k, w)| w * 2e-3 * (1.1 + (0.7 * k as f64).sin()))
+        .collect();
+    let drw = gauss(30, 3, 1e-2);
+    let mut cum = vec![0.0; 31];
+    let mut dcum = vec![0.0; 31];
+    inner_columns(&rw, &mut cum);
+    inner_columns(&drw, &mut dcum);
+    for i in 0..wdw.len() {
+        let (a, _) = star_moments(wdw.of(i), &rw, &cum);
+        let (da, dv) = star_jvp(wdw.of(i), &rw, &drw, &cum, &dcum, a);
+        let f = |h: f64, which: usize| {
+            let r = axpy(&rw, h, &drw);
+            let mut c = vec![0.0; 31];
+            inner_columns(&r, &mut c);
+            let m = star_moments(wdw.of(i), &r, &c);
+            if which == 0 {
+                m.0
+            } else {
+                m.1
+            }
+        };
+        assert!(
+            (richardson(|h| f(h, 0), 1e-2) - da).abs() <= 1e-9 * da.abs().max(1e-12),
+            "star {i} ā"
+        );
+        let fdv = richardson(|h| f(h, 1), 1e-2);
+        // σ² = m − ā² cancels: the difference quotient carries rounding ~ε ā² / h
+        assert!(
+            (fdv - dv).abs() <= 1e-8 * dv.abs() + 1e-12 * a * a,
+            "star {i} σ²: fd {fdv} vs {dv}"
+        );
+        let (ga, gv) = (0.7, -1.3);
+        let (mut rb, mut cb) = (vec![0.0; 30], vec![0.0; 31]);
+        star_vjp(wdw.of(i), &rw, &cum, a, ga, gv, &mut rb, &mut cb);
+        finish_vjp(&cb, &mut rb);
+        let (l, r) = (ga * da + gv * dv, dot(&rb, &drw));
+        assert!(
+            (l - r).abs() <= 1e-12 * (l.abs() + r.abs()),
+            "star {i}: {l} vs {r}"
+        );
+    }
+}
+
+#[test]
+fn fused_value_grad_equals_separate_passes() {
+    let (m, x_true, _) = setup(400, true, "volume");
+    let mut w = m.workspace();
+    let n = m.data.len();
+    let x = axpy(&x_true, 0.3, &gauss(m.n_params(), 61, 1.0));
+    let xs = gauss(n, 62, 1.0);
+    let st = m.state(&x, &xs, &mut w).unwrap();
+    let e = m.energy(&st, &x, &xs);
+    let (mut gx, mut gs) = (vec![0.0; m.n_params()], vec![0.0; n]);
+    m.gradient(&st, &x, &xs, &mut gx, &mut gs, &mut w).unwrap();
+    let mut st2 = m
+        .state(&vec![0.0; m.n_params()], &vec![0.0; n], &mut w)
+        .unwrap();
+    let (mut gx2, mut gs2) = (vec![0.0; m.n_params()], vec![0.0; n]);
+    let e2 = m
+        .value_grad(&x, &xs, &mut st2, &mut gx2, &mut gs2, &mut w)
+        .unwrap();
+    assert!((e - e2).abs() <= 1e-12 * e.abs());
+    let rel = |a: &[f64], b: &[f64]| {
+        let num: f64 = a.iter().zip(b).map(|(p, q)| (p - q).powi(2)).sum();
+        (num / b.iter().map(|q| q * q).sum::<f64>()).sqrt()
+    };
+    assert!(rel(&gx2, &gx) < 1e-12 && rel(&gs2, &gs) < 1e-12);
+    assert_eq!(st2.abar, st.abar);
+}

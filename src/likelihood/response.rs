@@ -1,0 +1,404 @@
+//! The star response (paper eqs. 12–17, docs/model.md): each star's distance distribution
+//! (parallax Gaussian in 1/d) over the radial shells, and per pixel the parallax-
+//! marginalised mean extinction ā and its variance σ_a², with JVP and VJP.
+//!
+//! Shells are indexed by an *extended* index `e`: `e = 0` is "nearer than the inner edge"
+//! (no dust there, extinction 0), `e = k + 1` is kept shell `k`, `e = n + 1` is "beyond the
+//! outer edge" (the whole column; this bin also holds the mass at negative parallax).
+//!
+//! Within-shell convention: a star in shell k sees `c̃ = C_{k−1} + ρ_k Δr_k f`, where
+//! `C_{k−1}` is the column to the shell's inner edge and `f` is the star's mean fractional
+//! position inside the shell under its own distance distribution (not the midpoint). Then ā
+//! is the exact expectation of the extinction of the piecewise-constant ρ, which tends to the
+//! exact integral to the star's distance as σ_ω → 0. The second moment adds the spread
+//! inside the shell, `ρ_k² Δr_k² h` with `h` the variance of the fractional position, so ā
+//! and σ_a² are the exact first two moments of the extinction of a piecewise-constant ρ
+//! under the star's distance distribution.
+
+use rayon::prelude::*;
+
+use crate::base::util::DisjointMut;
+use crate::sphere::grid::Shells;
+use crate::sphere::transforms::{norm_cdf, norm_pdf};
+
+/// Half-width of a star's window in units of its parallax error: tails beyond ±5.3σ (mass
+/// 6e-8 each) are lumped into the window's end bins, so each window sums to 1.
+const Z_WINDOW: f64 = 5.3;
+
+/// Per-star shell windows: probabilities and within-shell positions.
+#[derive(Clone, Debug, Default)]
+pub struct Windows {
+    /// Number of kept shells `n`.
+    pub n: usize,
+    /// First extended index of each star's window.
+    pub start: Vec<u32>,
+    /// Star `i` owns entries `offset[i]..offset[i+1]`.
+    pub offset: Vec<usize>,
+    /// Probability of each extended bin of the window (f32: ā to 1e-7 relative, and the
+    /// window data is what the per-star passes stream from memory).
+    pub prob: Vec<f32>,
+    /// Mean fractional position inside the shell, quantised: f = frac / 65535 (0 for the two
+    /// outer bins). 16 bits place a star to 1.5e-5 of a shell width, far below what the data
+    /// resolve, and keep the window data (streamed by every pass) at 8 bytes per entry.
+    pub frac: Vec<u16>,
+    /// Variance of the fractional position (≤ 1/4), quantised: h = spread / (4 · 65535).
+    pub spread: Vec<u16>,
+}
+
+/// One star's window: first extended index, probabilities, mean positions, position variances.
+pub type Window<'a> = (usize, &'a [f32], &'a [u16], &'a [u16]);
+
+/// Scale of the quantised mean position.
+const F_SCALE: f64 = 1.0 / 65535.0;
+/// Scale of the quantised position variance.
+const H_SCALE: f64 = 1.0 / (4.0 * 65535.0);
+
+/// sf(r) = P(d > r) for parallax ω ± σ (mas), r in pc; and its complement, both accurate.
+fn tail_probs(r_pc: f64, parallax: f64, err: f64) -> (f64, f64) {
+    if r_pc.is_infinite() {
+        return (0.0, 1.0);
+    }
+    if r_pc <= 0.0 {
+        return (1.0, 0.0);
+    }
+    let z = (1000.0 / r_pc - parallax) / err;
+    (norm_cdf(z), norm_cdf(-z))
+}
+
+/// Extended bin containing distance `d_pc`.
+fn extended_bin(edges: &[f64], d_pc: f64) -> usize {
+    let n = edges.len() - 1;
+    if d_pc < edges[0] {
+        0
+    } else if d_pc >= edges[n] {
+        n + 1
+    } else {
+        edges.partition_point(|&x| x <= d_pc)
+    }
+}
+
+/// Gauss–Legendre nodes and weights on [−1, 1], 5 points.
+const GL5: [(f64, f64); 5] = [
+    (0.0, 0.568_888_888_888_888_9),
+    (-0.538_469_310_105_683_1, 0.478_628_670_499_366_47),
+    (0.538_469_310_105_683_1, 0.478_628_670_499_366_47),
+    (-0.906_179_845_938_664, 0.236_926_885_056_189_08),
+    (0.906_179_845_938_664, 0.236_926_885_056_189_08),
+];
+
+/// Mean and variance of the fractional position in [r_lo, r_hi] of a star with parallax
+/// ω ± σ, by quadrature over the parallax variable t = 1000/d (pieces ≤ 1σ wide, 5-point
+/// Gauss–Legendre).
+fn position_moments(r_lo: f64, r_hi: f64, parallax: f64, err: f64) -> (f32, f32) {
+    let z_a = ((1000.0 / r_hi - parallax) / err).max(-8.5);
+    let z_b = ((1000.0 / r_lo - parallax) / err).min(8.5);
+    if z_b <= z_a {
+        // the distribution's bulk is outside the shell: use the nearer edge
+        return (
+            if (1000.0 / r_hi - parallax) / err > 0.0 {
+                0.0
+            } else {
+                1.0
+            },
+            0.0,
+        );
+    }
+    let pieces = ((z_b - z_a).ceil() as usize).max(1);
+    let h = (z_b - z_a) / pieces as f64;
+    let (mut num, mut num2, mut den) = (0.0, 0.0, 0.0);
+    for p in 0..pieces {
+        let mid = z_a + (p as f64 + 0.5) * h;
+        for (x, w) in GL5 {
+            let z = mid + 0.5 * h * x;
+            let d = 1000.0 / (parallax + err * z);
+            let wt = w * norm_pdf(z);
+            let x = (d - r_lo) / (r_hi - r_lo);
+            num += wt * x;
+            num2 += wt * x * x;
+            den += wt;
+        }
+    }
+    if den > 0.0 {
+        let f = (num / den).clamp(0.0, 1.0);
+        (f as f32, (num2 / den - f * f).max(0.0) as f32)
+    } else {
+        (0.5, 1.0 / 12.0)
+    }
+}
+
+impl Windows {
+    /// Windows of all stars over `shells`, computed in parallel (order of `parallax`).
+    pub fn new(shells: &Shells, parallax_mas: &[f64], error_mas: &[f64]) -> Self {
+        let edges = &shells.edges_pc;
+        let n = shells.len();
+        // two passes, so the flat arrays are allocated once at their final size
+        let ranges: Vec<(usize, usize)> = parallax_mas
+            .par_iter()
+            .zip(error_mas)
+            .map(|(&w, &s)| Self::range(edges, w, s))
+            .collect();
+        let mut offset = Vec::with_capacity(ranges.len() + 1);
+        offset.push(0);
+        for (lo, hi) in &ranges {
+            offset.push(offset.last().copied().unwrap_or(0) + hi - lo + 1);
+        }
+        let total = *offset.last().unwrap_or(&0);
+        let (mut prob, mut frac, mut spread) =
+            (vec![0f32; total], vec![0u16; total], vec![0u16; total]);
+        let (pp, fp, hp) = (
+            DisjointMut::new(&mut prob),
+            DisjointMut::new(&mut frac),
+            DisjointMut::new(&mut spread),
+        );
+        (0..ranges.len()).into_par_iter().for_each(|i| {
+            let len = offset[i + 1] - offset[i];
+            // SAFETY: the star ranges `offset[i]..offset[i+1]` are disjoint
+            let (p, f, h) = unsafe {
+                (
+                    pp.chunk(offset[i], len),
+                    fp.chunk(offset[i], len),
+                    hp.chunk(offset[i], len),
+                )
+            };
+            Self::fill(edges, n, parallax_mas[i], error_mas[i], ranges[i], p, f, h);
+        });
+        let start = ranges.iter().map(|r| r.0 as u32).collect();
+        Windows {
+            n,
+            start,
+            offset,
+            prob,
+            frac,
+            spread,
+        }
+    }
+
+    /// First and last extended bin of a star's ±Z_WINDOW σ window.
+    fn range(edges: &[f64], w: f64, s: f64) -> (usize, usize) {
+        let t_hi = w + Z_WINDOW * s;
+        let t_lo = w - Z_WINDOW * s;
+        let d_near = if t_hi > 0.0 {
+            1000.0 / t_hi
+        } else {
+            f64::INFINITY
+        };
+        let d_far = if t_lo > 0.0 {
+            1000.0 / t_lo
+        } else {
+            f64::INFINITY
+        };
+        (extended_bin(edges, d_near), extended_bin(edges, d_far))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn fill(
+        edges: &[f64],
+        n: usize,
+        w: f64,
+        s: f64,
+        (e_lo, e_hi): (usize, usize),
+        prob: &mut [f32],
+        frac: &mut [u16],
+        spread: &mut [u16],
+    ) {
+        let lower = |e: usize| if e == 0 { 0.0 } else { edges[e - 1] };
+        let upper = |e: usize| if e > n { f64::INFINITY } else { edges[e] };
+        for (j, e) in (e_lo..=e_hi).enumerate() {
+            // the window's end bins absorb the tails: all mass nearer / farther
+            let (sf_lo, cdf_lo) = if e == e_lo {
+                (1.0, 0.0)
+            } else {
+                tail_probs(lower(e), w, s)
+            };
+            let (sf_hi, cdf_hi) = if e == e_hi {
+                (0.0, 1.0)
+            } else {
+                tail_probs(upper(e), w, s)
+            };
+            // difference of the smaller-magnitude representation, for precision in the tails
+            let p = if sf_lo < 0.5 {
+                sf_lo - sf_hi
+            } else {
+                cdf_hi - cdf_lo
+            };
+            prob[j] = p.max(0.0) as f32;
+            let (f, h) = if e == 0 || e > n {
+                (0.0, 0.0)
+            } else {
+                position_moments(lower(e), upper(e), w, s)
+            };
+            frac[j] = (f as f64 / F_SCALE).round().clamp(0.0, 65535.0) as u16;
+            spread[j] = (h as f64 / H_SCALE).round().clamp(0.0, 65535.0) as u16;
+        }
+    }
+
+    /// Number of stars.
+    pub fn len(&self) -> usize {
+        self.start.len()
+    }
+
+    /// True if there are no stars.
+    pub fn is_empty(&self) -> bool {
+        self.start.is_empty()
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.prob.len() * 8 + self.start.len() * 12
+    }
+
+    /// The window of star `i`.
+    pub fn of(&self, i: usize) -> Window<'_> {
+        let r = self.offset[i]..self.offset[i + 1];
+        (
+            self.start[i] as usize,
+            &self.prob[r.clone()],
+            &self.frac[r.clone()],
+            &self.spread[r],
+        )
+    }
+}
+
+/// Inner columns `cum[k] = Σ_{k' < k} rw[k']` (n + 1 values, the total last) of a column
+/// given as `rw[k] = ρ_k Δr_k` (extinction across shell k).
+pub fn inner_columns(rw: &[f64], cum: &mut [f64]) {
+    let mut acc = 0.0;
+    for k in 0..rw.len() {
+        cum[k] = acc;
+        acc += rw[k];
+    }
+    cum[rw.len()] = acc;
+}
+
+/// The window positions `jl..jh` that are kept shells (shell of `jl` is `k0`), and whether
+/// the last position is the "beyond" bin.
+#[inline]
+fn split(e0: usize, len: usize, n: usize) -> (usize, usize, usize, bool) {
+    let jl = usize::from(e0 == 0);
+    let jh = len.min((n + 1).saturating_sub(e0));
+    let k0 = (e0 + jl).saturating_sub(1);
+    (jl, jh.max(jl), k0, e0 + len == n + 2)
+}
+
+/// ā and σ_a² of one star from its pixel's `rw = ρ Δr` and inner columns `cum`.
+pub fn star_moments(win: Window<'_>, rw: &[f64], cum: &[f64]) -> (f64, f64) {
+    let (e0, p, f, h) = win;
+    let n = rw.len();
+    let (jl, jh, k0, beyond) = split(e0, p.len(), n);
+    let (mut a, mut m) = (0.0, 0.0);
+    for (j, k) in (jl..jh).zip(k0..) {
+        let (pj, r) = (p[j] as f64, rw[k]);
+        let c = cum[k] + r * (f[j] as f64 * F_SCALE);
+        a += pj * c;
+        m += pj * (c * c + r * r * (h[j] as f64 * H_SCALE));
+    }
+    if beyond {
+        let pj = p[p.len() - 1] as f64;
+        a += pj * cum[n];
+        m += pj * cum[n] * cum[n];
+    }
+    (a, m - a * a)
+}
+
+/// Tangent (δā, δσ_a²) of one star for a tangent `drw` of its column (`dcum` its columns).
+pub fn star_jvp(
+    win: Window<'_>,
+    rw: &[f64],
+    drw: &[f64],
+    cum: &[f64],
+    dcum: &[f64],
+    abar: f64,
+) -> (f64, f64) {
+    let (e0, p, f, h) = win;
+    let n = rw.len();
+    let (jl, jh, k0, beyond) = split(e0, p.len(), n);
+    let (mut da, mut dm) = (0.0, 0.0);
+    for (j, k) in (jl..jh).zip(k0..) {
+        let (pj, fj) = (p[j] as f64, f[j] as f64 * F_SCALE);
+        let c = cum[k] + rw[k] * fj;
+        let dc = dcum[k] + drw[k] * fj;
+        da += pj * dc;
+        dm += pj * (c * dc + rw[k] * drw[k] * (h[j] as f64 * H_SCALE));
+    }
+    if beyond {
+        let pj = p[p.len() - 1] as f64;
+        da += pj * dcum[n];
+        dm += pj * cum[n] * dcum[n];
+    }
+    (da, 2.0 * dm - 2.0 * abar * da)
+}
+
+/// Accumulate the cotangent of one star (`ga` on ā, `gv` on σ_a²) into its pixel's
+/// cotangents of `rw` and of the inner columns (folded by [`finish_vjp`]).
+#[allow(clippy::too_many_arguments)]
+pub fn star_vjp(
+    win: Window<'_>,
+    rw: &[f64],
+    cum: &[f64],
+    abar: f64,
+    ga: f64,
+    gv: f64,
+    rw_bar: &mut [f64],
+    cum_bar: &mut [f64],
+) {
+    let (e0, p, f, h) = win;
+    let n = rw.len();
+    let (jl, jh, k0, beyond) = split(e0, p.len(), n);
+    let base = ga - 2.0 * gv * abar;
+    for (j, k) in (jl..jh).zip(k0..) {
+        let (pj, fj) = (p[j] as f64, f[j] as f64 * F_SCALE);
+        let c = cum[k] + rw[k] * fj;
+        let w = pj * (base + 2.0 * gv * c);
+        cum_bar[k] += w;
+        rw_bar[k] += w * fj + 2.0 * gv * pj * rw[k] * (h[j] as f64 * H_SCALE);
+    }
+    if beyond {
+        let pj = p[p.len() - 1] as f64;
+        cum_bar[n] += pj * (base + 2.0 * gv * cum[n]);
+    }
+}
+
+/// Fold the inner-column cotangents into `rw_bar`: `rw_k` enters every `cum[k']`, k' > k.
+pub fn finish_vjp(cum_bar: &[f64], rw_bar: &mut [f64]) {
+    let n = rw_bar.len();
+    let mut acc = cum_bar[n];
+    for k in (0..n).rev() {
+        rw_bar[k] += acc;
+        acc += cum_bar[k];
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_sum_to_one_and_small_error_limit_is_exact() {
+        let shells = Shells::log_uniform(40.0, 2000.0, 64).unwrap();
+        let par = [2.5, 0.6, 10.0, -2.0, 30.0, 1.0];
+        let err = [0.1, 0.3, 0.02, 0.2, 0.05, 1e-6];
+        let w = Windows::new(&shells, &par, &err);
+        for i in 0..par.len() {
+            let (_, p, _, _) = w.of(i);
+            let s: f64 = p.iter().map(|&v| v as f64).sum();
+            assert!((s - 1.0).abs() < 1e-6, "star {i}: sum {s}");
+        }
+        // negative parallax: everything is beyond the grid
+        assert_eq!(w.of(3).0, 65);
+        // σ_ω → 0: ā is the exact integral of the piecewise-constant ρ to d = 1 kpc
+        let rho: Vec<f64> = (0..64)
+            .map(|k| 1e-3 * (1.0 + (k as f64 * 0.3).sin()))
+            .collect();
+        let rw: Vec<f64> = rho
+            .iter()
+            .zip(shells.widths_pc())
+            .map(|(r, w)| r * w)
+            .collect();
+        let mut cum = vec![0.0; 65];
+        inner_columns(&rw, &mut cum);
+        let (a, var) = star_moments(w.of(5), &rw, &cum);
+        let exact = crate::sphere::grid::integrate_to(&shells, |k| rho[k], 1000.0);
+        assert!((a - exact).abs() < 1e-6 * exact, "{a} vs {exact}");
+        assert!(var.abs() < 1e-9, "var {var}");
+    }
+}

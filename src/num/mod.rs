@@ -1,0 +1,3 @@
+//! Generic numerical solvers that know vectors and operators, not dust: conjugate gradients.
+
+pub mod cg;

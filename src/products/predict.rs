@@ -1,0 +1,178 @@
+//! Predicted extinction to stars from a finished map (paper Appendix D): for each star, the
+//! expectation of the integrated extinction over its parallax-implied distance distribution
+//! (the same windows and within-shell convention as the likelihood, `response`), averaged
+//! over the map's samples, with its standard deviation split into the part due to the map's
+//! uncertainty (spread over samples) and the part due to the star's distance uncertainty.
+//!
+//! The star sits in its NESTED pixel (no angular interpolation), as in the fit. Stars nearer
+//! than the map's inner edge get no extinction from the inner map (the likelihood's
+//! convention: that bin holds no dust); beyond it the inner map is added.
+
+use anyhow::{bail, Result};
+use rayon::prelude::*;
+
+use crate::likelihood::response::{inner_columns, star_moments, Windows};
+use crate::products::mapfile::DustMap;
+use crate::sphere::grid;
+
+/// Per-star predictions, in input order (extinction in the catalog's units).
+#[derive(Clone, Debug, Default)]
+pub struct Prediction {
+    /// Posterior mean of the expected extinction.
+    pub mean: Vec<f64>,
+    /// Total standard deviation: map and distance parts in quadrature.
+    pub std: Vec<f64>,
+    /// Standard deviation of the expected extinction over the map's samples (NaN for a map
+    /// without samples).
+    pub map_std: Vec<f64>,
+    /// Standard deviation due to the star's distance uncertainty (sample-averaged variance).
+    pub distance_std: Vec<f64>,
+}
+
+/// Check the star columns; errors name the row (1-based) and quantity.
+fn validate(l: &[f64], b: &[f64], parallax: &[f64], err: &[f64]) -> Result<()> {
+    for i in 0..l.len() {
+        let row = i + 1;
+        if !l[i].is_finite() || !b[i].is_finite() || b[i].abs() > 90.0 {
+            bail!(
+                "row {row}: (l, b) = ({}, {}) is not a valid sky position",
+                l[i],
+                b[i]
+            );
+        }
+        if !parallax[i].is_finite() {
+            bail!("row {row}: parallax {} is not finite", parallax[i]);
+        }
+        if !(err[i].is_finite() && err[i] > 0.0) {
+            bail!(
+                "row {row}: parallax error {} must be finite and > 0",
+                err[i]
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Predict the extinction to stars at (l, b) deg with parallax ± error (mas).
+pub fn predict(
+    map: &DustMap,
+    l_deg: &[f64],
+    b_deg: &[f64],
+    parallax_mas: &[f64],
+    error_mas: &[f64],
+) -> Result<Prediction> {
+    map.check()?;
+    validate(l_deg, b_deg, parallax_mas, error_mas)?;
+    let n_star = l_deg.len();
+    let win = Windows::new(&map.shells, parallax_mas, error_mas);
+    let pix: Vec<usize> = (0..n_star)
+        .map(|i| grid::ang2pix(map.nside, l_deg[i], b_deg[i]) as usize)
+        .collect();
+    let mut order: Vec<usize> = (0..n_star).collect();
+    order.sort_by_key(|&i| pix[i]);
+    let groups: Vec<&[usize]> = order.chunk_by(|&a, &b| pix[a] == pix[b]).collect();
+    let fields: Vec<(&[f64], &[f64])> = if map.samples.is_empty() {
+        vec![(&map.mean, &map.inner_mean)]
+    } else {
+        map.samples
+            .iter()
+            .zip(&map.inner_samples)
+            .map(|(s, i)| (s.as_slice(), i.as_slice()))
+            .collect()
+    };
+    let widths = map.shells.widths_pc();
+    let (npix, nr, ns) = (map.npix(), map.n_r(), fields.len() as f64);
+    let per_star: Vec<(usize, [f64; 3])> = groups
+        .par_iter()
+        .flat_map_iter(|stars| {
+            let p = pix[stars[0]];
+            let (mut rw, mut cum) = (vec![0.0; nr], vec![0.0; nr + 1]);
+            let mut acc = vec![[0.0f64; 3]; stars.len()];
+            for (rho, inner) in &fields {
+                for k in 0..nr {
+                    rw[k] = rho[k * npix + p] * widths[k];
+                }
+                inner_columns(&rw, &mut cum);
+                let i0 = inner[p];
+                for (a, &s) in acc.iter_mut().zip(stars.iter()) {
+                    let w = win.of(s);
+                    let (m, v) = star_moments(w, &rw, &cum);
+                    // the inner map shifts every bin but "nearer than the inner edge"
+                    let p0 = if w.0 == 0 { w.1[0] as f64 } else { 0.0 };
+                    let m2 = v + m * m + 2.0 * i0 * m + i0 * i0 * (1.0 - p0);
+                    let mean = m + i0 * (1.0 - p0);
+                    a[0] += mean;
+                    a[1] += mean * mean;
+                    a[2] += (m2 - mean * mean).max(0.0);
+                }
+            }
+            stars.iter().copied().zip(acc).collect::<Vec<_>>()
+        })
+        .collect();
+    let mut out = Prediction {
+        mean: vec![0.0; n_star],
+        std: vec![0.0; n_star],
+        map_std: vec![0.0; n_star],
+        distance_std: vec![0.0; n_star],
+    };
+    let has_samples = !map.samples.is_empty();
+    for (i, [s1, s2, v]) in per_star {
+        let mean = s1 / ns;
+        let map_var = (s2 / ns - mean * mean).max(0.0);
+        let dist_var = v / ns;
+        out.mean[i] = mean;
+        out.distance_std[i] = dist_var.sqrt();
+        out.map_std[i] = if has_samples {
+            map_var.sqrt()
+        } else {
+            f64::NAN
+        };
+        out.std[i] = (dist_var + if has_samples { map_var } else { 0.0 }).sqrt();
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sphere::grid::Shells;
+
+    #[test]
+    fn precise_parallaxes_recover_the_integral_and_samples_give_the_map_spread() {
+        let rho = 1e-3;
+        let mut m = DustMap::from_fn(
+            2,
+            Shells::log_uniform(50.0, 800.0, 40).unwrap(),
+            "E",
+            |_, _| rho,
+        );
+        let npix = m.npix();
+        m.inner_mean = vec![0.02; npix];
+        m.samples = vec![
+            m.mean.iter().map(|v| v * 0.5).collect(),
+            m.mean.iter().map(|v| v * 1.5).collect(),
+        ];
+        m.inner_samples = vec![vec![0.01; npix], vec![0.03; npix]];
+        // a star at 400 pc with a 0.1 % parallax error
+        let p = predict(&m, &[30.0], &[10.0], &[2.5], &[0.0025]).unwrap();
+        let want = 0.02 + rho * (400.0 - 50.0);
+        assert!(
+            (p.mean[0] / want - 1.0).abs() < 2e-3,
+            "{} vs {want}",
+            p.mean[0]
+        );
+        // samples at 0.5× and 1.5×: spread is half the mean
+        assert!((p.map_std[0] / (0.5 * want) - 1.0).abs() < 5e-3);
+        assert!(p.distance_std[0] < 0.01 * want);
+        // a 20 % parallax error spreads the extinction by about ρ σ_d
+        let p = predict(&m, &[30.0], &[10.0], &[2.5], &[0.5]).unwrap();
+        let sd = rho * 400.0 * 0.2;
+        assert!(
+            p.distance_std[0] > 0.6 * sd && p.distance_std[0] < 1.6 * sd,
+            "{}",
+            p.distance_std[0]
+        );
+        assert!(predict(&m, &[30.0], &[100.0], &[2.5], &[0.5]).is_err());
+        assert!(predict(&m, &[30.0], &[10.0], &[2.5], &[0.0]).is_err());
+    }
+}
