@@ -25,7 +25,7 @@ pub fn icr(cfg: &Config, decomp: Decomp) -> Result<Icr> {
 pub fn model(cfg: &Config, icr: Arc<Icr>, stars: &PixelCatalog) -> Result<Model> {
     let mut model = Model::new(&cfg.model_params(), icr, stars)?;
     if cfg.backend.kind == BackendKind::Opencl {
-        crate::backend::opencl::model::attach(
+        crate::backend::opencl::backend::attach(
             &mut model,
             &cfg.backend.device_spec(),
             cfg.backend.precision,

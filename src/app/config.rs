@@ -1,16 +1,36 @@
 //! Run configuration (TOML). Every section has defaults; unknown keys are rejected with
 //! their name and position, and semantic checks name the offending key.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
+pub use crate::app::simulate::{CloudConfig, SimulateConfig};
 pub use crate::base::precision::Precision;
 /// `[catalog]` is the catalog module's own parameter struct (column names, selection cuts).
 pub use crate::data::catalog::{CatalogParams as CatalogConfig, ColumnNames};
 pub use crate::sphere::covariance::KernelKind;
 use crate::sphere::covariance::KernelParams;
 use crate::sphere::grid::Chart;
+
+/// A configuration value that is not allowed, with the key it belongs to.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct ConfigError {
+    /// The dotted key, e.g. `kernel.std` or `inference.stage[1].levels`.
+    pub key: String,
+    /// What is wrong, naming the key.
+    pub message: String,
+}
+
+/// A [`ConfigError`] for `key`.
+pub fn invalid(key: impl Into<String>, message: impl Into<String>) -> anyhow::Error {
+    ConfigError {
+        key: key.into(),
+        message: message.into(),
+    }
+    .into()
+}
 
 /// The whole run configuration.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
@@ -338,95 +358,6 @@ impl Config {
     }
 }
 
-/// `[simulate]`: the mock sky of `dust3d simulate`.
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct SimulateConfig {
-    /// Number of stars.
-    pub n_stars: usize,
-    /// Star distances ∝ r² between these limits, pc (defaults: the grid range).
-    pub star_r_min_pc: Option<f64>,
-    /// Outer limit of star distances, pc.
-    pub star_r_max_pc: Option<f64>,
-    /// Distance distribution: "volume" (∝ r², uniform in space) or "parallax" (uniform in
-    /// 1/d, for which the parallax likelihood is an exactly calibrated posterior).
-    pub star_distances: String,
-    /// Sky distribution of stars: "uniform" or "disk" (∝ exp(−|z|/h_star)).
-    pub star_sky: String,
-    /// Scale height of the "disk" star distribution, pc.
-    pub star_scale_height_pc: f64,
-    /// Range of parallax uncertainties, mas (uniform).
-    pub parallax_error_mas: [f64; 2],
-    /// Range of extinction uncertainties, catalog units (uniform).
-    pub extinction_error: [f64; 2],
-    /// Fraction of stars whose extinction noise is `outlier_factor` times the quoted error.
-    pub outlier_fraction: f64,
-    /// Noise inflation of outliers.
-    pub outlier_factor: f64,
-    /// Truth: "clouds" (analytic clouds + disk) or "prior" (a draw from the ICR prior).
-    pub truth: String,
-    /// Diffuse disk: density at z = 0, catalog units per pc.
-    pub disk_density: f64,
-    /// Diffuse disk scale height, pc.
-    pub disk_scale_height_pc: f64,
-    /// Analytic clouds (`[[simulate.cloud]]`).
-    pub cloud: Vec<CloudConfig>,
-}
-
-impl Default for SimulateConfig {
-    fn default() -> Self {
-        Self {
-            n_stars: 20_000,
-            star_r_min_pc: None,
-            star_r_max_pc: None,
-            star_distances: "volume".into(),
-            star_sky: "uniform".into(),
-            star_scale_height_pc: 300.0,
-            parallax_error_mas: [0.02, 0.3],
-            extinction_error: [0.02, 0.1],
-            outlier_fraction: 0.01,
-            outlier_factor: 10.0,
-            truth: "clouds".into(),
-            disk_density: 2e-4,
-            disk_scale_height_pc: 100.0,
-            cloud: default_clouds(),
-        }
-    }
-}
-
-/// One Gaussian ellipsoidal cloud of the mock truth.
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct CloudConfig {
-    /// Galactic longitude of the centre, deg.
-    pub l_deg: f64,
-    /// Galactic latitude of the centre, deg.
-    pub b_deg: f64,
-    /// Distance of the centre, pc.
-    pub d_pc: f64,
-    /// Gaussian 1σ semi-axes along Galactic x, y, z, pc.
-    pub sigma_pc: [f64; 3],
-    /// Peak density, catalog units per pc.
-    pub peak_density: f64,
-}
-
-fn default_clouds() -> Vec<CloudConfig> {
-    let c = |l_deg, b_deg, d_pc, s: f64, peak_density| CloudConfig {
-        l_deg,
-        b_deg,
-        d_pc,
-        sigma_pc: [s, s, 0.6 * s],
-        peak_density,
-    };
-    vec![
-        c(160.0, -15.0, 300.0, 40.0, 0.004),
-        c(210.0, -19.0, 420.0, 50.0, 0.003),
-        c(350.0, 15.0, 140.0, 20.0, 0.006),
-        c(80.0, 0.0, 700.0, 80.0, 0.002),
-        c(290.0, -5.0, 550.0, 60.0, 0.0025),
-    ]
-}
-
 impl Config {
     /// Parse a TOML string; `origin` names the file in error messages.
     pub fn from_toml(text: &str, origin: &str) -> Result<Self> {
@@ -495,41 +426,62 @@ impl Config {
         self.chart().context("key [grid]")?;
         let k = &self.kernel;
         if !(k.std > 0.0 && k.std.is_finite()) {
-            bail!("kernel.std must be > 0, got {}", k.std);
+            return Err(invalid(
+                "kernel.std",
+                format!("kernel.std must be > 0, got {}", k.std),
+            ));
         }
         if !(k.length_pc > 0.0 && k.length_pc.is_finite()) {
-            bail!("kernel.length_pc must be > 0, got {}", k.length_pc);
+            return Err(invalid(
+                "kernel.length_pc",
+                format!("kernel.length_pc must be > 0, got {}", k.length_pc),
+            ));
         }
         if k.kind == KernelKind::Spectrum && k.spectrum_file.is_none() {
-            bail!("kernel.kind = \"spectrum\" needs kernel.spectrum_file");
+            return Err(invalid(
+                "kernel.spectrum_file",
+                "kernel.kind = \"spectrum\" needs kernel.spectrum_file",
+            ));
         }
         let p = &self.prior;
         if !(p.scale_mean > 0.0 && p.scale_std > 0.0 && p.offset_std > 0.0) {
-            bail!("prior.scale_mean, prior.scale_std and prior.offset_std must be > 0");
+            return Err(invalid(
+                "prior",
+                "prior.scale_mean, prior.scale_std and prior.offset_std must be > 0",
+            ));
         }
         let n = &self.noise;
         if !(n.nsigma_shape > 0.0 && n.nsigma_scale > 0.0) {
-            bail!("noise.nsigma_shape and noise.nsigma_scale must be > 0");
+            return Err(invalid(
+                "noise.nsigma_shape",
+                "noise.nsigma_shape and noise.nsigma_scale must be > 0",
+            ));
         }
         self.validate_catalog()?;
         self.validate_inference()?;
         if let Some(n) = self.parallel.nside_dec {
             let chart = self.chart()?;
             if !n.is_power_of_two() || n > chart.nside_final() {
-                bail!(
-                    "parallel.nside_dec must be a power of two ≤ the map nside {}, got {n}",
-                    chart.nside_final()
-                );
+                return Err(invalid(
+                    "parallel.nside_dec",
+                    format!(
+                        "parallel.nside_dec must be a power of two ≤ the map nside {}, got {n}",
+                        chart.nside_final()
+                    ),
+                ));
             }
         }
-        self.validate_simulate()?;
+        self.simulate.validate()?;
         Ok(())
     }
 
     fn validate_catalog(&self) -> Result<()> {
         let c = &self.catalog;
         if c.quality_below.is_some() && c.columns.quality.is_none() {
-            bail!("catalog.quality_below needs catalog.columns.quality");
+            return Err(invalid(
+                "catalog.quality_below",
+                "catalog.quality_below needs catalog.columns.quality",
+            ));
         }
         for (key, v) in [
             ("catalog.d_max_pc", c.d_max_pc),
@@ -537,13 +489,19 @@ impl Config {
         ] {
             if let Some(v) = v {
                 if !(v > 0.0 && v.is_finite()) {
-                    bail!("{key} must be > 0, got {v}");
+                    return Err(invalid(
+                        key.to_string(),
+                        format!("{key} must be > 0, got {v}"),
+                    ));
                 }
             }
         }
         if let (Some(lo), Some(hi)) = (c.d_min_pc, c.d_max_pc) {
             if lo >= hi {
-                bail!("catalog.d_min_pc ({lo}) must be below catalog.d_max_pc ({hi})");
+                return Err(invalid(
+                    "catalog.d_min_pc",
+                    format!("catalog.d_min_pc ({lo}) must be below catalog.d_max_pc ({hi})"),
+                ));
             }
         }
         Ok(())
@@ -551,73 +509,48 @@ impl Config {
 
     fn validate_inference(&self) -> Result<()> {
         if self.inference.stage.is_empty() {
-            bail!("inference.stage: the schedule needs at least one stage");
+            return Err(invalid(
+                "inference.stage",
+                "inference.stage: the schedule needs at least one stage",
+            ));
         }
         for (i, s) in self.inference.stage.iter().enumerate() {
             let key = format!("inference.stage[{i}]");
             if let Some(l) = s.levels {
                 if l > self.grid.levels {
-                    bail!(
-                        "{key}.levels = {l} exceeds grid.levels = {}",
-                        self.grid.levels
-                    );
+                    return Err(invalid(
+                        format!("{key}.levels"),
+                        format!(
+                            "{key}.levels = {l} exceeds grid.levels = {}",
+                            self.grid.levels
+                        ),
+                    ));
                 }
             }
             if !(s.star_fraction > 0.0 && s.star_fraction <= 1.0) {
-                bail!(
-                    "{key}.star_fraction must be in (0, 1], got {}",
-                    s.star_fraction
-                );
+                return Err(invalid(
+                    format!("{key}.star_fraction"),
+                    format!(
+                        "{key}.star_fraction must be in (0, 1], got {}",
+                        s.star_fraction
+                    ),
+                ));
             }
             if !(s.newton_forcing > 0.0 && s.newton_forcing < 1.0) {
-                bail!(
-                    "{key}.newton_forcing must be in (0, 1), got {}",
-                    s.newton_forcing
-                );
+                return Err(invalid(
+                    format!("{key}.newton_forcing"),
+                    format!(
+                        "{key}.newton_forcing must be in (0, 1), got {}",
+                        s.newton_forcing
+                    ),
+                ));
             }
             if s.sample_pairs == 0 || s.iterations == 0 {
-                bail!("{key}: sample_pairs and iterations must be ≥ 1");
+                return Err(invalid(
+                    key.to_string(),
+                    format!("{key}: sample_pairs and iterations must be ≥ 1"),
+                ));
             }
-        }
-        Ok(())
-    }
-
-    fn validate_simulate(&self) -> Result<()> {
-        let s = &self.simulate;
-        if s.n_stars == 0 {
-            bail!("simulate.n_stars must be ≥ 1");
-        }
-        for (key, r) in [
-            ("simulate.parallax_error_mas", s.parallax_error_mas),
-            ("simulate.extinction_error", s.extinction_error),
-        ] {
-            if !(r[0] > 0.0 && r[1] >= r[0]) {
-                bail!("{key} must be [lo, hi] with 0 < lo ≤ hi, got {r:?}");
-            }
-        }
-        if !(0.0..=1.0).contains(&s.outlier_fraction) {
-            bail!(
-                "simulate.outlier_fraction must be in [0, 1], got {}",
-                s.outlier_fraction
-            );
-        }
-        if !matches!(s.truth.as_str(), "clouds" | "prior") {
-            bail!(
-                "simulate.truth must be \"clouds\" or \"prior\", got {:?}",
-                s.truth
-            );
-        }
-        if !matches!(s.star_distances.as_str(), "volume" | "parallax") {
-            bail!(
-                "simulate.star_distances must be \"volume\" or \"parallax\", got {:?}",
-                s.star_distances
-            );
-        }
-        if !matches!(s.star_sky.as_str(), "uniform" | "disk") {
-            bail!(
-                "simulate.star_sky must be \"uniform\" or \"disk\", got {:?}",
-                s.star_sky
-            );
         }
         Ok(())
     }
@@ -639,6 +572,18 @@ mod tests {
         assert!(msg.contains("x.toml"), "{msg}");
         assert!(msg.contains("nsid0"), "{msg}");
         assert!(msg.contains("line 3"), "{msg}");
+    }
+
+    #[test]
+    fn config_errors_carry_their_key() {
+        let err =
+            Config::from_toml("[[inference.stage]]\nstar_fraction = 2.0\n", "z.toml").unwrap_err();
+        let e = err
+            .chain()
+            .find_map(|e| e.downcast_ref::<ConfigError>())
+            .expect("a ConfigError in the chain");
+        assert_eq!(e.key, "inference.stage[0].star_fraction");
+        assert!(format!("{err:#}").starts_with("z.toml: invalid configuration: "));
     }
 
     #[test]

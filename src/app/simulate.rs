@@ -5,13 +5,160 @@ use anyhow::{bail, Result};
 use rand::Rng;
 use rand_distr::StandardNormal;
 
-use crate::app::config::{Config, SimulateConfig};
+use crate::app::config::{invalid, Config};
 use crate::base::provenance::Provenance;
 use crate::base::rng;
 use crate::data::catalog::Catalog;
 use crate::products::mapfile::DustMap;
 use crate::sphere::grid::integrate_to;
 use crate::sphere::grid::{self, Shells};
+
+/// `[simulate]`: the mock sky of `dust3d simulate`.
+#[derive(Clone, Debug, serde::Deserialize, serde::Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SimulateConfig {
+    /// Number of stars.
+    pub n_stars: usize,
+    /// Star distances ∝ r² between these limits, pc (defaults: the grid range).
+    pub star_r_min_pc: Option<f64>,
+    /// Outer limit of star distances, pc.
+    pub star_r_max_pc: Option<f64>,
+    /// Distance distribution: "volume" (∝ r², uniform in space) or "parallax" (uniform in
+    /// 1/d, for which the parallax likelihood is an exactly calibrated posterior).
+    pub star_distances: String,
+    /// Sky distribution of stars: "uniform" or "disk" (∝ exp(−|z|/h_star)).
+    pub star_sky: String,
+    /// Scale height of the "disk" star distribution, pc.
+    pub star_scale_height_pc: f64,
+    /// Range of parallax uncertainties, mas (uniform).
+    pub parallax_error_mas: [f64; 2],
+    /// Range of extinction uncertainties, catalog units (uniform).
+    pub extinction_error: [f64; 2],
+    /// Fraction of stars whose extinction noise is `outlier_factor` times the quoted error.
+    pub outlier_fraction: f64,
+    /// Noise inflation of outliers.
+    pub outlier_factor: f64,
+    /// Truth: "clouds" (analytic clouds + disk) or "prior" (a draw from the ICR prior).
+    pub truth: String,
+    /// Diffuse disk: density at z = 0, catalog units per pc.
+    pub disk_density: f64,
+    /// Diffuse disk scale height, pc.
+    pub disk_scale_height_pc: f64,
+    /// Analytic clouds (`[[simulate.cloud]]`).
+    pub cloud: Vec<CloudConfig>,
+}
+
+impl Default for SimulateConfig {
+    fn default() -> Self {
+        Self {
+            n_stars: 20_000,
+            star_r_min_pc: None,
+            star_r_max_pc: None,
+            star_distances: "volume".into(),
+            star_sky: "uniform".into(),
+            star_scale_height_pc: 300.0,
+            parallax_error_mas: [0.02, 0.3],
+            extinction_error: [0.02, 0.1],
+            outlier_fraction: 0.01,
+            outlier_factor: 10.0,
+            truth: "clouds".into(),
+            disk_density: 2e-4,
+            disk_scale_height_pc: 100.0,
+            cloud: default_clouds(),
+        }
+    }
+}
+
+/// One Gaussian ellipsoidal cloud of the mock truth.
+#[derive(Clone, Debug, serde::Deserialize, serde::Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CloudConfig {
+    /// Galactic longitude of the centre, deg.
+    pub l_deg: f64,
+    /// Galactic latitude of the centre, deg.
+    pub b_deg: f64,
+    /// Distance of the centre, pc.
+    pub d_pc: f64,
+    /// Gaussian 1σ semi-axes along Galactic x, y, z, pc.
+    pub sigma_pc: [f64; 3],
+    /// Peak density, catalog units per pc.
+    pub peak_density: f64,
+}
+
+fn default_clouds() -> Vec<CloudConfig> {
+    let c = |l_deg, b_deg, d_pc, s: f64, peak_density| CloudConfig {
+        l_deg,
+        b_deg,
+        d_pc,
+        sigma_pc: [s, s, 0.6 * s],
+        peak_density,
+    };
+    vec![
+        c(160.0, -15.0, 300.0, 40.0, 0.004),
+        c(210.0, -19.0, 420.0, 50.0, 0.003),
+        c(350.0, 15.0, 140.0, 20.0, 0.006),
+        c(80.0, 0.0, 700.0, 80.0, 0.002),
+        c(290.0, -5.0, 550.0, 60.0, 0.0025),
+    ]
+}
+
+impl SimulateConfig {
+    /// Semantic checks; errors name the key.
+    pub fn validate(&self) -> Result<()> {
+        let s = self;
+        if s.n_stars == 0 {
+            return Err(invalid("simulate.n_stars", "simulate.n_stars must be ≥ 1"));
+        }
+        for (key, r) in [
+            ("simulate.parallax_error_mas", s.parallax_error_mas),
+            ("simulate.extinction_error", s.extinction_error),
+        ] {
+            if !(r[0] > 0.0 && r[1] >= r[0]) {
+                return Err(invalid(
+                    key.to_string(),
+                    format!("{key} must be [lo, hi] with 0 < lo ≤ hi, got {r:?}"),
+                ));
+            }
+        }
+        if !(0.0..=1.0).contains(&s.outlier_fraction) {
+            return Err(invalid(
+                "simulate.outlier_fraction",
+                format!(
+                    "simulate.outlier_fraction must be in [0, 1], got {}",
+                    s.outlier_fraction
+                ),
+            ));
+        }
+        if !matches!(s.truth.as_str(), "clouds" | "prior") {
+            return Err(invalid(
+                "simulate.truth",
+                format!(
+                    "simulate.truth must be \"clouds\" or \"prior\", got {:?}",
+                    s.truth
+                ),
+            ));
+        }
+        if !matches!(s.star_distances.as_str(), "volume" | "parallax") {
+            return Err(invalid(
+                "simulate.star_distances",
+                format!(
+                    "simulate.star_distances must be \"volume\" or \"parallax\", got {:?}",
+                    s.star_distances
+                ),
+            ));
+        }
+        if !matches!(s.star_sky.as_str(), "uniform" | "disk") {
+            return Err(invalid(
+                "simulate.star_sky",
+                format!(
+                    "simulate.star_sky must be \"uniform\" or \"disk\", got {:?}",
+                    s.star_sky
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
 
 /// A simulated sky: the catalog and the truth map it was observed through.
 pub struct Simulation {
@@ -36,7 +183,7 @@ pub fn cloud_density(sim: &SimulateConfig, x: [f64; 3]) -> f64 {
     rho
 }
 
-/// Analytic truth sampled at voxel centres, [radius][pixel].
+/// Analytic truth sampled at voxel centres, `[radius][pixel]`.
 pub fn cloud_truth(sim: &SimulateConfig, nside: u32, shells: &Shells) -> Vec<f64> {
     let npix = grid::npix(nside);
     let dirs: Vec<[f64; 3]> = (0..npix as u64).map(|p| grid::pix2vec(nside, p)).collect();
@@ -76,7 +223,7 @@ fn draw_position<R: Rng>(
 }
 
 /// Simulate a mock sky from the configuration; `truth_field` overrides the analytic truth
-/// (used for prior draws), as [radius][pixel] on the kept shells at the final nside.
+/// (used for prior draws), as `[radius][pixel]` on the kept shells at the final nside.
 pub fn simulate(
     cfg: &Config,
     config_text: &str,
@@ -95,7 +242,12 @@ pub fn simulate(
     let r_lo = sim.star_r_min_pc.unwrap_or(shells.edges_pc[0]);
     let r_hi = sim.star_r_max_pc.unwrap_or(shells.edges_pc[shells.len()]);
     if !(r_lo > 0.0 && r_hi > r_lo) {
-        bail!("simulate.star_r_min_pc / star_r_max_pc: need 0 < min < max, got {r_lo}, {r_hi}");
+        return Err(invalid(
+            "simulate.star_r_min_pc",
+            format!(
+                "simulate.star_r_min_pc / star_r_max_pc: need 0 < min < max, got {r_lo}, {r_hi}"
+            ),
+        ));
     }
     let mut rng = rng::stream(cfg.seed, rng::streams::SIMULATE_STARS);
     let n = sim.n_stars;
@@ -143,7 +295,7 @@ pub fn prior_excitations(seed: u64, n_xi: usize) -> Vec<f64> {
     (0..n_xi).map(|_| rng.sample(StandardNormal)).collect()
 }
 
-/// A draw from the prior on the kept shells, [radius][pixel]: s = ICR(ξ) with ξ from the
+/// A draw from the prior on the kept shells, `[radius][pixel]`: s = ICR(ξ) with ξ from the
 /// seed's prior stream, ρ = exp(scale · s + offset) at the prior medians of scale and offset.
 pub fn prior_truth(cfg: &Config) -> Result<Vec<f64>> {
     let chart = cfg.chart()?;

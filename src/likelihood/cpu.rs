@@ -6,6 +6,7 @@ use anyhow::Result;
 use rayon::prelude::*;
 
 use super::backend::Backend;
+use super::mask::masked_copy;
 use super::model::{Model, ModelWork};
 use super::response::{finish_vjp, inner_columns, star_jvp, star_moments, star_vjp};
 use super::state::State;
@@ -158,8 +159,7 @@ impl Backend for Cpu {
         let (vx, vs) = v.split_at(np);
         let chain = m.chain();
         let mut vxm = std::mem::take(&mut w.masked);
-        vxm.clear();
-        vxm.extend(vx.iter().zip(mask).map(|(a, m)| a * m));
+        masked_copy(&mut vxm, vx, mask);
         m.icr.forward(&vxm[..nxi], &mut w.icr);
         let ds = std::mem::take(&mut w.icr.fields[m.icr.chart.levels]);
         let mut acc = std::mem::take(&mut w.acc);

@@ -3,6 +3,7 @@
 
 pub mod backend;
 pub mod cpu;
+pub mod mask;
 pub mod model;
 pub mod response;
 pub mod state;

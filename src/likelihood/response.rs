@@ -261,6 +261,13 @@ impl Windows {
 
 /// Inner columns `cum[k] = Σ_{k' < k} rw[k']` (n + 1 values, the total last) of a column
 /// given as `rw[k] = ρ_k Δr_k` (extinction across shell k).
+///
+/// ```
+/// use dust3d::likelihood::response::inner_columns;
+/// let mut cum = [0.0; 4];
+/// inner_columns(&[0.1, 0.2, 0.3], &mut cum);
+/// assert_eq!(cum, [0.0, 0.1, 0.1 + 0.2, 0.1 + 0.2 + 0.3]);
+/// ```
 pub fn inner_columns(rw: &[f64], cum: &mut [f64]) {
     let mut acc = 0.0;
     for k in 0..rw.len() {
@@ -280,7 +287,24 @@ fn split(e0: usize, len: usize, n: usize) -> (usize, usize, usize, bool) {
     (jl, jh.max(jl), k0, e0 + len == n + 2)
 }
 
-/// ā and σ_a² of one star from its pixel's `rw = ρ Δr` and inner columns `cum`.
+/// ā and σ_a² of one star from its pixel's `rw = ρ Δr` and inner columns `cum`, in the
+/// extinction units of `rw` (and their square).
+///
+/// A star with a very precise parallax sees the integral out to its distance:
+///
+/// ```
+/// use dust3d::likelihood::response::{inner_columns, star_moments, Windows};
+/// use dust3d::sphere::grid::Shells;
+/// let shells = Shells::log_uniform(50.0, 800.0, 20).unwrap();
+/// let rw: Vec<f64> = shells.widths_pc().iter().map(|w| 2e-3 * w).collect(); // ρ = 2e-3 / pc
+/// let mut cum = vec![0.0; rw.len() + 1];
+/// inner_columns(&rw, &mut cum);
+/// // a star at 250 pc (parallax 4 mas ± 0.001 mas)
+/// let windows = Windows::new(&shells, &[4.0], &[0.001]);
+/// let (abar, var) = star_moments(windows.of(0), &rw, &cum);
+/// assert!((abar - 2e-3 * (250.0 - 50.0)).abs() < 1e-3);
+/// assert!(var >= 0.0 && var < 1e-6);
+/// ```
 pub fn star_moments(win: Window<'_>, rw: &[f64], cum: &[f64]) -> (f64, f64) {
     let (e0, p, f, h) = win;
     let n = rw.len();

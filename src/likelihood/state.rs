@@ -12,9 +12,9 @@ pub struct StarData {
     pub offsets: Vec<usize>,
     /// Distance windows.
     pub windows: Windows,
-    /// Observed extinction.
+    /// Observed extinction A, catalog units.
     pub a_obs: Vec<f64>,
-    /// Extinction uncertainty σ_A.
+    /// Extinction uncertainty σ_A, catalog units.
     pub a_err: Vec<f64>,
 }
 
@@ -44,21 +44,23 @@ impl StarData {
 /// Everything computed at one point (x, ξ_σ); JVPs, VJPs and metric products reuse it.
 #[derive(Clone, Debug)]
 pub struct State {
-    /// Log-density s on the kept shells, pixel-major.
+    /// Log-density s on the kept shells (dimensionless, before scale and offset),
+    /// pixel-major.
     pub s: Vec<f64>,
-    /// Extinction across each kept shell, `ρ Δr`, pixel-major (ρ = rw / Δr).
+    /// Extinction across each kept shell, `ρ Δr`, catalog units, pixel-major (ρ = rw / Δr
+    /// per pc).
     pub rw: Vec<f64>,
-    /// Scale of s.
+    /// Scale of s (dimensionless).
     pub scl: f64,
     /// d scale / d ξ_scale.
     pub dscl: f64,
-    /// Offset of ln ρ.
+    /// Offset of ln ρ, ln(catalog units per pc).
     pub off: f64,
-    /// Predicted mean extinction ā per star.
+    /// Predicted mean extinction ā per star, catalog units.
     pub abar: Vec<f64>,
-    /// Variance v = (n_σ σ_A)² + σ_a² per star.
+    /// Variance v = (n_σ σ_A)² + σ_a² per star, catalog units².
     pub var: Vec<f64>,
-    /// n_σ per star.
+    /// n_σ per star (dimensionless inflation of σ_A).
     pub nsig: Vec<f64>,
     /// d n_σ / d ξ_σ per star.
     pub dnsig: Vec<f64>,

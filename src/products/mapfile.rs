@@ -35,7 +35,7 @@ impl Load {
     };
 }
 
-/// A 3D dust map: arrays are [radius][pixel] (pixel fastest), NESTED ordering.
+/// A 3D dust map: arrays are `[radius][pixel]` (pixel fastest), NESTED ordering.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DustMap {
     /// HEALPix nside (NESTED).
@@ -45,11 +45,11 @@ pub struct DustMap {
     /// Shell centres used for interpolation, pc (geometric means of the edges for dust3d's
     /// own maps; whatever a foreign file says for imported ones).
     pub centres_pc: Vec<f64>,
-    /// Mean differential extinction per pc, [radius][pixel].
+    /// Mean differential extinction per pc, `[radius][pixel]`.
     pub mean: Vec<f64>,
-    /// Standard deviation, [radius][pixel] (zeros for a truth map).
+    /// Standard deviation, `[radius][pixel]` (zeros for a truth map).
     pub std: Vec<f64>,
-    /// Samples, each [radius][pixel]; may be empty.
+    /// Samples, each `[radius][pixel]`; may be empty.
     pub samples: Vec<Vec<f64>>,
     /// Mean integrated extinction inside the inner shell edge, per pixel.
     pub inner_mean: Vec<f64>,
@@ -58,9 +58,9 @@ pub struct DustMap {
     /// Inner integrated extinction per sample, each per pixel; empty if no samples.
     pub inner_samples: Vec<Vec<f64>>,
     /// Posterior mean of the integrated extinction to the far edge of each shell (including
-    /// the inner map), [radius][pixel]; empty if not computed.
+    /// the inner map), `[radius][pixel]`; empty if not computed.
     pub integrated_mean: Vec<f64>,
-    /// Posterior std of the integrated extinction, [radius][pixel]; empty if not computed.
+    /// Posterior std of the integrated extinction, `[radius][pixel]`; empty if not computed.
     pub integrated_std: Vec<f64>,
     /// Number of stars the fit used per pixel (empty if unknown, e.g. for a truth map).
     pub star_count: Vec<u32>,
@@ -73,7 +73,7 @@ pub struct DustMap {
 }
 
 impl DustMap {
-    /// A truth map of the voxel densities `mean` ([radius][pixel]): zero std, no samples and
+    /// A truth map of the voxel densities `mean` (`[radius][pixel]`): zero std, no samples and
     /// no dust inside the inner edge (the model has none there).
     pub fn truth(nside: u32, shells: Shells, units: &str, mean: Vec<f64>) -> Self {
         let npix = grid::npix(nside);
@@ -387,112 +387,44 @@ impl DustMap {
     /// radii always); what is left out stays empty, so a command on a paper-size map holds
     /// only what it uses (the 12 samples alone are 39 GB in f64 at nside 256 × 516 shells).
     pub fn read_with(path: &Path, load: Load) -> Result<Self> {
-        let file = path.display().to_string();
-        let nc = netcdf::open(path).with_context(|| format!("{file}: cannot open as netCDF"))?;
-        let attr_str = |name: &str| -> Result<String> {
-            let a = nc
-                .attribute(name)
-                .ok_or_else(|| anyhow!("{file}: missing attribute '{name}'"))?;
-            match a.value()? {
-                netcdf::AttributeValue::Str(s) => Ok(s),
-                other => Ok(format!("{other:?}")),
-            }
-        };
-        let nside: u32 = match nc.attribute("nside").map(|a| a.value()).transpose()? {
-            Some(netcdf::AttributeValue::Int(n)) if n > 0 => n as u32,
-            Some(other) => bail!("{file}: attribute 'nside' is not a positive integer: {other:?}"),
-            None => bail!("{file}: missing attribute 'nside' (not a dust3d map file?)"),
-        };
-        grid::depth_of_nside(nside).with_context(|| format!("{file}: attribute 'nside'"))?;
-        let ordering = attr_str("ordering")?;
+        let r = Reader::open(path)?;
+        let file = &r.file;
+        let nside = r.nside()?;
+        let ordering = r.attr_str("ordering")?;
         if ordering != "NESTED" {
             bail!("{file}: ordering is '{ordering}', dust3d maps are NESTED");
         }
-        let var = |name: &str| {
-            nc.variable(name)
-                .ok_or_else(|| anyhow!("{file}: missing variable '{name}'"))
-        };
-        let read_f64 = |name: &str| -> Result<Vec<f64>> {
-            var(name)?
-                .get_values::<f64, _>(..)
-                .with_context(|| format!("{file}: variable '{name}'"))
-        };
-        let edges_pc = read_f64("radius_edges")?;
+        let edges_pc = r.f64s("radius_edges")?;
         if edges_pc.len() < 2 || edges_pc.windows(2).any(|w| w[1] <= w[0] || w[1].is_nan()) {
             bail!("{file}: radius_edges must be strictly increasing with ≥ 2 values");
         }
         let shells = Shells { edges_pc };
-        let centres_pc = match nc.variable("radius") {
-            Some(_) => read_f64("radius")?,
+        let centres_pc = match r.nc.variable("radius") {
+            Some(_) => r.f64s("radius")?,
             None => shells.centres_pc(),
         };
-        let star_count = match nc.variable("star_count") {
-            Some(v) => v
-                .get_values::<i32, _>(..)?
-                .into_iter()
-                .map(|c| c.max(0) as u32)
-                .collect(),
-            None => Vec::new(),
-        };
-        let mean = read_f64("mean")?;
-        let std = if load.std {
-            read_f64("std")?
-        } else {
-            Vec::new()
-        };
-        let per_sample = |name: &str| -> Result<Vec<Vec<f64>>> {
-            let Some(v) = nc.variable(name).filter(|_| load.samples) else {
-                return Ok(Vec::new());
-            };
-            let ns = v.dimensions()[0].len();
-            (0..ns)
-                .map(|k| {
-                    let r: Vec<f64> = if v.dimensions().len() == 3 {
-                        v.get_values((k, .., ..))?
-                    } else {
-                        v.get_values((k, ..))?
-                    };
-                    Ok(r)
-                })
-                .collect::<Result<_>>()
-                .map_err(|e: anyhow::Error| anyhow!("{file}: variable '{name}': {e}"))
-        };
-        let samples = per_sample("samples")?;
-        let inner_samples = per_sample("inner_integrated_samples")?;
-        let seed = attr_str("seed").unwrap_or_default().parse().unwrap_or(0);
-        let provenance = Provenance {
-            version: attr_str("dust3d_version").unwrap_or_default(),
-            git_commit: attr_str("git_commit").unwrap_or_default(),
-            config: attr_str("config").unwrap_or_default(),
-            seed,
-            command_line: attr_str("command_line").unwrap_or_default(),
-            catalog_sha256: attr_str("catalog_sha256").unwrap_or_default(),
-            created: attr_str("created").unwrap_or_default(),
+        let optional = |name: &str, wanted: bool| -> Result<Vec<f64>> {
+            match r.nc.variable(name) {
+                Some(_) if wanted => r.f64s(name),
+                _ => Ok(Vec::new()),
+            }
         };
         let map = DustMap {
             nside,
-            shells,
             centres_pc,
-            star_count,
-            mean,
-            std,
-            samples,
-            inner_mean: read_f64("inner_integrated_mean")?,
-            inner_std: read_f64("inner_integrated_std")?,
-            inner_samples,
-            integrated_mean: if load.integrated && nc.variable("integrated_mean").is_some() {
-                read_f64("integrated_mean")?
-            } else {
-                vec![]
-            },
-            integrated_std: if load.integrated && nc.variable("integrated_std").is_some() {
-                read_f64("integrated_std")?
-            } else {
-                vec![]
-            },
-            units: attr_str("units")?,
-            kind: attr_str("map_kind").unwrap_or_else(|_| "unknown".into()),
-            provenance,
+            star_count: r.star_count()?,
+            mean: r.f64s("mean")?,
+            std: if load.std { r.f64s("std")? } else { Vec::new() },
+            samples: r.per_sample("samples", load.samples)?,
+            inner_mean: r.f64s("inner_integrated_mean")?,
+            inner_std: r.f64s("inner_integrated_std")?,
+            inner_samples: r.per_sample("inner_integrated_samples", load.samples)?,
+            integrated_mean: optional("integrated_mean", load.integrated)?,
+            integrated_std: optional("integrated_std", load.integrated)?,
+            units: r.attr_str("units")?,
+            kind: r.attr_str("map_kind").unwrap_or_else(|_| "unknown".into()),
+            provenance: r.provenance(),
+            shells,
         };
         map.check()
             .with_context(|| format!("{file}: inconsistent map"))?;
@@ -500,7 +432,7 @@ impl DustMap {
     }
 
     /// Integrated extinction from the inner edge to the far edge of every shell, one
-    /// pixel's column of `field` ([radius][pixel]); plus the inner map.
+    /// pixel's column of `field` (`[radius][pixel]`); plus the inner map.
     pub fn integrate_column(&self, field: &[f64], inner: &[f64], pixel: usize) -> Vec<f64> {
         let widths = self.shells.widths_pc();
         let npix = self.npix();
@@ -529,4 +461,105 @@ pub fn is_map_file(path: &Path) -> bool {
     netcdf::open(path)
         .map(|nc| nc.variable("mean").is_some() && nc.attribute("nside").is_some())
         .unwrap_or(false)
+}
+
+/// An open netCDF map file and its name for error messages.
+struct Reader {
+    nc: netcdf::File,
+    file: String,
+}
+
+impl Reader {
+    fn open(path: &Path) -> Result<Self> {
+        let file = path.display().to_string();
+        let nc = netcdf::open(path).with_context(|| format!("{file}: cannot open as netCDF"))?;
+        Ok(Self { nc, file })
+    }
+
+    /// A global attribute as text (non-text values in their debug form).
+    fn attr_str(&self, name: &str) -> Result<String> {
+        let file = &self.file;
+        let a = self
+            .nc
+            .attribute(name)
+            .ok_or_else(|| anyhow!("{file}: missing attribute '{name}'"))?;
+        match a.value()? {
+            netcdf::AttributeValue::Str(s) => Ok(s),
+            other => Ok(format!("{other:?}")),
+        }
+    }
+
+    /// The `nside` attribute, checked to be a power of two.
+    fn nside(&self) -> Result<u32> {
+        let file = &self.file;
+        let nside = match self.nc.attribute("nside").map(|a| a.value()).transpose()? {
+            Some(netcdf::AttributeValue::Int(n)) if n > 0 => n as u32,
+            Some(other) => bail!("{file}: attribute 'nside' is not a positive integer: {other:?}"),
+            None => bail!("{file}: missing attribute 'nside' (not a dust3d map file?)"),
+        };
+        grid::depth_of_nside(nside).with_context(|| format!("{file}: attribute 'nside'"))?;
+        Ok(nside)
+    }
+
+    fn var(&self, name: &str) -> Result<netcdf::Variable<'_>> {
+        let file = &self.file;
+        self.nc
+            .variable(name)
+            .ok_or_else(|| anyhow!("{file}: missing variable '{name}'"))
+    }
+
+    /// A whole variable as f64.
+    fn f64s(&self, name: &str) -> Result<Vec<f64>> {
+        self.var(name)?
+            .get_values::<f64, _>(..)
+            .with_context(|| format!("{}: variable '{name}'", self.file))
+    }
+
+    /// Stars per pixel the fit used (absent in truth maps).
+    fn star_count(&self) -> Result<Vec<u32>> {
+        Ok(match self.nc.variable("star_count") {
+            Some(v) => v
+                .get_values::<i32, _>(..)?
+                .into_iter()
+                .map(|c| c.max(0) as u32)
+                .collect(),
+            None => Vec::new(),
+        })
+    }
+
+    /// A per-sample variable (sample first), one sample at a time; empty unless `wanted`.
+    fn per_sample(&self, name: &str, wanted: bool) -> Result<Vec<Vec<f64>>> {
+        let Some(v) = self.nc.variable(name).filter(|_| wanted) else {
+            return Ok(Vec::new());
+        };
+        let dims = v.dimensions();
+        let Some(ns) = dims.first().map(|d| d.len()) else {
+            bail!("{}: variable '{name}' has no sample dimension", self.file);
+        };
+        (0..ns)
+            .map(|k| {
+                let r: Vec<f64> = if dims.len() == 3 {
+                    v.get_values((k, .., ..))?
+                } else {
+                    v.get_values((k, ..))?
+                };
+                Ok(r)
+            })
+            .collect::<Result<_>>()
+            .with_context(|| format!("{}: variable '{name}'", self.file))
+    }
+
+    /// The provenance attributes (empty where absent).
+    fn provenance(&self) -> Provenance {
+        let get = |name: &str| self.attr_str(name).unwrap_or_default();
+        Provenance {
+            version: get("dust3d_version"),
+            git_commit: get("git_commit"),
+            config: get("config"),
+            seed: get("seed").parse().unwrap_or(0),
+            command_line: get("command_line"),
+            catalog_sha256: get("catalog_sha256"),
+            created: get("created"),
+        }
+    }
 }

@@ -33,6 +33,17 @@ pub fn npix(nside: u32) -> usize {
 }
 
 /// NESTED pixel index containing Galactic (l, b) in degrees at `nside`.
+///
+/// ```
+/// use dust3d::sphere::grid::{ang2pix, npix, pix2ang};
+/// let nside = 16;
+/// let p = ang2pix(nside, 210.0, -19.0);
+/// assert!((p as usize) < npix(nside));
+/// let (l, b) = pix2ang(nside, p);
+/// assert_eq!(ang2pix(nside, l, b), p);
+/// // longitudes wrap
+/// assert_eq!(ang2pix(nside, 210.0 - 360.0, -19.0), p);
+/// ```
 pub fn ang2pix(nside: u32, l_deg: f64, b_deg: f64) -> u64 {
     let depth = nside.trailing_zeros() as u8;
     let lon = l_deg.to_radians().rem_euclid(std::f64::consts::TAU);
@@ -79,8 +90,17 @@ pub struct Shells {
     pub edges_pc: Vec<f64>,
 }
 
-/// Exact integral of a piecewise-constant column (`rho[k]` on shell k) from the inner edge
-/// out to `d_pc` (0 inside, the whole column beyond the outer edge).
+/// Exact integral of a piecewise-constant column (`rho[k]` on shell k, per pc) from the inner
+/// edge out to `d_pc` (0 inside, the whole column beyond the outer edge).
+///
+/// ```
+/// use dust3d::sphere::grid::{integrate_to, Shells};
+/// let shells = Shells::log_uniform(100.0, 1000.0, 10).unwrap();
+/// let rho = |_k: usize| 1e-3; // extinction per pc
+/// assert!((integrate_to(&shells, rho, 500.0) - 0.4).abs() < 1e-12);
+/// assert_eq!(integrate_to(&shells, rho, 50.0), 0.0);
+/// assert!((integrate_to(&shells, rho, 5000.0) - 0.9).abs() < 1e-12);
+/// ```
 pub fn integrate_to(shells: &Shells, rho: impl Fn(usize) -> f64, d_pc: f64) -> f64 {
     let e = &shells.edges_pc;
     let mut acc = 0.0;
@@ -95,6 +115,17 @@ pub fn integrate_to(shells: &Shells, rho: impl Fn(usize) -> f64, d_pc: f64) -> f
 
 impl Shells {
     /// `n` shells with log-uniform edges from `r_min_pc` to `r_max_pc`.
+    ///
+    /// ```
+    /// use dust3d::sphere::grid::Shells;
+    /// let s = Shells::log_uniform(40.0, 2000.0, 4).unwrap();
+    /// assert_eq!(s.len(), 4);
+    /// let ratio = s.edges_pc[1] / s.edges_pc[0];
+    /// assert!((s.edges_pc[4] / s.edges_pc[3] - ratio).abs() < 1e-12);
+    /// assert_eq!(s.shell_of(100.0), Some(0)); // edges 40, 106, 283, 752, 2000 pc
+    /// assert_eq!(s.shell_of(200.0), Some(1));
+    /// assert!(Shells::log_uniform(100.0, 40.0, 4).is_err());
+    /// ```
     pub fn log_uniform(r_min_pc: f64, r_max_pc: f64, n: usize) -> Result<Self> {
         if !(r_min_pc > 0.0 && r_max_pc > r_min_pc && n > 0) {
             bail!("need 0 < r_min_pc < r_max_pc and n > 0 (got {r_min_pc}, {r_max_pc}, {n})");

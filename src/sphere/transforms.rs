@@ -25,6 +25,17 @@ pub struct LogNormal {
 
 impl LogNormal {
     /// From the mean and standard deviation of the log-normal variable.
+    ///
+    /// ```
+    /// use dust3d::sphere::transforms::LogNormal;
+    /// let scale = LogNormal::from_mean_std(1.0, 0.5);
+    /// // the median exp(μ) = mean / sqrt(1 + (std/mean)²)
+    /// assert!((scale.value(0.0) - 1.0 / 1.25f64.sqrt()).abs() < 1e-12);
+    /// // d value / d ξ = σ · value
+    /// let h = 1e-6;
+    /// let fd = (scale.value(0.3 + h) - scale.value(0.3 - h)) / (2.0 * h);
+    /// assert!((fd - scale.deriv(0.3)).abs() < 1e-8);
+    /// ```
     pub fn from_mean_std(mean: f64, std: f64) -> Self {
         let s2 = (1.0 + (std / mean).powi(2)).ln();
         Self {
@@ -144,6 +155,14 @@ impl InvGamma {
     }
 
     /// Value and d value / d ξ at latent ξ.
+    ///
+    /// ```
+    /// use dust3d::sphere::transforms::InvGamma;
+    /// let nsigma = InvGamma::new(3.0, 4.0);
+    /// let (median, slope) = nsigma.value_deriv(0.0);
+    /// assert!((median - 1.4959).abs() < 1e-3); // the InvGamma(3, 4) median
+    /// assert!(slope > 0.0);
+    /// ```
     pub fn value_deriv(&self, xi: f64) -> (f64, f64) {
         let u = (xi + TABLE_MAX) * TABLE_DENSITY;
         if !(u >= 0.0 && u < (self.table.len() - 1) as f64) {

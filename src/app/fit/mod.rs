@@ -201,6 +201,39 @@ fn run_schedule(cfg: &Config, su: &Setup, paths: &FitPaths, st: &mut FitState) -
     pb.set_position(done as u64);
     while st.stage < stages.len() {
         let sc = &stages[st.stage];
+        let stage = StageRun::new(cfg, su, st)?;
+        while st.iteration < sc.iterations {
+            let (row, sample_cg) = stage.iterate(cfg.seed, st)?;
+            pb.suspend(|| log_row(&row, &sample_cg));
+            st.history.push(row);
+            save_checkpoint(paths, su, st, &stage.part)?;
+            injected_failure(st.history.len());
+            pb.inc(1);
+        }
+        st.stage += 1;
+        st.iteration = 0;
+        save_checkpoint(paths, su, st, &stage.part)?;
+    }
+    pb.finish_and_clear();
+    Ok(())
+}
+
+/// One stage of the schedule, ready to iterate: its stars, model, free entries and settings.
+struct StageRun {
+    model: crate::likelihood::model::Model,
+    mask: Vec<f64>,
+    settings: mgvi::IterationSettings,
+    /// This rank's part with the stage's stars per patch, as checkpoints record it.
+    part: checkpoint::Part,
+    /// Stars of the stage on all ranks.
+    n_stars: usize,
+}
+
+impl StageRun {
+    /// Select the stage's stars and build its model; n_σ restarts from its prior median when
+    /// the star set changed.
+    fn new(cfg: &Config, su: &Setup, st: &mut FitState) -> Result<Self> {
+        let sc = &cfg.inference.stage[st.stage];
         let stars = stage_stars(&su.stars, sc, cfg.seed);
         let n_stars = comm::sum_u64(stars.stars.len() as u64) as usize;
         if n_stars == 0 {
@@ -211,68 +244,72 @@ fn run_schedule(cfg: &Config, su: &Setup, paths: &FitPaths, st: &mut FitState) -
         }
         let model = crate::app::build::model(cfg, su.icr.clone(), &stars)?;
         let mask = mgvi::level_mask(&model, sc.levels);
-        let settings = sc.iteration_settings();
         let mut part = su.part.clone();
         part.patch_stars = model.dom.stars.patch.iter().map(|r| r[0].len()).collect();
         if st.vi.xsig.len() != model.data.len() {
             // a new data set: n_σ starts again from its prior median (paper §5)
             st.vi.xsig = vec![0.0; model.data.len()];
         }
-        while st.iteration < sc.iterations {
-            let (t, cpu0) = (Instant::now(), process_cpu_seconds());
-            let (bytes0, mpi0) = (comm::bytes_sent(), comm::mpi_cpu_seconds());
-            let streams = mgvi::Streams {
-                seed: cfg.seed,
-                stage: st.stage,
-                iteration: st.iteration,
-            };
-            let rep = mgvi::global_iteration(&model, &settings, &mask, &mut st.vi, streams)?;
-            st.iteration += 1;
-            let row = HistoryRow {
-                stage: st.stage,
-                iteration: st.iteration,
-                n_stars,
-                kl: rep.kl,
-                newton_steps: rep.newton.steps,
-                newton_cg: rep.newton.cg_iterations.iter().sum(),
-                sample_cg: rep.sample_cg.iter().sum(),
-                grad_norm: rep.newton.grad_norms.last().copied().unwrap_or(f64::NAN),
-                step: rep.newton.step_norms.last().copied().unwrap_or(f64::NAN),
-                seconds: t.elapsed().as_secs_f64(),
-                peak_rss_bytes: comm::max_f64(crate::app::bench::peak_rss_bytes() as f64) as u64,
-                ranks: comm::size(),
-                cpu_seconds: sum_f64(process_cpu_seconds() - cpu0),
-                mpi_cpu_seconds: sum_f64(comm::mpi_cpu_seconds() - mpi0),
-                mpi_bytes: comm::sum_u64(comm::bytes_sent() - bytes0),
-            };
-            pb.suspend(|| {
-                tracing::info!(
-                    stage = row.stage,
-                    iteration = row.iteration,
-                    stars = row.n_stars,
-                    kl = row.kl,
-                    grad_norm = format!("{:.3e}", row.grad_norm),
-                    step = format!("{:.3e}", row.step),
-                    newton_steps = row.newton_steps,
-                    newton_cg = row.newton_cg,
-                    sample_cg = ?rep.sample_cg,
-                    seconds = format!("{:.2}", row.seconds),
-                    rss_mb = row.peak_rss_bytes / (1 << 20),
-                    mpi_mb = format!("{:.1}", row.mpi_bytes as f64 / 1e6),
-                    "MGVI iteration"
-                )
-            });
-            st.history.push(row);
-            save_checkpoint(paths, su, st, &part)?;
-            injected_failure(st.history.len());
-            pb.inc(1);
-        }
-        st.stage += 1;
-        st.iteration = 0;
-        save_checkpoint(paths, su, st, &part)?;
+        Ok(Self {
+            model,
+            mask,
+            settings: sc.iteration_settings(),
+            part,
+            n_stars,
+        })
     }
-    pb.finish_and_clear();
-    Ok(())
+
+    /// One global iteration; returns its history row and the CG iterations of each
+    /// residual draw.
+    fn iterate(&self, seed: u64, st: &mut FitState) -> Result<(HistoryRow, Vec<usize>)> {
+        let (t, cpu0) = (Instant::now(), process_cpu_seconds());
+        let (bytes0, mpi0) = (comm::bytes_sent(), comm::mpi_cpu_seconds());
+        let streams = mgvi::Streams {
+            seed,
+            stage: st.stage,
+            iteration: st.iteration,
+        };
+        let rep =
+            mgvi::global_iteration(&self.model, &self.settings, &self.mask, &mut st.vi, streams)?;
+        st.iteration += 1;
+        let row = HistoryRow {
+            stage: st.stage,
+            iteration: st.iteration,
+            n_stars: self.n_stars,
+            kl: rep.kl,
+            newton_steps: rep.newton.steps,
+            newton_cg: rep.newton.cg_iterations.iter().sum(),
+            sample_cg: rep.sample_cg.iter().sum(),
+            grad_norm: rep.newton.grad_norms.last().copied().unwrap_or(f64::NAN),
+            step: rep.newton.step_norms.last().copied().unwrap_or(f64::NAN),
+            seconds: t.elapsed().as_secs_f64(),
+            peak_rss_bytes: comm::max_f64(crate::app::bench::peak_rss_bytes() as f64) as u64,
+            ranks: comm::size(),
+            cpu_seconds: sum_f64(process_cpu_seconds() - cpu0),
+            mpi_cpu_seconds: sum_f64(comm::mpi_cpu_seconds() - mpi0),
+            mpi_bytes: comm::sum_u64(comm::bytes_sent() - bytes0),
+        };
+        Ok((row, rep.sample_cg))
+    }
+}
+
+/// One log line per global iteration.
+fn log_row(row: &HistoryRow, sample_cg: &[usize]) {
+    tracing::info!(
+        stage = row.stage,
+        iteration = row.iteration,
+        stars = row.n_stars,
+        kl = row.kl,
+        grad_norm = format!("{:.3e}", row.grad_norm),
+        step = format!("{:.3e}", row.step),
+        newton_steps = row.newton_steps,
+        newton_cg = row.newton_cg,
+        sample_cg = ?sample_cg,
+        seconds = format!("{:.2}", row.seconds),
+        rss_mb = row.peak_rss_bytes / (1 << 20),
+        mpi_mb = format!("{:.1}", row.mpi_bytes as f64 / 1e6),
+        "MGVI iteration"
+    )
 }
 
 /// Fault injection for the resilience tests of the batch scripts: with

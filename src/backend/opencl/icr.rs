@@ -107,6 +107,8 @@ pub(crate) struct Resident<T: Real> {
     _keep: (Vec<LevelStatics>, Buffer<T>, Buffer<T>),
 }
 
+/// A level's geometry and matrices on the device: window, class, reverse map, its offsets,
+/// matrices.
 type LevelStatics = (Buffer<u32>, Buffer<u32>, Buffer<u32>, Buffer<u32>, MatBuf);
 
 /// Refinement matrices on the device in their storage precision.
@@ -138,6 +140,101 @@ impl MatBuf {
             MatBuf::F32(b) => b.len() * 4,
         }
     }
+}
+
+/// Every level's geometry and matrices uploaded, with the matrices' bytes on the device.
+fn level_statics(icr: &Icr, gpu: &Gpu, mat_f64: bool) -> Result<(Vec<LevelStatics>, usize)> {
+    let u32buf = |v: &[u32]| -> Result<Buffer<u32>> {
+        let one = [0u32];
+        let v = if v.is_empty() { &one[..] } else { v };
+        Ok(Buffer::builder()
+            .queue(gpu.queue.clone())
+            .len(v.len())
+            .copy_host_slice(v)
+            .build()?)
+    };
+    let mut bytes = 0;
+    let mut statics = Vec::new();
+    for lev in &icr.levels {
+        let window: Vec<u32> = lev.geom.window.iter().flatten().copied().collect();
+        let mats = match (&lev.mats, mat_f64) {
+            (Matrices::F64(m), true) => MatBuf::F64(buffer(gpu, m)?),
+            (Matrices::F64(m), false) => MatBuf::F32(buffer(
+                gpu,
+                &m.iter().map(|&x| x as f32).collect::<Vec<_>>(),
+            )?),
+            (Matrices::F32(m), _) => MatBuf::F32(buffer(gpu, m)?),
+        };
+        bytes += mats.bytes();
+        statics.push((
+            u32buf(&window)?,
+            u32buf(&lev.geom.class)?,
+            u32buf(&lev.rev)?,
+            u32buf(&lev.rev_off)?,
+            mats,
+        ));
+    }
+    Ok((statics, bytes))
+}
+
+/// The program, queue and field buffers every level's kernels take.
+struct LevelBuffers<'a, T: Real> {
+    prog: &'a ocl::Program,
+    queue: &'a ocl::Queue,
+    xi: &'a Buffer<T>,
+    xi_bar: &'a Buffer<T>,
+    fields: &'a [Buffer<T>],
+    scatter: &'a Buffer<T>,
+}
+
+/// The forward and adjoint kernels of refinement level `l` and the bytes they move.
+fn level_kernels<T: Real>(
+    b: &LevelBuffers<'_, T>,
+    l: usize,
+    lev: &crate::prior::icr::Level,
+    statics: &LevelStatics,
+) -> Result<LevelKernels> {
+    let ts = std::mem::size_of::<T>();
+    let (np, n_c, n_f, ns) = (lev.npix_c(), lev.n_c, lev.n_f, lev.n_c - 2);
+    let (window, class, rev, rev_off, mats) = statics;
+    let (coarse, fine) = (&b.fields[l], &b.fields[l + 1]);
+    let hdr = Header {
+        prog: b.prog,
+        queue: b.queue,
+        np,
+        n_c,
+    };
+    let refine = hdr.build("refine", np * ns, |kb| {
+        kb.arg(n_f as u32).arg(window).arg(class);
+        mats.arg(kb);
+        kb.arg(coarse).arg(b.xi).arg(lev.xi_off as u64).arg(fine);
+    })?;
+    let adjoint_xi = hdr.build("refine_adjoint_xi", np * ns, |kb| {
+        kb.arg(n_f as u32).arg(class);
+        mats.arg(kb);
+        kb.arg(fine).arg(b.xi_bar).arg(lev.xi_off as u64);
+    })?;
+    let adjoint_scatter = hdr.build("refine_adjoint_scatter", np * 9, |kb| {
+        kb.arg(n_f as u32).arg(class);
+        mats.arg(kb);
+        kb.arg(fine).arg(b.scatter);
+    })?;
+    let adjoint_gather = hdr.build("refine_adjoint_gather", np * n_c, |kb| {
+        kb.arg(rev_off).arg(rev).arg(b.scatter).arg(coarse);
+    })?;
+    // per site: its matrix (an upper bound: sites of one class share it), 27 coarse and 8
+    // excitation reads, 8 writes, the window; the adjoint reads the matrix twice and writes
+    // and rereads the 9-slot scatter rows
+    let sites = np * ns;
+    let mat = crate::prior::icr::matrices::SITE_LEN * mats.value_bytes();
+    Ok(LevelKernels {
+        refine,
+        adjoint_xi,
+        adjoint_scatter,
+        adjoint_gather,
+        forward_bytes: sites * (mat + (27 + 8 + 8) * ts + 9 * 4),
+        adjoint_bytes: sites * (2 * mat + 16 * ts) + 3 * 9 * np * n_c * ts,
+    })
 }
 
 impl<T: Real> Resident<T> {
@@ -180,84 +277,22 @@ impl<T: Real> Resident<T> {
             .max()
             .unwrap_or(0);
         let scatter = zeros::<T>(gpu, scatter_len)?;
-        let ts = std::mem::size_of::<T>();
-        let mut matrix_bytes = l0.len() * ts;
-        // every buffer a kernel uses is created first and kept alive in `keep`
-        let mut statics = Vec::new();
-        for lev in &icr.levels {
-            let u32buf = |v: &[u32]| -> Result<Buffer<u32>> {
-                let one = [0u32];
-                let v = if v.is_empty() { &one[..] } else { v };
-                Ok(Buffer::builder()
-                    .queue(q.clone())
-                    .len(v.len())
-                    .copy_host_slice(v)
-                    .build()?)
-            };
-            let window: Vec<u32> = lev.geom.window.iter().flatten().copied().collect();
-            let rev: Vec<u32> = lev.rev.clone();
-            let mats = match (&lev.mats, mat_f64) {
-                (Matrices::F64(m), true) => MatBuf::F64(buffer(gpu, m)?),
-                (Matrices::F64(m), false) => MatBuf::F32(buffer(
-                    gpu,
-                    &m.iter().map(|&x| x as f32).collect::<Vec<_>>(),
-                )?),
-                (Matrices::F32(m), _) => MatBuf::F32(buffer(gpu, m)?),
-            };
-            matrix_bytes += mats.bytes();
-            statics.push((
-                u32buf(&window)?,
-                u32buf(&lev.geom.class)?,
-                u32buf(&rev)?,
-                u32buf(&lev.rev_off)?,
-                mats,
-            ));
-        }
-        let mut levels = Vec::new();
-        for (l, lev) in icr.levels.iter().enumerate() {
-            let (np, n_c, n_f, ns) = (lev.npix_c(), lev.n_c, lev.n_f, lev.n_c - 2);
-            let (window, class, rev, rev_off, mats) = &statics[l];
-            let (coarse, fine) = (&fields[l], &fields[l + 1]);
-            let hdr = Header {
-                prog: &prog,
-                queue: &q,
-                np,
-                n_c,
-            };
-            let refine = hdr.build("refine", np * ns, |kb| {
-                kb.arg(n_f as u32).arg(window).arg(class);
-                mats.arg(kb);
-                kb.arg(coarse).arg(&xi).arg(lev.xi_off as u64).arg(fine);
-            })?;
-            let adjoint_xi = hdr.build("refine_adjoint_xi", np * ns, |kb| {
-                kb.arg(n_f as u32).arg(class);
-                mats.arg(kb);
-                kb.arg(fine).arg(&xi_bar).arg(lev.xi_off as u64);
-            })?;
-            let adjoint_scatter = hdr.build("refine_adjoint_scatter", np * 9, |kb| {
-                kb.arg(n_f as u32).arg(class);
-                mats.arg(kb);
-                kb.arg(fine).arg(&scatter);
-            })?;
-            let adjoint_gather = hdr.build("refine_adjoint_gather", np * n_c, |kb| {
-                kb.arg(rev_off).arg(rev).arg(&scatter).arg(coarse);
-            })?;
-            // per site: its matrix (an upper bound: sites of one class share it), 27 coarse
-            // and 8 excitation reads, 8 writes, the window; the adjoint reads the matrix
-            // twice and writes and rereads the 9-slot scatter rows
-            let sites = np * ns;
-            let mat = crate::prior::icr::matrices::SITE_LEN * mats.value_bytes();
-            let forward_bytes = sites * (mat + (27 + 8 + 8) * ts + 9 * 4);
-            let adjoint_bytes = sites * (2 * mat + 16 * ts) + 3 * 9 * np * n_c * ts;
-            levels.push(LevelKernels {
-                refine,
-                adjoint_xi,
-                adjoint_scatter,
-                adjoint_gather,
-                forward_bytes,
-                adjoint_bytes,
-            });
-        }
+        let (statics, mats_bytes) = level_statics(icr, gpu, mat_f64)?;
+        let matrix_bytes = l0.len() * std::mem::size_of::<T>() + mats_bytes;
+        let bufs = LevelBuffers {
+            prog: &prog,
+            queue: &q,
+            xi: &xi,
+            xi_bar: &xi_bar,
+            fields: &fields,
+            scatter: &scatter,
+        };
+        let levels = icr
+            .levels
+            .iter()
+            .enumerate()
+            .map(|(l, lev)| level_kernels(&bufs, l, lev, &statics[l]))
+            .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             xi,
             xi_bar,

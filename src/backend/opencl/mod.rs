@@ -2,15 +2,18 @@
 //! `opencl/*.cl` and are compiled at run time for the chosen device, in f64 where the device
 //! supports it (`cl_khr_fp64`) and f32 otherwise or on request.
 //!
-//! The ICR prior operator ([`icr::GpuIcr`]) and the likelihood stages ([`model::GpuModel`]:
+//! The ICR prior operator ([`icr::GpuIcr`]) and the likelihood stages (`backend::OpenCl`:
 //! exp/scale, per-pixel columns and star moments, their JVP and VJP) run on the device;
-//! [`model::attach`] puts them behind a model's [`crate::likelihood::backend::Backend`]
+//! [`backend::attach`] puts them behind a model's [`crate::likelihood::backend::Backend`]
 //! when the configuration asks for `backend.kind = "opencl"`.
 
+pub mod backend;
 pub mod icr;
+mod metric;
 pub mod model;
+mod space;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use ocl::enums::{DeviceInfo, DeviceInfoResult};
 use ocl::{Device, Platform};
 
@@ -50,7 +53,49 @@ pub struct Gpu {
     pub fp64: bool,
 }
 
-fn pick<T: Clone>(items: &[T], names: &[String], want: Option<&str>, what: &str) -> Result<T> {
+/// Why no usable OpenCL device could be had.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// The ICD loader found no platform at all.
+    #[error(
+        "no OpenCL platform found: install a driver (ICD), e.g. PoCL for CPUs \
+         (apt-get install pocl-opencl-icd) or the GPU vendor's OpenCL runtime"
+    )]
+    NoPlatform,
+    /// An index beyond the platforms or devices present.
+    #[error("OpenCL {what} index {index} does not exist ({listing})")]
+    NoSuchIndex {
+        /// "platform" or "device".
+        what: &'static str,
+        /// The index asked for.
+        index: usize,
+        /// What there is, "index: name; …".
+        listing: String,
+    },
+    /// No platform or device name contains the requested text.
+    #[error("no OpenCL {what} matches {want:?} ({listing})")]
+    NoMatch {
+        /// "platform" or "device".
+        what: &'static str,
+        /// The requested name substring.
+        want: String,
+        /// What there is, "index: name; …".
+        listing: String,
+    },
+    /// Double precision asked of a device without `cl_khr_fp64`.
+    #[error("OpenCL device {device} has no double precision (cl_khr_fp64): use f32")]
+    NoFp64 {
+        /// The device's name.
+        device: String,
+    },
+}
+
+fn pick<T: Clone>(
+    items: &[T],
+    names: &[String],
+    want: Option<&str>,
+    what: &'static str,
+) -> Result<T> {
     let listing = || {
         names
             .iter()
@@ -63,11 +108,19 @@ fn pick<T: Clone>(items: &[T], names: &[String], want: Option<&str>, what: &str)
         None => 0,
         Some(w) => match w.parse::<usize>() {
             Ok(i) if i < items.len() => i,
-            Ok(i) => bail!("OpenCL {what} index {i} does not exist ({})", listing()),
+            Ok(index) => Err(DeviceError::NoSuchIndex {
+                what,
+                index,
+                listing: listing(),
+            })?,
             Err(_) => names
                 .iter()
                 .position(|n| n.to_lowercase().contains(&w.to_lowercase()))
-                .ok_or_else(|| anyhow!("no OpenCL {what} matches {w:?} ({})", listing()))?,
+                .ok_or_else(|| DeviceError::NoMatch {
+                    what,
+                    want: w.to_string(),
+                    listing: listing(),
+                })?,
         },
     };
     Ok(items[i].clone())
@@ -92,10 +145,7 @@ fn platforms() -> Result<Vec<Platform>> {
         .map(Platform::new)
         .collect();
     if list.is_empty() {
-        bail!(
-            "no OpenCL platform found: install a driver (ICD), e.g. PoCL for CPUs \
-             (apt-get install pocl-opencl-icd) or the GPU vendor's OpenCL runtime"
-        );
+        return Err(DeviceError::NoPlatform.into());
     }
     Ok(list)
 }
@@ -148,10 +198,10 @@ impl Gpu {
         mat_f64: bool,
     ) -> Result<ocl::Program> {
         if (precision == Precision::F64 || mat_f64) && !self.fp64 {
-            bail!(
-                "OpenCL device {} has no double precision (cl_khr_fp64): use f32",
-                self.name
-            );
+            return Err(DeviceError::NoFp64 {
+                device: self.name.clone(),
+            }
+            .into());
         }
         let real = if precision == Precision::F64 {
             "double"

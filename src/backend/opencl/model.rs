@@ -10,10 +10,8 @@ use ocl::{Buffer, Kernel, Program, Queue};
 use super::icr::{buffer, Real, Resident};
 use super::Gpu;
 use crate::base::precision::Precision;
-use crate::likelihood::backend::{Backend, Chain, Traffic};
-use crate::likelihood::model::{Model, ModelWork};
+use crate::likelihood::backend::Traffic;
 use crate::likelihood::state::{HostState, StarData, State};
-use crate::num::cg::{CgReport, CgSettings};
 use crate::prior::icr::Icr;
 
 static SOURCE: &str = concat!(
@@ -22,30 +20,30 @@ static SOURCE: &str = concat!(
 );
 
 /// Values per dot-product chunk (as in vector.cl and `det_sum`).
-const DOT_CHUNK: usize = 8192;
+pub(super) const DOT_CHUNK: usize = 8192;
 
 /// States kept on the device unless a caller reserves more (two per antithetic sample pair
 /// of the paper's KL, plus one).
 const CACHE: usize = 13;
 
 /// One state on the device.
-struct DevState<T: Real> {
-    s: Buffer<T>,
-    rw: Buffer<T>,
-    abar: Buffer<T>,
-    var: Buffer<T>,
-    nsig: Buffer<T>,
-    dnsig: Buffer<T>,
+pub(super) struct DevState<T: Real> {
+    pub(super) s: Buffer<T>,
+    pub(super) rw: Buffer<T>,
+    pub(super) abar: Buffer<T>,
+    pub(super) var: Buffer<T>,
+    pub(super) nsig: Buffer<T>,
+    pub(super) dnsig: Buffer<T>,
 }
 
 /// Shapes: pixels, kept shells, chart shells, padding, stars.
 #[derive(Clone, Copy)]
-struct Dims {
-    npix: usize,
-    n: usize,
-    nc: usize,
-    pad: usize,
-    nstar: usize,
+pub(super) struct Dims {
+    pub(super) npix: usize,
+    pub(super) n: usize,
+    pub(super) nc: usize,
+    pub(super) pad: usize,
+    pub(super) nstar: usize,
 }
 
 /// Appending the star-window arguments (offsets, start, entry offsets, prob, frac, spread)
@@ -87,35 +85,35 @@ fn raw<P: ocl::OclPrm>(q: &Queue, v: &[P]) -> Result<Buffer<P>> {
 }
 
 /// Device state and kernels for one arithmetic type.
-pub struct Inner<T: Real> {
-    device: String,
-    queue: Queue,
-    prog: Program,
-    icr: Resident<T>,
-    d: Dims,
-    widths: Buffer<T>,
-    a_obs: Buffer<T>,
-    a_err: Buffer<T>,
+pub(super) struct Inner<T: Real> {
+    pub(super) device: String,
+    pub(super) queue: Queue,
+    pub(super) prog: Program,
+    pub(super) icr: Resident<T>,
+    pub(super) d: Dims,
+    pub(super) widths: Buffer<T>,
+    pub(super) a_obs: Buffer<T>,
+    pub(super) a_err: Buffer<T>,
     win: Windows,
-    cum: Buffer<T>,
-    aux_c: Buffer<T>,
-    aux_r: Buffer<T>,
-    ds: Buffer<T>,
-    partial: Buffer<T>,
+    pub(super) cum: Buffer<T>,
+    pub(super) aux_c: Buffer<T>,
+    pub(super) aux_r: Buffer<T>,
+    pub(super) ds: Buffer<T>,
+    pub(super) partial: Buffer<T>,
     /// The masked tangent (n_params) and the mask.
-    vm: Buffer<T>,
-    mask: Buffer<T>,
+    pub(super) vm: Buffer<T>,
+    pub(super) mask: Buffer<T>,
     /// Chunk sums of reductions.
-    chunk: Buffer<T>,
-    star: [Buffer<T>; 6],
-    cache: Vec<(u64, DevState<T>)>,
+    pub(super) chunk: Buffer<T>,
+    pub(super) star: [Buffer<T>; 6],
+    pub(super) cache: Vec<(u64, DevState<T>)>,
     /// States the cache keeps before evicting the oldest.
-    capacity: usize,
-    host_a: Vec<f64>,
+    pub(super) capacity: usize,
+    pub(super) host_a: Vec<f64>,
     /// Pixels per partial sum of pixel reductions (one patch; DOT_CHUNK until set).
-    pix_chunk: usize,
+    pub(super) pix_chunk: usize,
     /// Patch-ordered dot layouts by vector length: (length, ranges, part offsets, parts).
-    dot_layouts: Vec<(usize, Buffer<u64>, Buffer<u32>, usize)>,
+    pub(super) dot_layouts: Vec<(usize, Buffer<u64>, Buffer<u32>, usize)>,
 }
 
 /// Indices into `Inner::star`.
@@ -123,11 +121,11 @@ const XSIG: usize = 0;
 const GSIG: usize = 1;
 const CA: usize = 2;
 const CV: usize = 3;
-const DA: usize = 4;
-const DV: usize = 5;
+pub(super) const DA: usize = 4;
+pub(super) const DV: usize = 5;
 
 impl<T: Real> Inner<T> {
-    fn new(
+    pub(super) fn new(
         icr: &Icr,
         data: &StarData,
         widths: &[f64],
@@ -213,11 +211,11 @@ impl<T: Real> Inner<T> {
         }
     }
 
-    fn xi_len(&self) -> usize {
+    pub(super) fn xi_len(&self) -> usize {
         self.icr.xi.len()
     }
 
-    fn kernel(&self, name: &str, n: usize) -> ocl::builders::KernelBuilder<'_> {
+    pub(super) fn kernel(&self, name: &str, n: usize) -> ocl::builders::KernelBuilder<'_> {
         let mut kb = Kernel::builder();
         kb.program(&self.prog)
             .name(name)
@@ -233,7 +231,7 @@ impl<T: Real> Inner<T> {
     }
 
     /// A per-pixel star kernel: (npix, n, nc, pad) then the star windows.
-    fn star_kernel(&self, name: &str) -> ocl::builders::KernelBuilder<'_> {
+    pub(super) fn star_kernel(&self, name: &str) -> ocl::builders::KernelBuilder<'_> {
         let mut kb = self.kernel(name, self.d.npix);
         kb.arg(self.d.nc as u32)
             .arg(self.d.pad as u32)
@@ -241,7 +239,7 @@ impl<T: Real> Inner<T> {
         kb
     }
 
-    fn final_field(&self) -> &Buffer<T> {
+    pub(super) fn final_field(&self) -> &Buffer<T> {
         self.icr.fields.last().expect("levels")
     }
 
@@ -267,11 +265,11 @@ impl<T: Real> Inner<T> {
         Ok(self.cache.len() - 1)
     }
 
-    fn upload(&self, buf: &Buffer<T>, host: &[f64]) -> Result<()> {
+    pub(super) fn upload(&self, buf: &Buffer<T>, host: &[f64]) -> Result<()> {
         Resident::write(buf, host)
     }
 
-    fn download(&self, buf: &Buffer<T>, host: &mut [f64]) -> Result<()> {
+    pub(super) fn download(&self, buf: &Buffer<T>, host: &mut [f64]) -> Result<()> {
         Resident::read(buf, host)
     }
 
@@ -298,7 +296,7 @@ impl<T: Real> Inner<T> {
     }
 
     /// Make state `id` resident, uploading the host copy if the cache lost it.
-    fn ensure(&mut self, id: u64, host: &State) -> Result<usize> {
+    pub(super) fn ensure(&mut self, id: u64, host: &State) -> Result<usize> {
         if let Some(i) = self.cache.iter().position(|(k, _)| *k == id) {
             return Ok(i);
         }
@@ -433,7 +431,7 @@ impl<T: Real> Inner<T> {
 
     /// Star tangents (δā, δσ_a²) at a state for the chart-field tangent in `field`.
     #[allow(clippy::too_many_arguments)]
-    fn jvp_kernel(
+    pub(super) fn jvp_kernel(
         &self,
         i: usize,
         field: &Buffer<T>,
@@ -463,7 +461,7 @@ impl<T: Real> Inner<T> {
     }
 
     /// Field cotangent of star cotangents `ca`, `cv` at state slot `i` into the final field.
-    fn vjp_kernel(
+    pub(super) fn vjp_kernel(
         &self,
         i: usize,
         (ca, cv): (&Buffer<T>, &Buffer<T>),
@@ -558,495 +556,13 @@ impl<T: Real> Inner<T> {
         }
         Ok(())
     }
-
-    /// Sum of the interleaved pixel partials [Σ s t, Σ t] in chunks on the device.
-    fn pair_sum(&self) -> Result<[f64; 2]> {
-        let nc = self.d.npix.div_ceil(self.pix_chunk);
-        let k = self
-            .vkernel("pair_partials", nc)
-            .arg(self.d.npix as u64)
-            .arg(self.pix_chunk as u64)
-            .arg(&self.partial)
-            .arg(&self.chunk)
-            .build()?;
-        // SAFETY: `chunk` holds ≥ 2 values per chunk of pixels
-        unsafe { k.enq()? };
-        let mut h = vec![T::default(); 2 * nc];
-        self.chunk.read(&mut h).enq()?;
-        let mut acc = [0.0; 2];
-        for c in h.chunks(2) {
-            acc = [acc[0] + c[0].to_f64(), acc[1] + c[1].to_f64()];
-        }
-        Ok(acc)
-    }
-
-    /// A vector kernel (no pixel/shell leading arguments).
-    fn vkernel(&self, name: &str, n: usize) -> ocl::builders::KernelBuilder<'_> {
-        let mut kb = Kernel::builder();
-        kb.program(&self.prog)
-            .name(name)
-            .queue(self.queue.clone())
-            .global_work_size(n.max(1));
-        kb
-    }
-
-    fn enq(kb: &mut ocl::builders::KernelBuilder<'_>) -> Result<()> {
-        let k = kb.build()?;
-        // SAFETY: every vector kernel checks its index against the length it is given
-        unsafe { k.enq()? };
-        Ok(())
-    }
-
-    /// Two values of a device vector at `off`.
-    fn read2(buf: &Buffer<T>, off: usize) -> Result<[f64; 2]> {
-        let mut h = [T::default(); 2];
-        buf.read(&mut h[..]).offset(off).enq()?;
-        Ok([h[0].to_f64(), h[1].to_f64()])
-    }
-
-    /// The metric product entirely on the device (see `Model::averaged_metric`; with one
-    /// state and `with_sig` false it is `ModelAt::metric`): `out = mask ∘ (1/N) Σ_k J_kᵀ F_k
-    /// J_k (mask ∘ v) + v`, plus the ξ_σ part when `with_sig`. Only four scalars and the
-    /// chunk sums of the scale/offset cotangents cross the bus.
-    #[allow(clippy::too_many_arguments)]
-    fn metric_apply(
-        &self,
-        slots: &[(usize, f64, f64)],
-        mask: &Buffer<T>,
-        mask_host: &[f64],
-        with_sig: bool,
-        chain: Chain,
-        v: &Buffer<T>,
-        out: &Buffer<T>,
-    ) -> Result<()> {
-        let np = mask_host.len();
-        let nxi = np - 2;
-        let nst = self.d.nstar;
-        Self::enq(
-            self.vkernel("mask_mul", np)
-                .arg(np as u64)
-                .arg(mask)
-                .arg(v)
-                .arg(&self.vm),
-        )?;
-        self.vm.copy(&self.icr.xi, None, Some(nxi)).enq()?;
-        let lat = Self::read2(&self.vm, nxi)?;
-        let vlat = Self::read2(v, nxi)?;
-        self.icr.forward()?;
-        self.final_field().copy(&self.ds, None, None).enq()?;
-        self.final_field().cmd().fill(T::default(), None).enq()?;
-        out.cmd().fill(T::default(), None).enq()?;
-        let n = slots.len() as f64;
-        let (mut g_scl, mut g_off) = (0.0, 0.0);
-        for &(i, scl, dscl) in slots {
-            let (tscl, toff) = chain.tangent(dscl, lat);
-            self.jvp_kernel(i, &self.ds, scl, tscl, toff)?;
-            let st = &self.cache[i].1;
-            Self::enq(
-                self.vkernel("fisher_weigh", nst)
-                    .arg(nst as u64)
-                    .arg(i32::from(with_sig))
-                    .arg(np as u64)
-                    .arg(T::from_f64(n))
-                    .arg(&st.nsig)
-                    .arg(&st.dnsig)
-                    .arg(&self.a_err)
-                    .arg(&st.var)
-                    .arg(v)
-                    .arg(&self.star[DA])
-                    .arg(&self.star[DV])
-                    .arg(out),
-            )?;
-            self.vjp_kernel(i, (&self.star[DA], &self.star[DV]), scl, 1.0 / n, true)?;
-            let [a, b] = chain.cotangent(dscl, self.pair_sum()?);
-            g_scl += a;
-            g_off += b;
-        }
-        self.icr.adjoint()?;
-        Self::enq(
-            self.vkernel("combine", nxi)
-                .arg(nxi as u64)
-                .arg(mask)
-                .arg(&self.icr.xi_bar)
-                .arg(v)
-                .arg(out),
-        )?;
-        let tail = [
-            T::from_f64(mask_host[nxi] * g_scl + vlat[0]),
-            T::from_f64(mask_host[nxi + 1] * g_off + vlat[1]),
-        ];
-        out.write(&tail[..]).offset(nxi).enq()?;
-        if with_sig {
-            Self::enq(
-                self.vkernel("add_tail", nst)
-                    .arg(nst as u64)
-                    .arg(np as u64)
-                    .arg(v)
-                    .arg(out),
-            )?;
-        }
-        Ok(())
-    }
-
-    /// Make `states` resident (growing the cache to hold them) and return (slot, scl, dscl)
-    /// per state.
-    fn resident(&mut self, states: &[&State]) -> Result<Vec<(usize, f64, f64)>> {
-        self.reserve(states.len() + 1);
-        for st in states {
-            self.ensure(st.id, st)?;
-        }
-        states
-            .iter()
-            .map(|st| {
-                let i = self.cache.iter().position(|(k, _)| *k == st.id);
-                let i = i.ok_or_else(|| {
-                    anyhow::anyhow!("state {} is not resident on the OpenCL device", st.id)
-                })?;
-                Ok((i, st.scl, st.dscl))
-            })
-            .collect()
-    }
-
-    /// One metric product from and to the host (the KL's `averaged_metric`).
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn metric_host(
-        &mut self,
-        states: &[&State],
-        mask: &[f64],
-        with_sig: bool,
-        chain: Chain,
-        v: &[f64],
-        out: &mut [f64],
-    ) -> Result<()> {
-        let slots = self.resident(states)?;
-        self.upload(&self.mask, mask)?;
-        let vb = zeros_q::<T>(&self.queue, v.len())?;
-        let ob = zeros_q::<T>(&self.queue, v.len())?;
-        self.upload(&vb, v)?;
-        self.metric_apply(&slots, &self.mask, mask, with_sig, chain, &vb, &ob)?;
-        self.download(&ob, out)
-    }
-
-    /// Solve `M x = b` by CG with every vector on the device (M as in [`Self::metric_apply`]);
-    /// `x` holds the initial guess. None in single precision or if the states do not fit in
-    /// the device cache (the caller then runs CG on the host).
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn solve(
-        &mut self,
-        states: &[&State],
-        mask: &[f64],
-        with_sig: bool,
-        chain: Chain,
-        b: &[f64],
-        x: &mut [f64],
-        settings: &CgSettings,
-    ) -> Result<Option<CgReport>> {
-        if std::mem::size_of::<T>() < 8 {
-            // single-precision CG stalls on this metric (condition numbers reach 1e6): the
-            // caller runs CG on the host in f64 over the device's products
-            return Ok(None);
-        }
-        let slots = self.resident(states)?;
-        self.upload(&self.mask, mask)?;
-        let n = b.len();
-        let bb = zeros_q::<T>(&self.queue, n)?;
-        let mut xb = zeros_q::<T>(&self.queue, n)?;
-        self.upload(&bb, b)?;
-        self.upload(&xb, x)?;
-        let this = &*self;
-        let mut space = DeviceSpace {
-            inner: this,
-            n,
-            err: None,
-        };
-        let mut op_err = None;
-        let rep = crate::num::cg::solve_in(
-            &mut space,
-            |v: &Buffer<T>, o: &mut Buffer<T>| {
-                let r = this.metric_apply(&slots, &this.mask, mask, with_sig, chain, v, o);
-                if let (Err(e), None) = (r, &op_err) {
-                    op_err = Some(e);
-                }
-            },
-            &bb,
-            &mut xb,
-            settings,
-        );
-        if let Some(e) = op_err.or(space.err) {
-            return Err(e.context("OpenCL metric product in CG failed"));
-        }
-        self.download(&xb, x)?;
-        Ok(Some(rep))
-    }
 }
 
-/// Device vectors for [`crate::num::cg::solve_in`]; the first error is kept (and the CG then
-/// finishes on garbage that the caller discards).
-struct DeviceSpace<'a, T: Real> {
-    inner: &'a Inner<T>,
-    n: usize,
-    err: Option<anyhow::Error>,
-}
-
-impl<T: Real> DeviceSpace<'_, T> {
-    fn run(&mut self, r: Result<()>) {
-        if let (Err(e), None) = (r, &self.err) {
-            self.err = Some(e);
-        }
-    }
-}
-
-impl<T: Real> crate::num::cg::CgSpace for DeviceSpace<'_, T> {
-    type V = Buffer<T>;
-    fn clone_of(&mut self, x: &Buffer<T>) -> Buffer<T> {
-        match zeros_q::<T>(&self.inner.queue, self.n) {
-            Ok(y) => {
-                let r = x.copy(&y, None, None).enq().map_err(Into::into);
-                self.run(r);
-                y
-            }
-            Err(e) => {
-                // the error ends the solve; the CG finishes on an alias that is discarded
-                self.run(Err(e));
-                x.clone()
-            }
-        }
-    }
-    fn dot(&mut self, x: &Buffer<T>, y: &Buffer<T>) -> f64 {
-        let nc = self.n.div_ceil(DOT_CHUNK);
-        let inner = self.inner;
-        if let Some((_, seg, off, nparts)) = inner.dot_layouts.iter().find(|l| l.0 == self.n) {
-            let r = (|| -> Result<f64> {
-                Inner::<T>::enq(
-                    inner
-                        .vkernel("dot_segments", *nparts)
-                        .arg(*nparts as u64)
-                        .arg(seg)
-                        .arg(off)
-                        .arg(x)
-                        .arg(y)
-                        .arg(&inner.chunk),
-                )?;
-                let mut h = vec![T::default(); *nparts];
-                inner.chunk.read(&mut h).enq()?;
-                // the replicated part, then the patches in order (as VecLayout::sum)
-                Ok(h.iter().fold(0.0, |a, v| a + v.to_f64()))
-            })();
-            return r.unwrap_or_else(|e| {
-                self.run(Err(e));
-                f64::NAN
-            });
-        }
-        let r = (|| -> Result<f64> {
-            Inner::<T>::enq(
-                inner
-                    .vkernel("dot_partials", nc)
-                    .arg(self.n as u64)
-                    .arg(x)
-                    .arg(y)
-                    .arg(&inner.chunk),
-            )?;
-            let mut h = vec![T::default(); nc];
-            inner.chunk.read(&mut h).enq()?;
-            Ok(h.iter().fold(0.0, |a, v| a + v.to_f64()))
-        })();
-        match r {
-            Ok(v) => v,
-            Err(e) => {
-                self.run(Err(e));
-                f64::NAN
-            }
-        }
-    }
-    fn axpy(&mut self, a: f64, x: &Buffer<T>, y: &mut Buffer<T>) {
-        let r = Inner::<T>::enq(
-            self.inner
-                .vkernel("axpy", self.n)
-                .arg(self.n as u64)
-                .arg(T::from_f64(a))
-                .arg(x)
-                .arg(&*y),
-        );
-        self.run(r);
-    }
-    fn xpay(&mut self, x: &Buffer<T>, b: f64, y: &mut Buffer<T>) {
-        let r = Inner::<T>::enq(
-            self.inner
-                .vkernel("xpay", self.n)
-                .arg(self.n as u64)
-                .arg(x)
-                .arg(T::from_f64(b))
-                .arg(&*y),
-        );
-        self.run(r);
-    }
-    fn sub(&mut self, b: &Buffer<T>, ap: &Buffer<T>, r: &mut Buffer<T>) {
-        let res = Inner::<T>::enq(
-            self.inner
-                .vkernel("sub", self.n)
-                .arg(self.n as u64)
-                .arg(b)
-                .arg(ap)
-                .arg(&*r),
-        );
-        self.run(res);
-    }
-    fn zero(&mut self, x: &mut Buffer<T>) {
-        let r = x.cmd().fill(T::default(), None).enq().map_err(Into::into);
-        self.run(r);
-    }
-}
-
-fn zeros_q<T: Real>(q: &Queue, len: usize) -> Result<Buffer<T>> {
+pub(super) fn zeros_q<T: Real>(q: &Queue, len: usize) -> Result<Buffer<T>> {
     Buffer::builder()
         .queue(q.clone())
         .len(len.max(1))
         .fill_val(T::default())
         .build()
         .context("cannot allocate an OpenCL buffer")
-}
-
-/// The likelihood on an OpenCL device in arithmetic `T`, behind the [`Backend`] interface.
-pub struct OpenCl<T: Real> {
-    inner: std::sync::Mutex<Inner<T>>,
-    name: String,
-}
-
-impl<T: Real> OpenCl<T> {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner<T>> {
-        // every method either completes or returns an error, so a panic elsewhere cannot
-        // leave the device state half-written
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-impl<T: Real> Backend for OpenCl<T> {
-    fn describe(&self) -> String {
-        self.name.clone()
-    }
-
-    fn state(&self, _m: &Model, xi: &[f64], st: &mut State, _w: &mut ModelWork) -> Result<()> {
-        st.fields_on_host = true;
-        let (scl, off) = (st.scl, st.off);
-        let (id, mut out, sig) = st.device_parts();
-        self.lock().state(id, xi, sig, scl, off, &mut out)
-    }
-
-    fn value_grad(
-        &self,
-        m: &Model,
-        xi: &[f64],
-        xsig: &[f64],
-        st: &mut State,
-        g_xi: &mut [f64],
-        gsig: &mut [f64],
-        _w: &mut ModelWork,
-    ) -> Result<[f64; 3]> {
-        // s and ρΔr stay on the device, where the KL's metric uses them
-        st.fields_on_host = false;
-        let (scl, off) = (st.scl, st.off);
-        let (id, mut out, [nsig, dnsig]) = st.device_parts();
-        let sig = [nsig, dnsig, xsig];
-        let infer = m.infer_nsigma;
-        self.lock()
-            .value_grad(id, xi, sig, infer, (scl, off), &mut out, gsig, g_xi)
-    }
-
-    fn jvp(
-        &self,
-        _m: &Model,
-        st: &State,
-        dxi: &[f64],
-        dscl: f64,
-        doff: f64,
-        da: &mut [f64],
-        dv: &mut [f64],
-        _w: &mut ModelWork,
-    ) -> Result<()> {
-        self.lock().jvp(st, dxi, dscl, doff, da, dv)
-    }
-
-    fn vjp(
-        &self,
-        _m: &Model,
-        st: &State,
-        ca: &[f64],
-        cv: &[f64],
-        g_xi: &mut [f64],
-        _w: &mut ModelWork,
-    ) -> Result<[f64; 2]> {
-        self.lock().vjp(st, ca, cv, g_xi)
-    }
-
-    fn averaged_metric(
-        &self,
-        m: &Model,
-        states: &[State],
-        mask: &[f64],
-        v: &[f64],
-        out: &mut [f64],
-        _w: &mut ModelWork,
-    ) -> Result<()> {
-        let refs: Vec<&State> = states.iter().collect();
-        self.lock()
-            .metric_host(&refs, mask, true, m.chain(), v, out)
-    }
-
-    fn solve_metric(
-        &self,
-        m: &Model,
-        states: &[&State],
-        mask: &[f64],
-        with_sig: bool,
-        b: &[f64],
-        x: &mut [f64],
-        settings: &CgSettings,
-    ) -> Result<Option<CgReport>> {
-        self.lock()
-            .solve(states, mask, with_sig, m.chain(), b, x, settings)
-    }
-
-    fn reserve_states(&self, n: usize) {
-        self.lock().reserve(n);
-    }
-
-    fn traffic(&self) -> Option<Traffic> {
-        Some(self.lock().traffic())
-    }
-}
-
-/// Move `model`'s voxel and star stages onto the OpenCL device chosen by `spec`, in
-/// `precision` (one process only: MPI ranks with devices are not supported yet).
-pub fn attach(model: &mut Model, spec: &super::DeviceSpec, precision: Precision) -> Result<()> {
-    if model.icr.decomp.size() > 1 {
-        anyhow::bail!(
-            "the OpenCL backend runs on one process: combining it with MPI ranks is not \
-             supported yet (run `dust3d fit --backend opencl` without mpirun)"
-        );
-    }
-    let dev = Gpu::open(spec)?;
-    tracing::info!(device = %dev.name, ?precision, "likelihood and ICR on OpenCL");
-    let backend: Box<dyn Backend> = match precision {
-        Precision::F64 => Box::new(open::<f64>(model, &dev, precision)?),
-        Precision::F32 => Box::new(open::<f32>(model, &dev, precision)?),
-    };
-    model.set_backend(backend);
-    Ok(())
-}
-
-fn open<T: Real>(model: &Model, dev: &Gpu, precision: Precision) -> Result<OpenCl<T>> {
-    let mut inner = Inner::<T>::new(
-        &model.icr,
-        &model.data,
-        &model.widths,
-        model.padding(),
-        dev,
-        precision,
-    )?;
-    let dom = &model.dom;
-    inner.set_reduction(dom.pix_per_patch, &[&dom.x, &dom.p])?;
-    Ok(OpenCl {
-        inner: std::sync::Mutex::new(inner),
-        name: dev.name.clone(),
-    })
 }

@@ -413,6 +413,32 @@ impl PixelCatalog {
 mod tests {
     use super::*;
 
+    #[test]
+    fn reading_errors_say_which_file_row_and_column() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.csv");
+        let text = "l,b,parallax,parallax_error,extinction,extinction_error\n\
+                    10,5,2.0,0.1,0.3,0.05\n\
+                    20,95,2.0,0.1,0.3,0.05\n";
+        std::fs::write(&path, text).unwrap();
+        let err = Catalog::read(&path, &CatalogParams::default()).unwrap_err();
+        match err.downcast_ref::<CatalogError>() {
+            Some(CatalogError::BadValue { row, column, .. }) => {
+                assert_eq!(row, "row 2 (line 3)");
+                assert_eq!(column, "b");
+            }
+            other => panic!("expected a bad value, got {other:?}"),
+        }
+        std::fs::write(&path, text.replace("parallax_error", "plx_err")).unwrap();
+        let err = Catalog::read(&path, &CatalogParams::default()).unwrap_err();
+        match err.downcast_ref::<CatalogError>() {
+            Some(CatalogError::MissingColumn { column, .. }) => {
+                assert_eq!(column, "parallax_error")
+            }
+            other => panic!("expected a missing column, got {other:?}"),
+        }
+    }
+
     fn tiny() -> Catalog {
         Catalog {
             source_id: vec![1, 2, 3, 4],

@@ -10,6 +10,7 @@ pub mod sampling;
 use anyhow::{Context, Result};
 
 use crate::inference::newton::{self, NewtonReport, NewtonSettings};
+use crate::likelihood::mask::mask_in_place;
 use crate::likelihood::model::Model;
 use crate::num::cg::CgSettings;
 pub use kl::Kl;
@@ -134,7 +135,7 @@ pub fn global_iteration(
         let stream = residual_stream(streams.stage, streams.iteration, pair);
         let (mut d, rep) = draw_residual_in(&lin, streams.seed, stream, &cg_settings)?;
         // held entries stay where they are in every sample
-        d.iter_mut().zip(mask).for_each(|(v, m)| *v *= m);
+        mask_in_place(&mut d, mask);
         tracing::debug!(
             pair,
             cg_iterations = rep.iterations,

@@ -7,6 +7,7 @@ use rand_distr::StandardNormal;
 use rayon::prelude::*;
 use std::sync::Arc;
 
+use crate::likelihood::mask::{mask_in_place, masked_copy};
 use crate::likelihood::model::{Model, ModelWork, State};
 use crate::num::cg::{self, CgReport, CgSettings};
 use crate::sphere::decomp::{Serial, Space, VecLayout};
@@ -76,13 +77,12 @@ impl Fisher for ModelAt<'_> {
     fn sqrt_fisher_t(&self, eta_a: &[f64], eta_v: &[f64], out: &mut [f64]) -> Result<()> {
         self.model
             .sqrt_fisher_t(self.state, eta_a, eta_v, out, &mut self.work.borrow_mut())?;
-        out.iter_mut().zip(self.mask).for_each(|(o, m)| *o *= m);
+        mask_in_place(out, self.mask);
         Ok(())
     }
     fn metric(&self, v: &[f64], out: &mut [f64]) -> Result<()> {
         let mut vm = self.scratch.borrow_mut();
-        vm.clear();
-        vm.extend(v.iter().zip(self.mask).map(|(a, m)| a * m));
+        masked_copy(&mut vm, v, self.mask);
         self.model
             .metric(self.state, &vm, out, &mut self.work.borrow_mut())?;
         out.par_iter_mut()

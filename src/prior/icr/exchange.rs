@@ -166,9 +166,39 @@ fn plan_halo(
     grev: &[(u32, u8)],
     d: &Decomp,
 ) {
-    let (nside, size, me) = (global.nside, d.size(), d.rank);
+    let size = d.size();
     let own = plan.own.clone();
-    let owner = |q: usize| d.owner(nside, q);
+    let halo = localise_windows(plan, global);
+    let mut ex = Exchange {
+        halo_recv_counts: vec![0; size],
+        halo_send_counts: vec![0; size],
+        back_send_counts: vec![0; size],
+        back_recv_counts: vec![0; size],
+        ..Default::default()
+    };
+    for &q in &halo {
+        ex.halo_recv_counts[d.owner(global.nside, q as usize)] += 1;
+    }
+    let parts = RankGeometry {
+        own: own.clone(),
+        nside: global.nside,
+        d,
+        goff,
+        grev,
+    };
+    parts.forward_sends(&mut ex);
+    parts.adjoint_sends(&mut ex, global);
+    let (rev_off, rev) = parts.reverse_map(&ex);
+    plan.halo = halo;
+    plan.rev_off = rev_off;
+    plan.rev = rev;
+    plan.ex = ex;
+}
+
+/// The foreign pixels of this rank's windows (sorted), and the windows renumbered to local
+/// indices: own pixels first, then the halo.
+fn localise_windows(plan: &mut StepPlan, global: &LevelGeometry) -> Vec<u32> {
+    let own = plan.own.clone();
     let mut halo: Vec<u32> = own
         .clone()
         .flat_map(|p| global.window[p])
@@ -181,88 +211,115 @@ fn plan_halo(
         if own.contains(&(q as usize)) {
             q - own.start as u32
         } else {
-            n_own + halo.binary_search(&q).expect("halo pixel") as u32
+            n_own
+                + halo
+                    .binary_search(&q)
+                    .expect("every foreign window pixel is in the halo") as u32
         }
     };
     for w in plan.geom.window.iter_mut() {
         *w = w.map(local);
     }
-    let mut ex = Exchange {
-        halo_recv_counts: vec![0; size],
-        halo_send_counts: vec![0; size],
-        back_send_counts: vec![0; size],
-        back_recv_counts: vec![0; size],
-        ..Default::default()
-    };
-    for &q in &halo {
-        ex.halo_recv_counts[owner(q as usize)] += 1;
+    halo
+}
+
+/// What one rank's exchange plan is derived from: its pixels, the decomposition, and the
+/// global reverse window map (`grev[goff[q]..goff[q+1]]` = the (pixel, slot) windows that
+/// contain pixel q).
+struct RankGeometry<'a> {
+    own: std::ops::Range<usize>,
+    nside: u32,
+    d: &'a Decomp,
+    goff: &'a [u32],
+    grev: &'a [(u32, u8)],
+}
+
+impl RankGeometry<'_> {
+    fn owner(&self, q: usize) -> usize {
+        self.d.owner(self.nside, q)
     }
-    // forward: rank r needs my q when q lies in a window of one of r's pixels
-    let mut need: Vec<Vec<u32>> = vec![Vec::new(); size];
-    for q in own.clone() {
-        for &(p, _) in &grev[goff[q] as usize..goff[q + 1] as usize] {
-            let r = owner(p as usize);
-            if r != me && need[r].last() != Some(&(q as u32)) {
-                need[r].push(q as u32);
+
+    /// The windows containing own pixel q.
+    fn windows_of(&self, q: usize) -> &[(u32, u8)] {
+        &self.grev[self.goff[q] as usize..self.goff[q + 1] as usize]
+    }
+
+    /// Forward: rank r needs my q when q lies in a window of one of r's pixels.
+    fn forward_sends(&self, ex: &mut Exchange) {
+        let (size, me) = (self.d.size(), self.d.rank);
+        let mut need: Vec<Vec<u32>> = vec![Vec::new(); size];
+        for q in self.own.clone() {
+            for &(p, _) in self.windows_of(q) {
+                let r = self.owner(p as usize);
+                if r != me && need[r].last() != Some(&(q as u32)) {
+                    need[r].push(q as u32);
+                }
+            }
+        }
+        for (r, qs) in need.iter().enumerate() {
+            ex.halo_send_counts[r] = qs.len();
+            ex.halo_send
+                .extend(qs.iter().map(|&q| q - self.own.start as u32));
+        }
+    }
+
+    /// Adjoint: my window chunks whose pixel another rank owns go back, ordered
+    /// (q, p, slot); and the counts that arrive from each rank, in the same order.
+    fn adjoint_sends(&self, ex: &mut Exchange, global: &LevelGeometry) {
+        let (size, me) = (self.d.size(), self.d.rank);
+        let mut back: Vec<Vec<(u32, u32)>> = vec![Vec::new(); size];
+        for p in self.own.clone() {
+            for (a, &q) in global.window[p].iter().enumerate() {
+                let r = self.owner(q as usize);
+                if r != me {
+                    back[r].push((q, ((p - self.own.start) * 9 + a) as u32));
+                }
+            }
+        }
+        for (r, b) in back.iter_mut().enumerate() {
+            b.sort_unstable();
+            ex.back_send_counts[r] = b.len();
+            ex.back_send.extend(b.iter().map(|&(_, c)| c));
+        }
+        for q in self.own.clone() {
+            for &(p, _) in self.windows_of(q) {
+                let r = self.owner(p as usize);
+                if r != me {
+                    ex.back_recv_counts[r] += 1;
+                }
             }
         }
     }
-    for (r, qs) in need.iter().enumerate() {
-        ex.halo_send_counts[r] = qs.len();
-        ex.halo_send
-            .extend(qs.iter().map(|&q| q - own.start as u32));
-    }
-    // adjoint: my window chunks whose pixel another rank owns go back, ordered (q, p, slot)
-    let mut back: Vec<Vec<(u32, u32)>> = vec![Vec::new(); size];
-    for p in own.clone() {
-        for (a, &q) in global.window[p].iter().enumerate() {
-            let r = owner(q as usize);
-            if r != me {
-                back[r].push((q, ((p - own.start) * 9 + a) as u32));
+
+    /// For every own pixel, where each of its window contributions sits: in this rank's
+    /// 9-slot scatter rows, or after them in the block received from its owner.
+    fn reverse_map(&self, ex: &Exchange) -> (Vec<u32>, Vec<u32>) {
+        let me = self.d.rank;
+        let mut recv_pos: Vec<usize> = ex
+            .back_recv_counts
+            .iter()
+            .scan(9 * self.own.len(), |acc, &c| {
+                let d = *acc;
+                *acc += c;
+                Some(d)
+            })
+            .collect();
+        let mut rev_off = vec![0u32];
+        let mut rev = Vec::new();
+        for q in self.own.clone() {
+            for &(p, a) in self.windows_of(q) {
+                let r = self.owner(p as usize);
+                if r == me {
+                    rev.push((p - self.own.start as u32) * 9 + a as u32);
+                } else {
+                    rev.push(recv_pos[r] as u32);
+                    recv_pos[r] += 1;
+                }
             }
+            rev_off.push(rev.len() as u32);
         }
+        (rev_off, rev)
     }
-    for (r, b) in back.iter_mut().enumerate() {
-        b.sort_unstable();
-        ex.back_send_counts[r] = b.len();
-        ex.back_send.extend(b.iter().map(|&(_, c)| c));
-    }
-    // what arrives from rank r, in the same (q, p, slot) order
-    for q in own.clone() {
-        for &(p, _) in &grev[goff[q] as usize..goff[q + 1] as usize] {
-            let r = owner(p as usize);
-            if r != me {
-                ex.back_recv_counts[r] += 1;
-            }
-        }
-    }
-    let mut recv_pos: Vec<usize> = ex
-        .back_recv_counts
-        .iter()
-        .scan(9 * own.len(), |acc, &c| {
-            let d = *acc;
-            *acc += c;
-            Some(d)
-        })
-        .collect();
-    let mut rev_off = vec![0u32];
-    let mut rev = Vec::new();
-    for q in own.clone() {
-        for &(p, a) in &grev[goff[q] as usize..goff[q + 1] as usize] {
-            let r = owner(p as usize);
-            if r == me {
-                rev.push((p - own.start as u32) * 9 + a as u32);
-            } else {
-                rev.push(recv_pos[r] as u32);
-                recv_pos[r] += 1;
-            }
-        }
-        rev_off.push(rev.len() as u32);
-    }
-    plan.halo = halo;
-    plan.rev_off = rev_off;
-    plan.rev = rev;
-    plan.ex = ex;
 }
 
 #[cfg(test)]

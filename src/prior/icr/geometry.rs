@@ -55,7 +55,7 @@ fn substitute(nside: u32, window: &[Option<u64>; 9], slot: usize) -> u64 {
     best.expect("a second-order neighbour always exists").1
 }
 
-/// The 9-pixel window of coarse pixel `p` at `nside`, corners filled by [`substitute`].
+/// The 9-pixel window of coarse pixel `p` at `nside`, corners filled by `substitute`.
 pub fn window(nside: u32, p: u64) -> [u32; 9] {
     let nb = grid::neighbours(nside, p);
     let mut w: [Option<u64>; 9] = [None; 9];

@@ -112,6 +112,19 @@ fn ring_pair(nside: u64, ring: u64, phi: f64) -> ([u64; 2], f64, f64) {
 
 /// Interpolation weights at Galactic (l, b) in degrees over the NESTED pixels of `layer`
 /// (healpy `get_interp_weights` semantics, including the polar caps).
+///
+/// ```
+/// use dust3d::products::query::angular_weights;
+/// let layer = cdshealpix::nested::get(3); // nside 8
+/// let (pixels, weights) = angular_weights(layer, 123.4, -56.7);
+/// assert!((weights.iter().sum::<f64>() - 1.0).abs() < 1e-12);
+/// assert!(pixels.iter().all(|&p| p < 768));
+/// // at a pixel centre the weight sits on that pixel
+/// let (l, b) = dust3d::sphere::grid::pix2ang(8, 100);
+/// let (pixels, weights) = angular_weights(layer, l, b);
+/// let w: f64 = pixels.iter().zip(&weights).filter(|(p, _)| **p == 100).map(|(_, w)| w).sum();
+/// assert!((w - 1.0).abs() < 1e-9);
+/// ```
 pub fn angular_weights(layer: &Layer, l_deg: f64, b_deg: f64) -> AngularWeights {
     let nside = 1u64 << layer.depth();
     let npix = 12 * nside * nside;

@@ -1,0 +1,158 @@
+//! The OpenCL likelihood behind the [`Backend`] interface, and [`attach`], which moves a
+//! model onto a device.
+
+use anyhow::Result;
+
+use super::icr::Real;
+use super::model::Inner;
+use super::Gpu;
+use crate::base::precision::Precision;
+use crate::likelihood::backend::{Backend, Traffic};
+use crate::likelihood::model::{Model, ModelWork};
+use crate::likelihood::state::State;
+use crate::num::cg::{CgReport, CgSettings};
+
+/// The likelihood on an OpenCL device in arithmetic `T`, behind the [`Backend`] interface.
+pub struct OpenCl<T: Real> {
+    inner: std::sync::Mutex<Inner<T>>,
+    name: String,
+}
+
+impl<T: Real> OpenCl<T> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner<T>> {
+        // every method either completes or returns an error, so a panic elsewhere cannot
+        // leave the device state half-written
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl<T: Real> Backend for OpenCl<T> {
+    fn describe(&self) -> String {
+        self.name.clone()
+    }
+
+    fn state(&self, _m: &Model, xi: &[f64], st: &mut State, _w: &mut ModelWork) -> Result<()> {
+        st.fields_on_host = true;
+        let (scl, off) = (st.scl, st.off);
+        let (id, mut out, sig) = st.device_parts();
+        self.lock().state(id, xi, sig, scl, off, &mut out)
+    }
+
+    fn value_grad(
+        &self,
+        m: &Model,
+        xi: &[f64],
+        xsig: &[f64],
+        st: &mut State,
+        g_xi: &mut [f64],
+        gsig: &mut [f64],
+        _w: &mut ModelWork,
+    ) -> Result<[f64; 3]> {
+        // s and ρΔr stay on the device, where the KL's metric uses them
+        st.fields_on_host = false;
+        let (scl, off) = (st.scl, st.off);
+        let (id, mut out, [nsig, dnsig]) = st.device_parts();
+        let sig = [nsig, dnsig, xsig];
+        let infer = m.infer_nsigma;
+        self.lock()
+            .value_grad(id, xi, sig, infer, (scl, off), &mut out, gsig, g_xi)
+    }
+
+    fn jvp(
+        &self,
+        _m: &Model,
+        st: &State,
+        dxi: &[f64],
+        dscl: f64,
+        doff: f64,
+        da: &mut [f64],
+        dv: &mut [f64],
+        _w: &mut ModelWork,
+    ) -> Result<()> {
+        self.lock().jvp(st, dxi, dscl, doff, da, dv)
+    }
+
+    fn vjp(
+        &self,
+        _m: &Model,
+        st: &State,
+        ca: &[f64],
+        cv: &[f64],
+        g_xi: &mut [f64],
+        _w: &mut ModelWork,
+    ) -> Result<[f64; 2]> {
+        self.lock().vjp(st, ca, cv, g_xi)
+    }
+
+    fn averaged_metric(
+        &self,
+        m: &Model,
+        states: &[State],
+        mask: &[f64],
+        v: &[f64],
+        out: &mut [f64],
+        _w: &mut ModelWork,
+    ) -> Result<()> {
+        let refs: Vec<&State> = states.iter().collect();
+        self.lock()
+            .metric_host(&refs, mask, true, m.chain(), v, out)
+    }
+
+    fn solve_metric(
+        &self,
+        m: &Model,
+        states: &[&State],
+        mask: &[f64],
+        with_sig: bool,
+        b: &[f64],
+        x: &mut [f64],
+        settings: &CgSettings,
+    ) -> Result<Option<CgReport>> {
+        self.lock()
+            .solve(states, mask, with_sig, m.chain(), b, x, settings)
+    }
+
+    fn reserve_states(&self, n: usize) {
+        self.lock().reserve(n);
+    }
+
+    fn traffic(&self) -> Option<Traffic> {
+        Some(self.lock().traffic())
+    }
+}
+
+/// Move `model`'s voxel and star stages onto the OpenCL device chosen by `spec`, in
+/// `precision` (one process only: MPI ranks with devices are not supported yet).
+pub fn attach(model: &mut Model, spec: &super::DeviceSpec, precision: Precision) -> Result<()> {
+    if model.icr.decomp.size() > 1 {
+        anyhow::bail!(
+            "the OpenCL backend runs on one process: combining it with MPI ranks is not \
+             supported yet (run `dust3d fit --backend opencl` without mpirun)"
+        );
+    }
+    let dev = Gpu::open(spec)?;
+    tracing::info!(device = %dev.name, ?precision, "likelihood and ICR on OpenCL");
+    let backend: Box<dyn Backend> = match precision {
+        Precision::F64 => Box::new(open::<f64>(model, &dev, precision)?),
+        Precision::F32 => Box::new(open::<f32>(model, &dev, precision)?),
+    };
+    model.set_backend(backend);
+    Ok(())
+}
+
+fn open<T: Real>(model: &Model, dev: &Gpu, precision: Precision) -> Result<OpenCl<T>> {
+    let mut inner = Inner::<T>::new(
+        &model.icr,
+        &model.data,
+        &model.widths,
+        model.padding(),
+        dev,
+        precision,
+    )?;
+    let dom = &model.dom;
+    inner.set_reduction(dom.pix_per_patch, &[&dom.x, &dom.p])?;
+    Ok(OpenCl {
+        inner: std::sync::Mutex::new(inner),
+        name: dev.name.clone(),
+    })
+}

@@ -1,0 +1,30 @@
+//! The free-entry mask of a schedule stage: 1 for the entries of x a stage updates, 0 for
+//! those it holds (ICR levels beyond the stage's). Held entries are multiplied out of every
+//! tangent, cotangent and sample, so a stage moves only its free entries.
+
+/// `v ∘ mask` into `dst` (cleared first; no allocation once `dst` is large enough).
+pub fn masked_copy(dst: &mut Vec<f64>, v: &[f64], mask: &[f64]) {
+    dst.clear();
+    dst.extend(v.iter().zip(mask).map(|(a, m)| a * m));
+}
+
+/// `v ← v ∘ mask`.
+pub fn mask_in_place(v: &mut [f64], mask: &[f64]) {
+    v.iter_mut().zip(mask).for_each(|(a, m)| *a *= m);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn held_entries_become_zero_and_free_ones_stay() {
+        let (v, mask) = ([1.5, -2.0, 3.0], [1.0, 0.0, 1.0]);
+        let mut dst = vec![9.0; 7];
+        masked_copy(&mut dst, &v, &mask);
+        assert_eq!(dst, [1.5, 0.0, 3.0]);
+        let mut w = v;
+        mask_in_place(&mut w, &mask);
+        assert_eq!(w, [1.5, 0.0, 3.0]);
+    }
+}
