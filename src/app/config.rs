@@ -109,11 +109,13 @@ pub struct KernelConfig {
 }
 
 impl Default for KernelConfig {
+    /// The kernel module's defaults.
     fn default() -> Self {
+        let p = KernelParams::default();
         Self {
-            kind: KernelKind::Matern32,
-            std: 1.5,
-            length_pc: 30.0,
+            kind: p.kind,
+            std: p.std,
+            length_pc: p.length_pc,
             spectrum_file: None,
         }
     }

@@ -10,7 +10,8 @@
 
 use anyhow::Result;
 
-use super::model::{Model, ModelWork};
+pub use super::core::Chain;
+use super::core::{ModelCore, ModelWork};
 use super::state::State;
 use crate::num::cg::{CgReport, CgSettings};
 
@@ -22,7 +23,7 @@ pub trait Backend: Send + Sync {
 
     /// Fill `st.s`, `st.rw`, `st.abar`, `st.var` for ICR excitations `xi`; the scale,
     /// offset and n_σ in `st` are already set.
-    fn state(&self, m: &Model, xi: &[f64], st: &mut State, w: &mut ModelWork) -> Result<()>;
+    fn state(&self, m: &ModelCore, xi: &[f64], st: &mut State, w: &mut ModelWork) -> Result<()>;
 
     /// The state as [`Backend::state`], the likelihood's energy, the ICR part of its
     /// gradient (`g_xi`, no prior term) and the ξ_σ gradient (prior term included) in one
@@ -30,7 +31,7 @@ pub trait Backend: Send + Sync {
     #[allow(clippy::too_many_arguments)]
     fn value_grad(
         &self,
-        m: &Model,
+        m: &ModelCore,
         xi: &[f64],
         xsig: &[f64],
         st: &mut State,
@@ -44,7 +45,7 @@ pub trait Backend: Send + Sync {
     #[allow(clippy::too_many_arguments)]
     fn jvp(
         &self,
-        m: &Model,
+        m: &ModelCore,
         st: &State,
         dxi: &[f64],
         dscl: f64,
@@ -58,7 +59,7 @@ pub trait Backend: Send + Sync {
     /// returns the value-space cotangents [scale, offset].
     fn vjp(
         &self,
-        m: &Model,
+        m: &ModelCore,
         st: &State,
         ca: &[f64],
         cv: &[f64],
@@ -69,7 +70,7 @@ pub trait Backend: Send + Sync {
     /// The sample-averaged KL metric product of [`Model::averaged_metric`].
     fn averaged_metric(
         &self,
-        m: &Model,
+        m: &ModelCore,
         states: &[State],
         mask: &[f64],
         v: &[f64],
@@ -82,7 +83,7 @@ pub trait Backend: Send + Sync {
     #[allow(clippy::too_many_arguments)]
     fn solve_metric(
         &self,
-        _m: &Model,
+        _m: &ModelCore,
         _states: &[&State],
         _mask: &[f64],
         _with_sig: bool,
@@ -111,27 +112,4 @@ pub struct Traffic {
     pub value_grad: (usize, usize),
     /// `metric` (one JVP and one VJP with their ICR passes).
     pub metric: (usize, usize),
-}
-
-/// The chain rule between the latent coordinates (ξ_scale, ξ_offset) and the values of the
-/// scale and offset, written once for every backend.
-#[derive(Clone, Copy, Debug)]
-pub struct Chain {
-    /// d offset / d ξ_offset (the offset prior's standard deviation).
-    pub offset_std: f64,
-}
-
-impl Chain {
-    /// Value tangents (δscale, δoffset) of latent tangents `t` at a state whose
-    /// d scale / d ξ_scale is `dscl`.
-    #[inline]
-    pub fn tangent(&self, dscl: f64, t: [f64; 2]) -> (f64, f64) {
-        (dscl * t[0], self.offset_std * t[1])
-    }
-
-    /// Latent cotangents of value cotangents `c` = [∂/∂scale, ∂/∂offset].
-    #[inline]
-    pub fn cotangent(&self, dscl: f64, c: [f64; 2]) -> [f64; 2] {
-        [c[0] * dscl, c[1] * self.offset_std]
-    }
 }

@@ -6,8 +6,8 @@ use anyhow::Result;
 use rayon::prelude::*;
 
 use super::backend::Backend;
+use super::core::{ModelCore, ModelWork};
 use super::mask::masked_copy;
-use super::model::{Model, ModelWork};
 use super::response::{finish_vjp, inner_columns, star_jvp, star_moments, star_vjp};
 use super::state::State;
 use crate::base::util::DisjointMut;
@@ -18,7 +18,7 @@ pub struct Cpu;
 
 /// Pixel `p`'s kept log-density `sk` and extinction per shell `col = Δr exp(scl s + off)`.
 fn fill_column(
-    m: &Model,
+    m: &ModelCore,
     field: &[f64],
     p: usize,
     scl: f64,
@@ -38,7 +38,7 @@ impl Backend for Cpu {
         "cpu".into()
     }
 
-    fn state(&self, m: &Model, xi: &[f64], st: &mut State, w: &mut ModelWork) -> Result<()> {
+    fn state(&self, m: &ModelCore, xi: &[f64], st: &mut State, w: &mut ModelWork) -> Result<()> {
         m.icr.forward(xi, &mut w.icr);
         st.fields_on_host = true;
         let field = &w.icr.fields[m.icr.chart.levels];
@@ -83,7 +83,7 @@ impl Backend for Cpu {
 
     fn value_grad(
         &self,
-        m: &Model,
+        m: &ModelCore,
         xi: &[f64],
         xsig: &[f64],
         st: &mut State,
@@ -117,7 +117,7 @@ impl Backend for Cpu {
 
     fn jvp(
         &self,
-        m: &Model,
+        m: &ModelCore,
         st: &State,
         dxi: &[f64],
         dscl: f64,
@@ -134,7 +134,7 @@ impl Backend for Cpu {
 
     fn vjp(
         &self,
-        m: &Model,
+        m: &ModelCore,
         st: &State,
         ca: &[f64],
         cv: &[f64],
@@ -148,7 +148,7 @@ impl Backend for Cpu {
 
     fn averaged_metric(
         &self,
-        m: &Model,
+        m: &ModelCore,
         states: &[State],
         mask: &[f64],
         v: &[f64],
@@ -208,7 +208,7 @@ impl Backend for Cpu {
 /// ξ_σ gradient, field cotangent and the [Σ s t, Σ t] partials of every pixel.
 #[allow(clippy::too_many_arguments)]
 fn value_grad_pixels(
-    m: &Model,
+    m: &ModelCore,
     field: &[f64],
     xsig: &[f64],
     st: &mut State,
@@ -295,7 +295,7 @@ fn value_grad_pixels(
 /// cotangents of the scale and offset, times `weight`.
 #[allow(clippy::too_many_arguments)]
 fn vjp_to_field(
-    m: &Model,
+    m: &ModelCore,
     st: &State,
     ca: &[f64],
     cv: &[f64],
@@ -351,7 +351,7 @@ fn vjp_to_field(
 /// tangents of scale and offset; `buf` holds the tangent of rw.
 #[allow(clippy::too_many_arguments)]
 fn jvp_from_field(
-    m: &Model,
+    m: &ModelCore,
     st: &State,
     ds: &[f64],
     dscl: f64,

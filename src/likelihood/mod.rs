@@ -2,6 +2,7 @@
 //! the composed model (energy, gradient, JVP/VJP, MGVI metric) over a compute backend.
 
 pub mod backend;
+pub mod core;
 pub mod cpu;
 pub mod mask;
 pub mod model;

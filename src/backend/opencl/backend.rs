@@ -8,7 +8,8 @@ use super::model::Inner;
 use super::Gpu;
 use crate::base::precision::Precision;
 use crate::likelihood::backend::{Backend, Traffic};
-use crate::likelihood::model::{Model, ModelWork};
+use crate::likelihood::core::{ModelCore, ModelWork};
+use crate::likelihood::model::Model;
 use crate::likelihood::state::State;
 use crate::num::cg::{CgReport, CgSettings};
 
@@ -31,7 +32,7 @@ impl<T: Real> Backend for OpenCl<T> {
         self.name.clone()
     }
 
-    fn state(&self, _m: &Model, xi: &[f64], st: &mut State, _w: &mut ModelWork) -> Result<()> {
+    fn state(&self, _m: &ModelCore, xi: &[f64], st: &mut State, _w: &mut ModelWork) -> Result<()> {
         st.fields_on_host = true;
         let (scl, off) = (st.scl, st.off);
         let (id, mut out, sig) = st.device_parts();
@@ -40,7 +41,7 @@ impl<T: Real> Backend for OpenCl<T> {
 
     fn value_grad(
         &self,
-        m: &Model,
+        m: &ModelCore,
         xi: &[f64],
         xsig: &[f64],
         st: &mut State,
@@ -60,7 +61,7 @@ impl<T: Real> Backend for OpenCl<T> {
 
     fn jvp(
         &self,
-        _m: &Model,
+        _m: &ModelCore,
         st: &State,
         dxi: &[f64],
         dscl: f64,
@@ -74,7 +75,7 @@ impl<T: Real> Backend for OpenCl<T> {
 
     fn vjp(
         &self,
-        _m: &Model,
+        _m: &ModelCore,
         st: &State,
         ca: &[f64],
         cv: &[f64],
@@ -86,7 +87,7 @@ impl<T: Real> Backend for OpenCl<T> {
 
     fn averaged_metric(
         &self,
-        m: &Model,
+        m: &ModelCore,
         states: &[State],
         mask: &[f64],
         v: &[f64],
@@ -100,7 +101,7 @@ impl<T: Real> Backend for OpenCl<T> {
 
     fn solve_metric(
         &self,
-        m: &Model,
+        m: &ModelCore,
         states: &[&State],
         mask: &[f64],
         with_sig: bool,

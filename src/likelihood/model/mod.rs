@@ -12,79 +12,29 @@ use anyhow::{bail, Result};
 use rayon::prelude::*;
 use std::sync::Arc;
 
-use super::backend::{Backend, Chain, Traffic};
+use super::backend::{Backend, Traffic};
+pub use super::core::{ModelCore, ModelParams, ModelWork};
 use super::cpu::Cpu;
 use super::state::next_state_id;
 pub use super::state::{StarData, State};
 use crate::data::catalog::PixelCatalog;
 use crate::num::cg::{CgReport, CgSettings};
-use crate::prior::icr::{Icr, IcrWork};
+use crate::prior::icr::Icr;
 use crate::sphere::decomp::{Domain, Space};
-use crate::sphere::transforms::{InvGamma, LogNormal, Normal};
 
-/// The model's priors and noise model (paper §4, App. A): what a configuration fixes.
-#[derive(Clone, Debug)]
-pub struct ModelParams {
-    /// Prior of the scale of s (log-normal in its mean and standard deviation).
-    pub scale: LogNormal,
-    /// Prior of the offset of ln ρ, ln(extinction units per pc).
-    pub offset: Normal,
-    /// Prior of the per-star error inflation n_σ.
-    pub nsigma: InvGamma,
-    /// Whether n_σ is a free point estimate (else fixed at 1).
-    pub infer_nsigma: bool,
-}
-
-impl Default for ModelParams {
-    /// The paper's priors: scale LogNormal(mean 1, std 0.5), offset N(−6.91, 1),
-    /// n_σ ~ InvGamma(3, 4), inferred.
-    fn default() -> Self {
-        Self {
-            scale: LogNormal::from_mean_std(1.0, 0.5),
-            offset: Normal {
-                mean: -6.91,
-                std: 1.0,
-            },
-            nsigma: InvGamma::new(3.0, 4.0),
-            infer_nsigma: true,
-        }
-    }
-}
-
-/// The composed model.
+/// The composed model: its [`ModelCore`] (which it derefs to) and the backend its voxel
+/// and star stages run on.
 pub struct Model {
-    /// ICR prior operator (shared by the models of all schedule stages).
-    pub icr: Arc<Icr>,
-    /// Stars.
-    pub data: StarData,
-    /// Widths of the kept shells, pc.
-    pub widths: Vec<f64>,
-    /// Prior of the scale of s.
-    pub scale: LogNormal,
-    /// Prior of the offset of ln ρ.
-    pub offset: Normal,
-    /// Prior of n_σ.
-    pub nsigma: InvGamma,
-    /// Whether n_σ is a free point estimate (else fixed at 1).
-    pub infer_nsigma: bool,
-    pad: usize,
-    n_chart: usize,
-    /// Vector layouts and global reductions on this rank.
-    pub dom: Arc<Domain>,
+    core: ModelCore,
     /// Where the voxel and star stages run.
     backend: Box<dyn Backend>,
 }
 
-/// Buffers reused across calls (used by the CPU backend; a device backend keeps its own).
-pub struct ModelWork {
-    pub(crate) icr: IcrWork,
-    pub(crate) field: Vec<f64>,
-    pub(crate) star_a: Vec<f64>,
-    pub(crate) star_v: Vec<f64>,
-    pub(crate) pix_scalars: Vec<[f64; 2]>,
-    pub(crate) pix_energy: Vec<f64>,
-    pub(crate) acc: Vec<f64>,
-    pub(crate) masked: Vec<f64>,
+impl std::ops::Deref for Model {
+    type Target = ModelCore;
+    fn deref(&self) -> &ModelCore {
+        &self.core
+    }
 }
 
 impl Model {
@@ -117,8 +67,7 @@ impl Model {
         let shells = chart.kept_shells();
         let data = StarData::new(cat, &shells);
         let widths = shells.widths_pc();
-        Ok(Self {
-            backend: Box::new(Cpu),
+        let core = ModelCore {
             dom,
             data,
             widths,
@@ -129,6 +78,10 @@ impl Model {
             pad: chart.padding,
             n_chart: chart.n_r(chart.levels),
             icr,
+        };
+        Ok(Self {
+            core,
+            backend: Box::new(Cpu),
         })
     }
 
@@ -140,53 +93,6 @@ impl Model {
     /// "cpu" or the device the model runs on.
     pub fn backend_name(&self) -> String {
         self.backend.describe()
-    }
-
-    /// Number of kept shells.
-    pub fn n_r(&self) -> usize {
-        self.widths.len()
-    }
-
-    /// Shells of the final ICR chart, padding included.
-    pub fn n_chart(&self) -> usize {
-        self.n_chart
-    }
-
-    /// Prior-only chart shells at either radial end.
-    pub fn padding(&self) -> usize {
-        self.pad
-    }
-
-    /// Number of final pixels.
-    pub fn npix(&self) -> usize {
-        self.data.offsets.len() - 1
-    }
-
-    /// Length of the sampled parameter vector x.
-    pub fn n_params(&self) -> usize {
-        self.icr.n_xi() + 2
-    }
-
-    /// The latent-to-value chain rule of the scale and offset.
-    pub fn chain(&self) -> Chain {
-        Chain {
-            offset_std: self.offset.std,
-        }
-    }
-
-    /// Buffers for this model.
-    pub fn workspace(&self) -> ModelWork {
-        let n = self.data.len();
-        ModelWork {
-            icr: self.icr.workspace(),
-            field: vec![0.0; self.icr.n_field()],
-            star_a: vec![0.0; n],
-            star_v: vec![0.0; n],
-            pix_scalars: vec![[0.0; 2]; self.npix()],
-            pix_energy: vec![0.0; self.npix()],
-            acc: Vec::new(),
-            masked: Vec::new(),
-        }
     }
 
     /// Evaluate the model at (x, ξ_σ).
@@ -267,7 +173,7 @@ impl Model {
         self.check_lengths(x, xsig)?;
         st.id = next_state_id();
         self.set_globals(x, xsig, st);
-        self.backend.state(self, &x[..self.icr.n_xi()], st, w)
+        self.backend.state(&self.core, &x[..self.icr.n_xi()], st, w)
     }
 
     /// −ln P(x, ξ_σ | data) up to a constant: Σ_i [(A−ā)²/(2v) + ½ ln v] + ½|x|² + ½|ξ_σ|².
@@ -291,7 +197,7 @@ impl Model {
         w: &mut ModelWork,
     ) -> Result<()> {
         let nxi = self.icr.n_xi();
-        let c = self.backend.vjp(self, st, ca, cv, &mut g[..nxi], w)?;
+        let c = self.backend.vjp(&self.core, st, ca, cv, &mut g[..nxi], w)?;
         let [a, b] = self.chain().cotangent(st.dscl, c);
         g[nxi] = a;
         g[nxi + 1] = b;
@@ -310,7 +216,8 @@ impl Model {
         out: &mut [f64],
         w: &mut ModelWork,
     ) -> Result<()> {
-        self.backend.averaged_metric(self, states, mask, v, out, w)
+        self.backend
+            .averaged_metric(&self.core, states, mask, v, out, w)
     }
 
     /// Solve `M x = b` where the backend keeps its vectors, for the metric of `states`
@@ -328,7 +235,7 @@ impl Model {
         settings: &CgSettings,
     ) -> Result<Option<CgReport>> {
         self.backend
-            .solve_metric(self, states, mask, with_sig, b, x, settings)
+            .solve_metric(&self.core, states, mask, with_sig, b, x, settings)
     }
 
     /// ½|x|² + ½|ξ_σ|² (the latter only when n_σ is inferred).
@@ -395,7 +302,7 @@ impl Model {
         self.set_globals(x, xsig, st);
         let [lik, g_scl, g_off] =
             self.backend
-                .value_grad(self, &x[..nxi], xsig, st, &mut gx[..nxi], gsig, w)?;
+                .value_grad(&self.core, &x[..nxi], xsig, st, &mut gx[..nxi], gsig, w)?;
         let [a, b] = self.chain().cotangent(st.dscl, [g_scl, g_off]);
         gx[nxi] = a;
         gx[nxi + 1] = b;
@@ -415,7 +322,7 @@ impl Model {
         let nxi = self.icr.n_xi();
         let (dscl, doff) = self.chain().tangent(st.dscl, [dx[nxi], dx[nxi + 1]]);
         self.backend
-            .jvp(self, st, &dx[..nxi], dscl, doff, da, dv, w)
+            .jvp(&self.core, st, &dx[..nxi], dscl, doff, da, dv, w)
     }
 
     /// Metric-vector product `out = v + Jᵀ F J v`.

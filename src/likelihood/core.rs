@@ -1,0 +1,147 @@
+//! What a model is made of, independent of where it runs: the ICR operator, the stars with
+//! their distance windows, the shells, the priors, the decomposition ([`ModelCore`]); the
+//! prior parameters a configuration sets ([`ModelParams`]); and the CPU workspace
+//! ([`ModelWork`]). Backends read a [`ModelCore`]; [`super::model::Model`] adds the backend.
+
+use std::sync::Arc;
+
+use super::state::StarData;
+use crate::prior::icr::{Icr, IcrWork};
+use crate::sphere::decomp::Domain;
+use crate::sphere::transforms::{InvGamma, LogNormal, Normal};
+
+/// The model's priors and noise model (paper §4, App. A): what a configuration fixes.
+#[derive(Clone, Debug)]
+pub struct ModelParams {
+    /// Prior of the scale of s (log-normal in its mean and standard deviation).
+    pub scale: LogNormal,
+    /// Prior of the offset of ln ρ, ln(extinction units per pc).
+    pub offset: Normal,
+    /// Prior of the per-star error inflation n_σ.
+    pub nsigma: InvGamma,
+    /// Whether n_σ is a free point estimate (else fixed at 1).
+    pub infer_nsigma: bool,
+}
+
+impl Default for ModelParams {
+    /// The paper's priors: scale LogNormal(mean 1, std 0.5), offset N(−6.91, 1),
+    /// n_σ ~ InvGamma(3, 4), inferred.
+    fn default() -> Self {
+        Self {
+            scale: LogNormal::from_mean_std(1.0, 0.5),
+            offset: Normal {
+                mean: -6.91,
+                std: 1.0,
+            },
+            nsigma: InvGamma::new(3.0, 4.0),
+            infer_nsigma: true,
+        }
+    }
+}
+
+/// What every backend reads of a model: the ICR operator, the stars, the shells, the
+/// priors and the decomposition. A [`super::model::Model`] derefs to it.
+pub struct ModelCore {
+    /// ICR prior operator (shared by the models of all schedule stages).
+    pub icr: Arc<Icr>,
+    /// Stars.
+    pub data: StarData,
+    /// Widths of the kept shells, pc.
+    pub widths: Vec<f64>,
+    /// Prior of the scale of s.
+    pub scale: LogNormal,
+    /// Prior of the offset of ln ρ.
+    pub offset: Normal,
+    /// Prior of n_σ.
+    pub nsigma: InvGamma,
+    /// Whether n_σ is a free point estimate (else fixed at 1).
+    pub infer_nsigma: bool,
+    pub(crate) pad: usize,
+    pub(crate) n_chart: usize,
+    /// Vector layouts and global reductions on this rank.
+    pub dom: Arc<Domain>,
+}
+
+/// Buffers reused across calls (used by the CPU backend; a device backend keeps its own).
+pub struct ModelWork {
+    pub(crate) icr: IcrWork,
+    pub(crate) field: Vec<f64>,
+    pub(crate) star_a: Vec<f64>,
+    pub(crate) star_v: Vec<f64>,
+    pub(crate) pix_scalars: Vec<[f64; 2]>,
+    pub(crate) pix_energy: Vec<f64>,
+    pub(crate) acc: Vec<f64>,
+    pub(crate) masked: Vec<f64>,
+}
+
+impl ModelCore {
+    /// Number of kept shells.
+    pub fn n_r(&self) -> usize {
+        self.widths.len()
+    }
+
+    /// Shells of the final ICR chart, padding included.
+    pub fn n_chart(&self) -> usize {
+        self.n_chart
+    }
+
+    /// Prior-only chart shells at either radial end.
+    pub fn padding(&self) -> usize {
+        self.pad
+    }
+
+    /// Number of final pixels.
+    pub fn npix(&self) -> usize {
+        self.data.offsets.len() - 1
+    }
+
+    /// Length of the sampled parameter vector x.
+    pub fn n_params(&self) -> usize {
+        self.icr.n_xi() + 2
+    }
+
+    /// The latent-to-value chain rule of the scale and offset.
+    pub fn chain(&self) -> Chain {
+        Chain {
+            offset_std: self.offset.std,
+        }
+    }
+
+    /// Buffers for this model.
+    pub fn workspace(&self) -> ModelWork {
+        let n = self.data.len();
+        ModelWork {
+            icr: self.icr.workspace(),
+            field: vec![0.0; self.icr.n_field()],
+            star_a: vec![0.0; n],
+            star_v: vec![0.0; n],
+            pix_scalars: vec![[0.0; 2]; self.npix()],
+            pix_energy: vec![0.0; self.npix()],
+            acc: Vec::new(),
+            masked: Vec::new(),
+        }
+    }
+}
+
+/// The chain rule between the latent coordinates (ξ_scale, ξ_offset) and the values of the
+/// scale and offset, written once for every backend.
+#[derive(Clone, Copy, Debug)]
+pub struct Chain {
+    /// d offset / d ξ_offset (the offset prior's standard deviation).
+    pub offset_std: f64,
+}
+
+impl Chain {
+    /// Value tangents (δscale, δoffset) of latent tangents `t` at a state whose
+    /// d scale / d ξ_scale is `dscl`.
+    #[inline]
+    pub fn tangent(&self, dscl: f64, t: [f64; 2]) -> (f64, f64) {
+        (dscl * t[0], self.offset_std * t[1])
+    }
+
+    /// Latent cotangents of value cotangents `c` = [∂/∂scale, ∂/∂offset].
+    #[inline]
+    pub fn cotangent(&self, dscl: f64, c: [f64; 2]) -> [f64; 2] {
+        [c[0] * dscl, c[1] * self.offset_std]
+    }
+}
