@@ -67,7 +67,7 @@ pub trait Backend: Send + Sync {
         w: &mut ModelWork,
     ) -> Result<[f64; 2]>;
 
-    /// The sample-averaged KL metric product of [`Model::averaged_metric`].
+    /// The sample-averaged KL metric product of [`super::model::Model::averaged_metric`].
     fn averaged_metric(
         &self,
         m: &ModelCore,
@@ -79,7 +79,7 @@ pub trait Backend: Send + Sync {
     ) -> Result<()>;
 
     /// Solve `M x = b` for the metric of `states` where the vectors live (see
-    /// [`Model::solve_metric`]); `Ok(None)` when the caller should run CG on the host.
+    /// [`super::model::Model::solve_metric`]); `Ok(None)` when the caller should run CG on the host.
     #[allow(clippy::too_many_arguments)]
     fn solve_metric(
         &self,
