@@ -212,6 +212,51 @@ fn ranks_without_stars_and_opencl_refusal() {
 }
 
 #[test]
+fn a_growing_schedule_where_some_ranks_gain_no_stars() {
+    if !mpirun_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (cfg_path, cat) = small_fit_config(dir.path());
+    // only the northern polar cap (b > 45°) has stars beyond 150 pc: when the second stage
+    // admits every distance, the ranks of the rest of the sky gain no star while the
+    // northern one does; n_σ must restart everywhere, as in one process
+    let text = std::fs::read_to_string(&cat).unwrap();
+    let mut lines = text.lines();
+    let header = lines.next().unwrap();
+    let col = |name: &str| header.split(',').position(|h| h == name).unwrap();
+    let (b, plx) = (col("b"), col("parallax"));
+    let kept: Vec<&str> = lines
+        .filter(|l| {
+            let f: Vec<f64> = l.split(',').map(|v| v.parse().unwrap_or(0.0)).collect();
+            f[b] > 45.0 || f[plx] > 1000.0 / 150.0
+        })
+        .collect();
+    let grown = dir.path().join("grown.csv");
+    std::fs::write(&grown, format!("{header}\n{}\n", kept.join("\n"))).unwrap();
+    let (mut cfg, _) = Config::from_file(&cfg_path).unwrap();
+    cfg.inference.stage[0].max_distance_pc = Some(200.0);
+    cfg.inference.stage[1].max_distance_pc = None;
+    cfg.noise.infer_nsigma = true;
+    let grown_cfg = dir.path().join("grown.toml");
+    std::fs::write(&grown_cfg, toml::to_string(&cfg).unwrap()).unwrap();
+    let plain = dir.path().join("plain.nc");
+    plain_fit(&grown_cfg, &grown, &plain);
+    let out = dir.path().join("n4.nc");
+    assert!(mpirun(4, &fit_args(&grown_cfg, &grown, &out))
+        .status()
+        .unwrap()
+        .success());
+    assert!(
+        arrays(&out) == arrays(&plain),
+        "growing schedule on 4 ranks differs from one process"
+    );
+    let a = std::fs::read(dir.path().join("plain_stars.csv")).unwrap();
+    let b = std::fs::read(dir.path().join("n4_stars.csv")).unwrap();
+    assert!(a == b, "star tables differ");
+}
+
+#[test]
 fn a_bad_row_names_the_file_row_and_ends_every_rank() {
     if !mpirun_available() {
         return;

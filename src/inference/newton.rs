@@ -234,75 +234,19 @@ impl<T: MetricObjective> Solver<ArgminObjective<'_, T>, St> for TruncatedNewton 
             .problem
             .as_ref()
             .ok_or_else(|| Error::msg("objective missing"))?;
-        let obj = wrapped.obj;
         let space = wrapped.space.clone();
         let (cost, grad) = wrapped.value_grad(&param)?;
-        let rhs: Vec<f64> = grad.iter().map(|g| -g).collect();
-        let mut dir = vec![0.0; param.len()];
-        let rep = obj.solve(
-            &param,
-            &rhs,
-            &mut dir,
-            &CgSettings {
-                rel_tol: self.settings.forcing,
-                max_iter: self.settings.cg_max_iter,
-                ..Default::default()
-            },
-        )?;
-        self.cg_iterations.push(rep.iterations);
-        tracing::debug!(cost, cg_rel = rep.rel_residual, "newton direction");
         self.grad_norms.push(space.dot(&grad, &grad).sqrt());
-        // bound the first trial step: far from the optimum a full Newton step of an
-        // exponential model can overflow (ρ = e^{…}); the line search may still extend it
-        let max_abs = space.max(dir.iter().fold(0.0f64, |m, v| m.max(v.abs())));
-        let alpha0 = if max_abs > self.settings.max_step {
-            self.settings.max_step / max_abs
-        } else {
-            1.0
-        };
-        let slope = space.dot(&dir, &grad);
-        let wrap = |v: Vec<f64>| DVec {
-            v,
-            space: space.clone(),
-        };
-        self.linesearch.search_direction(wrap(dir.clone()));
-        self.linesearch.initial_step_length(alpha0)?;
-        let run = Executor::new(
-            problem.take_problem().expect("problem present"),
-            self.linesearch.clone(),
-        )
-        .configure(|s| {
-            s.param(wrap(param.clone()))
-                .gradient(wrap(grad.clone()))
-                .cost(cost)
-                .max_iters(self.settings.line_search.max_iters)
-        })
-        .ctrlc(false)
-        .run();
-        let (new_param, new_cost) = match run {
-            Ok(result) => {
-                let mut ls_state = result.state;
-                problem.consume_problem(result.problem);
-                let p = ls_state
-                    .take_param()
-                    .ok_or_else(|| Error::msg("line search returned no parameter"))?;
-                (p.v, ls_state.get_cost())
-            }
-            Err(_) => {
-                // More–Thuente met a non-finite value: fall back to Armijo backtracking
-                let obj = problem
-                    .problem
-                    .as_ref()
-                    .ok_or_else(|| Error::msg("objective missing"))?
-                    .obj;
-                let ls = self.settings.line_search;
-                backtrack(obj, &param, cost, (&dir, slope), alpha0, ls)?
-            }
-        };
+        let (dir, rep) = self.direction(wrapped, &param, &grad)?;
+        let (new_param, new_cost) = self.step(wrapped, &param, cost, &grad, dir)?;
         let diff: Vec<f64> = new_param.iter().zip(&param).map(|(a, b)| a - b).collect();
         self.step_norms.push(space.dot(&diff, &diff).sqrt());
         let kv = argmin::kv!("cg_iterations" => rep.iterations as u64; "cg_rel_residual" => rep.rel_residual;);
-        Ok((state.param(wrap(new_param)).cost(new_cost), Some(kv)))
+        let new = DVec {
+            v: new_param,
+            space,
+        };
+        Ok((state.param(new).cost(new_cost), Some(kv)))
     }
 
     fn terminate(&mut self, state: &St) -> TerminationStatus {
@@ -312,6 +256,118 @@ impl<T: MetricObjective> Solver<ArgminObjective<'_, T>, St> for TruncatedNewton 
         } else {
             TerminationStatus::NotTerminated
         }
+    }
+}
+
+impl TruncatedNewton {
+    /// The Newton direction: the metric solve `M d = −g` by CG, stopped at relative residual
+    /// `forcing`. Where that is not a descent direction (a CG stopped on garbage, a metric
+    /// that is not positive definite), the steepest descent −g instead.
+    fn direction<T: MetricObjective>(
+        &mut self,
+        wrapped: &ArgminObjective<'_, T>,
+        param: &[f64],
+        grad: &[f64],
+    ) -> Result<(Vec<f64>, cg::CgReport), Error> {
+        let space = &wrapped.space;
+        let rhs: Vec<f64> = grad.iter().map(|g| -g).collect();
+        let mut dir = vec![0.0; param.len()];
+        let settings = CgSettings {
+            rel_tol: self.settings.forcing,
+            max_iter: self.settings.cg_max_iter,
+            ..Default::default()
+        };
+        let rep = wrapped.obj.solve(param, &rhs, &mut dir, &settings)?;
+        self.cg_iterations.push(rep.iterations);
+        if rep.iterations >= settings.max_iter && rep.rel_residual > settings.rel_tol {
+            tracing::debug!(
+                cg_iterations = rep.iterations,
+                rel_residual = rep.rel_residual,
+                "Newton CG stopped at its cap"
+            );
+        }
+        let slope = space.dot(&dir, grad);
+        if !(slope < 0.0 && slope.is_finite()) {
+            tracing::warn!(slope, "the Newton direction is no descent direction: steepest descent");
+            return Ok((rhs, rep));
+        }
+        Ok((dir, rep))
+    }
+
+    /// The step along `dir` from `param` (value `cost`, gradient `grad`): More–Thuente from a
+    /// first trial step capped at `max_step` in any coordinate, then Armijo backtracking if
+    /// it fails or does not improve on the start. The point returned is never worse than
+    /// `param`; with no decrease found it is `param` itself.
+    fn step<T: MetricObjective>(
+        &mut self,
+        wrapped: &ArgminObjective<'_, T>,
+        param: &[f64],
+        cost: f64,
+        grad: &[f64],
+        dir: Vec<f64>,
+    ) -> Result<(Vec<f64>, f64), Error> {
+        let space = wrapped.space.clone();
+        let slope = space.dot(&dir, grad);
+        if slope == 0.0 {
+            // a zero gradient (or direction): nothing to gain here
+            return Ok((param.to_vec(), cost));
+        }
+        // bound the first trial step: far from the optimum a full Newton step of an
+        // exponential model can overflow (ρ = e^{…}); the line search may still extend it
+        let max_abs = space.max(dir.iter().fold(0.0f64, |m, v| m.max(v.abs())));
+        let alpha0 = if max_abs > self.settings.max_step {
+            self.settings.max_step / max_abs
+        } else {
+            1.0
+        };
+        let wrap = |v: Vec<f64>| DVec {
+            v,
+            space: space.clone(),
+        };
+        self.linesearch.search_direction(wrap(dir.clone()));
+        self.linesearch.initial_step_length(alpha0)?;
+        let ls = self.settings.line_search;
+        let run = Executor::new(Shared(wrapped), self.linesearch.clone())
+            .configure(|s| {
+                s.param(wrap(param.to_vec()))
+                    .gradient(wrap(grad.to_vec()))
+                    .cost(cost)
+                    .max_iters(ls.max_iters)
+            })
+            .ctrlc(false)
+            .run();
+        let found = run.ok().and_then(|mut r| {
+            let c = r.state.get_cost();
+            r.state.take_param().map(|p| (p.v, c))
+        });
+        // every rank takes the same branch: the cost is a global sum
+        match found {
+            Some((p, c)) if c.is_finite() && c <= cost => Ok((p, c)),
+            _ => {
+                tracing::debug!("More–Thuente failed or did not improve: Armijo backtracking");
+                backtrack(wrapped.obj, param, cost, (&dir, slope), alpha0, ls)
+            }
+        }
+    }
+}
+
+/// The line search's view of the objective: the same objective and cache as the solver's,
+/// borrowed, so that the solver still holds it when the search fails.
+struct Shared<'b, 'a, T: MetricObjective>(&'b ArgminObjective<'a, T>);
+
+impl<T: MetricObjective> CostFunction for Shared<'_, '_, T> {
+    type Param = DVec;
+    type Output = f64;
+    fn cost(&self, p: &DVec) -> Result<f64, Error> {
+        self.0.cost(p)
+    }
+}
+
+impl<T: MetricObjective> Gradient for Shared<'_, '_, T> {
+    type Param = DVec;
+    type Gradient = DVec;
+    fn gradient(&self, p: &DVec) -> Result<DVec, Error> {
+        self.0.gradient(p)
     }
 }
 
@@ -447,5 +503,83 @@ mod tests {
         let gn = g.iter().map(|v| v * v).sum::<f64>().sqrt();
         // |g|² can not drop below ~ε|f| (the line search compares values of size ~1e5)
         assert!(gn < 1e-5, "gradient norm {gn} after {} steps", rep.steps);
+    }
+
+    /// ½|p − c|² inside the ball |p| < radius, +∞ outside (think exp-overflow of ρ), with an
+    /// optional sign flip of the metric (a metric that is not positive definite).
+    struct Walled {
+        c: Vec<f64>,
+        radius: f64,
+        metric_sign: f64,
+    }
+
+    impl MetricObjective for Walled {
+        fn value_grad(&self, p: &[f64], g: &mut [f64]) -> Result<f64, Error> {
+            let r2: f64 = p.iter().map(|v| v * v).sum();
+            let mut f = 0.0;
+            for i in 0..p.len() {
+                g[i] = p[i] - self.c[i];
+                f += 0.5 * g[i] * g[i];
+            }
+            Ok(if r2.sqrt() < self.radius { f } else { f64::INFINITY })
+        }
+        fn metric(&self, _p: &[f64], v: &[f64], out: &mut [f64]) -> Result<(), Error> {
+            out.iter_mut()
+                .zip(v)
+                .for_each(|(o, x)| *o = self.metric_sign * x);
+            Ok(())
+        }
+    }
+
+    fn far_steps() -> NewtonSettings {
+        NewtonSettings {
+            forcing: 1e-10,
+            cg_max_iter: 10,
+            rel_tol: 0.0,
+            max_step: 1e6,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_line_search_meeting_infinity_backtracks_and_finishes() {
+        let n = 8;
+        // the minimum lies at |c| = 8, outside the finite region |p| < 3
+        let obj = Walled {
+            c: vec![8.0 / (n as f64).sqrt(); n],
+            radius: 3.0,
+            metric_sign: 1.0,
+        };
+        let f0 = 0.5 * 64.0;
+        let (p, rep) = minimize(&obj, vec![0.0; n], 6, far_steps()).unwrap();
+        let r = p.iter().map(|v| v * v).sum::<f64>().sqrt();
+        assert!(r < 3.0, "ended outside the finite region: |p| = {r}");
+        assert!(rep.value.is_finite() && rep.value < f0, "value {}", rep.value);
+        // every step kept the value finite and never went up
+        let mut g = vec![0.0; n];
+        assert_eq!(obj.value_grad(&p, &mut g).unwrap(), rep.value);
+    }
+
+    #[test]
+    fn a_zero_gradient_is_a_fixed_point_and_a_bad_metric_falls_back_to_descent() {
+        let n = 5;
+        let c = vec![0.7; n];
+        let at_min = Walled {
+            c: c.clone(),
+            radius: 1e9,
+            metric_sign: 1.0,
+        };
+        let (p, rep) = minimize(&at_min, c.clone(), 3, far_steps()).unwrap();
+        assert_eq!(p, c);
+        assert_eq!(rep.value, 0.0);
+        // a negative metric turns the Newton direction uphill: steepest descent instead
+        let uphill = Walled {
+            c,
+            radius: 1e9,
+            metric_sign: -1.0,
+        };
+        let (p, rep) = minimize(&uphill, vec![0.0; n], 3, far_steps()).unwrap();
+        assert!(rep.value < 0.5 * 0.49 * n as f64, "value {}", rep.value);
+        assert!(p.iter().all(|v| (v - 0.7).abs() < 0.7), "{p:?}");
     }
 }

@@ -246,8 +246,11 @@ impl StageRun {
         let mask = mgvi::level_mask(&model, sc.levels);
         let mut part = su.part.clone();
         part.patch_stars = model.dom.stars.patch.iter().map(|r| r[0].len()).collect();
-        if st.vi.xsig.len() != model.data.len() {
-            // a new data set: n_σ starts again from its prior median (paper §5)
+        // a new data set: n_σ starts again from its prior median (paper §5). Decided on all
+        // ranks together: a rank whose own stars did not change resets too, as one process
+        // holding every star would
+        let changed = u64::from(st.vi.xsig.len() != model.data.len());
+        if comm::sum_u64(changed) > 0 {
             st.vi.xsig = vec![0.0; model.data.len()];
         }
         Ok(Self {
