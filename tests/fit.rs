@@ -122,3 +122,74 @@ fn sigkill_then_resume_equals_uninterrupted_run() {
         "resumed run differs from the uninterrupted one"
     );
 }
+
+/// The columns of `<stem>_stars.csv` by name.
+fn star_table(path: &Path) -> (Vec<String>, Vec<Vec<f64>>) {
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut lines = text.lines();
+    let header: Vec<String> = lines.next().unwrap().split(',').map(String::from).collect();
+    let mut cols = vec![Vec::new(); header.len()];
+    for l in lines {
+        for (c, v) in cols.iter_mut().zip(l.split(',')) {
+            c.push(v.parse::<f64>().unwrap());
+        }
+    }
+    (header, cols)
+}
+
+#[test]
+fn per_star_products_agree_with_an_independent_computation_from_the_map() {
+    use dust3d::likelihood::response::{inner_columns, star_moments, Windows};
+    let dir = tempfile::tempdir().unwrap();
+    let (mut cfg, _) = demo_config();
+    cfg.simulate.n_stars = 4000;
+    cfg.inference.stage.truncate(1);
+    cfg.inference.stage[0].levels = None;
+    cfg.inference.stage[0].iterations = 2;
+    let text = toml::to_string(&cfg).unwrap();
+    let (cat, _) = simulate(dir.path(), &cfg);
+    let out = dir.path().join("fit.nc");
+    dust3d::app::fit::run(&cfg, &text, &cat, &out, false).unwrap();
+    let map = DustMap::read(&out).unwrap();
+    let (h, c) = star_table(&dir.path().join("fit_stars.csv"));
+    let col = |name: &str| &c[h.iter().position(|x| x == name).expect(name)];
+    let (l, b, plx, plx_e) = (col("l"), col("b"), col("parallax"), col("parallax_error"));
+    // the map stores float32: the table (f64 states) agrees to float32 rounding
+    let pred = dust3d::products::predict::predict(&map, l, b, plx, plx_e).unwrap();
+    let close = |a: f64, e: f64, scale: f64| (a - e).abs() <= 1e-5 * scale + 1e-9;
+    for i in 0..l.len() {
+        let scale = pred.mean[i].abs().max(1e-3);
+        assert!(
+            close(col("predicted_extinction")[i], pred.mean[i], scale),
+            "row {i}"
+        );
+        assert!(
+            close(col("predicted_extinction_std")[i], pred.map_std[i], scale),
+            "row {i}"
+        );
+        assert!(
+            close(col("distance_marginal_std")[i], pred.distance_std[i], scale),
+            "row {i}"
+        );
+    }
+    // √((n_σ σ_A)² + σ_a²), sample-averaged, from the map's samples and the response alone
+    let win = Windows::new(&map.shells, plx, plx_e);
+    let (npix, nr) = (map.npix(), map.n_r());
+    let widths = map.shells.widths_pc();
+    let (ns, ae) = (col("nsigma"), col("extinction_error"));
+    assert!(ns.iter().all(|v| *v > 0.0 && v.is_finite()));
+    for i in (0..l.len()).step_by(37) {
+        let p = dust3d::sphere::grid::ang2pix(map.nside, l[i], b[i]) as usize;
+        let mut expect = 0.0;
+        for s in &map.samples {
+            let rw: Vec<f64> = (0..nr).map(|k| s[k * npix + p] * widths[k]).collect();
+            let mut cum = vec![0.0; nr + 1];
+            inner_columns(&rw, &mut cum);
+            let (_, var) = star_moments(win.of(i), &rw, &cum);
+            expect += ((ns[i] * ae[i]).powi(2) + var).sqrt() / map.samples.len() as f64;
+        }
+        let got = col("predicted_extinction_error")[i];
+        assert!(close(got, expect, expect), "row {i}: {got} vs {expect}");
+        assert!(got >= ns[i] * ae[i] * (1.0 - 1e-9));
+    }
+}

@@ -288,7 +288,10 @@ impl TruncatedNewton {
         }
         let slope = space.dot(&dir, grad);
         if !(slope < 0.0 && slope.is_finite()) {
-            tracing::warn!(slope, "the Newton direction is no descent direction: steepest descent");
+            tracing::warn!(
+                slope,
+                "the Newton direction is no descent direction: steepest descent"
+            );
             return Ok((rhs, rep));
         }
         Ok((dir, rep))
@@ -521,7 +524,11 @@ mod tests {
                 g[i] = p[i] - self.c[i];
                 f += 0.5 * g[i] * g[i];
             }
-            Ok(if r2.sqrt() < self.radius { f } else { f64::INFINITY })
+            Ok(if r2.sqrt() < self.radius {
+                f
+            } else {
+                f64::INFINITY
+            })
         }
         fn metric(&self, _p: &[f64], v: &[f64], out: &mut [f64]) -> Result<(), Error> {
             out.iter_mut()
@@ -554,7 +561,11 @@ mod tests {
         let (p, rep) = minimize(&obj, vec![0.0; n], 6, far_steps()).unwrap();
         let r = p.iter().map(|v| v * v).sum::<f64>().sqrt();
         assert!(r < 3.0, "ended outside the finite region: |p| = {r}");
-        assert!(rep.value.is_finite() && rep.value < f0, "value {}", rep.value);
+        assert!(
+            rep.value.is_finite() && rep.value < f0,
+            "value {}",
+            rep.value
+        );
         // every step kept the value finite and never went up
         let mut g = vec![0.0; n];
         assert_eq!(obj.value_grad(&p, &mut g).unwrap(), rep.value);

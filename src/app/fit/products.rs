@@ -110,7 +110,9 @@ pub fn map_from_samples(
 struct LocalProducts {
     samples_rw: Vec<Vec<f64>>,
     abar: Vec<Vec<f64>>,
-    sig_a: Vec<Vec<f64>>,
+    /// σ_a² per sample and star: the variance of the extinction from the distance
+    /// uncertainty alone.
+    sig_a2: Vec<Vec<f64>>,
 }
 
 fn local_products(cfg: &Config, su: &Setup, st: &FitState) -> Result<LocalProducts> {
@@ -120,21 +122,21 @@ fn local_products(cfg: &Config, su: &Setup, st: &FitState) -> Result<LocalProduc
     let mut out = LocalProducts {
         samples_rw: Vec::new(),
         abar: Vec::new(),
-        sig_a: Vec::new(),
+        sig_a2: Vec::new(),
     };
     for d in &st.vi.residuals {
         for sign in [1.0, -1.0] {
             let x: Vec<f64> = st.vi.x.iter().zip(d).map(|(a, b)| a + sign * b).collect();
             let s = model.state(&x, &xsig0, &mut w)?;
             out.abar.push(s.abar.clone());
-            // v − (n_σ σ_A)² with n_σ = 1 here: the distance-marginalisation variance
-            out.sig_a.push(
-                s.var
-                    .iter()
-                    .zip(&model.data.a_err)
-                    .map(|(v, e)| (v - e * e).max(0.0).sqrt())
-                    .collect::<Vec<_>>(),
-            );
+            // σ_a² = v − (n_σ σ_A)² with the n_σ the state was evaluated with
+            let sig_a2 = (0..s.var.len())
+                .map(|i| {
+                    let ns = s.nsig[i] * model.data.a_err[i];
+                    (s.var[i] - ns * ns).max(0.0)
+                })
+                .collect();
+            out.sig_a2.push(sig_a2);
             out.samples_rw.push(s.rw);
         }
     }
@@ -178,10 +180,17 @@ pub(super) fn write_products(
                 .zip(&st.vi.xsig)
                 .map(|(&i, &z)| (i, tf.value(z)))
                 .collect()
+        } else if !cfg.noise.infer_nsigma {
+            last_stars
+                .stars
+                .source_id
+                .iter()
+                .map(|&i| (i, 1.0))
+                .collect()
         } else {
             HashMap::new()
         };
-    let rows = star_prediction_rows(&su.stars, &lp.abar, &lp.sig_a, &nsig)?;
+    let rows = star_prediction_rows(&su.stars, &lp.abar, &lp.sig_a2, &nsig)?;
     write_star_predictions(&paths.stars, rows)?;
     if comm::is_root() {
         write_history(&paths.history, &st.history)?;
@@ -218,22 +227,30 @@ fn write_map_blocks(map: &DustMap, su: &Setup, path: &Path) -> Result<()> {
     })
 }
 
-/// This rank's rows of the star-prediction table (CSV text, no header).
+/// This rank's rows of the star-prediction table (CSV text, no header): per star the
+/// sample mean and spread of ā, √(mean σ_a²), the MAP n_σ, and the sample mean of
+/// √((n_σ σ_A)² + σ_a²), the model's prediction of the measurement error (paper Fig. D.1b).
 fn star_prediction_rows(
     all: &PixelCatalog,
     abar: &[Vec<f64>],
-    sig_a: &[Vec<f64>],
+    sig_a2: &[Vec<f64>],
     nsig: &HashMap<i64, f64>,
 ) -> Result<Vec<u8>> {
     let s = &all.stars;
     let (a_m, a_s) = crate::base::util::mean_std(abar);
-    let (sa_m, _) = crate::base::util::mean_std(sig_a);
+    let (sa2_m, _) = crate::base::util::mean_std(sig_a2);
+    let n = sig_a2.len() as f64;
     let mut f = Vec::new();
     for i in 0..s.len() {
         let ns = nsig.get(&s.source_id[i]).copied().unwrap_or(f64::NAN);
+        let inflated = ns * s.extinction_error[i];
+        let predicted_error = sig_a2
+            .iter()
+            .map(|v| (inflated * inflated + v[i]).sqrt() / n)
+            .sum::<f64>();
         writeln!(
             f,
-            "{},{},{},{},{},{},{},{},{},{},{},{}",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{}",
             s.source_id[i],
             s.l_deg[i],
             s.b_deg[i],
@@ -244,8 +261,9 @@ fn star_prediction_rows(
             all.pixel[i],
             a_m.get(i).copied().unwrap_or(f64::NAN),
             a_s.get(i).copied().unwrap_or(f64::NAN),
-            sa_m.get(i).copied().unwrap_or(f64::NAN),
-            ns
+            sa2_m.get(i).map_or(f64::NAN, |v| v.sqrt()),
+            ns,
+            predicted_error
         )?;
     }
     Ok(f)
@@ -261,7 +279,7 @@ fn write_star_predictions(path: &Path, rows: Vec<u8>) -> Result<()> {
         let mut f = std::io::BufWriter::new(std::fs::File::create(tmp)?);
         writeln!(
             f,
-            "source_id,l,b,parallax,parallax_error,extinction,extinction_error,pixel,predicted_extinction,predicted_extinction_std,distance_marginal_std,nsigma"
+            "source_id,l,b,parallax,parallax_error,extinction,extinction_error,pixel,predicted_extinction,predicted_extinction_std,distance_marginal_std,nsigma,predicted_extinction_error"
         )?;
         f.write_all(&rows)?;
         for r in 1..comm::size() {
