@@ -193,3 +193,41 @@ fn per_star_products_agree_with_an_independent_computation_from_the_map() {
         assert!(got >= ns[i] * ae[i] * (1.0 - 1e-9));
     }
 }
+
+#[test]
+fn a_stage_ends_once_converged_and_the_map_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut cfg, _) = demo_config();
+    cfg.simulate.n_stars = 4000;
+    cfg.inference.stage[1].iterations = 8;
+    let (cat, _) = simulate(dir.path(), &cfg);
+    let history = |stem: &str| -> Vec<Vec<String>> {
+        let text = std::fs::read_to_string(dir.path().join(format!("{stem}_history.csv"))).unwrap();
+        text.lines()
+            .skip(1)
+            .map(|l| l.split(',').map(String::from).collect())
+            .collect()
+    };
+    let run = |cfg: &Config, stem: &str| {
+        let text = toml::to_string(cfg).unwrap();
+        let out = dir.path().join(format!("{stem}.nc"));
+        dust3d::app::fit::run(cfg, &text, &cat, &out, false).unwrap();
+        DustMap::read(&out).unwrap().provenance.schedule
+    };
+    let schedule = run(&cfg, "early");
+    let rows = history("early");
+    let last = rows.last().unwrap();
+    // the last column says whether the iteration converged; stage 1 stopped early
+    assert_eq!(last[0], "1");
+    assert_eq!(last.last().unwrap(), "1", "{rows:?}");
+    assert!(rows.len() < 2 + 8, "{} iterations", rows.len());
+    assert!(
+        schedule.contains("stage 1:") && schedule.contains("converged"),
+        "{schedule}"
+    );
+    // tolerances of 0 run every iteration
+    cfg.inference.stage[1].kl_rtol = 0.0;
+    let schedule = run(&cfg, "full");
+    assert_eq!(history("full").len(), 2 + 8);
+    assert!(schedule.contains("not converged"), "{schedule}");
+}

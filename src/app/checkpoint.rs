@@ -52,6 +52,24 @@ pub struct HistoryRow {
     /// Bytes sent through MPI during the iteration, summed over ranks.
     #[serde(default)]
     pub mpi_bytes: u64,
+    /// Relative KL change of the iteration (see `inference::mgvi::Change`).
+    #[serde(default)]
+    pub kl_change: f64,
+    /// RMS step of the expansion point per parameter, standardized units.
+    #[serde(default)]
+    pub step_rms: f64,
+    /// RMS change of the sample mean of ln ρ over the voxels.
+    #[serde(default)]
+    pub map_change: f64,
+    /// Residual draws whose CG stopped at its cap above its tolerance.
+    #[serde(default)]
+    pub sample_cg_capped: usize,
+    /// Newton steps whose inner CG stopped at its cap above the forcing residual.
+    #[serde(default)]
+    pub newton_cg_capped: usize,
+    /// Whether the iteration met the stage's convergence tolerances (the stage ended).
+    #[serde(default)]
+    pub converged: bool,
 }
 
 /// Where a fit stands.

@@ -216,7 +216,8 @@ pub struct StageConfig {
     pub star_fraction: f64,
     /// Number of antithetic sample pairs.
     pub sample_pairs: usize,
-    /// Global MGVI iterations in this stage.
+    /// Cap of global MGVI iterations in this stage; it ends earlier once an iteration meets
+    /// `kl_rtol`, `step_tol` and `map_tol`.
     pub iterations: usize,
     /// Cap of conjugate-gradient iterations when drawing a sample.
     pub sample_cg_iterations: usize,
@@ -228,6 +229,16 @@ pub struct StageConfig {
     pub newton_cg_iterations: usize,
     /// Relative residual at which a Newton step's inner CG stops.
     pub newton_forcing: f64,
+    /// The stage ends before `iterations` once an iteration changes the KL by at most this
+    /// fraction, ...
+    pub kl_rtol: f64,
+    /// ... moves the expansion point by at most this RMS per parameter (standardized), ...
+    pub step_tol: f64,
+    /// ... and the sample mean of ln ρ by at most this RMS over the voxels, in units of the
+    /// samples' standard deviation of ln ρ (0 in any of the three: always run
+    /// `iterations`). The defaults stop a stage once an iteration moves the map by less
+    /// than the sampling noise of 2 pairs (about 0.6–1 σ per iteration on the demo).
+    pub map_tol: f64,
 }
 
 impl Default for StageConfig {
@@ -243,11 +254,23 @@ impl Default for StageConfig {
             newton_steps: 5,
             newton_cg_iterations: 50,
             newton_forcing: 0.1,
+            kl_rtol: 1e-2,
+            step_tol: 0.1,
+            map_tol: 1.0,
         }
     }
 }
 
 impl StageConfig {
+    /// When the stage may end before its iteration cap.
+    pub fn convergence(&self) -> crate::inference::mgvi::Convergence {
+        crate::inference::mgvi::Convergence {
+            kl_rtol: self.kl_rtol,
+            step_tol: self.step_tol,
+            map_tol: self.map_tol,
+        }
+    }
+
     /// The settings of one global iteration in this stage.
     pub fn iteration_settings(&self) -> crate::inference::mgvi::IterationSettings {
         crate::inference::mgvi::IterationSettings {
@@ -546,6 +569,18 @@ impl Config {
                         s.newton_forcing
                     ),
                 ));
+            }
+            for (name, v) in [
+                ("kl_rtol", s.kl_rtol),
+                ("step_tol", s.step_tol),
+                ("map_tol", s.map_tol),
+            ] {
+                if !(v >= 0.0 && v.is_finite()) {
+                    return Err(invalid(
+                        format!("{key}.{name}"),
+                        format!("{key}.{name} must be ≥ 0 (0: never stop early), got {v}"),
+                    ));
+                }
             }
             if s.sample_pairs == 0 || s.iterations == 0 {
                 return Err(invalid(

@@ -60,6 +60,9 @@ pub fn map_summary(path: &Path, map: &DustMap, n_samples: usize) -> String {
     if !p.catalog_sha256.is_empty() {
         let _ = writeln!(s, "  catalog   sha256 {}", p.catalog_sha256);
     }
+    for line in p.schedule.lines() {
+        let _ = writeln!(s, "  schedule  {line}");
+    }
     s
 }
 

@@ -23,6 +23,8 @@ pub struct Provenance {
     pub catalog_sha256: String,
     /// Creation time, RFC 3339 UTC.
     pub created: String,
+    /// How the inference schedule ran, one line per stage ("" where there was none).
+    pub schedule: String,
 }
 
 impl Provenance {
@@ -36,6 +38,7 @@ impl Provenance {
             command_line: std::env::args().collect::<Vec<_>>().join(" "),
             catalog_sha256: catalog_sha256.to_string(),
             created: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+            schedule: String::new(),
         }
     }
 }

@@ -199,6 +199,12 @@ pub struct TruncatedNewton {
     pub grad_norms: Vec<f64>,
     /// Length |Δp| of every step taken.
     pub step_norms: Vec<f64>,
+    /// Objective at the start, before the first step.
+    pub initial_value: Option<f64>,
+    /// Relative residual of every step's inner CG.
+    pub cg_residuals: Vec<f64>,
+    /// Steps whose inner CG stopped at its cap above the forcing residual.
+    pub cg_capped: usize,
 }
 
 impl TruncatedNewton {
@@ -212,6 +218,9 @@ impl TruncatedNewton {
             cg_iterations: Vec::new(),
             grad_norms: Vec::new(),
             step_norms: Vec::new(),
+            initial_value: None,
+            cg_residuals: Vec::new(),
+            cg_capped: 0,
         })
     }
 }
@@ -236,6 +245,7 @@ impl<T: MetricObjective> Solver<ArgminObjective<'_, T>, St> for TruncatedNewton 
             .ok_or_else(|| Error::msg("objective missing"))?;
         let space = wrapped.space.clone();
         let (cost, grad) = wrapped.value_grad(&param)?;
+        self.initial_value.get_or_insert(cost);
         self.grad_norms.push(space.dot(&grad, &grad).sqrt());
         let (dir, rep) = self.direction(wrapped, &param, &grad)?;
         let (new_param, new_cost) = self.step(wrapped, &param, cost, &grad, dir)?;
@@ -279,12 +289,9 @@ impl TruncatedNewton {
         };
         let rep = wrapped.obj.solve(param, &rhs, &mut dir, &settings)?;
         self.cg_iterations.push(rep.iterations);
+        self.cg_residuals.push(rep.rel_residual);
         if rep.iterations >= settings.max_iter && rep.rel_residual > settings.rel_tol {
-            tracing::debug!(
-                cg_iterations = rep.iterations,
-                rel_residual = rep.rel_residual,
-                "Newton CG stopped at its cap"
-            );
+            self.cg_capped += 1;
         }
         let slope = space.dot(&dir, grad);
         if !(slope < 0.0 && slope.is_finite()) {
@@ -412,6 +419,12 @@ pub struct NewtonReport {
     pub step_norms: Vec<f64>,
     /// Evaluations of value and gradient (line searches included).
     pub evaluations: usize,
+    /// Objective at the start point.
+    pub initial_value: f64,
+    /// Relative residual of each step's inner CG.
+    pub cg_residuals: Vec<f64>,
+    /// Steps whose inner CG stopped at its cap above the forcing residual.
+    pub cg_capped: usize,
 }
 
 /// Minimise `obj` from `p0` with at most `max_steps` Newton steps.
@@ -448,6 +461,9 @@ pub fn minimize<T: MetricObjective>(
             grad_norms: res.solver.grad_norms.clone(),
             step_norms: res.solver.step_norms.clone(),
             evaluations,
+            initial_value: res.solver.initial_value.unwrap_or(value),
+            cg_residuals: res.solver.cg_residuals.clone(),
+            cg_capped: res.solver.cg_capped,
         },
     ))
 }

@@ -375,6 +375,9 @@ impl DustMap {
         nc.add_attribute("command_line", p.command_line.as_str())?;
         nc.add_attribute("catalog_sha256", p.catalog_sha256.as_str())?;
         nc.add_attribute("created", p.created.as_str())?;
+        if !p.schedule.is_empty() {
+            nc.add_attribute("schedule", p.schedule.as_str())?;
+        }
         Ok(())
     }
 
@@ -560,6 +563,7 @@ impl Reader {
             command_line: get("command_line"),
             catalog_sha256: get("catalog_sha256"),
             created: get("created"),
+            schedule: get("schedule"),
         }
     }
 }

@@ -204,11 +204,16 @@ fn run_schedule(cfg: &Config, su: &Setup, paths: &FitPaths, st: &mut FitState) -
         let stage = StageRun::new(cfg, su, st)?;
         while st.iteration < sc.iterations {
             let (row, sample_cg) = stage.iterate(cfg.seed, st)?;
+            let converged = row.converged;
             pb.suspend(|| log_row(&row, &sample_cg));
             st.history.push(row);
             save_checkpoint(paths, su, st, &stage.part)?;
             injected_failure(st.history.len());
             pb.inc(1);
+            if converged {
+                pb.inc((sc.iterations - st.iteration) as u64);
+                break;
+            }
         }
         st.stage += 1;
         st.iteration = 0;
@@ -223,6 +228,7 @@ struct StageRun {
     model: crate::likelihood::model::Model,
     mask: Vec<f64>,
     settings: mgvi::IterationSettings,
+    convergence: mgvi::Convergence,
     /// This rank's part with the stage's stars per patch, as checkpoints record it.
     part: checkpoint::Part,
     /// Stars of the stage on all ranks.
@@ -257,6 +263,7 @@ impl StageRun {
             model,
             mask,
             settings: sc.iteration_settings(),
+            convergence: sc.convergence(),
             part,
             n_stars,
         })
@@ -275,6 +282,7 @@ impl StageRun {
         let rep =
             mgvi::global_iteration(&self.model, &self.settings, &self.mask, &mut st.vi, streams)?;
         st.iteration += 1;
+        let converged = self.convergence.met_by(&rep.change);
         let row = HistoryRow {
             stage: st.stage,
             iteration: st.iteration,
@@ -291,8 +299,49 @@ impl StageRun {
             cpu_seconds: sum_f64(process_cpu_seconds() - cpu0),
             mpi_cpu_seconds: sum_f64(comm::mpi_cpu_seconds() - mpi0),
             mpi_bytes: comm::sum_u64(comm::bytes_sent() - bytes0),
+            kl_change: rep.change.kl_relative,
+            step_rms: rep.change.step_rms,
+            map_change: rep.change.map_z_rms,
+            sample_cg_capped: rep.sample_cg_capped,
+            newton_cg_capped: rep.newton.cg_capped,
+            converged,
         };
+        warn_capped(&self.settings, &rep);
         Ok((row, rep.sample_cg))
+    }
+}
+
+/// A warning for every CG of the iteration that stopped at its cap with its tolerance unmet
+/// (the samples or the Newton steps are then less accurate than configured).
+fn warn_capped(settings: &mgvi::IterationSettings, rep: &mgvi::IterationReport) {
+    if rep.sample_cg_capped > 0 {
+        let worst = rep
+            .sample_cg_residuals
+            .iter()
+            .fold(0.0f64, |m, &r| m.max(r));
+        tracing::warn!(
+            capped = rep.sample_cg_capped,
+            of = rep.sample_cg.len(),
+            cap = settings.sample_cg_iterations,
+            tolerance = settings.sample_cg_tolerance,
+            worst_rel_residual = format!("{worst:.2e}"),
+            "sampling CG stopped at its cap (raise sample_cg_iterations)"
+        );
+    }
+    if rep.newton.cg_capped > 0 {
+        let worst = rep
+            .newton
+            .cg_residuals
+            .iter()
+            .fold(0.0f64, |m, &r| m.max(r));
+        tracing::warn!(
+            capped = rep.newton.cg_capped,
+            of = rep.newton.cg_iterations.len(),
+            cap = settings.newton_cg_iterations,
+            forcing = settings.newton_forcing,
+            worst_rel_residual = format!("{worst:.2e}"),
+            "Newton CG stopped at its cap (raise newton_cg_iterations)"
+        );
     }
 }
 
@@ -311,6 +360,10 @@ fn log_row(row: &HistoryRow, sample_cg: &[usize]) {
         seconds = format!("{:.2}", row.seconds),
         rss_mb = row.peak_rss_bytes / (1 << 20),
         mpi_mb = format!("{:.1}", row.mpi_bytes as f64 / 1e6),
+        kl_change = format!("{:.2e}", row.kl_change),
+        step_rms = format!("{:.2e}", row.step_rms),
+        map_change = format!("{:.2e}", row.map_change),
+        converged = row.converged,
         "MGVI iteration"
     )
 }

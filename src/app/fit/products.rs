@@ -156,6 +156,7 @@ pub(super) fn write_products(
     let lp = local_products(cfg, su, st)?;
     let mut prov = Provenance::current(config_text, cfg.seed, &su.id.catalog_sha256);
     prov.catalog_sha256 = su.id.catalog_sha256.clone();
+    prov.schedule = schedule_summary(cfg, &st.history);
     let mut map = map_from_samples(cfg, &su.chart, &lp.samples_rw, prov)?;
     drop(lp.samples_rw);
     map.star_count = su
@@ -291,17 +292,47 @@ fn write_star_predictions(path: &Path, rows: Vec<u8>) -> Result<()> {
     .with_context(|| format!("cannot write {}", path.display()))
 }
 
+/// One line per stage: iterations run against the cap, whether the stage converged, and
+/// its last iteration's change measures against the tolerances.
+pub(super) fn schedule_summary(cfg: &Config, history: &[HistoryRow]) -> String {
+    let mut out = String::new();
+    for (k, sc) in cfg.inference.stage.iter().enumerate() {
+        let rows: Vec<&HistoryRow> = history.iter().filter(|r| r.stage == k).collect();
+        let Some(last) = rows.last() else {
+            continue;
+        };
+        let how = if last.converged {
+            "converged"
+        } else {
+            "stopped at its iteration cap, not converged"
+        };
+        out += &format!(
+            "stage {k}: {} of at most {} iterations, {how} (last: KL change {:.2e} / {:.0e}, \
+             step {:.2e} / {:.0e}, mean ln ρ change {:.2e} σ / {:.0e} σ)\n",
+            rows.len(),
+            sc.iterations,
+            last.kl_change,
+            sc.kl_rtol,
+            last.step_rms,
+            sc.step_tol,
+            last.map_change,
+            sc.map_tol
+        );
+    }
+    out
+}
+
 pub(super) fn write_history(path: &Path, rows: &[HistoryRow]) -> Result<()> {
     write_atomically(path, |tmp| {
         let mut f = std::io::BufWriter::new(std::fs::File::create(tmp)?);
         writeln!(
             f,
-            "stage,iteration,n_stars,kl,grad_norm,step,newton_steps,newton_cg,sample_cg,seconds,peak_rss_bytes,ranks,cpu_seconds,mpi_cpu_seconds,mpi_bytes"
+            "stage,iteration,n_stars,kl,grad_norm,step,newton_steps,newton_cg,sample_cg,seconds,peak_rss_bytes,ranks,cpu_seconds,mpi_cpu_seconds,mpi_bytes,kl_change,step_rms,map_change,sample_cg_capped,newton_cg_capped,converged"
         )?;
         for r in rows {
             writeln!(
                 f,
-                "{},{},{},{},{},{},{},{},{},{:.3},{},{},{:.3},{:.3},{}",
+                "{},{},{},{},{},{},{},{},{},{:.3},{},{},{:.3},{:.3},{},{},{},{},{},{},{}",
                 r.stage,
                 r.iteration,
                 r.n_stars,
@@ -316,7 +347,13 @@ pub(super) fn write_history(path: &Path, rows: &[HistoryRow]) -> Result<()> {
                 r.ranks,
                 r.cpu_seconds,
                 r.mpi_cpu_seconds,
-                r.mpi_bytes
+                r.mpi_bytes,
+                r.kl_change,
+                r.step_rms,
+                r.map_change,
+                r.sample_cg_capped,
+                r.newton_cg_capped,
+                u8::from(r.converged)
             )?;
         }
         f.flush()?;

@@ -13,6 +13,7 @@ use crate::inference::newton::{self, NewtonReport, NewtonSettings};
 use crate::likelihood::mask::mask_in_place;
 use crate::likelihood::model::Model;
 use crate::num::cg::CgSettings;
+use crate::sphere::decomp::Space;
 pub use kl::Kl;
 pub use sampling::{draw_residual, draw_residual_in, Fisher, ModelAt};
 
@@ -102,8 +103,52 @@ pub struct IterationReport {
     pub kl: f64,
     /// CG iterations of each residual draw.
     pub sample_cg: Vec<usize>,
+    /// Relative residual of each residual draw's CG.
+    pub sample_cg_residuals: Vec<f64>,
+    /// Residual draws whose CG stopped at its cap above its tolerance.
+    pub sample_cg_capped: usize,
     /// Newton minimisation summary.
     pub newton: NewtonReport,
+    /// How far the iteration moved the posterior (convergence measures).
+    pub change: Change,
+}
+
+/// How much one global iteration changed the approximate posterior, with this iteration's
+/// samples held fixed: so the measures depend on the iteration alone (a resumed run decides
+/// as the uninterrupted one).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Change {
+    /// |KL after − KL before| / max(|KL after|, 1): the KL at the old expansion point with the
+    /// new samples against the KL after the Newton steps.
+    pub kl_relative: f64,
+    /// RMS change of the expansion point x̄ per parameter, standardized units.
+    pub step_rms: f64,
+    /// RMS over the kept voxels of the change of the sample mean of ln ρ, in units of the
+    /// samples' standard deviation of ln ρ at the voxel.
+    pub map_z_rms: f64,
+}
+
+/// When a stage may end before its iteration cap: all three [`Change`] measures of an
+/// iteration at or below their tolerance (a tolerance of 0 never ends a stage).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Convergence {
+    /// Tolerance of [`Change::kl_relative`].
+    pub kl_rtol: f64,
+    /// Tolerance of [`Change::step_rms`], standardized units.
+    pub step_tol: f64,
+    /// Tolerance of [`Change::map_z_rms`], in posterior standard deviations.
+    pub map_tol: f64,
+}
+
+impl Convergence {
+    /// Whether `c` meets every tolerance (never when a tolerance is 0).
+    pub fn met_by(&self, c: &Change) -> bool {
+        let tol = [self.kl_rtol, self.step_tol, self.map_tol];
+        tol.iter().all(|&t| t > 0.0)
+            && c.kl_relative <= self.kl_rtol
+            && c.step_rms <= self.step_tol
+            && c.map_z_rms <= self.map_tol
+    }
 }
 
 /// Stream id of residual pair `pair` of global iteration (`stage`, `iteration`).
@@ -130,23 +175,24 @@ pub fn global_iteration(
         ..Default::default()
     };
     residuals.clear();
-    let mut sample_cg = Vec::new();
+    let (mut sample_cg, mut sample_cg_residuals) = (Vec::new(), Vec::new());
     for pair in 0..settings.sample_pairs {
         let stream = residual_stream(streams.stage, streams.iteration, pair);
         let (mut d, rep) = draw_residual_in(&lin, streams.seed, stream, &cg_settings)?;
         // held entries stay where they are in every sample
         mask_in_place(&mut d, mask);
-        tracing::debug!(
-            pair,
-            cg_iterations = rep.iterations,
-            rel_residual = rep.rel_residual,
-            "residual drawn"
-        );
         sample_cg.push(rep.iterations);
+        sample_cg_residuals.push(rep.rel_residual);
         residuals.push(d);
     }
     drop(lin);
     drop(st);
+    let sample_cg_capped = sample_cg
+        .iter()
+        .zip(&sample_cg_residuals)
+        .filter(|(&i, &r)| i >= cg_settings.max_iter && r > cg_settings.rel_tol)
+        .count();
+    let [map_before, _] = log_density_moments(model, x, residuals);
     let kl = Kl::new(model, residuals, mask);
     let mut p0 = x.to_vec();
     p0.extend_from_slice(xsig);
@@ -158,15 +204,129 @@ pub fn global_iteration(
     };
     let (p, newton) = newton::minimize(&kl, p0, settings.newton_steps as u64, newton_settings)
         .context("KL minimisation failed")?;
+    drop(kl);
     let np = model.n_params();
+    let dx: Vec<f64> = p[..np].iter().zip(x.iter()).map(|(a, b)| a - b).collect();
     x.copy_from_slice(&p[..np]);
     xsig.copy_from_slice(&p[np..]);
+    let [map_after, map_std] = log_density_moments(model, x, residuals);
+    let change = Change {
+        kl_relative: (newton.value - newton.initial_value).abs() / newton.value.abs().max(1.0),
+        step_rms: (model.dom.x.dot(&dx, &dx) / np as f64).sqrt(),
+        map_z_rms: z_rms_change(model, &map_before, &map_after, &map_std),
+    };
     Ok(IterationReport {
         kl: newton.value,
         sample_cg,
+        sample_cg_residuals,
+        sample_cg_capped,
         newton,
+        change,
     })
+}
+
+/// The sample mean and standard deviation of ln ρ = scale · s + offset over the samples
+/// x ± δ_k on this rank's kept voxels, pixel-major (ICR forwards only: no star is evaluated).
+fn log_density_moments(model: &Model, x: &[f64], residuals: &[Vec<f64>]) -> [Vec<f64>; 2] {
+    let (nxi, n, nc, pad) = (
+        model.icr.n_xi(),
+        model.n_r(),
+        model.n_chart(),
+        model.padding(),
+    );
+    let npix = model.npix();
+    let mut iw = model.icr.workspace();
+    let (mut m1, mut m2) = (vec![0.0; npix * n], vec![0.0; npix * n]);
+    let count = (2 * residuals.len()) as f64;
+    let mut xs = x.to_vec();
+    for d in residuals {
+        for sign in [1.0, -1.0] {
+            xs.iter_mut()
+                .zip(x.iter().zip(d))
+                .for_each(|(o, (a, b))| *o = a + sign * b);
+            model.icr.forward(&xs[..nxi], &mut iw);
+            let field = &iw.fields[model.icr.chart.levels];
+            let scl = model.scale.value(xs[nxi]);
+            let off = model.offset.value(xs[nxi + 1]);
+            for p in 0..npix {
+                for k in 0..n {
+                    let v = scl * field[p * nc + pad + k] + off;
+                    m1[p * n + k] += v / count;
+                    m2[p * n + k] += v * v / count;
+                }
+            }
+        }
+    }
+    let std = m1
+        .iter()
+        .zip(&m2)
+        .map(|(a, b)| (b - a * a).max(0.0).sqrt())
+        .collect();
+    [m1, std]
+}
+
+/// Smallest standard deviation of ln ρ a map change is measured in: 5 % in ρ. Voxels the
+/// samples do not move (e.g. where a coarse stage holds the finer levels) would otherwise
+/// turn rounding into a huge change.
+const STD_FLOOR: f64 = 0.05;
+
+/// RMS over all ranks' kept voxels of the change `b − a` of the mean of ln ρ in units of its
+/// posterior standard deviation `std` (so a voxel the data do not constrain counts no more
+/// than one they pin down).
+fn z_rms_change(model: &Model, a: &[f64], b: &[f64], std: &[f64]) -> f64 {
+    let n = model.n_r();
+    let per_pixel: Vec<f64> = (0..a.len() / n.max(1))
+        .map(|p| {
+            (p * n..(p + 1) * n)
+                .map(|i| ((b[i] - a[i]) / std[i].max(STD_FLOOR)).powi(2))
+                .sum()
+        })
+        .collect();
+    let voxels = model.icr.chart.npix(model.icr.chart.levels) * n;
+    (model.dom.pixel_sum(&per_pixel) / voxels.max(1) as f64).sqrt()
 }
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod convergence_tests {
+    use super::*;
+
+    #[test]
+    fn a_stage_converges_only_when_every_measure_is_within_its_tolerance() {
+        let tol = Convergence {
+            kl_rtol: 1e-2,
+            step_tol: 0.1,
+            map_tol: 1.0,
+        };
+        let ok = Change {
+            kl_relative: 5e-3,
+            step_rms: 0.05,
+            map_z_rms: 0.8,
+        };
+        assert!(tol.met_by(&ok));
+        for bad in [
+            Change {
+                kl_relative: 2e-2,
+                ..ok
+            },
+            Change {
+                step_rms: 0.2,
+                ..ok
+            },
+            Change {
+                map_z_rms: 1.5,
+                ..ok
+            },
+        ] {
+            assert!(!tol.met_by(&bad), "{bad:?}");
+        }
+        // a tolerance of 0 disables early stopping, even for a change of exactly 0
+        let never = Convergence {
+            kl_rtol: 0.0,
+            ..tol
+        };
+        assert!(!never.met_by(&Change::default()));
+    }
+}

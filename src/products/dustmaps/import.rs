@@ -108,6 +108,7 @@ fn read_parts(path: &Path, load: Load) -> Result<Parts> {
         created: read_str_key(&mut f, &prim, "D3DDATE").unwrap_or_default(),
         command_line: format!("imported from {file}"),
         config: String::new(),
+        schedule: String::new(),
     };
     for i in 1.. {
         let Ok(hdu) = f.hdu(i) else { break };
