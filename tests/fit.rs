@@ -231,3 +231,59 @@ fn a_stage_ends_once_converged_and_the_map_says_so() {
     assert_eq!(history("full").len(), 2 + 8);
     assert!(schedule.contains("not converged"), "{schedule}");
 }
+
+#[test]
+fn held_out_stars_are_kept_out_of_the_fit_and_scored() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut cfg, _) = demo_config();
+    cfg.simulate.n_stars = 4000;
+    cfg.validation.holdout_fraction = 0.1;
+    let text = toml::to_string(&cfg).unwrap();
+    let (cat, _) = simulate(dir.path(), &cfg);
+    let out = dir.path().join("fit.nc");
+    dust3d::app::fit::run(&cfg, &text, &cat, &out, false).unwrap();
+    let selected = dust3d::data::catalog::Catalog::read(&cat, &cfg.catalog)
+        .unwrap()
+        .len();
+    let (_, cols) = star_table(&dir.path().join("fit_stars.csv"));
+    let fitted = cols[0].len();
+    let json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("fit_validation.json")).unwrap(),
+    )
+    .unwrap();
+    let held = json["scores"]["all"]["n_stars"].as_u64().unwrap() as usize;
+    // every selected star is either fitted or held out, about 10 % held out
+    assert_eq!(fitted + held, selected);
+    let f = held as f64 / selected as f64;
+    assert!(
+        (f - 0.1).abs() < 4.0 * (0.09 / selected as f64).sqrt(),
+        "{f}"
+    );
+    let fitted_ids: std::collections::HashSet<i64> = cols[0].iter().map(|&v| v as i64).collect();
+    assert_eq!(fitted_ids.len(), fitted);
+    let cov = json["scores"]["all"]["coverage_1sigma"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&cov));
+    // the map carries the scores, and `dust3d validate` scores any catalog against it
+    let map = DustMap::read(&out).unwrap();
+    assert!(
+        map.provenance.validation.starts_with("all: "),
+        "{}",
+        map.provenance.validation
+    );
+    let o = Command::new(env!("CARGO_BIN_EXE_dust3d"))
+        .args(["validate", "--map", out.to_str().unwrap(), "--catalog"])
+        .arg(&cat)
+        .env("DUST3D_LOG", "warn")
+        .env("HDF5_USE_FILE_LOCKING", "FALSE")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // without a configuration, no distance cuts: at least the selected stars are scored
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let n: usize = stdout
+        .strip_prefix("all: ")
+        .and_then(|s| s.split(' ').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{stdout}"));
+    assert!(n >= selected, "{stdout}");
+}

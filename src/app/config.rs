@@ -56,6 +56,8 @@ pub struct Config {
     pub backend: BackendConfig,
     /// Distribution over MPI ranks.
     pub parallel: ParallelConfig,
+    /// Held-out stars scored against the finished map.
+    pub validation: ValidationConfig,
     /// Mock-sky simulator.
     pub simulate: SimulateConfig,
 }
@@ -284,6 +286,23 @@ impl StageConfig {
     }
 }
 
+/// `[validation]`: stars kept out of the fit and scored against its map.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ValidationConfig {
+    /// Fraction of the selected stars held out (a fixed random subset by source id and
+    /// seed), 0 for none; `fit --holdout` overrides it.
+    pub holdout_fraction: f64,
+}
+
+impl Default for ValidationConfig {
+    fn default() -> Self {
+        Self {
+            holdout_fraction: 0.05,
+        }
+    }
+}
+
 /// `[output]`: what goes into the map file.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -497,6 +516,13 @@ impl Config {
             }
         }
         self.simulate.validate()?;
+        let h = self.validation.holdout_fraction;
+        if !((0.0..1.0).contains(&h)) {
+            return Err(invalid(
+                "validation.holdout_fraction",
+                format!("validation.holdout_fraction must be in [0, 1), got {h}"),
+            ));
+        }
         Ok(())
     }
 

@@ -63,6 +63,9 @@ pub fn map_summary(path: &Path, map: &DustMap, n_samples: usize) -> String {
     for line in p.schedule.lines() {
         let _ = writeln!(s, "  schedule  {line}");
     }
+    for line in p.validation.lines() {
+        let _ = writeln!(s, "  held out  {line}");
+    }
     s
 }
 

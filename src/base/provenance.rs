@@ -25,6 +25,8 @@ pub struct Provenance {
     pub created: String,
     /// How the inference schedule ran, one line per stage ("" where there was none).
     pub schedule: String,
+    /// Scores of the held-out stars, a few lines ("" where none were held out).
+    pub validation: String,
 }
 
 impl Provenance {
@@ -39,6 +41,7 @@ impl Provenance {
             catalog_sha256: catalog_sha256.to_string(),
             created: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
             schedule: String::new(),
+            validation: String::new(),
         }
     }
 }

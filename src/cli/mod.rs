@@ -45,6 +45,9 @@ enum Command {
     Predict(products::PredictArgs),
     /// Compare a map with a reference map (paper Fig. 10): 2D histogram and quantiles.
     Compare(products::CompareArgs),
+    /// Score a map against the measured extinctions of any catalog: z-score quantiles,
+    /// 1σ/2σ coverage, χ²/star and Pearson r, overall and by extinction level.
+    Validate(ValidateArgs),
     /// Summarise a map, fit checkpoint or catalog file (catalogs are validated and selected as
     /// in a fit).
     Info(InfoArgs),
@@ -97,6 +100,10 @@ pub struct FitArgs {
     /// `backend.platform` / `backend.device` or DUST3D_OPENCL_PLATFORM / _DEVICE).
     #[arg(long, value_parser = parse_backend)]
     pub backend: Option<BackendKind>,
+    /// Fraction of the stars held out of the fit and scored against its map (overrides
+    /// `validation.holdout_fraction`; 0: none).
+    #[arg(long)]
+    pub holdout: Option<f64>,
 }
 
 /// Arguments of `dust3d recovery`.
@@ -234,6 +241,7 @@ pub fn run() -> Result<()> {
         Command::Interp { kind } => products::interp(kind),
         Command::Predict(a) => products::predict(a),
         Command::Compare(a) => products::compare(a),
+        Command::Validate(a) => validate(a),
         Command::Info(a) => {
             let (cfg, _) = load_config(a.config.as_deref())?;
             print!("{}", crate::app::info::run(&a.file, &cfg)?);
@@ -278,7 +286,47 @@ fn fit(a: FitArgs) -> Result<()> {
     if let Some(b) = a.backend {
         cfg.backend.kind = b;
     }
+    if let Some(h) = a.holdout {
+        cfg.validation.holdout_fraction = h;
+        cfg.validate()?;
+    }
     crate::app::fit::run(&cfg, &text, &a.catalog, &a.out, a.resume)
+}
+
+/// Arguments of `dust3d validate`.
+#[derive(clap::Args, Debug)]
+pub struct ValidateArgs {
+    /// Map (dust3d netCDF or the release's FITS layout).
+    #[arg(long)]
+    pub map: PathBuf,
+    /// Stars with measured extinctions (any catalog format).
+    #[arg(long)]
+    pub catalog: PathBuf,
+    /// Configuration giving column names and cuts (defaults otherwise).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Also write the scores as JSON here.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+/// `dust3d validate`.
+fn validate(a: ValidateArgs) -> Result<()> {
+    let (cfg, _) = load_config(a.config.as_deref())?;
+    let map = crate::products::dustmaps::open_map(&a.map)?;
+    let cat = crate::data::catalog::Catalog::read(&a.catalog, &cfg.catalog)?;
+    let stars = crate::products::validation::predicted_from_map(&map, &cat)?;
+    let v = crate::products::validation::validate(&stars);
+    print!("{}", v.summary());
+    if let Some(out) = &a.out {
+        let json = serde_json::to_string_pretty(&v)?;
+        crate::base::atomic::write_atomically(out, |tmp| {
+            std::fs::write(tmp, &json)?;
+            Ok(())
+        })
+        .with_context(|| format!("cannot write {}", out.display()))?;
+    }
+    Ok(())
 }
 
 /// `dust3d recovery`.

@@ -378,6 +378,9 @@ impl DustMap {
         if !p.schedule.is_empty() {
             nc.add_attribute("schedule", p.schedule.as_str())?;
         }
+        if !p.validation.is_empty() {
+            nc.add_attribute("validation", p.validation.as_str())?;
+        }
         Ok(())
     }
 
@@ -564,6 +567,7 @@ impl Reader {
             catalog_sha256: get("catalog_sha256"),
             created: get("created"),
             schedule: get("schedule"),
+            validation: get("validation"),
         }
     }
 }

@@ -8,3 +8,4 @@ pub mod plot;
 pub mod predict;
 pub mod query;
 pub mod regrid;
+pub mod validation;

@@ -31,6 +31,8 @@ pub struct FitPaths {
     pub stars: PathBuf,
     /// Convergence history (CSV).
     pub history: PathBuf,
+    /// Scores of the held-out stars (JSON).
+    pub validation: PathBuf,
     /// This rank's checkpoint (`<stem>.ckpt` on one process, `<stem>.r<r>of<n>.ckpt` on n
     /// ranks).
     pub checkpoint: PathBuf,
@@ -64,6 +66,7 @@ impl FitPaths {
             map: out.to_path_buf(),
             stars: dir.join(format!("{stem}_stars.csv")),
             history: dir.join(format!("{stem}_history.csv")),
+            validation: dir.join(format!("{stem}_validation.json")),
             checkpoint: ck_dir.join(format!("{ck}.ckpt")),
             previous: ck_dir.join(format!("{ck}.prev.ckpt")),
         }
@@ -77,6 +80,24 @@ fn star_uniform(seed: u64, i: u64) -> f64 {
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^= z >> 31;
     (z >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Salt of the held-out selection's random numbers (independent of the stages' subsets).
+const HOLDOUT_SALT: u64 = 0x005E_ED0F_4E1D_0047;
+
+/// Split stars into those fitted and a fixed random `fraction` held out, by source id and
+/// seed (the same on any rank count).
+fn split_holdout(all: PixelCatalog, fraction: f64, seed: u64) -> (PixelCatalog, PixelCatalog) {
+    let s = &all.stars;
+    let held: Vec<bool> = (0..s.len())
+        .map(|i| star_uniform(seed ^ HOLDOUT_SALT, s.source_id[i] as u64) < fraction)
+        .collect();
+    let kept: Vec<bool> = held.iter().map(|h| !h).collect();
+    let pixels = all.pixels();
+    (
+        s.subset(&kept).into_pixel_range(all.nside, pixels.clone()),
+        s.subset(&held).into_pixel_range(all.nside, pixels),
+    )
 }
 
 /// The stars a stage uses: nearer than `max_distance_pc` (by 1/ω) and in the stage's fraction.
@@ -97,8 +118,10 @@ pub fn stage_stars(all: &PixelCatalog, stage: &StageConfig, seed: u64) -> PixelC
 struct Setup {
     chart: Chart,
     icr: Arc<Icr>,
-    /// This rank's stars (its pixel range of the final level).
+    /// This rank's stars (its pixel range of the final level), held-out ones excluded.
     stars: PixelCatalog,
+    /// This rank's held-out stars, scored against the finished map.
+    holdout: PixelCatalog,
     /// Identity of the run.
     id: RunId,
     /// This rank's part, as checkpoints record it.
@@ -112,10 +135,17 @@ fn setup(cfg: &Config, config_text: &str, catalog: &Path) -> Result<Setup> {
     let chart = cfg.chart()?;
     let id = RunId {
         seed: cfg.seed,
-        config_sha256: Sha256::digest(config_text.as_bytes())
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect(),
+        // the held-out set is part of the run: `fit --holdout` may override the file
+        config_sha256: Sha256::digest(
+            format!(
+                "{config_text}\n# holdout_fraction = {}",
+                cfg.validation.holdout_fraction
+            )
+            .as_bytes(),
+        )
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect(),
         catalog_sha256: sha256_file(catalog)?,
     };
     let nside = chart.nside_final();
@@ -130,7 +160,11 @@ fn setup(cfg: &Config, config_text: &str, catalog: &Path) -> Result<Setup> {
     };
     let t0 = Instant::now();
     let icr = Arc::new(crate::app::build::icr(cfg, decomp)?);
-    let stars = cat.into_pixel_range(nside, icr.final_pixels());
+    let (stars, holdout) = split_holdout(
+        cat.into_pixel_range(nside, icr.final_pixels()),
+        cfg.validation.holdout_fraction,
+        cfg.seed,
+    );
     // collectives outside the log macros: they skip their arguments where filtered out
     let n_stars = comm::sum_u64(stars.stars.len() as u64);
     tracing::info!(
@@ -150,6 +184,7 @@ fn setup(cfg: &Config, config_text: &str, catalog: &Path) -> Result<Setup> {
         chart,
         icr,
         stars,
+        holdout,
         id,
         part,
         resharded: std::cell::Cell::new(false),

@@ -1,6 +1,7 @@
 //! What a finished fit writes: the map (from per-sample ρΔr, gathered block by block from
 //! the ranks), the per-star predictions and the convergence history.
 
+use crate::products::validation::{validate, Predicted, Validation};
 use anyhow::{bail, Context, Result};
 use std::collections::HashMap;
 use std::io::Write;
@@ -157,6 +158,15 @@ pub(super) fn write_products(
     let mut prov = Provenance::current(config_text, cfg.seed, &su.id.catalog_sha256);
     prov.catalog_sha256 = su.id.catalog_sha256.clone();
     prov.schedule = schedule_summary(cfg, &st.history);
+    if let Some(v) = score_holdout(cfg, su, st)? {
+        prov.validation = v.summary();
+        for line in prov.validation.lines() {
+            tracing::info!("held-out stars {line}");
+        }
+        if comm::is_root() {
+            write_validation(&paths.validation, cfg, &v)?;
+        }
+    }
     let mut map = map_from_samples(cfg, &su.chart, &lp.samples_rw, prov)?;
     drop(lp.samples_rw);
     map.star_count = su
@@ -198,6 +208,69 @@ pub(super) fn write_products(
     }
     tracing::info!(map = %paths.map.display(), stars = %paths.stars.display(), history = %paths.history.display(), "fit products written");
     Ok(())
+}
+
+/// The held-out stars against the posterior samples, on every rank together; the scores
+/// (on every rank) or None when no star was held out.
+fn score_holdout(cfg: &Config, su: &Setup, st: &FitState) -> Result<Option<Validation>> {
+    let size = comm::size();
+    let n_local = su.holdout.stars.len();
+    let counts: Vec<usize> = comm::all_gather_u64(&[n_local as u64], &vec![1; size])
+        .into_iter()
+        .map(|c| c as usize)
+        .collect();
+    if counts.iter().sum::<usize>() == 0 {
+        return Ok(None);
+    }
+    let model = crate::app::build::model(cfg, su.icr.clone(), &su.holdout)?;
+    let mut w = model.workspace();
+    let xsig0 = vec![0.0; n_local];
+    let ns = 2.0 * st.vi.residuals.len() as f64;
+    let (mut s1, mut s2, mut va) = (vec![0.0; n_local], vec![0.0; n_local], vec![0.0; n_local]);
+    for d in &st.vi.residuals {
+        for sign in [1.0, -1.0] {
+            let x: Vec<f64> = st.vi.x.iter().zip(d).map(|(a, b)| a + sign * b).collect();
+            let s = model.state(&x, &xsig0, &mut w)?;
+            for i in 0..n_local {
+                let inflated = s.nsig[i] * model.data.a_err[i];
+                s1[i] += s.abar[i] / ns;
+                s2[i] += s.abar[i] * s.abar[i] / ns;
+                va[i] += (s.var[i] - inflated * inflated).max(0.0) / ns;
+            }
+        }
+    }
+    // [A, predictive mean, predictive variance] per star, gathered in rank order
+    let local: Vec<f64> = (0..n_local)
+        .flat_map(|i| {
+            let e = model.data.a_err[i];
+            let var = (s2[i] - s1[i] * s1[i]).max(0.0) + va[i] + e * e;
+            [model.data.a_obs[i], s1[i], var]
+        })
+        .collect();
+    let all = comm::all_gather_f64(&local, &counts.iter().map(|c| 3 * c).collect::<Vec<_>>());
+    let stars: Vec<Predicted> = all
+        .chunks_exact(3)
+        .map(|v| Predicted {
+            a_obs: v[0],
+            mean: v[1],
+            var: v[2],
+        })
+        .collect();
+    Ok(Some(validate(&stars)))
+}
+
+/// `<stem>_validation.json`: the held-out fraction and the scores.
+fn write_validation(path: &Path, cfg: &Config, v: &Validation) -> Result<()> {
+    let json = serde_json::json!({
+        "holdout_fraction": cfg.validation.holdout_fraction,
+        "predictive": "A ~ N(mean over samples of abar, var over samples of abar + mean sigma_a^2 + sigma_A^2), n_sigma = 1",
+        "scores": v,
+    });
+    write_atomically(path, |tmp| {
+        std::fs::write(tmp, serde_json::to_string_pretty(&json)?)?;
+        Ok(())
+    })
+    .with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// Rank 0 writes the map block by block as the ranks' pixel ranges arrive (its own, then

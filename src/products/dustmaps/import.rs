@@ -109,6 +109,7 @@ fn read_parts(path: &Path, load: Load) -> Result<Parts> {
         command_line: format!("imported from {file}"),
         config: String::new(),
         schedule: String::new(),
+        validation: String::new(),
     };
     for i in 1.. {
         let Ok(hdu) = f.hdu(i) else { break };

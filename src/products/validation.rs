@@ -1,0 +1,255 @@
+//! Calibration of a map against stars it was not fitted to: each star's measured extinction
+//! against the map's predictive distribution for it, `A ~ N(ā, Var_samples(ā) + ⟨σ_a²⟩ +
+//! σ_A²)` (map uncertainty, distance uncertainty, measurement error; n_σ = 1: the quoted
+//! errors). On real data this is the calibration a user can measure: a calibrated map puts
+//! 68 % of the z-scores inside ±1 and 95 % inside ±2.
+
+use anyhow::Result;
+use serde::Serialize;
+
+use crate::data::catalog::Catalog;
+use crate::products::mapfile::DustMap;
+
+/// Upper edges of the predicted-extinction bins of [`Validation::by_level`], catalog units (the
+/// last bin is open).
+pub const LEVEL_EDGES: [f64; 3] = [0.1, 0.3, 1.0];
+
+/// Calibration scores of one set of stars.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Scores {
+    /// Stars scored.
+    pub n_stars: usize,
+    /// Fraction with |z| ≤ 1 (calibrated: 0.683).
+    pub coverage_1sigma: f64,
+    /// Fraction with |z| ≤ 2 (calibrated: 0.954).
+    pub coverage_2sigma: f64,
+    /// The 2.5, 16, 50, 84 and 97.5 % quantiles of z (calibrated: −2, −1, 0, 1, 2).
+    pub z_quantiles: [f64; 5],
+    /// Mean z² (calibrated: 1).
+    pub chi2_per_star: f64,
+    /// Pearson correlation of measured and predicted extinction.
+    pub pearson_r: f64,
+}
+
+/// [`Scores`] overall and per bin of predicted extinction.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Validation {
+    /// All stars.
+    pub all: Scores,
+    /// Stars by predicted extinction: below 0.1, 0.1–0.3, 0.3–1, above 1 (catalog units).
+    pub by_level: Vec<(String, Scores)>,
+}
+
+/// One star's measured extinction and the map's predictive mean and variance for it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Predicted {
+    /// Measured extinction, catalog units.
+    pub a_obs: f64,
+    /// Predictive mean, catalog units.
+    pub mean: f64,
+    /// Predictive variance (map, distance and measurement parts), catalog units².
+    pub var: f64,
+}
+
+impl Predicted {
+    /// The standardized residual (A − mean) / √var.
+    pub fn z(&self) -> f64 {
+        (self.a_obs - self.mean) / self.var.sqrt()
+    }
+}
+
+/// The `q`-quantile (0 ≤ q ≤ 1) of sorted values, linearly interpolated.
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let h = q * (sorted.len() - 1) as f64;
+    let (i, t) = (h.floor() as usize, h - h.floor());
+    let j = (i + 1).min(sorted.len() - 1);
+    sorted[i] + t * (sorted[j] - sorted[i])
+}
+
+/// Scores of `stars` (non-finite z-scores are left out).
+///
+/// ```
+/// use dust3d::products::validation::{score, Predicted};
+/// // z-scores −1.5, −0.5, 0.5, 1.5
+/// let stars: Vec<Predicted> = [-1.5, -0.5, 0.5, 1.5]
+///     .iter()
+///     .map(|&z| Predicted { a_obs: 1.0 + 0.1 * z, mean: 1.0, var: 0.01 })
+///     .collect();
+/// let s = score(&stars);
+/// assert_eq!(s.n_stars, 4);
+/// assert!((s.coverage_1sigma - 0.5).abs() < 1e-12);
+/// assert!((s.coverage_2sigma - 1.0).abs() < 1e-12);
+/// assert!((s.chi2_per_star - 1.25).abs() < 1e-9);
+/// ```
+pub fn score(stars: &[Predicted]) -> Scores {
+    let good: Vec<&Predicted> = stars.iter().filter(|s| s.z().is_finite()).collect();
+    let n = good.len();
+    if n == 0 {
+        return Scores {
+            z_quantiles: [f64::NAN; 5],
+            coverage_1sigma: f64::NAN,
+            coverage_2sigma: f64::NAN,
+            chi2_per_star: f64::NAN,
+            pearson_r: f64::NAN,
+            n_stars: 0,
+        };
+    }
+    let mut z: Vec<f64> = good.iter().map(|s| s.z()).collect();
+    z.sort_by(f64::total_cmp);
+    let nf = n as f64;
+    let within = |k: f64| z.iter().filter(|v| v.abs() <= k).count() as f64 / nf;
+    let (ma, mp) = good
+        .iter()
+        .fold((0.0, 0.0), |(a, p), s| (a + s.a_obs / nf, p + s.mean / nf));
+    let (mut saa, mut spp, mut sap) = (0.0, 0.0, 0.0);
+    for s in &good {
+        let (da, dp) = (s.a_obs - ma, s.mean - mp);
+        saa += da * da;
+        spp += dp * dp;
+        sap += da * dp;
+    }
+    Scores {
+        n_stars: n,
+        coverage_1sigma: within(1.0),
+        coverage_2sigma: within(2.0),
+        z_quantiles: [0.025, 0.16, 0.5, 0.84, 0.975].map(|q| quantile(&z, q)),
+        chi2_per_star: z.iter().map(|v| v * v).sum::<f64>() / nf,
+        pearson_r: sap / (saa * spp).sqrt(),
+    }
+}
+
+/// Scores overall and by level of predicted extinction.
+pub fn validate(stars: &[Predicted]) -> Validation {
+    let mut by_level = Vec::new();
+    let mut lo = 0.0;
+    for k in 0..=LEVEL_EDGES.len() {
+        let hi = LEVEL_EDGES.get(k).copied().unwrap_or(f64::INFINITY);
+        let part: Vec<Predicted> = stars
+            .iter()
+            .filter(|s| s.mean >= lo && s.mean < hi)
+            .copied()
+            .collect();
+        let label = if hi.is_finite() {
+            format!("{lo} <= predicted < {hi}")
+        } else {
+            format!("predicted >= {lo}")
+        };
+        by_level.push((label, score(&part)));
+        lo = hi;
+    }
+    Validation {
+        all: score(stars),
+        by_level,
+    }
+}
+
+impl Validation {
+    /// A few lines for a terminal or a log.
+    pub fn summary(&self) -> String {
+        let line = |name: &str, s: &Scores| {
+            format!(
+                "{name}: {} stars, |z| <= 1: {:.3}, |z| <= 2: {:.3}, z quantiles \
+                 (2.5/16/50/84/97.5 %) {:.2} {:.2} {:.2} {:.2} {:.2}, chi2/star {:.3}, r {:.4}\n",
+                s.n_stars,
+                s.coverage_1sigma,
+                s.coverage_2sigma,
+                s.z_quantiles[0],
+                s.z_quantiles[1],
+                s.z_quantiles[2],
+                s.z_quantiles[3],
+                s.z_quantiles[4],
+                s.chi2_per_star,
+                s.pearson_r
+            )
+        };
+        let mut out = line("all", &self.all);
+        for (label, s) in &self.by_level {
+            if s.n_stars > 0 {
+                out += &line(&format!("  {label}"), s);
+            }
+        }
+        out
+    }
+}
+
+/// The predictive of `map` for every star of `cat` (windows on the map's shells, the star in
+/// its pixel, n_σ = 1), as [`crate::products::predict::predict`] computes it.
+pub fn predicted_from_map(map: &DustMap, cat: &Catalog) -> Result<Vec<Predicted>> {
+    let p = crate::products::predict::predict(
+        map,
+        &cat.l_deg,
+        &cat.b_deg,
+        &cat.parallax_mas,
+        &cat.parallax_error_mas,
+    )?;
+    Ok((0..cat.len())
+        .map(|i| {
+            let map_var = if p.map_std[i].is_finite() {
+                p.map_std[i] * p.map_std[i]
+            } else {
+                0.0
+            };
+            let e = cat.extinction_error[i];
+            Predicted {
+                a_obs: cat.extinction[i],
+                mean: p.mean[i],
+                var: map_var + p.distance_std[i] * p.distance_std[i] + e * e,
+            }
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::Rng;
+    use rand_distr::StandardNormal;
+
+    #[test]
+    fn a_calibrated_predictive_scores_as_calibrated() {
+        // stars drawn from their own predictive: coverage within 4 standard errors of the
+        // Gaussian values, z quantiles near ±1, ±2
+        let mut rng = crate::base::rng::stream(3, 77);
+        let n = 20_000;
+        let stars: Vec<Predicted> = (0..n)
+            .map(|i| {
+                let mean = 0.05 * (i % 40) as f64;
+                let var = 0.01 + 0.001 * (i % 7) as f64;
+                let z: f64 = rng.sample(StandardNormal);
+                Predicted {
+                    a_obs: mean + var.sqrt() * z,
+                    mean,
+                    var,
+                }
+            })
+            .collect();
+        let v = validate(&stars);
+        let se = |p: f64| 4.0 * (p * (1.0 - p) / n as f64).sqrt();
+        assert!((v.all.coverage_1sigma - 0.6827).abs() < se(0.6827), "{v:?}");
+        assert!((v.all.coverage_2sigma - 0.9545).abs() < se(0.9545), "{v:?}");
+        assert!((v.all.chi2_per_star - 1.0).abs() < 4.0 * (2.0 / n as f64).sqrt());
+        for (q, want) in v
+            .all
+            .z_quantiles
+            .iter()
+            .zip([-1.96, -0.994, 0.0, 0.994, 1.96])
+        {
+            assert!((q - want).abs() < 0.06, "{q} vs {want}");
+        }
+        assert_eq!(v.by_level.len(), 4);
+        let total: usize = v.by_level.iter().map(|(_, s)| s.n_stars).sum();
+        assert_eq!(total, n);
+        // an overconfident predictive (variance a quarter of the truth's) is caught
+        let over: Vec<Predicted> = stars
+            .iter()
+            .map(|s| Predicted {
+                var: s.var / 4.0,
+                ..*s
+            })
+            .collect();
+        assert!(score(&over).coverage_1sigma < 0.45);
+    }
+}
