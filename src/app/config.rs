@@ -212,8 +212,12 @@ impl Default for InferenceConfig {
 pub struct StageConfig {
     /// ICR levels active in this stage (≤ grid.levels); missing = all.
     pub levels: Option<usize>,
-    /// Use stars whose 1/ω is below this distance, pc; missing = all.
+    /// Use stars with at least a `selection_sigma` chance of lying nearer than this
+    /// distance, pc (ω + k σ_ω > 1/d); missing = all.
     pub max_distance_pc: Option<f64>,
+    /// k of the stage's distance selection: 2 keeps stars with a ≥ 2σ chance of lying
+    /// inside `max_distance_pc` (paper §5); 0 keeps those with 1/ω inside it.
+    pub selection_sigma: f64,
     /// Fraction of the selected stars used (random subset, nested across stages).
     pub star_fraction: f64,
     /// Number of antithetic sample pairs.
@@ -248,6 +252,7 @@ impl Default for StageConfig {
         Self {
             levels: None,
             max_distance_pc: None,
+            selection_sigma: 2.0,
             star_fraction: 1.0,
             sample_pairs: 2,
             iterations: 5,
@@ -597,6 +602,7 @@ impl Config {
                 ));
             }
             for (name, v) in [
+                ("selection_sigma", s.selection_sigma),
                 ("kl_rtol", s.kl_rtol),
                 ("step_tol", s.step_tol),
                 ("map_tol", s.map_tol),

@@ -100,14 +100,16 @@ fn split_holdout(all: PixelCatalog, fraction: f64, seed: u64) -> (PixelCatalog, 
     )
 }
 
-/// The stars a stage uses: nearer than `max_distance_pc` (by 1/ω) and in the stage's fraction.
+/// The stars a stage uses: with at least a `selection_sigma` chance of lying nearer than
+/// `max_distance_pc` (ω + k σ_ω > 1/d) and in the stage's fraction.
 pub fn stage_stars(all: &PixelCatalog, stage: &StageConfig, seed: u64) -> PixelCatalog {
     let s = &all.stars;
+    let k = stage.selection_sigma;
     let keep: Vec<bool> = (0..s.len())
         .map(|i| {
             let near = stage
                 .max_distance_pc
-                .is_none_or(|d| s.parallax_mas[i] > 1000.0 / d);
+                .is_none_or(|d| s.parallax_mas[i] + k * s.parallax_error_mas[i] > 1000.0 / d);
             near && star_uniform(seed, s.source_id[i] as u64) < stage.star_fraction
         })
         .collect();
@@ -428,4 +430,41 @@ fn injected_failure(iterations_done: usize) {
 fn sum_f64(v: f64) -> f64 {
     let size = comm::size();
     comm::all_gather_f64(&[v], &vec![1; size]).iter().sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::catalog::Catalog;
+
+    #[test]
+    fn stages_select_stars_by_their_chance_of_lying_inside_the_radius() {
+        // 1/ω = 500 pc, 800 pc ± (2σ reaching 500 pc), 800 pc ± small
+        let cat = Catalog {
+            source_id: vec![1, 2, 3],
+            l_deg: vec![10.0, 20.0, 30.0],
+            b_deg: vec![0.0; 3],
+            parallax_mas: vec![2.0, 1.25, 1.25],
+            parallax_error_mas: vec![0.1, 0.4, 0.05],
+            extinction: vec![0.1; 3],
+            extinction_error: vec![0.05; 3],
+            extra: vec![],
+        };
+        let all = cat.into_pixel_layout(4);
+        let mut stage = StageConfig {
+            max_distance_pc: Some(600.0),
+            ..Default::default()
+        };
+        let ids = |st: &StageConfig| {
+            let mut v = stage_stars(&all, st, 0).stars.source_id;
+            v.sort();
+            v
+        };
+        // ω + 2σ > 1/600 pc = 1.667 mas: stars 1 (2.2) and 2 (2.05), not 3 (1.35)
+        assert_eq!(ids(&stage), [1, 2]);
+        stage.selection_sigma = 0.0;
+        assert_eq!(ids(&stage), [1]);
+        stage.max_distance_pc = None;
+        assert_eq!(ids(&stage), [1, 2, 3]);
+    }
 }
