@@ -36,6 +36,10 @@ fn demo_fit_recovers_the_truth() {
     assert!(r.pearson_integrated >= 0.95, "{r:?}");
     assert!((0.50..=0.85).contains(&r.coverage_1sigma), "{r:?}");
     assert!(r.n_voxels > 1000);
+    // the truth at every star against the posterior's integrated extinction there
+    assert_eq!(r.at_stars_pixel.all.n_stars, cfg.simulate.n_stars);
+    assert!(r.at_stars_pixel.all.coverage_1sigma >= 0.5, "{r:?}");
+    assert!(r.at_stars_pixel.all.pearson_r >= 0.95, "{r:?}");
     // the per-star predictions and the history are written, the checkpoint removed
     assert!(dir.path().join("fit_stars.csv").exists());
     assert!(dir.path().join("fit_history.csv").exists());

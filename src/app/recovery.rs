@@ -1,5 +1,8 @@
 //! Recovery of a known truth by a fit (mock skies): correlation of integrated extinction at
-//! the stars' true positions and the coverage of truth voxels by mean ± 1σ.
+//! the stars' true positions, the coverage of truth voxels by mean ± 1σ, and the calibration
+//! of the integrated extinction at the true star positions (z-scores of the truth against
+//! the posterior mean and std over the samples), in the star's own pixel and through the
+//! interpolating query, overall and by extinction level.
 
 use anyhow::{bail, Result};
 use std::path::Path;
@@ -7,6 +10,8 @@ use std::path::Path;
 use crate::app::config::Config;
 use crate::data::catalog::read_columns;
 use crate::products::mapfile::DustMap;
+use crate::products::query::{Convention, Interpolator, Quantity};
+use crate::products::validation::{validate, Predicted, Validation};
 use crate::sphere::grid;
 use crate::sphere::grid::integrate_to;
 
@@ -21,6 +26,11 @@ pub struct Recovery {
     pub n_voxels: usize,
     /// Stars used.
     pub n_stars: usize,
+    /// Truth of the integrated extinction at the true positions against the posterior in
+    /// the star's own pixel (the column the fit saw).
+    pub at_stars_pixel: Validation,
+    /// The same through `dust3d query` (angular bilinear, radial interpolation).
+    pub at_stars_query: Validation,
 }
 
 /// Stars needed beyond a voxel for it to count as constrained.
@@ -32,13 +42,13 @@ pub fn evaluate(fit: &DustMap, truth: &DustMap, catalog: &Path, cfg: &Config) ->
         bail!("fit and truth maps must share nside and shells (fit without a product cut)");
     }
     let c = &cfg.catalog.columns;
-    let t = read_columns(
-        catalog,
-        &[&c.l, &c.b, "true_distance_pc"],
-        None,
-        cfg.catalog.hdu.as_deref(),
-    )?;
+    let hdu = cfg.catalog.hdu.as_deref();
+    let t = read_columns(catalog, &[&c.l, &c.b, "true_distance_pc"], None, hdu)?;
     let (l, b, d) = (&t.columns[0], &t.columns[1], &t.columns[2]);
+    // the simulation's own integral (exact along the ray for off-grid mocks), if written
+    let true_a = read_columns(catalog, &["true_extinction"], None, hdu)
+        .ok()
+        .map(|t| t.columns[0].clone());
     let npix = fit.npix();
     let nr = fit.n_r();
     let mut xs = Vec::with_capacity(d.len());
@@ -68,12 +78,60 @@ pub fn evaluate(fit: &DustMap, truth: &DustMap, catalog: &Path, cfg: &Config) ->
             }
         }
     }
+    let truth_at = |i: usize| true_a.as_ref().map_or(ys[i], |a| a[i]);
+    let (at_stars_pixel, at_stars_query) = star_calibration(fit, l, b, d, &truth_at)?;
     Ok(Recovery {
         pearson_integrated: pearson(&xs, &ys),
         coverage_1sigma: inside as f64 / total.max(1) as f64,
         n_voxels: total,
         n_stars: xs.len(),
+        at_stars_pixel,
+        at_stars_query,
     })
+}
+
+/// The truth at every star against the posterior of the integrated extinction there: over
+/// the samples in the star's pixel, and through the query interpolator.
+fn star_calibration(
+    fit: &DustMap,
+    l: &[f64],
+    b: &[f64],
+    d: &[f64],
+    truth_at: &dyn Fn(usize) -> f64,
+) -> Result<(Validation, Validation)> {
+    if fit.samples.is_empty() {
+        bail!("the fitted map has no samples: write it with output.samples = true");
+    }
+    let npix = fit.npix();
+    let ns = fit.samples.len() as f64;
+    let pixel: Vec<Predicted> = (0..d.len())
+        .map(|i| {
+            let p = grid::ang2pix(fit.nside, l[i], b[i]) as usize;
+            let (mut m1, mut m2) = (0.0, 0.0);
+            for (s, inner) in fit.samples.iter().zip(&fit.inner_samples) {
+                let v = inner[p] + integrate_to(&fit.shells, |k| s[k * npix + p], d[i]);
+                m1 += v / ns;
+                m2 += v * v / ns;
+            }
+            Predicted {
+                a_obs: truth_at(i),
+                mean: m1,
+                var: (m2 - m1 * m1).max(0.0),
+            }
+        })
+        .collect();
+    let q = Interpolator::new(fit, Quantity::Integrated, Convention::Native, true)?;
+    let query = (0..d.len())
+        .map(|i| {
+            let s = q.std(l[i], b[i], d[i])?;
+            Ok(Predicted {
+                a_obs: truth_at(i),
+                mean: q.mean(l[i], b[i], d[i]),
+                var: s * s,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((validate(&pixel), validate(&query)))
 }
 
 /// Pearson correlation coefficient.

@@ -4,6 +4,7 @@
 use anyhow::{bail, Result};
 use rand::Rng;
 use rand_distr::StandardNormal;
+use rayon::prelude::*;
 
 use crate::app::config::{invalid, Config};
 use crate::base::provenance::Provenance;
@@ -40,6 +41,11 @@ pub struct SimulateConfig {
     pub outlier_factor: f64,
     /// Truth: "clouds" (analytic clouds + disk) or "prior" (a draw from the ICR prior).
     pub truth: String,
+    /// How a star's true extinction is integrated: "grid" (the truth map, piecewise
+    /// constant on the fit's voxels, in the star's pixel: the fit's own model) or "ray" (the
+    /// analytic clouds along the star's exact direction from the inner grid edge, off the
+    /// fit's grid; clouds only).
+    pub star_extinction: String,
     /// Diffuse disk: density at z = 0, catalog units per pc.
     pub disk_density: f64,
     /// Diffuse disk scale height, pc.
@@ -62,6 +68,7 @@ impl Default for SimulateConfig {
             outlier_fraction: 0.01,
             outlier_factor: 10.0,
             truth: "clouds".into(),
+            star_extinction: "grid".into(),
             disk_density: 2e-4,
             disk_scale_height_pc: 100.0,
             cloud: default_clouds(),
@@ -147,6 +154,17 @@ impl SimulateConfig {
                 ),
             ));
         }
+        let ray_ok = s.truth == "clouds" || s.star_extinction != "ray";
+        if !matches!(s.star_extinction.as_str(), "grid" | "ray") || !ray_ok {
+            return Err(invalid(
+                "simulate.star_extinction",
+                format!(
+                    "simulate.star_extinction must be \"grid\" or \"ray\" (\"ray\" with \
+                     truth = \"clouds\"), got {:?}",
+                    s.star_extinction
+                ),
+            ));
+        }
         if !matches!(s.star_sky.as_str(), "uniform" | "disk") {
             return Err(invalid(
                 "simulate.star_sky",
@@ -157,6 +175,40 @@ impl SimulateConfig {
             ));
         }
         Ok(())
+    }
+}
+
+/// One star's random draws: position, errors, outlier flag and the two noise normals.
+struct StarDraw {
+    l: f64,
+    b: f64,
+    d: f64,
+    sw: f64,
+    sa: f64,
+    outlier: bool,
+    nw: f64,
+    na: f64,
+}
+
+impl StarDraw {
+    /// Draw in a fixed order from `rng`.
+    fn new<R: Rng>(sim: &SimulateConfig, r_lo: f64, r_hi: f64, rng: &mut R) -> Self {
+        let (l, b, d) = draw_position(sim, r_lo, r_hi, rng);
+        let sw: f64 = rng.random_range(sim.parallax_error_mas[0]..=sim.parallax_error_mas[1]);
+        let sa: f64 = rng.random_range(sim.extinction_error[0]..=sim.extinction_error[1]);
+        let outlier = rng.random::<f64>() < sim.outlier_fraction;
+        let nw: f64 = rng.sample(StandardNormal);
+        let na: f64 = rng.sample(StandardNormal);
+        Self {
+            l,
+            b,
+            d,
+            sw,
+            sa,
+            outlier,
+            nw,
+            na,
+        }
     }
 }
 
@@ -195,6 +247,23 @@ pub fn cloud_truth(sim: &SimulateConfig, nside: u32, shells: &Shells) -> Vec<f64
         );
     }
     out
+}
+
+/// The analytic truth integrated along the ray to Galactic (l, b) deg from `r0_pc` to
+/// `d_pc` (composite Simpson rule, steps ≤ 0.25 pc: clouds are ≥ 10 pc wide).
+pub fn ray_extinction(sim: &SimulateConfig, l_deg: f64, b_deg: f64, r0_pc: f64, d_pc: f64) -> f64 {
+    if d_pc <= r0_pc {
+        return 0.0;
+    }
+    let u = grid::lonlat_to_vec(l_deg.to_radians(), b_deg.to_radians());
+    let rho = |r: f64| cloud_density(sim, [r * u[0], r * u[1], r * u[2]]);
+    let n = (2.0 * ((d_pc - r0_pc) / 0.5).ceil()) as usize;
+    let h = (d_pc - r0_pc) / n as f64;
+    let mut acc = rho(r0_pc) + rho(d_pc);
+    for j in 1..n {
+        acc += if j % 2 == 1 { 4.0 } else { 2.0 } * rho(r0_pc + j as f64 * h);
+    }
+    acc * h / 3.0
 }
 
 /// Draw a star position: (l, b) in deg and distance in pc.
@@ -251,28 +320,34 @@ pub fn simulate(
     }
     let mut rng = rng::stream(cfg.seed, rng::streams::SIMULATE_STARS);
     let n = sim.n_stars;
+    // draws first, in the stream's order; extinctions after, in parallel
+    let draws: Vec<StarDraw> = (0..n)
+        .map(|_| StarDraw::new(sim, r_lo, r_hi, &mut rng))
+        .collect();
+    let true_a: Vec<f64> = draws
+        .par_iter()
+        .map(|s| {
+            if sim.star_extinction == "ray" {
+                ray_extinction(sim, s.l, s.b, shells.edges_pc[0], s.d)
+            } else {
+                let p = grid::ang2pix(nside, s.l, s.b) as usize;
+                integrate_to(&shells, |k| field[k * npix + p], s.d)
+            }
+        })
+        .collect();
     let mut cat = Catalog::default();
-    let (mut true_d, mut true_a, mut outlier) = (vec![], vec![], vec![]);
-    for i in 0..n {
-        let (l, b, d) = draw_position(sim, r_lo, r_hi, &mut rng);
-        let p = grid::ang2pix(nside, l, b) as usize;
-        let a_true = integrate_to(&shells, |k| field[k * npix + p], d);
-        let sw: f64 = rng.random_range(sim.parallax_error_mas[0]..=sim.parallax_error_mas[1]);
-        let sa: f64 = rng.random_range(sim.extinction_error[0]..=sim.extinction_error[1]);
-        let is_out = rng.random::<f64>() < sim.outlier_fraction;
-        let inflate = if is_out { sim.outlier_factor } else { 1.0 };
-        let nw: f64 = rng.sample(StandardNormal);
-        let na: f64 = rng.sample(StandardNormal);
+    let (mut true_d, mut outlier) = (vec![], vec![]);
+    for (i, (s, &a_true)) in draws.iter().zip(&true_a).enumerate() {
+        let inflate = if s.outlier { sim.outlier_factor } else { 1.0 };
         cat.source_id.push(i as i64);
-        cat.l_deg.push(l);
-        cat.b_deg.push(b);
-        cat.parallax_mas.push(1000.0 / d + sw * nw);
-        cat.parallax_error_mas.push(sw);
-        cat.extinction.push(a_true + sa * inflate * na);
-        cat.extinction_error.push(sa);
-        true_d.push(d);
-        true_a.push(a_true);
-        outlier.push(if is_out { 1.0 } else { 0.0 });
+        cat.l_deg.push(s.l);
+        cat.b_deg.push(s.b);
+        cat.parallax_mas.push(1000.0 / s.d + s.sw * s.nw);
+        cat.parallax_error_mas.push(s.sw);
+        cat.extinction.push(a_true + s.sa * inflate * s.na);
+        cat.extinction_error.push(s.sa);
+        true_d.push(s.d);
+        outlier.push(if s.outlier { 1.0 } else { 0.0 });
     }
     cat.extra = vec![
         ("true_distance_pc".into(), true_d),
@@ -338,6 +413,36 @@ pub fn run(cfg: &Config, config_text: &str) -> Result<Simulation> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ray_integral_of_a_gaussian_cloud_is_exact() {
+        // one isotropic cloud on the ray: ∫ peak exp(−(r − d0)²/2σ²) dr = peak σ √(2π)
+        let sim = SimulateConfig {
+            disk_density: 0.0,
+            cloud: vec![CloudConfig {
+                l_deg: 40.0,
+                b_deg: 10.0,
+                d_pc: 300.0,
+                sigma_pc: [12.0; 3],
+                peak_density: 0.004,
+            }],
+            ..Default::default()
+        };
+        let full = ray_extinction(&sim, 40.0, 10.0, 100.0, 500.0);
+        let exact = 0.004 * 12.0 * (2.0 * std::f64::consts::PI).sqrt();
+        assert!((full - exact).abs() < 1e-9 * exact, "{full} vs {exact}");
+        // to the centre: half of it; off the ray by 2σ: e^{−2} of it
+        let half = ray_extinction(&sim, 40.0, 10.0, 100.0, 300.0);
+        assert!((half - exact / 2.0).abs() < 1e-9 * exact);
+        let off = (24.0f64 / 300.0).atan().to_degrees();
+        let side = ray_extinction(&sim, 40.0, 10.0 + off, 100.0, 500.0);
+        assert!(
+            (side / exact - (-2.0f64).exp()).abs() < 0.01,
+            "{}",
+            side / exact
+        );
+        assert_eq!(ray_extinction(&sim, 40.0, 10.0, 100.0, 90.0), 0.0);
+    }
 
     #[test]
     fn integral_of_piecewise_constant_column() {

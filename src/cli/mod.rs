@@ -343,6 +343,12 @@ fn recovery(a: RecoveryArgs) -> Result<()> {
         100.0 * r.coverage_1sigma,
         r.n_voxels
     );
+    println!(
+        "integrated extinction at the true star positions, truth against the posterior:\n\
+         in the star's pixel (as fitted):\n{}through query (interpolated):\n{}",
+        r.at_stars_pixel.summary(),
+        r.at_stars_query.summary()
+    );
     Ok(())
 }
 
