@@ -1,0 +1,139 @@
+use super::*;
+
+/// f(p) = Σ_i a_i (exp(p_i) − p_i) + ½|p − c|², metric = diag(a_i e^{p_i} + 1): convex,
+/// badly scaled, minimum where a_i (e^{p_i} − 1) + p_i − c_i = 0.
+struct Toy {
+    a: Vec<f64>,
+    c: Vec<f64>,
+}
+
+impl MetricObjective for Toy {
+    fn value_grad(&self, p: &[f64], g: &mut [f64]) -> Result<f64, Error> {
+        let mut f = 0.0;
+        for i in 0..p.len() {
+            f += self.a[i] * (p[i].exp() - p[i]) + 0.5 * (p[i] - self.c[i]).powi(2);
+            g[i] = self.a[i] * (p[i].exp() - 1.0) + p[i] - self.c[i];
+        }
+        Ok(f)
+    }
+    fn metric(&self, p: &[f64], v: &[f64], out: &mut [f64]) -> Result<(), Error> {
+        for i in 0..p.len() {
+            out[i] = (self.a[i] * p[i].exp() + 1.0) * v[i];
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn converges_on_badly_scaled_convex_problem() {
+    let n = 1000;
+    let a: Vec<f64> = (0..n)
+        .map(|i| 10f64.powf(4.0 * i as f64 / n as f64))
+        .collect();
+    let c: Vec<f64> = (0..n).map(|i| 3.0 * ((i as f64) * 0.1).sin()).collect();
+    let toy = Toy { a, c };
+    let (p, rep) = minimize(
+        &toy,
+        vec![0.0; n],
+        30,
+        NewtonSettings {
+            forcing: 1e-8,
+            cg_max_iter: 200,
+            rel_tol: 0.0,
+            max_step: 1e3,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut g = vec![0.0; n];
+    toy.value_grad(&p, &mut g).unwrap();
+    let gn = g.iter().map(|v| v * v).sum::<f64>().sqrt();
+    // |g|² can not drop below ~ε|f| (the line search compares values of size ~1e5)
+    assert!(gn < 1e-5, "gradient norm {gn} after {} steps", rep.steps);
+}
+
+/// ½|p − c|² inside the ball |p| < radius, +∞ outside (think exp-overflow of ρ), with an
+/// optional sign flip of the metric (a metric that is not positive definite).
+struct Walled {
+    c: Vec<f64>,
+    radius: f64,
+    metric_sign: f64,
+}
+
+impl MetricObjective for Walled {
+    fn value_grad(&self, p: &[f64], g: &mut [f64]) -> Result<f64, Error> {
+        let r2: f64 = p.iter().map(|v| v * v).sum();
+        let mut f = 0.0;
+        for i in 0..p.len() {
+            g[i] = p[i] - self.c[i];
+            f += 0.5 * g[i] * g[i];
+        }
+        Ok(if r2.sqrt() < self.radius {
+            f
+        } else {
+            f64::INFINITY
+        })
+    }
+    fn metric(&self, _p: &[f64], v: &[f64], out: &mut [f64]) -> Result<(), Error> {
+        out.iter_mut()
+            .zip(v)
+            .for_each(|(o, x)| *o = self.metric_sign * x);
+        Ok(())
+    }
+}
+
+fn far_steps() -> NewtonSettings {
+    NewtonSettings {
+        forcing: 1e-10,
+        cg_max_iter: 10,
+        rel_tol: 0.0,
+        max_step: 1e6,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn a_line_search_meeting_infinity_backtracks_and_finishes() {
+    let n = 8;
+    // the minimum lies at |c| = 8, outside the finite region |p| < 3
+    let obj = Walled {
+        c: vec![8.0 / (n as f64).sqrt(); n],
+        radius: 3.0,
+        metric_sign: 1.0,
+    };
+    let f0 = 0.5 * 64.0;
+    let (p, rep) = minimize(&obj, vec![0.0; n], 6, far_steps()).unwrap();
+    let r = p.iter().map(|v| v * v).sum::<f64>().sqrt();
+    assert!(r < 3.0, "ended outside the finite region: |p| = {r}");
+    assert!(
+        rep.value.is_finite() && rep.value < f0,
+        "value {}",
+        rep.value
+    );
+    // every step kept the value finite and never went up
+    let mut g = vec![0.0; n];
+    assert_eq!(obj.value_grad(&p, &mut g).unwrap(), rep.value);
+}
+
+#[test]
+fn a_zero_gradient_is_a_fixed_point_and_a_bad_metric_falls_back_to_descent() {
+    let n = 5;
+    let c = vec![0.7; n];
+    let at_min = Walled {
+        c: c.clone(),
+        radius: 1e9,
+        metric_sign: 1.0,
+    };
+    let (p, rep) = minimize(&at_min, c.clone(), 3, far_steps()).unwrap();
+    assert_eq!(p, c);
+    assert_eq!(rep.value, 0.0);
+    // a negative metric turns the Newton direction uphill: steepest descent instead
+    let uphill = Walled {
+        c,
+        radius: 1e9,
+        metric_sign: -1.0,
+    };
+    let (p, rep) = minimize(&uphill, vec![0.0; n], 3, far_steps()).unwrap();
+    assert!(rep.value < 0.5 * 0.49 * n as f64, "value {}", rep.value);
+    assert!(p.iter().all(|v| (v - 0.7).abs() < 0.7), "{p:?}");
+}
