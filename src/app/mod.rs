@@ -9,6 +9,7 @@ pub mod config;
 pub mod fit;
 pub mod info;
 pub mod plan;
+pub mod prior_check;
 pub mod recovery;
 pub mod reshard;
 pub mod simulate;

@@ -13,6 +13,8 @@ pub mod streams {
     pub const SIMULATE_PRIOR: u64 = 2;
     /// Benchmarks' synthetic data.
     pub const BENCH: u64 = 3;
+    /// Prior draws of `dust3d prior-check`.
+    pub const PRIOR_CHECK: u64 = 4;
 }
 
 /// The random stream `stream` of master seed `seed`.

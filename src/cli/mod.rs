@@ -53,6 +53,9 @@ enum Command {
     Info(InfoArgs),
     /// Check a configuration file and print it with all defaults filled in.
     Config(ConfigArgs),
+    /// How well the configuration's ICR chart reproduces its kernel's variance, shell by
+    /// shell (prior draws).
+    PriorCheck(PriorCheckArgs),
     /// Memory and time per rank of a distributed fit, before running it.
     Plan(PlanArgs),
     /// Benchmarks of the hot kernels on the shared presets W1/W2.
@@ -254,6 +257,11 @@ pub fn run() -> Result<()> {
             Ok(())
         }
         Command::Plan(a) => plan(a),
+        Command::PriorCheck(a) => {
+            let (cfg, _) = load_config(Some(&a.config))?;
+            print!("{}", crate::app::prior_check::run(&cfg, a.draws)?);
+            Ok(())
+        }
         Command::Bench(a) => bench(a),
     }
 }
@@ -291,6 +299,17 @@ fn fit(a: FitArgs) -> Result<()> {
         cfg.validate()?;
     }
     crate::app::fit::run(&cfg, &text, &a.catalog, &a.out, a.resume)
+}
+
+/// Arguments of `dust3d prior-check`.
+#[derive(clap::Args, Debug)]
+pub struct PriorCheckArgs {
+    /// Run configuration (TOML).
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Prior draws (the standard error of each shell's ratio falls as 1/√draws).
+    #[arg(long, default_value_t = 100)]
+    pub draws: usize,
 }
 
 /// Arguments of `dust3d validate`.

@@ -11,6 +11,7 @@
 pub mod exchange;
 pub mod geometry;
 pub mod matrices;
+pub mod variance;
 
 use anyhow::{Context, Result};
 use rayon::prelude::*;
