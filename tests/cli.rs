@@ -190,3 +190,32 @@ fn missing_column_and_empty_selection_fail_clearly() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("no such file"));
 }
+
+#[test]
+fn impossible_grids_fail_at_once_with_the_figure() {
+    let dir = tempfile::tempdir().unwrap();
+    let t0 = std::time::Instant::now();
+    // an nside beyond HEALPix's addresses: refused when the configuration is read
+    let cfg = dir.path().join("l33.toml");
+    std::fs::write(&cfg, "[grid]\nlevels = 33\n").unwrap();
+    let o = dust3d(&["config", cfg.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("grid.levels = 33"), "{}", stderr(&o));
+    // an addressable grid far beyond this machine's memory: refused before the catalog is read
+    let cfg = dir.path().join("l11.toml");
+    std::fs::write(&cfg, "[grid]\nnside0 = 2\nlevels = 11\n").unwrap();
+    let out = dir.path().join("map.nc");
+    let o = dust3d(&[
+        "fit",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--catalog",
+        "no-such-catalog.csv",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("GB per rank"), "{}", stderr(&o));
+    assert!(!out.exists());
+    assert!(t0.elapsed().as_secs_f64() < 5.0, "{:?}", t0.elapsed());
+}

@@ -291,6 +291,9 @@ pub struct InterpArgs {
     /// Radial convention (native or dustmaps).
     #[arg(long, default_value = "native")]
     convention: Convention,
+    /// Largest box written, in points (the default, 2·10⁸, is a 1.6 GB output).
+    #[arg(long, default_value_t = 200_000_000)]
+    max_points: usize,
 }
 
 /// Run `dust3d interp`.
@@ -300,6 +303,7 @@ pub fn interp(kind: InterpKind) -> Result<()> {
         InterpKind::Lbd(a) => (a, crate::products::regrid::BoxKind::Lbd),
     };
     let spec = crate::products::regrid::BoxSpec::parse(&a.spec, k)?;
+    spec.check_size(a.max_points)?;
     let load = Load {
         std: !a.integrated,
         samples: a.integrated,

@@ -82,18 +82,20 @@ impl Table {
         match &self.columns[j] {
             Column::F64(v) => Ok(v.clone()),
             Column::I64(v) => Ok(v.iter().map(|&x| x as f64).collect()),
-            Column::Str(v) => {
-                let (i, bad) = v
-                    .iter()
-                    .enumerate()
-                    .find(|(_, s)| s.parse::<f64>().is_err())
-                    .expect("a text column has a non-numeric value");
-                bail!(
-                    "{}: row {}, column '{name}': cannot parse {bad:?} as a number",
-                    self.source,
-                    i + 1
-                )
-            }
+            // a text column (FITS strings) is usable where every value reads as a number
+            Column::Str(v) => v
+                .iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    s.trim().parse::<f64>().map_err(|_| {
+                        anyhow!(
+                            "{}: row {}, column '{name}': cannot parse {s:?} as a number",
+                            self.source,
+                            i + 1
+                        )
+                    })
+                })
+                .collect(),
         }
     }
 
@@ -294,6 +296,26 @@ fn read_fits(path: &Path) -> Result<Table> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn text_columns_are_numbers_where_they_read_as_numbers_and_errors_otherwise() {
+        // a FITS string column holding numbers (it panicked before) and one holding words
+        let t = Table {
+            source: "t.fits".into(),
+            names: vec!["l".into(), "name".into()],
+            columns: vec![
+                Column::Str(vec!["10.5".into(), " 200 ".into()]),
+                Column::Str(vec!["A".into(), "B".into()]),
+            ],
+            rows: 2,
+        };
+        assert_eq!(t.f64_column("l").unwrap(), [10.5, 200.0]);
+        let e = format!("{:#}", t.f64_column("name").unwrap_err());
+        assert!(
+            e.contains("t.fits") && e.contains("row 1") && e.contains("'name'"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn csv_and_fits_round_trip_with_carried_columns() {

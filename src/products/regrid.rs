@@ -99,6 +99,17 @@ impl BoxSpec {
             }
             (lo[k], hi[k]) = (v[0], v[1]);
         }
+        if n.iter()
+            .try_fold(1usize, |acc, &v| acc.checked_mul(v))
+            .is_none()
+        {
+            bail!(
+                "box {spec:?}: {} × {} × {} points is more than this machine can count",
+                n[0],
+                n[1],
+                n[2]
+            );
+        }
         let b = BoxSpec { kind, n, lo, hi };
         if kind == BoxKind::Lbd && (lo[1] < -90.0 || hi[1] > 90.0 || lo[2] < 0.0) {
             bail!("box {spec:?}: latitudes must lie in [-90, 90] and distances be ≥ 0");
@@ -139,6 +150,21 @@ impl BoxSpec {
     /// Total number of points.
     pub fn len(&self) -> usize {
         self.n.iter().product()
+    }
+
+    /// An error unless the box has at most `max_points` points; names the size of the
+    /// output (mean and std, float32) it would write.
+    pub fn check_size(&self, max_points: usize) -> Result<()> {
+        let n = self.len();
+        if n > max_points {
+            bail!(
+                "the box has {n} points ({:.3e}; output about {:.1} GB), more than --max-points \
+                 {max_points}: raise --max-points to write it",
+                n as f64,
+                8.0 * n as f64 / 1e9
+            );
+        }
+        Ok(())
     }
 
     /// True if the box has no points (never, after parsing).
@@ -310,6 +336,27 @@ mod tests {
     use crate::products::mapfile::DustMap;
     use crate::products::query::{Convention, Quantity};
     use crate::sphere::grid::Shells;
+
+    #[test]
+    fn huge_boxes_are_refused_before_any_work() {
+        let b = BoxSpec::parse(
+            "(100000,100000,100000)::((-1,1),(-1,1),(-1,1))",
+            BoxKind::Cartesian,
+        )
+        .unwrap();
+        let e = format!("{:#}", b.check_size(200_000_000).unwrap_err());
+        assert!(
+            e.contains("1000000000000000 points") && e.contains("--max-points"),
+            "{e}"
+        );
+        assert!(b.check_size(usize::MAX).is_ok());
+        let e = BoxSpec::parse(
+            "(10000000000,10000000000,1000)::((-1,1),(-1,1),(-1,1))",
+            BoxKind::Cartesian,
+        )
+        .unwrap_err();
+        assert!(format!("{e:#}").contains("more than this machine can count"));
+    }
 
     #[test]
     fn box_strings_parse_and_reject_nonsense() {

@@ -211,7 +211,16 @@ impl Chart {
         r_max_pc: f64,
     ) -> Result<Self> {
         depth_of_nside(nside0)?;
-        depth_of_nside(nside0 << levels)?;
+        let final_nside = u32::try_from(levels)
+            .ok()
+            .and_then(|l| (nside0 as u64).checked_shl(l))
+            .filter(|&n| levels < 64 && n <= 1 << 29);
+        if final_nside.is_none() {
+            bail!(
+                "grid.levels = {levels} from nside0 = {nside0}: the final nside nside0 · 2^levels \
+                 would exceed HEALPix's 2^29"
+            );
+        }
         if n_r0 < 3 {
             bail!("grid.n_r0 must be at least 3 (a refinement window spans 3 shells), got {n_r0}");
         }

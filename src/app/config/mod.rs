@@ -496,6 +496,21 @@ impl Config {
             ));
         }
         let p = &self.prior;
+        for (key, v) in [
+            ("prior.scale_mean", p.scale_mean),
+            ("prior.scale_std", p.scale_std),
+            ("prior.offset_mean", p.offset_mean),
+            ("prior.offset_std", p.offset_std),
+            ("noise.nsigma_shape", self.noise.nsigma_shape),
+            ("noise.nsigma_scale", self.noise.nsigma_scale),
+        ] {
+            if !v.is_finite() {
+                return Err(invalid(
+                    key,
+                    format!("{key} must be a finite number, got {v}"),
+                ));
+            }
+        }
         if !(p.scale_mean > 0.0 && p.scale_std > 0.0 && p.offset_std > 0.0) {
             return Err(invalid(
                 "prior",
@@ -621,6 +636,27 @@ impl Config {
                 return Err(invalid(
                     key.to_string(),
                     format!("{key}: sample_pairs and iterations must be ≥ 1"),
+                ));
+            }
+            for (name, v) in [
+                ("sample_cg_iterations", s.sample_cg_iterations),
+                ("newton_steps", s.newton_steps),
+                ("newton_cg_iterations", s.newton_cg_iterations),
+            ] {
+                if v == 0 {
+                    return Err(invalid(
+                        format!("{key}.{name}"),
+                        format!("{key}.{name} must be ≥ 1"),
+                    ));
+                }
+            }
+            if !(s.sample_cg_tolerance > 0.0 && s.sample_cg_tolerance < 1.0) {
+                return Err(invalid(
+                    format!("{key}.sample_cg_tolerance"),
+                    format!(
+                        "{key}.sample_cg_tolerance must be in (0, 1), got {}",
+                        s.sample_cg_tolerance
+                    ),
                 ));
             }
         }

@@ -41,3 +41,25 @@ fn shipped_configs_parse() {
         Config::from_file(&path).unwrap_or_else(|e| panic!("{f}: {e:#}"));
     }
 }
+
+#[test]
+fn non_finite_numbers_and_zero_counts_are_refused_with_their_key() {
+    for (text, key) in [
+        ("[prior]\noffset_mean = nan\n", "prior.offset_mean"),
+        (
+            "[[inference.stage]]\nnewton_cg_iterations = 0\n",
+            "inference.stage[0].newton_cg_iterations",
+        ),
+        (
+            "[[inference.stage]]\nsample_cg_tolerance = 0.0\n",
+            "inference.stage[0].sample_cg_tolerance",
+        ),
+    ] {
+        let err = Config::from_toml(text, "k.toml").unwrap_err();
+        let e = err
+            .chain()
+            .find_map(|e| e.downcast_ref::<ConfigError>())
+            .unwrap_or_else(|| panic!("{err:#}"));
+        assert_eq!(e.key, key);
+    }
+}

@@ -82,6 +82,48 @@ fn star_uniform(seed: u64, i: u64) -> f64 {
     (z >> 11) as f64 / (1u64 << 53) as f64
 }
 
+/// Refuse, before any work, a model that cannot fit this machine: chart voxels × 8 bytes ×
+/// (4 per sample of the largest stage + 16 for fields and workspaces) per rank — the arrays
+/// `dust3d plan` counts at the KL peak, stars and matrices aside — against MemAvailable.
+/// `DUST3D_SKIP_MEMORY_CHECK=1` skips it.
+fn check_memory(cfg: &Config, chart: &Chart) -> Result<()> {
+    if std::env::var_os("DUST3D_SKIP_MEMORY_CHECK").is_some() {
+        return Ok(());
+    }
+    let lv = chart.levels;
+    let pairs = cfg
+        .inference
+        .stage
+        .iter()
+        .map(|s| s.sample_pairs)
+        .max()
+        .unwrap_or(1);
+    let voxels = (chart.npix(lv) as f64) * chart.n_r(lv) as f64;
+    let need = voxels * 8.0 * (4.0 * pairs as f64 + 16.0) / comm::size() as f64;
+    let Some(avail) = mem_available_bytes() else {
+        return Ok(());
+    };
+    if need > avail {
+        bail!(
+            "the model needs about {:.1} GB per rank ({voxels:.3e} chart voxels, {pairs} sample \
+             pairs, {} ranks) but this machine has {:.1} GB available: use more ranks, fewer \
+             grid.levels, or see `dust3d plan` (DUST3D_SKIP_MEMORY_CHECK=1 skips this check)",
+            need / 1e9,
+            comm::size(),
+            avail / 1e9
+        );
+    }
+    Ok(())
+}
+
+/// MemAvailable of /proc/meminfo, bytes (None where unknown).
+fn mem_available_bytes() -> Option<f64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024.0)
+}
+
 /// Salt of the held-out selection's random numbers (independent of the stages' subsets).
 const HOLDOUT_SALT: u64 = 0x005E_ED0F_4E1D_0047;
 
@@ -135,6 +177,7 @@ struct Setup {
 /// Read the catalog, split the sky over the ranks and build this rank's ICR operator.
 fn setup(cfg: &Config, config_text: &str, catalog: &Path) -> Result<Setup> {
     let chart = cfg.chart()?;
+    check_memory(cfg, &chart)?;
     let id = RunId {
         seed: cfg.seed,
         // the held-out set is part of the run: `fit --holdout` may override the file
