@@ -291,3 +291,46 @@ fn held_out_stars_are_kept_out_of_the_fit_and_scored() {
         .unwrap_or_else(|| panic!("{stdout}"));
     assert!(n >= selected, "{stdout}");
 }
+
+#[test]
+fn duplicate_source_ids_do_not_mix_up_the_per_star_products() {
+    // source ids only name stars: the same catalog with every id used twice fits alike
+    let dir = tempfile::tempdir().unwrap();
+    let (mut cfg, _) = demo_config();
+    cfg.simulate.n_stars = 3000;
+    cfg.validation.holdout_fraction = 0.0;
+    cfg.inference.stage.truncate(1);
+    cfg.inference.stage[0].levels = None;
+    let text = toml::to_string(&cfg).unwrap();
+    let (cat, _) = simulate(dir.path(), &cfg);
+    let csv = std::fs::read_to_string(&cat).unwrap();
+    let mut lines = csv.lines();
+    let header = lines.next().unwrap();
+    let id = header.split(',').position(|h| h == "source_id").unwrap();
+    let twice: Vec<String> = lines
+        .map(|l| {
+            let mut f: Vec<String> = l.split(',').map(String::from).collect();
+            f[id] = (f[id].parse::<i64>().unwrap() / 2).to_string();
+            f.join(",")
+        })
+        .collect();
+    let dup = dir.path().join("dup.csv");
+    std::fs::write(&dup, format!("{header}\n{}\n", twice.join("\n"))).unwrap();
+    for (c, stem) in [(&cat, "unique"), (&dup, "dup")] {
+        let out = dir.path().join(format!("{stem}.nc"));
+        dust3d::app::fit::run(&cfg, &text, c, &out, false).unwrap();
+    }
+    let (h, a) = star_table(&dir.path().join("unique_stars.csv"));
+    let (_, b) = star_table(&dir.path().join("dup_stars.csv"));
+    for name in [
+        "predicted_extinction",
+        "nsigma",
+        "predicted_extinction_error",
+    ] {
+        let k = h.iter().position(|x| x == name).unwrap();
+        assert_eq!(a[k], b[k], "column {name}");
+    }
+    assert!(a[h.iter().position(|x| x == "nsigma").unwrap()]
+        .iter()
+        .all(|v| v.is_finite()));
+}

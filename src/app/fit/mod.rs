@@ -145,17 +145,24 @@ fn split_holdout(all: PixelCatalog, fraction: f64, seed: u64) -> (PixelCatalog, 
 /// The stars a stage uses: with at least a `selection_sigma` chance of lying nearer than
 /// `max_distance_pc` (ω + k σ_ω > 1/d) and in the stage's fraction.
 pub fn stage_stars(all: &PixelCatalog, stage: &StageConfig, seed: u64) -> PixelCatalog {
+    let keep = stage_mask(all, stage, seed);
+    all.stars
+        .subset(&keep)
+        .into_pixel_range(all.nside, all.pixels())
+}
+
+/// Which of `all`'s stars a stage uses; [`stage_stars`] keeps them in the same order.
+pub fn stage_mask(all: &PixelCatalog, stage: &StageConfig, seed: u64) -> Vec<bool> {
     let s = &all.stars;
     let k = stage.selection_sigma;
-    let keep: Vec<bool> = (0..s.len())
+    (0..s.len())
         .map(|i| {
             let near = stage
                 .max_distance_pc
                 .is_none_or(|d| s.parallax_mas[i] + k * s.parallax_error_mas[i] > 1000.0 / d);
             near && star_uniform(seed, s.source_id[i] as u64) < stage.star_fraction
         })
-        .collect();
-    s.subset(&keep).into_pixel_range(all.nside, all.pixels())
+        .collect()
 }
 
 /// What a fit works with on this rank.

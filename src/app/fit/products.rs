@@ -3,11 +3,10 @@
 
 use crate::products::validation::{validate, Predicted, Validation};
 use anyhow::{bail, Context, Result};
-use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
 
-use super::{stage_stars, FitPaths, Setup};
+use super::{FitPaths, Setup};
 use crate::app::checkpoint::{FitState, HistoryRow};
 use crate::app::config::Config;
 use crate::base::atomic::write_atomically;
@@ -177,30 +176,25 @@ pub(super) fn write_products(
         .collect();
     write_map_blocks(&map, su, &paths.map)?;
     drop(map);
-    // n_σ of the last stage's stars, by source id
+    // n_σ of the last stage's stars, by position (source ids need not be unique): the last
+    // stage's stars are `su.stars` where its mask holds, in the same order
     let last = cfg.inference.stage.last().expect("at least one stage");
-    let last_stars = stage_stars(&su.stars, last, cfg.seed);
+    let used = super::stage_mask(&su.stars, last, cfg.seed);
     let tf =
         crate::sphere::transforms::InvGamma::new(cfg.noise.nsigma_shape, cfg.noise.nsigma_scale);
-    let nsig: HashMap<i64, f64> =
-        if cfg.noise.infer_nsigma && st.vi.xsig.len() == last_stars.stars.len() {
-            last_stars
-                .stars
-                .source_id
-                .iter()
-                .zip(&st.vi.xsig)
-                .map(|(&i, &z)| (i, tf.value(z)))
-                .collect()
-        } else if !cfg.noise.infer_nsigma {
-            last_stars
-                .stars
-                .source_id
-                .iter()
-                .map(|&i| (i, 1.0))
-                .collect()
-        } else {
-            HashMap::new()
-        };
+    let n_used = used.iter().filter(|&&u| u).count();
+    let mut fitted = st.vi.xsig.iter();
+    let nsig: Vec<f64> = used
+        .iter()
+        .map(|&u| match (u, cfg.noise.infer_nsigma) {
+            (false, _) => f64::NAN,
+            (true, false) => 1.0,
+            (true, true) if st.vi.xsig.len() == n_used => {
+                fitted.next().map_or(f64::NAN, |&z| tf.value(z))
+            }
+            (true, true) => f64::NAN,
+        })
+        .collect();
     let rows = star_prediction_rows(&su.stars, &lp.abar, &lp.sig_a2, &nsig)?;
     write_star_predictions(&paths.stars, rows)?;
     if comm::is_root() {
@@ -308,7 +302,7 @@ fn star_prediction_rows(
     all: &PixelCatalog,
     abar: &[Vec<f64>],
     sig_a2: &[Vec<f64>],
-    nsig: &HashMap<i64, f64>,
+    nsig: &[f64],
 ) -> Result<Vec<u8>> {
     let s = &all.stars;
     let (a_m, a_s) = crate::base::util::mean_std(abar);
@@ -316,7 +310,7 @@ fn star_prediction_rows(
     let n = sig_a2.len() as f64;
     let mut f = Vec::new();
     for i in 0..s.len() {
-        let ns = nsig.get(&s.source_id[i]).copied().unwrap_or(f64::NAN);
+        let ns = nsig[i];
         let inflated = ns * s.extinction_error[i];
         let predicted_error = sig_a2
             .iter()
