@@ -11,7 +11,7 @@ use crate::app::config::Config;
 use crate::data::catalog::read_columns;
 use crate::products::mapfile::DustMap;
 use crate::products::query::{Convention, Interpolator, Quantity};
-use crate::products::validation::{validate, Predicted, Validation};
+use crate::products::validation::{pearson, validate, Predicted, Validation};
 use crate::sphere::grid;
 use crate::sphere::grid::integrate_to;
 
@@ -132,17 +132,4 @@ fn star_calibration(
         })
         .collect::<Result<Vec<_>>>()?;
     Ok((validate(&pixel), validate(&query)))
-}
-
-/// Pearson correlation coefficient.
-pub fn pearson(x: &[f64], y: &[f64]) -> f64 {
-    let n = x.len() as f64;
-    let (mx, my) = (x.iter().sum::<f64>() / n, y.iter().sum::<f64>() / n);
-    let (mut sxy, mut sxx, mut syy) = (0.0, 0.0, 0.0);
-    for (a, b) in x.iter().zip(y) {
-        sxy += (a - mx) * (b - my);
-        sxx += (a - mx).powi(2);
-        syy += (b - my).powi(2);
-    }
-    sxy / (sxx * syy).sqrt()
 }

@@ -397,11 +397,7 @@ fn bench(a: BenchArgs) -> Result<()> {
         device_precision: a.device_precision,
         opencl: a.backend == BackendKind::Opencl,
     };
-    let backend = match a.backend {
-        BackendKind::Cpu => "cpu",
-        BackendKind::Opencl => "opencl",
-    };
-    let out = crate::app::bench::run(&a.what, &a.preset, backend, opts)?;
+    let out = crate::app::bench::run(&a.what, &a.preset, opts)?;
     if a.json {
         println!("{}", serde_json::to_string(&out.json)?);
     } else {

@@ -58,6 +58,19 @@ impl Predicted {
     }
 }
 
+/// Pearson correlation coefficient of `x` and `y`.
+pub fn pearson(x: &[f64], y: &[f64]) -> f64 {
+    let n = x.len() as f64;
+    let (mx, my) = (x.iter().sum::<f64>() / n, y.iter().sum::<f64>() / n);
+    let (mut sxy, mut sxx, mut syy) = (0.0, 0.0, 0.0);
+    for (a, b) in x.iter().zip(y) {
+        sxy += (a - mx) * (b - my);
+        sxx += (a - mx).powi(2);
+        syy += (b - my).powi(2);
+    }
+    sxy / (sxx * syy).sqrt()
+}
+
 /// The `q`-quantile (0 ≤ q ≤ 1) of sorted values, linearly interpolated.
 fn quantile(sorted: &[f64], q: f64) -> f64 {
     if sorted.is_empty() {
@@ -101,23 +114,15 @@ pub fn score(stars: &[Predicted]) -> Scores {
     z.sort_by(f64::total_cmp);
     let nf = n as f64;
     let within = |k: f64| z.iter().filter(|v| v.abs() <= k).count() as f64 / nf;
-    let (ma, mp) = good
-        .iter()
-        .fold((0.0, 0.0), |(a, p), s| (a + s.a_obs / nf, p + s.mean / nf));
-    let (mut saa, mut spp, mut sap) = (0.0, 0.0, 0.0);
-    for s in &good {
-        let (da, dp) = (s.a_obs - ma, s.mean - mp);
-        saa += da * da;
-        spp += dp * dp;
-        sap += da * dp;
-    }
+    let a_obs: Vec<f64> = good.iter().map(|s| s.a_obs).collect();
+    let mean: Vec<f64> = good.iter().map(|s| s.mean).collect();
     Scores {
         n_stars: n,
         coverage_1sigma: within(1.0),
         coverage_2sigma: within(2.0),
         z_quantiles: [0.025, 0.16, 0.5, 0.84, 0.975].map(|q| quantile(&z, q)),
         chi2_per_star: z.iter().map(|v| v * v).sum::<f64>() / nf,
-        pearson_r: sap / (saa * spp).sqrt(),
+        pearson_r: pearson(&a_obs, &mean),
     }
 }
 

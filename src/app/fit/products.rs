@@ -1,7 +1,6 @@
 //! What a finished fit writes: the map (from per-sample ρΔr, gathered block by block from
 //! the ranks), the per-star predictions and the convergence history.
 
-use crate::products::validation::{validate, Predicted, Validation};
 use anyhow::{bail, Context, Result};
 use std::io::Write;
 use std::path::Path;
@@ -13,7 +12,9 @@ use crate::base::atomic::write_atomically;
 use crate::base::comm;
 use crate::base::provenance::Provenance;
 use crate::data::catalog::PixelCatalog;
+use crate::likelihood::model::{Model, State};
 use crate::products::mapfile::DustMap;
+use crate::products::validation::{validate, Predicted, Validation};
 use crate::sphere::grid::{self, Chart, Shells};
 
 /// Shell range [lo, hi) of `shells` inside the product cut, and the cut radius.
@@ -117,30 +118,44 @@ struct LocalProducts {
 
 fn local_products(cfg: &Config, su: &Setup, st: &FitState) -> Result<LocalProducts> {
     let model = crate::app::build::model(cfg, su.icr.clone(), &su.stars)?;
-    let mut w = model.workspace();
-    let xsig0 = vec![0.0; model.data.len()];
     let mut out = LocalProducts {
         samples_rw: Vec::new(),
         abar: Vec::new(),
         sig_a2: Vec::new(),
     };
+    for_each_sample(&model, st, |s| {
+        out.abar.push(s.abar.clone());
+        out.sig_a2.push(distance_variance(&model, s));
+        out.samples_rw.push(s.rw.clone());
+    })?;
+    Ok(out)
+}
+
+/// `f` of the model's state at every posterior sample x̄ ± δ_k (ξ_σ = 0: the products do not
+/// depend on n_σ), in sample order.
+fn for_each_sample(model: &Model, st: &FitState, mut f: impl FnMut(&State)) -> Result<()> {
+    let mut w = model.workspace();
+    let mut s = model.empty_state();
+    let xsig0 = vec![0.0; model.data.len()];
     for d in &st.vi.residuals {
         for sign in [1.0, -1.0] {
             let x: Vec<f64> = st.vi.x.iter().zip(d).map(|(a, b)| a + sign * b).collect();
-            let s = model.state(&x, &xsig0, &mut w)?;
-            out.abar.push(s.abar.clone());
-            // σ_a² = v − (n_σ σ_A)² with the n_σ the state was evaluated with
-            let sig_a2 = (0..s.var.len())
-                .map(|i| {
-                    let ns = s.nsig[i] * model.data.a_err[i];
-                    (s.var[i] - ns * ns).max(0.0)
-                })
-                .collect();
-            out.sig_a2.push(sig_a2);
-            out.samples_rw.push(s.rw);
+            model.update_state(&x, &xsig0, &mut s, &mut w)?;
+            f(&s);
         }
     }
-    Ok(out)
+    Ok(())
+}
+
+/// σ_a² per star, the variance from the distance uncertainty alone: v − (n_σ σ_A)² with
+/// the n_σ the state was evaluated with.
+fn distance_variance(model: &Model, s: &State) -> Vec<f64> {
+    (0..s.var.len())
+        .map(|i| {
+            let ns = s.nsig[i] * model.data.a_err[i];
+            (s.var[i] - ns * ns).max(0.0)
+        })
+        .collect()
 }
 
 pub(super) fn write_products(
@@ -217,22 +232,15 @@ fn score_holdout(cfg: &Config, su: &Setup, st: &FitState) -> Result<Option<Valid
         return Ok(None);
     }
     let model = crate::app::build::model(cfg, su.icr.clone(), &su.holdout)?;
-    let mut w = model.workspace();
-    let xsig0 = vec![0.0; n_local];
     let ns = 2.0 * st.vi.residuals.len() as f64;
     let (mut s1, mut s2, mut va) = (vec![0.0; n_local], vec![0.0; n_local], vec![0.0; n_local]);
-    for d in &st.vi.residuals {
-        for sign in [1.0, -1.0] {
-            let x: Vec<f64> = st.vi.x.iter().zip(d).map(|(a, b)| a + sign * b).collect();
-            let s = model.state(&x, &xsig0, &mut w)?;
-            for i in 0..n_local {
-                let inflated = s.nsig[i] * model.data.a_err[i];
-                s1[i] += s.abar[i] / ns;
-                s2[i] += s.abar[i] * s.abar[i] / ns;
-                va[i] += (s.var[i] - inflated * inflated).max(0.0) / ns;
-            }
+    for_each_sample(&model, st, |s| {
+        for (i, sa2) in distance_variance(&model, s).into_iter().enumerate() {
+            s1[i] += s.abar[i] / ns;
+            s2[i] += s.abar[i] * s.abar[i] / ns;
+            va[i] += sa2 / ns;
         }
-    }
+    })?;
     // [A, predictive mean, predictive variance] per star, gathered in rank order
     let local: Vec<f64> = (0..n_local)
         .flat_map(|i| {
