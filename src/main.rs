@@ -5,6 +5,14 @@ fn main() {
     let mpi = dust3d::base::comm::init();
     dust3d::base::logging::init();
     if let Err(e) = dust3d::cli::run() {
+        if let Some(stop) = dust3d::base::stop::interrupted(&e) {
+            // every rank stopped at the same safe point: a clean exit, not an abort
+            if dust3d::base::comm::is_root() {
+                eprintln!("dust3d: {stop}");
+            }
+            drop(mpi);
+            std::process::exit(dust3d::base::stop::EXIT_CODE);
+        }
         if dust3d::base::comm::size() > 1 {
             // one rank's error ends the whole job: the others would wait for it forever
             eprintln!(

@@ -219,3 +219,51 @@ fn impossible_grids_fail_at_once_with_the_figure() {
     assert!(!out.exists());
     assert!(t0.elapsed().as_secs_f64() < 5.0, "{:?}", t0.elapsed());
 }
+
+#[test]
+fn unwritable_or_missing_output_directories_fail_before_any_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = small_config(dir.path());
+    let cat = dir.path().join("cat.csv");
+    std::fs::write(&cat, format!("{HEADER}{GOOD}")).unwrap();
+    let fit = |out: &str, extra: &[&str]| {
+        let mut a = vec![
+            "fit",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--catalog",
+            cat.to_str().unwrap(),
+            "--out",
+            out,
+        ];
+        a.extend_from_slice(extra);
+        let t0 = std::time::Instant::now();
+        let o = dust3d(&a);
+        (o, t0.elapsed().as_secs_f64())
+    };
+    // /sys takes no new file, even for root
+    for (out, extra, needle) in [
+        (
+            "/sys/dust3d-map.nc",
+            &[][..],
+            "output directory /sys takes no file",
+        ),
+        (
+            "/no/such/dir/map.nc",
+            &[][..],
+            "output directory /no/such/dir does not exist",
+        ),
+        (
+            dir.path().join("m.nc").to_str().unwrap(),
+            &["--checkpoint-dir", "/sys"][..],
+            "checkpoint directory /sys takes no file",
+        ),
+    ] {
+        let (o, secs) = fit(out, extra);
+        assert!(!o.status.success());
+        assert!(stderr(&o).contains(needle), "{}", stderr(&o));
+        assert!(secs < 1.0, "took {secs} s");
+    }
+    let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().collect();
+    assert_eq!(names.len(), 2, "something was written: {names:?}");
+}

@@ -73,7 +73,7 @@ fn fit_is_independent_of_thread_count() {
 }
 
 #[test]
-fn sigkill_then_resume_equals_uninterrupted_run() {
+fn sigkill_or_sigterm_then_resume_equals_uninterrupted_run() {
     let dir = tempfile::tempdir().unwrap();
     let (mut cfg, _) = demo_config();
     for s in &mut cfg.inference.stage {
@@ -124,6 +124,73 @@ fn sigkill_then_resume_equals_uninterrupted_run() {
         arrays(&full),
         arrays(&killed),
         "resumed run differs from the uninterrupted one"
+    );
+
+    // SIGTERM (what SLURM sends before the kill): stop at a safe point with exit code 75
+    let stopped = dir.path().join("stopped.nc");
+    let ckpt = dir.path().join("stopped.ckpt");
+    let child = fit(&stopped, false)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !ckpt.exists() {
+        assert!(t0.elapsed() < Duration::from_secs(120), "no checkpoint");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let t_term = Instant::now();
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    eprintln!(
+        "stopped {:.2} s after SIGTERM",
+        t_term.elapsed().as_secs_f64()
+    );
+    assert_eq!(out.status.code(), Some(75), "{err}");
+    assert!(
+        err.contains("stopped by signal SIGTERM at a safe point"),
+        "{err}"
+    );
+    assert!(
+        !stopped.exists(),
+        "the run finished before SIGTERM: proves nothing"
+    );
+    assert!(ckpt.exists());
+
+    // both checkpoints damaged: a clear error, and neither file is touched
+    let prev = dir.path().join("stopped.prev.ckpt");
+    let (good, good_prev) = (std::fs::read(&ckpt).unwrap(), std::fs::read(&prev).unwrap());
+    let flip = |bytes: &[u8]| {
+        let mut b = bytes.to_vec();
+        let at = b.len() / 2;
+        b[at] ^= 0x01;
+        b
+    };
+    std::fs::write(&ckpt, flip(&good)).unwrap();
+    std::fs::write(&prev, &good_prev[..good_prev.len() - 100]).unwrap();
+    let out = fit(&stopped, true).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("no usable checkpoint") && err.contains("checksum mismatch"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&ckpt).unwrap(), flip(&good));
+    assert!(!stopped.exists());
+    // only the newest damaged: resume from the previous one, with a warning
+    std::fs::write(&prev, &good_prev).unwrap();
+    let out = fit(&stopped, true).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("resuming from the previous checkpoint"),
+        "{err}"
+    );
+    assert_eq!(
+        arrays(&full),
+        arrays(&stopped),
+        "resumed after SIGTERM differs"
     );
 }
 

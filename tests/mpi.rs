@@ -399,3 +399,46 @@ fn killing_one_rank_ends_the_job_and_resume_on_four_ranks_continues() {
     );
     assert!(arrays(&full) == arrays(&killed), "resumed map differs");
 }
+
+#[test]
+fn sigterm_to_one_rank_stops_every_rank_and_resume_is_identical() {
+    if !mpirun_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (cfg, cat) = small_fit_config(dir.path());
+    let full = dir.path().join("full.nc");
+    assert!(mpirun(2, &fit_args(&cfg, &cat, &full))
+        .status()
+        .unwrap()
+        .success());
+    let stopped = dir.path().join("stopped.nc");
+    let ck = |r: usize| dir.path().join(format!("stopped.r{r}of2.ckpt"));
+    let mut job = mpirun(2, &fit_args(&cfg, &cat, &stopped))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !(ck(0).exists() && ck(1).exists()) {
+        assert!(t0.elapsed() < Duration::from_secs(120), "no checkpoints");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let pids = ranks_of(stopped.to_str().unwrap());
+    assert_eq!(pids.len(), 2, "expected two ranks, found {pids:?}");
+    // one rank only: the safe points are collective, so the other stops with it
+    unsafe { libc::kill(pids[1] as i32, libc::SIGTERM) };
+    let status = wait_bounded(&mut job, Duration::from_secs(60));
+    assert_eq!(status.code(), Some(75), "job status {status:?}");
+    assert!(
+        !stopped.exists(),
+        "the fit finished first: the test proves nothing"
+    );
+    assert!(
+        ranks_of(stopped.to_str().unwrap()).is_empty(),
+        "a rank survived"
+    );
+    let mut resume = fit_args(&cfg, &cat, &stopped);
+    resume.push("--resume".as_ref());
+    assert!(mpirun(2, &resume).status().unwrap().success());
+    assert!(arrays(&full) == arrays(&stopped), "resumed map differs");
+}

@@ -34,10 +34,17 @@ for try in $(seq 1 "$TRIES"); do
   fwd=()
   for v in $(compgen -e | grep '^DUST3D_' || true); do fwd+=(-x "$v"); done
   # shellcheck disable=SC2086
-  if $MPIRUN -n "$RANKS" --bind-to none -x RAYON_NUM_THREADS="$THREADS" "${fwd[@]}" ${MPIRUN_ARGS:-} \
-      "$DUST3D" --threads "$THREADS" "${ARGS[@]}" "${extra[@]}"; then
+  status=0
+  $MPIRUN -n "$RANKS" --bind-to none -x RAYON_NUM_THREADS="$THREADS" "${fwd[@]}" ${MPIRUN_ARGS:-} \
+      "$DUST3D" --threads "$THREADS" "${ARGS[@]}" "${extra[@]}" || status=$?
+  if [ "$status" -eq 0 ]; then
     echo "dust3d batch: done: $OUT" >&2
     exit 0
+  fi
+  if [ "$status" -eq 75 ]; then
+    # stopped on request (SIGTERM/SIGINT/SIGUSR1) at a safe point: not a failure to retry
+    echo "dust3d batch: stopped on request; continue with the same command" >&2
+    exit 75
   fi
 done
 echo "dust3d batch: gave up after $TRIES tries; resume later with the same rank count" >&2

@@ -6,9 +6,10 @@
 #
 # nodes x ranks per node x threads per rank come from sbatch (--nodes, --ntasks-per-node,
 # --cpus-per-task). Ten minutes before the time limit SLURM sends SIGUSR1: the script then
-# submits its own successor with --resume (same geometry, afterok-free dependency on this
-# job's end) and lets this step run on until it is stopped. The successor continues from the
-# last checkpoint every rank has. Set DUST3D_MAX_RESUBMITS (default 20) to bound the chain.
+# submits its own successor with --resume (same geometry, afterany dependency on this job's
+# end) and sends SIGTERM to the step, whose ranks stop together at the next safe point (exit
+# code 75) with their newest checkpoint on disk. The successor continues from it bit for bit.
+# Set DUST3D_MAX_RESUBMITS (default 20) to bound the chain.
 #SBATCH --job-name=dust3d
 #SBATCH --signal=B:USR1@600
 #SBATCH --output=dust3d-%j.out
@@ -28,7 +29,7 @@ fi
 resubmit() {
   if [ "$COUNT" -ge "$MAX" ]; then
     echo "dust3d: not resubmitting: $COUNT resubmissions reached" >&2
-    return
+    return 0
   fi
   echo "dust3d: time limit near: queueing the continuation" >&2
   DUST3D_RESUME=1 DUST3D_RESUBMIT_COUNT=$((COUNT + 1)) \
@@ -36,7 +37,11 @@ resubmit() {
       --ntasks-per-node="${SLURM_NTASKS_PER_NODE%%(*}" --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
       --time="${DUST3D_TIME:-24:00:00}" --export=ALL "$0" "$@"
 }
-trap 'resubmit "$CONFIG" "$CATALOG" "$OUT" "$CKPT"' USR1
+stop_step() {
+  # srun passes SIGTERM to every task: dust3d stops at its next safe point
+  [ -n "${step:-}" ] && kill -TERM "$step" 2>/dev/null || true
+}
+trap 'resubmit "$CONFIG" "$CATALOG" "$OUT" "$CKPT"; stop_step' USR1
 
 ARGS=(--threads "$RAYON_NUM_THREADS" fit --config "$CONFIG" --catalog "$CATALOG" --out "$OUT")
 [ -n "$CKPT" ] && { mkdir -p "$CKPT"; ARGS+=(--checkpoint-dir "$CKPT"); }

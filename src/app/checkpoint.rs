@@ -1,17 +1,25 @@
 //! Checkpoints of a fit: a JSON header (position in the schedule, history, checksums of the
 //! configuration and the catalog) followed by the raw little-endian f64 arrays (expansion
-//! point, ξ_σ, residuals). Written atomically; resuming from one continues bit for bit,
-//! because every random stream is derived from (seed, stage, iteration, pair).
+//! point, ξ_σ, residuals) and a SHA-256 of everything before it, so that a truncated or
+//! damaged file is recognised instead of resumed from. Written atomically; resuming from one
+//! continues bit for bit, because every random stream is derived from (seed, stage,
+//! iteration, pair).
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use std::io::{Read, Write};
 use std::path::Path;
 
 use crate::base::atomic::write_atomically;
 use crate::inference::mgvi::MgviState;
 
-const MAGIC: &[u8; 10] = b"DUST3DCK1\n";
+/// Magic of the current format (with the trailing checksum).
+const MAGIC: &[u8; 10] = b"DUST3DCK2\n";
+/// Magic of the first format (no checksum): still read, unverified.
+const MAGIC_V1: &[u8; 10] = b"DUST3DCK1\n";
+/// Length of the trailing SHA-256.
+const SUM_LEN: usize = 32;
 
 /// One row of the convergence history.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -164,6 +172,8 @@ pub fn save_part(path: &Path, id: &RunId, st: &FitState, part: &Part) -> Result<
     for r in &st.vi.residuals {
         put(&mut buf, r);
     }
+    let sum = Sha256::digest(&buf);
+    buf.extend_from_slice(&sum);
     write_atomically(path, |tmp| {
         let mut f = std::fs::File::create(tmp)?;
         f.write_all(&buf)?;
@@ -179,24 +189,45 @@ pub fn is_checkpoint(path: &Path) -> bool {
     std::fs::File::open(path)
         .and_then(|mut f| f.read_exact(&mut magic))
         .is_ok()
-        && &magic == MAGIC
+        && (&magic == MAGIC || &magic == MAGIC_V1)
 }
 
-/// The header, the whole file, and the header length.
+/// The header, the file without its checksum, and the header length; a file whose
+/// checksum does not match its contents (truncated, damaged) is an error naming it.
 fn read_header(path: &Path) -> Result<(Header, Vec<u8>, usize)> {
     let file = path.display();
     let mut bytes = Vec::new();
     std::fs::File::open(path)
         .with_context(|| format!("cannot open checkpoint {file}"))?
-        .read_to_end(&mut bytes)?;
-    if bytes.len() < 18 || &bytes[..10] != MAGIC {
+        .read_to_end(&mut bytes)
+        .with_context(|| format!("cannot read checkpoint {file}"))?;
+    if bytes.len() < 18 || (&bytes[..10] != MAGIC && &bytes[..10] != MAGIC_V1) {
         bail!("{file}: not a dust3d checkpoint");
     }
-    let hlen = u64::from_le_bytes(bytes[10..18].try_into()?) as usize;
-    let header: Header =
-        serde_json::from_slice(bytes.get(18..18 + hlen).context("truncated header")?)
-            .with_context(|| format!("{file}: corrupt checkpoint header"))?;
-    Ok((header, bytes, hlen))
+    if &bytes[..10] == MAGIC {
+        let Some(n) = bytes.len().checked_sub(SUM_LEN).filter(|&n| n >= 18) else {
+            bail!("{file}: truncated checkpoint ({} bytes)", bytes.len());
+        };
+        if Sha256::digest(&bytes[..n]).as_slice() != &bytes[n..] {
+            bail!("{file}: checksum mismatch: the checkpoint is truncated or damaged");
+        }
+        bytes.truncate(n);
+    }
+    let hlen = u64::from_le_bytes(bytes[10..18].try_into()?);
+    let header: Header = usize::try_from(hlen)
+        .ok()
+        .and_then(|h| bytes.get(18..18usize.checked_add(h)?))
+        .with_context(|| format!("{file}: truncated checkpoint header"))
+        .and_then(|h| {
+            serde_json::from_slice(h).with_context(|| format!("{file}: corrupt checkpoint header"))
+        })?;
+    Ok((header, bytes, hlen as usize))
+}
+
+/// Check that `path` is a whole, undamaged checkpoint; returns its position (see
+/// [`position`]).
+pub fn verify(path: &Path) -> Result<u64> {
+    position(path)
 }
 
 /// A human-readable summary of a checkpoint: position in the schedule and recent history.
@@ -279,10 +310,14 @@ pub fn load(path: &Path, id: &RunId) -> Result<FitState> {
         bail!("{file}: checkpoint was written for another catalog (SHA-256 differs)");
     }
     let body = &bytes[18 + hlen..];
-    let need = 8 * (header.n_x * (1 + header.n_residuals) + header.n_sig);
-    if body.len() != need {
+    let need = header
+        .n_x
+        .checked_mul(header.n_residuals.saturating_add(1))
+        .and_then(|n| n.checked_add(header.n_sig))
+        .and_then(|n| n.checked_mul(8));
+    if Some(body.len()) != need {
         bail!(
-            "{file}: checkpoint body has {} bytes, expected {need}",
+            "{file}: checkpoint body has {} bytes, the header describes {need:?}",
             body.len()
         );
     }
@@ -335,5 +370,41 @@ mod tests {
             ..id.clone()
         };
         assert!(load(&p, &other).is_err());
+    }
+
+    #[test]
+    fn truncated_or_damaged_checkpoints_are_recognised() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.ckpt");
+        let id = RunId {
+            seed: 1,
+            config_sha256: "a".into(),
+            catalog_sha256: "b".into(),
+        };
+        let st = FitState {
+            stage: 0,
+            iteration: 1,
+            vi: MgviState {
+                x: vec![1.0; 50],
+                xsig: vec![0.5; 7],
+                residuals: vec![vec![2.0; 50]],
+            },
+            history: vec![],
+        };
+        save(&p, &id, &st).unwrap();
+        let good = std::fs::read(&p).unwrap();
+        assert!(verify(&p).is_ok());
+        for cut in [good.len() - 1, good.len() / 2, 40, 12] {
+            std::fs::write(&p, &good[..cut]).unwrap();
+            let e = format!("{:#}", load(&p, &id).unwrap_err());
+            assert!(e.contains("c.ckpt"), "{e}");
+            assert!(verify(&p).is_err());
+        }
+        for at in [5, 15, 30, good.len() / 2, good.len() - 3] {
+            let mut bad = good.clone();
+            bad[at] ^= 0x10;
+            std::fs::write(&p, &bad).unwrap();
+            assert!(load(&p, &id).is_err(), "flipped byte {at} went unnoticed");
+        }
     }
 }

@@ -39,12 +39,19 @@ fn other_sets(dir: &Path, stem: &str, size: usize) -> Result<Vec<(usize, Vec<Old
         if !checkpoint::is_checkpoint(&path) {
             continue;
         }
-        let part = checkpoint::part(&path)?;
+        let (part, position) =
+            match checkpoint::part(&path).and_then(|p| Ok((p, checkpoint::position(&path)?))) {
+                Ok(v) => v,
+                Err(e) => {
+                    // a damaged file of an old set: the others may still share a position
+                    tracing::warn!("{e:#}: skipped");
+                    continue;
+                }
+            };
         let m = part.size.max(1);
         if m == size {
             continue;
         }
-        let position = checkpoint::position(&path)?;
         let f = OldFile {
             path,
             part,

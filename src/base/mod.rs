@@ -7,4 +7,5 @@ pub mod logging;
 pub mod precision;
 pub mod provenance;
 pub mod rng;
+pub mod stop;
 pub(crate) mod util;

@@ -2,6 +2,7 @@
 //! checkpoints after every global iteration, and writes the map (samples, mean, std, the
 //! inner-region integral), the per-star predictions and the convergence history.
 
+mod preflight;
 mod products;
 mod resume;
 
@@ -82,48 +83,6 @@ fn star_uniform(seed: u64, i: u64) -> f64 {
     (z >> 11) as f64 / (1u64 << 53) as f64
 }
 
-/// Refuse, before any work, a model that cannot fit this machine: chart voxels × 8 bytes ×
-/// (4 per sample of the largest stage + 16 for fields and workspaces) per rank — the arrays
-/// `dust3d plan` counts at the KL peak, stars and matrices aside — against MemAvailable.
-/// `DUST3D_SKIP_MEMORY_CHECK=1` skips it.
-fn check_memory(cfg: &Config, chart: &Chart) -> Result<()> {
-    if std::env::var_os("DUST3D_SKIP_MEMORY_CHECK").is_some() {
-        return Ok(());
-    }
-    let lv = chart.levels;
-    let pairs = cfg
-        .inference
-        .stage
-        .iter()
-        .map(|s| s.sample_pairs)
-        .max()
-        .unwrap_or(1);
-    let voxels = (chart.npix(lv) as f64) * chart.n_r(lv) as f64;
-    let need = voxels * 8.0 * (4.0 * pairs as f64 + 16.0) / comm::size() as f64;
-    let Some(avail) = mem_available_bytes() else {
-        return Ok(());
-    };
-    if need > avail {
-        bail!(
-            "the model needs about {:.1} GB per rank ({voxels:.3e} chart voxels, {pairs} sample \
-             pairs, {} ranks) but this machine has {:.1} GB available: use more ranks, fewer \
-             grid.levels, or see `dust3d plan` (DUST3D_SKIP_MEMORY_CHECK=1 skips this check)",
-            need / 1e9,
-            comm::size(),
-            avail / 1e9
-        );
-    }
-    Ok(())
-}
-
-/// MemAvailable of /proc/meminfo, bytes (None where unknown).
-fn mem_available_bytes() -> Option<f64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024.0)
-}
-
 /// Salt of the held-out selection's random numbers (independent of the stages' subsets).
 const HOLDOUT_SALT: u64 = 0x005E_ED0F_4E1D_0047;
 
@@ -184,7 +143,6 @@ struct Setup {
 /// Read the catalog, split the sky over the ranks and build this rank's ICR operator.
 fn setup(cfg: &Config, config_text: &str, catalog: &Path) -> Result<Setup> {
     let chart = cfg.chart()?;
-    check_memory(cfg, &chart)?;
     let id = RunId {
         seed: cfg.seed,
         // the held-out set is part of the run: `fit --holdout` may override the file
@@ -253,6 +211,10 @@ pub fn run(
 ) -> Result<()> {
     let (rank, size) = (comm::rank(), comm::size());
     let paths = FitPaths::for_rank(out, cfg.inference.checkpoint_dir.as_deref(), rank, size);
+    let chart = cfg.chart()?;
+    preflight::check_memory(cfg, &chart)?;
+    preflight::check_disk(cfg, &chart, &paths)?;
+    crate::base::stop::install();
     let su = setup(cfg, config_text, catalog)?;
     let mut st = match resume_point(&paths, &su, resume)? {
         Some(s) => s,
@@ -264,6 +226,7 @@ pub fn run(
         },
     };
     run_schedule(cfg, &su, &paths, &mut st)?;
+    crate::base::stop::check()?;
     write_products(cfg, config_text, &su, &paths, &st)?;
     // the products are complete on every rank: the checkpoints have served their purpose
     comm::barrier();

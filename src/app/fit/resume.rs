@@ -10,11 +10,7 @@ use crate::base::comm;
 
 /// The state to continue from: the newest position every rank has a checkpoint of.
 pub(super) fn resume_point(paths: &FitPaths, su: &Setup, resume: bool) -> Result<Option<FitState>> {
-    let mine: Vec<(u64, &PathBuf)> = [&paths.checkpoint, &paths.previous]
-        .into_iter()
-        .filter(|p| p.exists())
-        .map(|p| Ok((checkpoint::position(p)?, p)))
-        .collect::<Result<_>>()?;
+    let mine = usable_checkpoints(paths)?;
     let none_anywhere = comm::all(mine.is_empty());
     if none_anywhere {
         let (dir, stem) = checkpoint_dir_stem(paths);
@@ -71,6 +67,41 @@ pub(super) fn resume_point(paths: &FitPaths, su: &Setup, resume: bool) -> Result
         "resuming from checkpoint"
     );
     Ok(Some(s))
+}
+
+/// This rank's checkpoints that pass their checksum, with their positions. A damaged newest
+/// one is set aside (renamed `.corrupt`, so that the next save does not keep it as the
+/// previous) and the previous one used, with a warning; when every file present is damaged,
+/// an error naming them, and nothing is touched.
+fn usable_checkpoints(paths: &FitPaths) -> Result<Vec<(u64, &PathBuf)>> {
+    let mut usable = Vec::new();
+    let mut damaged = Vec::new();
+    for p in [&paths.checkpoint, &paths.previous] {
+        if !p.exists() {
+            continue;
+        }
+        match checkpoint::verify(p) {
+            Ok(pos) => usable.push((pos, p)),
+            Err(e) => damaged.push((p, e)),
+        }
+    }
+    if usable.is_empty() && !damaged.is_empty() {
+        let list: Vec<String> = damaged.iter().map(|(_, e)| format!("{e:#}")).collect();
+        bail!(
+            "no usable checkpoint: {}; nothing was changed: restore a copy, or delete them \
+             to start over",
+            list.join("; ")
+        );
+    }
+    for (p, e) in damaged {
+        let aside = p.with_extension("ckpt.corrupt");
+        tracing::warn!(
+            "{e:#}: resuming from the previous checkpoint instead; the damaged file is kept as {}",
+            aside.display()
+        );
+        std::fs::rename(p, &aside).with_context(|| format!("cannot move {} aside", p.display()))?;
+    }
+    Ok(usable)
 }
 
 /// The checkpoint directory and the stem of the fit's files.

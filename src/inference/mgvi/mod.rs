@@ -177,6 +177,7 @@ pub fn global_iteration(
     residuals.clear();
     let (mut sample_cg, mut sample_cg_residuals) = (Vec::new(), Vec::new());
     for pair in 0..settings.sample_pairs {
+        crate::base::stop::check()?;
         let stream = residual_stream(streams.stage, streams.iteration, pair);
         let (mut d, rep) = draw_residual_in(&lin, streams.seed, stream, &cg_settings)?;
         // held entries stay where they are in every sample

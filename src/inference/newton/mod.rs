@@ -235,6 +235,8 @@ impl<T: MetricObjective> Solver<ArgminObjective<'_, T>, St> for TruncatedNewton 
         problem: &mut Problem<ArgminObjective<'_, T>>,
         mut state: St,
     ) -> Result<(St, Option<KV>), Error> {
+        // a safe point: nothing of this step has been computed yet
+        crate::base::stop::check()?;
         let param = state
             .take_param()
             .ok_or_else(|| Error::msg("truncated Newton needs an initial parameter"))?
