@@ -2,6 +2,10 @@
 
 fn main() {
     // MPI first (when a launcher started us): logging and errors depend on the rank
+    // past a file-size limit (ulimit -f, some batch systems) a write fails with an error that
+    // is reported and leaves the previous files, instead of the signal killing the process
+    // SAFETY: setting a signal's disposition to "ignore" before any thread starts
+    unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
     let mpi = dust3d::base::comm::init();
     dust3d::base::logging::init();
     if let Err(e) = dust3d::cli::run() {

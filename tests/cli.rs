@@ -267,3 +267,89 @@ fn unwritable_or_missing_output_directories_fail_before_any_work() {
     let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().collect();
     assert_eq!(names.len(), 2, "something was written: {names:?}");
 }
+
+/// Run the `dust3d` binary under a file-size limit of `kib` KiB (what a full disk does to a
+/// write: it fails part-way).
+fn dust3d_limited(kib: u32, args: &[&str]) -> std::process::Output {
+    let mut c = std::process::Command::new("bash");
+    c.arg("-c")
+        .arg(format!("ulimit -f {kib}; exec \"$0\" \"$@\""))
+        .arg(env!("CARGO_BIN_EXE_dust3d"))
+        .args(args)
+        .env("DUST3D_LOG", "warn")
+        .env("HDF5_USE_FILE_LOCKING", "FALSE");
+    c.output().unwrap()
+}
+
+#[test]
+fn a_write_failure_during_products_leaves_the_previous_files_and_the_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("cfg.toml");
+    // many stars: the star table (~0.6 MB) outgrows the checkpoints (~0.1 MB)
+    std::fs::write(
+        &cfg,
+        "seed = 3\n[grid]\nnside0 = 1\nn_r0 = 6\nlevels = 2\nr_min_pc = 50.0\n\
+         r_max_pc = 500.0\n[simulate]\nn_stars = 3000\n",
+    )
+    .unwrap();
+    let (cat, truth) = (dir.path().join("cat.csv"), dir.path().join("truth.nc"));
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let o = dust3d(&[
+        "simulate",
+        "--config",
+        &s(&cfg),
+        "--out-catalog",
+        &s(&cat),
+        "--out-truth",
+        &s(&truth),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = dir.path().join("m.nc");
+    let args = [
+        "fit",
+        "--config",
+        &s(&cfg),
+        "--catalog",
+        &s(&cat),
+        "--out",
+        &s(&out),
+    ];
+    let o = dust3d(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let products = ["m.nc", "m_stars.csv", "m_history.csv", "m_validation.json"];
+    let before: Vec<Vec<u8>> = products
+        .iter()
+        .map(|p| std::fs::read(dir.path().join(p)).unwrap())
+        .collect();
+    assert!(before[1].len() > 400 << 10 && before[0].len() < 300 << 10);
+
+    let o = dust3d_limited(300, &args);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("m_stars.csv") && err.contains("File too large"),
+        "{err}"
+    );
+    for (p, b) in products.iter().zip(&before) {
+        assert!(
+            &std::fs::read(dir.path().join(p)).unwrap() == b,
+            "{p} changed"
+        );
+    }
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(names.iter().all(|n| !n.contains(".tmp-")), "{names:?}");
+    assert!(names.contains(&"m.ckpt".to_string()), "{names:?}");
+    // the checkpoint holds the finished schedule: --resume only writes the products
+    let mut resume = args.to_vec();
+    resume.push("--resume");
+    let o = dust3d(&resume);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read(dir.path().join("m_stars.csv")).unwrap(),
+        before[1]
+    );
+    assert!(!dir.path().join("m.ckpt").exists());
+}

@@ -120,7 +120,11 @@ impl Table {
             } else if name.ends_with(".gz") {
                 let f = std::fs::File::create(tmp)?;
                 let enc = flate2::write::GzEncoder::new(f, flate2::Compression::default());
-                self.write_csv(std::io::BufWriter::new(enc))
+                let mut buf = std::io::BufWriter::new(enc);
+                self.write_csv(&mut buf)?;
+                // finish() writes the gzip trailer; a drop would swallow its error
+                buf.into_inner().map_err(|e| e.into_error())?.finish()?;
+                Ok(())
             } else if name.ends_with(".csv") || name.ends_with(".txt") {
                 self.write_csv(std::io::BufWriter::new(std::fs::File::create(tmp)?))
             } else {
@@ -177,8 +181,21 @@ impl Table {
                 Column::Str(v) => hdu.write_col(&mut f, n, v)?,
             };
         }
-        Ok(())
+        close_fits(f)
     }
+}
+
+/// Flush and close a FITS file, returning the error a plain drop would discard (a full disk
+/// surfaces here).
+pub fn close_fits(mut f: fitsio::FitsFile) -> anyhow::Result<()> {
+    let mut status = 0;
+    // SAFETY: the pointer is the open file `f` owns; ffflus only writes its buffers
+    unsafe { fitsio::sys::ffflus(f.as_raw(), &mut status) };
+    if status != 0 {
+        anyhow::bail!("cannot flush the FITS file (CFITSIO status {status})");
+    }
+    drop(f);
+    Ok(())
 }
 
 /// A CSV column being read: integers until a value is not one, then floats, then text.

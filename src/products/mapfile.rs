@@ -5,7 +5,7 @@
 use anyhow::{anyhow, bail, Context, Result};
 use std::path::Path;
 
-use crate::base::atomic::write_atomically;
+use crate::base::atomic::{write_atomically, Staged};
 use crate::base::provenance::Provenance;
 use crate::sphere::grid::{self, Shells};
 
@@ -175,27 +175,38 @@ impl DustMap {
             .with_context(|| format!("cannot write map {}", path.display()))
     }
 
+    /// Write the map to `path` within a staged set (see [`Staged`]).
+    pub fn write_staged(&self, set: &mut Staged, path: &Path) -> Result<()> {
+        self.check()?;
+        set.write(path, |tmp| self.write_netcdf(tmp))
+            .with_context(|| format!("cannot write map {}", path.display()))
+    }
+
     fn write_netcdf(&self, tmp: &Path) -> Result<()> {
         let mut nc = self.define(tmp, self.npix())?;
-        self.put_block(&mut nc, 0)
+        self.put_block(&mut nc, 0)?;
+        // closing flushes the buffers: its error (a full disk) must not be dropped
+        Ok(nc.close()?)
     }
 
     /// Write a map that is held in pixel blocks (one per MPI rank, never all at once):
     /// `self` is the block starting at pixel 0 and carries the metadata; `next()` yields
-    /// the following blocks with their first pixel, until `None`. Atomic like [`DustMap::write`].
+    /// the following blocks with their first pixel, until `None`. Staged in `set`: the file
+    /// appears under `path` when the set is committed.
     pub fn write_blocks(
         &self,
+        set: &mut Staged,
         path: &Path,
         npix_total: usize,
         mut next: impl FnMut() -> Result<Option<(usize, DustMap)>>,
     ) -> Result<()> {
-        write_atomically(path, |tmp| {
+        set.write(path, |tmp| {
             let mut nc = self.define(tmp, npix_total)?;
             self.put_block(&mut nc, 0)?;
             while let Some((p0, b)) = next()? {
                 b.put_block(&mut nc, p0)?;
             }
-            Ok(())
+            Ok(nc.close()?)
         })
         .with_context(|| format!("cannot write map {}", path.display()))
     }

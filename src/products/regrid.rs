@@ -276,7 +276,7 @@ fn write_netcdf(
         }
         report(i);
     }
-    Ok(())
+    Ok(nc.close()?)
 }
 
 fn write_fits(
@@ -327,7 +327,7 @@ fn write_fits(
         }
         report(i);
     }
-    Ok(())
+    crate::data::table::close_fits(f)
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use std::path::Path;
 use super::{FitPaths, Setup};
 use crate::app::checkpoint::{FitState, HistoryRow};
 use crate::app::config::Config;
-use crate::base::atomic::write_atomically;
+use crate::base::atomic::Staged;
 use crate::base::comm;
 use crate::base::provenance::Provenance;
 use crate::data::catalog::PixelCatalog;
@@ -169,6 +169,8 @@ pub(super) fn write_products(
         bail!("the fit has no samples: the schedule ran no iteration");
     }
     let lp = local_products(cfg, su, st)?;
+    // every product on disk before any replaces its previous version
+    let mut set = Staged::default();
     let mut prov = Provenance::current(config_text, cfg.seed, &su.id.catalog_sha256);
     prov.catalog_sha256 = su.id.catalog_sha256.clone();
     prov.schedule = schedule_summary(cfg, &st.history);
@@ -178,7 +180,7 @@ pub(super) fn write_products(
             tracing::info!("held-out stars {line}");
         }
         if comm::is_root() {
-            write_validation(&paths.validation, cfg, &v)?;
+            write_validation(&mut set, &paths.validation, cfg, &v)?;
         }
     }
     let mut map = map_from_samples(cfg, &su.chart, &lp.samples_rw, prov)?;
@@ -189,7 +191,7 @@ pub(super) fn write_products(
         .windows(2)
         .map(|w| (w[1] - w[0]) as u32)
         .collect();
-    write_map_blocks(&map, su, &paths.map)?;
+    write_map_blocks(&mut set, &map, su, &paths.map)?;
     drop(map);
     // n_σ of the last stage's stars, by position (source ids need not be unique): the last
     // stage's stars are `su.stars` where its mask holds, in the same order
@@ -211,10 +213,11 @@ pub(super) fn write_products(
         })
         .collect();
     let rows = star_prediction_rows(&su.stars, &lp.abar, &lp.sig_a2, &nsig)?;
-    write_star_predictions(&paths.stars, rows)?;
+    write_star_predictions(&mut set, &paths.stars, rows)?;
     if comm::is_root() {
-        write_history(&paths.history, &st.history)?;
+        write_history(&mut set, &paths.history, &st.history)?;
     }
+    set.commit()?;
     tracing::info!(map = %paths.map.display(), stars = %paths.stars.display(), history = %paths.history.display(), "fit products written");
     Ok(())
 }
@@ -262,13 +265,13 @@ fn score_holdout(cfg: &Config, su: &Setup, st: &FitState) -> Result<Option<Valid
 }
 
 /// `<stem>_validation.json`: the held-out fraction and the scores.
-fn write_validation(path: &Path, cfg: &Config, v: &Validation) -> Result<()> {
+fn write_validation(set: &mut Staged, path: &Path, cfg: &Config, v: &Validation) -> Result<()> {
     let json = serde_json::json!({
         "holdout_fraction": cfg.validation.holdout_fraction,
         "predictive": "A ~ N(mean over samples of abar, var over samples of abar + mean sigma_a^2 + sigma_A^2), n_sigma = 1",
         "scores": v,
     });
-    write_atomically(path, |tmp| {
+    set.write(path, |tmp| {
         std::fs::write(tmp, serde_json::to_string_pretty(&json)?)?;
         Ok(())
     })
@@ -277,10 +280,10 @@ fn write_validation(path: &Path, cfg: &Config, v: &Validation) -> Result<()> {
 
 /// Rank 0 writes the map block by block as the ranks' pixel ranges arrive (its own, then
 /// one other rank's at a time): no rank ever holds the whole map.
-fn write_map_blocks(map: &DustMap, su: &Setup, path: &Path) -> Result<()> {
+fn write_map_blocks(set: &mut Staged, map: &DustMap, su: &Setup, path: &Path) -> Result<()> {
     let size = comm::size();
     if size == 1 {
-        return map.write(path);
+        return map.write_staged(set, path);
     }
     if !comm::is_root() {
         comm::send_f64(0, &map.block_to_vec());
@@ -289,7 +292,7 @@ fn write_map_blocks(map: &DustMap, su: &Setup, path: &Path) -> Result<()> {
     let d = &su.icr.decomp;
     let nside = su.chart.nside_final();
     let mut r = 0;
-    map.write_blocks(path, grid::npix(nside), || {
+    map.write_blocks(set, path, grid::npix(nside), || {
         r += 1;
         if r == size {
             return Ok(None);
@@ -346,12 +349,12 @@ fn star_prediction_rows(
 }
 
 /// Rank 0 writes the table: its rows, then every other rank's in rank (= pixel) order.
-fn write_star_predictions(path: &Path, rows: Vec<u8>) -> Result<()> {
+fn write_star_predictions(set: &mut Staged, path: &Path, rows: Vec<u8>) -> Result<()> {
     if !comm::is_root() {
         comm::send_bytes(0, &rows);
         return Ok(());
     }
-    write_atomically(path, |tmp| {
+    set.write(path, |tmp| {
         let mut f = std::io::BufWriter::new(std::fs::File::create(tmp)?);
         writeln!(
             f,
@@ -397,8 +400,8 @@ pub(super) fn schedule_summary(cfg: &Config, history: &[HistoryRow]) -> String {
     out
 }
 
-pub(super) fn write_history(path: &Path, rows: &[HistoryRow]) -> Result<()> {
-    write_atomically(path, |tmp| {
+fn write_history(set: &mut Staged, path: &Path, rows: &[HistoryRow]) -> Result<()> {
+    set.write(path, |tmp| {
         let mut f = std::io::BufWriter::new(std::fs::File::create(tmp)?);
         writeln!(
             f,

@@ -374,7 +374,11 @@ pub fn write_catalog(cat: &Catalog, path: &Path) -> Result<()> {
         Format::CsvGz => {
             let f = std::fs::File::create(tmp)?;
             let enc = flate2::write::GzEncoder::new(f, flate2::Compression::default());
-            write_csv(cat, std::io::BufWriter::new(enc))
+            let mut buf = std::io::BufWriter::new(enc);
+            write_csv(cat, &mut buf)?;
+            // finish() writes the gzip trailer; a drop would swallow its error
+            buf.into_inner().map_err(|e| e.into_error())?.finish()?;
+            Ok(())
         }
         Format::Fits => write_fits(cat, tmp),
         Format::NetCdf => write_netcdf(cat, tmp),
@@ -419,7 +423,7 @@ fn write_fits(cat: &Catalog, tmp: &Path) -> Result<()> {
     for (n, v) in &cols {
         hdu.write_col(&mut f, *n, v)?;
     }
-    Ok(())
+    crate::data::table::close_fits(f)
 }
 
 fn write_netcdf(cat: &Catalog, tmp: &Path) -> Result<()> {
@@ -432,5 +436,5 @@ fn write_netcdf(cat: &Catalog, tmp: &Path) -> Result<()> {
         let mut var = nc.add_variable::<f64>(n, &["star"])?;
         var.put_values(v, ..)?;
     }
-    Ok(())
+    Ok(nc.close()?)
 }

@@ -201,7 +201,7 @@ fn write_mean_file(map: &DustMap, tmp: &Path) -> Result<()> {
         f32_rows(&map.inner_std, npix),
         &[("CTYPE", ctype.as_str())],
     )?;
-    Ok(())
+    crate::data::table::close_fits(f)
 }
 
 fn write_samples_file(map: &DustMap, tmp: &Path) -> Result<()> {
@@ -222,7 +222,7 @@ fn write_samples_file(map: &DustMap, tmp: &Path) -> Result<()> {
         rows,
         &[("CTYPE", ctype.as_str())],
     )?;
-    Ok(())
+    crate::data::table::close_fits(f)
 }
 
 /// True if `path` is a FITS file (by its first bytes).
