@@ -353,3 +353,66 @@ fn a_write_failure_during_products_leaves_the_previous_files_and_the_checkpoint(
     );
     assert!(!dir.path().join("m.ckpt").exists());
 }
+
+#[test]
+fn oversized_boxes_and_comparisons_fail_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = small_config(dir.path());
+    let (cat, truth) = (dir.path().join("c.csv"), dir.path().join("t.nc"));
+    let p = |p: &Path| p.to_str().unwrap().to_string();
+    let o = dust3d(&[
+        "simulate",
+        "--config",
+        &p(&cfg),
+        "--out-catalog",
+        &p(&cat),
+        "--out-truth",
+        &p(&truth),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = dir.path().join("box.nc");
+    let t0 = std::time::Instant::now();
+    // 10^15 points
+    let o = dust3d(&[
+        "interp",
+        "box",
+        "--map",
+        &p(&truth),
+        "--box",
+        "(100000,100000,100000)::((-500,500),(-500,500),(-100,100))",
+        "--out",
+        &p(&out),
+    ]);
+    let secs = t0.elapsed().as_secs_f64();
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("more than --max-points"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(secs < 1.0 && !out.exists(), "{secs} s");
+    // 12.9e12 sightlines at nside 2^20
+    let cmp = dir.path().join("cmp");
+    std::fs::create_dir(&cmp).unwrap();
+    let t0 = std::time::Instant::now();
+    let o = dust3d(&[
+        "compare",
+        "--map",
+        &p(&truth),
+        "--reference",
+        &p(&truth),
+        "--out",
+        &p(&cmp),
+        "--nside",
+        "1048576",
+    ]);
+    let secs = t0.elapsed().as_secs_f64();
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("more than --max-points"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(secs < 1.0, "{secs} s");
+    assert_eq!(std::fs::read_dir(&cmp).unwrap().count(), 0);
+}

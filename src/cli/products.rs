@@ -533,6 +533,9 @@ pub struct CompareArgs {
     /// Radial convention of the integrals (native or dustmaps).
     #[arg(long, default_value = "native")]
     convention: Convention,
+    /// Most test points (sightlines × distances) to evaluate; more is refused at once.
+    #[arg(long, default_value_t = 200_000_000)]
+    max_points: usize,
 }
 
 /// Run `dust3d compare`.
@@ -545,6 +548,7 @@ pub fn compare(a: CompareArgs) -> Result<()> {
         step_pc: a.step,
         min_value: a.min_value,
         convention: a.convention,
+        max_points: a.max_points,
         ..Default::default()
     };
     let c = crate::products::compare::compare(&map, &reference, &o)?;

@@ -25,6 +25,8 @@ pub struct CompareOptions {
     pub bins: usize,
     /// Radial convention of both maps' integrals.
     pub convention: Convention,
+    /// Most test points (sightlines × distances) evaluated; more is refused before any work.
+    pub max_points: usize,
 }
 
 impl Default for CompareOptions {
@@ -35,6 +37,7 @@ impl Default for CompareOptions {
             min_value: 1e-3,
             bins: 120,
             convention: Convention::Native,
+            max_points: 200_000_000,
         }
     }
 }
@@ -113,7 +116,23 @@ pub fn compare(map: &DustMap, reference: &DustMap, o: &CompareOptions) -> Result
     if d1 <= d0 {
         bail!("the maps share no distance range ({a0:.1}–{a1:.1} pc vs {b0:.1}–{b1:.1} pc)");
     }
-    let nd = ((d1 - d0) / o.step_pc).floor() as usize + 1;
+    let nd_f = ((d1 - d0) / o.step_pc).floor() + 1.0;
+    let points = (grid::npix(o.nside) as f64) * nd_f;
+    if points > o.max_points as f64 {
+        bail!(
+            "the comparison has {points:.3e} test points ({} sightlines × {nd_f:.0} distances), \
+             more than --max-points {}: use a coarser --nside or --step, or raise --max-points",
+            grid::npix(o.nside),
+            o.max_points
+        );
+    }
+    let nd = nd_f as usize;
+    tracing::info!(
+        points,
+        sightlines = grid::npix(o.nside),
+        distances = nd,
+        "comparing"
+    );
     let hi_guess = (0..grid::npix(o.nside))
         .map(|p| {
             let (l, b) = grid::pix2ang(o.nside, p as u64);

@@ -23,7 +23,7 @@ fn config_errors_carry_their_key() {
         .find_map(|e| e.downcast_ref::<ConfigError>())
         .expect("a ConfigError in the chain");
     assert_eq!(e.key, "inference.stage[0].star_fraction");
-    assert!(format!("{err:#}").starts_with("z.toml: invalid configuration: "));
+    assert!(format!("{err:#}").starts_with("z.toml, line 2: invalid configuration: "));
 }
 
 #[test]
@@ -62,4 +62,85 @@ fn non_finite_numbers_and_zero_counts_are_refused_with_their_key() {
             .unwrap_or_else(|| panic!("{err:#}"));
         assert_eq!(e.key, key);
     }
+}
+
+#[test]
+fn every_bad_value_is_named_with_its_key_and_line() {
+    // (file text, key the error must carry, line it must give)
+    let cases = [
+        ("[grid]\nlevels = 33\n", "grid.levels", 2),
+        ("[grid]\nnside0 = 3\n", "grid.nside0", 2),
+        ("[grid]\nn_r0 = 2\n", "grid.n_r0", 2),
+        ("[grid]\nr_min_pc = 0.0\n", "grid.r_min_pc", 2),
+        ("[grid]\nr_max_pc = inf\n", "grid.r_max_pc", 2),
+        ("[grid]\npadding = 40\n", "grid.padding", 2),
+        ("seed = 2\n[kernel]\n\nstd = -1.0\n", "kernel.std", 4),
+        ("[kernel]\nlength_pc = nan\n", "kernel.length_pc", 2),
+        ("[prior]\noffset_mean = nan\n", "prior.offset_mean", 2),
+        ("[noise]\nnsigma_shape = inf\n", "noise.nsigma_shape", 2),
+        ("[catalog]\nd_max_pc = -5.0\n", "catalog.d_max_pc", 2),
+        (
+            "[output]\nr_min_pc = 100.0\nr_max_pc = 50.0\n",
+            "output.r_max_pc",
+            3,
+        ),
+        ("[parallel]\nnside_dec = 3\n", "parallel.nside_dec", 2),
+        (
+            "[validation]\nholdout_fraction = 1.0\n",
+            "validation.holdout_fraction",
+            2,
+        ),
+        ("[simulate]\nn_stars = 0\n", "simulate.n_stars", 2),
+        (
+            "[[inference.stage]]\niterations = 2\n[[inference.stage]]\nsample_pairs = 0\n",
+            "inference.stage[1].sample_pairs",
+            4,
+        ),
+        (
+            "[[inference.stage]]\nmax_distance_pc = -1.0\n",
+            "inference.stage[0].max_distance_pc",
+            2,
+        ),
+        (
+            "[[inference.stage]]\nkl_rtol = nan\n",
+            "inference.stage[0].kl_rtol",
+            2,
+        ),
+    ];
+    for (text, key, line) in cases {
+        let err = Config::from_toml(text, "c.toml").unwrap_err();
+        let e = err
+            .chain()
+            .find_map(|e| e.downcast_ref::<ConfigError>())
+            .unwrap_or_else(|| panic!("no ConfigError for {text:?}: {err:#}"));
+        assert_eq!(e.key, key, "{text:?}");
+        let msg = format!("{err:#}");
+        assert!(
+            msg.starts_with(&format!("c.toml, line {line}: ")),
+            "{text:?}: {msg}"
+        );
+    }
+}
+
+#[test]
+fn key_lines_follow_tables_and_arrays_of_tables() {
+    let text = "seed = 1\n[grid] # comment\nlevels = 3\n[[inference.stage]]\niterations = 1\n\
+                [[inference.stage]]\nlevels = 2\n[catalog.columns]\nl = \"glon\"\n";
+    assert_eq!(key_line(text, "seed"), Some((1, true)));
+    assert_eq!(key_line(text, "grid.levels"), Some((3, true)));
+    assert_eq!(key_line(text, "grid"), Some((2, true)));
+    assert_eq!(key_line(text, "inference.stage[1].levels"), Some((7, true)));
+    assert_eq!(
+        key_line(text, "inference.stage[0].levels"),
+        Some((4, false))
+    );
+    assert_eq!(key_line(text, "catalog.columns.l"), Some((9, true)));
+    assert_eq!(key_line(text, "kernel.std"), None);
+    // a key left at its default says so, with the line of its table
+    let err = Config::from_toml("seed = 1\n[grid]\nr_min_pc = 3000.0\n", "d.toml").unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(
+        msg.starts_with("d.toml (key `grid.r_max_pc` unset in the table at line 2: its default)"),
+        "{msg}"
+    );
 }
