@@ -2,4 +2,5 @@
 //! layout the likelihood reads, and the distribution of stars over MPI ranks.
 
 pub mod catalog;
+pub mod guard;
 pub mod table;

@@ -144,8 +144,21 @@ pub fn compare(map: &DustMap, reference: &DustMap, o: &CompareOptions) -> Result
     let bins = o.bins;
     let lw = (hi.ln() - lo.ln()) / bins as f64;
     let bin = |v: f64| ((v.ln() - lo.ln()) / lw).floor();
+    // a bar on a terminal, ten log lines otherwise
+    let npix = grid::npix(o.nside);
+    let pb = crate::base::logging::progress(npix as u64, "compare");
+    let done = std::sync::atomic::AtomicUsize::new(0);
+    let tick = || {
+        let n = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        if n.is_multiple_of(256) || n == npix {
+            pb.set_position(n as u64);
+        }
+        if n.is_multiple_of((npix / 10).max(1)) {
+            tracing::info!("compare: {n}/{npix} sightlines");
+        }
+    };
     type Acc = (Vec<u64>, usize, Vec<f64>, [f64; 6]);
-    let (counts, n_points, mut ratios, s): Acc = (0..grid::npix(o.nside))
+    let (counts, n_points, mut ratios, s): Acc = (0..npix)
         .into_par_iter()
         .fold(
             || (vec![0u64; bins * bins], 0usize, Vec::new(), [0.0; 6]),
@@ -173,6 +186,7 @@ pub fn compare(map: &DustMap, reference: &DustMap, o: &CompareOptions) -> Result
                         }
                     }
                 }
+                tick();
                 acc
             },
         )
@@ -185,6 +199,7 @@ pub fn compare(map: &DustMap, reference: &DustMap, o: &CompareOptions) -> Result
                 (a.0, a.1 + b.1, a.2, a.3)
             },
         );
+    pb.finish_and_clear();
     if n_points == 0 {
         bail!("the maps have no test point where both have a value");
     }

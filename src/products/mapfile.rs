@@ -404,6 +404,10 @@ impl DustMap {
     /// radii always); what is left out stays empty, so a command on a paper-size map holds
     /// only what it uses (the 12 samples alone are 39 GB in f64 at nside 256 × 516 shells).
     pub fn read_with(path: &Path, load: Load) -> Result<Self> {
+        crate::data::guard::reading(path, "netCDF map", || Self::read_netcdf(path, load))
+    }
+
+    fn read_netcdf(path: &Path, load: Load) -> Result<Self> {
         let r = Reader::open(path)?;
         let file = &r.file;
         let nside = r.nside()?;
@@ -467,17 +471,23 @@ impl DustMap {
 
 /// Number of samples a dust3d map file holds (0 if none or unreadable).
 pub fn sample_count(path: &Path) -> usize {
-    netcdf::open(path)
-        .ok()
-        .and_then(|nc| nc.dimension("sample").map(|d| d.len()))
-        .unwrap_or(0)
+    crate::data::guard::reading(path, "netCDF file", || {
+        Ok(netcdf::open(path)
+            .ok()
+            .and_then(|nc| nc.dimension("sample").map(|d| d.len()))
+            .unwrap_or(0))
+    })
+    .unwrap_or(0)
 }
 
 /// True if `path` looks like a dust3d map (a netCDF file with a `mean` and `nside`).
 pub fn is_map_file(path: &Path) -> bool {
-    netcdf::open(path)
-        .map(|nc| nc.variable("mean").is_some() && nc.attribute("nside").is_some())
-        .unwrap_or(false)
+    crate::data::guard::reading(path, "netCDF file", || {
+        Ok(netcdf::open(path)
+            .map(|nc| nc.variable("mean").is_some() && nc.attribute("nside").is_some())
+            .unwrap_or(false))
+    })
+    .unwrap_or(false)
 }
 
 /// An open netCDF map file and its name for error messages.

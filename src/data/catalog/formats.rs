@@ -299,6 +299,17 @@ fn read_fits(
 }
 
 fn read_netcdf(path: &Path, names: &[&str], id_name: Option<&str>, part: RowPart) -> Result<Table> {
+    crate::data::guard::reading(path, "netCDF/HDF5 catalog", || {
+        read_netcdf_unguarded(path, names, id_name, part)
+    })
+}
+
+fn read_netcdf_unguarded(
+    path: &Path,
+    names: &[&str],
+    id_name: Option<&str>,
+    part: RowPart,
+) -> Result<Table> {
     let file = path.display();
     let nc = netcdf::open(path).with_context(|| format!("{file}: cannot open as netCDF/HDF5"))?;
     let present: Vec<String> = nc.variables().map(|v| v.name()).collect();
