@@ -86,6 +86,10 @@ pub fn read_limit(path: &Path) -> Duration {
 /// Run `read` on `path`; a panic inside becomes "`path`: damaged or unreadable `what` (…)",
 /// and a read beyond [`read_limit`] ends the process with exit code 1 and a message.
 pub fn reading<T>(path: &Path, what: &str, read: impl FnOnce() -> Result<T>) -> Result<T> {
+    // one guarded read at a time: the panic hook, the signal actions and the crash message
+    // are process-wide (and the HDF5 library serialises its calls anyway)
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let file = path.display().to_string();
     let limit = read_limit(path);
     let (done, wait) = std::sync::mpsc::channel::<()>();
