@@ -88,3 +88,148 @@ fn plain_hdf5_tables_from_h5py_are_read() {
     assert!(cat.parallax_error_mas.iter().all(|&e| e == 0.1));
     assert!(cat.l_deg.iter().all(|&l| (0.0..360.0).contains(&l)));
 }
+
+/// The Python of the build virtualenv (None where a bare `cargo test` runs without it).
+fn python() -> Option<std::path::PathBuf> {
+    match std::env::var("DUST3D_PYTHON") {
+        Ok(p) => Some(p.into()),
+        Err(_) => {
+            assert!(
+                std::env::var("DUST3D_REQUIRE_PYTHON").is_err(),
+                "DUST3D_PYTHON must point at the build virtualenv's python"
+            );
+            eprintln!("DUST3D_PYTHON not set: skipping (scripts/test runs it)");
+            None
+        }
+    }
+}
+
+/// Angular distance between two (lon, lat) positions, deg.
+fn separation_deg((l1, b1): (f64, f64), (l2, b2): (f64, f64)) -> f64 {
+    let v = |l: f64, b: f64| {
+        let (sl, cl) = l.to_radians().sin_cos();
+        let (sb, cb) = b.to_radians().sin_cos();
+        [cb * cl, cb * sl, sb]
+    };
+    let (a, c) = (v(l1, b1), v(l2, b2));
+    let cross = [
+        a[1] * c[2] - a[2] * c[1],
+        a[2] * c[0] - a[0] * c[2],
+        a[0] * c[1] - a[1] * c[0],
+    ];
+    let sin = cross.iter().map(|x| x * x).sum::<f64>().sqrt();
+    let cos: f64 = a.iter().zip(&c).map(|(x, y)| x * y).sum();
+    sin.atan2(cos).to_degrees()
+}
+
+#[test]
+fn zgr23_icrs_and_galactic_layouts_give_the_same_stars() {
+    let Some(py) = python() else { return };
+    let (cat, _) = simulated();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let src = d.join("sim.csv");
+    write_catalog(&cat, &src).unwrap();
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/catalog_fixtures.py");
+    let o = std::process::Command::new(&py)
+        .arg(&script)
+        .arg(&src)
+        .arg(d)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    // astropy's ICRS -> Galactic at 2,000 points, poles and ra = 0/360 included
+    let text = std::fs::read_to_string(d.join("frames.csv")).unwrap();
+    let mut worst = 0.0f64;
+    for line in text.lines().skip(1) {
+        let v: Vec<f64> = line.split(',').map(|x| x.parse().unwrap()).collect();
+        let got = dust3d::sphere::frames::icrs_to_galactic(v[0], v[1]);
+        worst = worst.max(separation_deg(got, (v[2], v[3])));
+        assert!((got.1 - v[3]).abs() <= 1e-9, "{line}: {got:?}");
+    }
+    eprintln!("ICRS -> Galactic vs astropy: largest separation {worst:.2e} deg");
+    assert!(worst <= 1e-9, "{worst:e} deg");
+
+    // the paper's cuts on all three layouts; the ZGR23 one through configs/zgr23.toml
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let (zgr, _) = Config::from_file(&root.join("configs/zgr23.toml")).unwrap();
+    let mut cuts = zgr.catalog.clone();
+    cuts.columns = Default::default();
+    cuts.columns.quality = Some("quality_flags".into());
+    cuts.frame = Default::default();
+    let reference = Catalog::read(&d.join("galactic.csv"), &cuts).unwrap();
+    let icrs = Catalog::read(&d.join("icrs.csv"), &cuts).unwrap(); // frame "auto" finds ra, dec
+    let h5 = Catalog::read(&d.join("zgr23.h5"), &zgr.catalog).unwrap();
+    assert!(
+        reference.len() > 500 && reference.len() < cat.len(),
+        "{}",
+        reference.len()
+    );
+    for (name, c) in [("ICRS CSV", &icrs), ("ZGR23 HDF5", &h5)] {
+        assert_eq!(
+            c.source_id, reference.source_id,
+            "{name}: other stars selected"
+        );
+        for f in [
+            |c: &Catalog| c.parallax_mas.clone(),
+            |c: &Catalog| c.parallax_error_mas.clone(),
+            |c: &Catalog| c.extinction.clone(),
+            |c: &Catalog| c.extinction_error.clone(),
+        ] {
+            assert_eq!(f(c), f(&reference), "{name}");
+        }
+        let worst = (0..c.len())
+            .map(|i| {
+                separation_deg(
+                    (c.l_deg[i], c.b_deg[i]),
+                    (reference.l_deg[i], reference.b_deg[i]),
+                )
+            })
+            .fold(0.0, f64::max);
+        assert!(worst <= 1e-9, "{name}: positions differ by {worst:e} deg");
+    }
+
+    // and the same fit: the ZGR23 file through its configuration, the Galactic CSV through
+    // the same one with Galactic column names
+    let mut fit_cfg = zgr.clone();
+    fit_cfg.grid = Config::default().grid;
+    fit_cfg.grid.levels = 1;
+    fit_cfg.parallel = Default::default();
+    fit_cfg.inference.stage = vec![dust3d::app::config::StageConfig {
+        iterations: 2,
+        sample_pairs: 1,
+        ..Default::default()
+    }];
+    let mut gal_cfg = fit_cfg.clone();
+    gal_cfg.catalog = cuts;
+    let fit = |cfg: &Config, cat: &std::path::Path, out: &str| {
+        let c = d.join(format!("{out}.toml"));
+        std::fs::write(&c, toml::to_string(cfg).unwrap()).unwrap();
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_dust3d"))
+            .args(["--threads", "2", "fit", "--config"])
+            .arg(&c)
+            .arg("--catalog")
+            .arg(cat)
+            .arg("--out")
+            .arg(d.join(format!("{out}.nc")))
+            .env("DUST3D_LOG", "warn")
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        dust3d::products::mapfile::DustMap::read(&d.join(format!("{out}.nc"))).unwrap()
+    };
+    let (a, b) = (
+        fit(&gal_cfg, &d.join("galactic.csv"), "gal"),
+        fit(&fit_cfg, &d.join("zgr23.h5"), "zgr"),
+    );
+    let rel = a
+        .mean
+        .iter()
+        .zip(&b.mean)
+        .map(|(x, y)| (x - y).abs() / x.abs().max(1e-30))
+        .fold(0.0, f64::max);
+    eprintln!("fit of the ZGR23 file vs the Galactic CSV: largest relative difference of the mean {rel:.1e}");
+    assert!(rel <= 1e-9, "{rel:e}");
+}

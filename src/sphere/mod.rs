@@ -3,5 +3,6 @@
 
 pub mod covariance;
 pub mod decomp;
+pub mod frames;
 pub mod grid;
 pub mod transforms;

@@ -163,6 +163,25 @@ impl Config {
 
     fn validate_catalog(&self) -> Result<()> {
         let c = &self.catalog;
+        let n = &c.columns;
+        for (key, name) in [
+            ("l", Some(&n.l)),
+            ("b", Some(&n.b)),
+            ("ra", Some(&n.ra)),
+            ("dec", Some(&n.dec)),
+            ("parallax", Some(&n.parallax)),
+            ("parallax_error", Some(&n.parallax_error)),
+            ("extinction", Some(&n.extinction)),
+            ("extinction_error", Some(&n.extinction_error)),
+            ("source_id", n.source_id.as_ref()),
+            ("quality", n.quality.as_ref()),
+        ] {
+            if let Some(name) = name {
+                if let Err(e) = crate::data::catalog::array_column(name) {
+                    return Err(invalid(format!("catalog.columns.{key}"), format!("{e:#}")));
+                }
+            }
+        }
         if c.quality_below.is_some() && c.columns.quality.is_none() {
             return Err(invalid(
                 "catalog.quality_below",

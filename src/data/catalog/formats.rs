@@ -111,7 +111,17 @@ pub fn read_columns_part(
     if !path.exists() {
         bail!("{}: no such file", path.display());
     }
-    match Format::of(path)? {
+    let format = Format::of(path)?;
+    for n in names {
+        if array_column(n)?.1.is_some() && format != Format::NetCdf {
+            bail!(
+                "{}: column '{n}' names one component of a 2-D dataset, which only HDF5 and \
+                 netCDF files have",
+                path.display()
+            );
+        }
+    }
+    match format {
         Format::Csv => {
             let f = std::fs::File::open(path)
                 .with_context(|| format!("cannot open {}", path.display()))?;
@@ -125,6 +135,33 @@ pub fn read_columns_part(
         }
         Format::Fits => read_fits(path, names, id_name, hdu, part),
         Format::NetCdf => read_netcdf(path, names, id_name, part),
+    }
+}
+
+/// A column name and, for one component of a 2-D dataset written `name[:, k]` (as ZGR23's
+/// `stellar_params_est[:, 4]`), the index `k` of the component.
+///
+/// ```
+/// use dust3d::data::catalog::array_column;
+/// assert_eq!(array_column("stellar_params_est[:, 4]").unwrap(), ("stellar_params_est", Some(4)));
+/// assert_eq!(array_column("parallax").unwrap(), ("parallax", None));
+/// assert!(array_column("x[4]").is_err());
+/// ```
+pub fn array_column(spec: &str) -> Result<(&str, Option<usize>)> {
+    let Some(open) = spec.find('[') else {
+        return Ok((spec, None));
+    };
+    let inner = spec[open + 1..]
+        .strip_suffix(']')
+        .and_then(|i| i.trim().strip_prefix(':'))
+        .and_then(|i| i.trim().strip_prefix(','))
+        .map(str::trim);
+    match inner.and_then(|k| k.parse::<usize>().ok()) {
+        Some(k) => Ok((spec[..open].trim(), Some(k))),
+        None => bail!(
+            "column '{spec}': write one component of a 2-D dataset as 'name[:, k]' with k a \
+             non-negative integer"
+        ),
     }
 }
 
@@ -313,17 +350,28 @@ fn read_netcdf_unguarded(
     let file = path.display();
     let nc = netcdf::open(path).with_context(|| format!("{file}: cannot open as netCDF/HDF5"))?;
     let present: Vec<String> = nc.variables().map(|v| v.name()).collect();
-    let read_1d = |n: &str| -> Result<netcdf::Variable<'_>> {
-        let v = nc.variable(n).ok_or_else(|| missing(path, n, &present))?;
-        if v.dimensions().len() != 1 {
-            bail!(
-                "{file}: column '{n}' must be one-dimensional, has {} dimensions",
-                v.dimensions().len()
-            );
+    // a 1-D variable, or a 2-D one and the component `[:, k]` of it
+    let column = |n: &str| -> Result<(netcdf::Variable<'_>, Option<usize>)> {
+        let (name, k) = array_column(n)?;
+        let v = nc
+            .variable(name)
+            .ok_or_else(|| missing(path, name, &present))?;
+        let dims = v.dimensions();
+        match k {
+            None if dims.len() != 1 => bail!(
+                "{file}: column '{n}' must be one-dimensional, has {} dimensions (pick one \
+                 component with '{n}[:, k]')",
+                dims.len()
+            ),
+            Some(k) if dims.len() != 2 || k >= dims[1].len() => bail!(
+                "{file}: column '{n}': '{name}' has shape {:?}, not (rows, > {k})",
+                dims.iter().map(|d| d.len()).collect::<Vec<_>>()
+            ),
+            _ => Ok((v, k)),
         }
-        Ok(v)
     };
-    let len = |n: &str| -> Result<usize> { Ok(read_1d(n)?.dimensions()[0].len()) };
+    let read_1d = |n: &str| -> Result<netcdf::Variable<'_>> { Ok(column(n)?.0) };
+    let len = |n: &str| -> Result<usize> { Ok(column(n)?.0.dimensions()[0].len()) };
     let all_rows = len(names.first().copied().unwrap_or_default())?;
     for n in names {
         let l = len(n)?;
@@ -337,9 +385,11 @@ fn read_netcdf_unguarded(
     let block = part.block(all_rows);
     let mut columns: Vec<Vec<f64>> = Vec::with_capacity(names.len());
     for n in names {
-        let vals: Vec<f64> = read_1d(n)?
-            .get_values::<f64, _>(block.clone())
-            .with_context(|| format!("{file}: column '{n}' is not numeric"))?;
+        let vals: Vec<f64> = match column(n)? {
+            (v, None) => v.get_values::<f64, _>(block.clone()),
+            (v, Some(k)) => v.get_values::<f64, _>((block.clone(), k)),
+        }
+        .with_context(|| format!("{file}: column '{n}' is not numeric"))?;
         columns.push(vals);
     }
     let source_id = match id_name.filter(|n| present.iter().any(|p| p == n)) {

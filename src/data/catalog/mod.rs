@@ -8,7 +8,7 @@ mod formats;
 pub use distribute::{balance, read_distributed};
 pub use error::CatalogError;
 
-pub use formats::{read_columns, read_columns_part, write_catalog, Format, RowPart};
+pub use formats::{array_column, read_columns, read_columns_part, write_catalog, Format, RowPart};
 
 use anyhow::{bail, Result};
 use std::path::Path;
@@ -22,6 +22,9 @@ use crate::sphere::grid;
 pub struct CatalogParams {
     /// Column names in the input file.
     pub columns: ColumnNames,
+    /// Sky frame of the positions: "auto" (Galactic l, b if present, else ICRS ra, dec),
+    /// "galactic" or "icrs".
+    pub frame: Frame,
     /// Name of the HDU (FITS) to read; the first binary table if absent.
     pub hdu: Option<String>,
     /// Keep stars with quality < this value (needs `columns.quality`); paper: 8.
@@ -32,7 +35,22 @@ pub struct CatalogParams {
     pub d_min_pc: Option<f64>,
 }
 
-/// `[catalog.columns]`: the input file's name for each quantity.
+/// The sky frame of a catalog's positions (`catalog.frame`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Frame {
+    /// Galactic `columns.l`, `columns.b` when the file has them, else ICRS `columns.ra`,
+    /// `columns.dec` (logged).
+    #[default]
+    Auto,
+    /// Galactic longitude and latitude, deg.
+    Galactic,
+    /// ICRS right ascension and declination, deg, converted to Galactic on reading.
+    Icrs,
+}
+
+/// `[catalog.columns]`: the input file's name for each quantity; any may be one component
+/// of a 2-D dataset of an HDF5/netCDF file, written `name[:, k]`.
 #[derive(Clone, Debug, serde::Deserialize, serde::Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ColumnNames {
@@ -40,6 +58,10 @@ pub struct ColumnNames {
     pub l: String,
     /// Galactic latitude, deg.
     pub b: String,
+    /// ICRS right ascension, deg (read when the frame is ICRS).
+    pub ra: String,
+    /// ICRS declination, deg (read when the frame is ICRS).
+    pub dec: String,
     /// Parallax, mas.
     pub parallax: String,
     /// Parallax uncertainty, mas.
@@ -59,6 +81,8 @@ impl Default for ColumnNames {
         Self {
             l: "l".into(),
             b: "b".into(),
+            ra: "ra".into(),
+            dec: "dec".into(),
             parallax: "parallax".into(),
             parallax_error: "parallax_error".into(),
             extinction: "extinction".into(),
@@ -128,10 +152,55 @@ impl Catalog {
         cfg: &CatalogParams,
         part: RowPart,
     ) -> Result<(Self, Vec<u64>, usize)> {
+        if cfg.frame != Frame::Auto {
+            return Self::read_in_frame(path, cfg, part, cfg.frame);
+        }
         let c = &cfg.columns;
+        let lacks = |e: &anyhow::Error, cols: [&String; 2]| {
+            matches!(e.downcast_ref::<CatalogError>(),
+                Some(CatalogError::MissingColumn { column, .. })
+                    if cols.iter().any(|c| array_column(c).is_ok_and(|(n, _)| n == column)))
+        };
+        match Self::read_in_frame(path, cfg, part, Frame::Galactic) {
+            Err(e) if lacks(&e, [&c.l, &c.b]) => {
+                match Self::read_in_frame(path, cfg, part, Frame::Icrs) {
+                    Err(e2) if lacks(&e2, [&c.ra, &c.dec]) => Err(e.context(format!(
+                        "no positions: neither Galactic '{}', '{}' nor ICRS '{}', '{}' columns",
+                        c.l, c.b, c.ra, c.dec
+                    ))),
+                    Ok(r) => {
+                        if crate::base::comm::is_root() && part.rank == 0 {
+                            tracing::info!(
+                                file = %path.display(),
+                                "no Galactic '{}', '{}' columns: reading ICRS '{}', '{}' and \
+                                 converting to Galactic (catalog.frame = \"icrs\" says so)",
+                                c.l, c.b, c.ra, c.dec
+                            );
+                        }
+                        Ok(r)
+                    }
+                    Err(e2) => Err(e2),
+                }
+            }
+            r => r,
+        }
+    }
+
+    /// [`Catalog::read_part_rows`] with the positions in `frame` (not `Auto`).
+    fn read_in_frame(
+        path: &Path,
+        cfg: &CatalogParams,
+        part: RowPart,
+        frame: Frame,
+    ) -> Result<(Self, Vec<u64>, usize)> {
+        let c = &cfg.columns;
+        let (lon, lat) = match frame {
+            Frame::Icrs => (&c.ra, &c.dec),
+            _ => (&c.l, &c.b),
+        };
         let mut names: Vec<&str> = vec![
-            &c.l,
-            &c.b,
+            lon,
+            lat,
             &c.parallax,
             &c.parallax_error,
             &c.extinction,
@@ -168,7 +237,11 @@ impl Catalog {
         let quality = c.quality.as_ref().map(|_| next());
         let file = path.display().to_string();
         let row_name = |i: usize| table.row_label(i);
-        cat.validate(&file, c, &row_name)?;
+        let mut cat = cat;
+        cat.validate(&file, [lon, lat], c, &row_name)?;
+        if frame == Frame::Icrs {
+            crate::sphere::frames::icrs_to_galactic_in_place(&mut cat.l_deg, &mut cat.b_deg);
+        }
         let mut keep: Vec<bool> = match (&quality, cfg.quality_below) {
             (Some(q), Some(lim)) => q.iter().map(|&v| v < lim).collect(),
             _ => vec![true; cat.len()],
@@ -189,12 +262,13 @@ impl Catalog {
     fn validate(
         &self,
         file: &str,
+        [lon, lat]: [&str; 2],
         names: &ColumnNames,
         row: &dyn Fn(usize) -> String,
     ) -> Result<()> {
         let cols: [(&str, &Vec<f64>); 6] = [
-            (&names.l, &self.l_deg),
-            (&names.b, &self.b_deg),
+            (lon, &self.l_deg),
+            (lat, &self.b_deg),
             (&names.parallax, &self.parallax_mas),
             (&names.parallax_error, &self.parallax_error_mas),
             (&names.extinction, &self.extinction),
