@@ -8,6 +8,7 @@ use serde_json::{json, Map, Value};
 use std::time::Instant;
 
 use crate::app::config::{Config, Precision};
+use crate::app::roofline;
 use crate::likelihood::model::Model;
 use crate::prior::icr::Icr;
 use crate::sphere::covariance::{Matern, Nu};
@@ -135,6 +136,16 @@ fn bench_model(
         "mgvi" => bench_mgvi(&model, opts, ops, extra)?,
         _ => bench_metric(&model, &x, opts, ops, extra)?,
     }
+    if !opts.opencl && what != "mgvi" {
+        let icr = roofline::icr_bytes(&p.chart, model.icr.n_xi(), model.icr.matrix_bytes());
+        let bytes = roofline::likelihood_bytes(&p.chart, icr, model.data.windows.bytes());
+        let op = if what == "likelihood" {
+            "value_grad_s"
+        } else {
+            "metric_s"
+        };
+        roofline_figures(ops, extra, &[(op, bytes)]);
+    }
     if let Some(t) = model.device_traffic() {
         device_figures(&t, what == "likelihood", ops, extra);
     }
@@ -143,6 +154,26 @@ fn bench_model(
     extra.insert("window_bytes".into(), json!(model.data.windows.bytes()));
     extra.insert("matrix_bytes".into(), json!(model.icr.matrix_bytes()));
     Ok(())
+}
+
+/// Arrays of the bandwidth measurement, MiB each: far beyond any cache.
+const STREAM_MIB: usize = 128;
+
+/// For each (operation, bytes it must move): the bytes, the achieved GB/s and its fraction of
+/// this machine's triad bandwidth, measured now on the same threads.
+fn roofline_figures(ops: &[(&str, f64)], extra: &mut Map<String, Value>, moved: &[(&str, f64)]) {
+    let gbs = roofline::stream_triad_gbs(STREAM_MIB, 5);
+    extra.insert("stream_triad_gbs".into(), json!(gbs));
+    for (op, bytes) in moved {
+        let Some(&(_, t)) = ops.iter().find(|(k, _)| k == op) else {
+            continue;
+        };
+        let name = op.trim_end_matches("_s");
+        let achieved = bytes / t / 1e9;
+        extra.insert(format!("{name}_min_bytes"), json!(bytes));
+        extra.insert(format!("{name}_gbs"), json!(achieved));
+        extra.insert(format!("{name}_of_stream"), json!(achieved / gbs));
+    }
 }
 
 /// [`median_time`] of an operation that can fail: the first error is returned.
@@ -487,6 +518,10 @@ pub fn run(what: &str, preset_name: &str, opts: BenchOptions) -> Result<BenchOut
             ));
             extra.insert("matrix_bytes".into(), json!(icr.matrix_bytes()));
             extra.insert("matrix_classes".into(), json!(icr.class_counts()));
+            if backend == "cpu" {
+                let b = roofline::icr_bytes(&p.chart, icr.n_xi(), icr.matrix_bytes());
+                roofline_figures(&ops, &mut extra, &[("forward_s", b), ("adjoint_s", b)]);
+            }
             if backend == "opencl" {
                 ops.clear();
                 ops.push(("setup_s", t0.elapsed().as_secs_f64()));
@@ -504,8 +539,18 @@ pub fn run(what: &str, preset_name: &str, opts: BenchOptions) -> Result<BenchOut
         }
         "likelihood" | "metric" | "mgvi" => bench_model(&p, what, opts, &mut ops, &mut extra)?,
         "query" => bench_query(&p, reps, &mut ops, &mut extra)?,
+        "stream" => {
+            let t0 = Instant::now();
+            let gbs = roofline::stream_triad_gbs(STREAM_MIB, reps.max(5));
+            ops.push(("stream_s", t0.elapsed().as_secs_f64()));
+            extra.insert("stream_triad_gbs".into(), json!(gbs));
+            extra.insert("array_mib".into(), json!(STREAM_MIB));
+        }
         other => {
-            bail!("unknown benchmark {other:?} (available: icr, likelihood, metric, mgvi, query)")
+            bail!(
+                "unknown benchmark {other:?} (available: icr, likelihood, metric, mgvi, query, \
+                 stream)"
+            )
         }
     }
     let mut obj = Map::new();

@@ -12,4 +12,5 @@ pub mod plan;
 pub mod prior_check;
 pub mod recovery;
 pub mod reshard;
+pub mod roofline;
 pub mod simulate;

@@ -166,8 +166,10 @@ pub struct PlanArgs {
 /// Arguments of `dust3d bench`.
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
-    /// What to time: icr, likelihood (value + gradient), metric (metric-vector product) or
-    /// mgvi (one global MGVI iteration), query (point queries of a map on the preset grid).
+    /// What to time: icr, likelihood (value + gradient), metric (metric-vector product),
+    /// mgvi (one global MGVI iteration), query (point queries of a map on the preset grid),
+    /// or stream (this machine's memory bandwidth, the triad; icr, likelihood and metric
+    /// report their bytes and fraction of it too).
     pub what: String,
     /// Preset: w1 or w2.
     #[arg(long, default_value = "w1")]
