@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Catalog fixtures as the field's tools write them (run by tests/formats.rs).
 
-usage: catalog_fixtures.py GALACTIC_CSV OUT_DIR
+usage: catalog_fixtures.py GALACTIC_CSV OUT_DIR [--zgr23-only]
 
 Reads a dust3d catalog in Galactic coordinates (columns source_id, l, b, parallax,
 parallax_error, extinction, extinction_error) and writes into OUT_DIR, from the same stars:
@@ -14,6 +14,8 @@ parallax_error, extinction, extinction_error) and writes into OUT_DIR, from the 
              in zgr23.h5, and quality_flags;
 - frames.csv 2,000 random ICRS positions (poles and ra = 0/360 included) with astropy's
              Galactic l, b, to check dust3d's rotation point by point.
+
+With --zgr23-only only zgr23.h5 is written (scripts/rehearsal's mock catalog).
 """
 import csv
 import os
@@ -28,6 +30,7 @@ import h5py  # noqa: E402
 from astropy.coordinates import SkyCoord  # noqa: E402
 
 src, out = sys.argv[1], sys.argv[2]
+only_zgr23 = "--zgr23-only" in sys.argv[3:]
 with open(src) as f:
     rows = list(csv.DictReader(f))
 col = {k: np.array([float(r[k]) for r in rows]) for k in rows[0] if k != "source_id"}
@@ -57,6 +60,10 @@ with h5py.File(os.path.join(out, "zgr23.h5"), "w") as h:
     h["stellar_params_est"] = est
     h["stellar_params_err"] = err
     h["quality_flags"] = quality
+
+if only_zgr23:
+    print(f"wrote {n} stars in the ZGR23 layout")
+    sys.exit(0)
 
 f32 = lambda a: a.astype(np.float32).astype(np.float64)  # noqa: E731
 common = {
