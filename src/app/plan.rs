@@ -288,6 +288,31 @@ pub fn run(cfg: &Config, opts: &PlanOptions) -> Result<String> {
         writeln!(s, "  {k:<34} {:>8.3}", gb(*v))?;
     }
     writeln!(s, "  {:<34} {:>8.3}", "total", gb(f.total()))?;
+    let matrices = f
+        .memory
+        .iter()
+        .find(|m| m.0 == "refinement matrices")
+        .map_or(0.0, |m| m.1);
+    let device = |scalar| {
+        crate::backend::opencl::memory::DeviceBytes::estimate(
+            matrices as usize,
+            cfg.grid.matrix_precision == Precision::F32,
+            (win_bytes * f.stars) as usize,
+            // the coarser levels add about 1/7 of the final one
+            &[f.voxels * 8 / 7],
+            f.stars as usize,
+            f.xi + f.stars as usize,
+            scalar,
+        )
+        .total()
+    };
+    writeln!(
+        s,
+        "  on an OpenCL device (backend.kind = \"opencl\", checked before a fit): about {:.2} GB \
+         in f64, {:.2} GB in f32",
+        gb(device(8)),
+        gb(device(4))
+    )?;
     let per_voxel = (f.memory[0].1 + f.memory[3].1) / f.voxels as f64;
     let per_xi = f.memory[1].1 / (f.xi as f64 + f.stars);
     let l = chart.levels.max(1) - 1;

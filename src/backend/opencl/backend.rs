@@ -132,7 +132,32 @@ pub fn attach(model: &mut Model, spec: &super::DeviceSpec, precision: Precision)
         );
     }
     let dev = Gpu::open(spec)?;
-    tracing::info!(device = %dev.name, ?precision, "likelihood and ICR on OpenCL");
+    let chart = &model.icr.chart;
+    let level_voxels: Vec<usize> = (0..=chart.levels)
+        .map(|l| chart.npix(l) * chart.n_r(l))
+        .collect();
+    let matrices_f32 = model
+        .icr
+        .levels
+        .iter()
+        .any(|l| matches!(l.mats, crate::prior::icr::Matrices::F32(_)));
+    let need = super::memory::DeviceBytes::estimate(
+        model.icr.matrix_bytes(),
+        matrices_f32,
+        model.data.windows.bytes(),
+        &level_voxels,
+        model.data.len(),
+        model.n_params(),
+        if precision == Precision::F64 { 8 } else { 4 },
+    );
+    let (global, _) = super::memory::device_memory(&dev);
+    super::memory::check(&dev.name, &need, global)?;
+    tracing::info!(
+        device = %dev.name,
+        ?precision,
+        device_gb = format!("{:.2} of {:.2}", need.total() / 1e9, global / 1e9),
+        "likelihood and ICR on OpenCL"
+    );
     let backend: Box<dyn Backend> = match precision {
         Precision::F64 => Box::new(open::<f64>(model, &dev, precision)?),
         Precision::F32 => Box::new(open::<f32>(model, &dev, precision)?),

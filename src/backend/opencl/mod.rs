@@ -9,6 +9,7 @@
 
 pub mod backend;
 pub mod icr;
+pub mod memory;
 mod metric;
 pub mod model;
 mod space;
