@@ -145,13 +145,7 @@ fn rank_figures(
     f.xi = xi;
     let n_kept = chart.n_kept();
     let fields: usize = (0..=nl).map(|l| field_pix[l] * chart.n_r(l)).sum();
-    let pairs = cfg
-        .inference
-        .stage
-        .iter()
-        .map(|s| s.sample_pairs)
-        .max()
-        .unwrap_or(1) as f64;
+    let pairs = cfg.inference.max_sample_pairs() as f64;
     let (nx, ns) = (xi as f64 + 2.0, stars);
     // two model workspaces (the iteration's and the KL's): ICR levels, exchange buffers,
     // the field cotangent and its accumulator, per-star and per-pixel scratch, masked x

@@ -210,6 +210,13 @@ impl Default for InferenceConfig {
     }
 }
 
+impl InferenceConfig {
+    /// The most sample pairs any stage draws (what sizes the memory and the checkpoints).
+    pub fn max_sample_pairs(&self) -> usize {
+        self.stage.iter().map(|s| s.sample_pairs).max().unwrap_or(1)
+    }
+}
+
 /// One stage of the MGVI schedule.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]

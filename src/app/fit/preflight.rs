@@ -19,13 +19,7 @@ pub(super) fn check_memory(cfg: &Config, chart: &Chart) -> Result<()> {
         return Ok(());
     }
     let lv = chart.levels;
-    let pairs = cfg
-        .inference
-        .stage
-        .iter()
-        .map(|s| s.sample_pairs)
-        .max()
-        .unwrap_or(1);
+    let pairs = cfg.inference.max_sample_pairs();
     let voxels = (chart.npix(lv) as f64) * chart.n_r(lv) as f64;
     let need = voxels * 8.0 * (4.0 * pairs as f64 + 16.0) / comm::size() as f64;
     let Some(avail) = mem_available_bytes() else {
@@ -57,13 +51,7 @@ fn mem_available_bytes() -> Option<f64> {
 /// point and each residual, in f64, twice (the current and the previous); the map holds
 /// mean, std and every sample per voxel in f32, and the star table ~120 bytes a star.
 pub(super) fn output_bytes(cfg: &Config, chart: &Chart, n_stars_hint: f64) -> (f64, f64) {
-    let pairs = cfg
-        .inference
-        .stage
-        .iter()
-        .map(|s| s.sample_pairs)
-        .max()
-        .unwrap_or(1) as f64;
+    let pairs = cfg.inference.max_sample_pairs() as f64;
     let excitations: f64 = (0..=chart.levels)
         .map(|l| chart.npix(l) as f64 * chart.n_r(l) as f64)
         .sum();
