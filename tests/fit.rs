@@ -133,12 +133,14 @@ fn sigkill_or_sigterm_then_resume_equals_uninterrupted_run() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
+    // two checkpoints on disk (the newest and the previous), so that both can be damaged
+    let prev = dir.path().join("stopped.prev.ckpt");
     let t0 = Instant::now();
-    while !ckpt.exists() {
+    while !(ckpt.exists() && prev.exists()) {
         assert!(t0.elapsed() < Duration::from_secs(120), "no checkpoint");
         std::thread::sleep(Duration::from_millis(5));
     }
-    std::thread::sleep(Duration::from_millis(300));
+    std::thread::sleep(Duration::from_millis(100));
     let t_term = Instant::now();
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let out = child.wait_with_output().unwrap();
@@ -159,7 +161,6 @@ fn sigkill_or_sigterm_then_resume_equals_uninterrupted_run() {
     assert!(ckpt.exists());
 
     // both checkpoints damaged: a clear error, and neither file is touched
-    let prev = dir.path().join("stopped.prev.ckpt");
     let (good, good_prev) = (std::fs::read(&ckpt).unwrap(), std::fs::read(&prev).unwrap());
     let flip = |bytes: &[u8]| {
         let mut b = bytes.to_vec();
