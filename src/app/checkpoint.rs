@@ -271,9 +271,10 @@ pub fn position(path: &Path) -> Result<u64> {
 
 /// Read one rank's checkpoint, checking that it belongs to run `id` and to this `part`.
 pub fn load_part(path: &Path, id: &RunId, part: &Part) -> Result<FitState> {
+    let (header, bytes, hlen) = read_header(path)?;
     // identity first: another catalog or configuration is the likelier cause of a mismatch
-    let st = load(path, id)?;
-    let h = self::part(path)?;
+    check_identity(path, &header, id)?;
+    let h = &header.part;
     let size = h.size.max(1);
     if size != part.size.max(1) || (size > 1 && h.nside_dec != part.nside_dec) {
         bail!(
@@ -296,19 +297,30 @@ pub fn load_part(path: &Path, id: &RunId, part: &Part) -> Result<FitState> {
             part.patches
         );
     }
-    Ok(st)
+    decode(path, header, &bytes, hlen)
 }
 
 /// Read a checkpoint, checking that it belongs to run `id`.
 pub fn load(path: &Path, id: &RunId) -> Result<FitState> {
-    let file = path.display();
     let (header, bytes, hlen) = read_header(path)?;
+    check_identity(path, &header, id)?;
+    decode(path, header, &bytes, hlen)
+}
+
+fn check_identity(path: &Path, header: &Header, id: &RunId) -> Result<()> {
+    let file = path.display();
     if header.seed != id.seed || header.config_sha256 != id.config_sha256 {
         bail!("{file}: checkpoint was written with another configuration or seed; delete it to start over");
     }
     if header.catalog_sha256 != id.catalog_sha256 {
         bail!("{file}: checkpoint was written for another catalog (SHA-256 differs)");
     }
+    Ok(())
+}
+
+/// The state a checkpoint's body holds, as its header describes it.
+fn decode(path: &Path, header: Header, bytes: &[u8], hlen: usize) -> Result<FitState> {
+    let file = path.display();
     let body = &bytes[18 + hlen..];
     let need = header
         .n_x

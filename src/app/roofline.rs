@@ -42,9 +42,7 @@ pub fn stream_triad_gbs(mib: usize, reps: usize) -> f64 {
 
 /// Voxels of every chart level, coarsest first.
 fn level_voxels(chart: &Chart) -> Vec<f64> {
-    (0..=chart.levels)
-        .map(|l| chart.npix(l) as f64 * chart.n_r(l) as f64)
-        .collect()
+    (0..=chart.levels).map(|l| chart.voxels(l) as f64).collect()
 }
 
 /// Bytes an ICR forward (and its adjoint: the same arrays in reverse) must move: the

@@ -52,16 +52,6 @@ pub fn install() {
     }
 }
 
-/// Ask for a stop as a signal would (tests, and callers that stop a run themselves).
-pub fn request(signal: i32) {
-    SIGNAL.store(signal, Ordering::SeqCst);
-}
-
-/// Whether this process was asked to stop (no communication).
-pub fn requested_here() -> bool {
-    SIGNAL.load(Ordering::SeqCst) != 0
-}
-
 /// A safe point: `Err(Interrupted)` on every rank if any rank was asked to stop. Collective
 /// under MPI: every rank must reach the same safe points in the same order.
 pub fn check() -> Result<(), Interrupted> {

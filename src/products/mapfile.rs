@@ -5,7 +5,7 @@
 use anyhow::{anyhow, bail, Context, Result};
 use std::path::Path;
 
-use crate::base::atomic::{write_atomically, Staged};
+use crate::base::atomic::Staged;
 use crate::base::provenance::Provenance;
 use crate::sphere::grid::{self, Shells};
 
@@ -170,9 +170,9 @@ impl DustMap {
 
     /// Write the map atomically to `path` (netCDF-4).
     pub fn write(&self, path: &Path) -> Result<()> {
-        self.check()?;
-        write_atomically(path, |tmp| self.write_netcdf(tmp))
-            .with_context(|| format!("cannot write map {}", path.display()))
+        let mut set = Staged::default();
+        self.write_staged(&mut set, path)?;
+        set.commit()
     }
 
     /// Write the map to `path` within a staged set (see [`Staged`]).

@@ -200,8 +200,20 @@ pub struct Chart {
     pub b: f64,
 }
 
+/// A chart parameter that is not allowed: which `[grid]` field, and why.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct ChartError {
+    /// The field of [`Chart::new`] (and key of `[grid]`): `nside0`, `levels`, `n_r0`,
+    /// `r_min_pc`, `r_max_pc` or `padding`.
+    pub field: &'static str,
+    /// What is wrong.
+    pub message: String,
+}
+
 impl Chart {
-    /// Build the chart; fails if the shell recursion runs out of shells or the range is bad.
+    /// Build the chart; fails with a [`ChartError`] if a parameter is out of range or the
+    /// shell recursion runs out of shells.
     pub fn new(
         nside0: u32,
         n_r0: usize,
@@ -210,32 +222,68 @@ impl Chart {
         r_min_pc: f64,
         r_max_pc: f64,
     ) -> Result<Self> {
-        depth_of_nside(nside0)?;
+        let fail = |field: &'static str, message: String| -> anyhow::Error {
+            ChartError { field, message }.into()
+        };
+        if depth_of_nside(nside0).is_err() {
+            return Err(fail(
+                "nside0",
+                format!("grid.nside0 must be a power of two between 1 and 2^29, got {nside0}"),
+            ));
+        }
         let final_nside = u32::try_from(levels)
             .ok()
             .and_then(|l| (nside0 as u64).checked_shl(l))
             .filter(|&n| levels < 64 && n <= 1 << 29);
         if final_nside.is_none() {
-            bail!(
-                "grid.levels = {levels} from nside0 = {nside0}: the final nside nside0 · 2^levels \
-                 would exceed HEALPix's 2^29"
-            );
+            return Err(fail(
+                "levels",
+                format!(
+                    "grid.levels = {levels} from nside0 = {nside0}: the final nside nside0 · \
+                     2^levels would exceed HEALPix's 2^29"
+                ),
+            ));
         }
         if n_r0 < 3 {
-            bail!("grid.n_r0 must be at least 3 (a refinement window spans 3 shells), got {n_r0}");
+            return Err(fail(
+                "n_r0",
+                format!(
+                    "grid.n_r0 must be at least 3 (a refinement window spans 3 shells), got {n_r0}"
+                ),
+            ));
         }
-        if !(r_min_pc > 0.0 && r_max_pc > r_min_pc) {
-            bail!("grid: need 0 < r_min_pc < r_max_pc, got {r_min_pc}, {r_max_pc}");
+        if !(r_min_pc > 0.0 && r_min_pc.is_finite()) {
+            return Err(fail(
+                "r_min_pc",
+                format!("grid.r_min_pc must be a finite number > 0, got {r_min_pc}"),
+            ));
+        }
+        if !(r_max_pc > r_min_pc && r_max_pc.is_finite()) {
+            return Err(fail(
+                "r_max_pc",
+                format!(
+                    "grid.r_max_pc must be finite and above grid.r_min_pc ({r_min_pc}), got \
+                     {r_max_pc}"
+                ),
+            ));
         }
         let mut n = n_r0;
         for l in 0..levels {
             if n < 3 {
-                bail!("grid: level {l} has only {n} shells; increase grid.n_r0 ({n_r0})");
+                return Err(fail(
+                    "n_r0",
+                    format!("grid: level {l} has only {n} shells; increase grid.n_r0 ({n_r0})"),
+                ));
             }
             n = 2 * (n - 2);
         }
         if n <= 2 * padding {
-            bail!("grid: the final level has {n} shells, not more than 2 × padding ({padding})");
+            return Err(fail(
+                "padding",
+                format!(
+                    "grid: the final level has {n} shells, not more than 2 × padding ({padding})"
+                ),
+            ));
         }
         let n_kept = n - 2 * padding;
         let scale = (1u64 << levels) as f64;
@@ -274,6 +322,11 @@ impl Chart {
     /// Number of pixels of level `l`.
     pub fn npix(&self, level: usize) -> usize {
         npix(self.nside(level))
+    }
+
+    /// Voxels (pixels × radial shells) of level `l`.
+    pub fn voxels(&self, level: usize) -> usize {
+        self.npix(level) * self.n_r(level)
     }
 
     /// Chart coordinate u of radial index `i` (may be fractional) of level `l`.

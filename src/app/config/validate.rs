@@ -83,55 +83,15 @@ impl Config {
         Ok(())
     }
 
+    /// The chart's own checks ([`Chart::new`](crate::sphere::grid::Chart::new)), each error
+    /// keyed by the `[grid]` field it names.
     fn validate_grid(&self) -> Result<()> {
-        let g = &self.grid;
-        if !(g.nside0.is_power_of_two() && g.nside0 <= 1 << 29) {
-            return Err(invalid(
-                "grid.nside0",
-                format!(
-                    "grid.nside0 must be a power of two ≤ 2^29, got {}",
-                    g.nside0
-                ),
-            ));
-        }
-        if !(g.r_min_pc > 0.0 && g.r_min_pc.is_finite()) {
-            return Err(invalid(
-                "grid.r_min_pc",
-                format!(
-                    "grid.r_min_pc must be a finite number > 0, got {}",
-                    g.r_min_pc
-                ),
-            ));
-        }
-        if !(g.r_max_pc > g.r_min_pc && g.r_max_pc.is_finite()) {
-            return Err(invalid(
-                "grid.r_max_pc",
-                format!(
-                    "grid.r_max_pc must be finite and above grid.r_min_pc ({}), got {}",
-                    g.r_min_pc, g.r_max_pc
-                ),
-            ));
-        }
-        if g.n_r0 < 3 {
-            return Err(invalid(
-                "grid.n_r0",
-                format!(
-                    "grid.n_r0 must be at least 3 (a refinement window spans 3 shells), got {}",
-                    g.n_r0
-                ),
-            ));
-        }
         match self.chart() {
             Ok(_) => Ok(()),
-            Err(e) => {
-                let msg = format!("{e:#}");
-                let key = if msg.contains("grid.levels") {
-                    "grid.levels"
-                } else {
-                    "grid.padding"
-                };
-                Err(invalid(key, msg))
-            }
+            Err(e) => match e.downcast_ref::<crate::sphere::grid::ChartError>() {
+                Some(c) => Err(invalid(format!("grid.{}", c.field), c.message.clone())),
+                None => Err(e),
+            },
         }
     }
 

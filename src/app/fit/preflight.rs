@@ -20,7 +20,7 @@ pub(super) fn check_memory(cfg: &Config, chart: &Chart) -> Result<()> {
     }
     let lv = chart.levels;
     let pairs = cfg.inference.max_sample_pairs();
-    let voxels = (chart.npix(lv) as f64) * chart.n_r(lv) as f64;
+    let voxels = chart.voxels(lv) as f64;
     let need = voxels * 8.0 * (4.0 * pairs as f64 + 16.0) / comm::size() as f64;
     let Some(avail) = mem_available_bytes() else {
         return Ok(());
@@ -52,12 +52,10 @@ fn mem_available_bytes() -> Option<f64> {
 /// mean, std and every sample per voxel in f32, and the star table ~120 bytes a star.
 pub(super) fn output_bytes(cfg: &Config, chart: &Chart, n_stars_hint: f64) -> (f64, f64) {
     let pairs = cfg.inference.max_sample_pairs() as f64;
-    let excitations: f64 = (0..=chart.levels)
-        .map(|l| chart.npix(l) as f64 * chart.n_r(l) as f64)
-        .sum();
+    let excitations: f64 = (0..=chart.levels).map(|l| chart.voxels(l) as f64).sum();
     let checkpoints = 2.0 * 8.0 * excitations * (1.0 + pairs);
     let lv = chart.levels;
-    let voxels = chart.npix(lv) as f64 * chart.n_r(lv) as f64;
+    let voxels = chart.voxels(lv) as f64;
     let products = 4.0 * voxels * (2.0 + 2.0 * pairs) + 120.0 * n_stars_hint;
     (checkpoints, products)
 }
@@ -77,7 +75,7 @@ pub(super) fn check_disk(cfg: &Config, chart: &Chart, paths: &FitPaths) -> Resul
     }
     // the catalog size is not known yet: one star per 10 chart voxels is generous
     let lv = chart.levels;
-    let stars_hint = chart.npix(lv) as f64 * chart.n_r(lv) as f64 / 10.0;
+    let stars_hint = chart.voxels(lv) as f64 / 10.0;
     let (ck, prod) = output_bytes(cfg, chart, stars_hint);
     let (ck_free, ck_dev) = free_bytes(ck_dir)?;
     let (out_free, out_dev) = free_bytes(out_dir)?;

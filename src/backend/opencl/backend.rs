@@ -133,9 +133,7 @@ pub fn attach(model: &mut Model, spec: &super::DeviceSpec, precision: Precision)
     }
     let dev = Gpu::open(spec)?;
     let chart = &model.icr.chart;
-    let level_voxels: Vec<usize> = (0..=chart.levels)
-        .map(|l| chart.npix(l) * chart.n_r(l))
-        .collect();
+    let level_voxels: Vec<usize> = (0..=chart.levels).map(|l| chart.voxels(l)).collect();
     let matrices_f32 = model
         .icr
         .levels
