@@ -16,6 +16,22 @@ fn small_config(dir: &Path) -> PathBuf {
     p
 }
 
+/// `dust3d simulate` with `cfg` into `dir`: the catalog (`cat.csv`) and truth (`truth.nc`).
+fn simulate(dir: &Path, cfg: &Path) -> (PathBuf, PathBuf) {
+    let (cat, truth) = (dir.join("cat.csv"), dir.join("truth.nc"));
+    let o = dust3d(&[
+        "simulate",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out-catalog",
+        cat.to_str().unwrap(),
+        "--out-truth",
+        truth.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    (cat, truth)
+}
+
 #[test]
 fn simulate_then_info_on_map_and_catalog() {
     let dir = tempfile::tempdir().unwrap();
@@ -292,18 +308,8 @@ fn a_write_failure_during_products_leaves_the_previous_files_and_the_checkpoint(
          r_max_pc = 500.0\n[simulate]\nn_stars = 3000\n",
     )
     .unwrap();
-    let (cat, truth) = (dir.path().join("cat.csv"), dir.path().join("truth.nc"));
+    let (cat, _) = simulate(dir.path(), &cfg);
     let s = |p: &Path| p.to_str().unwrap().to_string();
-    let o = dust3d(&[
-        "simulate",
-        "--config",
-        &s(&cfg),
-        "--out-catalog",
-        &s(&cat),
-        "--out-truth",
-        &s(&truth),
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
     let out = dir.path().join("m.nc");
     let args = [
         "fit",
@@ -358,18 +364,8 @@ fn a_write_failure_during_products_leaves_the_previous_files_and_the_checkpoint(
 fn oversized_boxes_and_comparisons_fail_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = small_config(dir.path());
-    let (cat, truth) = (dir.path().join("c.csv"), dir.path().join("t.nc"));
+    let (_, truth) = simulate(dir.path(), &cfg);
     let p = |p: &Path| p.to_str().unwrap().to_string();
-    let o = dust3d(&[
-        "simulate",
-        "--config",
-        &p(&cfg),
-        "--out-catalog",
-        &p(&cat),
-        "--out-truth",
-        &p(&truth),
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
     let out = dir.path().join("box.nc");
     let t0 = std::time::Instant::now();
     // 10^15 points
