@@ -354,13 +354,48 @@ impl TruncatedNewton {
         });
         // every rank takes the same branch: the cost is a global sum
         match found {
-            Some((p, c)) if c.is_finite() && c <= cost => Ok((p, c)),
+            Some((p, c)) if c.is_finite() && c <= cost => {
+                if alpha0 < 1.0 {
+                    extend(wrapped.obj, param, &dir, (p, c), &*space)
+                } else {
+                    Ok((p, c))
+                }
+            }
             _ => {
                 tracing::debug!("More–Thuente failed or did not improve: Armijo backtracking");
                 backtrack(wrapped.obj, param, cost, (&dir, slope), alpha0, ls)
             }
         }
     }
+}
+
+/// Longer steps along `dir` after a search that started from a capped trial step: the cap
+/// guards against overflow far from the optimum, but More–Thuente's loose curvature test
+/// accepts the capped step itself even where the objective keeps falling, which makes
+/// progress crawl. Double the accepted step towards the full Newton step while the
+/// objective still falls; returns the best point (never worse than `best`).
+fn extend<T: MetricObjective>(
+    obj: &T,
+    param: &[f64],
+    dir: &[f64],
+    best: (Vec<f64>, f64),
+    space: &dyn Space,
+) -> Result<(Vec<f64>, f64), Error> {
+    let (mut p_best, mut c_best) = best;
+    let moved: Vec<f64> = p_best.iter().zip(param).map(|(a, b)| a - b).collect();
+    let mut alpha = (space.dot(&moved, &moved) / space.dot(dir, dir).max(f64::MIN_POSITIVE)).sqrt();
+    let mut g = vec![0.0; param.len()];
+    while alpha > 0.0 && alpha < 1.0 {
+        let next = (2.0 * alpha).min(1.0);
+        let trial: Vec<f64> = param.iter().zip(dir).map(|(a, d)| a + next * d).collect();
+        let c = obj.value_grad(&trial, &mut g)?;
+        // the cost is a global sum: every rank takes the same branch
+        if !(c.is_finite() && c < c_best) {
+            break;
+        }
+        (p_best, c_best, alpha) = (trial, c, next);
+    }
+    Ok((p_best, c_best))
 }
 
 /// The line search's view of the objective: the same objective and cache as the solver's,
