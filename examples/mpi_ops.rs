@@ -156,7 +156,7 @@ fn main() -> Result<()> {
         .map(|v| 0.1 * v)
         .collect::<Vec<_>>()];
     let mask = mgvi::level_mask(&model, None);
-    let kl = Kl::new(&model, &residuals, &mask);
+    let kl = Kl::new(&model, &residuals, &[], &mask);
     let p: Vec<f64> = x.iter().chain(&xsig).copied().collect();
     let vp = random(&dom.p, 16);
     let mut kv = vec![0.0; dom.p.len];
@@ -174,7 +174,7 @@ fn main() -> Result<()> {
         max_iter: 30,
         ..Default::default()
     };
-    let (delta, rep) = mgvi::draw_residual_in(&lin, 7, 99, &settings)?;
+    let (delta, rep, _) = mgvi::draw_residual_in(&lin, 7, 99, &settings)?;
     res.push(("residual".into(), canonical(&dom.x, &delta)));
     res.push((
         "residual_cg".into(),

@@ -280,6 +280,7 @@ fn seed_inputs(dir: &Path) -> Vec<Target> {
             x: (0..40).map(|i| i as f64 * 0.1).collect(),
             xsig: vec![0.5; 5],
             residuals: vec![vec![1.0; 40]],
+            shifts: Vec::new(),
         },
         history: vec![],
     };

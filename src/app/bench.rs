@@ -242,6 +242,8 @@ fn bench_mgvi(
         // 0.1 by default; a tiny forcing runs exactly 10 inner CG iterations per Newton
         // step, the reference's work
         newton_forcing: opts.newton_forcing,
+        mode: crate::inference::mgvi::SampleMode::Mgvi,
+        sample_nsigma: false,
     };
     let mask = vec![1.0; model.n_params()];
     let mut state = crate::inference::mgvi::MgviState::start(model.n_params());

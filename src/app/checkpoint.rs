@@ -78,6 +78,12 @@ pub struct HistoryRow {
     /// Whether the iteration met the stage's convergence tolerances (the stage ended).
     #[serde(default)]
     pub converged: bool,
+    /// Mean of the field's scale over the iteration's samples (dimensionless).
+    #[serde(default)]
+    pub scale_mean: f64,
+    /// Standard deviation of the scale over the samples.
+    #[serde(default)]
+    pub scale_std: f64,
 }
 
 /// Where a fit stands.
@@ -103,6 +109,13 @@ struct Header {
     n_x: usize,
     n_sig: usize,
     n_residuals: usize,
+    /// geoVI shifts (absent in files of MGVI-only versions: none).
+    #[serde(default)]
+    n_shifts: usize,
+    /// Length of each residual and shift: n_x, or n_x + n_sig when n_σ is sampled (0 in
+    /// files of versions that only sampled x: n_x).
+    #[serde(default)]
+    residual_len: usize,
     history: Vec<HistoryRow>,
     #[serde(default)]
     part: Part,
@@ -157,19 +170,29 @@ pub fn save_part(path: &Path, id: &RunId, st: &FitState, part: &Part) -> Result<
         n_x: st.vi.x.len(),
         n_sig: st.vi.xsig.len(),
         n_residuals: st.vi.residuals.len(),
+        n_shifts: st.vi.shifts.len(),
+        residual_len: st.vi.residuals.first().map_or(st.vi.x.len(), Vec::len),
         history: st.history.clone(),
         part: part.clone(),
     };
     let json = serde_json::to_vec(&header)?;
     let mut buf = Vec::with_capacity(
-        64 + json.len() + 8 * (st.vi.x.len() * (1 + st.vi.residuals.len()) + st.vi.xsig.len()),
+        64 + json.len()
+            + 8 * (st.vi.x.len() + st.vi.xsig.len())
+            + 8 * (st
+                .vi
+                .residuals
+                .iter()
+                .chain(&st.vi.shifts)
+                .map(Vec::len)
+                .sum::<usize>()),
     );
     buf.extend_from_slice(MAGIC);
     buf.extend_from_slice(&(json.len() as u64).to_le_bytes());
     buf.extend_from_slice(&json);
     put(&mut buf, &st.vi.x);
     put(&mut buf, &st.vi.xsig);
-    for r in &st.vi.residuals {
+    for r in st.vi.residuals.iter().chain(&st.vi.shifts) {
         put(&mut buf, r);
     }
     let sum = Sha256::digest(&buf);
@@ -322,9 +345,14 @@ fn check_identity(path: &Path, header: &Header, id: &RunId) -> Result<()> {
 fn decode(path: &Path, header: Header, bytes: &[u8], hlen: usize) -> Result<FitState> {
     let file = path.display();
     let body = &bytes[18 + hlen..];
-    let need = header
-        .n_x
-        .checked_mul(header.n_residuals.saturating_add(1))
+    let residual_len = if header.residual_len == 0 {
+        header.n_x
+    } else {
+        header.residual_len
+    };
+    let need = residual_len
+        .checked_mul(header.n_residuals.saturating_add(header.n_shifts))
+        .and_then(|n| n.checked_add(header.n_x))
         .and_then(|n| n.checked_add(header.n_sig))
         .and_then(|n| n.checked_mul(8));
     if Some(body.len()) != need {
@@ -339,11 +367,19 @@ fn decode(path: &Path, header: Header, bytes: &[u8], hlen: usize) -> Result<FitS
     let mut take = |n: usize| -> Vec<f64> { (&mut vals).take(n).collect() };
     let x = take(header.n_x);
     let xsig = take(header.n_sig);
-    let residuals = (0..header.n_residuals).map(|_| take(header.n_x)).collect();
+    let residuals = (0..header.n_residuals)
+        .map(|_| take(residual_len))
+        .collect();
+    let shifts = (0..header.n_shifts).map(|_| take(residual_len)).collect();
     Ok(FitState {
         stage: header.stage,
         iteration: header.iteration,
-        vi: MgviState { x, xsig, residuals },
+        vi: MgviState {
+            x,
+            xsig,
+            residuals,
+            shifts,
+        },
         history: header.history,
     })
 }
@@ -367,7 +403,8 @@ mod tests {
             vi: MgviState {
                 x: vec![0.1, -3.5e-300, f64::MAX],
                 xsig: vec![1.0 / 3.0],
-                residuals: vec![vec![1.0, 2.0, 3.0], vec![-1.0, 0.0, 7.5]],
+                residuals: vec![vec![1.0, 2.0, 3.0, 0.25], vec![-1.0, 0.0, 7.5, -4.0]],
+                shifts: vec![vec![0.5, -0.25, 0.0, 1.0], vec![1e-3, 2.0, -3.0, 0.0]],
             },
             history: vec![],
         };
@@ -400,6 +437,7 @@ mod tests {
                 x: vec![1.0; 50],
                 xsig: vec![0.5; 7],
                 residuals: vec![vec![2.0; 50]],
+                shifts: Vec::new(),
             },
             history: vec![],
         };

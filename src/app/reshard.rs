@@ -130,22 +130,27 @@ pub fn load(
     let Some(mut st) = out else {
         return Ok(None);
     };
-    let assemble = |v: &[f64], blocks: &[Vec<f64>]| -> Vec<f64> {
+    let n_x_old = st.vi.x.len();
+    let assemble = |v: &[f64], blocks: &[Vec<f64>], tail: &[f64]| -> Vec<f64> {
         let mut a = v[..rep_len].to_vec();
         for b in blocks {
             a.extend_from_slice(b);
         }
-        a.extend_from_slice(&v[v.len() - 2..]);
+        a.extend_from_slice(&v[n_x_old - 2..n_x_old]);
+        a.extend_from_slice(tail);
         a
     };
-    st.vi.x = assemble(&st.vi.x, &pieces[0]);
-    st.vi.residuals = st
-        .vi
-        .residuals
-        .iter()
-        .zip(&pieces[1..])
-        .map(|(v, b)| assemble(v, b))
-        .collect();
+    let (blocks, tails) = (&pieces.blocks, &pieces.tails);
+    st.vi.x = assemble(&st.vi.x, &blocks[0], &tails[0]);
+    let n_res = st.vi.residuals.len();
+    let rebuild = |vs: &[Vec<f64>], first: usize| -> Vec<Vec<f64>> {
+        vs.iter()
+            .enumerate()
+            .map(|(i, v)| assemble(v, &blocks[first + i], &tails[first + i]))
+            .collect()
+    };
+    st.vi.residuals = rebuild(&st.vi.residuals, 1);
+    st.vi.shifts = rebuild(&st.vi.shifts, 1 + n_res);
     st.vi.xsig = xsig;
     if st.vi.x.len() != x.len {
         bail!(
@@ -157,7 +162,7 @@ pub fn load(
     Ok(Some(st))
 }
 
-/// This rank's patch blocks of every vector (x, then each residual; per level) and of ξ_σ,
+/// This rank's patch blocks of every vector (x, then each residual and shift; per level) and of ξ_σ,
 /// from the old files holding patches `mine`; also the first old state (for its header
 /// fields and replicated values).
 #[allow(clippy::type_complexity)]
@@ -167,10 +172,11 @@ fn gather_patches(
     id: &RunId,
     rep_len: usize,
     per_level: &[usize],
-) -> Result<(Option<FitState>, Vec<Vec<Vec<f64>>>, Vec<f64>)> {
+) -> Result<(Option<FitState>, Pieces, Vec<f64>)> {
     let mut out: Option<FitState> = None;
     let mut xsig = Vec::new();
     let mut pieces: Vec<Vec<Vec<f64>>> = Vec::new();
+    let mut tails: Vec<Vec<f64>> = Vec::new();
     let mut holders: Vec<&&OldFile> = at
         .iter()
         .filter(|f| f.part.patches.0 < mine.end && mine.start < f.part.patches.1)
@@ -196,9 +202,11 @@ fn gather_patches(
         }
         let vectors: Vec<&Vec<f64>> = std::iter::once(&old.vi.x)
             .chain(&old.vi.residuals)
+            .chain(&old.vi.shifts)
             .collect();
         if pieces.is_empty() {
             pieces = vec![vec![Vec::new(); per_level.len()]; vectors.len()];
+            tails = vec![Vec::new(); vectors.len()];
         }
         for q in f.part.patches.0.max(mine.start)..f.part.patches.1.min(mine.end) {
             let k = q - f.part.patches.0;
@@ -211,12 +219,33 @@ fn gather_patches(
             }
             let s0: usize = stars[..k].iter().sum();
             xsig.extend_from_slice(&old.vi.xsig[s0..s0 + stars[k]]);
+            // residuals over p = [x | ξ_σ] carry a per-star tail split like ξ_σ
+            let n_x = old.vi.x.len();
+            for (v, dst) in vectors.iter().zip(tails.iter_mut()) {
+                if v.len() > n_x {
+                    dst.extend_from_slice(&v[n_x + s0..n_x + s0 + stars[k]]);
+                }
+            }
         }
         if out.is_none() {
             out = Some(old);
         }
     }
-    Ok((out, pieces, xsig))
+    Ok((
+        out,
+        Pieces {
+            blocks: pieces,
+            tails,
+        },
+        xsig,
+    ))
+}
+
+/// The patch blocks of every vector (per vector, per level) and the per-star tails of
+/// vectors over p = [x | ξ_σ] (empty for vectors over x).
+struct Pieces {
+    blocks: Vec<Vec<Vec<f64>>>,
+    tails: Vec<Vec<f64>>,
 }
 
 /// Remove a checkpoint set of another rank count (once the new set is on disk).

@@ -46,6 +46,10 @@ pub struct SimulateConfig {
     /// analytic clouds along the star's exact direction from the inner grid edge, off the
     /// fit's grid; clouds only).
     pub star_extinction: String,
+    /// The true inflation of each star's extinction error: "one" (the quoted errors are
+    /// right) or "prior" (drawn per star from the `[noise]` inverse-gamma prior the fit
+    /// assumes, so a prior-draw truth makes the model exactly right).
+    pub star_nsigma: String,
     /// Diffuse disk: density at z = 0, catalog units per pc.
     pub disk_density: f64,
     /// Diffuse disk scale height, pc.
@@ -69,6 +73,7 @@ impl Default for SimulateConfig {
             outlier_factor: 10.0,
             truth: "clouds".into(),
             star_extinction: "grid".into(),
+            star_nsigma: "one".into(),
             disk_density: 2e-4,
             disk_scale_height_pc: 100.0,
             cloud: default_clouds(),
@@ -154,6 +159,15 @@ impl SimulateConfig {
                 ),
             ));
         }
+        if !matches!(s.star_nsigma.as_str(), "one" | "prior") {
+            return Err(invalid(
+                "simulate.star_nsigma",
+                format!(
+                    "simulate.star_nsigma must be \"one\" or \"prior\", got {:?}",
+                    s.star_nsigma
+                ),
+            ));
+        }
         let ray_ok = s.truth == "clouds" || s.star_extinction != "ray";
         if !matches!(s.star_extinction.as_str(), "grid" | "ray") || !ray_ok {
             return Err(invalid(
@@ -214,7 +228,8 @@ impl StarDraw {
 
 /// A simulated sky: the catalog and the truth map it was observed through.
 pub struct Simulation {
-    /// Observed stars; extra columns `true_distance_pc`, `true_extinction`, `outlier`.
+    /// Observed stars; extra columns `true_distance_pc`, `true_extinction`, `outlier` (and
+    /// `true_nsigma` with `simulate.star_nsigma = "prior"`).
     pub catalog: Catalog,
     /// The truth, piecewise constant on the reconstruction grid.
     pub truth: DustMap,
@@ -335,10 +350,15 @@ pub fn simulate(
             }
         })
         .collect();
+    let nsigma = true_nsigma(cfg, n)?;
     let mut cat = Catalog::default();
     let (mut true_d, mut outlier) = (vec![], vec![]);
     for (i, (s, &a_true)) in draws.iter().zip(&true_a).enumerate() {
-        let inflate = if s.outlier { sim.outlier_factor } else { 1.0 };
+        let inflate = if s.outlier {
+            sim.outlier_factor
+        } else {
+            nsigma[i]
+        };
         cat.source_id.push(i as i64);
         cat.l_deg.push(s.l);
         cat.b_deg.push(s.b);
@@ -354,6 +374,9 @@ pub fn simulate(
         ("true_extinction".into(), true_a),
         ("outlier".into(), outlier),
     ];
+    if sim.star_nsigma == "prior" {
+        cat.extra.push(("true_nsigma".into(), nsigma));
+    }
     let truth = DustMap {
         provenance: Provenance::current(config_text, cfg.seed, ""),
         ..DustMap::truth(nside, shells, &cfg.output.units, field)
@@ -362,6 +385,20 @@ pub fn simulate(
         catalog: cat,
         truth,
     })
+}
+
+/// Each star's true error inflation: 1, or drawn from the `[noise]` prior InvGamma(shape,
+/// scale) as scale / Gamma(shape, 1) from its own stream (the star draws are unchanged).
+fn true_nsigma(cfg: &Config, n: usize) -> Result<Vec<f64>> {
+    if cfg.simulate.star_nsigma != "prior" {
+        return Ok(vec![1.0; n]);
+    }
+    let gamma = rand_distr::Gamma::new(cfg.noise.nsigma_shape, 1.0)
+        .map_err(|e| invalid("noise.nsigma_shape", format!("noise.nsigma_shape: {e}")))?;
+    let mut rng = rng::stream(cfg.seed, rng::streams::SIMULATE_NSIGMA);
+    Ok((0..n)
+        .map(|_| cfg.noise.nsigma_scale / rng.sample(gamma))
+        .collect())
 }
 
 /// The ICR excitations of the prior-draw truth of seed `seed` (scale and offset latents are 0).

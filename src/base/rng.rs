@@ -15,6 +15,8 @@ pub mod streams {
     pub const BENCH: u64 = 3;
     /// Prior draws of `dust3d prior-check`.
     pub const PRIOR_CHECK: u64 = 4;
+    /// Per-star error inflation n_σ of the mock sky (`simulate.star_nsigma = "prior"`).
+    pub const SIMULATE_NSIGMA: u64 = 5;
 }
 
 /// The random stream `stream` of master seed `seed`.

@@ -177,8 +177,13 @@ pub struct NoiseConfig {
     pub nsigma_shape: f64,
     /// Scale of the inverse-gamma prior.
     pub nsigma_scale: f64,
-    /// Whether n_σ is inferred (MAP) or fixed at 1.
+    /// Whether n_σ is inferred or fixed at 1.
     pub infer_nsigma: bool,
+    /// Whether the inferred n_σ are sampled with the map (their uncertainty enters the
+    /// posterior) or are point estimates shared by every sample. Point estimates let each
+    /// star inflate its error to fit its own residual, which pulls the field's scale down
+    /// (see docs/model.md).
+    pub sample_nsigma: bool,
 }
 
 impl Default for NoiseConfig {
@@ -187,6 +192,7 @@ impl Default for NoiseConfig {
             nsigma_shape: 3.0,
             nsigma_scale: 4.0,
             infer_nsigma: true,
+            sample_nsigma: false,
         }
     }
 }
@@ -256,6 +262,23 @@ pub struct StageConfig {
     /// `iterations`). The defaults stop a stage once an iteration moves the map by less
     /// than the sampling noise of 2 pairs (about 0.6–1 σ per iteration on the demo).
     pub map_tol: f64,
+    /// How samples are drawn: "mgvi" (linear residuals, the paper's choice) or "geovi"
+    /// (each refined by solving geoVI's coordinate equation).
+    pub sample_mode: SampleModeName,
+    /// geoVI only: Gauss–Newton steps per sample of the coordinate equation (its CG uses
+    /// `newton_cg_iterations` and `newton_forcing`).
+    pub geovi_newton_steps: usize,
+}
+
+/// `sample_mode` of a stage.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SampleModeName {
+    /// Metric Gaussian VI.
+    #[default]
+    Mgvi,
+    /// Geometric VI.
+    Geovi,
 }
 
 impl Default for StageConfig {
@@ -275,6 +298,8 @@ impl Default for StageConfig {
             kl_rtol: 1e-2,
             step_tol: 0.1,
             map_tol: 1.0,
+            sample_mode: SampleModeName::Mgvi,
+            geovi_newton_steps: 5,
         }
     }
 }
@@ -289,15 +314,29 @@ impl StageConfig {
         }
     }
 
-    /// The settings of one global iteration in this stage.
-    pub fn iteration_settings(&self) -> crate::inference::mgvi::IterationSettings {
+    /// The settings of one global iteration in this stage, with the noise model `noise`.
+    pub fn iteration_settings(
+        &self,
+        noise: &NoiseConfig,
+    ) -> crate::inference::mgvi::IterationSettings {
         crate::inference::mgvi::IterationSettings {
+            sample_nsigma: noise.sample_nsigma,
             sample_pairs: self.sample_pairs,
             sample_cg_iterations: self.sample_cg_iterations,
             sample_cg_tolerance: self.sample_cg_tolerance,
             newton_steps: self.newton_steps,
             newton_cg_iterations: self.newton_cg_iterations,
             newton_forcing: self.newton_forcing,
+            mode: match self.sample_mode {
+                SampleModeName::Mgvi => crate::inference::mgvi::SampleMode::Mgvi,
+                SampleModeName::Geovi => crate::inference::mgvi::SampleMode::GeoVi(
+                    crate::inference::mgvi::geovi::GeoSettings {
+                        newton_steps: self.geovi_newton_steps,
+                        cg_max_iter: self.newton_cg_iterations,
+                        forcing: self.newton_forcing,
+                    },
+                ),
+            },
         }
     }
 }

@@ -103,6 +103,16 @@ fn every_bad_value_is_named_with_its_key_and_line() {
             4,
         ),
         (
+            "[[inference.stage]]\nsample_mode = \"geovi\"\ngeovi_newton_steps = 0\n",
+            "inference.stage[0].geovi_newton_steps",
+            3,
+        ),
+        (
+            "[simulate]\nstar_nsigma = \"half\"\n",
+            "simulate.star_nsigma",
+            2,
+        ),
+        (
             "[[inference.stage]]\nmax_distance_pc = -1.0\n",
             "inference.stage[0].max_distance_pc",
             2,

@@ -237,6 +237,7 @@ impl Config {
                 ("sample_cg_iterations", s.sample_cg_iterations),
                 ("newton_steps", s.newton_steps),
                 ("newton_cg_iterations", s.newton_cg_iterations),
+                ("geovi_newton_steps", s.geovi_newton_steps),
             ] {
                 if v == 0 {
                     return Err(invalid(

@@ -312,7 +312,7 @@ impl StageRun {
         Ok(Self {
             model,
             mask,
-            settings: sc.iteration_settings(),
+            settings: sc.iteration_settings(&cfg.noise),
             convergence: sc.convergence(),
             part,
             n_stars,
@@ -333,6 +333,7 @@ impl StageRun {
             mgvi::global_iteration(&self.model, &self.settings, &self.mask, &mut st.vi, streams)?;
         st.iteration += 1;
         let converged = self.convergence.met_by(&rep.change);
+        let [scale_mean, scale_std] = sample_scale(&self.model, &st.vi);
         let row = HistoryRow {
             stage: st.stage,
             iteration: st.iteration,
@@ -355,6 +356,8 @@ impl StageRun {
             sample_cg_capped: rep.sample_cg_capped,
             newton_cg_capped: rep.newton.cg_capped,
             converged,
+            scale_mean,
+            scale_std,
         };
         warn_capped(&self.settings, &rep);
         Ok((row, rep.sample_cg))
@@ -395,6 +398,23 @@ fn warn_capped(settings: &mgvi::IterationSettings, rep: &mgvi::IterationReport) 
     }
 }
 
+/// Mean and standard deviation of the field's scale over the samples of `vi` (its latent
+/// entry is replicated on every rank).
+fn sample_scale(model: &crate::likelihood::model::Model, vi: &mgvi::MgviState) -> [f64; 2] {
+    let nxi = model.icr.n_xi();
+    let mut x = vi.x.clone();
+    let values: Vec<f64> = (0..vi.n_samples())
+        .map(|j| {
+            vi.sample_into(&vi.x, j, &mut x);
+            model.scale.value(x[nxi])
+        })
+        .collect();
+    let n = values.len().max(1) as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n;
+    [mean, var.sqrt()]
+}
+
 /// One log line per global iteration.
 fn log_row(row: &HistoryRow, sample_cg: &[usize]) {
     tracing::info!(
@@ -414,6 +434,7 @@ fn log_row(row: &HistoryRow, sample_cg: &[usize]) {
         step_rms = format!("{:.2e}", row.step_rms),
         map_change = format!("{:.2e}", row.map_change),
         converged = row.converged,
+        scale = format!("{:.3} ± {:.3}", row.scale_mean, row.scale_std),
         "MGVI iteration"
     )
 }

@@ -131,18 +131,17 @@ fn local_products(cfg: &Config, su: &Setup, st: &FitState) -> Result<LocalProduc
     Ok(out)
 }
 
-/// `f` of the model's state at every posterior sample x̄ ± δ_k (ξ_σ = 0: the products do not
+/// `f` of the model's state at every posterior sample x̄ + c_k ± δ_k (ξ_σ = 0: the products do not
 /// depend on n_σ), in sample order.
 fn for_each_sample(model: &Model, st: &FitState, mut f: impl FnMut(&State)) -> Result<()> {
     let mut w = model.workspace();
     let mut s = model.empty_state();
     let xsig0 = vec![0.0; model.data.len()];
-    for d in &st.vi.residuals {
-        for sign in [1.0, -1.0] {
-            let x: Vec<f64> = st.vi.x.iter().zip(d).map(|(a, b)| a + sign * b).collect();
-            model.update_state(&x, &xsig0, &mut s, &mut w)?;
-            f(&s);
-        }
+    let mut x = st.vi.x.clone();
+    for j in 0..st.vi.n_samples() {
+        st.vi.sample_into(&st.vi.x, j, &mut x);
+        model.update_state(&x, &xsig0, &mut s, &mut w)?;
+        f(&s);
     }
     Ok(())
 }
@@ -235,7 +234,7 @@ fn score_holdout(cfg: &Config, su: &Setup, st: &FitState) -> Result<Option<Valid
         return Ok(None);
     }
     let model = crate::app::build::model(cfg, su.icr.clone(), &su.holdout)?;
-    let ns = 2.0 * st.vi.residuals.len() as f64;
+    let ns = st.vi.n_samples() as f64;
     let (mut s1, mut s2, mut va) = (vec![0.0; n_local], vec![0.0; n_local], vec![0.0; n_local]);
     for_each_sample(&model, st, |s| {
         for (i, sa2) in distance_variance(&model, s).into_iter().enumerate() {
@@ -405,12 +404,12 @@ fn write_history(set: &mut Staged, path: &Path, rows: &[HistoryRow]) -> Result<(
         let mut f = std::io::BufWriter::new(std::fs::File::create(tmp)?);
         writeln!(
             f,
-            "stage,iteration,n_stars,kl,grad_norm,step,newton_steps,newton_cg,sample_cg,seconds,peak_rss_bytes,ranks,cpu_seconds,mpi_cpu_seconds,mpi_bytes,kl_change,step_rms,map_change,sample_cg_capped,newton_cg_capped,converged"
+            "stage,iteration,n_stars,kl,grad_norm,step,newton_steps,newton_cg,sample_cg,seconds,peak_rss_bytes,ranks,cpu_seconds,mpi_cpu_seconds,mpi_bytes,kl_change,step_rms,map_change,sample_cg_capped,newton_cg_capped,converged,scale_mean,scale_std"
         )?;
         for r in rows {
             writeln!(
                 f,
-                "{},{},{},{},{},{},{},{},{},{:.3},{},{},{:.3},{:.3},{},{},{},{},{},{},{}",
+                "{},{},{},{},{},{},{},{},{},{:.3},{},{},{:.3},{:.3},{},{},{},{},{},{},{},{},{}",
                 r.stage,
                 r.iteration,
                 r.n_stars,
@@ -431,7 +430,9 @@ fn write_history(set: &mut Staged, path: &Path, rows: &[HistoryRow]) -> Result<(
                 r.map_change,
                 r.sample_cg_capped,
                 r.newton_cg_capped,
-                u8::from(r.converged)
+                u8::from(r.converged),
+                r.scale_mean,
+                r.scale_std
             )?;
         }
         f.flush()?;

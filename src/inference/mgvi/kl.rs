@@ -1,9 +1,8 @@
-//! The KL objective of MGVI: the energy averaged over the antithetic samples x ± δ_k, as a
+//! The KL objective of MGVI: the energy averaged over the samples x + c_k ± δ_k, as a
 //! function of the expansion point x and the per-star ξ_σ, with the sample-averaged metric
 //! for the Newton-CG minimiser.
 
 use anyhow::{Context, Result};
-use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
 
 use crate::inference::newton::MetricObjective;
@@ -11,10 +10,12 @@ use crate::likelihood::model::{Model, ModelWork, State};
 use crate::num::cg::{self, CgReport, CgSettings};
 use crate::sphere::decomp::Space;
 
-/// The KL objective over p = [x | ξ_σ]: average energy over the samples x ± δ_k.
+/// The KL objective over p = [x | ξ_σ]: average energy over the samples p + c_k ± δ_k
+/// (residuals over x leave ξ_σ at its point estimate in every sample).
 pub struct Kl<'a> {
     model: &'a Model,
     residuals: &'a [Vec<f64>],
+    shifts: &'a [Vec<f64>],
     mask: &'a [f64],
     space: Arc<dyn Space>,
     cache: Mutex<KlCache>,
@@ -24,15 +25,21 @@ struct KlCache {
     at: Vec<f64>,
     states: Vec<State>,
     work: ModelWork,
-    /// The sample points x ± δ_k of `at`.
+    /// The sample points p + c_k ± δ_k of `at`.
     xs: Vec<Vec<f64>>,
     gx: Vec<f64>,
     gs: Vec<f64>,
 }
 
 impl<'a> Kl<'a> {
-    /// KL of `model` with antithetic residuals `residuals` and free-entry `mask`.
-    pub fn new(model: &'a Model, residuals: &'a [Vec<f64>], mask: &'a [f64]) -> Self {
+    /// KL of `model` with the sample pairs x + c_k ± δ_k of `residuals` δ_k and `shifts` c_k
+    /// (empty for MGVI) and free-entry `mask`.
+    pub fn new(
+        model: &'a Model,
+        residuals: &'a [Vec<f64>],
+        shifts: &'a [Vec<f64>],
+        mask: &'a [f64],
+    ) -> Self {
         model.reserve_device_states(2 * residuals.len() + 1);
         let cache = KlCache {
             at: Vec::new(),
@@ -45,23 +52,18 @@ impl<'a> Kl<'a> {
         Self {
             model,
             residuals,
+            shifts,
             mask,
             space: Arc::new(model.dom.p.clone()),
             cache: Mutex::new(cache),
         }
     }
 
-    /// Write the sample points x ± δ_k into `xs` (allocated once, then reused).
-    fn fill_samples(&self, x: &[f64], xs: &mut Vec<Vec<f64>>) {
-        xs.resize_with(2 * self.residuals.len(), || vec![0.0; x.len()]);
-        for (k, d) in self.residuals.iter().enumerate() {
-            let sign_pair = xs[2 * k..2 * k + 2].iter_mut().zip([1.0, -1.0]);
-            for (out, sign) in sign_pair {
-                out.par_iter_mut()
-                    .zip(x)
-                    .zip(d)
-                    .for_each(|((o, a), b)| *o = a + sign * b);
-            }
+    /// Write the sample points p + c_k ± δ_k into `ps` (allocated once, then reused).
+    fn fill_samples(&self, p: &[f64], ps: &mut Vec<Vec<f64>>) {
+        ps.resize_with(2 * self.residuals.len(), || vec![0.0; p.len()]);
+        for (j, out) in ps.iter_mut().enumerate() {
+            super::sample_point(p, self.residuals, self.shifts, j, out);
         }
     }
 
@@ -82,12 +84,12 @@ impl<'a> Kl<'a> {
             return Ok(());
         }
         let np = self.model.n_params();
-        let (x, xsig) = p.split_at(np);
-        self.fill_samples(x, &mut c.xs);
+        self.fill_samples(p, &mut c.xs);
         let KlCache {
             states, work, xs, ..
         } = c;
-        for (st, xk) in states.iter_mut().zip(xs.iter()) {
+        for (st, pk) in states.iter_mut().zip(xs.iter()) {
+            let (xk, xsig) = pk.split_at(np);
             if let Err(e) = self.model.update_state(xk, xsig, st, work) {
                 // the cached states are half updated: none of them may be reused
                 c.at.clear();
@@ -104,7 +106,7 @@ impl MetricObjective for Kl<'_> {
         let mut c = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         self.prepare(&mut c);
         let np = self.model.n_params();
-        let (x, xsig) = p.split_at(np);
+        let ns = p.len() - np;
         let KlCache {
             states,
             work,
@@ -113,15 +115,16 @@ impl MetricObjective for Kl<'_> {
             gx,
             gs,
         } = &mut *c;
-        self.fill_samples(x, xs);
+        self.fill_samples(p, xs);
         gx.resize(np, 0.0);
-        gs.resize(xsig.len(), 0.0);
+        gs.resize(ns, 0.0);
         let n = xs.len() as f64;
         g.iter_mut().for_each(|v| *v = 0.0);
         let mut value = 0.0;
         // one fused pass per sample: value, gradient, and the state the metric will reuse
         at.clear();
-        for (st, xk) in states.iter_mut().zip(xs.iter()) {
+        for (st, pk) in states.iter_mut().zip(xs.iter()) {
+            let (xk, xsig) = pk.split_at(np);
             value += self.model.value_grad(xk, xsig, st, gx, gs, work)? / n;
             for i in 0..np {
                 g[i] += self.mask[i] * gx[i] / n;

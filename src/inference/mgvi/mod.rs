@@ -4,6 +4,7 @@
 //! Newton-CG with the sample-averaged metric ([`kl`]). [`global_iteration`] is one round of
 //! both; the schedule of rounds lives in `app::fit`.
 
+pub mod geovi;
 pub mod kl;
 pub mod sampling;
 
@@ -24,8 +25,12 @@ pub struct MgviState {
     pub x: Vec<f64>,
     /// Point estimates ξ_σ of the current stage's stars.
     pub xsig: Vec<f64>,
-    /// Residuals δ_k of the last global iteration (samples are x ± δ_k).
+    /// Residuals δ_k of the last global iteration (samples are x + c_k ± δ_k), over x, or
+    /// over p = [x | ξ_σ] when n_σ is sampled.
     pub residuals: Vec<Vec<f64>>,
+    /// geoVI's shifts c_k, the even part of each nonlinear sample pair; empty for MGVI
+    /// (c_k = 0: antithetic pairs x ± δ_k).
+    pub shifts: Vec<Vec<f64>>,
 }
 
 impl MgviState {
@@ -35,7 +40,48 @@ impl MgviState {
             x: vec![0.0; n_params],
             xsig: Vec::new(),
             residuals: Vec::new(),
+            shifts: Vec::new(),
         }
+    }
+
+    /// Number of posterior samples (two per pair).
+    pub fn n_samples(&self) -> usize {
+        2 * self.residuals.len()
+    }
+
+    /// Posterior sample `j` of x or of p = [x | ξ_σ] (pair j / 2; + δ for even j, − δ for
+    /// odd) about the expansion point `x` (x or p) into `out`.
+    pub fn sample_into(&self, x: &[f64], j: usize, out: &mut [f64]) {
+        sample_point(x, &self.residuals, &self.shifts, j, out)
+    }
+}
+
+/// Sample `j` of the pairs (`residuals`, `shifts`) about `base` into `out` (as long as
+/// `base`): base + c_{j/2} ± δ_{j/2}, + for even j, on the entries the residuals cover
+/// (x, or p = [x | ξ_σ] when n_σ is sampled; entries beyond them are `base`'s); c = 0 when
+/// `shifts` is empty.
+pub fn sample_point(
+    base: &[f64],
+    residuals: &[Vec<f64>],
+    shifts: &[Vec<f64>],
+    j: usize,
+    out: &mut [f64],
+) {
+    use rayon::prelude::*;
+    out.copy_from_slice(base);
+    let d = &residuals[j / 2];
+    let n = d.len().min(out.len());
+    let sign = if j.is_multiple_of(2) { 1.0 } else { -1.0 };
+    let head = &mut out[..n];
+    match shifts.get(j / 2) {
+        Some(c) => head
+            .par_iter_mut()
+            .zip(d[..n].par_iter().zip(&c[..n]))
+            .for_each(|(o, (b, s))| *o += s + sign * b),
+        None => head
+            .par_iter_mut()
+            .zip(&d[..n])
+            .for_each(|(o, b)| *o += sign * b),
     }
 }
 
@@ -54,13 +100,30 @@ pub struct IterationSettings {
     pub newton_cg_iterations: usize,
     /// Relative residual at which a Newton step's inner CG stops.
     pub newton_forcing: f64,
+    /// How samples are drawn: linear MGVI residuals, or refined by geoVI.
+    pub mode: SampleMode,
+    /// Whether the samples cover the per-star ξ_σ too (else ξ_σ is a point estimate, the
+    /// same in every sample); only when the model infers n_σ.
+    pub sample_nsigma: bool,
+}
+
+/// How the residual samples of an iteration are drawn.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum SampleMode {
+    /// Metric Gaussian VI: antithetic linear residuals ±M̄⁻¹ y.
+    Mgvi,
+    /// Geometric VI: each linear residual refined by solving the coordinate equation
+    /// ([`geovi`]).
+    GeoVi(geovi::GeoSettings),
 }
 
 impl Default for IterationSettings {
-    /// 2 pairs, sampling CG ≤ 100 iterations to 1e-3, 5 Newton steps of ≤ 50 CG
+    /// 2 MGVI pairs, sampling CG ≤ 100 iterations to 1e-3, 5 Newton steps of ≤ 50 CG
     /// iterations to relative residual 0.1.
     fn default() -> Self {
         Self {
+            mode: SampleMode::Mgvi,
+            sample_nsigma: false,
             sample_pairs: 2,
             sample_cg_iterations: 100,
             sample_cg_tolerance: 1e-3,
@@ -165,36 +228,62 @@ pub fn global_iteration(
     state: &mut MgviState,
     streams: Streams,
 ) -> Result<IterationReport> {
-    let MgviState { x, xsig, residuals } = state;
+    let MgviState {
+        x,
+        xsig,
+        residuals,
+        shifts,
+    } = state;
     let mut w = model.workspace();
     let st = model.state(x, xsig, &mut w)?;
-    let lin = ModelAt::new(model, &st, mask);
+    let with_sig = settings.sample_nsigma && model.infer_nsigma;
+    let lin = if with_sig {
+        ModelAt::with_nsigma(model, &st, mask)
+    } else {
+        ModelAt::new(model, &st, mask)
+    };
     let cg_settings = CgSettings {
         rel_tol: settings.sample_cg_tolerance,
         max_iter: settings.sample_cg_iterations,
         ..Default::default()
     };
     residuals.clear();
+    shifts.clear();
     let (mut sample_cg, mut sample_cg_residuals) = (Vec::new(), Vec::new());
+    let mut geo = Vec::new();
     for pair in 0..settings.sample_pairs {
         crate::base::stop::check()?;
         let stream = residual_stream(streams.stage, streams.iteration, pair);
-        let (mut d, rep) = draw_residual_in(&lin, streams.seed, stream, &cg_settings)?;
+        let (mut d, rep, mut y) = draw_residual_in(&lin, streams.seed, stream, &cg_settings)?;
         // held entries stay where they are in every sample
         mask_in_place(&mut d, mask);
         sample_cg.push(rep.iterations);
         sample_cg_residuals.push(rep.rel_residual);
+        if let SampleMode::GeoVi(gs) = &settings.mode {
+            mask_in_place(&mut y, mask);
+            let coords = geovi::DustCoordinates::new(model, &st, x, xsig, mask, with_sig);
+            let (c, dd, reps) = geovi::refine_pair(&coords, &y, &d, gs)?;
+            geo.extend(reps);
+            d = dd;
+            shifts.push(c);
+        }
         residuals.push(d);
     }
-    drop(lin);
-    drop(st);
+    if !geo.is_empty() {
+        let worst = geo.iter().map(|r| r.misfit).fold(0.0, f64::max);
+        let start = geo.iter().map(|r| r.start_misfit).fold(0.0, f64::max);
+        tracing::info!(
+            samples = geo.len(),
+            "geoVI: coordinate-equation misfit |g(δ) − y|/|y| ≤ {worst:.2e} (linear start ≤ {start:.2e})"
+        );
+    }
     let sample_cg_capped = sample_cg
         .iter()
         .zip(&sample_cg_residuals)
         .filter(|(&i, &r)| i >= cg_settings.max_iter && r > cg_settings.rel_tol)
         .count();
-    let [map_before, _] = log_density_moments(model, x, residuals);
-    let kl = Kl::new(model, residuals, mask);
+    let [map_before, _] = log_density_moments(model, x, residuals, shifts);
+    let kl = Kl::new(model, residuals, shifts, mask);
     let mut p0 = x.to_vec();
     p0.extend_from_slice(xsig);
     let newton_settings = NewtonSettings {
@@ -210,7 +299,7 @@ pub fn global_iteration(
     let dx: Vec<f64> = p[..np].iter().zip(x.iter()).map(|(a, b)| a - b).collect();
     x.copy_from_slice(&p[..np]);
     xsig.copy_from_slice(&p[np..]);
-    let [map_after, map_std] = log_density_moments(model, x, residuals);
+    let [map_after, map_std] = log_density_moments(model, x, residuals, shifts);
     let change = Change {
         kl_relative: (newton.value - newton.initial_value).abs() / newton.value.abs().max(1.0),
         step_rms: (model.dom.x.dot(&dx, &dx) / np as f64).sqrt(),
@@ -227,8 +316,13 @@ pub fn global_iteration(
 }
 
 /// The sample mean and standard deviation of ln ρ = scale · s + offset over the samples
-/// x ± δ_k on this rank's kept voxels, pixel-major (ICR forwards only: no star is evaluated).
-fn log_density_moments(model: &Model, x: &[f64], residuals: &[Vec<f64>]) -> [Vec<f64>; 2] {
+/// x + c_k ± δ_k on this rank's kept voxels, pixel-major (ICR forwards only: no star is evaluated).
+fn log_density_moments(
+    model: &Model,
+    x: &[f64],
+    residuals: &[Vec<f64>],
+    shifts: &[Vec<f64>],
+) -> [Vec<f64>; 2] {
     let (nxi, n, nc, pad) = (
         model.icr.n_xi(),
         model.n_r(),
@@ -240,21 +334,17 @@ fn log_density_moments(model: &Model, x: &[f64], residuals: &[Vec<f64>]) -> [Vec
     let (mut m1, mut m2) = (vec![0.0; npix * n], vec![0.0; npix * n]);
     let count = (2 * residuals.len()) as f64;
     let mut xs = x.to_vec();
-    for d in residuals {
-        for sign in [1.0, -1.0] {
-            xs.iter_mut()
-                .zip(x.iter().zip(d))
-                .for_each(|(o, (a, b))| *o = a + sign * b);
-            model.icr.forward(&xs[..nxi], &mut iw);
-            let field = &iw.fields[model.icr.chart.levels];
-            let scl = model.scale.value(xs[nxi]);
-            let off = model.offset.value(xs[nxi + 1]);
-            for p in 0..npix {
-                for k in 0..n {
-                    let v = scl * field[p * nc + pad + k] + off;
-                    m1[p * n + k] += v / count;
-                    m2[p * n + k] += v * v / count;
-                }
+    for j in 0..2 * residuals.len() {
+        sample_point(x, residuals, shifts, j, &mut xs);
+        model.icr.forward(&xs[..nxi], &mut iw);
+        let field = &iw.fields[model.icr.chart.levels];
+        let scl = model.scale.value(xs[nxi]);
+        let off = model.offset.value(xs[nxi + 1]);
+        for p in 0..npix {
+            for k in 0..n {
+                let v = scl * field[p * nc + pad + k] + off;
+                m1[p * n + k] += v / count;
+                m2[p * n + k] += v * v / count;
             }
         }
     }

@@ -40,7 +40,8 @@ pub trait Fisher {
 }
 
 /// The dust model linearised at a state, restricted to the free entries of `mask`
-/// (identity on the held ones).
+/// (identity on the held ones): over x alone (ξ_σ held at its point estimate), or over
+/// p = [x | ξ_σ] when the per-star n_σ are sampled too.
 pub struct ModelAt<'a> {
     /// The model.
     pub model: &'a Model,
@@ -48,21 +49,33 @@ pub struct ModelAt<'a> {
     pub state: &'a State,
     /// Free (1) or held (0) entries of x.
     pub mask: &'a [f64],
+    /// Whether the samples cover ξ_σ (vectors over p = [x | ξ_σ]).
+    pub with_sig: bool,
     work: std::cell::RefCell<ModelWork>,
     scratch: std::cell::RefCell<Vec<f64>>,
     space: Arc<dyn Space>,
 }
 
 impl<'a> ModelAt<'a> {
-    /// Linearisation of `model` at `state`.
+    /// Linearisation of `model` at `state` over x.
     pub fn new(model: &'a Model, state: &'a State, mask: &'a [f64]) -> Self {
         Self {
             model,
             state,
             mask,
+            with_sig: false,
             work: std::cell::RefCell::new(model.workspace()),
             scratch: std::cell::RefCell::new(Vec::new()),
             space: Arc::new(model.dom.x.clone()),
+        }
+    }
+
+    /// Linearisation of `model` at `state` over p = [x | ξ_σ].
+    pub fn with_nsigma(model: &'a Model, state: &'a State, mask: &'a [f64]) -> Self {
+        Self {
+            with_sig: true,
+            space: Arc::new(model.dom.p.clone()),
+            ..Self::new(model, state, mask)
         }
     }
 }
@@ -70,17 +83,41 @@ impl<'a> ModelAt<'a> {
 impl Fisher for ModelAt<'_> {
     fn dim(&self) -> usize {
         self.model.n_params()
+            + if self.with_sig {
+                self.model.data.len()
+            } else {
+                0
+            }
     }
     fn n_data(&self) -> usize {
         self.model.data.len()
     }
     fn sqrt_fisher_t(&self, eta_a: &[f64], eta_v: &[f64], out: &mut [f64]) -> Result<()> {
+        let np = self.model.n_params();
+        let (ox, os) = out.split_at_mut(np);
         self.model
-            .sqrt_fisher_t(self.state, eta_a, eta_v, out, &mut self.work.borrow_mut())?;
-        mask_in_place(out, self.mask);
+            .sqrt_fisher_t(self.state, eta_a, eta_v, ox, &mut self.work.borrow_mut())?;
+        mask_in_place(ox, self.mask);
+        if self.with_sig {
+            // v depends on ξ_σ through (n_σ σ_A)²: its Fisher factor is ∂v/∂ξ_σ / (√2 v)
+            let (st, d) = (self.state, &self.model.data);
+            for (i, o) in os.iter_mut().enumerate() {
+                let dvds = 2.0 * st.nsig[i] * d.a_err[i] * d.a_err[i] * st.dnsig[i];
+                *o = dvds * eta_v[i] / (std::f64::consts::SQRT_2 * st.var[i]);
+            }
+        }
         Ok(())
     }
     fn metric(&self, v: &[f64], out: &mut [f64]) -> Result<()> {
+        if self.with_sig {
+            return self.model.averaged_metric(
+                std::slice::from_ref(self.state),
+                self.mask,
+                v,
+                out,
+                &mut self.work.borrow_mut(),
+            );
+        }
         let mut vm = self.scratch.borrow_mut();
         masked_copy(&mut vm, v, self.mask);
         self.model
@@ -95,13 +132,18 @@ impl Fisher for ModelAt<'_> {
         self.space.clone()
     }
     fn layouts(&self) -> Option<(&VecLayout, &VecLayout)> {
-        Some((&self.model.dom.x, &self.model.dom.stars))
+        let x = if self.with_sig {
+            &self.model.dom.p
+        } else {
+            &self.model.dom.x
+        };
+        Some((x, &self.model.dom.stars))
     }
     fn solve(&self, y: &[f64], delta: &mut [f64], settings: &CgSettings) -> Result<CgReport> {
         // on a device the whole CG stays there; on the CPU it runs here
         let on_device =
             self.model
-                .solve_metric(&[self.state], self.mask, false, y, delta, settings)?;
+                .solve_metric(&[self.state], self.mask, self.with_sig, y, delta, settings)?;
         match on_device {
             Some(rep) => Ok(rep),
             None => cg::try_solve_with(
@@ -133,18 +175,25 @@ pub fn draw_residual<F: Fisher, R: Rng>(
 fn residual_from_normals<F: Fisher>(
     f: &F,
     eta1: &[f64],
-    [eta_a, eta_v]: [&[f64]; 2],
+    eta: [&[f64]; 2],
     settings: &CgSettings,
 ) -> Result<(Vec<f64>, CgReport)> {
-    let np = f.dim();
-    let mut y = vec![0.0; np];
-    f.sqrt_fisher_t(eta_a, eta_v, &mut y)?;
-    for i in 0..np {
-        y[i] += eta1[i];
-    }
-    let mut delta = vec![0.0; np];
+    let y = metric_sample_from_normals(f, eta1, eta)?;
+    let mut delta = vec![0.0; f.dim()];
     let rep = f.solve(&y, &mut delta, settings)?;
     Ok((delta, rep))
+}
+
+/// `y = η₁ + Jᵀ F^{1/2} (η_a, η_v)`, a draw from N(0, M).
+fn metric_sample_from_normals<F: Fisher>(
+    f: &F,
+    eta1: &[f64],
+    [eta_a, eta_v]: [&[f64]; 2],
+) -> Result<Vec<f64>> {
+    let mut y = vec![0.0; f.dim()];
+    f.sqrt_fisher_t(eta_a, eta_v, &mut y)?;
+    y.iter_mut().zip(eta1).for_each(|(a, b)| *a += b);
+    Ok(y)
 }
 
 /// Sub-stream of random stream `stream` for the replicated entries (`part` 0) or for patch
@@ -155,18 +204,30 @@ fn sub_stream(stream: u64, part: usize) -> u64 {
 
 /// One residual like [`draw_residual`], with its normals drawn from stream `stream` of
 /// `seed`: per patch when `f` is distributed (rank-count independent), else in one
-/// sequence.
+/// sequence. Also returns the metric sample y it solved `M δ = y` for.
 pub fn draw_residual_in<F: Fisher>(
     f: &F,
     seed: u64,
     stream: u64,
     settings: &CgSettings,
-) -> Result<(Vec<f64>, CgReport)> {
-    let Some((xl, sl)) = f.layouts() else {
-        return draw_residual(f, &mut crate::base::rng::stream(seed, stream), settings);
-    };
+) -> Result<(Vec<f64>, CgReport, Vec<f64>)> {
+    let y = metric_sample_in(f, seed, stream)?;
+    let mut delta = vec![0.0; f.dim()];
+    let rep = f.solve(&y, &mut delta, settings)?;
+    Ok((delta, rep, y))
+}
+
+/// A draw y ~ N(0, M) from stream `stream` of `seed`, as [`draw_residual_in`] draws it.
+pub fn metric_sample_in<F: Fisher>(f: &F, seed: u64, stream: u64) -> Result<Vec<f64>> {
     let (np, ns) = (f.dim(), f.n_data());
     let (mut eta1, mut eta_a, mut eta_v) = (vec![0.0; np], vec![0.0; ns], vec![0.0; ns]);
+    let Some((xl, sl)) = f.layouts() else {
+        let mut rng = crate::base::rng::stream(seed, stream);
+        for eta in [&mut eta1, &mut eta_a, &mut eta_v] {
+            eta.iter_mut().for_each(|e| *e = rng.sample(StandardNormal));
+        }
+        return metric_sample_from_normals(f, &eta1, [&eta_a, &eta_v]);
+    };
     let mut rng = crate::base::rng::stream(seed, sub_stream(stream, 0));
     for i in xl.rep.iter().flat_map(|r| r.clone()) {
         eta1[i] = rng.sample(StandardNormal);
@@ -183,5 +244,5 @@ pub fn draw_residual_in<F: Fisher>(
             }
         }
     }
-    residual_from_normals(f, &eta1, [&eta_a, &eta_v], settings)
+    metric_sample_from_normals(f, &eta1, [&eta_a, &eta_v])
 }

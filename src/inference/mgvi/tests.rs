@@ -232,7 +232,7 @@ fn averaged_metric_matches_per_sample_products_and_is_symmetric() {
     let mut mask = vec![1.0; np];
     mask[5] = 0.0;
     let p: Vec<f64> = g(np, 0.5).into_iter().chain(g(ns, 1.0)).collect();
-    let kl = Kl::new(&model, &residuals, &mask);
+    let kl = Kl::new(&model, &residuals, &[], &mask);
     let (v, u) = (g(np + ns, 1.0), g(np + ns, 1.0));
     let (mut mv, mut mu) = (vec![0.0; np + ns], vec![0.0; np + ns]);
     kl.metric(&p, &v, &mut mv).unwrap();
@@ -276,4 +276,81 @@ fn averaged_metric_matches_per_sample_products_and_is_symmetric() {
     let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
     let (l, r) = (dot(&mv, &u), dot(&v, &mu));
     assert!((l - r).abs() < 1e-10 * l.abs().max(r.abs()), "{l} vs {r}");
+}
+
+#[test]
+fn sampling_over_nsigma_draws_from_its_metric() {
+    // M = I + S Sᵀ on p = [x | ξ_σ] with S the map of `sqrt_fisher_t`: build S column by
+    // column and compare M v with the metric product (held x entries: identity)
+    use crate::app::config::{Config, Precision};
+    let mut cfg = Config::tiny(8, 2);
+    cfg.simulate.n_stars = 120;
+    let sim = crate::app::simulate::run(&cfg, "").unwrap();
+    let chart = cfg.chart().unwrap();
+    let icr =
+        crate::prior::icr::Icr::new(&chart, cfg.kernel.build().unwrap().as_ref(), Precision::F64)
+            .unwrap();
+    let model = crate::app::build::model(
+        &cfg,
+        std::sync::Arc::new(icr),
+        &sim.catalog.into_pixel_layout(chart.nside_final()),
+    )
+    .unwrap();
+    let (np, ns) = (model.n_params(), model.data.len());
+    let mut rng = crate::base::rng::stream(2, 2);
+    let mut g = |n: usize, s: f64| -> Vec<f64> {
+        (0..n)
+            .map(|_| s * rng.sample::<f64, _>(StandardNormal))
+            .collect()
+    };
+    let (x, xsig) = (g(np, 0.5), g(ns, 0.7));
+    let st = model.state(&x, &xsig, &mut model.workspace()).unwrap();
+    let mut mask = vec![1.0; np];
+    mask[2] = 0.0;
+    let lin = ModelAt::with_nsigma(&model, &st, &mask);
+    assert_eq!(lin.dim(), np + ns);
+    let v = g(np + ns, 1.0);
+    let mut mv = vec![0.0; np + ns];
+    lin.metric(&v, &mut mv).unwrap();
+    let mut want: Vec<f64> = v.clone();
+    let mut col = vec![0.0; np + ns];
+    let mut vm = v.clone();
+    vm[2] = 0.0;
+    for j in 0..2 * ns {
+        let (mut ea, mut ev) = (vec![0.0; ns], vec![0.0; ns]);
+        if j < ns {
+            ea[j] = 1.0;
+        } else {
+            ev[j - ns] = 1.0;
+        }
+        lin.sqrt_fisher_t(&ea, &ev, &mut col).unwrap();
+        let c: f64 = col.iter().zip(&vm).map(|(a, b)| a * b).sum();
+        want.iter_mut().zip(&col).for_each(|(w, a)| *w += a * c);
+    }
+    let err: f64 = mv
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    let nrm: f64 = want.iter().map(|b| b * b).sum::<f64>().sqrt();
+    assert!(err < 1e-10 * nrm, "relative error {}", err / nrm);
+    // a residual covers ξ_σ and solves M δ = y
+    let settings = CgSettings {
+        rel_tol: 1e-10,
+        max_iter: 500,
+        ..Default::default()
+    };
+    let (d, rep, y) = draw_residual_in(&lin, 3, 7, &settings).unwrap();
+    assert_eq!(d.len(), np + ns);
+    assert!(rep.rel_residual < 1e-9, "{rep:?}");
+    let mut md = vec![0.0; np + ns];
+    lin.metric(&d, &mut md).unwrap();
+    let r: f64 = md
+        .iter()
+        .zip(&y)
+        .map(|(a, b)| (a - b).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    assert!(r < 1e-8 * y.iter().map(|b| b * b).sum::<f64>().sqrt());
 }
