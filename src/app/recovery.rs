@@ -11,7 +11,7 @@ use crate::app::config::Config;
 use crate::data::catalog::read_columns;
 use crate::products::mapfile::DustMap;
 use crate::products::query::{Convention, Interpolator, Quantity};
-use crate::products::validation::{pearson, validate, Predicted, Validation};
+use crate::products::validation::{calibrated_coverage, pearson, validate, Predicted, Validation};
 use crate::sphere::grid;
 use crate::sphere::grid::integrate_to;
 
@@ -31,6 +31,11 @@ pub struct Recovery {
     pub at_stars_pixel: Validation,
     /// The same through `dust3d query` (angular bilinear, radial interpolation).
     pub at_stars_query: Validation,
+    /// Antithetic sample pairs of the fitted map.
+    pub pairs: usize,
+    /// What a calibrated posterior with `pairs` pairs puts inside ±1σ and ±2σ
+    /// ([`calibrated_coverage`]): the reference for the coverages above.
+    pub calibrated: [f64; 2],
 }
 
 /// Stars needed beyond a voxel for it to count as constrained.
@@ -87,6 +92,8 @@ pub fn evaluate(fit: &DustMap, truth: &DustMap, catalog: &Path, cfg: &Config) ->
         n_stars: xs.len(),
         at_stars_pixel,
         at_stars_query,
+        pairs: fit.samples.len() / 2,
+        calibrated: calibrated_coverage(fit.samples.len() / 2),
     })
 }
 
