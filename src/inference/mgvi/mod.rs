@@ -1,5 +1,6 @@
 //! Metric Gaussian variational inference (paper §5, App. B): antithetic residuals drawn by
-//! conjugate gradients from `N(0, M⁻¹)` ([`sampling`]), and the KL — the sample average of
+//! conjugate gradients from `N(0, M⁻¹)` ([`sampling`]), optionally bent along the posterior
+//! by geoVI ([`geovi`]), and the KL — the sample average of
 //! the energy — minimised over the expansion point and the per-star ξ_σ by truncated
 //! Newton-CG with the sample-averaged metric ([`kl`]). [`global_iteration`] is one round of
 //! both; the schedule of rounds lives in `app::fit`.
