@@ -63,7 +63,7 @@ impl<'a> Kl<'a> {
     fn fill_samples(&self, p: &[f64], ps: &mut Vec<Vec<f64>>) {
         ps.resize_with(2 * self.residuals.len(), || vec![0.0; p.len()]);
         for (j, out) in ps.iter_mut().enumerate() {
-            super::sample_point(p, self.residuals, self.shifts, j, out);
+            super::sampling::sample_point(p, self.residuals, self.shifts, j, out);
         }
     }
 

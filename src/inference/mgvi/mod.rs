@@ -17,7 +17,7 @@ use crate::likelihood::model::Model;
 use crate::num::cg::CgSettings;
 use crate::sphere::decomp::Space;
 pub use kl::Kl;
-pub use sampling::{draw_residual, draw_residual_in, Fisher, ModelAt};
+pub use sampling::{draw_residual, draw_residual_in, sample_point, Fisher, ModelAt};
 
 /// What MGVI carries from one global iteration to the next (and a checkpoint stores).
 #[derive(Clone, Debug, PartialEq)]
@@ -54,35 +54,6 @@ impl MgviState {
     /// odd) about the expansion point `x` (x or p) into `out`.
     pub fn sample_into(&self, x: &[f64], j: usize, out: &mut [f64]) {
         sample_point(x, &self.residuals, &self.shifts, j, out)
-    }
-}
-
-/// Sample `j` of the pairs (`residuals`, `shifts`) about `base` into `out` (as long as
-/// `base`): base + c_{j/2} ± δ_{j/2}, + for even j, on the entries the residuals cover
-/// (x, or p = [x | ξ_σ] when n_σ is sampled; entries beyond them are `base`'s); c = 0 when
-/// `shifts` is empty.
-pub fn sample_point(
-    base: &[f64],
-    residuals: &[Vec<f64>],
-    shifts: &[Vec<f64>],
-    j: usize,
-    out: &mut [f64],
-) {
-    use rayon::prelude::*;
-    out.copy_from_slice(base);
-    let d = &residuals[j / 2];
-    let n = d.len().min(out.len());
-    let sign = if j.is_multiple_of(2) { 1.0 } else { -1.0 };
-    let head = &mut out[..n];
-    match shifts.get(j / 2) {
-        Some(c) => head
-            .par_iter_mut()
-            .zip(d[..n].par_iter().zip(&c[..n]))
-            .for_each(|(o, (b, s))| *o += s + sign * b),
-        None => head
-            .par_iter_mut()
-            .zip(&d[..n])
-            .for_each(|(o, b)| *o += sign * b),
     }
 }
 
@@ -235,6 +206,55 @@ pub fn global_iteration(
         residuals,
         shifts,
     } = state;
+    let (sample_cg, sample_cg_residuals, sample_cg_capped) =
+        draw_samples(model, settings, mask, x, xsig, residuals, shifts, streams)?;
+    let [map_before, _] = log_density_moments(model, x, residuals, shifts);
+    let kl = Kl::new(model, residuals, shifts, mask);
+    let mut p0 = x.to_vec();
+    p0.extend_from_slice(xsig);
+    let newton_settings = NewtonSettings {
+        forcing: settings.newton_forcing,
+        cg_max_iter: settings.newton_cg_iterations,
+        rel_tol: 1e-10,
+        ..Default::default()
+    };
+    let (p, newton) = newton::minimize(&kl, p0, settings.newton_steps as u64, newton_settings)
+        .context("KL minimisation failed")?;
+    drop(kl);
+    let np = model.n_params();
+    let dx: Vec<f64> = p[..np].iter().zip(x.iter()).map(|(a, b)| a - b).collect();
+    x.copy_from_slice(&p[..np]);
+    xsig.copy_from_slice(&p[np..]);
+    let [map_after, map_std] = log_density_moments(model, x, residuals, shifts);
+    let change = Change {
+        kl_relative: (newton.value - newton.initial_value).abs() / newton.value.abs().max(1.0),
+        step_rms: (model.dom.x.dot(&dx, &dx) / np as f64).sqrt(),
+        map_z_rms: z_rms_change(model, &map_before, &map_after, &map_std),
+    };
+    Ok(IterationReport {
+        kl: newton.value,
+        sample_cg,
+        sample_cg_residuals,
+        sample_cg_capped,
+        newton,
+        change,
+    })
+}
+
+/// The residual pairs of one iteration at (x, ξ_σ) into `residuals` and `shifts` (geoVI
+/// only); returns each draw's CG iterations and relative residual, and how many CGs stopped
+/// at their cap above their tolerance.
+#[allow(clippy::too_many_arguments)]
+fn draw_samples(
+    model: &Model,
+    settings: &IterationSettings,
+    mask: &[f64],
+    x: &[f64],
+    xsig: &[f64],
+    residuals: &mut Vec<Vec<f64>>,
+    shifts: &mut Vec<Vec<f64>>,
+    streams: Streams,
+) -> Result<(Vec<usize>, Vec<f64>, usize)> {
     let mut w = model.workspace();
     let st = model.state(x, xsig, &mut w)?;
     let with_sig = settings.sample_nsigma && model.infer_nsigma;
@@ -278,42 +298,12 @@ pub fn global_iteration(
             "geoVI: coordinate-equation misfit |g(δ) − y|/|y| ≤ {worst:.2e} (linear start ≤ {start:.2e})"
         );
     }
-    let sample_cg_capped = sample_cg
+    let capped = sample_cg
         .iter()
         .zip(&sample_cg_residuals)
         .filter(|(&i, &r)| i >= cg_settings.max_iter && r > cg_settings.rel_tol)
         .count();
-    let [map_before, _] = log_density_moments(model, x, residuals, shifts);
-    let kl = Kl::new(model, residuals, shifts, mask);
-    let mut p0 = x.to_vec();
-    p0.extend_from_slice(xsig);
-    let newton_settings = NewtonSettings {
-        forcing: settings.newton_forcing,
-        cg_max_iter: settings.newton_cg_iterations,
-        rel_tol: 1e-10,
-        ..Default::default()
-    };
-    let (p, newton) = newton::minimize(&kl, p0, settings.newton_steps as u64, newton_settings)
-        .context("KL minimisation failed")?;
-    drop(kl);
-    let np = model.n_params();
-    let dx: Vec<f64> = p[..np].iter().zip(x.iter()).map(|(a, b)| a - b).collect();
-    x.copy_from_slice(&p[..np]);
-    xsig.copy_from_slice(&p[np..]);
-    let [map_after, map_std] = log_density_moments(model, x, residuals, shifts);
-    let change = Change {
-        kl_relative: (newton.value - newton.initial_value).abs() / newton.value.abs().max(1.0),
-        step_rms: (model.dom.x.dot(&dx, &dx) / np as f64).sqrt(),
-        map_z_rms: z_rms_change(model, &map_before, &map_after, &map_std),
-    };
-    Ok(IterationReport {
-        kl: newton.value,
-        sample_cg,
-        sample_cg_residuals,
-        sample_cg_capped,
-        newton,
-        change,
-    })
+    Ok((sample_cg, sample_cg_residuals, capped))
 }
 
 /// The sample mean and standard deviation of ln ρ = scale · s + offset over the samples

@@ -246,3 +246,32 @@ pub fn metric_sample_in<F: Fisher>(f: &F, seed: u64, stream: u64) -> Result<Vec<
     }
     metric_sample_from_normals(f, &eta1, [&eta_a, &eta_v])
 }
+
+/// Sample `j` of the pairs (`residuals`, `shifts`) about `base` into `out` (as long as
+/// `base`): base + c_{j/2} ± δ_{j/2}, + for even j, on the entries the residuals cover
+/// (x, or p = [x | ξ_σ] when n_σ is sampled; entries beyond them are `base`'s); c = 0 when
+/// `shifts` is empty.
+pub fn sample_point(
+    base: &[f64],
+    residuals: &[Vec<f64>],
+    shifts: &[Vec<f64>],
+    j: usize,
+    out: &mut [f64],
+) {
+    use rayon::prelude::*;
+    out.copy_from_slice(base);
+    let d = &residuals[j / 2];
+    let n = d.len().min(out.len());
+    let sign = if j.is_multiple_of(2) { 1.0 } else { -1.0 };
+    let head = &mut out[..n];
+    match shifts.get(j / 2) {
+        Some(c) => head
+            .par_iter_mut()
+            .zip(d[..n].par_iter().zip(&c[..n]))
+            .for_each(|(o, (b, s))| *o += s + sign * b),
+        None => head
+            .par_iter_mut()
+            .zip(&d[..n])
+            .for_each(|(o, b)| *o += sign * b),
+    }
+}
