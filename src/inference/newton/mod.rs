@@ -356,7 +356,7 @@ impl TruncatedNewton {
         match found {
             Some((p, c)) if c.is_finite() && c <= cost => {
                 if alpha0 < 1.0 {
-                    extend(wrapped.obj, param, &dir, (p, c), &*space)
+                    extend(wrapped, param, &dir, (p, c), &*space)
                 } else {
                     Ok((p, c))
                 }
@@ -373,9 +373,10 @@ impl TruncatedNewton {
 /// guards against overflow far from the optimum, but More–Thuente's loose curvature test
 /// accepts the capped step itself even where the objective keeps falling, which makes
 /// progress crawl. Double the accepted step towards the full Newton step while the
-/// objective still falls; returns the best point (never worse than `best`).
+/// objective still falls; returns the best point (never worse than `best`). Evaluations go
+/// through `wrapped`, so they are counted in [`NewtonReport::evaluations`].
 fn extend<T: MetricObjective>(
-    obj: &T,
+    wrapped: &ArgminObjective<'_, T>,
     param: &[f64],
     dir: &[f64],
     best: (Vec<f64>, f64),
@@ -384,11 +385,10 @@ fn extend<T: MetricObjective>(
     let (mut p_best, mut c_best) = best;
     let moved: Vec<f64> = p_best.iter().zip(param).map(|(a, b)| a - b).collect();
     let mut alpha = (space.dot(&moved, &moved) / space.dot(dir, dir).max(f64::MIN_POSITIVE)).sqrt();
-    let mut g = vec![0.0; param.len()];
     while alpha > 0.0 && alpha < 1.0 {
         let next = (2.0 * alpha).min(1.0);
         let trial: Vec<f64> = param.iter().zip(dir).map(|(a, d)| a + next * d).collect();
-        let c = obj.value_grad(&trial, &mut g)?;
+        let (c, _) = wrapped.value_grad(&trial)?;
         // the cost is a global sum: every rank takes the same branch
         if !(c.is_finite() && c < c_best) {
             break;
