@@ -36,18 +36,7 @@ fn simulate(dir: &Path, cfg: &Path) -> (PathBuf, PathBuf) {
 fn simulate_then_info_on_map_and_catalog() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = small_config(dir.path());
-    let cat = dir.path().join("stars.csv");
-    let truth = dir.path().join("truth.nc");
-    let o = dust3d(&[
-        "simulate",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--out-catalog",
-        cat.to_str().unwrap(),
-        "--out-truth",
-        truth.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    let (cat, truth) = simulate(dir.path(), &cfg);
     let o = dust3d(&["info", truth.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
     let out = String::from_utf8_lossy(&o.stdout);

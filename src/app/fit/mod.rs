@@ -402,12 +402,8 @@ fn warn_capped(settings: &mgvi::IterationSettings, rep: &mgvi::IterationReport) 
 /// entry is replicated on every rank).
 fn sample_scale(model: &crate::likelihood::model::Model, vi: &mgvi::MgviState) -> [f64; 2] {
     let nxi = model.icr.n_xi();
-    let mut x = vi.x.clone();
     let values: Vec<f64> = (0..vi.n_samples())
-        .map(|j| {
-            vi.sample_into(&vi.x, j, &mut x);
-            model.scale.value(x[nxi])
-        })
+        .map(|j| model.scale.value(vi.sample_entry(j, nxi)))
         .collect();
     let n = values.len().max(1) as f64;
     let mean = values.iter().sum::<f64>() / n;

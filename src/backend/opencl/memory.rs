@@ -99,26 +99,23 @@ mod tests {
 
     #[test]
     fn a_model_beyond_the_device_is_refused_with_the_figures() {
-        let need = DeviceBytes::estimate(
-            62_000_000,
-            false,
-            59_000_000,
-            &[1000, 8000],
-            200_000,
-            2_000_000,
-            8,
-        );
+        // W1-like: 62 MB of f64 matrices, 59 MB of windows, two levels of 1,000 and 8,000
+        // voxels, 200,000 stars, 2,000,000 excitations; device scalars of 8 or 4 bytes
+        let estimate = |scalar| {
+            DeviceBytes::estimate(
+                62_000_000,
+                false,
+                59_000_000,
+                &[1000, 8000],
+                200_000,
+                2_000_000,
+                scalar,
+            )
+        };
+        let need = estimate(8);
         assert_eq!(need.matrices, 62e6);
         assert_eq!(need.fields, 4.0 * 8.0 * 9000.0);
-        let f32 = DeviceBytes::estimate(
-            62_000_000,
-            false,
-            59_000_000,
-            &[1000, 8000],
-            200_000,
-            2_000_000,
-            4,
-        );
+        let f32 = estimate(4);
         assert_eq!(f32.matrices, 31e6);
         assert!(check("GPU", &need, 16e9).is_ok());
         let e = check("Tiny GPU", &need, 0.1e9).unwrap_err().to_string();

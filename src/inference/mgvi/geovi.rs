@@ -80,6 +80,9 @@ struct Equation<'a, C: Coordinates> {
     t_bar: Vec<f64>,
     space: Arc<dyn Space>,
     cache: Mutex<Option<Evaluated<C>>>,
+    /// Scratch of the Jacobian products: a vector in T's coordinates, one over δ.
+    t_buf: Mutex<Vec<f64>>,
+    z_buf: Mutex<Vec<f64>>,
 }
 
 impl<'a, C: Coordinates> Equation<'a, C> {
@@ -94,6 +97,8 @@ impl<'a, C: Coordinates> Equation<'a, C> {
             t_bar,
             space: c.space(),
             cache: Mutex::new(None),
+            t_buf: Mutex::new(Vec::new()),
+            z_buf: Mutex::new(Vec::new()),
         })
     }
 
@@ -112,22 +117,31 @@ impl<'a, C: Coordinates> Equation<'a, C> {
         Ok(p)
     }
 
-    /// `u + J̄_Tᵀ (J_T(p) u)`: G at p applied to u.
-    fn g_apply(&self, p: &C::Point, u: &[f64], out: &mut [f64]) -> Result<()> {
-        let mut t = vec![0.0; self.c.n_data()];
-        self.c.jvp(p, u, &mut t)?;
-        self.c.vjp(&self.bar, &t, out)?;
+    /// `out = u + J_T(second)ᵀ J_T(first) u`: G at p is (first, second) = (p, x̄), Gᵀ is
+    /// (x̄, p).
+    fn plus_jt_j(
+        &self,
+        first: &C::Point,
+        second: &C::Point,
+        u: &[f64],
+        out: &mut [f64],
+    ) -> Result<()> {
+        let mut t = self.t_buf.lock().unwrap_or_else(|e| e.into_inner());
+        t.resize(self.c.n_data(), 0.0);
+        self.c.jvp(first, u, &mut t)?;
+        self.c.vjp(second, &t, out)?;
         out.iter_mut().zip(u).for_each(|(o, a)| *o += a);
         Ok(())
     }
 
-    /// `z + J_T(p)ᵀ (J̄_T z)`: Gᵀ at p applied to z.
+    /// G at p applied to u: `u + J̄_Tᵀ (J_T(p) u)`.
+    fn g_apply(&self, p: &C::Point, u: &[f64], out: &mut [f64]) -> Result<()> {
+        self.plus_jt_j(p, &self.bar, u, out)
+    }
+
+    /// Gᵀ at p applied to z: `z + J_T(p)ᵀ (J̄_T z)`.
     fn gt_apply(&self, p: &C::Point, z: &[f64], out: &mut [f64]) -> Result<()> {
-        let mut t = vec![0.0; self.c.n_data()];
-        self.c.jvp(&self.bar, z, &mut t)?;
-        self.c.vjp(p, &t, out)?;
-        out.iter_mut().zip(z).for_each(|(o, a)| *o += a);
-        Ok(())
+        self.plus_jt_j(&self.bar, p, z, out)
     }
 
     /// g(δ) − y.
@@ -160,7 +174,8 @@ impl<C: Coordinates> MetricObjective for Equation<'_, C> {
 
     fn metric(&self, delta: &[f64], v: &[f64], out: &mut [f64]) -> Result<()> {
         let p = self.point(delta)?;
-        let mut z = vec![0.0; v.len()];
+        let mut z = self.z_buf.lock().unwrap_or_else(|e| e.into_inner());
+        z.resize(v.len(), 0.0);
         self.g_apply(&p, v, &mut z)?;
         self.gt_apply(&p, &z, out)?;
         Ok(())
@@ -230,6 +245,8 @@ pub struct DustCoordinates<'a> {
     /// 1/√v̄ per star.
     inv_sd_bar: Vec<f64>,
     work: Mutex<ModelWork>,
+    /// Scratch: the masked tangent, the two star cotangents.
+    scratch: Mutex<[Vec<f64>; 3]>,
 }
 
 impl<'a> DustCoordinates<'a> {
@@ -251,6 +268,7 @@ impl<'a> DustCoordinates<'a> {
             with_sig,
             inv_sd_bar: bar.var.iter().map(|v| 1.0 / v.sqrt()).collect(),
             work: Mutex::new(model.workspace()),
+            scratch: Mutex::new([Vec::new(), Vec::new(), Vec::new()]),
         }
     }
 
@@ -316,11 +334,12 @@ impl Coordinates for DustCoordinates<'_> {
 
     fn jvp(&self, p: &State, u: &[f64], out: &mut [f64]) -> Result<()> {
         let np = self.model.n_params();
-        let mut um = Vec::new();
-        masked_copy(&mut um, &u[..np], self.mask);
+        let mut scratch = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        let um = &mut scratch[0];
+        masked_copy(um, &u[..np], self.mask);
         let (da, dv) = out.split_at_mut(self.n_stars());
         let mut w = self.work.lock().unwrap_or_else(|e| e.into_inner());
-        self.model.jvp(p, &um, da, dv, &mut w)?;
+        self.model.jvp(p, um, da, dv, &mut w)?;
         for i in 0..da.len() {
             if self.with_sig {
                 dv[i] += self.dv_dsig(p, i) * u[np + i];
@@ -333,13 +352,15 @@ impl Coordinates for DustCoordinates<'_> {
 
     fn vjp(&self, p: &State, wv: &[f64], out: &mut [f64]) -> Result<()> {
         let (n, np) = (self.n_stars(), self.model.n_params());
-        let ca: Vec<f64> = (0..n).map(|i| wv[i] * self.inv_sd_bar[i]).collect();
-        let cv: Vec<f64> = (0..n)
-            .map(|i| wv[n + i] / (std::f64::consts::SQRT_2 * p.var[i]))
-            .collect();
+        let mut scratch = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        let [_, ca, cv] = &mut *scratch;
+        ca.clear();
+        ca.extend((0..n).map(|i| wv[i] * self.inv_sd_bar[i]));
+        cv.clear();
+        cv.extend((0..n).map(|i| wv[n + i] / (std::f64::consts::SQRT_2 * p.var[i])));
         let (ox, os) = out.split_at_mut(np);
         let mut w = self.work.lock().unwrap_or_else(|e| e.into_inner());
-        self.model.vjp(p, &ca, &cv, ox, &mut w)?;
+        self.model.vjp(p, ca, cv, ox, &mut w)?;
         mask_in_place(ox, self.mask);
         for (i, o) in os.iter_mut().enumerate() {
             *o = self.dv_dsig(p, i) * cv[i];

@@ -55,6 +55,14 @@ impl MgviState {
     pub fn sample_into(&self, x: &[f64], j: usize, out: &mut [f64]) {
         sample_point(x, &self.residuals, &self.shifts, j, out)
     }
+
+    /// Entry `i` of posterior sample `j` about the expansion point `self.x` (as
+    /// [`MgviState::sample_into`] writes it, without the whole vector).
+    pub fn sample_entry(&self, j: usize, i: usize) -> f64 {
+        let sign = if j.is_multiple_of(2) { 1.0 } else { -1.0 };
+        let shift = self.shifts.get(j / 2).map_or(0.0, |c| c[i]);
+        self.x[i] + (shift + sign * self.residuals[j / 2][i])
+    }
 }
 
 /// Settings of one global iteration: how samples are drawn and how far the KL is minimised.

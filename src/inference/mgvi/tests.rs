@@ -5,6 +5,29 @@ use faer::linalg::solvers::Solve;
 use rand::Rng;
 use rand_distr::StandardNormal;
 
+/// The demo-like tiny model (nside 8 × 2 levels) over `n_stars` simulated stars, serial.
+pub(super) fn tiny_model(n_stars: usize) -> crate::likelihood::model::Model {
+    use crate::app::config::{Config, Precision};
+    let mut cfg = Config::tiny(8, 2);
+    cfg.simulate.n_stars = n_stars;
+    let sim = crate::app::simulate::run(&cfg, "").unwrap();
+    let chart = cfg.chart().unwrap();
+    let kernel = cfg.kernel.build().unwrap();
+    let icr = crate::prior::icr::Icr::new(&chart, kernel.as_ref(), Precision::F64).unwrap();
+    let stars = sim.catalog.into_pixel_layout(chart.nside_final());
+    crate::app::build::model(&cfg, std::sync::Arc::new(icr), &stars).unwrap()
+}
+
+/// `g(n, s)`: n normals of standard deviation s from random stream (`seed`, `seed`).
+pub(super) fn normals(seed: u64) -> impl FnMut(usize, f64) -> Vec<f64> {
+    let mut rng = crate::base::rng::stream(seed, seed);
+    move |n, s| {
+        (0..n)
+            .map(|_| s * rng.sample::<f64, _>(StandardNormal))
+            .collect()
+    }
+}
+
 /// Linear-Gaussian toy: d = R x + n, x ~ N(0, I), n ~ N(0, diag(noise)). Exact posterior:
 /// covariance M⁻¹ with M = I + Rᵀ N⁻¹ R, mean M⁻¹ Rᵀ N⁻¹ d.
 struct Linear {
@@ -207,27 +230,9 @@ fn linear_gaussian_samples_match_exact_posterior() {
 
 #[test]
 fn averaged_metric_matches_per_sample_products_and_is_symmetric() {
-    use crate::app::config::{Config, Precision};
-    let mut cfg = Config::tiny(8, 2);
-    cfg.simulate.n_stars = 300;
-    let sim = crate::app::simulate::run(&cfg, "").unwrap();
-    let chart = cfg.chart().unwrap();
-    let icr =
-        crate::prior::icr::Icr::new(&chart, cfg.kernel.build().unwrap().as_ref(), Precision::F64)
-            .unwrap();
-    let model = crate::app::build::model(
-        &cfg,
-        std::sync::Arc::new(icr),
-        &sim.catalog.into_pixel_layout(chart.nside_final()),
-    )
-    .unwrap();
+    let model = tiny_model(300);
     let (np, ns) = (model.n_params(), model.data.len());
-    let mut rng = crate::base::rng::stream(1, 1);
-    let mut g = |n: usize, s: f64| -> Vec<f64> {
-        (0..n)
-            .map(|_| s * rng.sample::<f64, _>(StandardNormal))
-            .collect()
-    };
+    let mut g = normals(1);
     let residuals = vec![g(np, 0.3), g(np, 0.3)];
     let mut mask = vec![1.0; np];
     mask[5] = 0.0;
@@ -282,27 +287,9 @@ fn averaged_metric_matches_per_sample_products_and_is_symmetric() {
 fn sampling_over_nsigma_draws_from_its_metric() {
     // M = I + S Sᵀ on p = [x | ξ_σ] with S the map of `sqrt_fisher_t`: build S column by
     // column and compare M v with the metric product (held x entries: identity)
-    use crate::app::config::{Config, Precision};
-    let mut cfg = Config::tiny(8, 2);
-    cfg.simulate.n_stars = 120;
-    let sim = crate::app::simulate::run(&cfg, "").unwrap();
-    let chart = cfg.chart().unwrap();
-    let icr =
-        crate::prior::icr::Icr::new(&chart, cfg.kernel.build().unwrap().as_ref(), Precision::F64)
-            .unwrap();
-    let model = crate::app::build::model(
-        &cfg,
-        std::sync::Arc::new(icr),
-        &sim.catalog.into_pixel_layout(chart.nside_final()),
-    )
-    .unwrap();
+    let model = tiny_model(120);
     let (np, ns) = (model.n_params(), model.data.len());
-    let mut rng = crate::base::rng::stream(2, 2);
-    let mut g = |n: usize, s: f64| -> Vec<f64> {
-        (0..n)
-            .map(|_| s * rng.sample::<f64, _>(StandardNormal))
-            .collect()
-    };
+    let mut g = normals(2);
     let (x, xsig) = (g(np, 0.5), g(ns, 0.7));
     let st = model.state(&x, &xsig, &mut model.workspace()).unwrap();
     let mut mask = vec![1.0; np];

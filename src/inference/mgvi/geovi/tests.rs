@@ -1,4 +1,5 @@
 use super::*;
+use crate::inference::mgvi::tests::{normals, tiny_model};
 use crate::sphere::decomp::Serial;
 use rand::Rng;
 use rand_distr::StandardNormal;
@@ -248,27 +249,9 @@ fn on_a_nonlinear_posterior_geovi_variance_is_closer_than_mgvi() {
 
 #[test]
 fn dust_coordinates_have_exact_and_adjoint_jacobians() {
-    use crate::app::config::{Config, Precision};
-    let mut cfg = Config::tiny(8, 2);
-    cfg.simulate.n_stars = 300;
-    let sim = crate::app::simulate::run(&cfg, "").unwrap();
-    let chart = cfg.chart().unwrap();
-    let icr =
-        crate::prior::icr::Icr::new(&chart, cfg.kernel.build().unwrap().as_ref(), Precision::F64)
-            .unwrap();
-    let model = crate::app::build::model(
-        &cfg,
-        std::sync::Arc::new(icr),
-        &sim.catalog.into_pixel_layout(chart.nside_final()),
-    )
-    .unwrap();
+    let model = tiny_model(300);
     let (np, ns) = (model.n_params(), model.data.len());
-    let mut rng = crate::base::rng::stream(5, 5);
-    let mut g = |n: usize, s: f64| -> Vec<f64> {
-        (0..n)
-            .map(|_| s * rng.sample::<f64, _>(StandardNormal))
-            .collect()
-    };
+    let mut g = normals(5);
     let (xbar, xsig) = (g(np, 0.5), g(ns, 0.5));
     let mut mask = vec![1.0; np];
     mask[3] = 0.0;
