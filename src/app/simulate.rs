@@ -411,8 +411,9 @@ pub fn prior_excitations(seed: u64, n_xi: usize) -> Vec<f64> {
 /// seed's prior stream, ρ = exp(scale · s + offset) at the prior medians of scale and offset.
 pub fn prior_truth(cfg: &Config) -> Result<Vec<f64>> {
     let chart = cfg.chart()?;
-    let kernel = cfg.kernel.build()?;
-    let icr = crate::prior::icr::Icr::new(&chart, kernel.as_ref(), cfg.grid.matrix_precision)?;
+    // the fit's prior operator, variance correction included, on one process
+    let decomp = crate::sphere::decomp::Decomp::single(cfg.nside_dec()?);
+    let icr = crate::app::build::icr(cfg, decomp)?;
     let mut rng = rng::stream(cfg.seed, rng::streams::SIMULATE_PRIOR);
     let xi: Vec<f64> = (0..icr.n_xi())
         .map(|_| rng.sample(StandardNormal))

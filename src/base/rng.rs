@@ -17,6 +17,8 @@ pub mod streams {
     pub const PRIOR_CHECK: u64 = 4;
     /// Per-star error inflation n_σ of the mock sky (`simulate.star_nsigma = "prior"`).
     pub const SIMULATE_NSIGMA: u64 = 5;
+    /// Prior draws of the ICR variance correction (used with seed 0 whatever a run's seed).
+    pub const ICR_VARIANCE: u64 = 6;
 }
 
 /// The random stream `stream` of master seed `seed`.

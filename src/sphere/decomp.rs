@@ -129,22 +129,62 @@ impl Decomp {
 /// Global sum of a replicated part and per-patch partials (this rank's patches, in order):
 /// `rep + Σ_q partial_q` over all patches in patch order, the same on every rank.
 pub fn reduce<const K: usize>(d: &Decomp, rep: [f64; K], partials: &[[f64; K]]) -> [f64; K] {
-    debug_assert_eq!(partials.len(), d.patches().len());
+    let v = reduce_rows(d, &rep, partials.as_flattened());
+    std::array::from_fn(|k| v[k])
+}
+
+/// [`reduce`] for rows of any length `rep.len()`: `partials` holds this rank's patches'
+/// rows one after another.
+pub fn reduce_rows(d: &Decomp, rep: &[f64], partials: &[f64]) -> Vec<f64> {
+    let k = rep.len();
+    debug_assert_eq!(partials.len(), k * d.patches().len());
     let all: Vec<f64>;
     let flat: &[f64] = if d.size() == 1 {
-        partials.as_flattened()
+        partials
     } else {
-        let counts: Vec<usize> = (0..d.size()).map(|r| K * d.patches_of(r).len()).collect();
-        all = comm::all_gather_f64(partials.as_flattened(), &counts);
+        let counts: Vec<usize> = (0..d.size()).map(|r| k * d.patches_of(r).len()).collect();
+        all = comm::all_gather_f64(partials, &counts);
         &all
     };
-    let mut acc = rep;
-    for c in flat.chunks_exact(K) {
-        for k in 0..K {
-            acc[k] += c[k];
+    let mut acc = rep.to_vec();
+    for c in flat.chunks_exact(k.max(1)) {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *a += v;
         }
     }
     acc
+}
+
+/// Fill distributed vectors with draws of `sample`, the same values for any rank count:
+/// the replicated entries from sub-stream 0 of random stream `stream`, patch q's entries
+/// from sub-stream q + 1, each part's vectors in the order given.
+pub fn fill_random(
+    seed: u64,
+    stream: u64,
+    parts: &mut [(&VecLayout, &mut [f64])],
+    mut sample: impl FnMut(&mut rand_chacha::ChaCha8Rng) -> f64,
+) {
+    let sub = |part: usize| crate::base::rng::stream(seed, (stream << 24) | part as u64);
+    let mut rng = sub(0);
+    for (layout, v) in parts.iter_mut() {
+        for i in layout.rep.iter().flat_map(|r| r.clone()) {
+            v[i] = sample(&mut rng);
+        }
+    }
+    let Some((first, n_patch)) = parts
+        .first()
+        .map(|(l, _)| (l.decomp.patches().start, l.patch.len()))
+    else {
+        return;
+    };
+    for k in 0..n_patch {
+        let mut rng = sub(first + k + 1);
+        for (layout, v) in parts.iter_mut() {
+            for i in layout.patch[k].iter().flat_map(|r| r.clone()) {
+                v[i] = sample(&mut rng);
+            }
+        }
+    }
 }
 
 /// How a distributed vector lies on this rank: index ranges every rank holds alike

@@ -13,6 +13,7 @@ pub use crate::app::simulate::{CloudConfig, SimulateConfig};
 pub use crate::base::precision::Precision;
 /// `[catalog]` is the catalog module's own parameter struct (column names, selection cuts).
 pub use crate::data::catalog::{CatalogParams as CatalogConfig, ColumnNames};
+use crate::prior::icr::variance::VarianceParams;
 pub use crate::sphere::covariance::KernelKind;
 use crate::sphere::covariance::KernelParams;
 use crate::sphere::grid::Chart;
@@ -84,6 +85,23 @@ pub struct GridConfig {
     pub r_max_pc: f64,
     /// Storage precision of the refinement matrices: "f64" or "f32".
     pub matrix_precision: Precision,
+    /// Scale the final field per shell so its prior variance is the kernel's k(0)
+    /// (`prior::icr::variance`).
+    pub variance_correction: bool,
+    /// Target relative standard error of the correction's per-shell variance estimate.
+    pub variance_rtol: f64,
+    /// Most prior draws of the correction's estimate.
+    pub variance_max_draws: usize,
+}
+
+impl GridConfig {
+    /// The variance correction's estimate settings.
+    pub fn variance_params(&self) -> VarianceParams {
+        VarianceParams {
+            rel_tol: self.variance_rtol,
+            max_draws: self.variance_max_draws,
+        }
+    }
 }
 
 impl Default for GridConfig {
@@ -96,6 +114,9 @@ impl Default for GridConfig {
             r_min_pc: 40.0,
             r_max_pc: 2000.0,
             matrix_precision: Precision::F64,
+            variance_correction: true,
+            variance_rtol: VarianceParams::default().rel_tol,
+            variance_max_draws: VarianceParams::default().max_draws,
         }
     }
 }

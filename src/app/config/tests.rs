@@ -36,7 +36,12 @@ fn semantic_error_names_key() {
 
 #[test]
 fn shipped_configs_parse() {
-    for f in ["configs/demo.toml", "configs/paper.toml"] {
+    for f in [
+        "configs/demo.toml",
+        "configs/paper.toml",
+        "configs/paper-mini.toml",
+        "configs/zgr23.toml",
+    ] {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(f);
         Config::from_file(&path).unwrap_or_else(|e| panic!("{f}: {e:#}"));
     }
@@ -106,6 +111,16 @@ fn every_bad_value_is_named_with_its_key_and_line() {
             "[[inference.stage]]\nsample_mode = \"geovi\"\ngeovi_newton_steps = 0\n",
             "inference.stage[0].geovi_newton_steps",
             3,
+        ),
+        (
+            "[grid]\nlevels = 2\nvariance_rtol = 0.0\n",
+            "grid.variance_rtol",
+            3,
+        ),
+        (
+            "[grid]\nvariance_max_draws = 8\n",
+            "grid.variance_max_draws",
+            2,
         ),
         (
             "[simulate]\nstar_nsigma = \"half\"\n",

@@ -86,6 +86,22 @@ impl Config {
     /// The chart's own checks ([`Chart::new`](crate::sphere::grid::Chart::new)), each error
     /// keyed by the `[grid]` field it names.
     fn validate_grid(&self) -> Result<()> {
+        let g = &self.grid;
+        if !(g.variance_rtol > 0.0 && g.variance_rtol.is_finite()) {
+            return Err(invalid(
+                "grid.variance_rtol",
+                format!("grid.variance_rtol must be > 0, got {}", g.variance_rtol),
+            ));
+        }
+        if g.variance_max_draws < 16 {
+            return Err(invalid(
+                "grid.variance_max_draws",
+                format!(
+                    "grid.variance_max_draws must be ≥ 16 (two batches of 8 draws), got {}",
+                    g.variance_max_draws
+                ),
+            ));
+        }
         match self.chart() {
             Ok(_) => Ok(()),
             Err(e) => match e.downcast_ref::<crate::sphere::grid::ChartError>() {

@@ -196,12 +196,6 @@ fn metric_sample_from_normals<F: Fisher>(
     Ok(y)
 }
 
-/// Sub-stream of random stream `stream` for the replicated entries (`part` 0) or for patch
-/// q (`part` q + 1).
-fn sub_stream(stream: u64, part: usize) -> u64 {
-    (stream << 24) | part as u64
-}
-
 /// One residual like [`draw_residual`], with its normals drawn from stream `stream` of
 /// `seed`: per patch when `f` is distributed (rank-count independent), else in one
 /// sequence. Also returns the metric sample y it solved `M δ = y` for.
@@ -228,22 +222,12 @@ pub fn metric_sample_in<F: Fisher>(f: &F, seed: u64, stream: u64) -> Result<Vec<
         }
         return metric_sample_from_normals(f, &eta1, [&eta_a, &eta_v]);
     };
-    let mut rng = crate::base::rng::stream(seed, sub_stream(stream, 0));
-    for i in xl.rep.iter().flat_map(|r| r.clone()) {
-        eta1[i] = rng.sample(StandardNormal);
-    }
-    let first = xl.decomp.patches().start;
-    for (k, (xr, sr)) in xl.patch.iter().zip(&sl.patch).enumerate() {
-        let mut rng = crate::base::rng::stream(seed, sub_stream(stream, first + k + 1));
-        for i in xr.iter().flat_map(|r| r.clone()) {
-            eta1[i] = rng.sample(StandardNormal);
-        }
-        for eta in [&mut eta_a, &mut eta_v] {
-            for i in sr.iter().flat_map(|r| r.clone()) {
-                eta[i] = rng.sample(StandardNormal);
-            }
-        }
-    }
+    crate::sphere::decomp::fill_random(
+        seed,
+        stream,
+        &mut [(xl, &mut eta1), (sl, &mut eta_a), (sl, &mut eta_v)],
+        |r| r.sample(StandardNormal),
+    );
     metric_sample_from_normals(f, &eta1, [&eta_a, &eta_v])
 }
 

@@ -18,8 +18,9 @@ fn setup(n_stars: usize, infer_nsigma: bool, distances: &str) -> (Model, Vec<f64
     cfg.simulate.star_distances = distances.into();
     let sim = simulate::run(&cfg, "").unwrap();
     let chart = cfg.chart().unwrap();
-    let kernel = cfg.kernel.build().unwrap();
-    let icr = Icr::new(&chart, kernel.as_ref(), Precision::F64).unwrap();
+    // the prior operator the mock was drawn from (variance correction included)
+    let decomp = crate::sphere::decomp::Decomp::single(cfg.nside_dec().unwrap());
+    let icr = crate::app::build::icr(&cfg, decomp).unwrap();
     let mut x = simulate::prior_excitations(cfg.seed, icr.n_xi());
     x.extend([0.0, 0.0]);
     let pc = sim.catalog.into_pixel_layout(chart.nside_final());
