@@ -355,6 +355,13 @@ fn held_out_stars_are_kept_out_of_the_fit_and_scored() {
     assert_eq!(fitted_ids.len(), fitted);
     let cov = json["scores"]["all"]["coverage_1sigma"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&cov));
+    // one process: the same stars also scored through query's interpolation, on as many
+    let q = &json["scores_through_query"]["all"];
+    assert!(
+        (0.0..=1.0).contains(&q["coverage_1sigma"].as_f64().unwrap()),
+        "{json}"
+    );
+    assert_eq!(q["n_stars"], json["scores"]["all"]["n_stars"]);
     // the map carries the scores, and `dust3d validate` scores any catalog against it
     let map = DustMap::read(&out).unwrap();
     assert!(
@@ -363,7 +370,14 @@ fn held_out_stars_are_kept_out_of_the_fit_and_scored() {
         map.provenance.validation
     );
     let o = Command::new(env!("CARGO_BIN_EXE_dust3d"))
-        .args(["validate", "--map", out.to_str().unwrap(), "--catalog"])
+        .args([
+            "validate",
+            "--angular",
+            "interpolated",
+            "--map",
+            out.to_str().unwrap(),
+        ])
+        .arg("--catalog")
         .arg(&cat)
         .env("DUST3D_LOG", "warn")
         .env("HDF5_USE_FILE_LOCKING", "FALSE")

@@ -326,6 +326,10 @@ pub struct ValidateArgs {
     /// Configuration giving column names and cuts (defaults otherwise).
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// The star's column: "pixel" (its own pixel, as the fit sees it) or "interpolated"
+    /// (the four-pixel interpolation of `query` and dustmaps).
+    #[arg(long, default_value = "pixel")]
+    pub angular: crate::products::predict::Angular,
     /// Also write the scores as JSON here.
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -336,7 +340,7 @@ fn validate(a: ValidateArgs) -> Result<()> {
     let (cfg, _) = load_config(a.config.as_deref())?;
     let map = crate::products::dustmaps::open_map(&a.map)?;
     let cat = crate::data::catalog::Catalog::read(&a.catalog, &cfg.catalog)?;
-    let stars = crate::products::validation::predicted_from_map(&map, &cat)?;
+    let stars = crate::products::validation::predicted_from_map(&map, &cat, a.angular)?;
     let v = crate::products::validation::validate(&stars);
     print!("{}", v.summary());
     if let Some(out) = &a.out {

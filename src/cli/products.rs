@@ -343,6 +343,10 @@ pub struct PredictArgs {
     /// Output table (.csv, .csv.gz or .fits): the catalog plus predicted columns.
     #[arg(long)]
     out: PathBuf,
+    /// The star's column: "pixel" (its own pixel, as the fit sees it) or "interpolated"
+    /// (the four-pixel interpolation of `query` and dustmaps).
+    #[arg(long, default_value = "pixel")]
+    angular: crate::products::predict::Angular,
 }
 
 /// Run `dust3d predict`.
@@ -359,8 +363,10 @@ pub fn predict(a: PredictArgs) -> Result<()> {
         ..Load::MEAN
     };
     let map = open_map_with(&a.map, load)?;
-    let p = crate::products::predict::predict(&map, &cols[0], &cols[1], &cols[2], &cols[3])
-        .with_context(|| format!("{}", a.catalog.display()))?;
+    let p = crate::products::predict::predict_with(
+        &map, &cols[0], &cols[1], &cols[2], &cols[3], a.angular,
+    )
+    .with_context(|| format!("{}", a.catalog.display()))?;
     t.push("predicted_extinction", Column::F64(p.mean));
     t.push("predicted_extinction_std", Column::F64(p.std));
     t.push("map_std", Column::F64(p.map_std));

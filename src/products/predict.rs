@@ -4,7 +4,8 @@
 //! over the map's samples, with its standard deviation split into the part due to the map's
 //! uncertainty (spread over samples) and the part due to the star's distance uncertainty.
 //!
-//! The star sits in its NESTED pixel (no angular interpolation), as in the fit. Stars nearer
+//! The star sits in its NESTED pixel (no angular interpolation), as in the fit, or, with
+//! [`Angular::Interpolated`], sees the column `dust3d query` interpolates. Stars nearer
 //! than the map's inner edge get no extinction from the inner map (the likelihood's
 //! convention: that bin holds no dust); beyond it the inner map is added.
 
@@ -13,6 +14,7 @@ use rayon::prelude::*;
 
 use crate::likelihood::response::{inner_columns, star_moments, Windows};
 use crate::products::mapfile::DustMap;
+use crate::products::query::{angular_weights, AngularWeights};
 use crate::sphere::grid;
 
 /// Per-star predictions, in input order (extinction in the catalog's units).
@@ -53,7 +55,29 @@ fn validate(l: &[f64], b: &[f64], parallax: &[f64], err: &[f64]) -> Result<()> {
     Ok(())
 }
 
-/// Predict the extinction to stars at (l, b) deg with parallax ± error (mas).
+/// Where a star's column of dust is taken from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Angular {
+    /// The star's own NESTED pixel, as the fit sees it.
+    #[default]
+    Pixel,
+    /// The four-pixel ring interpolation of `dust3d query` (and of `dustmaps`).
+    Interpolated,
+}
+
+impl std::str::FromStr for Angular {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "pixel" => Ok(Self::Pixel),
+            "interpolated" => Ok(Self::Interpolated),
+            _ => bail!("angular must be 'pixel' or 'interpolated', got {s:?}"),
+        }
+    }
+}
+
+/// Predict the extinction to stars at (l, b) deg with parallax ± error (mas), each star in
+/// its pixel.
 pub fn predict(
     map: &DustMap,
     l_deg: &[f64],
@@ -61,16 +85,39 @@ pub fn predict(
     parallax_mas: &[f64],
     error_mas: &[f64],
 ) -> Result<Prediction> {
+    predict_with(map, l_deg, b_deg, parallax_mas, error_mas, Angular::Pixel)
+}
+
+/// [`predict`] with the star's column taken as `angular` says: the interpolated column is
+/// the weighted sum of the four pixels' columns, so its integral to any distance is what
+/// `dust3d query` returns there.
+pub fn predict_with(
+    map: &DustMap,
+    l_deg: &[f64],
+    b_deg: &[f64],
+    parallax_mas: &[f64],
+    error_mas: &[f64],
+    angular: Angular,
+) -> Result<Prediction> {
     map.check()?;
     validate(l_deg, b_deg, parallax_mas, error_mas)?;
     let n_star = l_deg.len();
     let win = Windows::new(&map.shells, parallax_mas, error_mas);
-    let pix: Vec<usize> = (0..n_star)
-        .map(|i| grid::ang2pix(map.nside, l_deg[i], b_deg[i]) as usize)
+    let layer = cdshealpix::nested::get(grid::depth_of_nside(map.nside)?);
+    let weights: Vec<AngularWeights> = (0..n_star)
+        .map(|i| match angular {
+            Angular::Pixel => {
+                let p = grid::ang2pix(map.nside, l_deg[i], b_deg[i]) as usize;
+                ([p; 4], [1.0, 0.0, 0.0, 0.0])
+            }
+            Angular::Interpolated => angular_weights(layer, l_deg[i], b_deg[i]),
+        })
         .collect();
+    // stars that see the same column are evaluated together
+    let key = |i: usize| (weights[i].0, weights[i].1.map(f64::to_bits));
     let mut order: Vec<usize> = (0..n_star).collect();
-    order.sort_by_key(|&i| pix[i]);
-    let groups: Vec<&[usize]> = order.chunk_by(|&a, &b| pix[a] == pix[b]).collect();
+    order.sort_by_key(|&i| key(i));
+    let groups: Vec<&[usize]> = order.chunk_by(|&a, &b| key(a) == key(b)).collect();
     let fields: Vec<(&[f64], &[f64])> = if map.samples.is_empty() {
         vec![(&map.mean, &map.inner_mean)]
     } else {
@@ -85,15 +132,17 @@ pub fn predict(
     let per_star: Vec<(usize, [f64; 3])> = groups
         .par_iter()
         .flat_map_iter(|stars| {
-            let p = pix[stars[0]];
+            let (pix, wgt) = weights[stars[0]];
+            let used: Vec<(usize, f64)> = pix.into_iter().zip(wgt).filter(|w| w.1 != 0.0).collect();
             let (mut rw, mut cum) = (vec![0.0; nr], vec![0.0; nr + 1]);
             let mut acc = vec![[0.0f64; 3]; stars.len()];
             for (rho, inner) in &fields {
                 for k in 0..nr {
-                    rw[k] = rho[k * npix + p] * widths[k];
+                    let col: f64 = used.iter().map(|&(p, w)| w * rho[k * npix + p]).sum();
+                    rw[k] = col * widths[k];
                 }
                 inner_columns(&rw, &mut cum);
-                let i0 = inner[p];
+                let i0: f64 = used.iter().map(|&(p, w)| w * inner[p]).sum();
                 for (a, &s) in acc.iter_mut().zip(stars.iter()) {
                     let w = win.of(s);
                     let (m, v) = star_moments(w, &rw, &cum);
@@ -174,5 +223,56 @@ mod tests {
         );
         assert!(predict(&m, &[30.0], &[100.0], &[2.5], &[0.5]).is_err());
         assert!(predict(&m, &[30.0], &[10.0], &[2.5], &[0.0]).is_err());
+    }
+
+    #[test]
+    fn interpolated_columns_integrate_to_what_query_returns() {
+        // a density varying across the sky and with distance; a star with a precise parallax
+        // sees, through the interpolated column, query's integrated extinction at its distance
+        let mut m = DustMap::from_fn(
+            4,
+            Shells::log_uniform(50.0, 800.0, 30).unwrap(),
+            "E",
+            |r, x| 1e-3 * (1.0 + 0.5 * (3.0 * x[0] / r).sin() + 0.3 * x[2] / r),
+        );
+        let npix = m.npix();
+        m.inner_mean = (0..npix).map(|p| 0.01 * (p % 7) as f64).collect();
+        let q = crate::products::query::Interpolator::new(
+            &m,
+            crate::products::query::Quantity::Integrated,
+            crate::products::query::Convention::Native,
+            false,
+        )
+        .unwrap();
+        let (l, b) = ([33.3, 201.7, 310.0], [12.5, -47.2, 71.0]);
+        let d_pc = [180.0, 420.0, 640.0];
+        let plx: Vec<f64> = d_pc.iter().map(|d| 1000.0 / d).collect();
+        let err: Vec<f64> = plx.iter().map(|p| 1e-5 * p).collect();
+        let p = predict_with(&m, &l, &b, &plx, &err, Angular::Interpolated).unwrap();
+        let px = predict(&m, &l, &b, &plx, &err).unwrap();
+        for i in 0..3 {
+            let want = q.mean(l[i], b[i], d_pc[i]);
+            assert!(
+                (p.mean[i] / want - 1.0).abs() < 1e-4,
+                "{i}: {} vs {want}",
+                p.mean[i]
+            );
+            // away from pixel centres the pixel column differs from the interpolated one
+            assert!(
+                (px.mean[i] / want - 1.0).abs() > 1e-3,
+                "{i}: {} vs {want}",
+                px.mean[i]
+            );
+        }
+        // at a pixel centre both conventions agree exactly
+        let (lc, bc) = grid::pix2ang(4, 77);
+        let a = predict_with(&m, &[lc], &[bc], &[2.0], &[0.3], Angular::Interpolated).unwrap();
+        let c = predict(&m, &[lc], &[bc], &[2.0], &[0.3]).unwrap();
+        assert!(
+            (a.mean[0] - c.mean[0]).abs() <= 1e-8 * c.mean[0],
+            "{} vs {}",
+            a.mean[0],
+            c.mean[0]
+        );
     }
 }

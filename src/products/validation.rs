@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use crate::data::catalog::Catalog;
 use crate::products::mapfile::DustMap;
+use crate::products::predict::Angular;
 
 /// Upper edges of the predicted-extinction bins of [`Validation::by_level`], catalog units (the
 /// last bin is open).
@@ -199,15 +200,21 @@ impl Validation {
     }
 }
 
-/// The predictive of `map` for every star of `cat` (windows on the map's shells, the star in
-/// its pixel, n_σ = 1), as [`crate::products::predict::predict`] computes it.
-pub fn predicted_from_map(map: &DustMap, cat: &Catalog) -> Result<Vec<Predicted>> {
-    let p = crate::products::predict::predict(
+/// The predictive of `map` for every star of `cat` (windows on the map's shells, the star's
+/// column as `angular` says, n_σ = 1), as [`crate::products::predict::predict_with`]
+/// computes it.
+pub fn predicted_from_map(
+    map: &DustMap,
+    cat: &Catalog,
+    angular: Angular,
+) -> Result<Vec<Predicted>> {
+    let p = crate::products::predict::predict_with(
         map,
         &cat.l_deg,
         &cat.b_deg,
         &cat.parallax_mas,
         &cat.parallax_error_mas,
+        angular,
     )?;
     Ok((0..cat.len())
         .map(|i| {

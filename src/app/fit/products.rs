@@ -173,13 +173,11 @@ pub(super) fn write_products(
     let mut prov = Provenance::current(config_text, cfg.seed, &su.id.catalog_sha256);
     prov.catalog_sha256 = su.id.catalog_sha256.clone();
     prov.schedule = schedule_summary(cfg, &st.history);
-    if let Some(v) = score_holdout(cfg, su, st)? {
+    let holdout = score_holdout(cfg, su, st)?;
+    if let Some(v) = &holdout {
         prov.validation = v.summary();
         for line in prov.validation.lines() {
             tracing::info!("held-out stars {line}");
-        }
-        if comm::is_root() {
-            write_validation(&mut set, &paths.validation, cfg, &v)?;
         }
     }
     let mut map = map_from_samples(cfg, &su.chart, &lp.samples_rw, prov)?;
@@ -190,6 +188,18 @@ pub(super) fn write_products(
         .windows(2)
         .map(|w| (w[1] - w[0]) as u32)
         .collect();
+    if let Some(v) = &holdout {
+        let query = holdout_through_query(&map, su)?;
+        for line in query
+            .iter()
+            .flat_map(|q| q.summary().lines().map(String::from).collect::<Vec<_>>())
+        {
+            tracing::info!("held-out stars through query {line}");
+        }
+        if comm::is_root() {
+            write_validation(&mut set, &paths.validation, cfg, v, query.as_ref())?;
+        }
+    }
     write_map_blocks(&mut set, &map, su, &paths.map)?;
     drop(map);
     // n_σ of the last stage's stars, by position (source ids need not be unique): the last
@@ -263,12 +273,36 @@ fn score_holdout(cfg: &Config, su: &Setup, st: &FitState) -> Result<Option<Valid
     Ok(Some(validate(&stars)))
 }
 
-/// `<stem>_validation.json`: the held-out fraction and the scores.
-fn write_validation(set: &mut Staged, path: &Path, cfg: &Config, v: &Validation) -> Result<()> {
+/// The held-out stars scored against the finished map with the column `dust3d query`
+/// interpolates (as a user reading the map sees it); one process with map samples only
+/// (on many ranks no rank holds the neighbours of every held-out star: `dust3d validate
+/// --angular interpolated` does it from the map file).
+fn holdout_through_query(map: &DustMap, su: &Setup) -> Result<Option<Validation>> {
+    if comm::size() > 1 || map.samples.is_empty() || su.holdout.stars.is_empty() {
+        return Ok(None);
+    }
+    let stars = crate::products::validation::predicted_from_map(
+        map,
+        &su.holdout.stars,
+        crate::products::predict::Angular::Interpolated,
+    )?;
+    Ok(Some(validate(&stars)))
+}
+
+/// `<stem>_validation.json`: the held-out fraction and the scores (in the star's pixel, and
+/// through query's interpolation where computed).
+fn write_validation(
+    set: &mut Staged,
+    path: &Path,
+    cfg: &Config,
+    v: &Validation,
+    query: Option<&Validation>,
+) -> Result<()> {
     let json = serde_json::json!({
         "holdout_fraction": cfg.validation.holdout_fraction,
         "predictive": "A ~ N(mean over samples of abar, var over samples of abar + mean sigma_a^2 + sigma_A^2), n_sigma = 1",
         "scores": v,
+        "scores_through_query": query,
     });
     set.write(path, |tmp| {
         std::fs::write(tmp, serde_json::to_string_pretty(&json)?)?;
