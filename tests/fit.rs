@@ -317,6 +317,11 @@ fn a_stage_ends_once_converged_and_the_map_says_so() {
         schedule.contains("stage 1:") && schedule.contains("converged"),
         "{schedule}"
     );
+    // the map says how its prior was made (the variance correction is on by default)
+    assert!(
+        schedule.starts_with("prior: ICR variance corrected"),
+        "{schedule}"
+    );
     // tolerances of 0 run every iteration
     cfg.inference.stage[1].kl_rtol = 0.0;
     let schedule = run(&cfg, "full");

@@ -23,19 +23,10 @@ pub fn icr(cfg: &Config, decomp: Decomp) -> Result<Icr> {
     )?;
     if cfg.grid.variance_correction {
         let t = std::time::Instant::now();
-        let k0 = kernel.cov(0.0);
-        let c = icr.correct_variance(k0, &cfg.grid.variance_params());
-        let kept = &c.before.mean[cfg.grid.padding..c.before.mean.len() - cfg.grid.padding];
-        let (lo, hi) = kept.iter().fold((f64::INFINITY, 0.0f64), |(a, b), v| {
-            (a.min(v / k0), b.max(v / k0))
-        });
-        let worst = (cfg.grid.padding..c.before.mean.len() - cfg.grid.padding)
-            .map(|k| c.before.std_err[k] / c.before.mean[k])
-            .fold(0.0, f64::max);
+        let c = icr.correct_variance(kernel.cov(0.0), &cfg.grid.variance_params());
         tracing::info!(
-            "ICR variance corrected to the kernel's: uncorrected {lo:.3}–{hi:.3} of k(0) over the \
-             kept shells ({} draws, relative standard error ≤ {worst:.3}, {:.1} s)",
-            c.before.draws,
+            "{} in {:.1} s",
+            c.summary(cfg.grid.padding),
             t.elapsed().as_secs_f64()
         );
     }

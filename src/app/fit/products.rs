@@ -172,7 +172,7 @@ pub(super) fn write_products(
     let mut set = Staged::default();
     let mut prov = Provenance::current(config_text, cfg.seed, &su.id.catalog_sha256);
     prov.catalog_sha256 = su.id.catalog_sha256.clone();
-    prov.schedule = schedule_summary(cfg, &st.history);
+    prov.schedule = schedule_summary(cfg, &st.history, &su.icr);
     let holdout = score_holdout(cfg, su, st)?;
     if let Some(v) = &holdout {
         prov.validation = v.summary();
@@ -405,8 +405,15 @@ fn write_star_predictions(set: &mut Staged, path: &Path, rows: Vec<u8>) -> Resul
 
 /// One line per stage: iterations run against the cap, whether the stage converged, and
 /// its last iteration's change measures against the tolerances.
-pub(super) fn schedule_summary(cfg: &Config, history: &[HistoryRow]) -> String {
+pub(super) fn schedule_summary(
+    cfg: &Config,
+    history: &[HistoryRow],
+    icr: &crate::prior::icr::Icr,
+) -> String {
     let mut out = String::new();
+    if let Some(c) = &icr.correction {
+        out += &format!("prior: {}\n", c.summary(icr.chart.padding));
+    }
     for (k, sc) in cfg.inference.stage.iter().enumerate() {
         let rows: Vec<&HistoryRow> = history.iter().filter(|r| r.stage == k).collect();
         let Some(last) = rows.last() else {

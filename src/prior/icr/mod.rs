@@ -108,6 +108,8 @@ pub struct Icr {
     pub decomp: Arc<Decomp>,
     /// Pixels in the local field array of every level (owned or all, then any halo).
     field_pix: Vec<usize>,
+    /// The variance correction applied to the last refinement, if any.
+    pub correction: Option<variance::VarianceCorrection>,
 }
 
 /// Preallocated buffers of [`Icr::forward`] and [`Icr::adjoint`].
@@ -198,6 +200,7 @@ impl Icr {
             levels,
             decomp,
             field_pix,
+            correction: None,
         })
     }
 

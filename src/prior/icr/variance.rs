@@ -48,10 +48,32 @@ impl Default for VarianceParams {
 /// What [`Icr::correct_variance`] measured and applied.
 #[derive(Clone, Debug, PartialEq)]
 pub struct VarianceCorrection {
+    /// The kernel's variance k(0) the shells were corrected to.
+    pub k0: f64,
     /// The uncorrected variance of s per chart shell.
     pub before: ShellVariance,
     /// Factor applied to s per chart shell, √(k(0) / variance).
     pub factor: Vec<f64>,
+}
+
+impl VarianceCorrection {
+    /// One line: the uncorrected range over the kept shells (all but `padding` at either
+    /// end) as a fraction of k(0), the draws and the worst relative standard error.
+    pub fn summary(&self, padding: usize) -> String {
+        let n = self.before.mean.len();
+        let kept = padding.min(n)..n.saturating_sub(padding);
+        let (mut lo, mut hi, mut worst) = (f64::INFINITY, 0.0f64, 0.0f64);
+        for k in kept {
+            let (m, e) = (self.before.mean[k], self.before.std_err[k]);
+            (lo, hi) = (lo.min(m / self.k0), hi.max(m / self.k0));
+            worst = worst.max(e / m);
+        }
+        format!(
+            "ICR variance corrected to the kernel's per shell: uncorrected {lo:.3}–{hi:.3} of k(0) \
+             over the kept shells ({} draws, relative standard error ≤ {worst:.3})",
+            self.before.draws
+        )
+    }
 }
 
 /// Draws per batch of the adaptive estimate.
@@ -78,6 +100,7 @@ impl Icr {
                 draws: 0,
             };
             return VarianceCorrection {
+                k0,
                 before,
                 factor: vec![1.0; n_f],
             };
@@ -106,7 +129,9 @@ impl Icr {
                     .for_each(|(i, v)| *v = (*v as f64 * scale(b, i)) as f32);
             }),
         }
-        VarianceCorrection { before, factor }
+        let c = VarianceCorrection { k0, before, factor };
+        self.correction = Some(c.clone());
+        c
     }
 
     /// Draw batches of prior samples until `done` says so; draw d uses sub-streams of
