@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 
+use super::noise::MarginalNsigma;
 use super::state::StarData;
 use crate::prior::icr::{Icr, IcrWork};
 use crate::sphere::decomp::Domain;
@@ -21,6 +22,9 @@ pub struct ModelParams {
     pub nsigma: InvGamma,
     /// Whether n_σ is a free point estimate (else fixed at 1).
     pub infer_nsigma: bool,
+    /// Whether n_σ is integrated out of each star's likelihood ([`MarginalNsigma`]; then no
+    /// per-star parameter, and `infer_nsigma` is ignored).
+    pub marginal_nsigma: bool,
 }
 
 impl Default for ModelParams {
@@ -35,6 +39,7 @@ impl Default for ModelParams {
             },
             nsigma: InvGamma::new(3.0, 4.0),
             infer_nsigma: true,
+            marginal_nsigma: false,
         }
     }
 }
@@ -54,8 +59,10 @@ pub struct ModelCore {
     pub offset: Normal,
     /// Prior of n_σ.
     pub nsigma: InvGamma,
-    /// Whether n_σ is a free point estimate (else fixed at 1).
+    /// Whether n_σ is a free point estimate (else fixed at 1, or marginalised).
     pub infer_nsigma: bool,
+    /// The n_σ-marginal likelihood, when n_σ is integrated out.
+    pub marginal: Option<Arc<MarginalNsigma>>,
     pub(crate) pad: usize,
     pub(crate) n_chart: usize,
     /// Vector layouts and global reductions on this rank.
@@ -75,6 +82,52 @@ pub struct ModelWork {
 }
 
 impl ModelCore {
+    /// Energy of star `i` without ½ ln 2π, and its partials (∂/∂ā, ∂/∂σ_a²), for residual
+    /// `r` = A − ā and variance `var` = (n_σ σ_A)² + σ_a² (σ_a² alone when n_σ is
+    /// marginalised).
+    #[inline]
+    pub fn star_energy(&self, i: usize, r: f64, var: f64) -> (f64, f64, f64) {
+        match &self.marginal {
+            None => (
+                0.5 * r * r / var + 0.5 * var.ln(),
+                -r / var,
+                0.5 / var - 0.5 * r * r / (var * var),
+            ),
+            Some(m) => m.energy(r, var, self.data.a_err[i] * self.data.a_err[i]),
+        }
+    }
+
+    /// Star tangents (δā, δv) of star `i` at variance `var` (as in
+    /// [`ModelCore::star_energy`]) weighed by its Fisher information: (δā/v, δv/(2v²)) for
+    /// the Gaussian.
+    #[inline]
+    pub fn fisher_weigh(&self, i: usize, var: f64, da: &mut f64, dv: &mut f64) {
+        match &self.marginal {
+            None => {
+                *da /= var;
+                *dv /= 2.0 * var * var;
+            }
+            Some(m) => {
+                let (fa, fv) = m.fisher(var, self.data.a_err[i] * self.data.a_err[i]);
+                *da *= fa;
+                *dv *= fv;
+            }
+        }
+    }
+
+    /// Standard normals (η_a, η_v) of star `i` times the square root of its Fisher
+    /// information: (η_a/√v, η_v/(√2 v)) for the Gaussian.
+    #[inline]
+    pub fn sqrt_fisher(&self, i: usize, var: f64, eta_a: f64, eta_v: f64) -> (f64, f64) {
+        match &self.marginal {
+            None => (eta_a / var.sqrt(), eta_v / (std::f64::consts::SQRT_2 * var)),
+            Some(m) => {
+                let (fa, fv) = m.fisher(var, self.data.a_err[i] * self.data.a_err[i]);
+                (eta_a * fa.sqrt(), eta_v * fv.sqrt())
+            }
+        }
+    }
+
     /// Number of kept shells.
     pub fn n_r(&self) -> usize {
         self.widths.len()

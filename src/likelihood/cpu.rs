@@ -177,8 +177,7 @@ impl Backend for Cpu {
                 // v also depends on ξ_σ: ∂v/∂ξ_σ = 2 n_σ σ_A² dn_σ/dξ_σ (diagonal per star)
                 let dvds = 2.0 * st.nsig[i] * d.a_err[i] * d.a_err[i] * st.dnsig[i];
                 dv[i] += dvds * vs[i];
-                da[i] /= st.var[i];
-                dv[i] /= 2.0 * st.var[i] * st.var[i];
+                m.fisher_weigh(i, st.var[i], &mut da[i], &mut dv[i]);
                 out[np + i] += dvds * dv[i] / n;
             }
             let c = vjp_to_field(m, st, &da, &dv, 1.0 / n, true, &mut acc, &mut w.pix_scalars);
@@ -264,8 +263,8 @@ fn value_grad_pixels(
                     let ns = nsig[i] * d.a_err[i];
                     let vv = ns * ns + va;
                     let r = d.a_obs[i] - ab;
-                    e += 0.5 * r * r / vv + 0.5 * vv.ln();
-                    let (ca, cv) = (-r / vv, 0.5 / vv - 0.5 * r * r / (vv * vv));
+                    let (ei, ca, cv) = m.star_energy(i, r, vv);
+                    e += ei;
                     star_vjp(win, col, cum, ab, ca, cv, rw_bar, cum_bar);
                     a[j] = ab;
                     v[j] = vv;

@@ -6,5 +6,6 @@ pub mod core;
 pub mod cpu;
 pub mod mask;
 pub mod model;
+pub mod noise;
 pub mod response;
 pub mod state;

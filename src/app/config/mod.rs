@@ -205,6 +205,9 @@ pub struct NoiseConfig {
     /// star inflate its error to fit its own residual, which pulls the field's scale down
     /// (see docs/model.md).
     pub sample_nsigma: bool,
+    /// Whether n_σ is integrated out of each star's likelihood instead (no per-star
+    /// parameter; `infer_nsigma` then has no effect; CPU backend and MGVI samples only).
+    pub marginalise_nsigma: bool,
 }
 
 impl Default for NoiseConfig {
@@ -214,6 +217,7 @@ impl Default for NoiseConfig {
             nsigma_scale: 4.0,
             infer_nsigma: true,
             sample_nsigma: false,
+            marginalise_nsigma: false,
         }
     }
 }
@@ -530,6 +534,7 @@ impl Config {
                 self.noise.nsigma_scale,
             ),
             infer_nsigma: self.noise.infer_nsigma,
+            marginal_nsigma: self.noise.marginalise_nsigma,
         }
     }
 

@@ -118,6 +118,16 @@ fn every_bad_value_is_named_with_its_key_and_line() {
             3,
         ),
         (
+            "[noise]\nmarginalise_nsigma = true\nsample_nsigma = true\n",
+            "noise.marginalise_nsigma",
+            2,
+        ),
+        (
+            "[noise]\nmarginalise_nsigma = true\n[[inference.stage]]\nsample_mode = \"geovi\"\n",
+            "inference.stage[0].sample_mode",
+            4,
+        ),
+        (
             "[grid]\nvariance_max_draws = 8\n",
             "grid.variance_max_draws",
             2,

@@ -58,6 +58,31 @@ impl Config {
                 "noise.nsigma_shape and noise.nsigma_scale must be > 0",
             ));
         }
+        if n.marginalise_nsigma && n.sample_nsigma {
+            return Err(invalid(
+                "noise.marginalise_nsigma",
+                "noise.marginalise_nsigma integrates n_σ out: it cannot also be sampled \
+                 (noise.sample_nsigma = true)",
+            ));
+        }
+        if n.marginalise_nsigma && self.backend.kind == super::BackendKind::Opencl {
+            return Err(invalid(
+                "noise.marginalise_nsigma",
+                "noise.marginalise_nsigma runs on the CPU backend only (backend.kind = \"cpu\")",
+            ));
+        }
+        if let Some(k) = self
+            .inference
+            .stage
+            .iter()
+            .position(|s| n.marginalise_nsigma && s.sample_mode == super::SampleModeName::Geovi)
+        {
+            return Err(invalid(
+                format!("inference.stage[{k}].sample_mode"),
+                "geoVI's coordinates assume the Gaussian likelihood: with \
+                 noise.marginalise_nsigma use sample_mode = \"mgvi\"",
+            ));
+        }
         self.validate_catalog()?;
         self.validate_inference()?;
         if let Some(n) = self.parallel.nside_dec {

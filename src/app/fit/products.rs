@@ -214,6 +214,8 @@ pub(super) fn write_products(
         .iter()
         .map(|&u| match (u, cfg.noise.infer_nsigma) {
             (false, _) => f64::NAN,
+            // marginalised n_σ has no per-star value
+            (true, false) if cfg.noise.marginalise_nsigma => f64::NAN,
             (true, false) => 1.0,
             (true, true) if st.vi.xsig.len() == n_used => {
                 fitted.next().map_or(f64::NAN, |&z| tf.value(z))
@@ -403,8 +405,9 @@ fn write_star_predictions(set: &mut Staged, path: &Path, rows: Vec<u8>) -> Resul
     .with_context(|| format!("cannot write {}", path.display()))
 }
 
-/// One line per stage: iterations run against the cap, whether the stage converged, and
-/// its last iteration's change measures against the tolerances.
+/// The prior's variance correction (when applied), then one line per stage: iterations run
+/// against the cap, whether the stage converged, and its last iteration's change measures
+/// against the tolerances.
 pub(super) fn schedule_summary(
     cfg: &Config,
     history: &[HistoryRow],

@@ -131,6 +131,12 @@ pub fn attach(model: &mut Model, spec: &super::DeviceSpec, precision: Precision)
              supported yet (run `dust3d fit --backend opencl` without mpirun)"
         );
     }
+    if model.marginal.is_some() {
+        anyhow::bail!(
+            "the OpenCL backend evaluates the Gaussian likelihood only: \
+             noise.marginalise_nsigma needs the CPU backend"
+        );
+    }
     let dev = Gpu::open(spec)?;
     let chart = &model.icr.chart;
     let level_voxels: Vec<usize> = (0..=chart.levels).map(|l| chart.voxels(l)).collect();

@@ -74,7 +74,12 @@ impl Model {
             scale: params.scale,
             offset: params.offset,
             nsigma: params.nsigma.clone(),
-            infer_nsigma: params.infer_nsigma,
+            infer_nsigma: params.infer_nsigma && !params.marginal_nsigma,
+            marginal: params.marginal_nsigma.then(|| {
+                Arc::new(crate::likelihood::noise::MarginalNsigma::new(
+                    &params.nsigma,
+                ))
+            }),
             pad: chart.padding,
             n_chart: chart.n_r(chart.levels),
             icr,
@@ -134,7 +139,11 @@ impl Model {
     /// The global scale and offset and every star's n_σ into `st`.
     fn set_globals(&self, x: &[f64], xsig: &[f64], st: &mut State) {
         let nxi = self.icr.n_xi();
-        if self.infer_nsigma {
+        if self.marginal.is_some() {
+            // the likelihood integrates n_σ out: v holds the distance part σ_a² alone
+            st.nsig.fill(0.0);
+            st.dnsig.fill(0.0);
+        } else if self.infer_nsigma {
             st.nsig
                 .par_iter_mut()
                 .zip(st.dnsig.par_iter_mut())
@@ -179,10 +188,10 @@ impl Model {
     /// −ln P(x, ξ_σ | data) up to a constant: Σ_i [(A−ā)²/(2v) + ½ ln v] + ½|x|² + ½|ξ_σ|².
     pub fn energy(&self, st: &State, x: &[f64], xsig: &[f64]) -> f64 {
         let d = &self.data;
-        let lik = self.dom.stars.sum(|i| {
-            let r = d.a_obs[i] - st.abar[i];
-            0.5 * r * r / st.var[i] + 0.5 * st.var[i].ln()
-        });
+        let lik = self
+            .dom
+            .stars
+            .sum(|i| self.star_energy(i, d.a_obs[i] - st.abar[i], st.var[i]).0);
         lik + self.prior_energy(x, xsig)
     }
 
@@ -267,10 +276,8 @@ impl Model {
             .zip(gsig.par_iter_mut())
             .enumerate()
             .for_each(|(i, ((a, c), gs))| {
-                let r = d.a_obs[i] - st.abar[i];
-                let v = st.var[i];
-                *a = -r / v;
-                *c = 0.5 / v - 0.5 * r * r / (v * v);
+                let (_, ga, gv) = self.star_energy(i, d.a_obs[i] - st.abar[i], st.var[i]);
+                (*a, *c) = (ga, gv);
                 *gs = if self.infer_nsigma {
                     *c * 2.0 * st.nsig[i] * d.a_err[i] * d.a_err[i] * st.dnsig[i] + xsig[i]
                 } else {
@@ -331,9 +338,7 @@ impl Model {
         let mut dv = std::mem::take(&mut w.star_v);
         let r = self.jvp(st, v, &mut da, &mut dv, w).and_then(|()| {
             for i in 0..da.len() {
-                let var = st.var[i];
-                da[i] /= var;
-                dv[i] /= 2.0 * var * var;
+                self.fisher_weigh(i, st.var[i], &mut da[i], &mut dv[i]);
             }
             self.vjp(st, &da, &dv, out, w)
         });
@@ -353,16 +358,9 @@ impl Model {
         out: &mut [f64],
         w: &mut ModelWork,
     ) -> Result<()> {
-        let ca: Vec<f64> = eta_a
-            .iter()
-            .zip(&st.var)
-            .map(|(e, v)| e / v.sqrt())
-            .collect();
-        let cv: Vec<f64> = eta_v
-            .iter()
-            .zip(&st.var)
-            .map(|(e, v)| e / (std::f64::consts::SQRT_2 * v))
-            .collect();
+        let (ca, cv): (Vec<f64>, Vec<f64>) = (0..st.var.len())
+            .map(|i| self.sqrt_fisher(i, st.var[i], eta_a[i], eta_v[i]))
+            .unzip();
         self.vjp(st, &ca, &cv, out, w)
     }
 }

@@ -28,6 +28,19 @@ fn setup(n_stars: usize, infer_nsigma: bool, distances: &str) -> (Model, Vec<f64
     (model, x, cfg)
 }
 
+/// [`setup`]'s sky and truth with n_σ integrated out of the likelihood.
+fn setup_marginal(n_stars: usize) -> (Model, Vec<f64>) {
+    let (m, x, mut cfg) = setup(n_stars, true, "volume");
+    cfg.noise.marginalise_nsigma = true;
+    let sim = simulate::run(&cfg, "").unwrap();
+    let pc = sim
+        .catalog
+        .into_pixel_layout(cfg.chart().unwrap().nside_final());
+    let model = crate::app::build::model(&cfg, m.icr.clone(), &pc).unwrap();
+    assert!(model.marginal.is_some() && !model.infer_nsigma);
+    (model, x)
+}
+
 fn gauss(n: usize, seed: u64, scale: f64) -> Vec<f64> {
     let mut r = crate::base::rng::stream(seed, 77);
     (0..n)
@@ -355,4 +368,64 @@ fn fused_value_grad_equals_separate_passes() {
     };
     assert!(rel(&gx2, &gx) < 1e-12 && rel(&gs2, &gs) < 1e-12);
     assert_eq!(st2.abar, st.abar);
+}
+
+#[test]
+fn marginal_nsigma_gradient_and_metric_are_exact() {
+    // the n_σ-marginal likelihood: value + gradient against finite differences of the
+    // energy, and the metric against the dense Jᵀ F J with F its Fisher weights
+    let (m, x_true) = setup_marginal(300);
+    let mut w = m.workspace();
+    let (np, n) = (m.n_params(), m.data.len());
+    let xs = vec![0.0; n];
+    for (pi, x) in [x_true.clone(), axpy(&x_true, 0.3, &gauss(np, 5, 1.0))]
+        .iter()
+        .enumerate()
+    {
+        let mut st = m.state(x, &xs, &mut w).unwrap();
+        let (mut gx, mut gs) = (vec![0.0; np], vec![0.0; n]);
+        let e0 = m
+            .value_grad(x, &xs, &mut st, &mut gx, &mut gs, &mut w)
+            .unwrap();
+        assert!(
+            (e0 - m.energy(&st, x, &xs)).abs() <= 1e-9 * e0.abs(),
+            "fused energy"
+        );
+        assert!(gs.iter().all(|g| *g == 0.0), "no per-star parameter");
+        for dir in 0..3 {
+            let u = gauss(np, 60 + dir, 1.0);
+            let mut w2 = m.workspace();
+            let mut e = |h: f64| {
+                let xp = axpy(x, h, &u);
+                let s = m.state(&xp, &xs, &mut w2).unwrap();
+                m.energy(&s, &xp, &xs)
+            };
+            let an = dot(&gx, &u);
+            let rel = [1e-2, 3e-3, 1e-3, 3e-4]
+                .iter()
+                .map(|&h| (richardson(&mut e, h) - an).abs() / an.abs().max(1e-300))
+                .fold(f64::INFINITY, f64::min);
+            assert!(rel < 1e-6, "point {pi} dir {dir}: rel {rel:e}");
+        }
+        let v = gauss(np, 70 + pi as u64, 1.0);
+        let mut mv = vec![0.0; np];
+        m.metric(&st, &v, &mut mv, &mut w).unwrap();
+        let (mut da, mut dv) = (vec![0.0; n], vec![0.0; n]);
+        m.jvp(&st, &v, &mut da, &mut dv, &mut w).unwrap();
+        let quad: f64 = (0..n)
+            .map(|i| {
+                let (fa, fv) = m
+                    .marginal
+                    .as_ref()
+                    .unwrap()
+                    .fisher(st.var[i], m.data.a_err[i] * m.data.a_err[i]);
+                fa * da[i] * da[i] + fv * dv[i] * dv[i]
+            })
+            .sum();
+        let (l, r) = (dot(&v, &mv), dot(&v, &v) + quad);
+        assert!(
+            (l - r).abs() <= 1e-10 * r,
+            "vᵀMv {l} vs |v|² + Σ F (Jv)² {r}"
+        );
+    }
 }
