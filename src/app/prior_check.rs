@@ -78,16 +78,12 @@ fn summary(
     radii: &[f64],
     kept: std::ops::Range<usize>,
 ) {
-    let mut off = Vec::new();
-    let (mut lo, mut hi) = (f64::INFINITY, f64::NEG_INFINITY);
+    let (lo, hi, _) = v.kept_range(kept.clone(), k0);
     let n = kept.len();
-    for i in kept {
-        let (r, e) = (v.mean[i] / k0, v.std_err[i] / k0);
-        (lo, hi) = (lo.min(r), hi.max(r));
-        if (r - 1.0).abs() > 0.1 + 2.0 * e {
-            off.push(radii[i]);
-        }
-    }
+    let off: Vec<f64> = kept
+        .filter(|&i| (v.mean[i] / k0 - 1.0).abs() > 0.1 + 2.0 * v.std_err[i] / k0)
+        .map(|i| radii[i])
+        .collect();
     let _ = writeln!(
         s,
         "{what}: {lo:.3} – {hi:.3} over the kept shells; {} of {n} shells more than 10 % off \

@@ -73,17 +73,18 @@ impl MarginalNsigma {
     /// ```
     pub fn energy(&self, r: f64, w: f64, s2: f64) -> (f64, f64, f64) {
         let mut top = f64::NEG_INFINITY;
-        let mut l = [0.0f64; 80];
+        let (mut l, mut var) = ([0.0f64; 80], [0.0f64; 80]);
         let n = self.n2.len();
         debug_assert!(n <= l.len());
         for j in 0..n {
             let v = w + self.n2[j] * s2;
+            var[j] = v;
             l[j] = self.ln_w[j] - 0.5 * r * r / v - 0.5 * v.ln();
             top = top.max(l[j]);
         }
         let (mut z, mut ga, mut gw) = (0.0, 0.0, 0.0);
         for j in 0..n {
-            let v = w + self.n2[j] * s2;
+            let v = var[j];
             let p = (l[j] - top).exp();
             z += p;
             ga -= p * r / v;

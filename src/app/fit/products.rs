@@ -190,11 +190,10 @@ pub(super) fn write_products(
         .collect();
     if let Some(v) = &holdout {
         let query = holdout_through_query(&map, su)?;
-        for line in query
-            .iter()
-            .flat_map(|q| q.summary().lines().map(String::from).collect::<Vec<_>>())
-        {
-            tracing::info!("held-out stars through query {line}");
+        if let Some(q) = &query {
+            for line in q.summary().lines() {
+                tracing::info!("held-out stars through query {line}");
+            }
         }
         if comm::is_root() {
             write_validation(&mut set, &paths.validation, cfg, v, query.as_ref())?;

@@ -25,6 +25,17 @@ pub struct ShellVariance {
     pub draws: usize,
 }
 
+impl ShellVariance {
+    /// Over chart shells `kept`: the least and greatest variance as a fraction of `k0`, and
+    /// the worst relative standard error.
+    pub fn kept_range(&self, kept: std::ops::Range<usize>, k0: f64) -> (f64, f64, f64) {
+        kept.fold((f64::INFINITY, 0.0f64, 0.0f64), |(lo, hi, worst), k| {
+            let (m, e) = (self.mean[k], self.std_err[k]);
+            (lo.min(m / k0), hi.max(m / k0), worst.max(e / m))
+        })
+    }
+}
+
 /// How the variance correction is estimated: draws are added in batches until every kept
 /// shell's relative standard error is below `rel_tol`, or `max_draws` are reached.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -62,12 +73,7 @@ impl VarianceCorrection {
     pub fn summary(&self, padding: usize) -> String {
         let n = self.before.mean.len();
         let kept = padding.min(n)..n.saturating_sub(padding);
-        let (mut lo, mut hi, mut worst) = (f64::INFINITY, 0.0f64, 0.0f64);
-        for k in kept {
-            let (m, e) = (self.before.mean[k], self.before.std_err[k]);
-            (lo, hi) = (lo.min(m / self.k0), hi.max(m / self.k0));
-            worst = worst.max(e / m);
-        }
+        let (lo, hi, worst) = self.before.kept_range(kept, self.k0);
         format!(
             "ICR variance corrected to the kernel's per shell: uncorrected {lo:.3}–{hi:.3} of k(0) \
              over the kept shells ({} draws, relative standard error ≤ {worst:.3})",
@@ -107,10 +113,7 @@ impl Icr {
         }
         let kept = self.chart.padding..n_f - self.chart.padding;
         let before = self.estimate_variance(0, crate::base::rng::streams::ICR_VARIANCE, |v| {
-            let worst = kept
-                .clone()
-                .map(|k| v.std_err[k] / v.mean[k])
-                .fold(0.0, f64::max);
+            let worst = v.kept_range(kept.clone(), k0).2;
             v.draws >= params.max_draws || (v.draws >= 2 * BATCH && worst <= params.rel_tol)
         });
         let factor: Vec<f64> = before.mean.iter().map(|m| (k0 / m).sqrt()).collect();
@@ -152,6 +155,8 @@ impl Icr {
         let mut x = vec![0.0; layout.len];
         let (mut m1, mut m2) = (vec![0.0; nc], vec![0.0; nc]);
         let mut partial = vec![0.0; n_patch * nc];
+        let no_replicated = vec![0.0; nc];
+        let npix = self.chart.npix(lv) as f64;
         let mut v = ShellVariance {
             mean: vec![0.0; nc],
             std_err: vec![f64::INFINITY; nc],
@@ -172,8 +177,7 @@ impl Icr {
                         part.iter_mut().zip(col).for_each(|(a, s)| *a += s * s);
                     }
                 }
-                let sums = reduce_rows(&self.decomp, &vec![0.0; nc], &partial);
-                let npix = self.chart.npix(lv) as f64;
+                let sums = reduce_rows(&self.decomp, &no_replicated, &partial);
                 for k in 0..nc {
                     let a = sums[k] / npix;
                     m1[k] += a;
@@ -200,6 +204,13 @@ mod tests {
     use crate::sphere::covariance::{Kernel, Matern, Nu};
     use crate::sphere::grid::Chart;
 
+    /// The W1 kernel: Matérn-3/2, 1.5, 30 pc.
+    const K30: Matern = Matern {
+        nu: Nu::ThreeHalves,
+        std: 1.5,
+        length_pc: 30.0,
+    };
+
     #[test]
     fn level_zero_alone_is_the_exact_kernel_variance() {
         // no refinement: s = L ξ with L the Cholesky factor of the kernel, so the variance is
@@ -221,11 +232,7 @@ mod tests {
     #[test]
     fn a_chart_coarse_against_the_kernel_length_shows_its_variance_error() {
         // the W1 chart: coarse levels whose spacing is close to the 30 pc kernel length
-        let k = Matern {
-            nu: Nu::ThreeHalves,
-            std: 1.5,
-            length_pc: 30.0,
-        };
+        let k = K30;
         let chart = Chart::new(2, 12, 4, 2, 40.0, 2000.0).unwrap();
         let icr = Icr::new(&chart, &k, Precision::F64).unwrap();
         let v = icr.variance_by_shell(40, 2, 4);
@@ -240,11 +247,7 @@ mod tests {
     #[test]
     fn the_correction_scales_each_final_shell_and_nothing_else() {
         // the corrected forward map is diag(factor) times the uncorrected one, exactly
-        let k = Matern {
-            nu: Nu::ThreeHalves,
-            std: 1.5,
-            length_pc: 30.0,
-        };
+        let k = K30;
         let chart = Chart::new(1, 8, 2, 1, 40.0, 600.0).unwrap();
         let plain = Icr::new(&chart, &k, Precision::F64).unwrap();
         let mut fixed = plain.clone();
@@ -273,11 +276,7 @@ mod tests {
         // a chart whose coarse spacing is close to the 30 pc kernel length: some shells
         // start more than 20 % low; corrected, every kept shell is within the combined
         // standard errors (estimate and check, 4 sigma) of k(0)
-        let k = Matern {
-            nu: Nu::ThreeHalves,
-            std: 1.5,
-            length_pc: 30.0,
-        };
+        let k = K30;
         let chart = Chart::new(2, 12, 3, 2, 40.0, 1000.0).unwrap();
         let mut icr = Icr::new(&chart, &k, Precision::F64).unwrap();
         let k0 = k.cov(0.0);
