@@ -238,6 +238,8 @@ fn a_growing_schedule_where_some_ranks_gain_no_stars() {
     cfg.inference.stage[0].max_distance_pc = Some(200.0);
     cfg.inference.stage[1].max_distance_pc = None;
     cfg.noise.infer_nsigma = true;
+    // and the scale in its own factor: its update sums over every rank's excitations
+    cfg.inference.stage[1].scale_update = dust3d::app::config::ScaleUpdateName::Marginal;
     let grown_cfg = dir.path().join("grown.toml");
     std::fs::write(&grown_cfg, toml::to_string(&cfg).unwrap()).unwrap();
     let plain = dir.path().join("plain.nc");

@@ -247,6 +247,8 @@ fn bench_mgvi(
         newton_forcing: opts.newton_forcing,
         mode: crate::inference::mgvi::SampleMode::Mgvi,
         sample_nsigma: false,
+        // the reference's treatment (and its work)
+        scale_update: crate::inference::mgvi::ScaleUpdate::Joint,
     };
     let mask = vec![1.0; model.n_params()];
     let mut state = crate::inference::mgvi::MgviState::start(model.n_params());

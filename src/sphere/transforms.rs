@@ -43,6 +43,10 @@ impl LogNormal {
             sigma: s2.sqrt(),
         }
     }
+    /// (μ, σ) of ln value = μ + σ ξ.
+    pub fn mu_sigma(&self) -> (f64, f64) {
+        (self.mu, self.sigma)
+    }
     /// Value at latent ξ.
     pub fn value(&self, xi: f64) -> f64 {
         (self.mu + self.sigma * xi).exp()

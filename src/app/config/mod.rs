@@ -179,6 +179,17 @@ pub struct PriorConfig {
     pub offset_std: f64,
 }
 
+/// `inference.stage.scale_update`.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ScaleUpdateName {
+    /// One more MGVI coordinate.
+    #[default]
+    Joint,
+    /// The scale's own factor.
+    Marginal,
+}
+
 impl Default for PriorConfig {
     fn default() -> Self {
         Self {
@@ -293,6 +304,10 @@ pub struct StageConfig {
     /// geoVI only: Gauss–Newton steps per sample of the coordinate equation (its CG uses
     /// `newton_cg_iterations` and `newton_forcing`).
     pub geovi_newton_steps: usize,
+    /// How the field's scale is inferred: "joint" (one more coordinate of MGVI's Gaussian,
+    /// as in the paper; biased low) or "marginal" (its own variational factor, updated from
+    /// the samples' second moment after each iteration).
+    pub scale_update: ScaleUpdateName,
 }
 
 /// `sample_mode` of a stage.
@@ -325,6 +340,7 @@ impl Default for StageConfig {
             map_tol: 1.0,
             sample_mode: SampleModeName::Mgvi,
             geovi_newton_steps: 5,
+            scale_update: ScaleUpdateName::default(),
         }
     }
 }
@@ -344,8 +360,13 @@ impl StageConfig {
         &self,
         noise: &NoiseConfig,
     ) -> crate::inference::mgvi::IterationSettings {
+        use crate::inference::mgvi::ScaleUpdate;
         crate::inference::mgvi::IterationSettings {
             sample_nsigma: noise.sample_nsigma,
+            scale_update: match self.scale_update {
+                ScaleUpdateName::Marginal => ScaleUpdate::Marginal,
+                ScaleUpdateName::Joint => ScaleUpdate::Joint,
+            },
             sample_pairs: self.sample_pairs,
             sample_cg_iterations: self.sample_cg_iterations,
             sample_cg_tolerance: self.sample_cg_tolerance,

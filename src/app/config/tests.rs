@@ -128,6 +128,11 @@ fn every_bad_value_is_named_with_its_key_and_line() {
             4,
         ),
         (
+            "[grid]\nlevels = 2\n[[inference.stage]]\nlevels = 1\nscale_update = \"marginal\"\n",
+            "inference.stage[0].scale_update",
+            5,
+        ),
+        (
             "[grid]\nvariance_max_draws = 8\n",
             "grid.variance_max_draws",
             2,

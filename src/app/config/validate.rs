@@ -232,6 +232,18 @@ impl Config {
                         ),
                     ));
                 }
+                if l < self.grid.levels && s.scale_update == super::ScaleUpdateName::Marginal {
+                    // held levels carry none of the field's fine-scale power, so the coarse
+                    // excitations' second moment overstates the scale
+                    return Err(invalid(
+                        format!("{key}.scale_update"),
+                        format!(
+                            "{key}.scale_update = \"marginal\" needs every ICR level free \
+                             ({key}.levels = {l} of {}): use \"joint\" in coarse stages",
+                            self.grid.levels
+                        ),
+                    ));
+                }
             }
             if let Some(d) = s.max_distance_pc {
                 if !(d > 0.0 && d.is_finite()) {

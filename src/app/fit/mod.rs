@@ -333,7 +333,10 @@ impl StageRun {
             mgvi::global_iteration(&self.model, &self.settings, &self.mask, &mut st.vi, streams)?;
         st.iteration += 1;
         let converged = self.convergence.met_by(&rep.change);
-        let [scale_mean, scale_std] = sample_scale(&self.model, &st.vi);
+        let [scale_mean, scale_std] = match rep.scale {
+            Some(f) => [f.scale, f.std],
+            None => sample_scale(&self.model, &st.vi),
+        };
         let row = HistoryRow {
             stage: st.stage,
             iteration: st.iteration,

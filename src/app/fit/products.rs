@@ -405,8 +405,8 @@ fn write_star_predictions(set: &mut Staged, path: &Path, rows: Vec<u8>) -> Resul
 }
 
 /// The prior's variance correction (when applied), then one line per stage: iterations run
-/// against the cap, whether the stage converged, and its last iteration's change measures
-/// against the tolerances.
+/// against the cap, whether the stage converged, its last iteration's change measures
+/// against the tolerances, and the scale it ended with and how it was inferred.
 pub(super) fn schedule_summary(
     cfg: &Config,
     history: &[HistoryRow],
@@ -428,7 +428,8 @@ pub(super) fn schedule_summary(
         };
         out += &format!(
             "stage {k}: {} of at most {} iterations, {how} (last: KL change {:.2e} / {:.0e}, \
-             step {:.2e} / {:.0e}, mean ln ρ change {:.2e} σ / {:.0e} σ)\n",
+             step {:.2e} / {:.0e}, mean ln ρ change {:.2e} σ / {:.0e} σ); scale {:.3} ± {:.3} \
+             ({})\n",
             rows.len(),
             sc.iterations,
             last.kl_change,
@@ -436,7 +437,13 @@ pub(super) fn schedule_summary(
             last.step_rms,
             sc.step_tol,
             last.map_change,
-            sc.map_tol
+            sc.map_tol,
+            last.scale_mean,
+            last.scale_std,
+            match sc.scale_update {
+                crate::app::config::ScaleUpdateName::Joint => "joint with the map",
+                crate::app::config::ScaleUpdateName::Marginal => "its own factor",
+            }
         );
     }
     out

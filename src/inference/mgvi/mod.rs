@@ -8,6 +8,7 @@
 pub mod geovi;
 pub mod kl;
 pub mod sampling;
+pub mod scale;
 
 use anyhow::{Context, Result};
 
@@ -18,6 +19,7 @@ use crate::num::cg::CgSettings;
 use crate::sphere::decomp::Space;
 pub use kl::Kl;
 pub use sampling::{draw_residual, draw_residual_in, sample_point, Fisher, ModelAt};
+pub use scale::{ScaleFactor, ScaleUpdate};
 
 /// What MGVI carries from one global iteration to the next (and a checkpoint stores).
 #[derive(Clone, Debug, PartialEq)]
@@ -85,6 +87,9 @@ pub struct IterationSettings {
     /// Whether the samples cover the per-star ξ_σ too (else ξ_σ is a point estimate, the
     /// same in every sample); only when the model infers n_σ.
     pub sample_nsigma: bool,
+    /// How the field's scale is inferred: in MGVI's Gaussian, or in its own factor
+    /// ([`scale`]).
+    pub scale_update: ScaleUpdate,
 }
 
 /// How the residual samples of an iteration are drawn.
@@ -104,6 +109,7 @@ impl Default for IterationSettings {
         Self {
             mode: SampleMode::Mgvi,
             sample_nsigma: false,
+            scale_update: ScaleUpdate::default(),
             sample_pairs: 2,
             sample_cg_iterations: 100,
             sample_cg_tolerance: 1e-3,
@@ -154,6 +160,8 @@ pub struct IterationReport {
     pub newton: NewtonReport,
     /// How far the iteration moved the posterior (convergence measures).
     pub change: Change,
+    /// The update of the scale's own factor (`ScaleUpdate::Marginal`).
+    pub scale: Option<ScaleFactor>,
 }
 
 /// How much one global iteration changed the approximate posterior, with this iteration's
@@ -208,6 +216,12 @@ pub fn global_iteration(
     state: &mut MgviState,
     streams: Streams,
 ) -> Result<IterationReport> {
+    let marginal_scale = settings.scale_update == ScaleUpdate::Marginal;
+    let mut held = mask.to_vec();
+    if marginal_scale {
+        held[model.icr.n_xi()] = 0.0;
+    }
+    let mask = &held[..];
     let MgviState {
         x,
         xsig,
@@ -239,6 +253,11 @@ pub fn global_iteration(
         step_rms: (model.dom.x.dot(&dx, &dx) / np as f64).sqrt(),
         map_z_rms: z_rms_change(model, &map_before, &map_after, &map_std),
     };
+    let scale = if marginal_scale {
+        scale::update(model, mask, x, residuals, shifts)
+    } else {
+        None
+    };
     Ok(IterationReport {
         kl: newton.value,
         sample_cg,
@@ -246,6 +265,7 @@ pub fn global_iteration(
         sample_cg_capped,
         newton,
         change,
+        scale,
     })
 }
 
