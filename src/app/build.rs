@@ -35,7 +35,30 @@ pub fn icr(cfg: &Config, decomp: Decomp) -> Result<Icr> {
 
 /// The model of `cfg` over `icr` and pixel-sorted stars, on the backend `cfg` names.
 pub fn model(cfg: &Config, icr: Arc<Icr>, stars: &PixelCatalog) -> Result<Model> {
-    let mut model = Model::new(&cfg.model_params(), icr, stars)?;
+    with_params(cfg, &cfg.model_params(), icr, stars)
+}
+
+/// The model of schedule stage `stage` (its likelihood settings applied) for `stars`.
+pub fn stage_model(
+    cfg: &Config,
+    stage: usize,
+    icr: Arc<Icr>,
+    stars: &PixelCatalog,
+) -> Result<Model> {
+    let params = crate::likelihood::model::ModelParams {
+        distance_variance: cfg.inference.stage[stage].distance_variance,
+        ..cfg.model_params()
+    };
+    with_params(cfg, &params, icr, stars)
+}
+
+fn with_params(
+    cfg: &Config,
+    params: &crate::likelihood::model::ModelParams,
+    icr: Arc<Icr>,
+    stars: &PixelCatalog,
+) -> Result<Model> {
+    let mut model = Model::new(params, icr, stars)?;
     if cfg.backend.kind == BackendKind::Opencl {
         crate::backend::opencl::backend::attach(
             &mut model,

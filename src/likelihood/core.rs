@@ -25,6 +25,10 @@ pub struct ModelParams {
     /// Whether n_σ is integrated out of each star's likelihood ([`MarginalNsigma`]; then no
     /// per-star parameter, and `infer_nsigma` is ignored).
     pub marginal_nsigma: bool,
+    /// Whether each star's variance includes σ_a², the spread of its extinction over its
+    /// distance uncertainty (else v = (n_σ σ_A)² alone: a start that fits the columns before
+    /// the distance structure; see docs/model.md).
+    pub distance_variance: bool,
 }
 
 impl Default for ModelParams {
@@ -40,6 +44,7 @@ impl Default for ModelParams {
             nsigma: InvGamma::new(3.0, 4.0),
             infer_nsigma: true,
             marginal_nsigma: false,
+            distance_variance: true,
         }
     }
 }
@@ -63,6 +68,8 @@ pub struct ModelCore {
     pub infer_nsigma: bool,
     /// The n_σ-marginal likelihood, when n_σ is integrated out.
     pub marginal: Option<Arc<MarginalNsigma>>,
+    /// Whether σ_a² enters each star's variance ([`ModelParams::distance_variance`]).
+    pub distance_variance: bool,
     pub(crate) pad: usize,
     pub(crate) n_chart: usize,
     /// Vector layouts and global reductions on this rank.
@@ -82,6 +89,17 @@ pub struct ModelWork {
 }
 
 impl ModelCore {
+    /// `x` when σ_a² enters the stars' variance, else 0: applied to σ_a², its tangents and
+    /// its cotangents alike, so value, gradient and metric stay one consistent model.
+    #[inline]
+    pub fn distance_part(&self, x: f64) -> f64 {
+        if self.distance_variance {
+            x
+        } else {
+            0.0
+        }
+    }
+
     /// Energy of star `i` without ½ ln 2π, and its partials (∂/∂ā, ∂/∂σ_a²), for residual
     /// `r` = A − ā and variance `var` = (n_σ σ_A)² + σ_a² (σ_a² alone when n_σ is
     /// marginalised).

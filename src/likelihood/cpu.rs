@@ -74,7 +74,7 @@ impl Backend for Cpu {
                         let (ab, va) = star_moments(d.windows.of(i), col, cum);
                         let ns = nsig[i] * d.a_err[i];
                         a[j] = ab;
-                        v[j] = ns * ns + va;
+                        v[j] = ns * ns + m.distance_part(va);
                     }
                 },
             );
@@ -261,11 +261,11 @@ fn value_grad_pixels(
                     let win = d.windows.of(i);
                     let (ab, va) = star_moments(win, col, cum);
                     let ns = nsig[i] * d.a_err[i];
-                    let vv = ns * ns + va;
+                    let vv = ns * ns + m.distance_part(va);
                     let r = d.a_obs[i] - ab;
                     let (ei, ca, cv) = m.star_energy(i, r, vv);
                     e += ei;
-                    star_vjp(win, col, cum, ab, ca, cv, rw_bar, cum_bar);
+                    star_vjp(win, col, cum, ab, ca, m.distance_part(cv), rw_bar, cum_bar);
                     a[j] = ab;
                     v[j] = vv;
                     g[j] = if m.infer_nsigma {
@@ -323,7 +323,7 @@ fn vjp_to_field(
                         cum,
                         st.abar[i],
                         ca[i],
-                        cv[i],
+                        m.distance_part(cv[i]),
                         rw_bar,
                         cum_bar,
                     );
@@ -384,7 +384,7 @@ fn jvp_from_field(
                 for (j, i) in (lo..hi).enumerate() {
                     let (x, y) = star_jvp(d.windows.of(i), col, drw, cum, dcum, st.abar[i]);
                     a[j] = x;
-                    v[j] = y;
+                    v[j] = m.distance_part(y);
                 }
             },
         );

@@ -308,6 +308,11 @@ pub struct StageConfig {
     /// as in the paper; biased low) or "marginal" (its own variational factor, updated from
     /// the samples' second moment after each iteration).
     pub scale_update: ScaleUpdateName,
+    /// Whether each star's variance includes the spread of its extinction over its distance
+    /// uncertainty (σ_a²). `false` in the first stages fits the columns before the distance
+    /// structure, so that no star is fitted by a density spike its distance window's tail
+    /// reaches; the last stage must keep it (CPU backend only).
+    pub distance_variance: bool,
 }
 
 /// `sample_mode` of a stage.
@@ -341,6 +346,7 @@ impl Default for StageConfig {
             sample_mode: SampleModeName::Mgvi,
             geovi_newton_steps: 5,
             scale_update: ScaleUpdateName::default(),
+            distance_variance: true,
         }
     }
 }
@@ -556,6 +562,7 @@ impl Config {
             ),
             infer_nsigma: self.noise.infer_nsigma,
             marginal_nsigma: self.noise.marginalise_nsigma,
+            distance_variance: true,
         }
     }
 

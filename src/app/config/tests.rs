@@ -133,6 +133,12 @@ fn every_bad_value_is_named_with_its_key_and_line() {
             5,
         ),
         (
+            "[[inference.stage]]\niterations = 2\ndistance_variance = false\n[[inference.stage]]\n\
+             [[inference.stage]]\ndistance_variance = false\n",
+            "inference.stage[2].distance_variance",
+            6,
+        ),
+        (
             "[grid]\nvariance_max_draws = 8\n",
             "grid.variance_max_draws",
             2,

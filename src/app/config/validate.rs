@@ -220,8 +220,24 @@ impl Config {
                 "inference.stage: the schedule needs at least one stage",
             ));
         }
+        let last = self.inference.stage.len() - 1;
         for (i, s) in self.inference.stage.iter().enumerate() {
             let key = format!("inference.stage[{i}]");
+            if !s.distance_variance && i == last {
+                return Err(invalid(
+                    format!("{key}.distance_variance"),
+                    format!(
+                        "{key}.distance_variance = false in the last stage: the map must come \
+                         from the full likelihood (use it in earlier stages only)"
+                    ),
+                ));
+            }
+            if !s.distance_variance && self.backend.kind == super::BackendKind::Opencl {
+                return Err(invalid(
+                    format!("{key}.distance_variance"),
+                    format!("{key}.distance_variance = false runs on the CPU backend only"),
+                ));
+            }
             if let Some(l) = s.levels {
                 if l > self.grid.levels {
                     return Err(invalid(

@@ -298,7 +298,7 @@ impl StageRun {
                 st.stage
             );
         }
-        let model = crate::app::build::model(cfg, su.icr.clone(), &stars)?;
+        let model = crate::app::build::stage_model(cfg, st.stage, su.icr.clone(), &stars)?;
         let mask = mgvi::level_mask(&model, sc.levels);
         let mut part = su.part.clone();
         part.patch_stars = model.dom.stars.patch.iter().map(|r| r[0].len()).collect();

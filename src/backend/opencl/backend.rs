@@ -131,6 +131,12 @@ pub fn attach(model: &mut Model, spec: &super::DeviceSpec, precision: Precision)
              supported yet (run `dust3d fit --backend opencl` without mpirun)"
         );
     }
+    if !model.distance_variance {
+        anyhow::bail!(
+            "the OpenCL backend evaluates the full likelihood only: a stage with \
+             distance_variance = false needs the CPU backend"
+        );
+    }
     if model.marginal.is_some() {
         anyhow::bail!(
             "the OpenCL backend evaluates the Gaussian likelihood only: \

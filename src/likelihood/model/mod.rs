@@ -80,6 +80,7 @@ impl Model {
                     &params.nsigma,
                 ))
             }),
+            distance_variance: params.distance_variance,
             pad: chart.padding,
             n_chart: chart.n_r(chart.levels),
             icr,

@@ -429,3 +429,61 @@ fn marginal_nsigma_gradient_and_metric_are_exact() {
         );
     }
 }
+
+#[test]
+fn without_distance_variance_gradient_and_metric_are_exact() {
+    // v = (n_σ σ_A)² alone: the variance holds no σ_a², value + gradient (over x and ξ_σ)
+    // match finite differences of the energy, and the metric equals |v|² + Σ (Jv)_ā² / v
+    let (full, x_true, cfg) = setup(300, true, "volume");
+    let sim = simulate::run(&cfg, "").unwrap();
+    let pc = sim
+        .catalog
+        .into_pixel_layout(cfg.chart().unwrap().nside_final());
+    let params = ModelParams {
+        distance_variance: false,
+        ..cfg.model_params()
+    };
+    let m = Model::new(&params, full.icr.clone(), &pc).unwrap();
+    let mut w = m.workspace();
+    let (np, n) = (m.n_params(), m.data.len());
+    let xs = gauss(n, 3, 0.5);
+    for (pi, x) in [x_true.clone(), axpy(&x_true, 0.3, &gauss(np, 5, 1.0))]
+        .iter()
+        .enumerate()
+    {
+        let mut st = m.state(x, &xs, &mut w).unwrap();
+        for i in 0..n {
+            let ns = st.nsig[i] * m.data.a_err[i];
+            assert_eq!(st.var[i], ns * ns, "star {i}: no distance variance");
+        }
+        let (mut gx, mut gs) = (vec![0.0; np], vec![0.0; n]);
+        let e0 = m
+            .value_grad(x, &xs, &mut st, &mut gx, &mut gs, &mut w)
+            .unwrap();
+        assert!((e0 - m.energy(&st, x, &xs)).abs() <= 1e-9 * e0.abs());
+        for dir in 0..3 {
+            let (u, us) = (gauss(np, 60 + dir, 1.0), gauss(n, 90 + dir, 1.0));
+            let mut w2 = m.workspace();
+            let mut e = |h: f64| {
+                let (xp, sp) = (axpy(x, h, &u), axpy(&xs, h, &us));
+                let s = m.state(&xp, &sp, &mut w2).unwrap();
+                m.energy(&s, &xp, &sp)
+            };
+            let an = dot(&gx, &u) + dot(&gs, &us);
+            let rel = [1e-2, 3e-3, 1e-3, 3e-4]
+                .iter()
+                .map(|&h| (richardson(&mut e, h) - an).abs() / an.abs().max(1e-300))
+                .fold(f64::INFINITY, f64::min);
+            assert!(rel < 1e-6, "point {pi} dir {dir}: rel {rel:e}");
+        }
+        let v = gauss(np, 70 + pi as u64, 1.0);
+        let mut mv = vec![0.0; np];
+        m.metric(&st, &v, &mut mv, &mut w).unwrap();
+        let (mut da, mut dv) = (vec![0.0; n], vec![0.0; n]);
+        m.jvp(&st, &v, &mut da, &mut dv, &mut w).unwrap();
+        assert!(dv.iter().all(|t| *t == 0.0), "no σ_a² tangent");
+        let quad: f64 = (0..n).map(|i| da[i] * da[i] / st.var[i]).sum();
+        let (l, r) = (dot(&v, &mv), dot(&v, &v) + quad);
+        assert!((l - r).abs() <= 1e-10 * r, "vᵀMv {l} vs {r}");
+    }
+}
