@@ -370,6 +370,32 @@ fn fused_value_grad_equals_separate_passes() {
     assert_eq!(st2.abar, st.abar);
 }
 
+/// Relative error of the directional derivative `an` of the energy at (x, ξ_σ) along
+/// (u, u_σ) against Richardson-extrapolated central differences (best of four steps).
+fn fd_error(m: &Model, x: &[f64], xs: &[f64], u: &[f64], us: &[f64], an: f64) -> f64 {
+    let mut w = m.workspace();
+    let mut e = |h: f64| {
+        let (xp, sp) = (axpy(x, h, u), axpy(xs, h, us));
+        let s = m.state(&xp, &sp, &mut w).unwrap();
+        m.energy(&s, &xp, &sp)
+    };
+    [1e-2, 3e-3, 1e-3, 3e-4]
+        .iter()
+        .map(|&h| (richardson(&mut e, h) - an).abs() / an.abs().max(1e-300))
+        .fold(f64::INFINITY, f64::min)
+}
+
+/// vᵀ M v at `st` and the tangents (δā, δσ_a²) of `v`.
+fn metric_form(m: &Model, st: &State, v: &[f64]) -> (f64, Vec<f64>, Vec<f64>) {
+    let (np, n) = (m.n_params(), m.data.len());
+    let mut w = m.workspace();
+    let mut mv = vec![0.0; np];
+    m.metric(st, v, &mut mv, &mut w).unwrap();
+    let (mut da, mut dv) = (vec![0.0; n], vec![0.0; n]);
+    m.jvp(st, v, &mut da, &mut dv, &mut w).unwrap();
+    (dot(v, &mv), da, dv)
+}
+
 #[test]
 fn marginal_nsigma_gradient_and_metric_are_exact() {
     // the n_σ-marginal likelihood: value + gradient against finite differences of the
@@ -394,24 +420,11 @@ fn marginal_nsigma_gradient_and_metric_are_exact() {
         assert!(gs.iter().all(|g| *g == 0.0), "no per-star parameter");
         for dir in 0..3 {
             let u = gauss(np, 60 + dir, 1.0);
-            let mut w2 = m.workspace();
-            let mut e = |h: f64| {
-                let xp = axpy(x, h, &u);
-                let s = m.state(&xp, &xs, &mut w2).unwrap();
-                m.energy(&s, &xp, &xs)
-            };
-            let an = dot(&gx, &u);
-            let rel = [1e-2, 3e-3, 1e-3, 3e-4]
-                .iter()
-                .map(|&h| (richardson(&mut e, h) - an).abs() / an.abs().max(1e-300))
-                .fold(f64::INFINITY, f64::min);
+            let rel = fd_error(&m, x, &xs, &u, &vec![0.0; n], dot(&gx, &u));
             assert!(rel < 1e-6, "point {pi} dir {dir}: rel {rel:e}");
         }
         let v = gauss(np, 70 + pi as u64, 1.0);
-        let mut mv = vec![0.0; np];
-        m.metric(&st, &v, &mut mv, &mut w).unwrap();
-        let (mut da, mut dv) = (vec![0.0; n], vec![0.0; n]);
-        m.jvp(&st, &v, &mut da, &mut dv, &mut w).unwrap();
+        let (l, da, dv) = metric_form(&m, &st, &v);
         let quad: f64 = (0..n)
             .map(|i| {
                 let (fa, fv) = m
@@ -422,7 +435,7 @@ fn marginal_nsigma_gradient_and_metric_are_exact() {
                 fa * da[i] * da[i] + fv * dv[i] * dv[i]
             })
             .sum();
-        let (l, r) = (dot(&v, &mv), dot(&v, &v) + quad);
+        let r = dot(&v, &v) + quad;
         assert!(
             (l - r).abs() <= 1e-10 * r,
             "vᵀMv {l} vs |v|² + Σ F (Jv)² {r}"
@@ -463,27 +476,14 @@ fn without_distance_variance_gradient_and_metric_are_exact() {
         assert!((e0 - m.energy(&st, x, &xs)).abs() <= 1e-9 * e0.abs());
         for dir in 0..3 {
             let (u, us) = (gauss(np, 60 + dir, 1.0), gauss(n, 90 + dir, 1.0));
-            let mut w2 = m.workspace();
-            let mut e = |h: f64| {
-                let (xp, sp) = (axpy(x, h, &u), axpy(&xs, h, &us));
-                let s = m.state(&xp, &sp, &mut w2).unwrap();
-                m.energy(&s, &xp, &sp)
-            };
-            let an = dot(&gx, &u) + dot(&gs, &us);
-            let rel = [1e-2, 3e-3, 1e-3, 3e-4]
-                .iter()
-                .map(|&h| (richardson(&mut e, h) - an).abs() / an.abs().max(1e-300))
-                .fold(f64::INFINITY, f64::min);
+            let rel = fd_error(&m, x, &xs, &u, &us, dot(&gx, &u) + dot(&gs, &us));
             assert!(rel < 1e-6, "point {pi} dir {dir}: rel {rel:e}");
         }
         let v = gauss(np, 70 + pi as u64, 1.0);
-        let mut mv = vec![0.0; np];
-        m.metric(&st, &v, &mut mv, &mut w).unwrap();
-        let (mut da, mut dv) = (vec![0.0; n], vec![0.0; n]);
-        m.jvp(&st, &v, &mut da, &mut dv, &mut w).unwrap();
+        let (l, da, dv) = metric_form(&m, &st, &v);
         assert!(dv.iter().all(|t| *t == 0.0), "no σ_a² tangent");
         let quad: f64 = (0..n).map(|i| da[i] * da[i] / st.var[i]).sum();
-        let (l, r) = (dot(&v, &mv), dot(&v, &v) + quad);
+        let r = dot(&v, &v) + quad;
         assert!((l - r).abs() <= 1e-10 * r, "vᵀMv {l} vs {r}");
     }
 }
