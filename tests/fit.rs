@@ -322,11 +322,25 @@ fn a_stage_ends_once_converged_and_the_map_says_so() {
         schedule.starts_with("prior: ICR variance corrected"),
         "{schedule}"
     );
-    // tolerances of 0 run every iteration
+    assert!(schedule.contains("(joint with the map)"), "{schedule}");
+    // tolerances of 0 run every iteration; the map says how each stage's likelihood and
+    // scale were treated
     cfg.inference.stage[1].kl_rtol = 0.0;
+    cfg.inference.stage[0].distance_variance = false;
+    cfg.inference.stage[1].scale_update = dust3d::app::config::ScaleUpdateName::Marginal;
     let schedule = run(&cfg, "full");
     assert_eq!(history("full").len(), 2 + 8);
     assert!(schedule.contains("not converged"), "{schedule}");
+    let lines: Vec<&str> = schedule.lines().collect();
+    assert!(
+        lines[1].starts_with("stage 0:")
+            && lines[1].ends_with("; likelihood without the distance variance"),
+        "{schedule}"
+    );
+    assert!(
+        lines[2].starts_with("stage 1:") && lines[2].ends_with("(its own factor)"),
+        "{schedule}"
+    );
 }
 
 #[test]

@@ -406,7 +406,8 @@ fn write_star_predictions(set: &mut Staged, path: &Path, rows: Vec<u8>) -> Resul
 
 /// The prior's variance correction (when applied), then one line per stage: iterations run
 /// against the cap, whether the stage converged, its last iteration's change measures
-/// against the tolerances, and the scale it ended with and how it was inferred.
+/// against the tolerances, the scale it ended with and how it was inferred, and whether its
+/// likelihood left the distance variance out.
 pub(super) fn schedule_summary(
     cfg: &Config,
     history: &[HistoryRow],
@@ -445,6 +446,10 @@ pub(super) fn schedule_summary(
                 crate::app::config::ScaleUpdateName::Marginal => "its own factor",
             }
         );
+        if !sc.distance_variance {
+            // keep the line's end: the stage's likelihood left σ_a² out
+            out.insert_str(out.len() - 1, "; likelihood without the distance variance");
+        }
     }
     out
 }
