@@ -430,7 +430,7 @@ pub(super) fn schedule_summary(
         out += &format!(
             "stage {k}: {} of at most {} iterations, {how} (last: KL change {:.2e} / {:.0e}, \
              step {:.2e} / {:.0e}, mean ln ρ change {:.2e} σ / {:.0e} σ); scale {:.3} ± {:.3} \
-             ({})\n",
+             ({}){}\n",
             rows.len(),
             sc.iterations,
             last.kl_change,
@@ -444,12 +444,13 @@ pub(super) fn schedule_summary(
             match sc.scale_update {
                 crate::app::config::ScaleUpdateName::Joint => "joint with the map",
                 crate::app::config::ScaleUpdateName::Marginal => "its own factor",
+            },
+            if sc.distance_variance {
+                ""
+            } else {
+                "; likelihood without the distance variance"
             }
         );
-        if !sc.distance_variance {
-            // keep the line's end: the stage's likelihood left σ_a² out
-            out.insert_str(out.len() - 1, "; likelihood without the distance variance");
-        }
     }
     out
 }

@@ -217,11 +217,16 @@ pub fn global_iteration(
     streams: Streams,
 ) -> Result<IterationReport> {
     let marginal_scale = settings.scale_update == ScaleUpdate::Marginal;
-    let mut held = mask.to_vec();
-    if marginal_scale {
-        held[model.icr.n_xi()] = 0.0;
-    }
-    let mask = &held[..];
+    // the scale's own factor moves it outside the Gaussian: held in sampling and KL
+    let held;
+    let mask = if marginal_scale {
+        let mut m = mask.to_vec();
+        m[model.icr.n_xi()] = 0.0;
+        held = m;
+        &held[..]
+    } else {
+        mask
+    };
     let MgviState {
         x,
         xsig,

@@ -37,8 +37,6 @@ pub enum ScaleUpdate {
 /// What one update of the scale's own factor found.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct ScaleFactor {
-    /// Scale before the update.
-    pub before: f64,
     /// Mode of q(ξ_a), as the scale.
     pub scale: f64,
     /// Standard deviation of the scale under the Laplace approximation of q(ξ_a).
@@ -116,7 +114,6 @@ pub fn update(
         "scale's own factor: {before:.4} -> {scale:.4}"
     );
     Some(ScaleFactor {
-        before,
         scale,
         std: scale * sigma / curv.sqrt(),
         free,
