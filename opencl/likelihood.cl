@@ -133,8 +133,9 @@ __kernel void columns(const uint npix, const uint n, const uint nc, const uint p
   rw[gid] = exp(scl * sk + off) * widths[k];
 }
 
-// ā and v = (n_σ σ_A)² + σ_a² of every star of pixel p.
-__kernel void star_state(const uint npix, const uint n, __global const ulong *offsets,
+// ā and v = (n_σ σ_A)² + σ_a² of every star of pixel p (σ_a² left out unless dvar).
+__kernel void star_state(const uint npix, const uint n, const int dvar,
+                         __global const ulong *offsets,
                          __global const uint *start, __global const ulong *woff,
                          __global const float *prob, __global const ushort *frac,
                          __global const ushort *spread, __global const REAL *a_err,
@@ -149,7 +150,7 @@ __kernel void star_state(const uint npix, const uint n, __global const ulong *of
     REAL2 av = moments(split(start, woff, i, n), prob, frac, spread, col, cm, n);
     REAL ns = nsig[i] * a_err[i];
     abar[i] = av.x;
-    var[i] = ns * ns + av.y;
+    var[i] = ns * ns + (dvar ? av.y : (REAL)0);
   }
 }
 
@@ -157,7 +158,7 @@ __kernel void star_state(const uint npix, const uint n, __global const ulong *of
 // term, the field cotangent sbar (chart layout), ∂/∂ξ_σ per star and the pixel partials
 // [energy, Σ s t, Σ t] with t = rw_bar rw.
 __kernel void value_grad(const uint npix, const uint n, const uint nc, const uint pad,
-                         __global const ulong *offsets, __global const uint *start,
+                         const int dvar, __global const ulong *offsets, __global const uint *start,
                          __global const ulong *woff, __global const float *prob,
                          __global const ushort *frac, __global const ushort *spread,
                          __global const REAL *a_obs, __global const REAL *a_err,
@@ -180,11 +181,11 @@ __kernel void value_grad(const uint npix, const uint n, const uint nc, const uin
     Split w = split(start, woff, i, n);
     REAL2 av = moments(w, prob, frac, spread, col, cm, n);
     REAL ns = nsig[i] * a_err[i];
-    REAL vv = ns * ns + av.y;
+    REAL vv = ns * ns + (dvar ? av.y : (REAL)0);
     REAL r = a_obs[i] - av.x;
     e += (REAL)0.5 * r * r / vv + (REAL)0.5 * log(vv);
     REAL ca = -r / vv, cv = (REAL)0.5 / vv - (REAL)0.5 * r * r / (vv * vv);
-    star_vjp(w, prob, frac, spread, col, cm, av.x, ca, cv, rb, cb, n);
+    star_vjp(w, prob, frac, spread, col, cm, av.x, ca, dvar ? cv : (REAL)0, rb, cb, n);
     abar[i] = av.x;
     var[i] = vv;
     gsig[i] = infer_nsigma ? cv * (REAL)2 * ns * a_err[i] * dnsig[i] + xsig[i] : (REAL)0;
@@ -197,7 +198,7 @@ __kernel void value_grad(const uint npix, const uint n, const uint nc, const uin
 }
 
 // Tangent (δā, δσ_a²) of every star for a chart-field tangent ds and scalar tangents.
-__kernel void jvp(const uint npix, const uint n, const uint nc, const uint pad,
+__kernel void jvp(const uint npix, const uint n, const uint nc, const uint pad, const int dvar,
                   __global const ulong *offsets, __global const uint *start,
                   __global const ulong *woff, __global const float *prob,
                   __global const ushort *frac, __global const ushort *spread, const REAL scl,
@@ -233,13 +234,13 @@ __kernel void jvp(const uint npix, const uint n, const uint nc, const uint pad,
       m += pj * cm[n] * dcm[n];
     }
     da[i] = a;
-    dv[i] = (REAL)2 * m - (REAL)2 * abar[i] * a;
+    dv[i] = dvar ? (REAL)2 * m - (REAL)2 * abar[i] * a : (REAL)0;
   }
 }
 
 // Pull star cotangents (ca on ā, cv on σ_a²) back to the chart field, times `weight`,
 // written to or (accumulate) added to sbar; pixel partials [Σ s t, Σ t].
-__kernel void vjp(const uint npix, const uint n, const uint nc, const uint pad,
+__kernel void vjp(const uint npix, const uint n, const uint nc, const uint pad, const int dvar,
                   __global const ulong *offsets, __global const uint *start,
                   __global const ulong *woff, __global const float *prob,
                   __global const ushort *frac, __global const ushort *spread, const REAL scl,
@@ -256,8 +257,8 @@ __kernel void vjp(const uint npix, const uint n, const uint nc, const uint pad,
   clear_cotangents(rb, cb, n);
   inner_columns(col, cm, n);
   for (ulong i = offsets[p]; i < offsets[p + 1]; i++)
-    star_vjp(split(start, woff, i, n), prob, frac, spread, col, cm, abar[i], ca[i], cv[i], rb,
-             cb, n);
+    star_vjp(split(start, woff, i, n), prob, frac, spread, col, cm, abar[i], ca[i],
+             dvar ? cv[i] : (REAL)0, rb, cb, n);
   REAL2 g = field_cotangent(cb, rb, col, s + p * n, scl, weight, accumulate, sbar + p * nc, n,
                             nc, pad);
   partial[2 * p] = g.x;

@@ -71,6 +71,8 @@ fn fit_is_independent_of_thread_count() {
     let dir = tempfile::tempdir().unwrap();
     let (mut cfg, _) = demo_config();
     cfg.inference.stage.truncate(1);
+    // the demo's coarse stage alone is the last stage: the full likelihood
+    cfg.inference.stage[0].distance_variance = true;
     cfg.inference.stage[0].iterations = 2;
     let text = toml::to_string(&cfg).unwrap();
     let (cat, _) = simulate(dir.path(), &cfg);
@@ -231,6 +233,8 @@ fn per_star_products_agree_with_an_independent_computation_from_the_map() {
     let (mut cfg, _) = demo_config();
     cfg.simulate.n_stars = 4000;
     cfg.inference.stage.truncate(1);
+    // the demo's coarse stage alone is the last stage: the full likelihood
+    cfg.inference.stage[0].distance_variance = true;
     cfg.inference.stage[0].levels = None;
     cfg.inference.stage[0].iterations = 2;
     let text = toml::to_string(&cfg).unwrap();
@@ -421,6 +425,8 @@ fn duplicate_source_ids_do_not_mix_up_the_per_star_products() {
     cfg.simulate.n_stars = 3000;
     cfg.validation.holdout_fraction = 0.0;
     cfg.inference.stage.truncate(1);
+    // the demo's coarse stage alone is the last stage: the full likelihood
+    cfg.inference.stage[0].distance_variance = true;
     cfg.inference.stage[0].levels = None;
     let text = toml::to_string(&cfg).unwrap();
     let (cat, _) = simulate(dir.path(), &cfg);

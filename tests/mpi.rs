@@ -209,6 +209,21 @@ fn ranks_without_stars_and_opencl_refusal() {
     let o = mpirun(2, &ocl).output().unwrap();
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("OpenCL backend runs on one process"));
+    // a coarse stage whose chart ends before the patches are distributed: refused before
+    // the first iteration, naming the stage, and nothing written
+    let (mut c, _) = Config::from_file(&cfg).unwrap();
+    c.parallel.nside_dec = Some(4);
+    let coarse_cfg = dir.path().join("coarse.toml");
+    std::fs::write(&coarse_cfg, toml::to_string(&c).unwrap()).unwrap();
+    let refused = dir.path().join("refused.nc");
+    let o = mpirun(2, &fit_args(&coarse_cfg, &north_cat, &refused))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("inference.stage[0].levels = 1"), "{err}");
+    assert!(err.contains("parallel.nside_dec = 4"), "{err}");
+    assert!(!refused.exists());
 }
 
 #[test]

@@ -115,6 +115,8 @@ fn a_short_fit_on_opencl_equals_the_cpu_fit() {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/demo.toml");
     let (mut cfg, _) = dust3d::app::config::Config::from_file(&path).unwrap();
     cfg.inference.stage.truncate(1);
+    // the demo's coarse stage alone is the last stage: the full likelihood
+    cfg.inference.stage[0].distance_variance = true;
     let st = &mut cfg.inference.stage[0];
     // One global iteration with one Newton step and fixed CG lengths. The KL minimisation
     // amplifies rounding-level differences about 100-fold per Newton step (measured on the

@@ -127,10 +127,21 @@ fn bench_model(
     drop(sim.truth);
     catalog.extra.clear();
     let t0 = Instant::now();
-    let icr = Icr::new(&p.chart, &p.kernel, opts.precision)?;
+    let mut icr = Icr::new(&p.chart, &p.kernel, opts.precision)?;
     let mut x = crate::app::simulate::prior_excitations(cfg.seed, icr.n_xi());
+    let mut pc = catalog.into_pixel_layout(p.chart.nside_final());
+    if let Some(k) = opts.levels {
+        if k > p.chart.levels {
+            bail!("--levels {k}: the preset has {} levels", p.chart.levels);
+        }
+        // a coarse stage's chart: the truth's first excitations, the stars re-pixelised
+        icr = icr.truncated(k)?;
+        x.truncate(icr.n_xi());
+        pc = pc.coarsened(icr.chart.nside_final());
+        extra.insert("levels".into(), json!(k));
+    }
     x.extend([0.0, 0.0]);
-    let pc = catalog.into_pixel_layout(p.chart.nside_final());
+    let chart = icr.chart.clone();
     let model = crate::app::build::model(&cfg, std::sync::Arc::new(icr), &pc)?;
     drop(pc);
     ops.push(("setup_s", t0.elapsed().as_secs_f64()));
@@ -140,8 +151,8 @@ fn bench_model(
         _ => bench_metric(&model, &x, opts, ops, extra)?,
     }
     if !opts.opencl && what != "mgvi" {
-        let icr = roofline::icr_bytes(&p.chart, model.icr.n_xi(), model.icr.matrix_bytes());
-        let bytes = roofline::likelihood_bytes(&p.chart, icr, model.data.windows.bytes());
+        let icr = roofline::icr_bytes(&chart, model.icr.n_xi(), model.icr.matrix_bytes());
+        let bytes = roofline::likelihood_bytes(&chart, icr, model.data.windows.bytes());
         let op = if what == "likelihood" {
             "value_grad_s"
         } else {
@@ -352,6 +363,8 @@ pub struct BenchOptions {
     pub newton_forcing: f64,
     /// Arithmetic precision on an OpenCL device.
     pub device_precision: crate::backend::opencl::Precision,
+    /// Run the model benchmarks on the chart ended at this level (a coarse stage's).
+    pub levels: Option<usize>,
     /// Run the model benchmarks on the OpenCL device.
     pub opencl: bool,
 }

@@ -9,7 +9,7 @@ use rand_distr::StandardNormal;
 use std::fmt::Write;
 use std::time::Instant;
 
-use crate::app::config::{Config, Precision};
+use crate::app::config::{Config, Precision, StageConfig};
 use crate::prior::icr::exchange::{plan_step, StepKind};
 use crate::prior::icr::geometry::LevelGeometry;
 use crate::prior::icr::matrices::SITE_LEN;
@@ -68,6 +68,12 @@ impl RankFigures {
 /// synthetic stars: volume-uniform distances over the configured catalog cut and
 /// the simulator's parallax-error range, after the selection cuts.
 pub fn window_bytes_per_star(cfg: &Config, chart: &Chart) -> f64 {
+    stage_windows(cfg, chart, &StageConfig::default()).1
+}
+
+/// For a stage on `chart`: the fraction of the (synthetic, as in [`window_bytes_per_star`])
+/// stars its distance selection keeps, and their window bytes per star.
+fn stage_windows(cfg: &Config, chart: &Chart, stage: &StageConfig) -> (f64, f64) {
     let shells = chart.kept_shells();
     let (lo, hi) = (
         cfg.catalog.d_min_pc.unwrap_or(shells.edges_pc[0]),
@@ -76,21 +82,29 @@ pub fn window_bytes_per_star(cfg: &Config, chart: &Chart) -> f64 {
             .unwrap_or(shells.edges_pc[shells.len()]),
     );
     let mut rng = crate::base::rng::stream(cfg.seed, crate::base::rng::streams::BENCH);
-    let (mut w, mut s) = (Vec::new(), Vec::new());
+    let (mut w, mut s, mut passed) = (Vec::new(), Vec::new(), 0usize);
     let [e0, e1] = cfg.simulate.parallax_error_mas;
-    while w.len() < 20_000 {
+    while passed < 20_000 {
         let u: f64 = rng.random();
         let d = (lo.powi(3) + u * (hi.powi(3) - lo.powi(3))).cbrt();
         let sw: f64 = rng.random_range(e0..=e1);
         let n: f64 = rng.sample(StandardNormal);
         let om = 1000.0 / d + sw * n;
         if crate::data::catalog::passes_distance_cuts(om, sw, &cfg.catalog) {
-            w.push(om);
-            s.push(sw);
+            passed += 1;
+            let k = stage.selection_sigma;
+            if stage
+                .max_distance_pc
+                .is_none_or(|d| om + k * sw > 1000.0 / d)
+            {
+                w.push(om);
+                s.push(sw);
+            }
         }
     }
     let win = crate::likelihood::response::Windows::new(&shells, &w, &s);
-    (win.prob.len() * 8 + w.len() * 12) as f64 / w.len() as f64
+    let per_star = (win.prob.len() * 8 + w.len() * 12) as f64 / w.len().max(1) as f64;
+    (w.len() as f64 / passed as f64, per_star)
 }
 
 /// Memory and communication of rank `r` of `d`, with `stars` stars on it.
@@ -99,8 +113,8 @@ fn rank_figures(
     chart: &Chart,
     d: &Decomp,
     geoms: &[LevelGeometry],
-    stars: f64,
-    win_bytes: f64,
+    (stars, win_bytes): (f64, f64),
+    pairs: usize,
 ) -> RankFigures {
     let mut f = RankFigures {
         stars,
@@ -145,7 +159,7 @@ fn rank_figures(
     f.xi = xi;
     let n_kept = chart.n_kept();
     let fields: usize = (0..=nl).map(|l| field_pix[l] * chart.n_r(l)).sum();
-    let pairs = cfg.inference.max_sample_pairs() as f64;
+    let pairs = pairs as f64;
     let (nx, ns) = (xi as f64 + 2.0, stars);
     // two model workspaces (the iteration's and the KL's): ICR levels, exchange buffers,
     // the field cotangent and its accumulator, per-star and per-pixel scratch, masked x
@@ -229,6 +243,11 @@ fn kernel_speeds(no_timing: bool) -> Result<(f64, f64)> {
 
 /// Figures of the rank that needs the most memory, and the window bytes per star.
 pub fn largest_rank(cfg: &Config, opts: &PlanOptions) -> Result<(RankFigures, f64)> {
+    largest_rank_index(cfg, opts).map(|(f, w, _)| (f, w))
+}
+
+/// [`largest_rank`] and that rank's index.
+fn largest_rank_index(cfg: &Config, opts: &PlanOptions) -> Result<(RankFigures, f64, usize)> {
     let chart = cfg.chart()?;
     let nside_dec = cfg.nside_dec()?;
     let geoms: Vec<LevelGeometry> = (0..chart.levels)
@@ -236,16 +255,17 @@ pub fn largest_rank(cfg: &Config, opts: &PlanOptions) -> Result<(RankFigures, f6
         .collect();
     let win_bytes = window_bytes_per_star(cfg, &chart);
     let n_patch = grid::npix(nside_dec);
-    let mut worst = RankFigures::default();
+    let (mut worst, mut at) = (RankFigures::default(), 0);
+    let pairs = cfg.inference.max_sample_pairs();
     for r in 0..opts.ranks {
         let d = decompose(&chart, nside_dec, opts, r)?;
         let stars = opts.stars * d.patches().len() as f64 / n_patch as f64;
-        let f = rank_figures(cfg, &chart, &d, &geoms, stars, win_bytes);
+        let f = rank_figures(cfg, &chart, &d, &geoms, (stars, win_bytes), pairs);
         if f.total() > worst.total() {
-            worst = f;
+            (worst, at) = (f, r);
         }
     }
-    Ok((worst, win_bytes))
+    Ok((worst, win_bytes, at))
 }
 
 /// The plan as text.
@@ -254,7 +274,7 @@ pub fn run(cfg: &Config, opts: &PlanOptions) -> Result<String> {
     let chart = cfg.chart()?;
     let nside_dec = cfg.nside_dec()?;
     let n_patch = grid::npix(nside_dec);
-    let (worst, win_bytes) = largest_rank(cfg, opts)?;
+    let (worst, win_bytes, worst_rank) = largest_rank_index(cfg, opts)?;
     let mut s = String::new();
     let gb = |b: f64| b / 1e9;
     writeln!(
@@ -332,7 +352,9 @@ pub fn run(cfg: &Config, opts: &PlanOptions) -> Result<String> {
         opts.ranks,
         gb(catalog_peak)
     )?;
-    s += &traffic_and_time(cfg, &worst, opts, win_bytes, kernel_speeds(opts.no_timing)?)?;
+    let speeds = kernel_speeds(opts.no_timing)?;
+    s += &traffic_and_time(cfg, &worst, opts, win_bytes, speeds)?;
+    s += &stage_lines(cfg, opts, worst_rank, speeds)?;
     writeln!(s, "(planned in {:.1} s)", t0.elapsed().as_secs_f64())?;
     Ok(s)
 }
@@ -348,20 +370,12 @@ fn traffic_and_time(
     let mut s = String::new();
     let gb = |b: f64| b / 1e9;
     let last = cfg.inference.stage.last().cloned().unwrap_or_default();
-    let (n, cs, sn, cn) = (
-        last.sample_pairs as f64,
-        last.sample_cg_iterations as f64,
-        last.newton_steps as f64,
-        last.newton_cg_iterations as f64,
-    );
-    // evaluations per Newton step (value+gradient incl. line search): about 2
-    let icr_pairs = n * (1.0 + cs) + sn * (2.0 * 2.0 * n + cn);
-    let star_passes = n * (1.0 + 2.0 * cs) + sn * (2.0 * 2.0 * n + cn * 4.0 * n);
+    let (n, cs, sn, cn) = stage_counts(&last);
+    let icr_pairs = stage_work(&last).0;
     let sums = 2.0 * (n * cs + sn * cn) + sn * 2.0 * 2.0 * n * 4.0 + sn * cn * 2.0 * n;
     let sum_bytes = 8.0 * 2.0 * f.patches as f64 * (opts.ranks as f64 - 1.0);
-    let entries = f.stars * (win_bytes - 12.0) / 8.0;
-    let t_iter = (icr_pairs * t_vox * f.voxels as f64 + star_passes * t_entry * entries)
-        / opts.threads_per_rank as f64;
+    let t_iter =
+        iteration_seconds(&last, f, win_bytes, (t_vox, t_entry)) / opts.threads_per_rank as f64;
     writeln!(s, "communication per rank:")?;
     writeln!(
         s,
@@ -395,6 +409,87 @@ fn traffic_and_time(
         t_entry * 1e9,
         t_iter
     )?;
+    Ok(s)
+}
+
+/// A stage's sample pairs, sampling-CG cap, Newton steps and Newton-CG cap.
+fn stage_counts(stage: &StageConfig) -> (f64, f64, f64, f64) {
+    (
+        stage.sample_pairs as f64,
+        stage.sample_cg_iterations as f64,
+        stage.newton_steps as f64,
+        stage.newton_cg_iterations as f64,
+    )
+}
+
+/// ICR forward+adjoint pairs and star passes of one global iteration at the stage's caps
+/// (about 2 value+gradient evaluations per Newton step, line search included).
+fn stage_work(stage: &StageConfig) -> (f64, f64) {
+    let (n, cs, sn, cn) = stage_counts(stage);
+    (
+        n * (1.0 + cs) + sn * (2.0 * 2.0 * n + cn),
+        n * (1.0 + 2.0 * cs) + sn * (2.0 * 2.0 * n + cn * 4.0 * n),
+    )
+}
+
+/// Seconds of one global iteration of `stage` on one thread for rank figures `f`, at the
+/// stage's CG caps.
+fn iteration_seconds(
+    stage: &StageConfig,
+    f: &RankFigures,
+    win_bytes: f64,
+    speeds: (f64, f64),
+) -> f64 {
+    let (icr_pairs, star_passes) = stage_work(stage);
+    let entries = f.stars * (win_bytes - 12.0) / 8.0;
+    icr_pairs * speeds.0 * f.voxels as f64 + star_passes * speeds.1 * entries
+}
+
+/// One line per schedule stage: its chart, stars, memory and time per iteration on the
+/// largest rank (a coarse stage runs on its own chart, docs/model.md).
+fn stage_lines(
+    cfg: &Config,
+    opts: &PlanOptions,
+    rank: usize,
+    speeds: (f64, f64),
+) -> Result<String> {
+    let chart = cfg.chart()?;
+    let nside_dec = cfg.nside_dec()?;
+    let d = decompose(&chart, nside_dec, opts, rank)?;
+    let share = d.patches().len() as f64 / grid::npix(nside_dec) as f64;
+    let mut s = String::from("per stage (largest rank, at each stage's CG caps):\n");
+    for (i, sc) in cfg.inference.stage.iter().enumerate() {
+        let k = sc.levels.unwrap_or(chart.levels).min(chart.levels);
+        let c = chart.truncated(k);
+        if opts.ranks > 1 && (k == 0 || chart.nside(k - 1) < nside_dec) {
+            writeln!(
+                s,
+                "  stage {i}: {k} levels would end at nside {}: too coarse for nside_dec {nside_dec} \
+                 on {} ranks (the fit refuses it)",
+                c.nside_final(),
+                opts.ranks
+            )?;
+            continue;
+        }
+        let geoms: Vec<LevelGeometry> =
+            (0..k).map(|l| LevelGeometry::new(chart.nside(l))).collect();
+        let (kept, win_bytes) = stage_windows(cfg, &c, sc);
+        let stars = opts.stars * share * kept * sc.star_fraction;
+        let f = rank_figures(cfg, &c, &d, &geoms, (stars, win_bytes), sc.sample_pairs);
+        let t = iteration_seconds(sc, &f, win_bytes, speeds) / opts.threads_per_rank as f64;
+        writeln!(
+            s,
+            "  stage {i}: {k} levels, nside {} x {} shells, {:.3e} voxels, {:.3e} stars, {:.2} GB, \
+             {:.0} s per iteration (at most {} iterations)",
+            c.nside_final(),
+            c.n_kept(),
+            f.voxels as f64,
+            f.stars,
+            f.total() / 1e9,
+            t,
+            sc.iterations
+        )?;
+    }
     Ok(s)
 }
 

@@ -194,6 +194,10 @@ pub struct BenchArgs {
     /// full 10 iterations, the reference's work).
     #[arg(long, default_value_t = 0.1)]
     pub newton_forcing: f64,
+    /// likelihood, metric, mgvi: run on the preset's chart ended at this ICR level, as a
+    /// schedule stage with `levels` below the grid's does (default: all levels).
+    #[arg(long)]
+    pub levels: Option<usize>,
 }
 
 pub(crate) fn load_config(path: Option<&Path>) -> Result<(Config, String)> {
@@ -408,6 +412,7 @@ fn bench(a: BenchArgs) -> Result<()> {
         newton_forcing: a.newton_forcing,
         device_precision: a.device_precision,
         opencl: a.backend == BackendKind::Opencl,
+        levels: a.levels,
     };
     let out = crate::app::bench::run(&a.what, &a.preset, opts)?;
     if a.json {

@@ -304,6 +304,41 @@ impl Chart {
         })
     }
 
+    /// The same chart ended at level `k ≤ levels` (a coarse stage's chart): identical
+    /// coordinates, so every level up to `k` has the same shells, and as padding the level-`k`
+    /// cells wholly outside [r_min, r_max]; the kept cells at either end are clipped there.
+    ///
+    /// ```
+    /// use dust3d::sphere::grid::Chart;
+    /// let full = Chart::new(2, 10, 2, 2, 40.0, 600.0).unwrap();
+    /// let coarse = full.truncated(1);
+    /// assert_eq!(coarse.nside_final(), 4);
+    /// assert_eq!(coarse.radii_pc(1), full.radii_pc(1));
+    /// let shells = coarse.kept_shells();
+    /// assert_eq!((shells.edges_pc[0], *shells.edges_pc.last().unwrap()), (40.0, 600.0));
+    /// ```
+    pub fn truncated(&self, k: usize) -> Chart {
+        assert!(
+            k <= self.levels,
+            "truncated({k}) of a chart with {} levels",
+            self.levels
+        );
+        let cells = (1u64 << k) as f64;
+        // position of r_min in level-k cell units; a boundary within rounding counts as one
+        let x = ((self.r_min_pc.ln() - self.b) / self.a - Self::offset(k)) * cells + 0.5;
+        let first = if (x - x.round()).abs() < 1e-9 {
+            x.round()
+        } else {
+            x.floor()
+        };
+        // the levels share their centre, so the cells outside r_max mirror those below r_min
+        Chart {
+            levels: k,
+            padding: first.max(0.0) as usize,
+            ..self.clone()
+        }
+    }
+
     /// Chart offset `off_l = 1.5 (1 − 2^−l)` of level `l`.
     pub fn offset(level: usize) -> f64 {
         1.5 * (1.0 - 0.5f64.powi(level as i32))
@@ -453,5 +488,37 @@ mod tests {
     fn bad_nside_rejected() {
         assert!(depth_of_nside(3).is_err());
         assert!(Chart::new(2, 4, 3, 2, 40.0, 2000.0).is_err());
+    }
+
+    #[test]
+    fn truncated_charts_keep_the_coordinates_and_cover_the_kept_range() {
+        // demo, W1, the paper's mini chart and an odd padding
+        for full in [
+            Chart::new(2, 10, 2, 2, 40.0, 600.0).unwrap(),
+            Chart::new(2, 12, 4, 2, 40.0, 2000.0).unwrap(),
+            Chart::new(1, 7, 4, 6, 24.13, 1800.0).unwrap(),
+            Chart::new(1, 9, 3, 3, 50.0, 900.0).unwrap(),
+        ] {
+            assert_eq!(full.truncated(full.levels), full);
+            for k in 0..=full.levels {
+                let c = full.truncated(k);
+                for l in 0..=k {
+                    assert_eq!(c.radii_pc(l), full.radii_pc(l));
+                }
+                let e = c.kept_shells().edges_pc;
+                assert_eq!((e[0], e[e.len() - 1]), (full.r_min_pc, full.r_max_pc));
+                assert!(e.windows(2).all(|w| w[1] > w[0] * (1.0 + 1e-9)), "{e:?}");
+                // no kept cell lies wholly outside the range: the first and last inner
+                // edges are inside it
+                if e.len() > 2 {
+                    assert!(e[1] > full.r_min_pc && e[e.len() - 2] < full.r_max_pc);
+                }
+                // the padding is symmetric: the last kept cell holds r_max
+                let top = c.radius_pc(k, (c.n_r(k) - c.padding) as f64 - 0.5);
+                assert!(top >= full.r_max_pc * (1.0 - 1e-9), "k {k}: {top}");
+                let below = c.radius_pc(k, (c.n_r(k) - c.padding) as f64 - 1.5);
+                assert!(below < full.r_max_pc, "k {k}: {below}");
+            }
+        }
     }
 }

@@ -311,7 +311,7 @@ pub struct StageConfig {
     /// Whether each star's variance includes the spread of its extinction over its distance
     /// uncertainty (σ_a²). `false` in the first stages fits the columns before the distance
     /// structure, so that no star is fitted by a density spike its distance window's tail
-    /// reaches; the last stage must keep it (CPU backend only).
+    /// reaches; the last stage must keep it.
     pub distance_variance: bool,
 }
 
@@ -493,19 +493,25 @@ pub enum BackendKind {
 #[serde(deny_unknown_fields, default)]
 pub struct ParallelConfig {
     /// nside of the patches ranks own (power of two, 12·nside_dec² ≥ ranks, at most the
-    /// nside where the last refinement starts). Default: 8, or that nside if coarser.
+    /// nside where the last refinement starts). Default: 8, or that nside if coarser, or
+    /// where the coarsest stage's last refinement starts if coarser still.
     /// Results are bit-identical for any rank count at a fixed nside_dec.
     pub nside_dec: Option<u32>,
 }
 
 impl Config {
-    /// The decomposition nside: configured, or the default for the chart.
+    /// The decomposition nside: configured, or the default for the chart and the schedule.
     pub fn nside_dec(&self) -> Result<u32> {
         let chart = self.chart()?;
-        Ok(self
-            .parallel
-            .nside_dec
-            .unwrap_or_else(|| crate::sphere::decomp::default_nside_dec(&chart)))
+        Ok(self.parallel.nside_dec.unwrap_or_else(|| {
+            // a coarse stage's chart must be distributed too: its last refinement starts
+            // at nside(k − 1)
+            let coarsest = self.inference.stage.iter().filter_map(|s| s.levels).min();
+            let default = crate::sphere::decomp::default_nside_dec(&chart);
+            coarsest
+                .filter(|&k| k < chart.levels)
+                .map_or(default, |k| default.min(chart.nside(k.saturating_sub(1))))
+        }))
     }
 }
 

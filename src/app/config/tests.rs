@@ -201,3 +201,18 @@ fn key_lines_follow_tables_and_arrays_of_tables() {
         "{msg}"
     );
 }
+
+#[test]
+fn the_default_decomposition_distributes_every_stage_chart() {
+    // grid levels 2 (nside 2 → 8): 8 is capped at nside(1) = 4 where the last refinement
+    // starts, and a stage with 1 level (ending at nside 4, refined from nside 2) lowers it
+    // to 2; an explicit value stays
+    let mut cfg = Config::default();
+    cfg.grid.nside0 = 2;
+    cfg.grid.levels = 2;
+    assert_eq!(cfg.nside_dec().unwrap(), 4);
+    cfg.inference.stage[0].levels = Some(1);
+    assert_eq!(cfg.nside_dec().unwrap(), 2);
+    cfg.parallel.nside_dec = Some(4);
+    assert_eq!(cfg.nside_dec().unwrap(), 4);
+}

@@ -232,12 +232,6 @@ impl Config {
                     ),
                 ));
             }
-            if !s.distance_variance && self.backend.kind == super::BackendKind::Opencl {
-                return Err(invalid(
-                    format!("{key}.distance_variance"),
-                    format!("{key}.distance_variance = false runs on the CPU backend only"),
-                ));
-            }
             if let Some(l) = s.levels {
                 if l > self.grid.levels {
                     return Err(invalid(
@@ -249,13 +243,12 @@ impl Config {
                     ));
                 }
                 if l < self.grid.levels && s.scale_update == super::ScaleUpdateName::Marginal {
-                    // held levels carry none of the field's fine-scale power, so the coarse
-                    // excitations' second moment overstates the scale
+                    // not measured on a coarse stage's own chart (docs/model.md)
                     return Err(invalid(
                         format!("{key}.scale_update"),
                         format!(
-                            "{key}.scale_update = \"marginal\" needs every ICR level free \
-                             ({key}.levels = {l} of {}): use \"joint\" in coarse stages",
+                            "{key}.scale_update = \"marginal\" is for stages with every ICR \
+                             level ({key}.levels = {l} of {}): use \"joint\" in coarse stages",
                             self.grid.levels
                         ),
                     ));

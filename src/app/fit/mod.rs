@@ -6,7 +6,7 @@ mod preflight;
 mod products;
 mod resume;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -241,6 +241,14 @@ pub fn run(
 
 fn run_schedule(cfg: &Config, su: &Setup, paths: &FitPaths, st: &mut FitState) -> Result<()> {
     let stages = &cfg.inference.stage;
+    // a coarse chart the decomposition cannot run stops the job now, not stages later
+    for (i, sc) in stages.iter().enumerate() {
+        if let Some(k) = sc.levels.filter(|&k| k < su.icr.chart.levels) {
+            su.icr
+                .truncated(k)
+                .with_context(|| format!("inference.stage[{i}].levels = {k}"))?;
+        }
+    }
     let total: usize = stages.iter().map(|s| s.iterations).sum();
     let done: usize = stages[..st.stage.min(stages.len())]
         .iter()
@@ -283,6 +291,43 @@ struct StageRun {
     part: checkpoint::Part,
     /// Stars of the stage on all ranks.
     n_stars: usize,
+    /// On a coarse stage's own chart: its excitations, then all of the full chart's.
+    cut: Option<(usize, usize)>,
+}
+
+/// The chart a stage runs on, its ICR, its stars pixelised for it, and for a coarse chart
+/// (its excitations, all excitations).
+struct StageChart {
+    icr: Arc<Icr>,
+    stars: PixelCatalog,
+    cut: Option<(usize, usize)>,
+}
+
+/// With `levels` below the grid's, the chart ended at that level (its pixels, shells and
+/// stars pixelised there), so the stage costs what that chart costs; else the full one.
+fn stage_chart(
+    su: &Setup,
+    sc: &crate::app::config::StageConfig,
+    stage: usize,
+    stars: PixelCatalog,
+) -> Result<StageChart> {
+    let full = su.icr.chart.levels;
+    let Some(k) = sc.levels.filter(|&k| k < full) else {
+        return Ok(StageChart {
+            icr: su.icr.clone(),
+            stars,
+            cut: None,
+        });
+    };
+    let icr = su
+        .icr
+        .truncated(k)
+        .with_context(|| format!("inference.stage[{stage}].levels = {k}"))?;
+    Ok(StageChart {
+        stars: stars.coarsened(icr.chart.nside_final()),
+        cut: Some((icr.n_xi(), su.icr.n_xi())),
+        icr: Arc::new(icr),
+    })
 }
 
 impl StageRun {
@@ -298,7 +343,8 @@ impl StageRun {
                 st.stage
             );
         }
-        let model = crate::app::build::stage_model(cfg, st.stage, su.icr.clone(), &stars)?;
+        let StageChart { icr, stars, cut } = stage_chart(su, sc, st.stage, stars)?;
+        let model = crate::app::build::stage_model(cfg, st.stage, icr, &stars)?;
         let mask = mgvi::level_mask(&model, sc.levels);
         let mut part = su.part.clone();
         part.patch_stars = model.dom.stars.patch.iter().map(|r| r[0].len()).collect();
@@ -316,6 +362,7 @@ impl StageRun {
             convergence: sc.convergence(),
             part,
             n_stars,
+            cut,
         })
     }
 
@@ -329,14 +376,30 @@ impl StageRun {
             stage: st.stage,
             iteration: st.iteration,
         };
-        let rep =
-            mgvi::global_iteration(&self.model, &self.settings, &self.mask, &mut st.vi, streams)?;
-        st.iteration += 1;
-        let converged = self.convergence.met_by(&rep.change);
+        let mut coarse = self.cut.map(|(n, full)| st.vi.restricted(n, full));
+        let vi = coarse.as_mut().unwrap_or(&mut st.vi);
+        let rep = mgvi::global_iteration(&self.model, &self.settings, &self.mask, vi, streams)?;
+        if !rep.kl.is_finite() {
+            // nothing can move from an infinite energy: stop with the reason, not a map
+            bail!(
+                "inference.stage[{}] iteration {}: the KL is {} — the density overflowed (ln ρ \
+                 beyond 709) where stars see it, typically a spike grown where only the tails \
+                 of distance windows reach; no map written. Leaving σ_a² out of the earlier \
+                 stages (distance_variance = false) prevents it",
+                st.stage,
+                st.iteration + 1,
+                rep.kl
+            );
+        }
         let [scale_mean, scale_std] = match rep.scale {
             Some(f) => [f.scale, f.std],
-            None => sample_scale(&self.model, &st.vi),
+            None => sample_scale(&self.model, vi),
         };
+        if let (Some(c), Some((n, full))) = (coarse, self.cut) {
+            st.vi.absorb(c, n, full);
+        }
+        st.iteration += 1;
+        let converged = self.convergence.met_by(&rep.change);
         let row = HistoryRow {
             stage: st.stage,
             iteration: st.iteration,

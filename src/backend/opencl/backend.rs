@@ -131,12 +131,6 @@ pub fn attach(model: &mut Model, spec: &super::DeviceSpec, precision: Precision)
              supported yet (run `dust3d fit --backend opencl` without mpirun)"
         );
     }
-    if !model.distance_variance {
-        anyhow::bail!(
-            "the OpenCL backend evaluates the full likelihood only: a stage with \
-             distance_variance = false needs the CPU backend"
-        );
-    }
     if model.marginal.is_some() {
         anyhow::bail!(
             "the OpenCL backend evaluates the Gaussian likelihood only: \
@@ -185,6 +179,7 @@ fn open<T: Real>(model: &Model, dev: &Gpu, precision: Precision) -> Result<OpenC
         dev,
         precision,
     )?;
+    inner.distance_variance = model.distance_variance;
     let dom = &model.dom;
     inner.set_reduction(dom.pix_per_patch, &[&dom.x, &dom.p])?;
     Ok(OpenCl {

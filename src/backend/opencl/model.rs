@@ -114,6 +114,8 @@ pub(super) struct Inner<T: Real> {
     pub(super) pix_chunk: usize,
     /// Patch-ordered dot layouts by vector length: (length, ranges, part offsets, parts).
     pub(super) dot_layouts: Vec<(usize, Buffer<u64>, Buffer<u32>, usize)>,
+    /// Whether a star's variance includes σ_a² (`ModelParams::distance_variance`).
+    pub(super) distance_variance: bool,
 }
 
 /// Indices into `Inner::star`.
@@ -178,6 +180,7 @@ impl<T: Real> Inner<T> {
             cache: Vec::new(),
             capacity: CACHE,
             host_a: Vec::new(),
+            distance_variance: true,
             pix_chunk: DOT_CHUNK,
             dot_layouts: Vec::new(),
             device: gpu.name.clone(),
@@ -235,6 +238,7 @@ impl<T: Real> Inner<T> {
         let mut kb = self.kernel(name, self.d.npix);
         kb.arg(self.d.nc as u32)
             .arg(self.d.pad as u32)
+            .arg(i32::from(self.distance_variance))
             .args_windows(&self.win);
         kb
     }
@@ -343,6 +347,7 @@ impl<T: Real> Inner<T> {
         self.upload(&st.dnsig, sig[1])?;
         let k = self
             .kernel("star_state", self.d.npix)
+            .arg(i32::from(self.distance_variance))
             .args_windows(&self.win)
             .arg(&self.a_err)
             .arg(&st.nsig)

@@ -19,9 +19,11 @@ fn has_device() -> bool {
     }
 }
 
-/// The same simulated sky as a CPU model and a device model.
-fn models(precision: &str) -> (Model, Model, Vec<f64>) {
+/// The same simulated sky as a CPU model and a device model, the stars' variance with or
+/// without σ_a² (`distance_variance`).
+fn models(precision: &str, distance_variance: bool) -> (Model, Model, Vec<f64>) {
     let mut cfg = Config::tiny(5, 2);
+    cfg.inference.stage[0].distance_variance = distance_variance;
     cfg.kernel.length_pc = 80.0;
     cfg.noise.infer_nsigma = true;
     cfg.simulate.n_stars = 500;
@@ -33,14 +35,14 @@ fn models(precision: &str) -> (Model, Model, Vec<f64>) {
     let mut x = crate::app::simulate::prior_excitations(cfg.seed, icr.n_xi());
     x.extend([0.3, -0.2]);
     let pc = sim.catalog.into_pixel_layout(chart.nside_final());
-    let cpu = crate::app::build::model(&cfg, icr.clone(), &pc).unwrap();
+    let cpu = crate::app::build::stage_model(&cfg, 0, icr.clone(), &pc).unwrap();
     cfg.backend.kind = crate::app::config::BackendKind::Opencl;
     cfg.backend.precision = if precision == "f32" {
         Precision::F32
     } else {
         Precision::F64
     };
-    let dev = crate::app::build::model(&cfg, icr, &pc).unwrap();
+    let dev = crate::app::build::stage_model(&cfg, 0, icr, &pc).unwrap();
     (cpu, dev, x)
 }
 
@@ -63,8 +65,8 @@ fn dot(a: &[f64], b: &[f64]) -> f64 {
 /// per-star stages (state, JVP, VJP, dot-product test), `reduced` what is weighted by 1/v
 /// (energy, gradients, metric products), which in f32 inherits the cancellation in
 /// σ_a² = E[c²] − ā² for stars with σ_a ≪ ā.
-fn check(precision: &str, kernel: f64, reduced: f64) {
-    let (cpu, dev, x) = models(precision);
+fn check(precision: &str, distance_variance: bool, kernel: f64, reduced: f64) {
+    let (cpu, dev, x) = models(precision, distance_variance);
     let (mut wc, mut wd) = (cpu.workspace(), dev.workspace());
     let (ns, np) = (cpu.data.len(), cpu.n_params());
     let xsig: Vec<f64> = gauss(ns, 3).iter().map(|v| 0.5 * v).collect();
@@ -223,13 +225,20 @@ fn clone_state(s: &State) -> State {
 #[test]
 fn device_likelihood_matches_the_cpu_in_f64() {
     if has_device() {
-        check("f64", 1e-12, 1e-12);
+        check("f64", true, 1e-12, 1e-12);
+    }
+}
+
+#[test]
+fn device_likelihood_without_the_distance_variance_matches_the_cpu() {
+    if has_device() {
+        check("f64", false, 1e-12, 1e-12);
     }
 }
 
 #[test]
 fn device_likelihood_matches_the_cpu_in_f32() {
     if has_device() {
-        check("f32", 1e-5, 1e-2);
+        check("f32", true, 1e-5, 1e-2);
     }
 }

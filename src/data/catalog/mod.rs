@@ -392,21 +392,26 @@ impl Catalog {
         });
         let pixel: Vec<u64> = order.iter().map(|&i| pix[i]).collect();
         let stars = self.permute(&order);
-        let mut offsets = vec![0usize; pixels.len() + 1];
-        for &p in &pixel {
-            offsets[p as usize - pixels.start + 1] += 1;
-        }
-        for k in 1..offsets.len() {
-            offsets[k] += offsets[k - 1];
-        }
         PixelCatalog {
             nside,
             stars,
+            offsets: pixel_offsets(&pixel, &pixels),
             pixel,
-            offsets,
             first_pixel: pixels.start,
         }
     }
+}
+
+/// Star ranges per pixel of `pixels` for stars sorted by pixel (`pixels.len() + 1` offsets).
+fn pixel_offsets(pixel: &[u64], pixels: &std::ops::Range<usize>) -> Vec<usize> {
+    let mut offsets = vec![0usize; pixels.len() + 1];
+    for &p in pixel {
+        offsets[p as usize - pixels.start + 1] += 1;
+    }
+    for k in 1..offsets.len() {
+        offsets[k] += offsets[k - 1];
+    }
+    offsets
 }
 
 /// The error of a selection that keeps no star of `rows` rows read.
@@ -463,6 +468,49 @@ impl PixelCatalog {
     /// The pixel range covered.
     pub fn pixels(&self) -> std::ops::Range<usize> {
         self.first_pixel..self.first_pixel + self.offsets.len() - 1
+    }
+
+    /// The same stars in the same order, pixelised at the coarser `nside` (NESTED parents
+    /// of their pixels; the covered range must be whole parents): a coarse stage's view,
+    /// whose per-star arrays line up with this one's.
+    ///
+    /// ```
+    /// use dust3d::data::catalog::Catalog;
+    /// let cat = Catalog {
+    ///     source_id: vec![1, 2],
+    ///     l_deg: vec![10.0, 200.0],
+    ///     b_deg: vec![5.0, -40.0],
+    ///     parallax_mas: vec![2.0, 3.0],
+    ///     parallax_error_mas: vec![0.1, 0.1],
+    ///     extinction: vec![0.5, 0.2],
+    ///     extinction_error: vec![0.05, 0.05],
+    ///     extra: vec![],
+    /// };
+    /// let fine = cat.into_pixel_range(4, 0..192);
+    /// let coarse = fine.coarsened(2);
+    /// assert_eq!(coarse.stars.source_id, fine.stars.source_id);
+    /// assert_eq!(coarse.pixel, fine.pixel.iter().map(|p| p >> 2).collect::<Vec<_>>());
+    /// assert_eq!(*coarse.offsets.last().unwrap(), 2);
+    /// ```
+    pub fn coarsened(&self, nside: u32) -> PixelCatalog {
+        let shift = 2 * (self.nside.trailing_zeros() - nside.trailing_zeros());
+        let fine = self.pixels();
+        assert!(
+            nside <= self.nside
+                && fine.start.is_multiple_of(1 << shift)
+                && fine.end.is_multiple_of(1 << shift),
+            "coarsening pixels {fine:?} of nside {} to nside {nside}",
+            self.nside
+        );
+        let pixels = fine.start >> shift..fine.end >> shift;
+        let pixel: Vec<u64> = self.pixel.iter().map(|p| p >> shift).collect();
+        PixelCatalog {
+            nside,
+            stars: self.stars.clone(),
+            offsets: pixel_offsets(&pixel, &pixels),
+            pixel,
+            first_pixel: pixels.start,
+        }
     }
 
     /// Stars per patch of `nside_dec` (the pixels must cover whole patches).

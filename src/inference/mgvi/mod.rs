@@ -67,6 +67,35 @@ impl MgviState {
     }
 }
 
+impl MgviState {
+    /// The state of a coarse stage's model, whose excitations are the first `n_coarse` of
+    /// the `n_full` ones here (its chart ends at a coarser level): every vector keeps those
+    /// and everything after the excitations (the global latents, ξ_σ where sampled).
+    pub fn restricted(&self, n_coarse: usize, n_full: usize) -> MgviState {
+        let cut = |v: &Vec<f64>| [&v[..n_coarse], &v[n_full..]].concat();
+        MgviState {
+            x: cut(&self.x),
+            xsig: self.xsig.clone(),
+            residuals: self.residuals.iter().map(cut).collect(),
+            shifts: self.shifts.iter().map(cut).collect(),
+        }
+    }
+
+    /// Write a coarse stage's state (see [`MgviState::restricted`]) back: its entries
+    /// replace the coarse ones here; the finer excitations keep their expansion point and
+    /// have no spread in the samples.
+    pub fn absorb(&mut self, coarse: MgviState, n_coarse: usize, n_full: usize) {
+        let widen = |c: &[f64], keep: &[f64]| {
+            [&c[..n_coarse], &keep[n_coarse..n_full], &c[n_coarse..]].concat()
+        };
+        self.x = widen(&coarse.x, &self.x);
+        let zeros = vec![0.0; n_full];
+        self.residuals = coarse.residuals.iter().map(|r| widen(r, &zeros)).collect();
+        self.shifts = coarse.shifts.iter().map(|r| widen(r, &zeros)).collect();
+        self.xsig = coarse.xsig;
+    }
+}
+
 /// Settings of one global iteration: how samples are drawn and how far the KL is minimised.
 #[derive(Clone, Debug, PartialEq)]
 pub struct IterationSettings {

@@ -341,3 +341,39 @@ fn sampling_over_nsigma_draws_from_its_metric() {
         .sqrt();
     assert!(r < 1e-8 * y.iter().map(|b| b * b).sum::<f64>().sqrt());
 }
+
+#[test]
+fn a_coarse_stage_state_round_trips_and_new_excitations_have_no_spread() {
+    // 6 excitations of which 4 coarse, then the 2 globals and 3 sampled ξ_σ in the residuals
+    let (nc, nf) = (4, 6);
+    let full = MgviState {
+        x: (0..8).map(|i| i as f64).collect(),
+        xsig: vec![0.5; 3],
+        residuals: vec![(0..11).map(|i| 10.0 + i as f64).collect()],
+        shifts: vec![],
+    };
+    let c = full.restricted(nc, nf);
+    assert_eq!(c.x, [0.0, 1.0, 2.0, 3.0, 6.0, 7.0]);
+    assert_eq!(
+        c.residuals[0],
+        [10.0, 11.0, 12.0, 13.0, 16.0, 17.0, 18.0, 19.0, 20.0]
+    );
+    let mut moved = c.clone();
+    moved.x.iter_mut().for_each(|v| *v += 100.0);
+    moved.residuals[0].iter_mut().for_each(|v| *v = -*v);
+    moved.xsig = vec![0.25; 3];
+    let mut back = full.clone();
+    back.absorb(moved, nc, nf);
+    // coarse entries and everything after the excitations replaced, fine ones kept
+    assert_eq!(back.x, [100.0, 101.0, 102.0, 103.0, 4.0, 5.0, 106.0, 107.0]);
+    let r = &back.residuals[0];
+    assert_eq!(r[..4], [-10.0, -11.0, -12.0, -13.0]);
+    assert_eq!(r[4..6], [0.0, 0.0]);
+    assert_eq!(r[6..], [-16.0, -17.0, -18.0, -19.0, -20.0]);
+    assert_eq!(back.xsig, [0.25; 3]);
+    // restricting what was absorbed gives the coarse state back
+    assert_eq!(
+        back.restricted(nc, nf).x,
+        c.x.iter().map(|v| v + 100.0).collect::<Vec<_>>()
+    );
+}

@@ -204,6 +204,52 @@ impl Icr {
         })
     }
 
+    /// The operator of the chart ended at level `k` ([`Chart::truncated`]): level 0 and the
+    /// first `k` refinements of this one, unchanged, so its excitations are the first
+    /// [`Icr::n_xi_upto`]`(k)` of this operator's and its final field is this operator's
+    /// level-`k` field. A variance correction (folded into the last refinement only) is not
+    /// carried over unless `k` is the last level. Fails on several ranks when step `k − 1`
+    /// is not distributed (parallel.nside_dec above nside(k − 1)).
+    pub fn truncated(&self, k: usize) -> Result<Icr> {
+        let chart = &self.chart;
+        anyhow::ensure!(
+            k <= chart.levels,
+            "ICR truncated at {k} of {} levels",
+            chart.levels
+        );
+        if k == chart.levels {
+            return Ok(self.clone());
+        }
+        if self.decomp.size() > 1 && (k == 0 || chart.nside(k - 1) < self.decomp.nside_dec) {
+            anyhow::bail!(
+                "on {} ranks with parallel.nside_dec = {} a stage's chart must end at nside {} \
+                 or finer (its last refinement distributed); {k} levels end at nside {}: use \
+                 more levels or a smaller parallel.nside_dec",
+                self.decomp.size(),
+                self.decomp.nside_dec,
+                2 * self.decomp.nside_dec,
+                chart.nside(k)
+            );
+        }
+        let mut field_pix = self.field_pix[..=k].to_vec();
+        // the final field carries no halo: nothing refines it further
+        field_pix[k] -= self.levels[k].halo.len();
+        Ok(Icr {
+            chart: chart.truncated(k),
+            level0: self.level0.clone(),
+            n0: self.n0,
+            levels: self.levels[..k].to_vec(),
+            decomp: self.decomp.clone(),
+            field_pix,
+            correction: None,
+        })
+    }
+
+    /// Number of this rank's excitations of level 0 and the first `k` refinements.
+    pub fn n_xi_upto(&self, k: usize) -> usize {
+        self.levels.get(k).map_or(self.n_xi(), |l| l.xi_off)
+    }
+
     /// How the excitations followed by the two global latents (ξ_scale, ξ_offset) lie on
     /// this rank: level 0 and replicated steps are replicated, a distributed step's sites
     /// belong to the patch of their coarse pixel.

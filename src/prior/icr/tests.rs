@@ -175,3 +175,36 @@ fn prior_draws_reproduce_the_kernel() {
         );
     }
 }
+
+#[test]
+fn a_truncated_operator_is_the_full_one_up_to_its_level() {
+    let chart = Chart::new(1, 8, 3, 1, 40.0, 600.0).unwrap();
+    let mut full = Icr::new(&chart, &K, Precision::F64).unwrap();
+    let p = variance::VarianceParams {
+        rel_tol: 1.0,
+        max_draws: 16,
+    };
+    full.correct_variance(K.cov(0.0), &p);
+    let x = gauss(full.n_xi(), 5);
+    let mut wf = full.workspace();
+    full.forward(&x, &mut wf);
+    for k in 0..=3 {
+        let t = full.truncated(k).unwrap();
+        assert_eq!(t.n_xi(), full.n_xi_upto(k));
+        assert_eq!(t.chart.nside_final(), chart.nside(k));
+        let mut wt = t.workspace();
+        t.forward(&x[..t.n_xi()], &mut wt);
+        // the same arithmetic on the same values: equal bit for bit
+        assert_eq!(wt.fields[k], wf.fields[k][..t.n_field()], "level {k}");
+        // and its transpose is exact
+        let y = gauss(t.n_field(), 50 + k as u64);
+        let a = dot(&wt.fields[k], &y);
+        let mut sty = vec![0.0; t.n_xi()];
+        t.adjoint(&y, &mut sty, &mut wt);
+        let b = dot(&x[..t.n_xi()], &sty);
+        assert!(
+            (a - b).abs() <= 1e-12 * (a.abs() + b.abs()),
+            "level {k}: {a} vs {b}"
+        );
+    }
+}
