@@ -128,11 +128,6 @@ fn every_bad_value_is_named_with_its_key_and_line() {
             4,
         ),
         (
-            "[grid]\nlevels = 2\n[[inference.stage]]\nlevels = 1\nscale_update = \"marginal\"\n",
-            "inference.stage[0].scale_update",
-            5,
-        ),
-        (
             "[[inference.stage]]\niterations = 2\ndistance_variance = false\n[[inference.stage]]\n\
              [[inference.stage]]\ndistance_variance = false\n",
             "inference.stage[2].distance_variance",

@@ -242,17 +242,6 @@ impl Config {
                         ),
                     ));
                 }
-                if l < self.grid.levels && s.scale_update == super::ScaleUpdateName::Marginal {
-                    // not measured on a coarse stage's own chart (docs/model.md)
-                    return Err(invalid(
-                        format!("{key}.scale_update"),
-                        format!(
-                            "{key}.scale_update = \"marginal\" is for stages with every ICR \
-                             level ({key}.levels = {l} of {}): use \"joint\" in coarse stages",
-                            self.grid.levels
-                        ),
-                    ));
-                }
             }
             if let Some(d) = s.max_distance_pc {
                 if !(d > 0.0 && d.is_finite()) {
