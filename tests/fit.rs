@@ -337,7 +337,7 @@ fn a_stage_ends_once_converged_and_the_map_says_so() {
     assert!(schedule.contains("not converged"), "{schedule}");
     let lines: Vec<&str> = schedule.lines().collect();
     assert!(
-        lines[1].starts_with("stage 0:")
+        lines[1].starts_with("stage 0: on its own chart (nside 4 × 12 shells), ")
             && lines[1].ends_with("; likelihood without the distance variance"),
         "{schedule}"
     );

@@ -520,4 +520,33 @@ mod tests {
         let r = f16.total() / total;
         assert!((3.0..4.5).contains(&r), "16 vs 64 ranks: {r}");
     }
+
+    #[test]
+    fn every_stage_is_planned_on_its_own_chart() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/demo.toml");
+        let (cfg, _) = Config::from_file(&path).unwrap();
+        let opts = PlanOptions {
+            ranks: 1,
+            stars: 20_000.0,
+            threads_per_rank: 2,
+            no_timing: true,
+        };
+        let text = run(&cfg, &opts).unwrap();
+        assert!(
+            text.contains("stage 0: 1 levels, nside 4 x 12 shells"),
+            "{text}"
+        );
+        assert!(
+            text.contains("stage 1: 2 levels, nside 8 x 24 shells"),
+            "{text}"
+        );
+        // on more ranks than the coarse chart's patches allow for its last refinement
+        let mut cfg4 = cfg;
+        cfg4.parallel.nside_dec = Some(4);
+        let text = run(&cfg4, &PlanOptions { ranks: 4, ..opts }).unwrap();
+        assert!(
+            text.contains("stage 0: 1 levels would end at nside 4: too coarse"),
+            "{text}"
+        );
+    }
 }

@@ -404,8 +404,8 @@ fn write_star_predictions(set: &mut Staged, path: &Path, rows: Vec<u8>) -> Resul
     .with_context(|| format!("cannot write {}", path.display()))
 }
 
-/// The prior's variance correction (when applied), then one line per stage: iterations run
-/// against the cap, whether the stage converged, its last iteration's change measures
+/// The prior's variance correction (when applied), then one line per stage: its chart if
+/// coarser than the map's, iterations run against the cap, whether the stage converged, its last iteration's change measures
 /// against the tolerances, the scale it ended with and how it was inferred, and whether its
 /// likelihood left the distance variance out.
 pub(super) fn schedule_summary(
@@ -427,8 +427,19 @@ pub(super) fn schedule_summary(
         } else {
             "stopped at its iteration cap, not converged"
         };
+        let chart = match sc.levels.filter(|&l| l < icr.chart.levels) {
+            Some(l) => {
+                let c = icr.chart.truncated(l);
+                format!(
+                    " on its own chart (nside {} × {} shells),",
+                    c.nside_final(),
+                    c.n_kept()
+                )
+            }
+            None => String::new(),
+        };
         out += &format!(
-            "stage {k}: {} of at most {} iterations, {how} (last: KL change {:.2e} / {:.0e}, \
+            "stage {k}:{chart} {} of at most {} iterations, {how} (last: KL change {:.2e} / {:.0e}, \
              step {:.2e} / {:.0e}, mean ln ρ change {:.2e} σ / {:.0e} σ); scale {:.3} ± {:.3} \
              ({}){}\n",
             rows.len(),
