@@ -281,6 +281,11 @@ fn run_schedule(cfg: &Config, su: &Setup, paths: &FitPaths, st: &mut FitState) -
     Ok(())
 }
 
+/// What to do when a fit's density overflows.
+const OVERFLOW_HINT: &str = "typically a spike grown where only the tails of distance windows \
+     reach; no map written. Leaving σ_a² out of the earlier stages (distance_variance = false) \
+     prevents it";
+
 /// One stage of the schedule, ready to iterate: its stars, model, free entries and settings.
 struct StageRun {
     model: crate::likelihood::model::Model,
@@ -378,16 +383,26 @@ impl StageRun {
         };
         let mut coarse = self.cut.map(|(n, full)| st.vi.restricted(n, full));
         let vi = coarse.as_mut().unwrap_or(&mut st.vi);
-        let rep = mgvi::global_iteration(&self.model, &self.settings, &self.mask, vi, streams)?;
+        let at = format!(
+            "inference.stage[{}] iteration {}",
+            st.stage,
+            st.iteration + 1
+        );
+        let rep = mgvi::global_iteration(&self.model, &self.settings, &self.mask, vi, streams)
+            .map_err(|e| {
+                let overflow = e
+                    .chain()
+                    .any(|c| c.is::<crate::inference::newton::NonFiniteObjective>());
+                match overflow {
+                    true => e.context(format!("{at} ({OVERFLOW_HINT})")),
+                    false => e.context(at.clone()),
+                }
+            })?;
         if !rep.kl.is_finite() {
             // nothing can move from an infinite energy: stop with the reason, not a map
             bail!(
-                "inference.stage[{}] iteration {}: the KL is {} — the density overflowed (ln ρ \
-                 beyond 709) where stars see it, typically a spike grown where only the tails \
-                 of distance windows reach; no map written. Leaving σ_a² out of the earlier \
-                 stages (distance_variance = false) prevents it",
-                st.stage,
-                st.iteration + 1,
+                "{at}: the KL is {} — the density overflowed (ln ρ beyond 709) where stars see \
+                 it; {OVERFLOW_HINT}",
                 rep.kl
             );
         }

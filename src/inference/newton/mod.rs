@@ -207,6 +207,21 @@ pub struct TruncatedNewton {
     pub cg_capped: usize,
 }
 
+/// The objective or its gradient is not finite where the minimisation stands, so no step
+/// can be judged (an exponential model overflowed).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the objective is {value} with a {} gradient at the current point: the density \
+     overflowed (ln ρ beyond 709) where stars or the prior see it",
+    if *gradient_finite { "finite" } else { "non-finite" }
+)]
+pub struct NonFiniteObjective {
+    /// The objective's value there.
+    pub value: f64,
+    /// Whether its gradient was finite.
+    pub gradient_finite: bool,
+}
+
 impl TruncatedNewton {
     /// New solver with the given settings.
     pub fn new(settings: NewtonSettings) -> Result<Self, Error> {
@@ -247,8 +262,16 @@ impl<T: MetricObjective> Solver<ArgminObjective<'_, T>, St> for TruncatedNewton 
             .ok_or_else(|| Error::msg("objective missing"))?;
         let space = wrapped.space.clone();
         let (cost, grad) = wrapped.value_grad(&param)?;
+        let g2 = space.dot(&grad, &grad);
+        if !(cost.is_finite() && g2.is_finite()) {
+            // no step can be judged from here: stop with the reason, not a line-search error
+            return Err(Error::new(NonFiniteObjective {
+                value: cost,
+                gradient_finite: g2.is_finite(),
+            }));
+        }
         self.initial_value.get_or_insert(cost);
-        self.grad_norms.push(space.dot(&grad, &grad).sqrt());
+        self.grad_norms.push(g2.sqrt());
         let (dir, rep) = self.direction(wrapped, &param, &grad)?;
         let (new_param, new_cost) = self.step(wrapped, &param, cost, &grad, dir)?;
         let diff: Vec<f64> = new_param.iter().zip(&param).map(|(a, b)| a - b).collect();

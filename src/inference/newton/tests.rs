@@ -137,3 +137,20 @@ fn a_zero_gradient_is_a_fixed_point_and_a_bad_metric_falls_back_to_descent() {
     assert!(rep.value < 0.5 * 0.49 * n as f64, "value {}", rep.value);
     assert!(p.iter().all(|v| (v - 0.7).abs() < 0.7), "{p:?}");
 }
+
+#[test]
+fn a_start_where_the_objective_is_not_finite_is_an_error_that_says_so() {
+    let n = 4;
+    let walled = Walled {
+        c: vec![0.0; n],
+        radius: 1.0,
+        metric_sign: 1.0,
+    };
+    // outside the finite region from the start: nothing can be compared, so no step
+    let e = minimize(&walled, vec![2.0; n], 3, far_steps()).unwrap_err();
+    let msg = format!("{e:#}");
+    assert!(
+        msg.contains("objective is inf") && msg.contains("overflowed"),
+        "{msg}"
+    );
+}
