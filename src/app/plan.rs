@@ -461,7 +461,9 @@ fn stage_lines(
     for (i, sc) in cfg.inference.stage.iter().enumerate() {
         let k = sc.levels.unwrap_or(chart.levels).min(chart.levels);
         let c = chart.truncated(k);
-        if opts.ranks > 1 && (k == 0 || chart.nside(k - 1) < nside_dec) {
+        if opts.ranks > 1
+            && !crate::sphere::decomp::last_refinement_distributed(&chart, k, nside_dec)
+        {
             writeln!(
                 s,
                 "  stage {i}: {k} levels would end at nside {}: too coarse for nside_dec {nside_dec} \

@@ -27,6 +27,16 @@ pub struct Decomp {
     pub bounds: Vec<usize>,
 }
 
+/// Whether the chart ended at `levels` refines its last step per patch of `nside_dec`
+/// (rather than on every rank), as several ranks need: the step starts at nside(levels − 1).
+pub fn last_refinement_distributed(
+    chart: &crate::sphere::grid::Chart,
+    levels: usize,
+    nside_dec: u32,
+) -> bool {
+    levels > 0 && chart.nside(levels - 1) >= nside_dec
+}
+
 /// Default decomposition nside for a chart: 8 (768 patches, as the paper's 64 ranks need),
 /// or the nside where the last refinement starts if that is coarser.
 pub fn default_nside_dec(chart: &crate::sphere::grid::Chart) -> u32 {

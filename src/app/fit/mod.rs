@@ -245,7 +245,7 @@ fn run_schedule(cfg: &Config, su: &Setup, paths: &FitPaths, st: &mut FitState) -
     for (i, sc) in stages.iter().enumerate() {
         if let Some(k) = sc.levels.filter(|&k| k < su.icr.chart.levels) {
             su.icr
-                .truncated(k)
+                .check_truncation(k)
                 .with_context(|| format!("inference.stage[{i}].levels = {k}"))?;
         }
     }
@@ -350,7 +350,7 @@ impl StageRun {
         }
         let StageChart { icr, stars, cut } = stage_chart(su, sc, st.stage, stars)?;
         let model = crate::app::build::stage_model(cfg, st.stage, icr, &stars)?;
-        let mask = mgvi::level_mask(&model, sc.levels);
+        let mask = mgvi::free_mask(&model);
         let mut part = su.part.clone();
         part.patch_stars = model.dom.stars.patch.iter().map(|r| r[0].len()).collect();
         // a new data set: n_σ starts again from its prior median (paper §5). Decided on all

@@ -487,12 +487,12 @@ impl PixelCatalog {
     ///     extra: vec![],
     /// };
     /// let fine = cat.into_pixel_range(4, 0..192);
-    /// let coarse = fine.coarsened(2);
+    /// let coarse = fine.clone().coarsened(2);
     /// assert_eq!(coarse.stars.source_id, fine.stars.source_id);
     /// assert_eq!(coarse.pixel, fine.pixel.iter().map(|p| p >> 2).collect::<Vec<_>>());
     /// assert_eq!(*coarse.offsets.last().unwrap(), 2);
     /// ```
-    pub fn coarsened(&self, nside: u32) -> PixelCatalog {
+    pub fn coarsened(self, nside: u32) -> PixelCatalog {
         let shift = 2 * (self.nside.trailing_zeros() - nside.trailing_zeros());
         let fine = self.pixels();
         assert!(
@@ -506,7 +506,7 @@ impl PixelCatalog {
         let pixel: Vec<u64> = self.pixel.iter().map(|p| p >> shift).collect();
         PixelCatalog {
             nside,
-            stars: self.stars.clone(),
+            stars: self.stars,
             offsets: pixel_offsets(&pixel, &pixels),
             pixel,
             first_pixel: pixels.start,

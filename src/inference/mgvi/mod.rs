@@ -160,18 +160,10 @@ pub struct Streams {
     pub iteration: usize,
 }
 
-/// Which entries of x are free in a stage (1) or held fixed (0): ICR levels beyond the
-/// stage's `levels` are held (at 0 when they first appear).
-pub fn level_mask(model: &Model, levels: Option<usize>) -> Vec<f64> {
-    let np = model.n_params();
-    let nxi = model.icr.n_xi();
-    let end = match levels {
-        Some(l) if l < model.icr.levels.len() => model.icr.levels[l].xi_off,
-        _ => nxi,
-    };
-    (0..np)
-        .map(|i| if i < end || i >= nxi { 1.0 } else { 0.0 })
-        .collect()
+/// Every entry of x free (1; 0 would hold an entry fixed): a stage with fewer levels runs on
+/// its own chart's model instead of holding the finer excitations.
+pub fn free_mask(model: &Model) -> Vec<f64> {
+    vec![1.0; model.n_params()]
 }
 
 /// What one global MGVI iteration did.

@@ -152,7 +152,11 @@ impl Icr {
             );
         }
         if decomp.size() > 1
-            && (chart.levels == 0 || chart.nside(chart.levels - 1) < decomp.nside_dec)
+            && !crate::sphere::decomp::last_refinement_distributed(
+                chart,
+                chart.levels,
+                decomp.nside_dec,
+            )
         {
             anyhow::bail!(
                 "with {} ranks the last refinement must be distributed: parallel.nside_dec = {} \
@@ -211,31 +215,15 @@ impl Icr {
     /// carried over unless `k` is the last level. Fails on several ranks when step `k − 1`
     /// is not distributed (parallel.nside_dec above nside(k − 1)).
     pub fn truncated(&self, k: usize) -> Result<Icr> {
-        let chart = &self.chart;
-        anyhow::ensure!(
-            k <= chart.levels,
-            "ICR truncated at {k} of {} levels",
-            chart.levels
-        );
-        if k == chart.levels {
+        self.check_truncation(k)?;
+        if k == self.chart.levels {
             return Ok(self.clone());
-        }
-        if self.decomp.size() > 1 && (k == 0 || chart.nside(k - 1) < self.decomp.nside_dec) {
-            anyhow::bail!(
-                "on {} ranks with parallel.nside_dec = {} a stage's chart must end at nside {} \
-                 or finer (its last refinement distributed); {k} levels end at nside {}: use \
-                 more levels or a smaller parallel.nside_dec",
-                self.decomp.size(),
-                self.decomp.nside_dec,
-                2 * self.decomp.nside_dec,
-                chart.nside(k)
-            );
         }
         let mut field_pix = self.field_pix[..=k].to_vec();
         // the final field carries no halo: nothing refines it further
         field_pix[k] -= self.levels[k].halo.len();
         Ok(Icr {
-            chart: chart.truncated(k),
+            chart: self.chart.truncated(k),
             level0: self.level0.clone(),
             n0: self.n0,
             levels: self.levels[..k].to_vec(),
@@ -243,6 +231,30 @@ impl Icr {
             field_pix,
             correction: None,
         })
+    }
+
+    /// Whether [`Icr::truncated`]`(k)` can be built, without building it.
+    pub fn check_truncation(&self, k: usize) -> Result<()> {
+        let chart = &self.chart;
+        anyhow::ensure!(
+            k <= chart.levels,
+            "ICR truncated at {k} of {} levels",
+            chart.levels
+        );
+        let nside_dec = self.decomp.nside_dec;
+        if self.decomp.size() > 1
+            && !crate::sphere::decomp::last_refinement_distributed(chart, k, nside_dec)
+        {
+            anyhow::bail!(
+                "on {} ranks with parallel.nside_dec = {nside_dec} a stage's chart must end at \
+                 nside {} or finer (its last refinement distributed); {k} levels end at nside \
+                 {}: use more levels or a smaller parallel.nside_dec",
+                self.decomp.size(),
+                2 * nside_dec,
+                chart.nside(k)
+            );
+        }
+        Ok(())
     }
 
     /// Number of this rank's excitations of level 0 and the first `k` refinements.
