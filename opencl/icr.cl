@@ -126,3 +126,13 @@ __kernel void refine_adjoint_gather(const uint npix_c, const uint n_c,
   for (uint e = rev_off[q]; e < rev_off[q + 1]; e++) acc += scatter[(ulong)rev[e] * n_c + i];
   coarse_bar[gid] = acc;
 }
+
+// MPI exchanges: row r of `send` is row idx[r] of `src` (n_c values per row), so only the
+// values another rank needs cross the bus.
+__kernel void pack_rows(const uint n_rows, const uint n_c, __global const uint *idx,
+                        __global const REAL *src, __global REAL *send) {
+  const uint gid = get_global_id(0);
+  if (gid >= n_rows * n_c) return;
+  const uint r = gid / n_c, i = gid % n_c;
+  send[gid] = src[(ulong)idx[r] * n_c + i];
+}

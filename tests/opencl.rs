@@ -82,20 +82,35 @@ fn bad_device_choices_are_clear_errors() {
     }
     let e = Gpu::open(&DeviceSpec {
         platform: Some("no such platform".into()),
-        device: None,
+        ..Default::default()
     })
     .err()
     .unwrap()
     .to_string();
     assert!(e.contains("no OpenCL platform matches"), "{e}");
     let e = Gpu::open(&DeviceSpec {
-        platform: None,
         device: Some("99".into()),
+        ..Default::default()
     })
     .err()
     .unwrap()
     .to_string();
     assert!(e.contains("device index 99"), "{e}");
+    // a list shares devices out by node-local rank: slot 3 of ["0", "99"] takes "99"
+    let list = |slot| DeviceSpec {
+        devices: vec!["0".into(), "99".into()],
+        slot: Some(slot),
+        ..Default::default()
+    };
+    assert!(Gpu::open(&list(2)).is_ok());
+    let e = Gpu::open(&list(3)).err().unwrap().to_string();
+    assert!(e.contains("device index 99"), "{e}");
+    // no device named: rank r takes device r mod (devices present), so any slot opens one
+    let by_slot = DeviceSpec {
+        slot: Some(7),
+        ..Default::default()
+    };
+    assert!(Gpu::open(&by_slot).is_ok());
 }
 
 fn max_rel(a: &[f64], b: &[f64]) -> f64 {

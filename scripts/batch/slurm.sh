@@ -10,6 +10,18 @@
 # end) and sends SIGTERM to the step, whose ranks stop together at the next safe point (exit
 # code 75) with their newest checkpoint on disk. The successor continues from it bit for bit.
 # Set DUST3D_MAX_RESUBMITS (default 20) to bound the chain.
+#
+# GPU nodes: one OpenCL device per rank. Ask for as many ranks per node as GPUs and set
+# DUST3D_BACKEND=opencl, e.g.
+#
+#   DUST3D_BACKEND=opencl sbatch --nodes=16 --ntasks-per-node=4 --gpus-per-node=4 \
+#       --cpus-per-task=16 --time=24:00:00 scripts/batch/slurm.sh configs/zgr23.toml ...
+#
+# By default every rank sees all GPUs of its node (srun --gpu-bind=none) and takes device
+# (SLURM_LOCALID mod GPUs). DUST3D_GPU_BIND=closest (or any srun --gpu-bind value) lets SLURM
+# give each rank its own GPU instead; dust3d then opens the one device it sees. An explicit
+# list in DUST3D_OPENCL_DEVICE (e.g. "0,1,2,3") overrides both. Each rank logs its device
+# and checks its memory before the fit.
 #SBATCH --job-name=dust3d
 #SBATCH --signal=B:USR1@600
 #SBATCH --output=dust3d-%j.out
@@ -44,11 +56,17 @@ stop_step() {
 trap 'resubmit "$CONFIG" "$CATALOG" "$OUT" "$CKPT"; stop_step' USR1
 
 ARGS=(--threads "$RAYON_NUM_THREADS" fit --config "$CONFIG" --catalog "$CATALOG" --out "$OUT")
+SRUN_ARGS=(--cpu-bind=none)
+case "${DUST3D_BACKEND:-cpu}" in
+  cpu) ;;
+  opencl) ARGS+=(--backend opencl); SRUN_ARGS+=(--gpu-bind="${DUST3D_GPU_BIND:-none}") ;;
+  *) echo "dust3d: DUST3D_BACKEND must be cpu or opencl, got '$DUST3D_BACKEND'" >&2; exit 2 ;;
+esac
 [ -n "$CKPT" ] && { mkdir -p "$CKPT"; ARGS+=(--checkpoint-dir "$CKPT"); }
 [ "$RESUME" = 1 ] && ARGS+=(--resume)
 # srun in the background so the trap can run while the step is alive; a trapped signal
 # interrupts `wait`, so wait again until the step itself has ended
-srun --cpu-bind=none "$DUST3D" "${ARGS[@]}" &
+srun "${SRUN_ARGS[@]}" "$DUST3D" "${ARGS[@]}" &
 step=$!
 while :; do
   status=0

@@ -322,8 +322,9 @@ pub fn run(cfg: &Config, opts: &PlanOptions) -> Result<String> {
     };
     writeln!(
         s,
-        "  on an OpenCL device (backend.kind = \"opencl\", checked before a fit): about {:.2} GB \
-         in f64, {:.2} GB in f32",
+        "  on the rank's OpenCL device (backend.kind = \"opencl\", one device per rank, checked \
+         on every rank before a fit; ranks sharing a device add up): about {:.2} GB in f64, \
+         {:.2} GB in f32",
         gb(device(8)),
         gb(device(4))
     )?;

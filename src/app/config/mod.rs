@@ -452,6 +452,11 @@ pub struct BackendConfig {
     /// OpenCL device: index or name substring (default the first; env DUST3D_OPENCL_DEVICE
     /// overrides).
     pub device: Option<String>,
+    /// OpenCL devices shared out over the MPI ranks of a node: node-local rank r takes entry
+    /// r mod len (indices or name substrings; env DUST3D_OPENCL_DEVICE="0,1,…" overrides).
+    /// Unset with several ranks: rank r takes device r mod (devices on the platform).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<String>,
 }
 
 impl Default for BackendConfig {
@@ -462,6 +467,7 @@ impl Default for BackendConfig {
             precision: Precision::F64,
             platform: None,
             device: None,
+            devices: Vec::new(),
         }
     }
 }
@@ -470,9 +476,20 @@ impl BackendConfig {
     /// The OpenCL device choice: environment first, then the configuration.
     pub fn device_spec(&self) -> crate::backend::opencl::DeviceSpec {
         let env = crate::backend::opencl::DeviceSpec::from_env();
+        let from_env = env.device.is_some() || !env.devices.is_empty();
         crate::backend::opencl::DeviceSpec {
             platform: env.platform.or_else(|| self.platform.clone()),
-            device: env.device.or_else(|| self.device.clone()),
+            device: if from_env {
+                env.device
+            } else {
+                self.device.clone()
+            },
+            devices: if from_env {
+                env.devices
+            } else {
+                self.devices.clone()
+            },
+            slot: None,
         }
     }
 }

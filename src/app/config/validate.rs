@@ -65,6 +65,12 @@ impl Config {
                  (noise.sample_nsigma = true)",
             ));
         }
+        if self.backend.device.is_some() && !self.backend.devices.is_empty() {
+            return Err(invalid(
+                "backend.devices",
+                "backend.device names one OpenCL device for every rank and backend.devices                  shares a list out by node-local rank: set one of them",
+            ));
+        }
         if n.marginalise_nsigma && self.backend.kind == super::BackendKind::Opencl {
             return Err(invalid(
                 "noise.marginalise_nsigma",

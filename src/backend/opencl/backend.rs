@@ -6,6 +6,7 @@ use anyhow::Result;
 use super::icr::Real;
 use super::model::Inner;
 use super::Gpu;
+use crate::base::comm;
 use crate::base::precision::Precision;
 use crate::likelihood::backend::{Backend, Traffic};
 use crate::likelihood::core::{ModelCore, ModelWork};
@@ -123,23 +124,23 @@ impl<T: Real> Backend for OpenCl<T> {
 }
 
 /// Move `model`'s voxel and star stages onto the OpenCL device chosen by `spec`, in
-/// `precision` (one process only: MPI ranks with devices are not supported yet).
+/// `precision`. Under MPI every rank opens its own device: the one `spec` names for its
+/// node-local rank, or device (node-local rank mod devices present).
 pub fn attach(model: &mut Model, spec: &super::DeviceSpec, precision: Precision) -> Result<()> {
-    if model.icr.decomp.size() > 1 {
-        anyhow::bail!(
-            "the OpenCL backend runs on one process: combining it with MPI ranks is not \
-             supported yet (run `dust3d fit --backend opencl` without mpirun)"
-        );
-    }
     if model.marginal.is_some() {
         anyhow::bail!(
             "the OpenCL backend evaluates the Gaussian likelihood only: \
              noise.marginalise_nsigma needs the CPU backend"
         );
     }
-    let dev = Gpu::open(spec)?;
+    let ranks = model.icr.decomp.size();
+    let mut spec = spec.clone();
+    if ranks > 1 {
+        spec.slot = Some(super::node_local_rank().unwrap_or_else(comm::rank));
+    }
+    let dev = Gpu::open(&spec)?;
     let chart = &model.icr.chart;
-    let level_voxels: Vec<usize> = (0..=chart.levels).map(|l| chart.voxels(l)).collect();
+    let level_voxels: Vec<usize> = (0..=chart.levels).map(|l| model.icr.field_len(l)).collect();
     let matrices_f32 = model
         .icr
         .levels
@@ -155,7 +156,18 @@ pub fn attach(model: &mut Model, spec: &super::DeviceSpec, precision: Precision)
         if precision == Precision::F64 { 8 } else { 4 },
     );
     let (global, _) = super::memory::device_memory(&dev);
-    super::memory::check(&dev.name, &need, global)?;
+    let sharing = if ranks > 1 {
+        ranks_sharing(dev.index)
+    } else {
+        1
+    };
+    super::memory::check(&dev.name, &need, global, sharing)?;
+    log_devices(&format!(
+        "{} (index {}) on {}",
+        dev.name,
+        dev.index,
+        hostname()
+    ));
     tracing::info!(
         device = %dev.name,
         ?precision,
@@ -186,4 +198,43 @@ fn open<T: Real>(model: &Model, dev: &Gpu, precision: Precision) -> Result<OpenC
         inner: std::sync::Mutex::new(inner),
         name: dev.name.clone(),
     })
+}
+
+/// How many ranks on this node use device `index` of the platform (this one included):
+/// every rank contributes (host, device) and counts its matches.
+fn ranks_sharing(index: usize) -> usize {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    hostname().hash(&mut h);
+    let me = [h.finish(), index as u64];
+    let all = comm::all_gather_u64(&me, &vec![2; comm::size()]);
+    all.chunks(2).filter(|c| c == &me).count()
+}
+
+/// Under MPI, rank 0 logs the device every rank opened (the other ranks log warnings only),
+/// for the first model of the run (every rank attaches the same models, so all skip alike).
+fn log_devices(mine: &str) {
+    static LOGGED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let size = comm::size();
+    if size == 1 || LOGGED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        return;
+    }
+    if !comm::is_root() {
+        comm::send_bytes(0, mine.as_bytes());
+        return;
+    }
+    tracing::info!("rank 0 of {size}: OpenCL device {mine}");
+    for r in 1..size {
+        let text = String::from_utf8_lossy(&comm::recv_bytes(r)).into_owned();
+        tracing::info!("rank {r} of {size}: OpenCL device {text}");
+    }
+}
+
+fn hostname() -> String {
+    let mut host = [0u8; 256];
+    // SAFETY: the buffer is writable for its whole length, and gethostname terminates or
+    // truncates within it
+    unsafe { libc::gethostname(host.as_mut_ptr().cast(), host.len()) };
+    let end = host.iter().position(|&c| c == 0).unwrap_or(host.len());
+    String::from_utf8_lossy(&host[..end]).into_owned()
 }

@@ -6,6 +6,8 @@ use anyhow::{Context, Result};
 use ocl::{Buffer, Kernel, OclPrm};
 
 use super::{Gpu, Precision};
+use crate::base::comm;
+use crate::prior::icr::exchange::StepKind;
 use crate::prior::icr::{Icr, Matrices};
 
 static SOURCE: &str = include_str!("../../../opencl/icr.cl");
@@ -62,9 +64,28 @@ struct LevelKernels {
     adjoint_xi: Kernel,
     adjoint_scatter: Kernel,
     adjoint_gather: Kernel,
+    /// How the step is distributed over MPI ranks, and what crosses the bus for it.
+    exchange: DeviceExchange,
     /// Global memory bytes each pass reads and writes (matrices, fields, excitations).
     forward_bytes: usize,
     adjoint_bytes: usize,
+}
+
+/// The MPI exchanges of one refinement step on a device: only the values other ranks need
+/// (packed on the device) or send (written straight into place) cross the bus.
+struct DeviceExchange {
+    kind: StepKind,
+    /// Values of this rank's coarse rows (owned pixels × n_c), after which the halo lands.
+    n_own: usize,
+    /// Values of this rank's window chunks (9 per refined pixel × n_c).
+    n_local: usize,
+    /// Forward: packs the coarse rows other ranks need into the send buffer.
+    pack_halo: Option<Kernel>,
+    /// Adjoint: packs the window chunks of foreign coarse pixels into the send buffer.
+    pack_back: Option<Kernel>,
+    halo_counts: (Vec<usize>, Vec<usize>),
+    back_counts: (Vec<usize>, Vec<usize>),
+    gather_counts: Vec<usize>,
 }
 
 /// What every refinement kernel starts with: program, queue, (npix_c, n_c) arguments.
@@ -86,7 +107,8 @@ impl<'a> Header<'a> {
         kb.program(self.prog)
             .name(name)
             .queue(self.queue.clone())
-            .global_work_size(n);
+            // a rank may have nothing to pack; every kernel checks its bound
+            .global_work_size(n.max(1));
         kb.arg(self.np as u32).arg(self.n_c as u32);
         args(&mut kb);
         kb.build().with_context(|| format!("kernel {name}"))
@@ -103,13 +125,27 @@ pub(crate) struct Resident<T: Real> {
     levels: Vec<LevelKernels>,
     n0: usize,
     matrix_bytes: usize,
+    /// The adjoint's window chunks (local, then received or all-gathered ones).
+    scatter: Buffer<T>,
+    /// Packed values for other ranks.
+    send: Buffer<T>,
+    /// Host staging of the exchanges (values sent, values received).
+    stage: std::sync::Mutex<(Vec<T>, Vec<f64>)>,
     /// Buffers the kernels read, kept alive with them.
-    _keep: (Vec<LevelStatics>, Buffer<T>, Buffer<T>),
+    _keep: (Vec<LevelStatics>, Buffer<T>),
 }
 
 /// A level's geometry and matrices on the device: window, class, reverse map, its offsets,
-/// matrices.
-type LevelStatics = (Buffer<u32>, Buffer<u32>, Buffer<u32>, Buffer<u32>, MatBuf);
+/// matrices, and the local indices of the rows (forward) and chunks (adjoint) it sends.
+struct LevelStatics {
+    window: Buffer<u32>,
+    class: Buffer<u32>,
+    rev: Buffer<u32>,
+    rev_off: Buffer<u32>,
+    mats: MatBuf,
+    halo_send: Buffer<u32>,
+    back_send: Buffer<u32>,
+}
 
 /// Refinement matrices on the device in their storage precision.
 enum MatBuf {
@@ -166,13 +202,15 @@ fn level_statics(icr: &Icr, gpu: &Gpu, mat_f64: bool) -> Result<(Vec<LevelStatic
             (Matrices::F32(m), _) => MatBuf::F32(buffer(gpu, m)?),
         };
         bytes += mats.bytes();
-        statics.push((
-            u32buf(&window)?,
-            u32buf(&lev.geom.class)?,
-            u32buf(&lev.rev)?,
-            u32buf(&lev.rev_off)?,
+        statics.push(LevelStatics {
+            window: u32buf(&window)?,
+            class: u32buf(&lev.geom.class)?,
+            rev: u32buf(&lev.rev)?,
+            rev_off: u32buf(&lev.rev_off)?,
             mats,
-        ));
+            halo_send: u32buf(&lev.ex.halo_send)?,
+            back_send: u32buf(&lev.ex.back_send)?,
+        });
     }
     Ok((statics, bytes))
 }
@@ -185,6 +223,7 @@ struct LevelBuffers<'a, T: Real> {
     xi_bar: &'a Buffer<T>,
     fields: &'a [Buffer<T>],
     scatter: &'a Buffer<T>,
+    send: &'a Buffer<T>,
 }
 
 /// The forward and adjoint kernels of refinement level `l` and the bytes they move.
@@ -196,9 +235,23 @@ fn level_kernels<T: Real>(
 ) -> Result<LevelKernels> {
     let ts = std::mem::size_of::<T>();
     let (np, n_c, n_f, ns) = (lev.npix_c(), lev.n_c, lev.n_f, lev.n_c - 2);
-    let (window, class, rev, rev_off, mats) = statics;
+    let LevelStatics {
+        window,
+        class,
+        rev,
+        rev_off,
+        mats,
+        halo_send,
+        back_send,
+    } = statics;
     let (coarse, fine) = (&b.fields[l], &b.fields[l + 1]);
     let hdr = Header {
+        prog: b.prog,
+        queue: b.queue,
+        np,
+        n_c,
+    };
+    let with_rows = |np: usize| Header {
         prog: b.prog,
         queue: b.queue,
         np,
@@ -219,9 +272,39 @@ fn level_kernels<T: Real>(
         mats.arg(kb);
         kb.arg(fine).arg(b.scatter);
     })?;
-    let adjoint_gather = hdr.build("refine_adjoint_gather", np * n_c, |kb| {
+    let n_out = lev.n_cotangent_pixels();
+    let adjoint_gather = with_rows(n_out).build("refine_adjoint_gather", n_out * n_c, |kb| {
         kb.arg(rev_off).arg(rev).arg(b.scatter).arg(coarse);
     })?;
+    let halo = lev.kind == StepKind::Halo;
+    let exchange = DeviceExchange {
+        kind: lev.kind,
+        n_own: np * n_c,
+        n_local: 9 * np * n_c,
+        pack_halo: halo
+            .then(|| {
+                pack_rows(
+                    &with_rows(lev.ex.halo_send.len()),
+                    halo_send,
+                    coarse,
+                    b.send,
+                )
+            })
+            .transpose()?,
+        pack_back: halo
+            .then(|| {
+                pack_rows(
+                    &with_rows(lev.ex.back_send.len()),
+                    back_send,
+                    b.scatter,
+                    b.send,
+                )
+            })
+            .transpose()?,
+        halo_counts: (lev.halo_counts().0.to_vec(), lev.halo_counts().1.to_vec()),
+        back_counts: (lev.back_counts().0.to_vec(), lev.back_counts().1.to_vec()),
+        gather_counts: lev.gather_counts().to_vec(),
+    };
     // per site: its matrix (an upper bound: sites of one class share it), 27 coarse and 8
     // excitation reads, 8 writes, the window; the adjoint reads the matrix twice and writes
     // and rereads the 9-slot scatter rows
@@ -232,8 +315,21 @@ fn level_kernels<T: Real>(
         adjoint_xi,
         adjoint_scatter,
         adjoint_gather,
+        exchange,
         forward_bytes: sites * (mat + (27 + 8 + 8) * ts + 9 * 4),
         adjoint_bytes: sites * (2 * mat + 16 * ts) + 3 * 9 * np * n_c * ts,
+    })
+}
+
+/// `send[r, :] = src[idx[r], :]` for rows of `hdr.n_c` values.
+fn pack_rows<'a, T: Real>(
+    hdr: &Header<'a>,
+    idx: &'a Buffer<u32>,
+    src: &'a Buffer<T>,
+    send: &'a Buffer<T>,
+) -> Result<Kernel> {
+    hdr.build("pack_rows", hdr.np * hdr.n_c, |kb| {
+        kb.arg(idx).arg(src).arg(send);
     })
 }
 
@@ -252,7 +348,7 @@ impl<T: Real> Resident<T> {
         let xi = zeros::<T>(gpu, icr.n_xi())?;
         let xi_bar = zeros::<T>(gpu, icr.n_xi())?;
         let fields = (0..=c.levels)
-            .map(|l| zeros::<T>(gpu, c.npix(l) * c.n_r(l)))
+            .map(|l| zeros::<T>(gpu, icr.field_len(l)))
             .collect::<Result<Vec<_>>>()?;
         let q = gpu.queue.clone();
         let k0 = |name: &str, a: &Buffer<T>, b: &Buffer<T>| {
@@ -270,13 +366,21 @@ impl<T: Real> Resident<T> {
         };
         let level0_forward = k0("level0_forward", &xi, &fields[0])?;
         let level0_adjoint = k0("level0_adjoint", &fields[0], &xi_bar)?;
-        let scatter_len = icr
-            .levels
-            .iter()
-            .map(|l| 9 * l.npix_c() * l.n_c)
-            .max()
-            .unwrap_or(0);
-        let scatter = zeros::<T>(gpu, scatter_len)?;
+        let max_of = |f: &dyn Fn(&crate::prior::icr::Level) -> usize| {
+            icr.levels.iter().map(f).max().unwrap_or(0)
+        };
+        let scatter = zeros::<T>(
+            gpu,
+            max_of(&|l| {
+                let recv: usize = l.back_counts().1.iter().sum();
+                let gathered: usize = l.gather_counts().iter().sum();
+                (9 * l.npix_c() * l.n_c + recv).max(gathered)
+            }),
+        )?;
+        let send = zeros::<T>(
+            gpu,
+            max_of(&|l| l.ex.halo_send.len().max(l.ex.back_send.len()) * l.n_c),
+        )?;
         let (statics, mats_bytes) = level_statics(icr, gpu, mat_f64)?;
         let matrix_bytes = l0.len() * std::mem::size_of::<T>() + mats_bytes;
         let bufs = LevelBuffers {
@@ -286,6 +390,7 @@ impl<T: Real> Resident<T> {
             xi_bar: &xi_bar,
             fields: &fields,
             scatter: &scatter,
+            send: &send,
         };
         let levels = icr
             .levels
@@ -302,32 +407,95 @@ impl<T: Real> Resident<T> {
             levels,
             n0,
             matrix_bytes,
-            _keep: (statics, scatter, l0_buf),
+            scatter,
+            send,
+            stage: Default::default(),
+            _keep: (statics, l0_buf),
         })
     }
 
     pub(crate) fn forward(&self) -> Result<()> {
         // SAFETY: every kernel's arguments are buffers sized for its global work size
-        unsafe {
-            self.level0_forward.enq()?;
-            for l in &self.levels {
-                l.refine.enq()?;
+        unsafe { self.level0_forward.enq()? };
+        for (l, lev) in self.levels.iter().enumerate() {
+            let ex = &lev.exchange;
+            if let Some(pack) = &ex.pack_halo {
+                let (sc, rc) = &ex.halo_counts;
+                self.exchange(pack, sc, rc, &self.fields[l], ex.n_own)?;
             }
+            // SAFETY: as above; the queue is in order, so the halo is in place
+            unsafe { lev.refine.enq()? };
         }
         Ok(())
     }
 
     pub(crate) fn adjoint(&self) -> Result<()> {
-        // SAFETY: as in `forward`; the queue is in order, so each level's gather finishes
-        // before the next coarser level reads its field
-        unsafe {
-            for l in self.levels.iter().rev() {
-                l.adjoint_xi.enq()?;
-                l.adjoint_scatter.enq()?;
-                l.adjoint_gather.enq()?;
+        for lev in self.levels.iter().rev() {
+            let ex = &lev.exchange;
+            // SAFETY: as in `forward`; the queue is in order, so each level's gather
+            // finishes before the next coarser level reads its field
+            unsafe {
+                lev.adjoint_xi.enq()?;
+                lev.adjoint_scatter.enq()?;
             }
-            self.level0_adjoint.enq()?;
+            match (ex.kind, &ex.pack_back) {
+                (StepKind::Halo, Some(pack)) => {
+                    let (sc, rc) = &ex.back_counts;
+                    self.exchange(pack, sc, rc, &self.scatter, ex.n_local)?;
+                }
+                (StepKind::Gathered, _) => self.all_gather_chunks(ex)?,
+                _ => {}
+            }
+            // SAFETY: as above
+            unsafe { lev.adjoint_gather.enq()? };
         }
+        // SAFETY: as above
+        unsafe { self.level0_adjoint.enq()? };
+        Ok(())
+    }
+
+    /// Pack with `pack`, exchange with every rank (`send`/`recv` values per rank) and write
+    /// what arrives into `dst` from value `at` on.
+    fn exchange(
+        &self,
+        pack: &Kernel,
+        send: &[usize],
+        recv: &[usize],
+        dst: &Buffer<T>,
+        at: usize,
+    ) -> Result<()> {
+        let mut stage = self.stage.lock().unwrap_or_else(|e| e.into_inner());
+        let (packed, received) = &mut *stage;
+        let n_send: usize = send.iter().sum();
+        packed.resize(n_send.max(1), T::default());
+        // SAFETY: the pack kernel reads rows its index buffer names and writes `send`
+        unsafe { pack.enq()? };
+        if n_send > 0 {
+            self.send.read(&mut packed[..n_send]).enq()?;
+        }
+        let out: Vec<f64> = packed[..n_send].iter().map(|v| v.to_f64()).collect();
+        received.resize(recv.iter().sum(), 0.0);
+        comm::all_to_all_into(&out, send, recv, received);
+        Self::write_at(dst, received, at)
+    }
+
+    /// A gathered step's adjoint: every rank's window chunks, in rank order, replace the
+    /// local ones at the start of `scatter`.
+    fn all_gather_chunks(&self, ex: &DeviceExchange) -> Result<()> {
+        let mut local = vec![0.0; ex.n_local];
+        Self::read(&self.scatter, &mut local)?;
+        let n: usize = ex.gather_counts.iter().sum();
+        let mut all = vec![0.0; n];
+        comm::all_gather_into(&local, &ex.gather_counts, &mut all);
+        Self::write_at(&self.scatter, &all, 0)
+    }
+
+    fn write_at(buf: &Buffer<T>, host: &[f64], at: usize) -> Result<()> {
+        if host.is_empty() {
+            return Ok(());
+        }
+        let v: Vec<T> = host.iter().map(|&x| T::from_f64(x)).collect();
+        buf.write(&v).offset(at).enq()?;
         Ok(())
     }
 

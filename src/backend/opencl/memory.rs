@@ -71,19 +71,27 @@ pub fn device_memory(gpu: &Gpu) -> (f64, f64) {
     (global, alloc)
 }
 
-/// Refuse a model whose estimate exceeds 90 % of the device's global memory (the rest is
-/// the runtime's), naming the device, the figures and what to change. `DUST3D_SKIP_DEVICE_MEMORY_CHECK=1` skips it.
-pub fn check(device: &str, need: &DeviceBytes, global: f64) -> Result<()> {
-    if std::env::var_os("DUST3D_SKIP_DEVICE_MEMORY_CHECK").is_some() || need.total() <= 0.9 * global
+/// Refuse a model whose estimate, times the `sharing` MPI ranks that use the same device,
+/// exceeds 90 % of the device's global memory (the rest is the runtime's), naming the
+/// device, the figures and what to change. `DUST3D_SKIP_DEVICE_MEMORY_CHECK=1` skips it.
+pub fn check(device: &str, need: &DeviceBytes, global: f64, sharing: usize) -> Result<()> {
+    let sharing = sharing.max(1);
+    if std::env::var_os("DUST3D_SKIP_DEVICE_MEMORY_CHECK").is_some()
+        || need.total() * sharing as f64 <= 0.9 * global
     {
         return Ok(());
     }
     let gb = |b: f64| b / 1e9;
+    let shared = if sharing > 1 {
+        format!(" per rank, and {sharing} ranks of this node share the device")
+    } else {
+        String::new()
+    };
     bail!(
         "OpenCL device {device} has {:.2} GB of global memory; this model needs about {:.2} GB \
-         on it (matrices {:.2}, windows {:.2}, fields {:.2}, vectors {:.2} GB): use \
-         backend.precision = \"f32\", grid.matrix_precision = \"f32\" or a coarser grid \
-         (DUST3D_SKIP_DEVICE_MEMORY_CHECK=1 skips this check)",
+         on it{shared} (matrices {:.2}, windows {:.2}, fields {:.2}, vectors {:.2} GB): use \
+         backend.precision = \"f32\", grid.matrix_precision = \"f32\", more ranks or devices, \
+         or a coarser grid (DUST3D_SKIP_DEVICE_MEMORY_CHECK=1 skips this check)",
         gb(global),
         gb(need.total()),
         gb(need.matrices),
@@ -117,11 +125,16 @@ mod tests {
         assert_eq!(need.fields, 4.0 * 8.0 * 9000.0);
         let f32 = estimate(4);
         assert_eq!(f32.matrices, 31e6);
-        assert!(check("GPU", &need, 16e9).is_ok());
-        let e = check("Tiny GPU", &need, 0.1e9).unwrap_err().to_string();
+        assert!(check("GPU", &need, 16e9, 1).is_ok());
+        let e = check("Tiny GPU", &need, 0.1e9, 1).unwrap_err().to_string();
         assert!(
             e.contains("Tiny GPU has 0.10 GB") && e.contains("needs about"),
             "{e}"
         );
+        // 0.24 GB per rank fits a 0.3 GB device alone, not with a second rank on it
+        assert!((need.total() - 0.237e9).abs() < 0.001e9, "{}", need.total());
+        assert!(check("Small GPU", &need, 0.3e9, 1).is_ok());
+        let e = check("Small GPU", &need, 0.3e9, 2).unwrap_err().to_string();
+        assert!(e.contains("2 ranks of this node share the device"), "{e}");
     }
 }

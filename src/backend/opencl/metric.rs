@@ -26,11 +26,11 @@ impl<T: Real> Inner<T> {
         unsafe { k.enq()? };
         let mut h = vec![T::default(); 2 * nc];
         self.chunk.read(&mut h).enq()?;
-        let mut acc = [0.0; 2];
-        for c in h.chunks(2) {
-            acc = [acc[0] + c[0].to_f64(), acc[1] + c[1].to_f64()];
-        }
-        Ok(acc)
+        let parts: Vec<[f64; 2]> = h
+            .chunks(2)
+            .map(|c| [c[0].to_f64(), c[1].to_f64()])
+            .collect();
+        self.global_sum([0.0; 2], &parts)
     }
 
     /// A vector kernel (no pixel/shell leading arguments).

@@ -28,16 +28,59 @@ pub struct DeviceSpec {
     pub platform: Option<String>,
     /// Device index or name substring.
     pub device: Option<String>,
+    /// One device per node-local rank: rank r takes entry r mod len (indices or names).
+    pub devices: Vec<String>,
+    /// This process's node-local rank when it is one of several MPI ranks: with no device
+    /// named, it takes device `slot` mod (devices on the platform).
+    pub slot: Option<usize>,
 }
 
 impl DeviceSpec {
-    /// From the environment: `DUST3D_OPENCL_PLATFORM`, `DUST3D_OPENCL_DEVICE`.
+    /// From the environment: `DUST3D_OPENCL_PLATFORM`, `DUST3D_OPENCL_DEVICE` (one device,
+    /// or a comma-separated list shared out by node-local rank).
     pub fn from_env() -> Self {
+        let device = std::env::var("DUST3D_OPENCL_DEVICE").ok();
+        let (device, devices) = match device {
+            Some(d) if d.contains(',') => (None, split_list(&d)),
+            d => (d, Vec::new()),
+        };
         Self {
             platform: std::env::var("DUST3D_OPENCL_PLATFORM").ok(),
-            device: std::env::var("DUST3D_OPENCL_DEVICE").ok(),
+            device,
+            devices,
+            slot: None,
         }
     }
+
+    /// The device this spec names for its slot, or None for "by slot, else the first".
+    fn wanted(&self) -> Option<&str> {
+        if self.devices.is_empty() {
+            return self.device.as_deref();
+        }
+        let k = self.slot.unwrap_or(0) % self.devices.len();
+        Some(self.devices[k].as_str())
+    }
+}
+
+fn split_list(s: &str) -> Vec<String> {
+    s.split(',')
+        .map(|d| d.trim().to_string())
+        .filter(|d| !d.is_empty())
+        .collect()
+}
+
+/// This process's rank among the ranks on its node, from the launcher's environment (Open
+/// MPI, Slurm, PMI/Hydra as in MPICH and Intel MPI, MVAPICH); None when no launcher says.
+pub fn node_local_rank() -> Option<usize> {
+    [
+        "OMPI_COMM_WORLD_LOCAL_RANK",
+        "SLURM_LOCALID",
+        "PMI_LOCAL_RANK",
+        "MPI_LOCALRANKID",
+        "MV2_COMM_WORLD_LOCAL_RANK",
+    ]
+    .iter()
+    .find_map(|k| std::env::var(k).ok()?.trim().parse().ok())
 }
 
 /// An OpenCL context with one device and an in-order queue.
@@ -52,6 +95,8 @@ pub struct Gpu {
     pub name: String,
     /// Whether the device does double precision.
     pub fp64: bool,
+    /// The device's index on its platform.
+    pub index: usize,
 }
 
 /// Why no usable OpenCL device could be had.
@@ -173,7 +218,10 @@ impl Gpu {
             bail!("OpenCL platform {:?} has no devices", platform.name()?);
         }
         let dnames: Vec<String> = devs.iter().map(|d| d.name().unwrap_or_default()).collect();
-        let device = pick(&devs, &dnames, spec.device.as_deref(), "device")?;
+        let by_slot = spec.slot.map(|r| (r % devs.len()).to_string());
+        let want = spec.wanted().or(by_slot.as_deref());
+        let device = pick(&devs, &dnames, want, "device")?;
+        let index = devs.iter().position(|d| *d == device).unwrap_or(0);
         let context = ocl::Context::builder()
             .platform(platform)
             .devices(device)
@@ -183,6 +231,7 @@ impl Gpu {
             ocl::Queue::new(&context, device, None).context("cannot create an OpenCL queue")?;
         let name = format!("{} / {}", platform.name()?, device.name()?.trim());
         Ok(Self {
+            index,
             fp64: has_fp64(&device),
             context,
             queue,

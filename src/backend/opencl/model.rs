@@ -116,6 +116,8 @@ pub(super) struct Inner<T: Real> {
     pub(super) dot_layouts: Vec<(usize, Buffer<u64>, Buffer<u32>, usize)>,
     /// Whether a star's variance includes σ_a² (`ModelParams::distance_variance`).
     pub(super) distance_variance: bool,
+    /// The MPI decomposition: per-patch partial sums are reduced across ranks in patch order.
+    pub(super) decomp: std::sync::Arc<crate::sphere::decomp::Decomp>,
 }
 
 /// Indices into `Inner::star`.
@@ -181,6 +183,7 @@ impl<T: Real> Inner<T> {
             capacity: CACHE,
             host_a: Vec::new(),
             distance_variance: true,
+            decomp: icr.decomp.clone(),
             pix_chunk: DOT_CHUNK,
             dot_layouts: Vec::new(),
             device: gpu.name.clone(),
@@ -418,20 +421,45 @@ impl<T: Real> Inner<T> {
         let mut h = std::mem::take(&mut self.host_a);
         h.resize(width * self.d.npix, 0.0);
         Resident::read(&self.partial, &mut h)?;
-        let mut acc = [0.0; 3];
-        for patch in h.chunks(width * self.pix_chunk) {
-            let mut part = [0.0; 3];
-            for p in patch.chunks(width) {
-                for (a, v) in part.iter_mut().zip(p) {
+        let parts: Vec<[f64; 3]> = h
+            .chunks(width * self.pix_chunk)
+            .map(|patch| {
+                let mut part = [0.0; 3];
+                for p in patch.chunks(width) {
+                    for (a, v) in part.iter_mut().zip(p) {
+                        *a += v;
+                    }
+                }
+                part
+            })
+            .collect();
+        self.host_a = h;
+        self.global_sum([0.0; 3], &parts)
+    }
+
+    /// `rep` plus the per-patch partials of every rank, in patch order (on one process, the
+    /// local partials in order), as the CPU model reduces.
+    pub(super) fn global_sum<const K: usize>(
+        &self,
+        rep: [f64; K],
+        parts: &[[f64; K]],
+    ) -> Result<[f64; K]> {
+        if self.decomp.size() == 1 {
+            let mut acc = rep;
+            for p in parts {
+                for (a, v) in acc.iter_mut().zip(p) {
                     *a += v;
                 }
             }
-            for (a, v) in acc.iter_mut().zip(part) {
-                *a += v;
-            }
+            return Ok(acc);
         }
-        self.host_a = h;
-        Ok(acc)
+        anyhow::ensure!(
+            parts.len() == self.decomp.patches().len(),
+            "OpenCL reduction over {} chunks on a rank that owns {} patches",
+            parts.len(),
+            self.decomp.patches().len()
+        );
+        Ok(crate::sphere::decomp::reduce(&self.decomp, rep, parts))
     }
 
     /// Star tangents (δā, δσ_a²) at a state for the chart-field tangent in `field`.

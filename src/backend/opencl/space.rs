@@ -72,7 +72,8 @@ impl<T: Real> crate::num::cg::CgSpace for DeviceSpace<'_, T> {
                 let mut h = vec![T::default(); *nparts];
                 inner.chunk.read(&mut h).enq()?;
                 // the replicated part, then the patches in order (as VecLayout::sum)
-                Ok(h.iter().fold(0.0, |a, v| a + v.to_f64()))
+                let parts: Vec<[f64; 1]> = h[1..].iter().map(|v| [v.to_f64()]).collect();
+                Ok(inner.global_sum([h[0].to_f64()], &parts)?[0])
             })();
             return r.unwrap_or_else(|e| {
                 self.run(Err(e));
@@ -80,6 +81,11 @@ impl<T: Real> crate::num::cg::CgSpace for DeviceSpace<'_, T> {
             });
         }
         let r = (|| -> Result<f64> {
+            anyhow::ensure!(
+                inner.decomp.size() == 1,
+                "no patch layout for device vectors of length {} under MPI",
+                self.n
+            );
             Inner::<T>::enq(
                 inner
                     .vkernel("dot_partials", nc)

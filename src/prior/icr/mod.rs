@@ -92,6 +92,22 @@ impl Level {
     pub fn n_xi(&self) -> usize {
         self.npix_c() * self.n_sites_r() * 8
     }
+    /// Coarse pixels whose cotangent this rank forms (all of them in a gathered step).
+    pub(crate) fn n_cotangent_pixels(&self) -> usize {
+        self.rev_off.len() - 1
+    }
+    /// Values sent to and received from each rank by the forward halo exchange.
+    pub(crate) fn halo_counts(&self) -> (&[usize], &[usize]) {
+        (&self.counts[0], &self.counts[1])
+    }
+    /// Values sent to and received from each rank by the adjoint's return of window chunks.
+    pub(crate) fn back_counts(&self) -> (&[usize], &[usize]) {
+        (&self.counts[2], &self.counts[3])
+    }
+    /// Values of window chunks every rank contributes to a gathered step's adjoint.
+    pub(crate) fn gather_counts(&self) -> &[usize] {
+        &self.counts[4]
+    }
 }
 
 /// The ICR prior operator for a chart and kernel.
@@ -391,6 +407,12 @@ impl Icr {
         self.levels.last().map_or(self.n0, |l| l.xi_off + l.n_xi())
     }
 
+    /// Values of this rank's field array at level `l` (owned or all pixels, then any halo,
+    /// × chart shells).
+    pub(crate) fn field_len(&self, l: usize) -> usize {
+        self.field_pix[l] * self.chart.n_r(l)
+    }
+
     /// Number of values of this rank's final field (pixels × chart shells).
     pub fn n_field(&self) -> usize {
         let l = self.chart.levels;
@@ -411,7 +433,7 @@ impl Icr {
     pub fn workspace(&self) -> IcrWork {
         let c = &self.chart;
         let fields = (0..=c.levels)
-            .map(|l| vec![0.0; self.field_pix[l] * c.n_r(l)])
+            .map(|l| vec![0.0; self.field_len(l)])
             .collect();
         let max_of = |f: &dyn Fn(&Level) -> usize| self.levels.iter().map(f).max().unwrap_or(0);
         let scatter =
