@@ -89,6 +89,60 @@ fn plain_hdf5_tables_from_h5py_are_read() {
     assert!(cat.l_deg.iter().all(|&l| (0.0..360.0).contains(&l)));
 }
 
+#[test]
+fn parquet_tables_from_pyarrow_read_as_their_csv() {
+    // tests/fixtures/pyarrow_catalog.parquet: the 60 rows of pyarrow_catalog.csv written by
+    // pyarrow (tests/python/make_parquet_fixture.py): snappy, two row groups, l/b/parallax
+    // double, the other columns float32
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let cfg = CatalogConfig::default();
+    let pq = Catalog::read(&dir.join("pyarrow_catalog.parquet"), &cfg).unwrap();
+    let csv = Catalog::read(&dir.join("pyarrow_catalog.csv"), &cfg).unwrap();
+    assert_eq!(pq.len(), 60);
+    assert_eq!(pq.source_id, csv.source_id);
+    assert_eq!((&pq.l_deg, &pq.b_deg), (&csv.l_deg, &csv.b_deg));
+    assert_eq!(pq.parallax_mas, csv.parallax_mas);
+    let f32 = |v: &[f64]| v.iter().map(|&x| x as f32 as f64).collect::<Vec<_>>();
+    assert_eq!(pq.parallax_error_mas, f32(&csv.parallax_error_mas));
+    assert_eq!(pq.extinction, f32(&csv.extinction));
+    assert_eq!(pq.extinction_error, f32(&csv.extinction_error));
+    // MPI ranks read contiguous row blocks, across the row-group boundary at row 31
+    let path = dir.join("pyarrow_catalog.parquet");
+    let names = ["l", "parallax", "extinction"];
+    let whole =
+        dust3d::data::catalog::read_columns(&path, &names, Some("source_id"), None).unwrap();
+    for size in [2, 3, 7] {
+        let mut joined = vec![Vec::new(); names.len()];
+        let mut ids = Vec::new();
+        for rank in 0..size {
+            let part = dust3d::data::catalog::RowPart { rank, size };
+            let t = dust3d::data::catalog::read_columns_part(
+                &path,
+                &names,
+                Some("source_id"),
+                None,
+                part,
+            )
+            .unwrap();
+            for (j, c) in joined.iter_mut().zip(t.columns) {
+                j.extend(c);
+            }
+            ids.extend(t.source_id.unwrap());
+        }
+        assert_eq!(joined, whole.columns, "{size} parts");
+        assert_eq!(Some(ids), whole.source_id, "{size} parts");
+    }
+    // and what cannot be read is an error naming the file and the column
+    let e = read_columns(&path, &["no_such_column"], None, None)
+        .err()
+        .expect("a missing column is an error")
+        .to_string();
+    assert!(
+        e.contains("pyarrow_catalog.parquet") && e.contains("no_such_column"),
+        "{e}"
+    );
+}
+
 /// The Python of the build virtualenv (None where a bare `cargo test` runs without it).
 fn python() -> Option<std::path::PathBuf> {
     match std::env::var("DUST3D_PYTHON") {
@@ -152,6 +206,24 @@ fn zgr23_icrs_and_galactic_layouts_give_the_same_stars() {
     eprintln!("ICRS -> Galactic vs astropy: largest separation {worst:.2e} deg");
     assert!(worst <= 1e-9, "{worst:e} deg");
 
+    // a null in a Parquet column is reported by row and column, nothing read
+    let nulls = d.join("nulls.parquet");
+    let o = std::process::Command::new(&py)
+        .arg(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/python/make_parquet_fixture.py"),
+        )
+        .arg(d.join("galactic.csv"))
+        .arg(&nulls)
+        .args(["--null-row", "5"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let e = Catalog::read(&nulls, &CatalogConfig::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("row 5") && e.contains("extinction_error"), "{e}");
+
     // the paper's cuts on all three layouts; the ZGR23 one through configs/zgr23.toml
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let (zgr, _) = Config::from_file(&root.join("configs/zgr23.toml")).unwrap();
@@ -162,12 +234,17 @@ fn zgr23_icrs_and_galactic_layouts_give_the_same_stars() {
     let reference = Catalog::read(&d.join("galactic.csv"), &cuts).unwrap();
     let icrs = Catalog::read(&d.join("icrs.csv"), &cuts).unwrap(); // frame "auto" finds ra, dec
     let h5 = Catalog::read(&d.join("zgr23.h5"), &zgr.catalog).unwrap();
+    let parquet = Catalog::read(&d.join("gaia.parquet"), &cuts).unwrap(); // ra, dec too
     assert!(
         reference.len() > 500 && reference.len() < cat.len(),
         "{}",
         reference.len()
     );
-    for (name, c) in [("ICRS CSV", &icrs), ("ZGR23 HDF5", &h5)] {
+    for (name, c) in [
+        ("ICRS CSV", &icrs),
+        ("ZGR23 HDF5", &h5),
+        ("Parquet (pyarrow)", &parquet),
+    ] {
         assert_eq!(
             c.source_id, reference.source_id,
             "{name}: other stars selected"
@@ -220,16 +297,21 @@ fn zgr23_icrs_and_galactic_layouts_give_the_same_stars() {
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         dust3d::products::mapfile::DustMap::read(&d.join(format!("{out}.nc"))).unwrap()
     };
-    let (a, b) = (
-        fit(&gal_cfg, &d.join("galactic.csv"), "gal"),
-        fit(&fit_cfg, &d.join("zgr23.h5"), "zgr"),
-    );
-    let rel = a
-        .mean
-        .iter()
-        .zip(&b.mean)
-        .map(|(x, y)| (x - y).abs() / x.abs().max(1e-30))
-        .fold(0.0, f64::max);
-    eprintln!("fit of the ZGR23 file vs the Galactic CSV: largest relative difference of the mean {rel:.1e}");
-    assert!(rel <= 1e-9, "{rel:e}");
+    let a = fit(&gal_cfg, &d.join("galactic.csv"), "gal");
+    for (name, b) in [
+        ("ZGR23 file", fit(&fit_cfg, &d.join("zgr23.h5"), "zgr")),
+        (
+            "Parquet file",
+            fit(&gal_cfg, &d.join("gaia.parquet"), "parquet"),
+        ),
+    ] {
+        let rel = a
+            .mean
+            .iter()
+            .zip(&b.mean)
+            .map(|(x, y)| (x - y).abs() / x.abs().max(1e-30))
+            .fold(0.0, f64::max);
+        eprintln!("fit of the {name} vs the Galactic CSV: largest relative difference of the mean {rel:.1e}");
+        assert!(rel <= 1e-9, "{name}: {rel:e}");
+    }
 }

@@ -337,6 +337,17 @@ fn seed_inputs(dir: &Path) -> Vec<Target> {
             output: None,
         },
         Target {
+            name: "catalog Parquet",
+            // written by pyarrow (tests/python/make_parquet_fixture.py)
+            valid: std::fs::read(root.join("tests/fixtures/pyarrow_catalog.parquet")).unwrap(),
+            ext: "parquet",
+            text: false,
+            gz_text: None,
+            structure: None,
+            args: strings(&["info", "{}"]),
+            output: None,
+        },
+        Target {
             name: "map netCDF",
             valid: std::fs::read(&map).unwrap(),
             ext: "nc",

@@ -278,7 +278,13 @@ fn simulate(a: SimulateArgs) -> Result<()> {
     if let Some(s) = a.seed {
         cfg.seed = s;
     }
-    crate::data::catalog::Format::of(&a.out_catalog)?;
+    if crate::data::catalog::Format::of(&a.out_catalog)? == crate::data::catalog::Format::Parquet {
+        anyhow::bail!(
+            "{}: simulate writes catalogs as CSV, FITS or netCDF (.csv, .csv.gz, .fits, .nc); \
+             Parquet is read only",
+            a.out_catalog.display()
+        );
+    }
     let sim = crate::app::simulate::run(&cfg, &text)?;
     write_catalog(&sim.catalog, &a.out_catalog)?;
     sim.truth.write(&a.out_truth)?;

@@ -12,6 +12,9 @@ parallax_error, extinction, extinction_error) and writes into OUT_DIR, from the 
 - icrs.csv   the same stars with ra, dec instead of l, b (astropy);
 - galactic.csv  the reference: l, b as given, the other quantities rounded to float32 as
              in zgr23.h5, and quality_flags;
+- gaia.parquet  the ICRS stars as a Gaia-archive-style Parquet table, by pyarrow (snappy,
+             several row groups; source_id int64, ra/dec/parallax double, the rest float32,
+             quality_flags uint8);
 - frames.csv 2,000 random ICRS positions (poles and ra = 0/360 included) with astropy's
              Galactic l, b, to check dust3d's rotation point by point.
 
@@ -87,6 +90,23 @@ def write(name, pos):
 write("galactic.csv", {"l": col["l"], "b": col["b"]})
 write("icrs.csv", {"ra": ra, "dec": dec})
 
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+
+table = pa.table(
+    {
+        "source_id": pa.array(sid, pa.int64()),
+        "ra": pa.array(ra, pa.float64()),
+        "dec": pa.array(dec, pa.float64()),
+        "parallax": pa.array(common["parallax"], pa.float64()),
+        "parallax_error": pa.array(common["parallax_error"].astype(np.float32)),
+        "extinction": pa.array(common["extinction"].astype(np.float32)),
+        "extinction_error": pa.array(common["extinction_error"].astype(np.float32)),
+        "quality_flags": pa.array(quality, pa.uint8()),
+    }
+)
+pq.write_table(table, os.path.join(out, "gaia.parquet"), row_group_size=max(1, n // 3 + 7))
+
 ra_r = np.concatenate([rng.uniform(0, 360, 1990), [0, 360 - 1e-9, 0, 180, 45, 266.4049882865447, 192.8594812065348, 10, 20, 30]])
 dec_r = np.concatenate([np.degrees(np.arcsin(rng.uniform(-1, 1, 1990))), [0, 0, 90, -90, 89.9999999, -28.936177761791473, 27.12825118085622, -89.9999999, 1e-12, -1e-12]])
 g = SkyCoord(ra=ra_r * u.deg, dec=dec_r * u.deg, frame="icrs").galactic
@@ -95,4 +115,4 @@ with open(os.path.join(out, "frames.csv"), "w", newline="") as f:
     w.writerow(["ra", "dec", "l", "b"])
     for row in zip(ra_r, dec_r, g.l.deg, g.b.deg):
         w.writerow([repr(float(x)) for x in row])
-print(f"wrote {n} stars in the ZGR23, ICRS and Galactic layouts and 2000 frame checks")
+print(f"wrote {n} stars in the ZGR23, ICRS, Galactic and Parquet layouts and 2000 frame checks")

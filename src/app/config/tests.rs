@@ -74,6 +74,7 @@ fn every_bad_value_is_named_with_its_key_and_line() {
     // (file text, key the error must carry, line it must give)
     let cases = [
         ("[grid]\nlevels = 33\n", "grid.levels", 2),
+        ("[prior]\noffset_mean = 800.0\n", "prior.offset_mean", 2),
         ("[grid]\nnside0 = 3\n", "grid.nside0", 2),
         ("[grid]\nn_r0 = 2\n", "grid.n_r0", 2),
         ("[grid]\nr_min_pc = 0.0\n", "grid.r_min_pc", 2),

@@ -5,6 +5,9 @@ use anyhow::Result;
 
 use super::{invalid, Config, ConfigError, KernelKind};
 
+/// Largest |prior.offset_mean| accepted (ln ρ at the prior median).
+const MAX_LN_DENSITY: f64 = 300.0;
+
 impl Config {
     /// Semantic checks; errors name the key.
     pub fn validate(&self) -> Result<()> {
@@ -49,6 +52,17 @@ impl Config {
             return Err(invalid(
                 "prior",
                 "prior.scale_mean, prior.scale_std and prior.offset_std must be > 0",
+            ));
+        }
+        if p.offset_mean.abs() > MAX_LN_DENSITY {
+            return Err(invalid(
+                "prior.offset_mean",
+                format!(
+                    "prior.offset_mean = {} is ln ρ at the prior median: beyond ±{MAX_LN_DENSITY} \
+                     no density unit makes sense and ρ = e^(ln ρ) overflows past 709 (the \
+                     paper's -6.91 is ρ ≈ 1e-3 E per pc)",
+                    p.offset_mean
+                ),
             ));
         }
         let n = &self.noise;

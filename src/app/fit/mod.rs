@@ -286,6 +286,12 @@ const OVERFLOW_HINT: &str = "typically a spike grown where only the tails of dis
      reach; no map written. Leaving σ_a² out of the earlier stages (distance_variance = false) \
      prevents it";
 
+/// Why the first iteration from the prior median can meet an overflow.
+const PRIOR_OVERFLOW_HINT: &str = "the first iteration, from the prior median: usually \
+     ρ = exp(scale · s + prior.offset_mean) is far from the data's units there; check \
+     prior.offset_mean (ln ρ; -6.91, ρ ≈ 1e-3 E per pc, in the paper) and prior.scale_mean; no \
+     map written";
+
 /// One stage of the schedule, ready to iterate: its stars, model, free entries and settings.
 struct StageRun {
     model: crate::likelihood::model::Model,
@@ -394,6 +400,10 @@ impl StageRun {
                     .chain()
                     .any(|c| c.is::<crate::inference::newton::NonFiniteObjective>());
                 match overflow {
+                    // from the prior median nothing has grown yet: the prior itself overflows
+                    true if st.stage == 0 && st.iteration == 0 => {
+                        e.context(format!("{at} ({PRIOR_OVERFLOW_HINT})"))
+                    }
                     true => e.context(format!("{at} ({OVERFLOW_HINT})")),
                     false => e.context(at.clone()),
                 }

@@ -1,5 +1,6 @@
 //! Column readers and writers for the catalog formats: CSV (plain or gzipped), FITS
-//! binary tables (cfitsio) and netCDF-4/HDF5 files with one 1-D variable per column.
+//! binary tables (cfitsio), netCDF-4/HDF5 files with one 1-D variable per column (or a
+//! component of a 2-D one) and, read only, Parquet tables (`super::parquet`).
 
 use anyhow::{anyhow, bail, Context, Result};
 use std::io::{BufRead, BufReader, Write};
@@ -19,6 +20,8 @@ pub enum Format {
     Fits,
     /// netCDF-4 (an HDF5 file) with 1-D variables.
     NetCdf,
+    /// Apache Parquet table (read only; cargo feature `parquet`, on by default).
+    Parquet,
 }
 
 impl Format {
@@ -36,9 +39,12 @@ impl Format {
             .any(|e| name.ends_with(e))
         {
             Format::NetCdf
+        } else if name.ends_with(".parquet") || name.ends_with(".pq") {
+            Format::Parquet
         } else {
             bail!(
-                "{}: unknown catalog format (use .csv, .csv.gz, .fits, .nc, .h5 or .hdf5)",
+                "{}: unknown catalog format (use .csv, .csv.gz, .fits, .nc, .h5, .hdf5 or \
+                 .parquet)",
                 path.display()
             )
         })
@@ -85,7 +91,7 @@ impl RowPart {
     pub const ALL: RowPart = RowPart { rank: 0, size: 1 };
 
     /// The contiguous block of `rows` rows this part reads.
-    fn block(&self, rows: usize) -> std::ops::Range<usize> {
+    pub(super) fn block(&self, rows: usize) -> std::ops::Range<usize> {
         rows * self.rank / self.size..rows * (self.rank + 1) / self.size
     }
 }
@@ -135,6 +141,17 @@ pub fn read_columns_part(
         }
         Format::Fits => read_fits(path, names, id_name, hdu, part),
         Format::NetCdf => read_netcdf(path, names, id_name, part),
+        #[cfg(feature = "parquet")]
+        // the Parquet decoder panics on some damaged files: an error naming the file instead
+        Format::Parquet => crate::data::guard::reading(path, "Parquet catalog", || {
+            super::parquet::read_parquet(path, names, id_name, part)
+        }),
+        #[cfg(not(feature = "parquet"))]
+        Format::Parquet => bail!(
+            "{}: this dust3d was built without Parquet support (cargo feature \"parquet\", on \
+             by default; rebuild without --no-default-features)",
+            path.display()
+        ),
     }
 }
 
@@ -165,7 +182,7 @@ pub fn array_column(spec: &str) -> Result<(&str, Option<usize>)> {
     }
 }
 
-fn missing(path: &Path, name: &str, present: &[String]) -> anyhow::Error {
+pub(super) fn missing(path: &Path, name: &str, present: &[String]) -> anyhow::Error {
     super::CatalogError::MissingColumn {
         file: path.display().to_string(),
         column: name.to_string(),
@@ -427,6 +444,13 @@ fn named_columns(cat: &Catalog) -> Vec<(&str, &[f64])> {
 /// Write a catalog atomically in the format given by the extension of `path`.
 pub fn write_catalog(cat: &Catalog, path: &Path) -> Result<()> {
     let format = Format::of(path)?;
+    if format == Format::Parquet {
+        bail!(
+            "{}: dust3d reads Parquet catalogs but writes CSV, FITS or netCDF (.csv, .csv.gz, \
+             .fits, .nc)",
+            path.display()
+        );
+    }
     write_atomically(path, |tmp| match format {
         Format::Csv => {
             let f = std::fs::File::create(tmp)?;
@@ -443,6 +467,7 @@ pub fn write_catalog(cat: &Catalog, path: &Path) -> Result<()> {
         }
         Format::Fits => write_fits(cat, tmp),
         Format::NetCdf => write_netcdf(cat, tmp),
+        Format::Parquet => bail!("Parquet is read only"),
     })
     .with_context(|| format!("cannot write catalog {}", path.display()))
 }

@@ -4,6 +4,8 @@
 mod distribute;
 mod error;
 mod formats;
+#[cfg(feature = "parquet")]
+mod parquet;
 
 pub use distribute::{balance, read_distributed};
 pub use error::CatalogError;

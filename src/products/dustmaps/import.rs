@@ -82,6 +82,10 @@ fn read_column(
     name: &str,
     col: &str,
 ) -> Result<Vec<f64>> {
+    // fitsio panics when the HDU is not a table: say so instead
+    if !matches!(hdu.info, HduInfo::TableInfo { .. }) {
+        bail!("{file}: HDU '{name}' is not a table (a column '{col}' was expected)");
+    }
     hdu.read_col::<f64>(f, col)
         .with_context(|| format!("{file}: table '{name}' has no numeric column '{col}'"))
 }
