@@ -100,7 +100,9 @@ pub struct FitArgs {
     #[arg(long)]
     pub checkpoint_dir: Option<String>,
     /// Compute backend, overriding `backend.kind`: cpu or opencl (device from
-    /// `backend.platform` / `backend.device` or DUST3D_OPENCL_PLATFORM / _DEVICE).
+    /// `backend.platform` / `backend.device` or DUST3D_OPENCL_PLATFORM / _DEVICE; under
+    /// mpirun one device per rank, by node-local rank from `backend.devices` or
+    /// DUST3D_OPENCL_DEVICE=0,1,…, else rank mod devices present).
     #[arg(long, value_parser = parse_backend)]
     pub backend: Option<BackendKind>,
     /// Fraction of the stars held out of the fit and scored against its map (overrides

@@ -6,6 +6,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 
+use super::columns::{missing, RowPart, Table};
 use super::Catalog;
 use crate::base::atomic::write_atomically;
 
@@ -48,51 +49,6 @@ impl Format {
                 path.display()
             )
         })
-    }
-}
-
-/// Requested columns as read from a file, before validation.
-pub struct Table {
-    /// Number of rows.
-    pub rows: usize,
-    /// One vector per requested column, in request order.
-    pub columns: Vec<Vec<f64>>,
-    /// The id column if requested and present.
-    pub source_id: Option<Vec<i64>>,
-    /// Text line of each row (CSV only), for error messages.
-    pub lines: Option<Vec<u64>>,
-    /// File row (0-based) of each row read, when only part of the rows was read.
-    pub row_index: Option<Vec<u64>>,
-}
-
-impl Table {
-    /// "row N" (1-based data row), with the text line where known.
-    pub fn row_label(&self, i: usize) -> String {
-        let row = self.row_index.as_ref().map_or(i as u64, |r| r[i]) + 1;
-        match &self.lines {
-            Some(l) => format!("row {row} (line {})", l[i]),
-            None => format!("row {row}"),
-        }
-    }
-}
-
-/// Which rows of a file one reader takes: part `rank` of `size` (contiguous blocks for
-/// FITS and netCDF, every `size`-th row for CSV, which cannot be entered mid-file).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RowPart {
-    /// This reader.
-    pub rank: usize,
-    /// Number of readers.
-    pub size: usize,
-}
-
-impl RowPart {
-    /// All rows.
-    pub const ALL: RowPart = RowPart { rank: 0, size: 1 };
-
-    /// The contiguous block of `rows` rows this part reads.
-    pub(super) fn block(&self, rows: usize) -> std::ops::Range<usize> {
-        rows * self.rank / self.size..rows * (self.rank + 1) / self.size
     }
 }
 
@@ -180,15 +136,6 @@ pub fn array_column(spec: &str) -> Result<(&str, Option<usize>)> {
              non-negative integer"
         ),
     }
-}
-
-pub(super) fn missing(path: &Path, name: &str, present: &[String]) -> anyhow::Error {
-    super::CatalogError::MissingColumn {
-        file: path.display().to_string(),
-        column: name.to_string(),
-        present: present.to_vec(),
-    }
-    .into()
 }
 
 /// A CSV field that does not parse as `expected` ("a number", "an integer").

@@ -1,6 +1,7 @@
 //! Star catalogs: reading (CSV, CSV.gz, FITS binary table, netCDF-4/HDF5), row validation,
 //! the paper's selection cuts, and the (pixel, distance) layout every solver uses.
 
+mod columns;
 mod distribute;
 mod error;
 mod formats;
@@ -10,7 +11,8 @@ mod parquet;
 pub use distribute::{balance, read_distributed};
 pub use error::CatalogError;
 
-pub use formats::{array_column, read_columns, read_columns_part, write_catalog, Format, RowPart};
+pub use columns::{RowPart, Table};
+pub use formats::{array_column, read_columns, read_columns_part, write_catalog, Format};
 
 use anyhow::{bail, Result};
 use std::path::Path;

@@ -8,7 +8,7 @@ use parquet::column::reader::ColumnReader;
 use parquet::file::reader::{FileReader, SerializedFileReader};
 use std::path::Path;
 
-use super::formats::{RowPart, Table};
+use super::columns::{missing, RowPart, Table};
 
 /// Read the named numeric columns (and optionally an integer id column) of the rows of
 /// `part` (a contiguous block) from a Parquet file.
@@ -31,7 +31,7 @@ pub(super) fn read_parquet(
         present
             .iter()
             .position(|p| p == n)
-            .ok_or_else(|| super::formats::missing(path, n, &present))
+            .ok_or_else(|| missing(path, n, &present))
     };
     let wanted: Vec<usize> = names.iter().map(|n| index(n)).collect::<Result<_>>()?;
     let id = id_name.and_then(|n| index(n).ok());
