@@ -27,6 +27,46 @@ pub struct PlanOptions {
     pub threads_per_rank: usize,
     /// Skip timing the kernels (fixed reference speeds instead).
     pub no_timing: bool,
+    /// Global memory of each OpenCL device, GB: the plan then says whether the ranks that
+    /// share one fit on it.
+    pub device_gb: Option<f64>,
+    /// MPI ranks sharing one device (with `device_gb`).
+    pub ranks_per_device: usize,
+}
+
+/// Whether `opts.ranks_per_device` ranks needing `need` bytes each fit a device of
+/// `opts.device_gb` (90 % usable, as the fit's own check), in words; None without a size.
+fn device_fit_line(opts: &PlanOptions, need: f64, precision: Precision) -> Option<String> {
+    let device = opts.device_gb?;
+    let n = opts.ranks_per_device.max(1);
+    let total = need * n as f64 / 1e9;
+    let usable = 0.9 * device;
+    let precision = format!("\"{precision:?}\"").to_lowercase();
+    Some(if total <= usable {
+        format!(
+            "  fits a {device} GB device with {n} rank(s) on it: {total:.2} GB of {usable:.2} GB \
+             usable (backend.precision = {precision})"
+        )
+    } else {
+        format!(
+            "  does NOT fit a {device} GB device with {n} rank(s) on it: {total:.2} GB against \
+             {usable:.2} GB usable (backend.precision = {precision}); use more ranks (or fewer \
+             per device), backend.precision = \"f32\" or grid.matrix_precision = \"f32\""
+        )
+    })
+}
+
+impl Default for PlanOptions {
+    fn default() -> Self {
+        Self {
+            ranks: 64,
+            stars: 54e6,
+            threads_per_rank: 16,
+            no_timing: false,
+            device_gb: None,
+            ranks_per_device: 1,
+        }
+    }
 }
 
 /// p-vectors ([x | ξ_σ]) alive at the KL peak: argmin's state (param, previous and best
@@ -328,6 +368,14 @@ pub fn run(cfg: &Config, opts: &PlanOptions) -> Result<String> {
         gb(device(8)),
         gb(device(4))
     )?;
+    let scalar = if cfg.backend.precision == Precision::F64 {
+        8
+    } else {
+        4
+    };
+    if let Some(line) = device_fit_line(opts, device(scalar), cfg.backend.precision) {
+        writeln!(s, "{line}")?;
+    }
     let per_voxel = (f.memory[0].1 + f.memory[3].1) / f.voxels as f64;
     let per_xi = f.memory[1].1 / (f.xi as f64 + f.stars);
     let l = chart.levels.max(1) - 1;
@@ -505,10 +553,8 @@ mod tests {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/paper.toml");
         let (cfg, _) = Config::from_file(&path).unwrap();
         let opts = PlanOptions {
-            ranks: 64,
-            stars: 54e6,
-            threads_per_rank: 16,
             no_timing: true,
+            ..Default::default()
         };
         let (f, win) = largest_rank(&cfg, &opts).unwrap();
         // 786,432 pixels × 772 chart shells over 64 ranks; the paper's 54 M stars
@@ -525,6 +571,27 @@ mod tests {
     }
 
     #[test]
+    fn a_device_size_says_whether_the_ranks_sharing_it_fit() {
+        let opts = |gb, n| PlanOptions {
+            device_gb: Some(gb),
+            ranks_per_device: n,
+            ..Default::default()
+        };
+        // 3.7 GB per rank (the paper's grid on 64 ranks, f64)
+        let fits = device_fit_line(&opts(80.0, 4), 3.7e9, Precision::F64).unwrap();
+        assert!(
+            fits.contains("fits a 80 GB device with 4 rank(s)"),
+            "{fits}"
+        );
+        let not = device_fit_line(&opts(16.0, 4), 3.7e9, Precision::F64).unwrap();
+        assert!(
+            not.contains("does NOT fit") && not.contains("14.80 GB"),
+            "{not}"
+        );
+        assert!(device_fit_line(&PlanOptions::default(), 3.7e9, Precision::F64).is_none());
+    }
+
+    #[test]
     fn every_stage_is_planned_on_its_own_chart() {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/demo.toml");
         let (cfg, _) = Config::from_file(&path).unwrap();
@@ -533,6 +600,7 @@ mod tests {
             stars: 20_000.0,
             threads_per_rank: 2,
             no_timing: true,
+            ..Default::default()
         };
         let text = run(&cfg, &opts).unwrap();
         assert!(

@@ -163,6 +163,13 @@ pub struct PlanArgs {
     /// Do not time the kernels here (use fixed reference speeds).
     #[arg(long)]
     pub no_timing: bool,
+    /// Global memory of each OpenCL device, GB: say whether the ranks sharing one fit on it
+    /// (in `backend.precision`).
+    #[arg(long)]
+    pub device_gb: Option<f64>,
+    /// MPI ranks sharing one OpenCL device (with --device-gb).
+    #[arg(long, default_value_t = 1)]
+    pub ranks_per_device: usize,
 }
 
 /// Arguments of `dust3d bench`.
@@ -407,6 +414,8 @@ fn plan(a: PlanArgs) -> Result<()> {
         stars: a.stars,
         threads_per_rank: a.threads_per_rank,
         no_timing: a.no_timing,
+        device_gb: a.device_gb,
+        ranks_per_device: a.ranks_per_device,
     };
     print!("{}", crate::app::plan::run(&cfg, &opts)?);
     Ok(())
