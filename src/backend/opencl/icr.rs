@@ -5,9 +5,8 @@
 use anyhow::{Context, Result};
 use ocl::{Buffer, Kernel, OclPrm};
 
+use super::exchange::{DeviceExchange, Staging};
 use super::{Gpu, Precision};
-use crate::base::comm;
-use crate::prior::icr::exchange::StepKind;
 use crate::prior::icr::{Icr, Matrices};
 
 static SOURCE: &str = include_str!("../../../opencl/icr.cl");
@@ -71,23 +70,6 @@ struct LevelKernels {
     adjoint_bytes: usize,
 }
 
-/// The MPI exchanges of one refinement step on a device: only the values other ranks need
-/// (packed on the device) or send (written straight into place) cross the bus.
-struct DeviceExchange {
-    kind: StepKind,
-    /// Values of this rank's coarse rows (owned pixels × n_c), after which the halo lands.
-    n_own: usize,
-    /// Values of this rank's window chunks (9 per refined pixel × n_c).
-    n_local: usize,
-    /// Forward: packs the coarse rows other ranks need into the send buffer.
-    pack_halo: Option<Kernel>,
-    /// Adjoint: packs the window chunks of foreign coarse pixels into the send buffer.
-    pack_back: Option<Kernel>,
-    halo_counts: (Vec<usize>, Vec<usize>),
-    back_counts: (Vec<usize>, Vec<usize>),
-    gather_counts: Vec<usize>,
-}
-
 /// What every refinement kernel starts with: program, queue, (npix_c, n_c) arguments.
 struct Header<'a> {
     prog: &'a ocl::Program,
@@ -127,10 +109,8 @@ pub(crate) struct Resident<T: Real> {
     matrix_bytes: usize,
     /// The adjoint's window chunks (local, then received or all-gathered ones).
     scatter: Buffer<T>,
-    /// Packed values for other ranks.
-    send: Buffer<T>,
-    /// Host staging of the exchanges (values sent, values received).
-    stage: std::sync::Mutex<(Vec<T>, Vec<f64>)>,
+    /// The device send buffer and host staging of the MPI exchanges.
+    staging: Staging<T>,
     /// Buffers the kernels read, kept alive with them.
     _keep: (Vec<LevelStatics>, Buffer<T>),
 }
@@ -223,7 +203,7 @@ struct LevelBuffers<'a, T: Real> {
     xi_bar: &'a Buffer<T>,
     fields: &'a [Buffer<T>],
     scatter: &'a Buffer<T>,
-    send: &'a Buffer<T>,
+    staging: &'a Staging<T>,
 }
 
 /// The forward and adjoint kernels of refinement level `l` and the bytes they move.
@@ -276,35 +256,12 @@ fn level_kernels<T: Real>(
     let adjoint_gather = with_rows(n_out).build("refine_adjoint_gather", n_out * n_c, |kb| {
         kb.arg(rev_off).arg(rev).arg(b.scatter).arg(coarse);
     })?;
-    let halo = lev.kind == StepKind::Halo;
-    let exchange = DeviceExchange {
-        kind: lev.kind,
-        n_own: np * n_c,
-        n_local: 9 * np * n_c,
-        pack_halo: halo
-            .then(|| {
-                pack_rows(
-                    &with_rows(lev.ex.halo_send.len()),
-                    halo_send,
-                    coarse,
-                    b.send,
-                )
-            })
-            .transpose()?,
-        pack_back: halo
-            .then(|| {
-                pack_rows(
-                    &with_rows(lev.ex.back_send.len()),
-                    back_send,
-                    b.scatter,
-                    b.send,
-                )
-            })
-            .transpose()?,
-        halo_counts: (lev.halo_counts().0.to_vec(), lev.halo_counts().1.to_vec()),
-        back_counts: (lev.back_counts().0.to_vec(), lev.back_counts().1.to_vec()),
-        gather_counts: lev.gather_counts().to_vec(),
-    };
+    let exchange = DeviceExchange::new(
+        (b.prog, b.queue),
+        lev,
+        (halo_send, back_send),
+        (coarse, b.scatter, &b.staging.send),
+    )?;
     // per site: its matrix (an upper bound: sites of one class share it), 27 coarse and 8
     // excitation reads, 8 writes, the window; the adjoint reads the matrix twice and writes
     // and rereads the 9-slot scatter rows
@@ -318,18 +275,6 @@ fn level_kernels<T: Real>(
         exchange,
         forward_bytes: sites * (mat + (27 + 8 + 8) * ts + 9 * 4),
         adjoint_bytes: sites * (2 * mat + 16 * ts) + 3 * 9 * np * n_c * ts,
-    })
-}
-
-/// `send[r, :] = src[idx[r], :]` for rows of `hdr.n_c` values.
-fn pack_rows<'a, T: Real>(
-    hdr: &Header<'a>,
-    idx: &'a Buffer<u32>,
-    src: &'a Buffer<T>,
-    send: &'a Buffer<T>,
-) -> Result<Kernel> {
-    hdr.build("pack_rows", hdr.np * hdr.n_c, |kb| {
-        kb.arg(idx).arg(src).arg(send);
     })
 }
 
@@ -377,10 +322,10 @@ impl<T: Real> Resident<T> {
                 (9 * l.npix_c() * l.n_c + recv).max(gathered)
             }),
         )?;
-        let send = zeros::<T>(
+        let staging = Staging::new(zeros::<T>(
             gpu,
             max_of(&|l| l.ex.halo_send.len().max(l.ex.back_send.len()) * l.n_c),
-        )?;
+        )?);
         let (statics, mats_bytes) = level_statics(icr, gpu, mat_f64)?;
         let matrix_bytes = l0.len() * std::mem::size_of::<T>() + mats_bytes;
         let bufs = LevelBuffers {
@@ -390,7 +335,7 @@ impl<T: Real> Resident<T> {
             xi_bar: &xi_bar,
             fields: &fields,
             scatter: &scatter,
-            send: &send,
+            staging: &staging,
         };
         let levels = icr
             .levels
@@ -408,8 +353,7 @@ impl<T: Real> Resident<T> {
             n0,
             matrix_bytes,
             scatter,
-            send,
-            stage: Default::default(),
+            staging,
             _keep: (statics, l0_buf),
         })
     }
@@ -418,11 +362,7 @@ impl<T: Real> Resident<T> {
         // SAFETY: every kernel's arguments are buffers sized for its global work size
         unsafe { self.level0_forward.enq()? };
         for (l, lev) in self.levels.iter().enumerate() {
-            let ex = &lev.exchange;
-            if let Some(pack) = &ex.pack_halo {
-                let (sc, rc) = &ex.halo_counts;
-                self.exchange(pack, sc, rc, &self.fields[l], ex.n_own)?;
-            }
+            lev.exchange.forward(&self.staging, &self.fields[l])?;
             // SAFETY: as above; the queue is in order, so the halo is in place
             unsafe { lev.refine.enq()? };
         }
@@ -431,71 +371,18 @@ impl<T: Real> Resident<T> {
 
     pub(crate) fn adjoint(&self) -> Result<()> {
         for lev in self.levels.iter().rev() {
-            let ex = &lev.exchange;
             // SAFETY: as in `forward`; the queue is in order, so each level's gather
             // finishes before the next coarser level reads its field
             unsafe {
                 lev.adjoint_xi.enq()?;
                 lev.adjoint_scatter.enq()?;
             }
-            match (ex.kind, &ex.pack_back) {
-                (StepKind::Halo, Some(pack)) => {
-                    let (sc, rc) = &ex.back_counts;
-                    self.exchange(pack, sc, rc, &self.scatter, ex.n_local)?;
-                }
-                (StepKind::Gathered, _) => self.all_gather_chunks(ex)?,
-                _ => {}
-            }
+            lev.exchange.adjoint(&self.staging, &self.scatter)?;
             // SAFETY: as above
             unsafe { lev.adjoint_gather.enq()? };
         }
         // SAFETY: as above
         unsafe { self.level0_adjoint.enq()? };
-        Ok(())
-    }
-
-    /// Pack with `pack`, exchange with every rank (`send`/`recv` values per rank) and write
-    /// what arrives into `dst` from value `at` on.
-    fn exchange(
-        &self,
-        pack: &Kernel,
-        send: &[usize],
-        recv: &[usize],
-        dst: &Buffer<T>,
-        at: usize,
-    ) -> Result<()> {
-        let mut stage = self.stage.lock().unwrap_or_else(|e| e.into_inner());
-        let (packed, received) = &mut *stage;
-        let n_send: usize = send.iter().sum();
-        packed.resize(n_send.max(1), T::default());
-        // SAFETY: the pack kernel reads rows its index buffer names and writes `send`
-        unsafe { pack.enq()? };
-        if n_send > 0 {
-            self.send.read(&mut packed[..n_send]).enq()?;
-        }
-        let out: Vec<f64> = packed[..n_send].iter().map(|v| v.to_f64()).collect();
-        received.resize(recv.iter().sum(), 0.0);
-        comm::all_to_all_into(&out, send, recv, received);
-        Self::write_at(dst, received, at)
-    }
-
-    /// A gathered step's adjoint: every rank's window chunks, in rank order, replace the
-    /// local ones at the start of `scatter`.
-    fn all_gather_chunks(&self, ex: &DeviceExchange) -> Result<()> {
-        let mut local = vec![0.0; ex.n_local];
-        Self::read(&self.scatter, &mut local)?;
-        let n: usize = ex.gather_counts.iter().sum();
-        let mut all = vec![0.0; n];
-        comm::all_gather_into(&local, &ex.gather_counts, &mut all);
-        Self::write_at(&self.scatter, &all, 0)
-    }
-
-    fn write_at(buf: &Buffer<T>, host: &[f64], at: usize) -> Result<()> {
-        if host.is_empty() {
-            return Ok(());
-        }
-        let v: Vec<T> = host.iter().map(|&x| T::from_f64(x)).collect();
-        buf.write(&v).offset(at).enq()?;
         Ok(())
     }
 

@@ -8,6 +8,7 @@
 //! when the configuration asks for `backend.kind = "opencl"`.
 
 pub mod backend;
+mod exchange;
 pub mod icr;
 pub mod memory;
 mod metric;
