@@ -12,10 +12,43 @@ use crate::base::comm;
 use crate::prior::icr::exchange::StepKind;
 use crate::prior::icr::Level;
 
-/// The device send buffer and the host staging of every exchange (values sent, received).
+/// The device send buffer and the host staging of every exchange, kept between calls so an
+/// ICR pass allocates nothing: values as the device holds them, and in f64 sent and received.
 pub(super) struct Staging<T: Real> {
     pub(super) send: Buffer<T>,
-    host: std::sync::Mutex<(Vec<T>, Vec<f64>)>,
+    host: std::sync::Mutex<HostBuffers<T>>,
+}
+
+#[derive(Default)]
+struct HostBuffers<T> {
+    device: Vec<T>,
+    sent: Vec<f64>,
+    received: Vec<f64>,
+}
+
+impl<T: Real> HostBuffers<T> {
+    /// Read the first `n` values of `buf` into `sent` (through `device`).
+    fn download(&mut self, buf: &Buffer<T>, n: usize) -> Result<()> {
+        self.device.resize(n, T::default());
+        if n > 0 {
+            buf.read(&mut self.device[..]).enq()?;
+        }
+        self.sent.clear();
+        self.sent.extend(self.device.iter().map(|v| v.to_f64()));
+        Ok(())
+    }
+
+    /// Write `received` into `buf` from value `at` on (through `device`).
+    fn upload(&mut self, buf: &Buffer<T>, at: usize) -> Result<()> {
+        if self.received.is_empty() {
+            return Ok(());
+        }
+        self.device.clear();
+        self.device
+            .extend(self.received.iter().map(|&x| T::from_f64(x)));
+        buf.write(&self.device[..]).offset(at).enq()?;
+        Ok(())
+    }
 }
 
 impl<T: Real> Staging<T> {
@@ -36,19 +69,25 @@ impl<T: Real> Staging<T> {
         dst: &Buffer<T>,
         at: usize,
     ) -> Result<()> {
-        let mut host = self.host.lock().unwrap_or_else(|e| e.into_inner());
-        let (packed, received) = &mut *host;
-        let n_send: usize = send.iter().sum();
-        packed.resize(n_send.max(1), T::default());
+        let mut h = self.host.lock().unwrap_or_else(|e| e.into_inner());
         // SAFETY: the pack kernel reads the rows its index buffer names and writes `send`
         unsafe { pack.enq()? };
-        if n_send > 0 {
-            self.send.read(&mut packed[..n_send]).enq()?;
-        }
-        let out: Vec<f64> = packed[..n_send].iter().map(|v| v.to_f64()).collect();
-        received.resize(recv.iter().sum(), 0.0);
-        comm::all_to_all_into(&out, send, recv, received);
-        write_at(dst, received, at)
+        h.download(&self.send, send.iter().sum())?;
+        let h = &mut *h;
+        h.received.resize(recv.iter().sum(), 0.0);
+        comm::all_to_all_into(&h.sent, send, recv, &mut h.received);
+        h.upload(dst, at)
+    }
+
+    /// A gathered step's adjoint: every rank's first `n_local` values of `scatter` (its
+    /// window chunks), in rank order (`counts`), replace the local ones there.
+    fn all_gather(&self, scatter: &Buffer<T>, n_local: usize, counts: &[usize]) -> Result<()> {
+        let mut h = self.host.lock().unwrap_or_else(|e| e.into_inner());
+        h.download(scatter, n_local)?;
+        let h = &mut *h;
+        h.received.resize(counts.iter().sum(), 0.0);
+        comm::all_gather_into(&h.sent, counts, &mut h.received);
+        h.upload(scatter, 0)
     }
 }
 
@@ -131,26 +170,8 @@ impl DeviceExchange {
                 let (s, r) = &self.back_counts;
                 io.exchange(pack, (s, r), scatter, self.n_local)
             }
-            (StepKind::Gathered, _) => {
-                let mut local = vec![T::default(); self.n_local];
-                if !local.is_empty() {
-                    scatter.read(&mut local).enq()?;
-                }
-                let local: Vec<f64> = local.iter().map(|v| v.to_f64()).collect();
-                let mut all = vec![0.0; self.gather_counts.iter().sum()];
-                comm::all_gather_into(&local, &self.gather_counts, &mut all);
-                write_at(scatter, &all, 0)
-            }
+            (StepKind::Gathered, _) => io.all_gather(scatter, self.n_local, &self.gather_counts),
             _ => Ok(()),
         }
     }
-}
-
-fn write_at<T: Real>(buf: &Buffer<T>, host: &[f64], at: usize) -> Result<()> {
-    if host.is_empty() {
-        return Ok(());
-    }
-    let v: Vec<T> = host.iter().map(|&x| T::from_f64(x)).collect();
-    buf.write(&v).offset(at).enq()?;
-    Ok(())
 }

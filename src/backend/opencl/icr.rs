@@ -89,8 +89,7 @@ impl<'a> Header<'a> {
         kb.program(self.prog)
             .name(name)
             .queue(self.queue.clone())
-            // a rank may have nothing to pack; every kernel checks its bound
-            .global_work_size(n.max(1));
+            .global_work_size(n);
         kb.arg(self.np as u32).arg(self.n_c as u32);
         args(&mut kb);
         kb.build().with_context(|| format!("kernel {name}"))

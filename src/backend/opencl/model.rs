@@ -437,22 +437,13 @@ impl<T: Real> Inner<T> {
         self.global_sum([0.0; 3], &parts)
     }
 
-    /// `rep` plus the per-patch partials of every rank, in patch order (on one process, the
-    /// local partials in order), as the CPU model reduces.
+    /// `rep` plus the per-patch partials of every rank, in patch order, as the CPU model
+    /// reduces (`parts`: one per patch this rank owns).
     pub(super) fn global_sum<const K: usize>(
         &self,
         rep: [f64; K],
         parts: &[[f64; K]],
     ) -> Result<[f64; K]> {
-        if self.decomp.size() == 1 {
-            let mut acc = rep;
-            for p in parts {
-                for (a, v) in acc.iter_mut().zip(p) {
-                    *a += v;
-                }
-            }
-            return Ok(acc);
-        }
         anyhow::ensure!(
             parts.len() == self.decomp.patches().len(),
             "OpenCL reduction over {} chunks on a rank that owns {} patches",
