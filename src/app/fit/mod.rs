@@ -389,6 +389,8 @@ impl StageRun {
         };
         let mut coarse = self.cut.map(|(n, full)| st.vi.restricted(n, full));
         let vi = coarse.as_mut().unwrap_or(&mut st.vi);
+        let nonzero = vi.x.iter().chain(&vi.xsig).any(|&x| x != 0.0);
+        let at_prior_centre = comm::sum_u64(u64::from(nonzero)) == 0;
         let at = format!(
             "inference.stage[{}] iteration {}",
             st.stage,
@@ -450,27 +452,50 @@ impl StageRun {
             scale_mean,
             scale_std,
         };
-        warn_capped(&self.settings, &rep);
+        warn_capped(&self.settings, &rep, at_prior_centre);
         Ok((row, rep.sample_cg))
     }
 }
 
 /// A warning for every CG of the iteration that stopped at its cap with its tolerance unmet
-/// (the samples or the Newton steps are then less accurate than configured).
-fn warn_capped(settings: &mgvi::IterationSettings, rep: &mgvi::IterationReport) {
+/// (the samples or the Newton steps are then less accurate than configured). Samples drawn
+/// about the prior's centre (ξ = 0, the first iteration of a fresh fit) only steer that
+/// iteration's steps: every later iteration draws its own, and the metric there (a flat
+/// field, every star's column far from its data) is the worst-conditioned of the fit, so a
+/// capped CG there is reported at info level.
+fn warn_capped(
+    settings: &mgvi::IterationSettings,
+    rep: &mgvi::IterationReport,
+    at_prior_centre: bool,
+) {
     if rep.sample_cg_capped > 0 {
         let worst = rep
             .sample_cg_residuals
             .iter()
             .fold(0.0f64, |m, &r| m.max(r));
-        tracing::warn!(
-            capped = rep.sample_cg_capped,
-            of = rep.sample_cg.len(),
-            cap = settings.sample_cg_iterations,
-            tolerance = settings.sample_cg_tolerance,
-            worst_rel_residual = format!("{worst:.2e}"),
-            "sampling CG stopped at its cap (raise sample_cg_iterations)"
-        );
+        let (capped, of) = (rep.sample_cg_capped, rep.sample_cg.len());
+        let (cap, tolerance) = (settings.sample_cg_iterations, settings.sample_cg_tolerance);
+        let worst_rel_residual = format!("{worst:.2e}");
+        if at_prior_centre {
+            tracing::info!(
+                capped,
+                of,
+                cap,
+                tolerance,
+                worst_rel_residual,
+                "sampling CG about the prior's centre stopped at its cap (these first samples \
+                 only steer the first iteration; later iterations draw their own)"
+            );
+        } else {
+            tracing::warn!(
+                capped,
+                of,
+                cap,
+                tolerance,
+                worst_rel_residual,
+                "sampling CG stopped at its cap (raise sample_cg_iterations)"
+            );
+        }
     }
     if rep.newton.cg_capped > 0 {
         let worst = rep
