@@ -309,12 +309,15 @@ pub fn star_moments(win: Window<'_>, rw: &[f64], cum: &[f64]) -> (f64, f64) {
     let (e0, p, f, h) = win;
     let n = rw.len();
     let (jl, jh, k0, beyond) = split(e0, p.len(), n);
+    let kept = k0..k0 + (jh - jl);
     let (mut a, mut m) = (0.0, 0.0);
-    for (j, k) in (jl..jh).zip(k0..) {
-        let (pj, r) = (p[j] as f64, rw[k]);
-        let c = cum[k] + r * (f[j] as f64 * F_SCALE);
+    // zipped slices of one length: no bounds check inside the walk
+    let win = p[jl..jh].iter().zip(&f[jl..jh]).zip(&h[jl..jh]);
+    for (((&pj, &fj), &hj), (&r, &c0)) in win.zip(rw[kept.clone()].iter().zip(&cum[kept])) {
+        let pj = pj as f64;
+        let c = c0 + r * (fj as f64 * F_SCALE);
         a += pj * c;
-        m += pj * (c * c + r * r * (h[j] as f64 * H_SCALE));
+        m += pj * (c * c + r * r * (hj as f64 * H_SCALE));
     }
     if beyond {
         let pj = p[p.len() - 1] as f64;
@@ -336,13 +339,17 @@ pub fn star_jvp(
     let (e0, p, f, h) = win;
     let n = rw.len();
     let (jl, jh, k0, beyond) = split(e0, p.len(), n);
+    let kept = k0..k0 + (jh - jl);
     let (mut da, mut dm) = (0.0, 0.0);
-    for (j, k) in (jl..jh).zip(k0..) {
-        let (pj, fj) = (p[j] as f64, f[j] as f64 * F_SCALE);
-        let c = cum[k] + rw[k] * fj;
-        let dc = dcum[k] + drw[k] * fj;
+    let win = p[jl..jh].iter().zip(&f[jl..jh]).zip(&h[jl..jh]);
+    let col = rw[kept.clone()].iter().zip(&cum[kept.clone()]);
+    let tan = drw[kept.clone()].iter().zip(&dcum[kept]);
+    for ((((&pj, &fj), &hj), (&r, &c0)), (&dr, &dc0)) in win.zip(col).zip(tan) {
+        let (pj, fj) = (pj as f64, fj as f64 * F_SCALE);
+        let c = c0 + r * fj;
+        let dc = dc0 + dr * fj;
         da += pj * dc;
-        dm += pj * (c * dc + rw[k] * drw[k] * (h[j] as f64 * H_SCALE));
+        dm += pj * (c * dc + r * dr * (hj as f64 * H_SCALE));
     }
     if beyond {
         let pj = p[p.len() - 1] as f64;
@@ -368,13 +375,17 @@ pub fn star_vjp(
     let (e0, p, f, h) = win;
     let n = rw.len();
     let (jl, jh, k0, beyond) = split(e0, p.len(), n);
+    let kept = k0..k0 + (jh - jl);
     let base = ga - 2.0 * gv * abar;
-    for (j, k) in (jl..jh).zip(k0..) {
-        let (pj, fj) = (p[j] as f64, f[j] as f64 * F_SCALE);
-        let c = cum[k] + rw[k] * fj;
+    let win = p[jl..jh].iter().zip(&f[jl..jh]).zip(&h[jl..jh]);
+    let col = rw[kept.clone()].iter().zip(&cum[kept.clone()]);
+    let bars = rw_bar[kept.clone()].iter_mut().zip(&mut cum_bar[kept]);
+    for ((((&pj, &fj), &hj), (&r, &c0)), (rb, cb)) in win.zip(col).zip(bars) {
+        let (pj, fj) = (pj as f64, fj as f64 * F_SCALE);
+        let c = c0 + r * fj;
         let w = pj * (base + 2.0 * gv * c);
-        cum_bar[k] += w;
-        rw_bar[k] += w * fj + 2.0 * gv * pj * rw[k] * (h[j] as f64 * H_SCALE);
+        *cb += w;
+        *rb += w * fj + 2.0 * gv * pj * r * (hj as f64 * H_SCALE);
     }
     if beyond {
         let pj = p[p.len() - 1] as f64;
