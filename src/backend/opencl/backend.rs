@@ -3,7 +3,7 @@
 
 use anyhow::Result;
 
-use super::icr::Real;
+use super::buffers::Real;
 use super::model::Inner;
 use super::Gpu;
 use crate::base::comm;

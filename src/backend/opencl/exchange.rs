@@ -7,7 +7,7 @@
 use anyhow::{Context, Result};
 use ocl::{Buffer, Kernel};
 
-use super::icr::Real;
+use super::buffers::Real;
 use crate::base::comm;
 use crate::prior::icr::exchange::StepKind;
 use crate::prior::icr::Level;

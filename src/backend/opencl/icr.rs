@@ -3,59 +3,14 @@
 //! excitations and fields cross only when the caller uploads or downloads them.
 
 use anyhow::{Context, Result};
-use ocl::{Buffer, Kernel, OclPrm};
+use ocl::{Buffer, Kernel};
 
+use super::buffers::{buffer, zeros, Real};
 use super::exchange::{DeviceExchange, Staging};
 use super::{Gpu, Precision};
 use crate::prior::icr::{Icr, Matrices};
 
 static SOURCE: &str = include_str!("../../../opencl/icr.cl");
-
-/// Host ↔ device scalar conversion.
-pub trait Real: OclPrm {
-    /// From f64 (rounding for f32).
-    fn from_f64(x: f64) -> Self;
-    /// To f64.
-    fn to_f64(self) -> f64;
-}
-
-impl Real for f64 {
-    fn from_f64(x: f64) -> Self {
-        x
-    }
-    fn to_f64(self) -> f64 {
-        self
-    }
-}
-
-impl Real for f32 {
-    fn from_f64(x: f64) -> Self {
-        x as f32
-    }
-    fn to_f64(self) -> f64 {
-        self as f64
-    }
-}
-
-pub(crate) fn buffer<T: Real>(gpu: &Gpu, data: &[T]) -> Result<Buffer<T>> {
-    let one = [T::default()];
-    let data = if data.is_empty() { &one[..] } else { data };
-    Buffer::builder()
-        .queue(gpu.queue.clone())
-        .len(data.len())
-        .copy_host_slice(data)
-        .build()
-        .context("cannot allocate an OpenCL buffer")
-}
-
-pub(crate) fn zeros<T: Real>(gpu: &Gpu, len: usize) -> Result<Buffer<T>> {
-    Buffer::builder()
-        .queue(gpu.queue.clone())
-        .len(len.max(1))
-        .fill_val(T::default())
-        .build()
-        .context("cannot allocate an OpenCL buffer")
-}
 
 /// The kernels of one refinement level, bound to their buffers.
 struct LevelKernels {

@@ -4,7 +4,7 @@
 use anyhow::Result;
 use ocl::{Buffer, Kernel};
 
-use super::icr::Real;
+use super::buffers::Real;
 use super::model::{zeros_q, Inner, DA, DV};
 use super::space::DeviceSpace;
 use crate::likelihood::backend::Chain;

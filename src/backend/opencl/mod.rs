@@ -8,6 +8,7 @@
 //! when the configuration asks for `backend.kind = "opencl"`.
 
 pub mod backend;
+mod buffers;
 mod exchange;
 pub mod icr;
 pub mod memory;

@@ -7,7 +7,8 @@
 use anyhow::{Context, Result};
 use ocl::{Buffer, Kernel, Program, Queue};
 
-use super::icr::{buffer, Real, Resident};
+use super::buffers::{buffer, Real};
+use super::icr::Resident;
 use super::Gpu;
 use crate::base::precision::Precision;
 use crate::likelihood::backend::Traffic;

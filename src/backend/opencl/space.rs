@@ -5,7 +5,7 @@
 use anyhow::Result;
 use ocl::Buffer;
 
-use super::icr::Real;
+use super::buffers::Real;
 use super::model::{zeros_q, Inner, DOT_CHUNK};
 
 /// Device vectors for [`crate::num::cg::solve_in`]; the first error is kept (and the CG then
