@@ -67,6 +67,38 @@ pub trait Backend: Send + Sync {
         w: &mut ModelWork,
     ) -> Result<[f64; 2]>;
 
+    /// `out = Jᵀ F J v` at one state for a tangent `v` of x (ξ_σ held): the data part of
+    /// [`super::model::Model::metric`]. The default composes [`Backend::jvp`], the Fisher
+    /// weighting and [`Backend::vjp`]; a backend may fuse them, with the same arithmetic.
+    fn metric(
+        &self,
+        m: &ModelCore,
+        st: &State,
+        v: &[f64],
+        out: &mut [f64],
+        w: &mut ModelWork,
+    ) -> Result<()> {
+        let nxi = m.icr.n_xi();
+        let chain = m.chain();
+        let (dscl, doff) = chain.tangent(st.dscl, [v[nxi], v[nxi + 1]]);
+        let mut da = std::mem::take(&mut w.star_a);
+        let mut dv = std::mem::take(&mut w.star_v);
+        let r = self
+            .jvp(m, st, &v[..nxi], dscl, doff, &mut da, &mut dv, w)
+            .and_then(|()| {
+                for i in 0..da.len() {
+                    m.fisher_weigh(i, st.var[i], &mut da[i], &mut dv[i]);
+                }
+                self.vjp(m, st, &da, &dv, &mut out[..nxi], w)
+            });
+        w.star_a = da;
+        w.star_v = dv;
+        let [a, b] = chain.cotangent(st.dscl, r?);
+        out[nxi] = a;
+        out[nxi + 1] = b;
+        Ok(())
+    }
+
     /// The sample-averaged KL metric product of [`super::model::Model::averaged_metric`].
     fn averaged_metric(
         &self,

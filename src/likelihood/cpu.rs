@@ -146,6 +146,38 @@ impl Backend for Cpu {
         Ok(c)
     }
 
+    fn metric(
+        &self,
+        m: &ModelCore,
+        st: &State,
+        v: &[f64],
+        out: &mut [f64],
+        w: &mut ModelWork,
+    ) -> Result<()> {
+        let nxi = m.icr.n_xi();
+        let chain = m.chain();
+        let (dscl, doff) = chain.tangent(st.dscl, [v[nxi], v[nxi + 1]]);
+        m.icr.forward(&v[..nxi], &mut w.icr);
+        let ds = std::mem::take(&mut w.icr.fields[m.icr.chart.levels]);
+        let mut acc = std::mem::take(&mut w.acc);
+        acc.resize(ds.len(), 0.0);
+        acc.fill(0.0);
+        let tangent = FieldTangent {
+            ds: &ds,
+            dscl,
+            doff,
+            v_sig: None,
+        };
+        metric_pixels(m, st, &tangent, 1.0, &mut acc, &mut [], &mut w.pix_scalars);
+        w.icr.fields[m.icr.chart.levels] = ds;
+        m.icr.adjoint(&acc, &mut out[..nxi], &mut w.icr);
+        w.acc = acc;
+        let [a, b] = chain.cotangent(st.dscl, m.dom.pixel_sum2(&w.pix_scalars));
+        out[nxi] = a;
+        out[nxi + 1] = b;
+        Ok(())
+    }
+
     fn averaged_metric(
         &self,
         m: &ModelCore,
@@ -166,21 +198,19 @@ impl Backend for Cpu {
         acc.resize(ds.len(), 0.0);
         acc.fill(0.0);
         let n = states.len() as f64;
-        let (mut da, mut dv) = (std::mem::take(&mut w.star_a), std::mem::take(&mut w.star_v));
         let (mut g_scl, mut g_off) = (0.0, 0.0);
         out.iter_mut().for_each(|o| *o = 0.0);
-        let d = &m.data;
         for st in states {
             let (dscl, doff) = chain.tangent(st.dscl, [vxm[nxi], vxm[nxi + 1]]);
-            jvp_from_field(m, st, &ds, dscl, doff, &mut da, &mut dv, &mut w.field);
-            for i in 0..ns {
-                // v also depends on ξ_σ: ∂v/∂ξ_σ = 2 n_σ σ_A² dn_σ/dξ_σ (diagonal per star)
-                let dvds = 2.0 * st.nsig[i] * d.a_err[i] * d.a_err[i] * st.dnsig[i];
-                dv[i] += dvds * vs[i];
-                m.fisher_weigh(i, st.var[i], &mut da[i], &mut dv[i]);
-                out[np + i] += dvds * dv[i] / n;
-            }
-            let c = vjp_to_field(m, st, &da, &dv, 1.0 / n, true, &mut acc, &mut w.pix_scalars);
+            let tangent = FieldTangent {
+                ds: &ds,
+                dscl,
+                doff,
+                v_sig: Some(vs),
+            };
+            let pix = &mut w.pix_scalars;
+            metric_pixels(m, st, &tangent, n, &mut acc, &mut out[np..np + ns], pix);
+            let c = m.dom.pixel_sum2(pix);
             let [a, b] = chain.cotangent(st.dscl, c);
             g_scl += a;
             g_off += b;
@@ -197,8 +227,6 @@ impl Backend for Cpu {
         }
         w.acc = acc;
         w.masked = vxm;
-        w.star_a = da;
-        w.star_v = dv;
         Ok(())
     }
 }
@@ -287,6 +315,116 @@ fn value_grad_pixels(
                 *sc = [g_scl, g_off];
             },
         );
+}
+
+/// A tangent of the model's parameters as the per-pixel passes see it: the final chart
+/// field's tangent `ds = S dξ_e`, the value tangents of scale and offset, and the tangent of
+/// every star's ξ_σ (`None`: ξ_σ held).
+struct FieldTangent<'a> {
+    ds: &'a [f64],
+    dscl: f64,
+    doff: f64,
+    v_sig: Option<&'a [f64]>,
+}
+
+/// One state's share of the averaged metric product after the ICR forward, `JᵀFJ v / n`,
+/// one pixel at a time: each star's tangent, its Fisher weighting and its cotangent while
+/// its window is still in cache (the window data are read from memory once, not twice).
+/// Adds the field's part into `acc` and, when `t.v_sig` is given, the ξ_σ part into
+/// `out_sig`; leaves the pixels' [Σ s t, Σ t] partials (times 1/n) in `pix_scalars`. The
+/// arithmetic is that of [`jvp_from_field`], the Fisher weighting and [`vjp_to_field`] in
+/// the same order.
+fn metric_pixels(
+    m: &ModelCore,
+    st: &State,
+    t: &FieldTangent<'_>,
+    n_states: f64,
+    acc: &mut [f64],
+    out_sig: &mut [f64],
+    pix_scalars: &mut [[f64; 2]],
+) {
+    let (n, nc, pad) = (m.n_r(), m.n_chart(), m.padding());
+    let d = &m.data;
+    let weight = 1.0 / n_states;
+    let op = DisjointMut::new(out_sig);
+    acc.par_chunks_mut(nc)
+        .zip(pix_scalars.par_iter_mut())
+        .enumerate()
+        .for_each_init(
+            || PixelScratch::new(n),
+            |w, (p, (sbar, sc))| {
+                let (lo, hi) = (d.offsets[p], d.offsets[p + 1]);
+                let col = &st.rw[p * n..(p + 1) * n];
+                let sk = &st.s[p * n..(p + 1) * n];
+                let ds = &t.ds[p * nc + pad..p * nc + pad + n];
+                for (k, drw) in w.drw.iter_mut().enumerate() {
+                    *drw = col[k] * (st.scl * ds[k] + sk[k] * t.dscl + t.doff);
+                }
+                inner_columns(col, &mut w.cum);
+                inner_columns(&w.drw, &mut w.dcum);
+                w.rw_bar.fill(0.0);
+                w.cum_bar.fill(0.0);
+                // SAFETY: star ranges of distinct pixels are disjoint
+                let mut os = t.v_sig.map(|_| unsafe { op.chunk(lo, hi - lo) });
+                for (j, i) in (lo..hi).enumerate() {
+                    let win = d.windows.of(i);
+                    let (mut da, y) = star_jvp(win, col, &w.drw, &w.cum, &w.dcum, st.abar[i]);
+                    let mut dv = m.distance_part(y);
+                    // v also depends on ξ_σ: ∂v/∂ξ_σ = 2 n_σ σ_A² dn_σ/dξ_σ (diagonal per star)
+                    let dvds = 2.0 * st.nsig[i] * d.a_err[i] * d.a_err[i] * st.dnsig[i];
+                    if let Some(vs) = t.v_sig {
+                        dv += dvds * vs[i];
+                    }
+                    m.fisher_weigh(i, st.var[i], &mut da, &mut dv);
+                    if let Some(os) = os.as_mut() {
+                        os[j] += dvds * dv / n_states;
+                    }
+                    let gv = m.distance_part(dv);
+                    star_vjp(
+                        win,
+                        col,
+                        &w.cum,
+                        st.abar[i],
+                        da,
+                        gv,
+                        &mut w.rw_bar,
+                        &mut w.cum_bar,
+                    );
+                }
+                finish_vjp(&w.cum_bar, &mut w.rw_bar);
+                // rw = Δr exp(scl s + off): ∂rw/∂s = scl rw, ∂rw/∂scl = s rw, ∂rw/∂off = rw
+                let (mut g_scl, mut g_off) = (0.0, 0.0);
+                for k in 0..n {
+                    let t = weight * w.rw_bar[k] * col[k];
+                    sbar[pad + k] += st.scl * t;
+                    g_scl += sk[k] * t;
+                    g_off += t;
+                }
+                *sc = [g_scl, g_off];
+            },
+        );
+}
+
+/// Per-thread scratch of the per-pixel passes: a column's tangent, its inner columns and
+/// their tangents, and the cotangents of both.
+struct PixelScratch {
+    drw: Vec<f64>,
+    cum: Vec<f64>,
+    dcum: Vec<f64>,
+    rw_bar: Vec<f64>,
+    cum_bar: Vec<f64>,
+}
+
+impl PixelScratch {
+    fn new(n: usize) -> Self {
+        Self {
+            drw: vec![0.0; n],
+            cum: vec![0.0; n + 1],
+            dcum: vec![0.0; n + 1],
+            rw_bar: vec![0.0; n],
+            cum_bar: vec![0.0; n + 1],
+        }
+    }
 }
 
 /// The part of a VJP before the ICR adjoint: the cotangent of the final chart field, times

@@ -335,17 +335,7 @@ impl Model {
 
     /// Metric-vector product `out = v + Jᵀ F J v`.
     pub fn metric(&self, st: &State, v: &[f64], out: &mut [f64], w: &mut ModelWork) -> Result<()> {
-        let mut da = std::mem::take(&mut w.star_a);
-        let mut dv = std::mem::take(&mut w.star_v);
-        let r = self.jvp(st, v, &mut da, &mut dv, w).and_then(|()| {
-            for i in 0..da.len() {
-                self.fisher_weigh(i, st.var[i], &mut da[i], &mut dv[i]);
-            }
-            self.vjp(st, &da, &dv, out, w)
-        });
-        w.star_a = da;
-        w.star_v = dv;
-        r?;
+        self.backend.metric(&self.core, st, v, out, w)?;
         out.par_iter_mut().zip(v).for_each(|(o, x)| *o += x);
         Ok(())
     }
