@@ -67,36 +67,35 @@ pub trait Backend: Send + Sync {
         w: &mut ModelWork,
     ) -> Result<[f64; 2]>;
 
-    /// `out = Jᵀ F J v` at one state for a tangent `v` of x (ξ_σ held): the data part of
-    /// [`super::model::Model::metric`]. The default composes [`Backend::jvp`], the Fisher
-    /// weighting and [`Backend::vjp`]; a backend may fuse them, with the same arithmetic.
+    /// `Jᵀ F J` of a tangent (ICR part `dxi`, value tangents `dscl`, `doff` of scale and
+    /// offset) at one state, ξ_σ held: the ICR part into `g_xi`; returns the value-space
+    /// cotangents [scale, offset] (the data part of [`super::model::Model::metric`]). The
+    /// default composes [`Backend::jvp`], the Fisher weighting and [`Backend::vjp`]; a
+    /// backend may fuse them, with the same arithmetic.
+    #[allow(clippy::too_many_arguments)]
     fn metric(
         &self,
         m: &ModelCore,
         st: &State,
-        v: &[f64],
-        out: &mut [f64],
+        dxi: &[f64],
+        dscl: f64,
+        doff: f64,
+        g_xi: &mut [f64],
         w: &mut ModelWork,
-    ) -> Result<()> {
-        let nxi = m.icr.n_xi();
-        let chain = m.chain();
-        let (dscl, doff) = chain.tangent(st.dscl, [v[nxi], v[nxi + 1]]);
+    ) -> Result<[f64; 2]> {
         let mut da = std::mem::take(&mut w.star_a);
         let mut dv = std::mem::take(&mut w.star_v);
         let r = self
-            .jvp(m, st, &v[..nxi], dscl, doff, &mut da, &mut dv, w)
+            .jvp(m, st, dxi, dscl, doff, &mut da, &mut dv, w)
             .and_then(|()| {
                 for i in 0..da.len() {
                     m.fisher_weigh(i, st.var[i], &mut da[i], &mut dv[i]);
                 }
-                self.vjp(m, st, &da, &dv, &mut out[..nxi], w)
+                self.vjp(m, st, &da, &dv, g_xi, w)
             });
         w.star_a = da;
         w.star_v = dv;
-        let [a, b] = chain.cotangent(st.dscl, r?);
-        out[nxi] = a;
-        out[nxi + 1] = b;
-        Ok(())
+        r
     }
 
     /// The sample-averaged KL metric product of [`super::model::Model::averaged_metric`].

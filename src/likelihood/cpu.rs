@@ -150,32 +150,17 @@ impl Backend for Cpu {
         &self,
         m: &ModelCore,
         st: &State,
-        v: &[f64],
-        out: &mut [f64],
+        dxi: &[f64],
+        dscl: f64,
+        doff: f64,
+        g_xi: &mut [f64],
         w: &mut ModelWork,
-    ) -> Result<()> {
-        let nxi = m.icr.n_xi();
-        let chain = m.chain();
-        let (dscl, doff) = chain.tangent(st.dscl, [v[nxi], v[nxi + 1]]);
-        m.icr.forward(&v[..nxi], &mut w.icr);
-        let ds = std::mem::take(&mut w.icr.fields[m.icr.chart.levels]);
-        let mut acc = std::mem::take(&mut w.acc);
-        acc.resize(ds.len(), 0.0);
-        acc.fill(0.0);
-        let tangent = FieldTangent {
-            ds: &ds,
-            dscl,
-            doff,
-            v_sig: None,
-        };
-        metric_pixels(m, st, &tangent, 1.0, &mut acc, &mut [], &mut w.pix_scalars);
-        w.icr.fields[m.icr.chart.levels] = ds;
-        m.icr.adjoint(&acc, &mut out[..nxi], &mut w.icr);
-        w.acc = acc;
-        let [a, b] = chain.cotangent(st.dscl, m.dom.pixel_sum2(&w.pix_scalars));
-        out[nxi] = a;
-        out[nxi + 1] = b;
-        Ok(())
+    ) -> Result<[f64; 2]> {
+        let c = through_icr(m, dxi, g_xi, w, |ds, acc, pix| {
+            metric_pixels(m, st, (ds, dscl, doff), None, 1.0, acc, pix);
+            m.dom.pixel_sum2(pix)
+        });
+        Ok(c)
     }
 
     fn averaged_metric(
@@ -192,31 +177,21 @@ impl Backend for Cpu {
         let chain = m.chain();
         let mut vxm = std::mem::take(&mut w.masked);
         masked_copy(&mut vxm, vx, mask);
-        m.icr.forward(&vxm[..nxi], &mut w.icr);
-        let ds = std::mem::take(&mut w.icr.fields[m.icr.chart.levels]);
-        let mut acc = std::mem::take(&mut w.acc);
-        acc.resize(ds.len(), 0.0);
-        acc.fill(0.0);
         let n = states.len() as f64;
-        let (mut g_scl, mut g_off) = (0.0, 0.0);
-        out.iter_mut().for_each(|o| *o = 0.0);
-        for st in states {
-            let (dscl, doff) = chain.tangent(st.dscl, [vxm[nxi], vxm[nxi + 1]]);
-            let tangent = FieldTangent {
-                ds: &ds,
-                dscl,
-                doff,
-                v_sig: Some(vs),
-            };
-            let pix = &mut w.pix_scalars;
-            metric_pixels(m, st, &tangent, n, &mut acc, &mut out[np..np + ns], pix);
-            let c = m.dom.pixel_sum2(pix);
-            let [a, b] = chain.cotangent(st.dscl, c);
-            g_scl += a;
-            g_off += b;
-        }
-        w.icr.fields[m.icr.chart.levels] = ds;
-        m.icr.adjoint(&acc, &mut out[..nxi], &mut w.icr);
+        let (ox, osig) = out.split_at_mut(np);
+        osig.fill(0.0);
+        let [g_scl, g_off] = through_icr(m, &vxm[..nxi], &mut ox[..nxi], w, |ds, acc, pix| {
+            let (mut g_scl, mut g_off) = (0.0, 0.0);
+            for st in states {
+                let (dscl, doff) = chain.tangent(st.dscl, [vxm[nxi], vxm[nxi + 1]]);
+                let sig = Some((vs, &mut osig[..ns]));
+                metric_pixels(m, st, (ds, dscl, doff), sig, n, acc, pix);
+                let [a, b] = chain.cotangent(st.dscl, m.dom.pixel_sum2(pix));
+                g_scl += a;
+                g_off += b;
+            }
+            [g_scl, g_off]
+        });
         out[nxi] = g_scl;
         out[nxi + 1] = g_off;
         for i in 0..np {
@@ -225,7 +200,6 @@ impl Backend for Cpu {
         for i in 0..ns {
             out[np + i] += vs[i];
         }
-        w.acc = acc;
         w.masked = vxm;
         Ok(())
     }
@@ -317,36 +291,53 @@ fn value_grad_pixels(
         );
 }
 
-/// A tangent of the model's parameters as the per-pixel passes see it: the final chart
-/// field's tangent `ds = S dξ_e`, the value tangents of scale and offset, and the tangent of
-/// every star's ξ_σ (`None`: ξ_σ held).
-struct FieldTangent<'a> {
-    ds: &'a [f64],
-    dscl: f64,
-    doff: f64,
-    v_sig: Option<&'a [f64]>,
+/// ICR forward of `dxi`, then `pass(ds, acc, pix_scalars)` adding the final chart field's
+/// cotangent into a zeroed `acc`, then the ICR adjoint of `acc` into `g_xi`: the `Sᵀ (…) S`
+/// around the per-pixel part of a metric product, in the workspace's buffers.
+fn through_icr<R>(
+    m: &ModelCore,
+    dxi: &[f64],
+    g_xi: &mut [f64],
+    w: &mut ModelWork,
+    pass: impl FnOnce(&[f64], &mut [f64], &mut [[f64; 2]]) -> R,
+) -> R {
+    let top = m.icr.chart.levels;
+    m.icr.forward(dxi, &mut w.icr);
+    let ds = std::mem::take(&mut w.icr.fields[top]);
+    let mut acc = std::mem::take(&mut w.acc);
+    acc.resize(ds.len(), 0.0);
+    acc.fill(0.0);
+    let r = pass(&ds, &mut acc, &mut w.pix_scalars);
+    w.icr.fields[top] = ds;
+    m.icr.adjoint(&acc, g_xi, &mut w.icr);
+    w.acc = acc;
+    r
 }
 
-/// One state's share of the averaged metric product after the ICR forward, `JᵀFJ v / n`,
-/// one pixel at a time: each star's tangent, its Fisher weighting and its cotangent while
-/// its window is still in cache (the window data are read from memory once, not twice).
-/// Adds the field's part into `acc` and, when `t.v_sig` is given, the ξ_σ part into
-/// `out_sig`; leaves the pixels' [Σ s t, Σ t] partials (times 1/n) in `pix_scalars`. The
-/// arithmetic is that of [`jvp_from_field`], the Fisher weighting and [`vjp_to_field`] in
-/// the same order.
+/// One state's share of a metric product after the ICR forward, `JᵀFJ v / n`, one pixel at
+/// a time: each star's tangent, its Fisher weighting and its cotangent while its window is
+/// still in cache (the window data are read from memory once, not twice). The tangent is
+/// `(ds, dscl, doff)`: the final chart field's tangent `S dξ_e` and the value tangents of
+/// scale and offset; `sig`, when ξ_σ is not held, holds its tangent and the output its part
+/// is added to. Adds the field's part into `acc` and leaves the pixels' [Σ s t, Σ t]
+/// partials (times 1/n) in `pix_scalars`. The arithmetic is that of [`jvp_from_field`], the
+/// Fisher weighting and [`vjp_to_field`] in the same order.
 fn metric_pixels(
     m: &ModelCore,
     st: &State,
-    t: &FieldTangent<'_>,
+    (ds, dscl, doff): (&[f64], f64, f64),
+    sig: Option<(&[f64], &mut [f64])>,
     n_states: f64,
     acc: &mut [f64],
-    out_sig: &mut [f64],
     pix_scalars: &mut [[f64; 2]],
 ) {
     let (n, nc, pad) = (m.n_r(), m.n_chart(), m.padding());
     let d = &m.data;
     let weight = 1.0 / n_states;
-    let op = DisjointMut::new(out_sig);
+    let (v_sig, op) = match sig {
+        Some((v, out)) => (Some(v), Some(DisjointMut::new(out))),
+        None => (None, None),
+    };
     acc.par_chunks_mut(nc)
         .zip(pix_scalars.par_iter_mut())
         .enumerate()
@@ -356,27 +347,28 @@ fn metric_pixels(
                 let (lo, hi) = (d.offsets[p], d.offsets[p + 1]);
                 let col = &st.rw[p * n..(p + 1) * n];
                 let sk = &st.s[p * n..(p + 1) * n];
-                let ds = &t.ds[p * nc + pad..p * nc + pad + n];
+                let ds = &ds[p * nc + pad..p * nc + pad + n];
                 for (k, drw) in w.drw.iter_mut().enumerate() {
-                    *drw = col[k] * (st.scl * ds[k] + sk[k] * t.dscl + t.doff);
+                    *drw = col[k] * (st.scl * ds[k] + sk[k] * dscl + doff);
                 }
                 inner_columns(col, &mut w.cum);
                 inner_columns(&w.drw, &mut w.dcum);
                 w.rw_bar.fill(0.0);
                 w.cum_bar.fill(0.0);
                 // SAFETY: star ranges of distinct pixels are disjoint
-                let mut os = t.v_sig.map(|_| unsafe { op.chunk(lo, hi - lo) });
+                let mut os = op.as_ref().map(|op| unsafe { op.chunk(lo, hi - lo) });
                 for (j, i) in (lo..hi).enumerate() {
                     let win = d.windows.of(i);
                     let (mut da, y) = star_jvp(win, col, &w.drw, &w.cum, &w.dcum, st.abar[i]);
                     let mut dv = m.distance_part(y);
                     // v also depends on ξ_σ: ∂v/∂ξ_σ = 2 n_σ σ_A² dn_σ/dξ_σ (diagonal per star)
-                    let dvds = 2.0 * st.nsig[i] * d.a_err[i] * d.a_err[i] * st.dnsig[i];
-                    if let Some(vs) = t.v_sig {
+                    let dvds = v_sig.map(|vs| {
+                        let dvds = 2.0 * st.nsig[i] * d.a_err[i] * d.a_err[i] * st.dnsig[i];
                         dv += dvds * vs[i];
-                    }
+                        dvds
+                    });
                     m.fisher_weigh(i, st.var[i], &mut da, &mut dv);
-                    if let Some(os) = os.as_mut() {
+                    if let (Some(os), Some(dvds)) = (os.as_mut(), dvds) {
                         os[j] += dvds * dv / n_states;
                     }
                     let gv = m.distance_part(dv);

@@ -335,7 +335,14 @@ impl Model {
 
     /// Metric-vector product `out = v + Jᵀ F J v`.
     pub fn metric(&self, st: &State, v: &[f64], out: &mut [f64], w: &mut ModelWork) -> Result<()> {
-        self.backend.metric(&self.core, st, v, out, w)?;
+        let nxi = self.icr.n_xi();
+        let chain = self.chain();
+        let (dscl, doff) = chain.tangent(st.dscl, [v[nxi], v[nxi + 1]]);
+        let (core, g_xi) = (&self.core, &mut out[..nxi]);
+        let c = self
+            .backend
+            .metric(core, st, &v[..nxi], dscl, doff, g_xi, w)?;
+        [out[nxi], out[nxi + 1]] = chain.cotangent(st.dscl, c);
         out.par_iter_mut().zip(v).for_each(|(o, x)| *o += x);
         Ok(())
     }
