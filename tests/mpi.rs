@@ -145,6 +145,28 @@ fn arrays(path: &Path) -> Arrays {
     (m.mean, m.std, m.samples, m.inner_mean, m.star_count)
 }
 
+/// Fit `(config, catalog)` on `n` ranks into `dir/<stem>.nc` and assert that its map and
+/// star table equal the reference's, bit for bit.
+fn assert_ranks_reproduce(
+    dir: &Path,
+    cfg: &Path,
+    cat: &Path,
+    stem: &str,
+    n: usize,
+    reference: &Arrays,
+    stars: &[u8],
+) {
+    let out = dir.join(format!("{stem}.nc"));
+    let o = mpirun(n, &fit_args(cfg, cat, &out)).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        arrays(&out) == *reference,
+        "map {stem} on {n} ranks differs"
+    );
+    let s = std::fs::read(dir.join(format!("{stem}_stars.csv"))).unwrap();
+    assert!(s == stars, "star table {stem} on {n} ranks differs");
+}
+
 #[test]
 fn fit_is_identical_on_one_two_and_four_ranks() {
     if !mpirun_available() {
@@ -157,14 +179,8 @@ fn fit_is_identical_on_one_two_and_four_ranks() {
     let reference = arrays(&plain);
     let stars = std::fs::read(dir.path().join("plain_stars.csv")).unwrap();
     for n in [1, 2, 4] {
-        let out = dir.path().join(format!("n{n}.nc"));
-        assert!(mpirun(n, &fit_args(&cfg, &cat, &out))
-            .status()
-            .unwrap()
-            .success());
-        assert!(arrays(&out) == reference, "map on {n} ranks differs");
-        let s = std::fs::read(dir.path().join(format!("n{n}_stars.csv"))).unwrap();
-        assert!(s == stars, "star table on {n} ranks differs");
+        let stem = format!("n{n}");
+        assert_ranks_reproduce(dir.path(), &cfg, &cat, &stem, n, &reference, &stars);
         let leftovers: Vec<_> = std::fs::read_dir(dir.path())
             .unwrap()
             .flatten()
@@ -255,15 +271,9 @@ fn opencl_fit_on_one_two_and_three_ranks_equals_one_device_and_the_cpu() {
     let reference = arrays(&one);
     let stars = std::fs::read(dir.path().join("one_stars.csv")).unwrap();
     for n in [1, 2, 3] {
-        let out = dir.path().join(format!("ocl{n}.nc"));
-        let o = mpirun(n, &fit_args(&two_stages, &cat, &out))
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         // the same sums in the same patch order on any rank count: bit for bit (measured)
-        assert!(arrays(&out) == reference, "OpenCL map on {n} ranks differs");
-        let s = std::fs::read(dir.path().join(format!("ocl{n}_stars.csv"))).unwrap();
-        assert!(s == stars, "OpenCL star table on {n} ranks differs");
+        let stem = format!("ocl{n}");
+        assert_ranks_reproduce(dir.path(), &two_stages, &cat, &stem, n, &reference, &stars);
     }
     // Against the CPU on 2 ranks: the last stage alone, one Newton step, fixed CG lengths.
     // The KL minimisation amplifies the backends' rounding differences (exp, operation

@@ -403,9 +403,7 @@ impl StageRun {
                     .any(|c| c.is::<crate::inference::newton::NonFiniteObjective>());
                 match overflow {
                     // from the prior median nothing has grown yet: the prior itself overflows
-                    true if st.stage == 0 && st.iteration == 0 => {
-                        e.context(format!("{at} ({PRIOR_OVERFLOW_HINT})"))
-                    }
+                    true if at_prior_centre => e.context(format!("{at} ({PRIOR_OVERFLOW_HINT})")),
                     true => e.context(format!("{at} ({OVERFLOW_HINT})")),
                     false => e.context(at.clone()),
                 }

@@ -265,21 +265,9 @@ impl<T: Real> Resident<T> {
         };
         let level0_forward = k0("level0_forward", &xi, &fields[0])?;
         let level0_adjoint = k0("level0_adjoint", &fields[0], &xi_bar)?;
-        let max_of = |f: &dyn Fn(&crate::prior::icr::Level) -> usize| {
-            icr.levels.iter().map(f).max().unwrap_or(0)
-        };
-        let scatter = zeros::<T>(
-            gpu,
-            max_of(&|l| {
-                let recv: usize = l.back_counts().1.iter().sum();
-                let gathered: usize = l.gather_counts().iter().sum();
-                (9 * l.npix_c() * l.n_c + recv).max(gathered)
-            }),
-        )?;
-        let staging = Staging::new(zeros::<T>(
-            gpu,
-            max_of(&|l| l.ex.halo_send.len().max(l.ex.back_send.len()) * l.n_c),
-        )?);
+        let scatter_len = icr.level_max(|l| l.scatter_len().max(l.gathered_len()));
+        let scatter = zeros::<T>(gpu, scatter_len)?;
+        let staging = Staging::new(zeros::<T>(gpu, icr.level_max(|l| l.send_len()))?);
         let (statics, mats_bytes) = level_statics(icr, gpu, mat_f64)?;
         let matrix_bytes = l0.len() * std::mem::size_of::<T>() + mats_bytes;
         let bufs = LevelBuffers {

@@ -54,13 +54,16 @@ impl DeviceSpec {
         }
     }
 
-    /// The device this spec names for its slot, or None for "by slot, else the first".
-    fn wanted(&self) -> Option<&str> {
-        if self.devices.is_empty() {
-            return self.device.as_deref();
+    /// The device this spec picks among `n` present: the one it names (for its slot, from a
+    /// list), else the slot's index mod `n`, else None (the first).
+    fn wanted(&self, n: usize) -> Option<String> {
+        if !self.devices.is_empty() {
+            let k = self.slot.unwrap_or(0) % self.devices.len();
+            return Some(self.devices[k].clone());
         }
-        let k = self.slot.unwrap_or(0) % self.devices.len();
-        Some(self.devices[k].as_str())
+        self.device
+            .clone()
+            .or_else(|| self.slot.map(|r| (r % n).to_string()))
     }
 }
 
@@ -220,9 +223,8 @@ impl Gpu {
             bail!("OpenCL platform {:?} has no devices", platform.name()?);
         }
         let dnames: Vec<String> = devs.iter().map(|d| d.name().unwrap_or_default()).collect();
-        let by_slot = spec.slot.map(|r| (r % devs.len()).to_string());
-        let want = spec.wanted().or(by_slot.as_deref());
-        let device = pick(&devs, &dnames, want, "device")?;
+        let want = spec.wanted(devs.len());
+        let device = pick(&devs, &dnames, want.as_deref(), "device")?;
         let index = devs.iter().position(|d| *d == device).unwrap_or(0);
         let context = ocl::Context::builder()
             .platform(platform)

@@ -57,3 +57,19 @@ pub(super) fn missing(path: &Path, name: &str, present: &[String]) -> anyhow::Er
     }
     .into()
 }
+
+/// Positions of the requested columns among those `present` in `path` (an error naming the
+/// first one absent), and of the id column when it is there.
+pub(super) fn positions(
+    path: &Path,
+    present: &[String],
+    names: &[&str],
+    id_name: Option<&str>,
+) -> anyhow::Result<(Vec<usize>, Option<usize>)> {
+    let index = |n: &str| present.iter().position(|p| p == n);
+    let wanted = names
+        .iter()
+        .map(|n| index(n).ok_or_else(|| missing(path, n, present)))
+        .collect::<anyhow::Result<_>>()?;
+    Ok((wanted, id_name.and_then(index)))
+}

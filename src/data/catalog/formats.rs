@@ -6,7 +6,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 
-use super::columns::{missing, RowPart, Table};
+use super::columns::{missing, positions, RowPart, Table};
 use super::Catalog;
 use crate::base::atomic::write_atomically;
 
@@ -174,12 +174,7 @@ fn read_csv<R: BufRead>(
         .iter()
         .map(str::to_owned)
         .collect();
-    let index = |n: &str| headers.iter().position(|h| h == n);
-    let idx: Vec<usize> = names
-        .iter()
-        .map(|n| index(n).ok_or_else(|| missing(path, n, &headers)))
-        .collect::<Result<_>>()?;
-    let id_idx = id_name.and_then(index);
+    let (idx, id_idx) = positions(path, &headers, names, id_name)?;
     let mut columns = vec![Vec::new(); names.len()];
     let mut ids = id_idx.map(|_| Vec::new());
     let mut lines = Vec::new();

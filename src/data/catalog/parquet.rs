@@ -8,7 +8,7 @@ use parquet::column::reader::ColumnReader;
 use parquet::file::reader::{FileReader, SerializedFileReader};
 use std::path::Path;
 
-use super::columns::{missing, RowPart, Table};
+use super::columns::{positions, RowPart, Table};
 
 /// Read the named numeric columns (and optionally an integer id column) of the rows of
 /// `part` (a contiguous block) from a Parquet file.
@@ -27,14 +27,7 @@ pub(super) fn read_parquet(
     let present: Vec<String> = (0..schema.num_columns())
         .map(|i| schema.column(i).path().string())
         .collect();
-    let index = |n: &str| -> Result<usize> {
-        present
-            .iter()
-            .position(|p| p == n)
-            .ok_or_else(|| missing(path, n, &present))
-    };
-    let wanted: Vec<usize> = names.iter().map(|n| index(n)).collect::<Result<_>>()?;
-    let id = id_name.and_then(|n| index(n).ok());
+    let (wanted, id) = positions(path, &present, names, id_name)?;
     let total = usize::try_from(meta.file_metadata().num_rows())?;
     let block = part.block(total);
     let mut columns = vec![Vec::with_capacity(block.len()); names.len()];

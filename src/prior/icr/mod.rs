@@ -109,6 +109,18 @@ impl Level {
     pub(crate) fn gather_counts(&self) -> &[usize] {
         &self.counts[4]
     }
+    /// Values of the adjoint's window chunks on this rank: its own, then those received.
+    pub(crate) fn scatter_len(&self) -> usize {
+        9 * self.npix_c() * self.n_c + self.counts[3].iter().sum::<usize>()
+    }
+    /// Values of every rank's window chunks in a gathered step's adjoint.
+    pub(crate) fn gathered_len(&self) -> usize {
+        self.counts[4].iter().sum()
+    }
+    /// Values the larger of this step's two exchanges sends.
+    pub(crate) fn send_len(&self) -> usize {
+        self.ex.halo_send.len().max(self.ex.back_send.len()) * self.n_c
+    }
 }
 
 /// The ICR prior operator for a chart and kernel.
@@ -436,17 +448,17 @@ impl Icr {
         let fields = (0..=c.levels)
             .map(|l| vec![0.0; self.field_len(l)])
             .collect();
-        let max_of = |f: &dyn Fn(&Level) -> usize| self.levels.iter().map(f).max().unwrap_or(0);
-        let scatter =
-            max_of(&|l| (9 * l.npix_c() + l.ex.back_recv_counts.iter().sum::<usize>()) * l.n_c);
-        let gathered = max_of(&|l| l.ex.gather_counts.iter().sum::<usize>() * l.n_c);
-        let send = max_of(&|l| (l.ex.halo_send.len() * l.n_c).max(l.ex.back_send.len() * l.n_c));
         IcrWork {
             fields,
-            scatter: vec![0.0; scatter],
-            gathered: vec![0.0; gathered],
-            send: vec![0.0; send],
+            scatter: vec![0.0; self.level_max(Level::scatter_len)],
+            gathered: vec![0.0; self.level_max(Level::gathered_len)],
+            send: vec![0.0; self.level_max(Level::send_len)],
         }
+    }
+
+    /// The largest `f` over the refinement levels (0 without any).
+    pub(crate) fn level_max(&self, f: impl Fn(&Level) -> usize) -> usize {
+        self.levels.iter().map(f).max().unwrap_or(0)
     }
 
     /// `s = S ξ`; the final field is left in `work.fields[levels]`.
