@@ -166,10 +166,7 @@ fn rank_figures(
     let (mut scatter, mut send) = (0usize, 0usize);
     let mut coarse_distributed = false;
     let mut matrices = (xi * xi * 8) as f64;
-    let mbytes = match cfg.grid.matrix_precision {
-        Precision::F64 => 8.0,
-        Precision::F32 => 4.0,
-    };
+    let mbytes = cfg.grid.matrix_precision.bytes() as f64;
     for (l, g) in geoms.iter().enumerate() {
         let s = plan_step(g.clone(), d, coarse_distributed);
         let n_c = chart.n_r(l);
@@ -368,21 +365,14 @@ pub fn run(cfg: &Config, opts: &PlanOptions) -> Result<String> {
         gb(device(8)),
         gb(device(4))
     )?;
-    let scalar = if cfg.backend.precision == Precision::F64 {
-        8
-    } else {
-        4
-    };
+    let scalar = cfg.backend.precision.bytes();
     if let Some(line) = device_fit_line(opts, device(scalar), cfg.backend.precision) {
         writeln!(s, "{line}")?;
     }
     let per_voxel = (f.memory[0].1 + f.memory[3].1) / f.voxels as f64;
     let per_xi = f.memory[1].1 / (f.xi as f64 + f.stars);
     let l = chart.levels.max(1) - 1;
-    let mbytes = match cfg.grid.matrix_precision {
-        Precision::F64 => 8,
-        Precision::F32 => 4,
-    };
+    let mbytes = cfg.grid.matrix_precision.bytes();
     let per_class = (chart.n_r(l) - 2) * SITE_LEN * mbytes;
     writeln!(
         s,

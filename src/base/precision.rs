@@ -13,3 +13,18 @@ pub enum Precision {
     /// 32-bit IEEE single: relative error ~1e-7 per stored value, ~1e-6 per operation.
     F32,
 }
+
+impl Precision {
+    /// Bytes of one value in this precision.
+    ///
+    /// ```
+    /// use dust3d::base::precision::Precision;
+    /// assert_eq!(Precision::F64.bytes() + Precision::F32.bytes(), 12);
+    /// ```
+    pub fn bytes(self) -> usize {
+        match self {
+            Precision::F64 => 8,
+            Precision::F32 => 4,
+        }
+    }
+}

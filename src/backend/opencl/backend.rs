@@ -153,7 +153,7 @@ pub fn attach(model: &mut Model, spec: &super::DeviceSpec, precision: Precision)
         &level_voxels,
         model.data.len(),
         model.n_params(),
-        if precision == Precision::F64 { 8 } else { 4 },
+        precision.bytes(),
     );
     let (global, _) = super::memory::device_memory(&dev);
     let sharing = if ranks > 1 {
