@@ -595,3 +595,35 @@ fn predict_plot_and_compare_from_the_command_line() {
     assert!(q.starts_with("given,bin_centre,q16,q50,q84") && q.lines().count() > 10);
     assert!(cmp.join("compare_hist.png").exists() && cmp.join("compare_summary.json").exists());
 }
+
+#[test]
+fn a_map_keeps_its_distance_prior_and_predictions_read_parallaxes_with_it() {
+    use dust3d::likelihood::distance::DistancePrior;
+    use dust3d::products::predict::predict;
+    let dir = tempfile::tempdir().unwrap();
+    let mut map = posterior_map(5);
+    let volume = DistancePrior::Volume {
+        min_pc: 60.0,
+        max_pc: 480.0,
+    };
+    map.distance_prior = volume;
+    let path = dir.path().join("m.nc");
+    map.write(&path).unwrap();
+    let back = DustMap::read(&path).unwrap();
+    assert_eq!(back.distance_prior, volume);
+    // a poor parallax (3 ± 1.5 mas): the volume prior moves the star outwards, so its
+    // expected extinction grows; a precise one does not care
+    let (l, b) = ([30.0, 30.0], [10.0, 10.0]);
+    let (par, err) = ([3.0, 3.0], [1.5, 0.003]);
+    let with = predict(&back, &l, &b, &par, &err).unwrap();
+    let mut paper = back.clone();
+    paper.distance_prior = DistancePrior::Parallax;
+    let without = predict(&paper, &l, &b, &par, &err).unwrap();
+    assert!(
+        with.mean[0] > 1.02 * without.mean[0],
+        "{:?} vs {:?}",
+        with.mean,
+        without.mean
+    );
+    assert!((with.mean[1] - without.mean[1]).abs() < 1e-4 * without.mean[1]);
+}

@@ -48,7 +48,8 @@ pub struct SimulateConfig {
     pub star_extinction: String,
     /// The true inflation of each star's extinction error: "one" (the quoted errors are
     /// right) or "prior" (drawn per star from the `[noise]` inverse-gamma prior the fit
-    /// assumes, so a prior-draw truth makes the model exactly right).
+    /// assumes, so a prior-draw truth makes the model exactly right, with `[distances]`
+    /// matching `star_distances`).
     pub star_nsigma: String,
     /// Diffuse disk: density at z = 0, catalog units per pc.
     pub disk_density: f64,

@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 
+use super::distance::DistancePrior;
 use super::noise::MarginalNsigma;
 use super::state::StarData;
 use crate::prior::icr::{Icr, IcrWork};
@@ -29,11 +30,13 @@ pub struct ModelParams {
     /// distance uncertainty (else v = (n_σ σ_A)² alone: a start that fits the columns before
     /// the distance structure; see docs/model.md).
     pub distance_variance: bool,
+    /// The stars' distance prior in their windows.
+    pub distance_prior: DistancePrior,
 }
 
 impl Default for ModelParams {
     /// The paper's priors: scale LogNormal(mean 1, std 0.5), offset N(−6.91, 1),
-    /// n_σ ~ InvGamma(3, 4), inferred.
+    /// n_σ ~ InvGamma(3, 4), inferred, distances uniform in parallax.
     fn default() -> Self {
         Self {
             scale: LogNormal::from_mean_std(1.0, 0.5),
@@ -45,6 +48,7 @@ impl Default for ModelParams {
             infer_nsigma: true,
             marginal_nsigma: false,
             distance_variance: true,
+            distance_prior: DistancePrior::Parallax,
         }
     }
 }

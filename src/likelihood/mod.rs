@@ -4,6 +4,7 @@
 pub mod backend;
 pub mod core;
 pub mod cpu;
+pub mod distance;
 pub mod mask;
 pub mod model;
 pub mod noise;

@@ -45,13 +45,21 @@ pub struct Windows {
     pub spread: Vec<u16>,
 }
 
+/// One star's first and last extended bin from `(shell edges, ω, σ)`.
+pub(super) type WindowRange<'a> = dyn Fn(&[f64], f64, f64) -> (usize, usize) + Sync + 'a;
+
+/// Fills one star's window: `(ω, σ, its extended-bin range, (probabilities, quantised
+/// positions, quantised position variances))`.
+pub(super) type WindowFill<'a> =
+    dyn Fn(f64, f64, (usize, usize), (&mut [f32], &mut [u16], &mut [u16])) + Sync + 'a;
+
 /// One star's window: first extended index, probabilities, mean positions, position variances.
 pub type Window<'a> = (usize, &'a [f32], &'a [u16], &'a [u16]);
 
 /// Scale of the quantised mean position.
-const F_SCALE: f64 = 1.0 / 65535.0;
+pub(super) const F_SCALE: f64 = 1.0 / 65535.0;
 /// Scale of the quantised position variance.
-const H_SCALE: f64 = 1.0 / (4.0 * 65535.0);
+pub(super) const H_SCALE: f64 = 1.0 / (4.0 * 65535.0);
 
 /// sf(r) = P(d > r) for parallax ω ± σ (mas), r in pc; and its complement, both accurate.
 fn tail_probs(r_pc: f64, parallax: f64, err: f64) -> (f64, f64) {
@@ -66,7 +74,7 @@ fn tail_probs(r_pc: f64, parallax: f64, err: f64) -> (f64, f64) {
 }
 
 /// Extended bin containing distance `d_pc`.
-fn extended_bin(edges: &[f64], d_pc: f64) -> usize {
+pub(super) fn extended_bin(edges: &[f64], d_pc: f64) -> usize {
     let n = edges.len() - 1;
     if d_pc < edges[0] {
         0
@@ -78,7 +86,7 @@ fn extended_bin(edges: &[f64], d_pc: f64) -> usize {
 }
 
 /// Gauss–Legendre nodes and weights on [−1, 1], 5 points.
-const GL5: [(f64, f64); 5] = [
+pub(super) const GL5: [(f64, f64); 5] = [
     (0.0, 0.568_888_888_888_888_9),
     (-0.538_469_310_105_683_1, 0.478_628_670_499_366_47),
     (0.538_469_310_105_683_1, 0.478_628_670_499_366_47),
@@ -127,15 +135,38 @@ fn position_moments(r_lo: f64, r_hi: f64, parallax: f64, err: f64) -> (f32, f32)
 }
 
 impl Windows {
-    /// Windows of all stars over `shells`, computed in parallel (order of `parallax`).
+    /// Windows of all stars over `shells` with the paper's distance prior (uniform in
+    /// parallax), computed in parallel (order of `parallax`); other priors:
+    /// [`Windows::with_prior`].
     pub fn new(shells: &Shells, parallax_mas: &[f64], error_mas: &[f64]) -> Self {
+        Self::build(
+            shells,
+            parallax_mas,
+            error_mas,
+            &Self::range,
+            &|w, s, r, out| {
+                let (p, f, h) = out;
+                Self::fill(&shells.edges_pc, shells.len(), w, s, r, p, f, h)
+            },
+        )
+    }
+
+    /// Windows from each star's extended-bin range `range(edges, ω, σ)` and a `fill` of its
+    /// probabilities, positions and position variances over that range.
+    pub(super) fn build(
+        shells: &Shells,
+        parallax_mas: &[f64],
+        error_mas: &[f64],
+        range: &WindowRange<'_>,
+        fill: &WindowFill<'_>,
+    ) -> Self {
         let edges = &shells.edges_pc;
         let n = shells.len();
         // two passes, so the flat arrays are allocated once at their final size
         let ranges: Vec<(usize, usize)> = parallax_mas
             .par_iter()
             .zip(error_mas)
-            .map(|(&w, &s)| Self::range(edges, w, s))
+            .map(|(&w, &s)| range(edges, w, s))
             .collect();
         let mut offset = Vec::with_capacity(ranges.len() + 1);
         offset.push(0);
@@ -160,7 +191,7 @@ impl Windows {
                     hp.chunk(offset[i], len),
                 )
             };
-            Self::fill(edges, n, parallax_mas[i], error_mas[i], ranges[i], p, f, h);
+            fill(parallax_mas[i], error_mas[i], ranges[i], (p, f, h));
         });
         let start = ranges.iter().map(|r| r.0 as u32).collect();
         Windows {

@@ -3,6 +3,7 @@
 //! distance windows grouped by pixel). Shared by the CPU model and the OpenCL backend.
 
 use crate::data::catalog::PixelCatalog;
+use crate::likelihood::distance::DistancePrior;
 use crate::likelihood::response::Windows;
 
 /// Stars as the likelihood sees them: grouped by final-level pixel.
@@ -19,12 +20,17 @@ pub struct StarData {
 }
 
 impl StarData {
-    /// Build from a pixel-sorted catalog on the model's kept shells.
-    pub fn new(cat: &PixelCatalog, shells: &crate::sphere::grid::Shells) -> Self {
+    /// Build from a pixel-sorted catalog on the model's kept shells, the windows under the
+    /// distance prior `prior`.
+    pub fn new(
+        cat: &PixelCatalog,
+        shells: &crate::sphere::grid::Shells,
+        prior: &DistancePrior,
+    ) -> Self {
         let s = &cat.stars;
         Self {
             offsets: cat.offsets.clone(),
-            windows: Windows::new(shells, &s.parallax_mas, &s.parallax_error_mas),
+            windows: Windows::with_prior(shells, &s.parallax_mas, &s.parallax_error_mas, prior),
             a_obs: s.extinction.clone(),
             a_err: s.extinction_error.clone(),
         }

@@ -7,6 +7,7 @@ use std::path::Path;
 
 use crate::base::atomic::Staged;
 use crate::base::provenance::Provenance;
+use crate::likelihood::distance::DistancePrior;
 use crate::sphere::grid::{self, Shells};
 
 /// Which optional parts of a map file to read.
@@ -70,6 +71,8 @@ pub struct DustMap {
     pub kind: String,
     /// Where the map came from.
     pub provenance: Provenance,
+    /// The stars' distance prior of the fit (how `predict` and `validate` read parallaxes).
+    pub distance_prior: DistancePrior,
 }
 
 impl DustMap {
@@ -92,6 +95,7 @@ impl DustMap {
             units: units.into(),
             kind: "truth".into(),
             provenance: Provenance::default(),
+            distance_prior: DistancePrior::Parallax,
             shells,
         }
     }
@@ -378,6 +382,7 @@ impl DustMap {
         nc.add_attribute("ordering", "NESTED")?;
         nc.add_attribute("coordinate_frame", "Galactic, heliocentric")?;
         nc.add_attribute("units", self.units.as_str())?;
+        nc.add_attribute("distance_prior", self.distance_prior.to_text())?;
         nc.add_attribute("inner_radius_pc", self.shells.edges_pc[0])?;
         nc.add_attribute("dust3d_version", p.version.as_str())?;
         nc.add_attribute("git_commit", p.git_commit.as_str())?;
@@ -445,6 +450,11 @@ impl DustMap {
             units: r.attr_str("units")?,
             kind: r.attr_str("map_kind").unwrap_or_else(|_| "unknown".into()),
             provenance: r.provenance(),
+            distance_prior: match r.attr_str("distance_prior") {
+                // maps written before the attribute existed used the paper's prior
+                Err(_) => DistancePrior::Parallax,
+                Ok(t) => DistancePrior::from_text(&t).map_err(|e| anyhow!("{file}: {e}"))?,
+            },
             shells,
         };
         map.check()

@@ -102,7 +102,7 @@ pub fn predict_with(
     map.check()?;
     validate(l_deg, b_deg, parallax_mas, error_mas)?;
     let n_star = l_deg.len();
-    let win = Windows::new(&map.shells, parallax_mas, error_mas);
+    let win = Windows::with_prior(&map.shells, parallax_mas, error_mas, &map.distance_prior);
     let layer = cdshealpix::nested::get(grid::depth_of_nside(map.nside)?);
     let weights: Vec<AngularWeights> = (0..n_star)
         .map(|i| match angular {

@@ -51,6 +51,8 @@ pub struct Config {
     pub prior: PriorConfig,
     /// Per-star noise inflation (outlier) model.
     pub noise: NoiseConfig,
+    /// The stars' distance prior in their distance windows.
+    pub distances: DistanceConfig,
     /// Catalog column names and selection cuts.
     pub catalog: CatalogConfig,
     /// MGVI schedule.
@@ -586,6 +588,7 @@ impl Config {
             infer_nsigma: self.noise.infer_nsigma,
             marginal_nsigma: self.noise.marginalise_nsigma,
             distance_variance: true,
+            distance_prior: self.distance_prior(),
         }
     }
 
@@ -598,6 +601,8 @@ impl Config {
     }
 }
 
+mod distances;
+pub use distances::{DistanceConfig, DistancePriorName};
 #[cfg(test)]
 mod tests;
 mod validate;

@@ -104,6 +104,26 @@ fn every_bad_value_is_named_with_its_key_and_line() {
         ),
         ("[simulate]\nn_stars = 0\n", "simulate.n_stars", 2),
         (
+            "[distances]\nprior = \"exponential\"\nlength_pc = -1.0\n",
+            "distances.length_pc",
+            3,
+        ),
+        (
+            "[distances]\nprior = \"volume\"\nrange_pc = [0.0, 500.0]\n",
+            "distances.range_pc",
+            3,
+        ),
+        (
+            "[distances]\nprior = \"volume\"\nrange_pc = [600.0, 500.0]\n",
+            "distances.range_pc",
+            3,
+        ),
+        (
+            "[distances]\nrange_pc = [40.0, 500.0]\n",
+            "distances.range_pc",
+            2,
+        ),
+        (
             "[[inference.stage]]\niterations = 2\n[[inference.stage]]\nsample_pairs = 0\n",
             "inference.stage[1].sample_pairs",
             4,
@@ -173,6 +193,23 @@ fn every_bad_value_is_named_with_its_key_and_line() {
             "{text:?}: {msg}"
         );
     }
+}
+
+#[test]
+fn an_exponential_distance_prior_without_its_length_is_refused() {
+    let err = Config::from_toml("[distances]\nprior = \"exponential\"\n", "c.toml").unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(msg.contains("distances.length_pc"), "{msg}");
+    let ok = "[distances]\nprior = \"exponential\"\nlength_pc = 800.0\n";
+    let cfg = Config::from_toml(ok, "c.toml").unwrap();
+    assert_eq!(
+        cfg.distance_prior(),
+        crate::likelihood::distance::DistancePrior::Exponential {
+            length_pc: 800.0,
+            min_pc: 0.0,
+            max_pc: f64::INFINITY
+        }
+    );
 }
 
 #[test]

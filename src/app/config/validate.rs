@@ -13,6 +13,7 @@ impl Config {
     pub fn validate(&self) -> Result<()> {
         self.validate_grid()?;
         self.validate_output()?;
+        self.validate_distances()?;
         let k = &self.kernel;
         if !(k.std > 0.0 && k.std.is_finite()) {
             return Err(invalid(
@@ -153,6 +154,57 @@ impl Config {
                 Some(c) => Err(invalid(format!("grid.{}", c.field), c.message.clone())),
                 None => Err(e),
             },
+        }
+    }
+
+    fn validate_distances(&self) -> Result<()> {
+        use super::DistancePriorName as Name;
+        let d = &self.distances;
+        if d.prior == Name::Parallax && (d.range_pc.is_some() || d.length_pc.is_some()) {
+            let key = if d.range_pc.is_some() {
+                "distances.range_pc"
+            } else {
+                "distances.length_pc"
+            };
+            return Err(invalid(
+                key,
+                "distances.range_pc and distances.length_pc belong to the \"volume\" and \
+                 \"exponential\" priors; distances.prior is \"parallax\"",
+            ));
+        }
+        if let Some([lo, hi]) = d.range_pc {
+            // NaN fails every comparison; max may be infinite
+            let ordered = lo >= 0.0 && lo.is_finite() && hi > lo;
+            if !ordered {
+                return Err(invalid(
+                    "distances.range_pc",
+                    format!("distances.range_pc must be [min, max] with 0 <= min < max, got [{lo}, {hi}]"),
+                ));
+            }
+            if d.prior == Name::Volume && (lo == 0.0 || hi.is_infinite()) {
+                return Err(invalid(
+                    "distances.range_pc",
+                    format!(
+                        "a \"volume\" prior (∝ d²) needs a finite range with min > 0, got \
+                         [{lo}, {hi}]"
+                    ),
+                ));
+            }
+        }
+        match (d.prior, d.length_pc) {
+            (Name::Exponential, None) => Err(invalid(
+                "distances.length_pc",
+                "distances.prior = \"exponential\" needs distances.length_pc (pc)",
+            )),
+            (Name::Exponential, Some(l)) if !(l > 0.0 && l.is_finite()) => Err(invalid(
+                "distances.length_pc",
+                format!("distances.length_pc must be > 0, got {l}"),
+            )),
+            (Name::Volume, Some(_)) => Err(invalid(
+                "distances.length_pc",
+                "distances.length_pc belongs to the \"exponential\" prior",
+            )),
+            _ => Ok(()),
         }
     }
 

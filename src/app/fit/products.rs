@@ -100,6 +100,7 @@ pub fn map_from_samples(
         units: cfg.output.units.clone(),
         kind: "posterior".into(),
         provenance,
+        distance_prior: cfg.distance_prior(),
     };
     if npix == grid::npix(chart.nside_final()) {
         map.check()?;

@@ -65,7 +65,7 @@ impl Model {
                 .pixels_per_patch(chart.nside_final().max(icr.decomp.nside_dec)),
         ));
         let shells = chart.kept_shells();
-        let data = StarData::new(cat, &shells);
+        let data = StarData::new(cat, &shells, &params.distance_prior);
         let widths = shells.widths_pc();
         let core = ModelCore {
             dom,

@@ -204,6 +204,8 @@ pub fn import_with(path: &Path, load: Load) -> Result<DustMap> {
         units: p.units.unwrap_or_default(),
         kind: "imported".into(),
         provenance: p.provenance,
+        // the paper's windows: its parallaxes read as posteriors in 1/d
+        distance_prior: crate::likelihood::distance::DistancePrior::Parallax,
     };
     map.check()
         .with_context(|| format!("{file}: inconsistent map"))?;
