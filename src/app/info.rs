@@ -51,6 +51,13 @@ pub fn map_summary(path: &Path, map: &DustMap, n_samples: usize) -> String {
         e[0],
         stats(&map.inner_mean).2
     );
+    if map.kind != "truth" {
+        let _ = writeln!(
+            s,
+            "  distances {} (the stars' distance prior: how predict and validate read parallaxes)",
+            map.distance_prior.to_text()
+        );
+    }
     let _ = writeln!(
         s,
         "  made by   dust3d {} (commit {}), seed {}, {}",
