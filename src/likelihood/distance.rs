@@ -9,7 +9,8 @@ use crate::sphere::grid::Shells;
 
 /// Half-width, in parallax errors, of the parallax range a window with a distance prior
 /// integrates over: the prior may weigh the likelihood's far tail up by its own range
-/// (∝ t⁻⁴: 4e4 between 45 and 650 pc), so the window reaches further than [`Z_WINDOW`].
+/// (∝ t⁻⁴: 4e4 between 45 and 650 pc), so the window reaches further than the closed
+/// form's ±5.3σ.
 const Z_PRIOR: f64 = 8.5;
 
 /// Smallest parallax (mas, 1 Gpc) a window with a distance prior integrates from.
