@@ -148,18 +148,22 @@ fn prior_fallback_mas(w: f64, prior: &DistancePrior) -> f64 {
     w.clamp(t_min.max(T_FLOOR_MAS), t_max.max(T_FLOOR_MAS))
 }
 
+/// Probability mass of a window's far and near tails that is lumped into its end bins, as
+/// the closed form lumps its tails beyond ±5.3σ: the window keeps the bins that matter.
+const TAIL_MASS: f64 = 6e-8;
+
+/// A window's bins under a distance prior before quantisation: the first extended bin and,
+/// per bin from there, (probability, mean position, position variance); the tails' bins
+/// (less than [`TAIL_MASS`] each side) already lumped into the end bins.
+struct PriorWindow {
+    first: usize,
+    bins: Vec<[f64; 3]>,
+}
+
 /// First and last extended bin of a window under a distance prior.
 fn prior_range(edges: &[f64], w: f64, s: f64, prior: &DistancePrior) -> (usize, usize) {
-    match prior_support(w, s, prior) {
-        Some((t_a, t_b)) => (
-            extended_bin(edges, 1000.0 / t_b),
-            extended_bin(edges, 1000.0 / t_a),
-        ),
-        None => {
-            let e = extended_bin(edges, 1000.0 / prior_fallback_mas(w, prior));
-            (e, e)
-        }
-    }
+    let win = prior_window(edges, edges.len() - 1, (w, s), prior);
+    (win.first, win.first + win.bins.len() - 1)
 }
 
 /// Fractional position of distance `d_pc` in extended bin `e` (0 outside the kept shells).
@@ -174,28 +178,14 @@ fn position_in(edges: &[f64], n: usize, e: usize, d_pc: f64) -> f64 {
 /// One window under a distance prior: the posterior N(t; ω, σ) · prior(t) of the parallax t
 /// integrated bin by bin (pieces at most σ/2 and a tenth of t wide, 5-point Gauss–Legendre),
 /// normalised over the support, with each kept shell's mean and variance of the position.
-#[allow(clippy::too_many_arguments)]
-fn fill_with_prior(
-    edges: &[f64],
-    n: usize,
-    (w, s): (f64, f64),
-    prior: &DistancePrior,
-    (e_lo, e_hi): (usize, usize),
-    prob: &mut [f32],
-    frac: &mut [u16],
-    spread: &mut [u16],
-) {
-    let quantise = |f: f64, h: f64| {
-        (
-            (f / F_SCALE).round().clamp(0.0, 65535.0) as u16,
-            (h / H_SCALE).round().clamp(0.0, 65535.0) as u16,
-        )
-    };
+fn prior_window(edges: &[f64], n: usize, (w, s): (f64, f64), prior: &DistancePrior) -> PriorWindow {
     let Some((t_a, t_b)) = prior_support(w, s, prior) else {
         let d = 1000.0 / prior_fallback_mas(w, prior);
-        prob[0] = 1.0;
-        (frac[0], spread[0]) = quantise(position_in(edges, n, e_lo, d), 0.0);
-        return;
+        let e = extended_bin(edges, d);
+        return PriorWindow {
+            first: e,
+            bins: vec![[1.0, position_in(edges, n, e, d), 0.0]],
+        };
     };
     // nodes (bin, ln weight, position) over the support, split at the shell edges
     let mut cuts: Vec<f64> = edges
@@ -222,25 +212,83 @@ fn fill_with_prior(
             }
         }
     }
+    let first = extended_bin(edges, 1000.0 / t_b);
+    let last = extended_bin(edges, 1000.0 / t_a);
     let top = nodes.iter().fold(f64::NEG_INFINITY, |m, n| m.max(n.1));
-    let mut moments = vec![[0.0f64; 3]; e_hi - e_lo + 1];
+    let mut sums = vec![[0.0f64; 3]; last - first + 1];
     for &(e, lw, x) in &nodes {
         let wt = (lw - top).exp();
-        let m = &mut moments[e - e_lo];
+        let m = &mut sums[e - first];
         m[0] += wt;
         m[1] += wt * x;
         m[2] += wt * x * x;
     }
-    let total: f64 = moments.iter().map(|m| m[0]).sum();
-    for (j, m) in moments.iter().enumerate() {
-        prob[j] = (m[0] / total) as f32;
-        let f = if m[0] > 0.0 { m[1] / m[0] } else { 0.0 };
-        let v = if m[0] > 0.0 {
-            (m[2] / m[0] - f * f).max(0.0)
-        } else {
-            0.0
-        };
-        (frac[j], spread[j]) = quantise(f, v);
+    let total: f64 = sums.iter().map(|m| m[0]).sum();
+    let mut bins: Vec<[f64; 3]> = sums
+        .iter()
+        .map(|m| {
+            let f = if m[0] > 0.0 { m[1] / m[0] } else { 0.0 };
+            let v = if m[0] > 0.0 {
+                (m[2] / m[0] - f * f).max(0.0)
+            } else {
+                0.0
+            };
+            [m[0] / total, f, v]
+        })
+        .collect();
+    let (lo, hi) = kept_bins(&bins);
+    // the tails' mass joins the end bins, whose positions stay their own
+    let below: f64 = bins[..lo].iter().map(|b| b[0]).sum();
+    let above: f64 = bins[hi + 1..].iter().map(|b| b[0]).sum();
+    bins[lo][0] += below;
+    bins[hi][0] += above;
+    PriorWindow {
+        first: first + lo,
+        bins: bins[lo..=hi].to_vec(),
+    }
+}
+
+/// The bins a window keeps: from the first whose cumulative mass from the near side passes
+/// [`TAIL_MASS`] to the last whose cumulative mass from the far side does.
+fn kept_bins(bins: &[[f64; 3]]) -> (usize, usize) {
+    let mut acc = 0.0;
+    let lo = bins
+        .iter()
+        .position(|b| {
+            acc += b[0];
+            acc > TAIL_MASS
+        })
+        .unwrap_or(0);
+    acc = 0.0;
+    let hi = bins
+        .iter()
+        .rposition(|b| {
+            acc += b[0];
+            acc > TAIL_MASS
+        })
+        .unwrap_or(bins.len() - 1);
+    (lo, hi.max(lo))
+}
+
+/// Write one window under a distance prior over the extended bins `e_lo..=e_hi` that
+/// [`prior_range`] gave for it.
+#[allow(clippy::too_many_arguments)]
+fn fill_with_prior(
+    edges: &[f64],
+    n: usize,
+    (w, s): (f64, f64),
+    prior: &DistancePrior,
+    (e_lo, e_hi): (usize, usize),
+    prob: &mut [f32],
+    frac: &mut [u16],
+    spread: &mut [u16],
+) {
+    let win = prior_window(edges, n, (w, s), prior);
+    debug_assert_eq!((win.first, win.first + win.bins.len() - 1), (e_lo, e_hi));
+    for (j, b) in win.bins.iter().enumerate() {
+        prob[j] = b[0] as f32;
+        frac[j] = (b[1] / F_SCALE).round().clamp(0.0, 65535.0) as u16;
+        spread[j] = (b[2] / H_SCALE).round().clamp(0.0, 65535.0) as u16;
     }
 }
 
