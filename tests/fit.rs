@@ -22,17 +22,28 @@ fn simulate(dir: &Path, cfg: &Config) -> (PathBuf, PathBuf) {
     (cat, truth)
 }
 
+/// Simulate `cfg`'s mock sky in `dir`, fit it to `dir/fit.nc` and score the map against the
+/// truth; returns the map and the scores.
+fn simulate_fit_recover(
+    dir: &Path,
+    cfg: &Config,
+    text: &str,
+) -> (DustMap, dust3d::app::recovery::Recovery) {
+    let (cat, truth) = simulate(dir, cfg);
+    let out = dir.join("fit.nc");
+    dust3d::app::fit::run(cfg, text, &cat, &out, false).unwrap();
+    let fit = DustMap::read(&out).unwrap();
+    let tru = DustMap::read(&truth).unwrap();
+    let r = dust3d::app::recovery::evaluate(&fit, &tru, &cat, cfg).unwrap();
+    eprintln!("{r:?}");
+    (fit, r)
+}
+
 #[test]
 fn demo_fit_recovers_the_truth() {
     let dir = tempfile::tempdir().unwrap();
     let (cfg, text) = demo_config();
-    let (cat, truth) = simulate(dir.path(), &cfg);
-    let out = dir.path().join("fit.nc");
-    dust3d::app::fit::run(&cfg, &text, &cat, &out, false).unwrap();
-    let fit = DustMap::read(&out).unwrap();
-    let tru = DustMap::read(&truth).unwrap();
-    let r = dust3d::app::recovery::evaluate(&fit, &tru, &cat, &cfg).unwrap();
-    eprintln!("{r:?}");
+    let (fit, r) = simulate_fit_recover(dir.path(), &cfg, &text);
     assert!(r.pearson_integrated >= 0.95, "{r:?}");
     assert!((0.50..=0.85).contains(&r.coverage_1sigma), "{r:?}");
     assert!(r.n_voxels > 1000);
@@ -81,13 +92,7 @@ fn with_the_scale_at_the_truth_mgvi_covers_a_prior_draw() {
     let last = cfg.inference.stage.last_mut().unwrap();
     (last.sample_pairs, last.iterations) = (4, 12);
     let text = toml::to_string(&cfg).unwrap();
-    let (cat, truth) = simulate(dir.path(), &cfg);
-    let out = dir.path().join("fit.nc");
-    dust3d::app::fit::run(&cfg, &text, &cat, &out, false).unwrap();
-    let fit = DustMap::read(&out).unwrap();
-    let tru = DustMap::read(&truth).unwrap();
-    let r = dust3d::app::recovery::evaluate(&fit, &tru, &cat, &cfg).unwrap();
-    eprintln!("{r:?}");
+    let (_, r) = simulate_fit_recover(dir.path(), &cfg, &text);
     assert_eq!(r.pairs, 4);
     assert!(r.coverage_1sigma >= 0.60, "voxels {}", r.coverage_1sigma);
     let stars = &r.at_stars_pixel.all;

@@ -160,7 +160,10 @@ struct PriorWindow {
     bins: Vec<[f64; 3]>,
 }
 
-/// First and last extended bin of a window under a distance prior.
+/// First and last extended bin of a window under a distance prior. The window is integrated
+/// here and again in [`fill_with_prior`] rather than held between the two passes of
+/// [`Windows::build`]: holding every star's bins would double the windows' peak memory, the
+/// largest star-side array of a fit, to save 10 µs per star once per stage.
 fn prior_range(edges: &[f64], w: f64, s: f64, prior: &DistancePrior) -> (usize, usize) {
     let win = prior_window(edges, edges.len() - 1, (w, s), prior);
     (win.first, win.first + win.bins.len() - 1)
@@ -224,27 +227,28 @@ fn prior_window(edges: &[f64], n: usize, (w, s): (f64, f64), prior: &DistancePri
         m[2] += wt * x * x;
     }
     let total: f64 = sums.iter().map(|m| m[0]).sum();
-    let mut bins: Vec<[f64; 3]> = sums
-        .iter()
-        .map(|m| {
-            let f = if m[0] > 0.0 { m[1] / m[0] } else { 0.0 };
-            let v = if m[0] > 0.0 {
-                (m[2] / m[0] - f * f).max(0.0)
-            } else {
-                0.0
-            };
-            [m[0] / total, f, v]
-        })
-        .collect();
+    // sums of (1, x, x²) become (probability, mean position, position variance) in place
+    for m in sums.iter_mut() {
+        let f = if m[0] > 0.0 { m[1] / m[0] } else { 0.0 };
+        let v = if m[0] > 0.0 {
+            (m[2] / m[0] - f * f).max(0.0)
+        } else {
+            0.0
+        };
+        *m = [m[0] / total, f, v];
+    }
+    let mut bins = sums;
     let (lo, hi) = kept_bins(&bins);
     // the tails' mass joins the end bins, whose positions stay their own
     let below: f64 = bins[..lo].iter().map(|b| b[0]).sum();
     let above: f64 = bins[hi + 1..].iter().map(|b| b[0]).sum();
     bins[lo][0] += below;
     bins[hi][0] += above;
+    bins.truncate(hi + 1);
+    bins.drain(..lo);
     PriorWindow {
         first: first + lo,
-        bins: bins[lo..=hi].to_vec(),
+        bins,
     }
 }
 

@@ -139,16 +139,16 @@ impl Windows {
     /// parallax), computed in parallel (order of `parallax`); other priors:
     /// [`Windows::with_prior`].
     pub fn new(shells: &Shells, parallax_mas: &[f64], error_mas: &[f64]) -> Self {
-        Self::build(
-            shells,
-            parallax_mas,
-            error_mas,
-            &Self::range,
-            &|w, s, r, out| {
-                let (p, f, h) = out;
-                Self::fill(&shells.edges_pc, shells.len(), w, s, r, p, f, h)
-            },
-        )
+        Self::build(shells, parallax_mas, error_mas, &Self::range, &|w,
+                                                                     s,
+                                                                     r,
+                                                                     (
+            p,
+            f,
+            h,
+        )| {
+            Self::fill(&shells.edges_pc, shells.len(), w, s, r, p, f, h)
+        })
     }
 
     /// Windows from each star's extended-bin range `range(edges, ω, σ)` and a `fill` of its
