@@ -347,9 +347,11 @@ fn a_growing_schedule_where_some_ranks_gain_no_stars() {
     cfg.inference.stage[0].max_distance_pc = Some(200.0);
     cfg.inference.stage[1].max_distance_pc = None;
     cfg.noise.infer_nsigma = true;
-    // and the scale in its own factor (its update sums over every rank's excitations)
-    // after a first stage without the distance variance
-    cfg.inference.stage[1].scale_update = dust3d::app::config::ScaleUpdateName::Marginal;
+    // and the scale in its own factor, from the samples' moment in the first stage and at
+    // the evidence's fixed point in the second (both sum over every rank's excitations, the
+    // second also solves with the metric), the first without the distance variance
+    cfg.inference.stage[0].scale_update = dust3d::app::config::ScaleUpdateName::Marginal;
+    cfg.inference.stage[1].scale_update = dust3d::app::config::ScaleUpdateName::Evidence;
     cfg.inference.stage[0].distance_variance = false;
     let grown_cfg = dir.path().join("grown.toml");
     std::fs::write(&grown_cfg, toml::to_string(&cfg).unwrap()).unwrap();

@@ -190,6 +190,8 @@ pub enum ScaleUpdateName {
     Joint,
     /// The scale's own factor.
     Marginal,
+    /// The scale's own factor at the evidence's fixed point (`"evidence"`).
+    Evidence,
 }
 
 impl Default for PriorConfig {
@@ -307,8 +309,10 @@ pub struct StageConfig {
     /// `newton_cg_iterations` and `newton_forcing`).
     pub geovi_newton_steps: usize,
     /// How the field's scale is inferred: "joint" (one more coordinate of MGVI's Gaussian,
-    /// as in the paper; biased low) or "marginal" (its own variational factor, updated from
-    /// the samples' second moment after each iteration).
+    /// as in the paper; biased low), "marginal" (its own variational factor, updated from
+    /// the samples' second moment after each iteration) or "evidence" (that factor at the
+    /// evidence's fixed point in the directions the data determine; one more metric solve
+    /// per residual, and the samples' CG must converge).
     pub scale_update: ScaleUpdateName,
     /// Whether each star's variance includes the spread of its extinction over its distance
     /// uncertainty (σ_a²). `false` in the first stages fits the columns before the distance
@@ -373,6 +377,7 @@ impl StageConfig {
             sample_nsigma: noise.sample_nsigma,
             scale_update: match self.scale_update {
                 ScaleUpdateName::Marginal => ScaleUpdate::Marginal,
+                ScaleUpdateName::Evidence => ScaleUpdate::Evidence,
                 ScaleUpdateName::Joint => ScaleUpdate::Joint,
             },
             sample_pairs: self.sample_pairs,

@@ -456,6 +456,7 @@ pub(super) fn schedule_summary(
             match sc.scale_update {
                 crate::app::config::ScaleUpdateName::Joint => "joint with the map",
                 crate::app::config::ScaleUpdateName::Marginal => "its own factor",
+                crate::app::config::ScaleUpdateName::Evidence => "its own factor (evidence)",
             },
             if sc.distance_variance {
                 ""

@@ -237,7 +237,8 @@ pub fn global_iteration(
     state: &mut MgviState,
     streams: Streams,
 ) -> Result<IterationReport> {
-    let marginal_scale = settings.scale_update == ScaleUpdate::Marginal;
+    let marginal_scale = settings.scale_update != ScaleUpdate::Joint;
+    let evidence = settings.scale_update == ScaleUpdate::Evidence;
     // the scale's own factor moves it outside the Gaussian: held in sampling and KL
     let held;
     let mask = if marginal_scale {
@@ -254,8 +255,14 @@ pub fn global_iteration(
         residuals,
         shifts,
     } = state;
-    let (sample_cg, sample_cg_residuals, sample_cg_capped) =
-        draw_samples(model, settings, mask, x, xsig, residuals, shifts, streams)?;
+    let Draws {
+        sample_cg,
+        sample_cg_residuals,
+        sample_cg_capped,
+        determined,
+    } = draw_samples(
+        model, settings, mask, x, xsig, residuals, shifts, streams, evidence,
+    )?;
     let [map_before, _] = log_density_moments(model, x, residuals, shifts);
     let kl = Kl::new(model, residuals, shifts, mask);
     let mut p0 = x.to_vec();
@@ -279,10 +286,19 @@ pub fn global_iteration(
         step_rms: (model.dom.x.dot(&dx, &dx) / np as f64).sqrt(),
         map_z_rms: z_rms_change(model, &map_before, &map_after, &map_std),
     };
-    let scale = if marginal_scale {
-        scale::update(model, mask, x, residuals, shifts)
-    } else {
-        None
+    let scale = match determined {
+        // sums from residuals that did not converge lack the spread they read: the scale
+        // stays where it is rather than follow them
+        Some(e) if sample_cg_capped > 0 || e.capped > 0 => {
+            tracing::warn!(
+                capped = sample_cg_capped + e.capped,
+                "the scale's evidence update needs converged samples: scale held this \
+                 iteration (raise sample_cg_iterations)"
+            );
+            None
+        }
+        _ if marginal_scale => scale::update(model, mask, x, residuals, shifts, determined),
+        _ => None,
     };
     Ok(IterationReport {
         kl: newton.value,
@@ -296,8 +312,7 @@ pub fn global_iteration(
 }
 
 /// The residual pairs of one iteration at (x, ξ_σ) into `residuals` and `shifts` (geoVI
-/// only); returns each draw's CG iterations and relative residual, and how many CGs stopped
-/// at their cap above their tolerance.
+/// only), with the evidence sums when `evidence`.
 #[allow(clippy::too_many_arguments)]
 fn draw_samples(
     model: &Model,
@@ -308,7 +323,8 @@ fn draw_samples(
     residuals: &mut Vec<Vec<f64>>,
     shifts: &mut Vec<Vec<f64>>,
     streams: Streams,
-) -> Result<(Vec<usize>, Vec<f64>, usize)> {
+    evidence: bool,
+) -> Result<Draws> {
     let mut w = model.workspace();
     let st = model.state(x, xsig, &mut w)?;
     let with_sig = settings.sample_nsigma && model.infer_nsigma;
@@ -326,6 +342,10 @@ fn draw_samples(
     shifts.clear();
     let (mut sample_cg, mut sample_cg_residuals) = (Vec::new(), Vec::new());
     let mut geo = Vec::new();
+    let mut determined = match evidence {
+        true => Some(scale::Evidence::at(model, &lin, x, &cg_settings)?),
+        false => None,
+    };
     for pair in 0..settings.sample_pairs {
         crate::base::stop::check()?;
         let stream = residual_stream(streams.stage, streams.iteration, pair);
@@ -334,6 +354,9 @@ fn draw_samples(
         mask_in_place(&mut d, mask);
         sample_cg.push(rep.iterations);
         sample_cg_residuals.push(rep.rel_residual);
+        if let Some(e) = determined.as_mut() {
+            e.add_residual(model, &lin, &d, settings.sample_pairs, &cg_settings)?;
+        }
         if let SampleMode::GeoVi(gs) = &settings.mode {
             mask_in_place(&mut y, mask);
             let coords = geovi::DustCoordinates::new(model, &st, x, xsig, mask, with_sig);
@@ -357,7 +380,24 @@ fn draw_samples(
         .zip(&sample_cg_residuals)
         .filter(|(&i, &r)| i >= cg_settings.max_iter && r > cg_settings.rel_tol)
         .count();
-    Ok((sample_cg, sample_cg_residuals, capped))
+    Ok(Draws {
+        sample_cg,
+        sample_cg_residuals,
+        sample_cg_capped: capped,
+        determined,
+    })
+}
+
+/// What drawing an iteration's residuals reports.
+struct Draws {
+    /// Each draw's CG iterations.
+    sample_cg: Vec<usize>,
+    /// Each draw's relative residual.
+    sample_cg_residuals: Vec<f64>,
+    /// Draws whose CG stopped at its cap above its tolerance.
+    sample_cg_capped: usize,
+    /// The evidence sums of the scale's update, when asked for.
+    determined: Option<scale::Evidence>,
 }
 
 /// The sample mean and standard deviation of ln ρ = scale · s + offset over the samples

@@ -19,6 +19,28 @@
 //! then re-expresses the expansion point and every residual at the new scale (ξ_e · a_old /
 //! a_new), which leaves every sample's ln ρ, and so the map, unchanged: only the prior the
 //! next iteration samples and minimises under moves.
+//!
+//! That update is expectation–maximisation for the scale, and converges as slowly as EM does
+//! when most excitations are prior-dominated: each iteration moves the scale by the share
+//! of the power that the data determine (on the demo grid's prior draw a few per cent per
+//! iteration, still rising after 40). `ScaleUpdate::Evidence` (`"evidence"`) solves for the
+//! evidence's fixed point instead, reading only the directions the data determine. With the
+//! metric M = I + A at the point the residuals are drawn (A the likelihood's Fisher metric
+//! in standardized coordinates) and W = M⁻¹A, a linear-Gaussian posterior at the true scale
+//! has E[ξ̄ᵀWξ̄] = tr W² over the free excitations; at a scale a instead of a_true, in an
+//! eigendirection of A with eigenvalue λ (W's is w = λ/(1+λ)), the expectation is
+//! w² · (λ r + 1)/(1 + λ) with r = (a_true/a)²: r times tr W²'s share where the data pin
+//! the direction (λ ≫ 1), that share unchanged where they do not. So the factor above is
+//! taken with N replaced by tr W² and
+//! E_q|φ|² by a² ξ̄ᵀWξ̄: its mode has a² ← a² · ξ̄ᵀWξ̄ / tr W² without the prior, which lands
+//! on the scale at once where the data pin the field, and its Laplace spread counts the
+//! determined excitations instead of all. tr W² is estimated from each residual δ ~ N(0,
+//! M⁻¹) as (Aδ)ᵀM⁻¹(Aδ), and ξ̄ᵀWξ̄ = |ξ̄|² − ξ̄ᵀM⁻¹ξ̄ (sums over the free excitations):
+//! one more metric solve per residual and one per iteration, so the samples' CG must
+//! converge (what an unconverged residual lacks biases both). Weighting by W keeps out the
+//! directions where MGVI's mean is pushed by a one-sided likelihood (a voxel the data see
+//! only as "little dust": A ≈ 0 there), whose power the plain evidence update
+//! (ξ̄ᵀξ̄ over tr W) and EM count and then run away on.
 
 use crate::likelihood::model::Model;
 use crate::sphere::transforms::LogNormal;
@@ -32,6 +54,9 @@ pub enum ScaleUpdate {
     /// Its own factor, updated after each iteration from the samples' second moment (this
     /// module).
     Marginal,
+    /// Its own factor at the evidence's fixed point, read in the directions the data
+    /// determine (this module).
+    Evidence,
 }
 
 /// What one update of the scale's own factor found.
@@ -45,6 +70,77 @@ pub struct ScaleFactor {
     pub free: f64,
     /// mean_j |ξ_e^(j)|² / N at the old scale: 1 for a posterior with the prior's power.
     pub moment: f64,
+}
+
+/// What the data determine about the field at the point the residuals are drawn, from
+/// the metric M = I + A there (A the likelihood's Fisher metric) and W = M⁻¹A, over the
+/// free excitations: the sums the evidence update of the scale reads.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Evidence {
+    /// γ = E δᵀAδ = tr W: the number of excitations the data determine.
+    pub gamma: f64,
+    /// |ξ̄|².
+    pub power: f64,
+    /// ξ̄ᵀWξ̄: the power of the expansion point where the data determine it.
+    pub power_w: f64,
+    /// E (Aδ)ᵀM⁻¹(Aδ) = tr W²: that power's expectation at the true scale.
+    pub spread_w: f64,
+    /// Solves behind these sums that stopped at their cap above their tolerance.
+    pub capped: usize,
+}
+
+/// Whether a CG solve stopped at its cap with its tolerance unmet.
+fn capped(rep: &crate::num::cg::CgReport, cg: &crate::num::cg::CgSettings) -> usize {
+    usize::from(rep.iterations >= cg.max_iter && rep.rel_residual > cg.rel_tol)
+}
+
+impl Evidence {
+    /// Start the sums at the expansion point `x`.
+    pub fn at(
+        model: &Model,
+        lin: &impl super::sampling::Fisher,
+        x: &[f64],
+        cg: &crate::num::cg::CgSettings,
+    ) -> anyhow::Result<Self> {
+        let nxi = model.icr.n_xi();
+        let mut u = vec![0.0; lin.dim()];
+        u[..x.len()].copy_from_slice(x);
+        let mut z = vec![0.0; u.len()];
+        let rep = lin.solve(&u, &mut z, cg)?;
+        let e = |f: &(dyn Fn(usize) -> f64 + Sync)| {
+            model.dom.x.sum(|i| if i < nxi { f(i) } else { 0.0 })
+        };
+        Ok(Self {
+            power: e(&|i| u[i] * u[i]),
+            power_w: e(&|i| u[i] * (u[i] - z[i])),
+            capped: capped(&rep, cg),
+            ..Default::default()
+        })
+    }
+
+    /// Add one residual δ of `pairs` (its share of γ and of tr W²).
+    pub fn add_residual(
+        &mut self,
+        model: &Model,
+        lin: &impl super::sampling::Fisher,
+        delta: &[f64],
+        pairs: usize,
+        cg: &crate::num::cg::CgSettings,
+    ) -> anyhow::Result<()> {
+        let nxi = model.icr.n_xi();
+        let mut a = vec![0.0; delta.len()];
+        lin.metric(delta, &mut a)?;
+        a.iter_mut().zip(delta).for_each(|(ai, di)| *ai -= di);
+        let mut z = vec![0.0; a.len()];
+        self.capped += capped(&lin.solve(&a, &mut z, cg)?, cg);
+        let e = |f: &(dyn Fn(usize) -> f64 + Sync)| {
+            model.dom.x.sum(|i| if i < nxi { f(i) } else { 0.0 })
+        };
+        let w = 1.0 / pairs as f64;
+        self.gamma += w * e(&|i| delta[i] * a[i]);
+        self.spread_w += w * e(&|i| a[i] * z[i]);
+        Ok(())
+    }
 }
 
 /// Mode and curvature −f'' of f(t) = −t²/2 − N σ t − m2 e^{−2(μ+σt)}/2 (ln q(ξ_a) up to a
@@ -69,13 +165,16 @@ pub fn scale_mode(prior: &LogNormal, n: f64, m2: f64, t0: f64) -> (f64, f64) {
 
 /// Update the scale's factor from the samples of (`x`, `residuals`, `shifts`) and re-express
 /// them at the new scale (see the module docs). `mask` marks the free entries of x; ξ_a
-/// must be held (0) in it. Returns `None` when no excitation is free.
+/// must be held (0) in it. With `determined` (the sums of [`Evidence`] from this
+/// iteration's residuals) the factor is the evidence's; without, the samples' moment.
+/// Returns `None` when no excitation is free.
 pub fn update(
     model: &Model,
     mask: &[f64],
     x: &mut [f64],
     residuals: &mut [Vec<f64>],
     shifts: &mut [Vec<f64>],
+    determined: Option<Evidence>,
 ) -> Option<ScaleFactor> {
     let nxi = model.icr.n_xi();
     let layout = &model.dom.x;
@@ -98,8 +197,12 @@ pub fn update(
     }
     let moment = power / (n_samples as f64 * free);
     let before = model.scale.value(x[nxi]);
-    let m2 = before * before * moment * free;
-    let (t, curv) = scale_mode(&model.scale, free, m2, x[nxi]);
+    // the evidence's count and power both read in the directions the data determine
+    let (n, m2) = match determined {
+        Some(e) => (e.spread_w.max(1.0), before * before * e.power_w.max(0.0)),
+        None => (free, before * before * moment * free),
+    };
+    let (t, curv) = scale_mode(&model.scale, n, m2, x[nxi]);
     let scale = model.scale.value(t);
     let ratio = before / scale;
     let rescale = |v: &mut [f64]| v[..nxi].iter_mut().for_each(|e| *e *= ratio);
@@ -196,7 +299,7 @@ mod tests {
             })
             .sum::<f64>()
             / (4.0 * nxi as f64);
-        let f = update(&model, &mask, &mut x, &mut residuals, &mut shifts).unwrap();
+        let f = update(&model, &mask, &mut x, &mut residuals, &mut shifts, None).unwrap();
         assert_eq!(f.free, nxi as f64);
         assert!((f.moment - power).abs() <= 1e-12 * power);
         let a0 = model.scale.value(0.4);
@@ -233,7 +336,7 @@ mod tests {
             x[nxi] = t_now;
             let mut residuals: Vec<Vec<f64>> = (0..2).map(|_| draw(np, a_true / a_now)).collect();
             residuals.iter_mut().for_each(|d| d[nxi] = 0.0);
-            let f = update(&model, &mask, &mut x, &mut residuals, &mut []).unwrap();
+            let f = update(&model, &mask, &mut x, &mut residuals, &mut [], None).unwrap();
             let n_k = nxi as f64 * 2.0; // two antithetic pairs: two independent draws
             let tol = 4.0 / (2.0 * n_k).sqrt() + 3.0 / (2.0 * nxi as f64 * sigma);
             assert!(
@@ -257,5 +360,78 @@ mod tests {
         let n = 1e8;
         let (t, _) = scale_mode(&prior, n, 0.81 * n, 0.0);
         assert!((prior.value(t) - 0.9).abs() < 1e-6, "{}", prior.value(t));
+    }
+
+    #[test]
+    fn the_evidence_sums_estimate_the_traces_they_stand_for() {
+        // dense M = I + A at a point of the tiny model (ξ_a held, as the update holds it),
+        // W = M⁻¹A: γ and the spread are unbiased for tr_e W and tr_e W² over the
+        // excitations, the power is ξ̄ᵀWξ̄ exactly (up to the CG tolerance)
+        use crate::inference::mgvi::sampling::{draw_residual_in, Fisher, ModelAt};
+        use faer::linalg::solvers::Solve;
+        let model = crate::inference::mgvi::tests::tiny_model(300);
+        let (np, nxi) = (model.n_params(), model.icr.n_xi());
+        let mut g = crate::inference::mgvi::tests::normals(5);
+        let x = g(np, 0.3);
+        let xsig = vec![0.0; model.data.len()];
+        let st = model.state(&x, &xsig, &mut model.workspace()).unwrap();
+        let mut mask = vec![1.0; np];
+        mask[nxi] = 0.0;
+        let lin = ModelAt::new(&model, &st, &mask);
+        let mut m = faer::Mat::<f64>::zeros(np, np);
+        let (mut e, mut col) = (vec![0.0; np], vec![0.0; np]);
+        for j in 0..np {
+            e[j] = 1.0;
+            lin.metric(&e, &mut col).unwrap();
+            e[j] = 0.0;
+            (0..np).for_each(|i| m[(i, j)] = col[i]);
+        }
+        let minv = m
+            .llt(faer::Side::Lower)
+            .unwrap()
+            .solve(faer::Mat::<f64>::identity(np, np));
+        let w = &minv * (&m - faer::Mat::<f64>::identity(np, np));
+        let w2 = &w * &w;
+        let tr_w: f64 = (0..nxi).map(|i| w[(i, i)]).sum();
+        let tr_w2: f64 = (0..nxi).map(|i| w2[(i, i)]).sum();
+        let power_w: f64 = (0..nxi)
+            .map(|i| x[i] * (0..np).map(|j| w[(i, j)] * x[j]).sum::<f64>())
+            .sum();
+        assert!(
+            tr_w > 5.0 && tr_w2 < tr_w && tr_w < nxi as f64,
+            "{tr_w} {tr_w2}"
+        );
+        let cg = crate::num::cg::CgSettings {
+            rel_tol: 1e-9,
+            max_iter: 3000,
+            ..Default::default()
+        };
+        let at = Evidence::at(&model, &lin, &x, &cg).unwrap();
+        assert!(
+            (at.power_w - power_w).abs() <= 1e-6 * power_w,
+            "{} vs {power_w}",
+            at.power_w
+        );
+        let draws = 60;
+        let (mut gam, mut spr) = (Vec::new(), Vec::new());
+        for k in 0..draws {
+            let (mut d, rep, _) = draw_residual_in(&lin, 11, k, &cg).unwrap();
+            assert!(rep.rel_residual <= 1e-9, "{rep:?}");
+            d[nxi] = 0.0;
+            let mut one = Evidence::default();
+            one.add_residual(&model, &lin, &d, 1, &cg).unwrap();
+            gam.push(one.gamma);
+            spr.push(one.spread_w);
+        }
+        for (name, v, want) in [("gamma", &gam, tr_w), ("spread", &spr, tr_w2)] {
+            let mean = v.iter().sum::<f64>() / draws as f64;
+            let sd =
+                (v.iter().map(|a| (a - mean).powi(2)).sum::<f64>() / (draws as f64 - 1.0)).sqrt();
+            let tol = 4.0 * sd / (draws as f64).sqrt();
+            assert!(
+                (mean - want).abs() <= tol,
+                "{name}: {mean} vs {want} (tolerance {tol})"
+            );
+        }
     }
 }
