@@ -181,7 +181,8 @@ pub struct IterationReport {
     pub newton: NewtonReport,
     /// How far the iteration moved the posterior (convergence measures).
     pub change: Change,
-    /// The update of the scale's own factor (`ScaleUpdate::Marginal`).
+    /// The update of the scale's own factor (`ScaleUpdate::Marginal` or `Evidence`; `None`
+    /// where an evidence update was refused for unconverged solves).
     pub scale: Option<ScaleFactor>,
 }
 
@@ -237,11 +238,11 @@ pub fn global_iteration(
     state: &mut MgviState,
     streams: Streams,
 ) -> Result<IterationReport> {
-    let marginal_scale = settings.scale_update != ScaleUpdate::Joint;
+    let own_factor = settings.scale_update != ScaleUpdate::Joint;
     let evidence = settings.scale_update == ScaleUpdate::Evidence;
     // the scale's own factor moves it outside the Gaussian: held in sampling and KL
     let held;
-    let mask = if marginal_scale {
+    let mask = if own_factor {
         let mut m = mask.to_vec();
         m[model.icr.n_xi()] = 0.0;
         held = m;
@@ -297,7 +298,7 @@ pub fn global_iteration(
             );
             None
         }
-        _ if marginal_scale => scale::update(model, mask, x, residuals, shifts, determined),
+        _ if own_factor => scale::update(model, mask, x, residuals, shifts, determined),
         _ => None,
     };
     Ok(IterationReport {
@@ -342,9 +343,10 @@ fn draw_samples(
     shifts.clear();
     let (mut sample_cg, mut sample_cg_residuals) = (Vec::new(), Vec::new());
     let mut geo = Vec::new();
-    let mut determined = match evidence {
-        true => Some(scale::Evidence::at(model, &lin, x, &cg_settings)?),
-        false => None,
+    let mut determined = if evidence {
+        Some(scale::Evidence::at(model, &lin, x, &cg_settings)?)
+    } else {
+        None
     };
     for pair in 0..settings.sample_pairs {
         crate::base::stop::check()?;
