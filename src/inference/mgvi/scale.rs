@@ -31,8 +31,8 @@
 //! eigendirection of A with eigenvalue λ (W's is w = λ/(1+λ)), the expectation is
 //! w² · (λ r + 1)/(1 + λ) with r = (a_true/a)²: r times tr W²'s share where the data pin
 //! the direction (λ ≫ 1), that share unchanged where they do not. So the factor above is
-//! taken with N replaced by tr W² and
-//! E_q|φ|² by a² ξ̄ᵀWξ̄: its mode has a² ← a² · ξ̄ᵀWξ̄ / tr W² without the prior, which lands
+//! taken with N replaced by tr W² and E_q|φ|² by a² ξ̄ᵀWξ̄: its mode has
+//! a² ← a² · ξ̄ᵀWξ̄ / tr W² without the prior, which lands
 //! on the scale at once where the data pin the field, and its Laplace spread counts the
 //! determined excitations instead of all. tr W² is estimated from each residual δ ~ N(0,
 //! M⁻¹) as (Aδ)ᵀM⁻¹(Aδ), and ξ̄ᵀWξ̄ = |ξ̄|² − ξ̄ᵀM⁻¹ξ̄ (sums over the free excitations):
@@ -89,6 +89,12 @@ pub struct Evidence {
     pub capped: usize,
 }
 
+/// Σ f(i) over this rank's excitations, summed over all ranks.
+fn excitation_sum(model: &Model, f: &(dyn Fn(usize) -> f64 + Sync)) -> f64 {
+    let nxi = model.icr.n_xi();
+    model.dom.x.sum(|i| if i < nxi { f(i) } else { 0.0 })
+}
+
 /// Whether a CG solve stopped at its cap with its tolerance unmet.
 fn capped(rep: &crate::num::cg::CgReport, cg: &crate::num::cg::CgSettings) -> usize {
     usize::from(rep.iterations >= cg.max_iter && rep.rel_residual > cg.rel_tol)
@@ -102,17 +108,13 @@ impl Evidence {
         x: &[f64],
         cg: &crate::num::cg::CgSettings,
     ) -> anyhow::Result<Self> {
-        let nxi = model.icr.n_xi();
         let mut u = vec![0.0; lin.dim()];
         u[..x.len()].copy_from_slice(x);
         let mut z = vec![0.0; u.len()];
         let rep = lin.solve(&u, &mut z, cg)?;
-        let e = |f: &(dyn Fn(usize) -> f64 + Sync)| {
-            model.dom.x.sum(|i| if i < nxi { f(i) } else { 0.0 })
-        };
         Ok(Self {
-            power: e(&|i| u[i] * u[i]),
-            power_w: e(&|i| u[i] * (u[i] - z[i])),
+            power: excitation_sum(model, &|i| u[i] * u[i]),
+            power_w: excitation_sum(model, &|i| u[i] * (u[i] - z[i])),
             capped: capped(&rep, cg),
             ..Default::default()
         })
@@ -127,18 +129,14 @@ impl Evidence {
         pairs: usize,
         cg: &crate::num::cg::CgSettings,
     ) -> anyhow::Result<()> {
-        let nxi = model.icr.n_xi();
         let mut a = vec![0.0; delta.len()];
         lin.metric(delta, &mut a)?;
         a.iter_mut().zip(delta).for_each(|(ai, di)| *ai -= di);
         let mut z = vec![0.0; a.len()];
         self.capped += capped(&lin.solve(&a, &mut z, cg)?, cg);
-        let e = |f: &(dyn Fn(usize) -> f64 + Sync)| {
-            model.dom.x.sum(|i| if i < nxi { f(i) } else { 0.0 })
-        };
         let w = 1.0 / pairs as f64;
-        self.gamma += w * e(&|i| delta[i] * a[i]);
-        self.spread_w += w * e(&|i| a[i] * z[i]);
+        self.gamma += w * excitation_sum(model, &|i| delta[i] * a[i]);
+        self.spread_w += w * excitation_sum(model, &|i| a[i] * z[i]);
         Ok(())
     }
 }
@@ -202,6 +200,15 @@ pub fn update(
         Some(e) => (e.spread_w.max(1.0), before * before * e.power_w.max(0.0)),
         None => (free, before * before * moment * free),
     };
+    if let Some(e) = determined {
+        tracing::debug!(
+            gamma = e.gamma,
+            power = e.power,
+            power_w = e.power_w,
+            trace_w2 = e.spread_w,
+            "the scale's evidence sums"
+        );
+    }
     let (t, curv) = scale_mode(&model.scale, n, m2, x[nxi]);
     let scale = model.scale.value(t);
     let ratio = before / scale;
