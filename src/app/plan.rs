@@ -463,12 +463,17 @@ fn stage_counts(stage: &StageConfig) -> (f64, f64, f64, f64) {
 }
 
 /// ICR forward+adjoint pairs and star passes of one global iteration at the stage's caps
-/// (about 2 value+gradient evaluations per Newton step, line search included).
+/// (about 2 value+gradient evaluations per Newton step, line search included; the scale's
+/// evidence update solves with the metric once more per pair and once per iteration).
 fn stage_work(stage: &StageConfig) -> (f64, f64) {
     let (n, cs, sn, cn) = stage_counts(stage);
+    let solves = match stage.scale_update {
+        crate::app::config::ScaleUpdateName::Evidence => 2.0 * n + 1.0,
+        _ => n,
+    };
     (
-        n * (1.0 + cs) + sn * (2.0 * 2.0 * n + cn),
-        n * (1.0 + 2.0 * cs) + sn * (2.0 * 2.0 * n + cn * 4.0 * n),
+        solves * (1.0 + cs) + sn * (2.0 * 2.0 * n + cn),
+        solves * (1.0 + 2.0 * cs) + sn * (2.0 * 2.0 * n + cn * 4.0 * n),
     )
 }
 
@@ -538,6 +543,22 @@ fn stage_lines(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_evidence_update_adds_a_solve_per_pair_and_one_per_iteration() {
+        let joint = StageConfig {
+            sample_pairs: 4,
+            sample_cg_iterations: 100,
+            ..Default::default()
+        };
+        let evidence = StageConfig {
+            scale_update: crate::app::config::ScaleUpdateName::Evidence,
+            ..joint.clone()
+        };
+        let (a, b) = (stage_work(&joint), stage_work(&evidence));
+        assert_eq!(b.0 - a.0, 5.0 * 101.0);
+        assert_eq!(b.1 - a.1, 5.0 * 201.0);
+    }
 
     #[test]
     fn the_papers_problem_fits_16_gb_per_rank_on_64_ranks() {
