@@ -4,7 +4,7 @@
 //! decreasing) weighs it by ∝ t⁻⁴ (t = 1/d), and the window's probabilities and within-shell
 //! moments are then integrated numerically over the parallax (docs/model.md).
 
-use super::response::{extended_bin, Windows, F_SCALE, GL5, H_SCALE};
+use super::response::{extended_bin, quantised, Windows, GL5};
 use crate::sphere::grid::Shells;
 
 /// Half-width, in parallax errors, of the parallax range a window with a distance prior
@@ -228,14 +228,9 @@ fn prior_window(edges: &[f64], n: usize, (w, s): (f64, f64), prior: &DistancePri
     }
     let total: f64 = sums.iter().map(|m| m[0]).sum();
     // sums of (1, x, x²) become (probability, mean position, position variance) in place
-    for m in sums.iter_mut() {
-        let f = if m[0] > 0.0 { m[1] / m[0] } else { 0.0 };
-        let v = if m[0] > 0.0 {
-            (m[2] / m[0] - f * f).max(0.0)
-        } else {
-            0.0
-        };
-        *m = [m[0] / total, f, v];
+    for m in sums.iter_mut().filter(|m| m[0] > 0.0) {
+        let f = m[1] / m[0];
+        *m = [m[0] / total, f, (m[2] / m[0] - f * f).max(0.0)];
     }
     let mut bins = sums;
     let (lo, hi) = kept_bins(&bins);
@@ -291,8 +286,7 @@ fn fill_with_prior(
     debug_assert_eq!((win.first, win.first + win.bins.len() - 1), (e_lo, e_hi));
     for (j, b) in win.bins.iter().enumerate() {
         prob[j] = b[0] as f32;
-        frac[j] = (b[1] / F_SCALE).round().clamp(0.0, 65535.0) as u16;
-        spread[j] = (b[2] / H_SCALE).round().clamp(0.0, 65535.0) as u16;
+        (frac[j], spread[j]) = quantised(b[1], b[2]);
     }
 }
 
@@ -302,7 +296,7 @@ mod tests {
     use rand_distr::StandardNormal;
 
     use super::*;
-    use crate::likelihood::response::Windows;
+    use crate::likelihood::response::{Windows, F_SCALE, H_SCALE};
     use crate::sphere::grid::Shells;
     use crate::sphere::transforms::norm_pdf;
 

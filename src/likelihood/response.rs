@@ -61,6 +61,15 @@ pub(super) const F_SCALE: f64 = 1.0 / 65535.0;
 /// Scale of the quantised position variance.
 pub(super) const H_SCALE: f64 = 1.0 / (4.0 * 65535.0);
 
+/// A bin's mean fractional position and position variance as stored (u16 on
+/// [`F_SCALE`] and [`H_SCALE`]).
+pub(super) fn quantised(frac: f64, spread: f64) -> (u16, u16) {
+    (
+        (frac / F_SCALE).round().clamp(0.0, 65535.0) as u16,
+        (spread / H_SCALE).round().clamp(0.0, 65535.0) as u16,
+    )
+}
+
 /// sf(r) = P(d > r) for parallax ω ± σ (mas), r in pc; and its complement, both accurate.
 fn tail_probs(r_pc: f64, parallax: f64, err: f64) -> (f64, f64) {
     if r_pc.is_infinite() {
@@ -139,16 +148,9 @@ impl Windows {
     /// parallax), computed in parallel (order of `parallax`); other priors:
     /// [`Windows::with_prior`].
     pub fn new(shells: &Shells, parallax_mas: &[f64], error_mas: &[f64]) -> Self {
-        Self::build(shells, parallax_mas, error_mas, &Self::range, &|w,
-                                                                     s,
-                                                                     r,
-                                                                     (
-            p,
-            f,
-            h,
-        )| {
-            Self::fill(&shells.edges_pc, shells.len(), w, s, r, p, f, h)
-        })
+        let (edges, n) = (&shells.edges_pc, shells.len());
+        let fill: &WindowFill = &|w, s, r, (p, f, h)| Self::fill(edges, n, w, s, r, p, f, h);
+        Self::build(shells, parallax_mas, error_mas, &Self::range, fill)
     }
 
     /// Windows from each star's extended-bin range `range(edges, ω, σ)` and a `fill` of its
@@ -258,8 +260,7 @@ impl Windows {
             } else {
                 position_moments(lower(e), upper(e), w, s)
             };
-            frac[j] = (f as f64 / F_SCALE).round().clamp(0.0, 65535.0) as u16;
-            spread[j] = (h as f64 / H_SCALE).round().clamp(0.0, 65535.0) as u16;
+            (frac[j], spread[j]) = quantised(f as f64, h as f64);
         }
     }
 
