@@ -411,11 +411,11 @@ fn traffic_and_time(
     let gb = |b: f64| b / 1e9;
     let last = cfg.inference.stage.last().cloned().unwrap_or_default();
     let (n, cs, sn, cn) = stage_counts(&last);
-    let icr_pairs = stage_work(&last).0;
+    let icr_pairs = stage_work(&last, cfg.noise.sample_nsigma).0;
     let sums = 2.0 * (n * cs + sn * cn) + sn * 2.0 * 2.0 * n * 4.0 + sn * cn * 2.0 * n;
     let sum_bytes = 8.0 * 2.0 * f.patches as f64 * (opts.ranks as f64 - 1.0);
-    let t_iter =
-        iteration_seconds(&last, f, win_bytes, (t_vox, t_entry)) / opts.threads_per_rank as f64;
+    let t_iter = iteration_seconds(cfg, &last, f, win_bytes, (t_vox, t_entry))
+        / opts.threads_per_rank as f64;
     writeln!(s, "communication per rank:")?;
     writeln!(
         s,
@@ -464,11 +464,13 @@ fn stage_counts(stage: &StageConfig) -> (f64, f64, f64, f64) {
 
 /// ICR forward+adjoint pairs and star passes of one global iteration at the stage's caps
 /// (about 2 value+gradient evaluations per Newton step, line search included; the scale's
-/// evidence update solves with the metric once more per pair and once per iteration).
-fn stage_work(stage: &StageConfig) -> (f64, f64) {
+/// evidence update solves with the metric once more per iteration, and once more per pair
+/// when n_σ is sampled, `sample_nsigma`).
+fn stage_work(stage: &StageConfig, sample_nsigma: bool) -> (f64, f64) {
     let (n, cs, sn, cn) = stage_counts(stage);
-    let solves = match stage.scale_update {
-        crate::app::config::ScaleUpdateName::Evidence => 2.0 * n + 1.0,
+    let solves = match (stage.scale_update, sample_nsigma) {
+        (crate::app::config::ScaleUpdateName::Evidence, false) => n + 1.0,
+        (crate::app::config::ScaleUpdateName::Evidence, true) => 2.0 * n + 1.0,
         _ => n,
     };
     (
@@ -480,12 +482,13 @@ fn stage_work(stage: &StageConfig) -> (f64, f64) {
 /// Seconds of one global iteration of `stage` on one thread for rank figures `f`, at the
 /// stage's CG caps.
 fn iteration_seconds(
+    cfg: &Config,
     stage: &StageConfig,
     f: &RankFigures,
     win_bytes: f64,
     speeds: (f64, f64),
 ) -> f64 {
-    let (icr_pairs, star_passes) = stage_work(stage);
+    let (icr_pairs, star_passes) = stage_work(stage, cfg.noise.sample_nsigma);
     let entries = f.stars * (win_bytes - 12.0) / 8.0;
     icr_pairs * speeds.0 * f.voxels as f64 + star_passes * speeds.1 * entries
 }
@@ -523,7 +526,7 @@ fn stage_lines(
         let (kept, win_bytes) = stage_windows(cfg, &c, sc);
         let stars = opts.stars * share * kept * sc.star_fraction;
         let f = rank_figures(cfg, &c, &d, &geoms, (stars, win_bytes), sc.sample_pairs);
-        let t = iteration_seconds(sc, &f, win_bytes, speeds) / opts.threads_per_rank as f64;
+        let t = iteration_seconds(cfg, sc, &f, win_bytes, speeds) / opts.threads_per_rank as f64;
         writeln!(
             s,
             "  stage {i}: {k} levels, nside {} x {} shells, {:.3e} voxels, {:.3e} stars, {:.2} GB, \
@@ -545,7 +548,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_evidence_update_adds_a_solve_per_pair_and_one_per_iteration() {
+    fn the_evidence_update_adds_a_solve_per_iteration_and_per_pair_with_nsigma_sampled() {
         let joint = StageConfig {
             sample_pairs: 4,
             sample_cg_iterations: 100,
@@ -555,7 +558,10 @@ mod tests {
             scale_update: crate::app::config::ScaleUpdateName::Evidence,
             ..joint.clone()
         };
-        let (a, b) = (stage_work(&joint), stage_work(&evidence));
+        let (a, b) = (stage_work(&joint, false), stage_work(&evidence, false));
+        assert_eq!(b.0 - a.0, 101.0);
+        assert_eq!(b.1 - a.1, 201.0);
+        let (a, b) = (stage_work(&joint, true), stage_work(&evidence, true));
         assert_eq!(b.0 - a.0, 5.0 * 101.0);
         assert_eq!(b.1 - a.1, 5.0 * 201.0);
     }

@@ -2,6 +2,12 @@
 //! metric), with relative-residual and energy-change stopping, an iteration cap and
 //! periodic recomputation of the residual. Dot products are summed in a fixed order, so the
 //! iterates do not depend on the thread count.
+//!
+//! CG is the Lanczos process in disguise: its step lengths α and ratios β define the
+//! tridiagonal T_k of A on the Krylov space of b, and bᵀf(A)b ≈ |b|² e₁ᵀf(T_k)e₁ (Gauss
+//! quadrature; Golub and Meurant, *Matrices, Moments and Quadrature*). Every solve reports
+//! this for f(λ) = λ⁻¹, λ⁻², λ⁻³ at no extra operator application, so a caller that needs
+//! bᵀA⁻²b or bᵀA⁻³b for the b it solved with does not solve again.
 
 use crate::sphere::decomp::{Serial, Space};
 
@@ -37,6 +43,9 @@ pub struct CgReport {
     pub iterations: usize,
     /// Final |r| / |b|.
     pub rel_residual: f64,
+    /// Gauss-quadrature estimates of bᵀA⁻¹b, bᵀA⁻²b and bᵀA⁻³b from the iterations done
+    /// (exact once the Krylov space holds A⁻¹b; the first equals bᵀx for a zero start).
+    pub inverse_moments: [f64; 3],
 }
 
 /// The vector operations CG needs, so the same iteration runs on host vectors and on
@@ -163,6 +172,7 @@ pub fn solve_in<S: CgSpace>(
         return CgReport {
             iterations: 0,
             rel_residual: 0.0,
+            inverse_moments: [0.0; 3],
         };
     }
     let mut ap = space.clone_of(b);
@@ -173,6 +183,8 @@ pub fn solve_in<S: CgSpace>(
     let mut rr = space.dot(&r, &r);
     let mut total_decrease = 0.0;
     let mut it = 0;
+    // the Lanczos coefficients of the iterations done
+    let (mut alphas, mut betas) = (Vec::new(), Vec::new());
     while it < s.max_iter && rr.sqrt() > s.rel_tol * bnorm {
         apply(&p, &mut ap);
         let pap = space.dot(&p, &ap);
@@ -181,6 +193,7 @@ pub fn solve_in<S: CgSpace>(
         }
         let alpha = rr / pap;
         space.axpy(alpha, &p, x);
+        alphas.push(alpha);
         it += 1;
         // energy decrease of this step: ½ α² pᵀAp = ½ α rr
         let dec = 0.5 * alpha * rr;
@@ -197,13 +210,63 @@ pub fn solve_in<S: CgSpace>(
             break;
         }
         let beta = rr_new / rr;
+        betas.push(beta);
         space.xpay(&r, beta, &mut p);
         rr = rr_new;
     }
+    let m = lanczos_inverse_moments(&alphas, &betas);
     CgReport {
         iterations: it,
         rel_residual: rr.sqrt() / bnorm,
+        inverse_moments: m.map(|v| v * bnorm * bnorm),
     }
+}
+
+/// e₁ᵀT⁻ᵖe₁ for p = 1, 2, 3, with T the Lanczos tridiagonal of CG's step lengths `alphas`
+/// and residual ratios `betas` (T₀₀ = 1/α₀, Tⱼⱼ = 1/αⱼ + βⱼ₋₁/αⱼ₋₁, Tⱼ,ⱼ₊₁ = √βⱼ/αⱼ; the
+/// off-diagonal's sign does not change these forms). T is positive definite when A is, so
+/// its tridiagonal solves need no pivoting.
+fn lanczos_inverse_moments(alphas: &[f64], betas: &[f64]) -> [f64; 3] {
+    let k = alphas.len();
+    if k == 0 {
+        return [0.0; 3];
+    }
+    let diag: Vec<f64> = (0..k)
+        .map(|j| {
+            1.0 / alphas[j]
+                + if j > 0 {
+                    betas[j - 1] / alphas[j - 1]
+                } else {
+                    0.0
+                }
+        })
+        .collect();
+    let off: Vec<f64> = (0..k - 1).map(|j| betas[j].sqrt() / alphas[j]).collect();
+    let mut e1 = vec![0.0; k];
+    e1[0] = 1.0;
+    let u = tridiagonal_solve(&diag, &off, &e1);
+    let w = tridiagonal_solve(&diag, &off, &u);
+    let uu: f64 = u.iter().map(|v| v * v).sum();
+    let uw: f64 = u.iter().zip(&w).map(|(a, b)| a * b).sum();
+    [u[0], uu, uw]
+}
+
+/// x solving T x = rhs for the symmetric tridiagonal T (diagonal `diag`, off-diagonal `off`),
+/// by elimination without pivoting (T positive definite).
+fn tridiagonal_solve(diag: &[f64], off: &[f64], rhs: &[f64]) -> Vec<f64> {
+    let k = diag.len();
+    let (mut c, mut x) = (vec![0.0; k], rhs.to_vec());
+    let mut piv = diag[0];
+    x[0] /= piv;
+    for j in 1..k {
+        c[j - 1] = off[j - 1] / piv;
+        piv = diag[j] - off[j - 1] * c[j - 1];
+        x[j] = (x[j] - off[j - 1] * x[j - 1]) / piv;
+    }
+    for j in (0..k - 1).rev() {
+        x[j] -= c[j] * x[j + 1];
+    }
+    x
 }
 
 #[cfg(test)]
@@ -253,5 +316,64 @@ mod tests {
         assert!(err < 1e-10, "residual {err}, {rep:?}");
         // rank-5 update of I: CG converges in at most 6 iterations in exact arithmetic
         assert!(rep.iterations <= 12, "{rep:?}");
+    }
+
+    #[test]
+    fn the_reported_inverse_moments_are_those_of_the_solved_right_hand_side() {
+        // A = diag(1 + 40 (i/n)²) + a rank-3 term: SPD with a spread spectrum, so that CG
+        // needs many iterations and its quadrature is not trivially exact
+        let n = 80;
+        let vs: Vec<Vec<f64>> = (0..3)
+            .map(|k| {
+                (0..n)
+                    .map(|i| ((i * (k + 2)) as f64 * 0.53).cos() * 2.0)
+                    .collect()
+            })
+            .collect();
+        let apply = |x: &[f64], out: &mut [f64]| {
+            for i in 0..n {
+                out[i] = (1.0 + 40.0 * (i as f64 / n as f64).powi(2)) * x[i];
+            }
+            for v in &vs {
+                let d: f64 = v.iter().zip(x).map(|(a, b)| a * b).sum();
+                out.iter_mut().zip(v).for_each(|(o, vi)| *o += d * vi);
+            }
+        };
+        let b: Vec<f64> = (0..n).map(|i| (i as f64 * 0.7).sin() + 0.3).collect();
+        let tight = CgSettings {
+            rel_tol: 1e-13,
+            max_iter: 1000,
+            ..Default::default()
+        };
+        let solve_from_zero = |rhs: &[f64]| {
+            let mut x = vec![0.0; n];
+            let rep = solve(apply, rhs, &mut x, &tight);
+            (x, rep)
+        };
+        let (x, rep) = solve_from_zero(&b);
+        let (y, _) = solve_from_zero(&x);
+        let dot = |a: &[f64], c: &[f64]| a.iter().zip(c).map(|(p, q)| p * q).sum::<f64>();
+        let exact = [dot(&b, &x), dot(&x, &x), dot(&x, &y)];
+        for (got, want) in rep.inverse_moments.iter().zip(exact) {
+            assert!(
+                (got - want).abs() <= 1e-9 * want,
+                "{:?} vs {exact:?}",
+                rep.inverse_moments
+            );
+        }
+        // stopped early, the first moment is still bᵀx of the iterate (a zero start)
+        let mut x5 = vec![0.0; n];
+        let loose = CgSettings {
+            max_iter: 5,
+            ..tight
+        };
+        let rep5 = solve(apply, &b, &mut x5, &loose);
+        assert_eq!(rep5.iterations, 5);
+        let m1 = dot(&b, &x5);
+        assert!(
+            (rep5.inverse_moments[0] - m1).abs() <= 1e-10 * m1,
+            "{rep5:?} vs {m1}"
+        );
+        assert!(rep5.inverse_moments[1] < exact[1] && rep5.inverse_moments[2] < exact[2]);
     }
 }

@@ -280,7 +280,7 @@ pub struct StageConfig {
     /// Number of antithetic sample pairs.
     pub sample_pairs: usize,
     /// Cap of global MGVI iterations in this stage; it ends earlier once an iteration meets
-    /// `kl_rtol`, `step_tol` and `map_tol`.
+    /// `kl_rtol`, `step_tol`, `map_tol` and `scale_tol`.
     pub iterations: usize,
     /// Cap of conjugate-gradient iterations when drawing a sample.
     pub sample_cg_iterations: usize,
@@ -302,6 +302,10 @@ pub struct StageConfig {
     /// `iterations`). The defaults stop a stage once an iteration moves the map by less
     /// than the sampling noise of 2 pairs (about 0.6–1 σ per iteration on the demo).
     pub map_tol: f64,
+    /// With the scale in its own factor (`scale_update` "marginal" or "evidence"), the stage
+    /// also waits until an update moves the scale by at most this many of its standard
+    /// deviations (0: always run `iterations`).
+    pub scale_tol: f64,
     /// How samples are drawn: "mgvi" (linear residuals, the paper's choice) or "geovi"
     /// (each refined by solving geoVI's coordinate equation).
     pub sample_mode: SampleModeName,
@@ -312,7 +316,7 @@ pub struct StageConfig {
     /// as in the paper; biased low), "marginal" (its own variational factor, updated from
     /// the samples' second moment after each iteration) or "evidence" (that factor at the
     /// evidence's fixed point in the directions the data determine; one more metric solve
-    /// per residual, and the samples' CG must converge).
+    /// per iteration, and the samples' CG must converge).
     pub scale_update: ScaleUpdateName,
     /// Whether each star's variance includes the spread of its extinction over its distance
     /// uncertainty (σ_a²). `false` in the first stages fits the columns before the distance
@@ -349,6 +353,7 @@ impl Default for StageConfig {
             kl_rtol: 1e-2,
             step_tol: 0.1,
             map_tol: 1.0,
+            scale_tol: 0.5,
             sample_mode: SampleModeName::Mgvi,
             geovi_newton_steps: 5,
             scale_update: ScaleUpdateName::default(),
@@ -364,6 +369,7 @@ impl StageConfig {
             kl_rtol: self.kl_rtol,
             step_tol: self.step_tol,
             map_tol: self.map_tol,
+            scale_tol: self.scale_tol,
         }
     }
 

@@ -346,6 +346,7 @@ impl Config {
                 ("kl_rtol", s.kl_rtol),
                 ("step_tol", s.step_tol),
                 ("map_tol", s.map_tol),
+                ("scale_tol", s.scale_tol),
             ] {
                 if !(v >= 0.0 && v.is_finite()) {
                     return Err(invalid(

@@ -199,10 +199,14 @@ pub struct Change {
     /// RMS over the kept voxels of the change of the sample mean of ln ρ, in units of the
     /// samples' standard deviation of ln ρ at the voxel.
     pub map_z_rms: f64,
+    /// How far the scale's own factor moved its mode, in units of its reported standard
+    /// deviation (0 when the scale is joint with the map; infinite when an evidence update
+    /// was refused, so that such an iteration never ends a stage).
+    pub scale_z: f64,
 }
 
-/// When a stage may end before its iteration cap: all three [`Change`] measures of an
-/// iteration at or below their tolerance (a tolerance of 0 never ends a stage).
+/// When a stage may end before its iteration cap: every [`Change`] measure of an iteration
+/// at or below its tolerance (a tolerance of 0 never ends a stage).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Convergence {
     /// Tolerance of [`Change::kl_relative`].
@@ -211,16 +215,19 @@ pub struct Convergence {
     pub step_tol: f64,
     /// Tolerance of [`Change::map_z_rms`], in posterior standard deviations.
     pub map_tol: f64,
+    /// Tolerance of [`Change::scale_z`], in the scale's standard deviations.
+    pub scale_tol: f64,
 }
 
 impl Convergence {
     /// Whether `c` meets every tolerance (never when a tolerance is 0).
     pub fn met_by(&self, c: &Change) -> bool {
-        let tol = [self.kl_rtol, self.step_tol, self.map_tol];
+        let tol = [self.kl_rtol, self.step_tol, self.map_tol, self.scale_tol];
         tol.iter().all(|&t| t > 0.0)
             && c.kl_relative <= self.kl_rtol
             && c.step_rms <= self.step_tol
             && c.map_z_rms <= self.map_tol
+            && c.scale_z <= self.scale_tol
     }
 }
 
@@ -282,10 +289,11 @@ pub fn global_iteration(
     x.copy_from_slice(&p[..np]);
     xsig.copy_from_slice(&p[np..]);
     let [map_after, map_std] = log_density_moments(model, x, residuals, shifts);
-    let change = Change {
+    let mut change = Change {
         kl_relative: (newton.value - newton.initial_value).abs() / newton.value.abs().max(1.0),
         step_rms: (model.dom.x.dot(&dx, &dx) / np as f64).sqrt(),
         map_z_rms: z_rms_change(model, &map_before, &map_after, &map_std),
+        scale_z: 0.0,
     };
     let scale = match determined {
         // sums from residuals that did not converge lack the spread they read: the scale
@@ -301,6 +309,9 @@ pub fn global_iteration(
         _ if own_factor => scale::update(model, mask, x, residuals, shifts, determined),
         _ => None,
     };
+    if own_factor {
+        change.scale_z = scale.map_or(f64::INFINITY, |f| (f.scale - f.previous).abs() / f.std);
+    }
     Ok(IterationReport {
         kl: newton.value,
         sample_cg,
@@ -357,7 +368,7 @@ fn draw_samples(
         sample_cg.push(rep.iterations);
         sample_cg_residuals.push(rep.rel_residual);
         if let Some(e) = determined.as_mut() {
-            e.add_residual(model, &lin, &d, settings.sample_pairs, &cg_settings)?;
+            e.add_residual(model, &lin, &d, &rep, settings.sample_pairs, &cg_settings)?;
         }
         if let SampleMode::GeoVi(gs) = &settings.mode {
             mask_in_place(&mut y, mask);
@@ -477,11 +488,13 @@ mod convergence_tests {
             kl_rtol: 1e-2,
             step_tol: 0.1,
             map_tol: 1.0,
+            scale_tol: 1.0,
         };
         let ok = Change {
             kl_relative: 5e-3,
             step_rms: 0.05,
             map_z_rms: 0.8,
+            scale_z: 0.5,
         };
         assert!(tol.met_by(&ok));
         for bad in [
@@ -495,6 +508,10 @@ mod convergence_tests {
             },
             Change {
                 map_z_rms: 1.5,
+                ..ok
+            },
+            Change {
+                scale_z: f64::INFINITY,
                 ..ok
             },
         ] {

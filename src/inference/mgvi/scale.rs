@@ -35,14 +35,17 @@
 //! a² ← a² · ξ̄ᵀWξ̄ / tr W² without the prior, which lands
 //! on the scale at once where the data pin the field, and its Laplace spread counts the
 //! determined excitations instead of all. tr W² is estimated from each residual δ ~ N(0,
-//! M⁻¹) as (Aδ)ᵀM⁻¹(Aδ), and ξ̄ᵀWξ̄ = |ξ̄|² − ξ̄ᵀM⁻¹ξ̄ (sums over the free excitations):
-//! one more metric solve per residual and one per iteration, so the samples' CG must
-//! converge (what an unconverged residual lacks biases both). Weighting by W keeps out the
+//! M⁻¹) as (Aδ)ᵀM⁻¹(Aδ): with M δ = y, Aδ = y − δ and the form is yᵀ(M⁻¹ − 2M⁻² + M⁻³)y,
+//! which the sampling CG's own Lanczos quadrature gives at no further solve (over every
+//! free coordinate, so the offset adds its one determined direction); ξ̄ᵀWξ̄ = |ξ̄|² −
+//! ξ̄ᵀM⁻¹ξ̄ over the free excitations costs one metric solve per iteration. The samples' CG
+//! must converge: what an unconverged residual lacks biases both. Weighting by W keeps out the
 //! directions where MGVI's mean is pushed by a one-sided likelihood (a voxel the data see
 //! only as "little dust": A ≈ 0 there), whose power the plain evidence update
 //! (ξ̄ᵀξ̄ over tr W) and EM count and then run away on.
 
 use crate::likelihood::model::Model;
+use crate::num::cg::{CgReport, CgSettings};
 use crate::sphere::transforms::LogNormal;
 
 /// How the field's scale is inferred.
@@ -64,6 +67,8 @@ pub enum ScaleUpdate {
 pub struct ScaleFactor {
     /// Mode of q(ξ_a), as the scale.
     pub scale: f64,
+    /// The scale before this update.
+    pub previous: f64,
     /// Standard deviation of the scale under the Laplace approximation of q(ξ_a).
     pub std: f64,
     /// Free excitations N.
@@ -96,7 +101,7 @@ fn excitation_sum(model: &Model, f: &(dyn Fn(usize) -> f64 + Sync)) -> f64 {
 }
 
 /// Whether a CG solve stopped at its cap with its tolerance unmet.
-fn capped(rep: &crate::num::cg::CgReport, cg: &crate::num::cg::CgSettings) -> usize {
+fn capped(rep: &CgReport, cg: &CgSettings) -> usize {
     usize::from(rep.iterations >= cg.max_iter && rep.rel_residual > cg.rel_tol)
 }
 
@@ -106,7 +111,7 @@ impl Evidence {
         model: &Model,
         lin: &impl super::sampling::Fisher,
         x: &[f64],
-        cg: &crate::num::cg::CgSettings,
+        cg: &CgSettings,
     ) -> anyhow::Result<Self> {
         let mut u = vec![0.0; lin.dim()];
         u[..x.len()].copy_from_slice(x);
@@ -120,23 +125,35 @@ impl Evidence {
         })
     }
 
-    /// Add one residual δ of `pairs` (its share of γ and of tr W²).
+    /// Add one residual δ of `pairs` (its share of γ and of tr W²), drawn by solving
+    /// M δ = y with the report `solved`.
     pub fn add_residual(
         &mut self,
         model: &Model,
         lin: &impl super::sampling::Fisher,
         delta: &[f64],
+        solved: &CgReport,
         pairs: usize,
-        cg: &crate::num::cg::CgSettings,
+        cg: &CgSettings,
     ) -> anyhow::Result<()> {
         let mut a = vec![0.0; delta.len()];
         lin.metric(delta, &mut a)?;
         a.iter_mut().zip(delta).for_each(|(ai, di)| *ai -= di);
-        let mut z = vec![0.0; a.len()];
-        self.capped += capped(&lin.solve(&a, &mut z, cg)?, cg);
+        let spread = if lin.dim() == model.n_params() {
+            // Aδ = y − δ, so (Aδ)ᵀM⁻¹(Aδ) = yᵀ(M⁻¹ − 2M⁻² + M⁻³)y: the sampling solve's own
+            // Gauss quadrature, no further solve (over every free coordinate: the offset
+            // adds its one determined direction)
+            let [m1, m2, m3] = solved.inverse_moments;
+            m1 - 2.0 * m2 + m3
+        } else {
+            // n_σ sampled too: its directions stay out of the sum, at the cost of a solve
+            let mut z = vec![0.0; a.len()];
+            self.capped += capped(&lin.solve(&a, &mut z, cg)?, cg);
+            excitation_sum(model, &|i| a[i] * z[i])
+        };
         let w = 1.0 / pairs as f64;
         self.gamma += w * excitation_sum(model, &|i| delta[i] * a[i]);
-        self.spread_w += w * excitation_sum(model, &|i| a[i] * z[i]);
+        self.spread_w += w * spread;
         Ok(())
     }
 }
@@ -165,7 +182,9 @@ pub fn scale_mode(prior: &LogNormal, n: f64, m2: f64, t0: f64) -> (f64, f64) {
 /// them at the new scale (see the module docs). `mask` marks the free entries of x; ξ_a
 /// must be held (0) in it. With `determined` (the sums of [`Evidence`] from this
 /// iteration's residuals) the factor is the evidence's; without, the samples' moment.
-/// Returns `None` when no excitation is free.
+/// Returns `None` when no excitation is free, or when the evidence's expansion point carries
+/// no power where the data determine it (ξ̄ᵀWξ̄ ≤ 0: a fit's first iteration from ξ = 0, where
+/// the factor's mode would be a scale of 0).
 pub fn update(
     model: &Model,
     mask: &[f64],
@@ -178,6 +197,10 @@ pub fn update(
     let layout = &model.dom.x;
     let free = layout.sum(|i| if i < nxi { mask[i] } else { 0.0 });
     if free < 1.0 || residuals.is_empty() {
+        return None;
+    }
+    if determined.is_some_and(|e| e.power_w <= 0.0) {
+        tracing::info!("the scale's evidence update: no determined power at the expansion point yet (a start from ξ = 0); scale held this iteration");
         return None;
     }
     let n_samples = 2 * residuals.len();
@@ -197,7 +220,7 @@ pub fn update(
     let before = model.scale.value(x[nxi]);
     // the evidence's count and power both read in the directions the data determine
     let (n, m2) = match determined {
-        Some(e) => (e.spread_w.max(1.0), before * before * e.power_w.max(0.0)),
+        Some(e) => (e.spread_w.max(1.0), before * before * e.power_w),
         None => (free, before * before * moment * free),
     };
     if let Some(e) = determined {
@@ -225,6 +248,7 @@ pub fn update(
     );
     Some(ScaleFactor {
         scale,
+        previous: before,
         std: scale * sigma / curv.sqrt(),
         free,
         moment,
@@ -326,6 +350,36 @@ mod tests {
     }
 
     #[test]
+    fn the_evidence_update_holds_the_scale_where_the_point_carries_no_determined_power() {
+        // a fit's first iteration from ξ = 0: ξ̄ᵀWξ̄ = 0, whose mode would be a scale of 0
+        // (and every excitation rescaled by an infinite factor)
+        let model = crate::inference::mgvi::tests::tiny_model(50);
+        let (np, nxi) = (model.n_params(), model.icr.n_xi());
+        let mut mask = vec![1.0; np];
+        mask[nxi] = 0.0;
+        let mut draw = crate::inference::mgvi::tests::normals(9);
+        let mut x = vec![0.0; np];
+        let mut residuals: Vec<Vec<f64>> = (0..2).map(|_| draw(np, 0.5)).collect();
+        let (x0, r0) = (x.clone(), residuals.clone());
+        let at_zero = Evidence {
+            gamma: 20.0,
+            spread_w: 15.0,
+            ..Default::default()
+        };
+        let mut no_shifts = Vec::new();
+        let f = update(
+            &model,
+            &mask,
+            &mut x,
+            &mut residuals,
+            &mut no_shifts,
+            Some(at_zero),
+        );
+        assert!(f.is_none());
+        assert_eq!((x, residuals), (x0, r0));
+    }
+
+    #[test]
     fn the_update_recovers_the_scale_of_samples_with_known_power() {
         // samples whose fields are draws of scale a_true, expressed at the current scale a:
         // ξ = (a_true / a) z with z standard normal. The update must land on a_true within the
@@ -372,8 +426,8 @@ mod tests {
     #[test]
     fn the_evidence_sums_estimate_the_traces_they_stand_for() {
         // dense M = I + A at a point of the tiny model (ξ_a held, as the update holds it),
-        // W = M⁻¹A: γ and the spread are unbiased for tr_e W and tr_e W² over the
-        // excitations, the power is ξ̄ᵀWξ̄ exactly (up to the CG tolerance)
+        // W = M⁻¹A: γ is unbiased for tr_e W over the excitations and the spread for tr W²
+        // over the free coordinates, the power is ξ̄ᵀWξ̄ exactly (up to the CG tolerance)
         use crate::inference::mgvi::sampling::{draw_residual_in, Fisher, ModelAt};
         use faer::linalg::solvers::Solve;
         let model = crate::inference::mgvi::tests::tiny_model(300);
@@ -400,7 +454,7 @@ mod tests {
         let w = &minv * (&m - faer::Mat::<f64>::identity(np, np));
         let w2 = &w * &w;
         let tr_w: f64 = (0..nxi).map(|i| w[(i, i)]).sum();
-        let tr_w2: f64 = (0..nxi).map(|i| w2[(i, i)]).sum();
+        let tr_w2: f64 = (0..np).map(|i| w2[(i, i)]).sum();
         let power_w: f64 = (0..nxi)
             .map(|i| x[i] * (0..np).map(|j| w[(i, j)] * x[j]).sum::<f64>())
             .sum();
@@ -426,7 +480,7 @@ mod tests {
             assert!(rep.rel_residual <= 1e-9, "{rep:?}");
             d[nxi] = 0.0;
             let mut one = Evidence::default();
-            one.add_residual(&model, &lin, &d, 1, &cg).unwrap();
+            one.add_residual(&model, &lin, &d, &rep, 1, &cg).unwrap();
             gam.push(one.gamma);
             spr.push(one.spread_w);
         }
