@@ -31,6 +31,7 @@ pub struct HistoryRow {
     /// Stars used.
     pub n_stars: usize,
     /// KL after the Newton steps.
+    #[serde(deserialize_with = "nan_if_null")]
     pub kl: f64,
     /// Newton steps taken.
     pub newton_steps: u64,
@@ -39,12 +40,13 @@ pub struct HistoryRow {
     /// Total CG iterations of the residual draws.
     pub sample_cg: usize,
     /// KL gradient norm at the start of the last Newton step.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nan_if_null")]
     pub grad_norm: f64,
     /// Length of the last Newton step.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nan_if_null")]
     pub step: f64,
     /// Wall time of the iteration, s.
+    #[serde(deserialize_with = "nan_if_null")]
     pub seconds: f64,
     /// Peak resident memory so far, bytes (largest rank).
     pub peak_rss_bytes: u64,
@@ -52,22 +54,22 @@ pub struct HistoryRow {
     #[serde(default)]
     pub ranks: usize,
     /// CPU seconds of the iteration, summed over ranks (all threads).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nan_if_null")]
     pub cpu_seconds: f64,
     /// Of which inside MPI calls, summed over ranks.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nan_if_null")]
     pub mpi_cpu_seconds: f64,
     /// Bytes sent through MPI during the iteration, summed over ranks.
     #[serde(default)]
     pub mpi_bytes: u64,
     /// Relative KL change of the iteration (see `inference::mgvi::Change`).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nan_if_null")]
     pub kl_change: f64,
     /// RMS step of the expansion point per parameter, standardized units.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nan_if_null")]
     pub step_rms: f64,
     /// RMS change of the sample mean of ln ρ over the voxels.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nan_if_null")]
     pub map_change: f64,
     /// Residual draws whose CG stopped at its cap above its tolerance.
     #[serde(default)]
@@ -79,11 +81,17 @@ pub struct HistoryRow {
     #[serde(default)]
     pub converged: bool,
     /// Mean of the field's scale over the iteration's samples (dimensionless).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nan_if_null")]
     pub scale_mean: f64,
     /// Standard deviation of the scale over the samples.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nan_if_null")]
     pub scale_std: f64,
+}
+
+/// A history figure that was not a number (JSON writes it as null) reads back as NaN, so a
+/// diagnostic that could not be computed never makes a checkpoint unreadable.
+fn nan_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 /// Where a fit stands.
@@ -387,6 +395,43 @@ fn decode(path: &Path, header: Header, bytes: &[u8], hlen: usize) -> Result<FitS
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_history_figure_that_is_not_a_number_survives_the_round_trip() {
+        // JSON has no NaN: serde_json writes null, which once made the checkpoint of a fit
+        // whose scale update returned NaN unreadable ("corrupt checkpoint header")
+        let row: HistoryRow = serde_json::from_str(
+            r#"{"stage":0,"iteration":1,"n_stars":5,"kl":-3.5,"newton_steps":1,"newton_cg":2,
+                "sample_cg":3,"seconds":0.5,"peak_rss_bytes":1,"grad_norm":null,
+                "scale_mean":null,"scale_std":0.25}"#,
+        )
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.ckpt");
+        let id = RunId {
+            seed: 3,
+            config_sha256: "a".into(),
+            catalog_sha256: "b".into(),
+        };
+        let st = FitState {
+            stage: 0,
+            iteration: 1,
+            vi: MgviState {
+                x: vec![0.5],
+                xsig: vec![],
+                residuals: vec![],
+                shifts: vec![],
+            },
+            history: vec![HistoryRow {
+                step: f64::NAN,
+                ..row
+            }],
+        };
+        save(&p, &id, &st).unwrap();
+        let back = &load(&p, &id).unwrap().history[0];
+        assert!(back.grad_norm.is_nan() && back.scale_mean.is_nan() && back.step.is_nan());
+        assert_eq!((back.kl, back.scale_std), (-3.5, 0.25));
+    }
 
     #[test]
     fn round_trip_is_bit_exact_and_checks_identity() {

@@ -184,7 +184,8 @@ pub fn scale_mode(prior: &LogNormal, n: f64, m2: f64, t0: f64) -> (f64, f64) {
 /// iteration's residuals) the factor is the evidence's; without, the samples' moment.
 /// Returns `None` when no excitation is free, or when the evidence's expansion point carries
 /// no power where the data determine it (ξ̄ᵀWξ̄ ≤ 0: a fit's first iteration from ξ = 0, where
-/// the factor's mode would be a scale of 0).
+/// the factor's mode would be a scale of 0), or when the mode is not a finite positive
+/// scale; x and the samples are then left as they were.
 pub fn update(
     model: &Model,
     mask: &[f64],
@@ -235,6 +236,14 @@ pub fn update(
     let (t, curv) = scale_mode(&model.scale, n, m2, x[nxi]);
     let scale = model.scale.value(t);
     let ratio = before / scale;
+    if !(ratio.is_finite() && ratio > 0.0 && curv.is_finite()) {
+        // the sums were not numbers (a non-finite sample): hold rather than rescale by it
+        tracing::warn!(
+            scale,
+            "the scale's own factor has no finite mode: scale held"
+        );
+        return None;
+    }
     let rescale = |v: &mut [f64]| v[..nxi].iter_mut().for_each(|e| *e *= ratio);
     rescale(x);
     residuals.iter_mut().for_each(|d| rescale(d));
