@@ -6,8 +6,9 @@
 //! CG is the Lanczos process in disguise: its step lengths α and ratios β define the
 //! tridiagonal T_k of A on the Krylov space of b, and bᵀf(A)b ≈ |b|² e₁ᵀf(T_k)e₁ (Gauss
 //! quadrature; Golub and Meurant, *Matrices, Moments and Quadrature*). Every solve reports
-//! this for f(λ) = λ⁻¹, λ⁻², λ⁻³ at no extra operator application, so a caller that needs
-//! bᵀA⁻²b or bᵀA⁻³b for the b it solved with does not solve again.
+//! this for f(λ) = λ⁻¹, λ⁻², λ⁻³ at no extra operator application (for the starting
+//! residual, which is b from a zero start), so a caller that needs bᵀA⁻²b or bᵀA⁻³b for the
+//! b it solved with does not solve again.
 
 use crate::sphere::decomp::{Serial, Space};
 
@@ -43,8 +44,9 @@ pub struct CgReport {
     pub iterations: usize,
     /// Final |r| / |b|.
     pub rel_residual: f64,
-    /// Gauss-quadrature estimates of bᵀA⁻¹b, bᵀA⁻²b and bᵀA⁻³b from the iterations done
-    /// (exact once the Krylov space holds A⁻¹b; the first equals bᵀx for a zero start).
+    /// Gauss-quadrature estimates of r₀ᵀA⁻¹r₀, r₀ᵀA⁻²r₀ and r₀ᵀA⁻³r₀ for the starting
+    /// residual r₀ = b − Ax₀ (b itself for a zero start) from the iterations done (exact once
+    /// the Krylov space holds A⁻¹r₀; the first then equals bᵀx for a zero start).
     pub inverse_moments: [f64; 3],
 }
 
@@ -181,6 +183,7 @@ pub fn solve_in<S: CgSpace>(
     space.sub(b, &ap, &mut r);
     let mut p = space.clone_of(&r);
     let mut rr = space.dot(&r, &r);
+    let rr0 = rr;
     let mut total_decrease = 0.0;
     let mut it = 0;
     // the Lanczos coefficients of the iterations done
@@ -218,7 +221,7 @@ pub fn solve_in<S: CgSpace>(
     CgReport {
         iterations: it,
         rel_residual: rr.sqrt() / bnorm,
-        inverse_moments: m.map(|v| v * bnorm * bnorm),
+        inverse_moments: m.map(|v| v * rr0),
     }
 }
 
@@ -375,5 +378,18 @@ mod tests {
             "{rep5:?} vs {m1}"
         );
         assert!(rep5.inverse_moments[1] < exact[1] && rep5.inverse_moments[2] < exact[2]);
+        // from a warm start they are the starting residual's: r₀ᵀA⁻¹r₀ = r₀ᵀ(x − x₀)
+        let x0: Vec<f64> = (0..n).map(|i| 0.1 * (i as f64).cos()).collect();
+        let mut ax0 = vec![0.0; n];
+        apply(&x0, &mut ax0);
+        let r0: Vec<f64> = b.iter().zip(&ax0).map(|(p, q)| p - q).collect();
+        let mut xw = x0.clone();
+        let repw = solve(apply, &b, &mut xw, &tight);
+        let dx: Vec<f64> = xw.iter().zip(&x0).map(|(p, q)| p - q).collect();
+        let want = dot(&r0, &dx);
+        assert!(
+            (repw.inverse_moments[0] - want).abs() <= 1e-9 * want,
+            "{repw:?} vs {want}"
+        );
     }
 }

@@ -126,7 +126,7 @@ impl Evidence {
     }
 
     /// Add one residual δ of `pairs` (its share of γ and of tr W²), drawn by solving
-    /// M δ = y with the report `solved`.
+    /// M δ = y from δ = 0 with the report `solved` (its moments are then y's).
     pub fn add_residual(
         &mut self,
         model: &Model,
