@@ -80,10 +80,13 @@ pub struct HistoryRow {
     /// Whether the iteration met the stage's convergence tolerances (the stage ended).
     #[serde(default)]
     pub converged: bool,
-    /// Mean of the field's scale over the iteration's samples (dimensionless).
+    /// Mean of the field's scale over the iteration's samples (dimensionless); with the
+    /// scale in its own factor, the factor's mode.
     #[serde(default, deserialize_with = "nan_if_null")]
     pub scale_mean: f64,
-    /// Standard deviation of the scale over the samples.
+    /// Standard deviation of the scale over the samples; with the scale in its own factor,
+    /// the factor's Laplace spread (the stage's last one where an update was held, NaN
+    /// before its first).
     #[serde(default, deserialize_with = "nan_if_null")]
     pub scale_std: f64,
 }

@@ -387,6 +387,11 @@ impl StageRun {
             stage: st.stage,
             iteration: st.iteration,
         };
+        // a held update of the scale's own factor keeps the factor's last spread, not the
+        // samples' (all at the held scale)
+        let held_std = (st.history.last())
+            .filter(|r| r.stage == st.stage)
+            .map_or(f64::NAN, |r| r.scale_std);
         let mut coarse = self.cut.map(|(n, full)| st.vi.restricted(n, full));
         let vi = coarse.as_mut().unwrap_or(&mut st.vi);
         let nonzero = vi.x.iter().chain(&vi.xsig).any(|&x| x != 0.0);
@@ -418,6 +423,9 @@ impl StageRun {
         }
         let [scale_mean, scale_std] = match rep.scale {
             Some(f) => [f.scale, f.std],
+            None if self.settings.scale_update != mgvi::scale::ScaleUpdate::Joint => {
+                [sample_scale(&self.model, vi)[0], held_std]
+            }
             None => sample_scale(&self.model, vi),
         };
         if let (Some(c), Some((n, full))) = (coarse, self.cut) {
