@@ -201,7 +201,10 @@ pub fn update(
         return None;
     }
     if determined.is_some_and(|e| e.power_w <= 0.0) {
-        tracing::info!("the scale's evidence update: no determined power at the expansion point yet (a start from ξ = 0); scale held this iteration");
+        tracing::info!(
+            "the scale's evidence update: no determined power at the expansion point yet \
+             (a start from ξ = 0); scale held this iteration"
+        );
         return None;
     }
     let n_samples = 2 * residuals.len();
