@@ -399,6 +399,15 @@ fn decode(path: &Path, header: Header, bytes: &[u8], hlen: usize) -> Result<FitS
 mod tests {
     use super::*;
 
+    /// A run identity for tests: `seed` with fixed digests.
+    fn test_id(seed: u64) -> RunId {
+        RunId {
+            seed,
+            config_sha256: "a".into(),
+            catalog_sha256: "b".into(),
+        }
+    }
+
     #[test]
     fn a_history_figure_that_is_not_a_number_survives_the_round_trip() {
         // JSON has no NaN: serde_json writes null, which once made the checkpoint of a fit
@@ -411,11 +420,7 @@ mod tests {
         .unwrap();
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("c.ckpt");
-        let id = RunId {
-            seed: 3,
-            config_sha256: "a".into(),
-            catalog_sha256: "b".into(),
-        };
+        let id = test_id(3);
         let st = FitState {
             stage: 0,
             iteration: 1,
@@ -440,11 +445,7 @@ mod tests {
     fn round_trip_is_bit_exact_and_checks_identity() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("c.ckpt");
-        let id = RunId {
-            seed: 3,
-            config_sha256: "a".into(),
-            catalog_sha256: "b".into(),
-        };
+        let id = test_id(3);
         let st = FitState {
             stage: 1,
             iteration: 2,
@@ -462,10 +463,7 @@ mod tests {
         assert!(summary(&p)
             .unwrap()
             .contains("stage 1 after 2 global iterations"));
-        let other = RunId {
-            seed: 4,
-            ..id.clone()
-        };
+        let other = test_id(4);
         assert!(load(&p, &other).is_err());
     }
 
@@ -473,11 +471,7 @@ mod tests {
     fn truncated_or_damaged_checkpoints_are_recognised() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("c.ckpt");
-        let id = RunId {
-            seed: 1,
-            config_sha256: "a".into(),
-            catalog_sha256: "b".into(),
-        };
+        let id = test_id(1);
         let st = FitState {
             stage: 0,
             iteration: 1,

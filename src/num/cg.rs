@@ -50,6 +50,13 @@ pub struct CgReport {
     pub inverse_moments: [f64; 3],
 }
 
+impl CgReport {
+    /// Whether the solve stopped at its iteration cap with its tolerance unmet.
+    pub fn stopped_at_cap(&self, s: &CgSettings) -> bool {
+        self.iterations >= s.max_iter && self.rel_residual > s.rel_tol
+    }
+}
+
 /// The vector operations CG needs, so the same iteration runs on host vectors and on
 /// device-resident ones (where only the scalars of these calls cross the bus).
 pub trait CgSpace {

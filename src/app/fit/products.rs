@@ -42,12 +42,11 @@ fn unstorable_voxels(samples: &[Vec<f64>], centres_pc: &[f64], npix: usize) -> (
             .iter()
             .any(|s| s[i].is_nan() || s[i].abs() > f64::from(f32::MAX))
     };
-    let first = (0..n).find(|&i| bad(i));
-    let count = first.map_or(0, |f| (f..n).filter(|&i| bad(i)).count());
-    (
-        count,
-        first.map_or(f64::NAN, |i| centres_pc[i / npix.max(1)]),
-    )
+    let voxels: Vec<usize> = (0..n).filter(|&i| bad(i)).collect();
+    let first_pc = voxels
+        .first()
+        .map_or(f64::NAN, |&i| centres_pc[i / npix.max(1)]);
+    (voxels.len(), first_pc)
 }
 
 /// Warn when densities do not fit the map's float32 storage (they read back as infinite):

@@ -182,7 +182,8 @@ pub struct IterationReport {
     /// How far the iteration moved the posterior (convergence measures).
     pub change: Change,
     /// The update of the scale's own factor (`ScaleUpdate::Marginal` or `Evidence`; `None`
-    /// where an evidence update was refused for unconverged solves).
+    /// where an update was held: unconverged solves, no determined power yet, no finite
+    /// mode).
     pub scale: Option<ScaleFactor>,
 }
 
@@ -353,6 +354,7 @@ fn draw_samples(
     residuals.clear();
     shifts.clear();
     let (mut sample_cg, mut sample_cg_residuals) = (Vec::new(), Vec::new());
+    let mut reports = Vec::new();
     let mut geo = Vec::new();
     let mut determined = if evidence {
         Some(scale::Evidence::at(model, &lin, x, &cg_settings)?)
@@ -367,6 +369,7 @@ fn draw_samples(
         mask_in_place(&mut d, mask);
         sample_cg.push(rep.iterations);
         sample_cg_residuals.push(rep.rel_residual);
+        reports.push(rep);
         if let Some(e) = determined.as_mut() {
             e.add_residual(model, &lin, &d, &rep, settings.sample_pairs, &cg_settings)?;
         }
@@ -388,10 +391,9 @@ fn draw_samples(
             "geoVI: coordinate-equation misfit |g(δ) − y|/|y| ≤ {worst:.2e} (linear start ≤ {start:.2e})"
         );
     }
-    let capped = sample_cg
+    let capped = reports
         .iter()
-        .zip(&sample_cg_residuals)
-        .filter(|(&i, &r)| i >= cg_settings.max_iter && r > cg_settings.rel_tol)
+        .filter(|r| r.stopped_at_cap(&cg_settings))
         .count();
     Ok(Draws {
         sample_cg,

@@ -100,11 +100,6 @@ fn excitation_sum(model: &Model, f: &(dyn Fn(usize) -> f64 + Sync)) -> f64 {
     model.dom.x.sum(|i| if i < nxi { f(i) } else { 0.0 })
 }
 
-/// Whether a CG solve stopped at its cap with its tolerance unmet.
-fn capped(rep: &CgReport, cg: &CgSettings) -> usize {
-    usize::from(rep.iterations >= cg.max_iter && rep.rel_residual > cg.rel_tol)
-}
-
 impl Evidence {
     /// Start the sums at the expansion point `x`.
     pub fn at(
@@ -120,7 +115,7 @@ impl Evidence {
         Ok(Self {
             power: excitation_sum(model, &|i| u[i] * u[i]),
             power_w: excitation_sum(model, &|i| u[i] * (u[i] - z[i])),
-            capped: capped(&rep, cg),
+            capped: usize::from(rep.stopped_at_cap(cg)),
             ..Default::default()
         })
     }
@@ -148,7 +143,7 @@ impl Evidence {
         } else {
             // n_σ sampled too: its directions stay out of the sum, at the cost of a solve
             let mut z = vec![0.0; a.len()];
-            self.capped += capped(&lin.solve(&a, &mut z, cg)?, cg);
+            self.capped += usize::from(lin.solve(&a, &mut z, cg)?.stopped_at_cap(cg));
             excitation_sum(model, &|i| a[i] * z[i])
         };
         let w = 1.0 / pairs as f64;

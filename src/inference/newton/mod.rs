@@ -315,7 +315,7 @@ impl TruncatedNewton {
         let rep = wrapped.obj.solve(param, &rhs, &mut dir, &settings)?;
         self.cg_iterations.push(rep.iterations);
         self.cg_residuals.push(rep.rel_residual);
-        if rep.iterations >= settings.max_iter && rep.rel_residual > settings.rel_tol {
+        if rep.stopped_at_cap(&settings) {
             self.cg_capped += 1;
         }
         let slope = space.dot(&dir, grad);
