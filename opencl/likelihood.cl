@@ -47,6 +47,15 @@ inline void inner_columns(__global const REAL *rw, __global REAL *cum, uint n) {
   cum[n] = acc;
 }
 
+// 2 − Σ p over all bins of a star's window (near and beyond bins included): 1 up to the f32
+// rounding of the probabilities; σ_a² = m − κ ā² = Σ p (c − ā)² never goes negative
+// (src/likelihood/response.rs, `kappa`).
+inline REAL kappa(Split w, __global const float *prob) {
+  REAL t = 0;
+  for (uint j = 0; j < w.len; j++) t += (REAL)prob[w.o0 + j];
+  return (REAL)2 - t;
+}
+
 // (ā, σ_a²) of one star.
 inline REAL2 moments(Split w, __global const float *prob, __global const ushort *frac,
                      __global const ushort *spread, __global const REAL *rw,
@@ -64,14 +73,14 @@ inline REAL2 moments(Split w, __global const float *prob, __global const ushort 
     a += pj * cum[n];
     m += pj * cum[n] * cum[n];
   }
-  return (REAL2)(a, m - a * a);
+  return (REAL2)(a, m - kappa(w, prob) * a * a);
 }
 
 inline void star_vjp(Split w, __global const float *prob, __global const ushort *frac,
                      __global const ushort *spread, __global const REAL *rw,
                      __global const REAL *cum, REAL abar, REAL ga, REAL gv,
                      __global REAL *rw_bar, __global REAL *cum_bar, uint n) {
-  REAL base = ga - (REAL)2 * gv * abar;
+  REAL base = ga - (REAL)2 * gv * kappa(w, prob) * abar;
   uint k = w.k0;
   for (uint j = w.jl; j < w.jh; j++, k++) {
     REAL pj = (REAL)prob[w.o0 + j], fj = (REAL)frac[w.o0 + j] * F_SCALE;
@@ -234,7 +243,7 @@ __kernel void jvp(const uint npix, const uint n, const uint nc, const uint pad, 
       m += pj * cm[n] * dcm[n];
     }
     da[i] = a;
-    dv[i] = dvar ? (REAL)2 * m - (REAL)2 * abar[i] * a : (REAL)0;
+    dv[i] = dvar ? (REAL)2 * m - (REAL)2 * kappa(w, prob) * abar[i] * a : (REAL)0;
   }
 }
 

@@ -319,6 +319,15 @@ fn split(e0: usize, len: usize, n: usize) -> (usize, usize, usize, bool) {
     (jl, jh.max(jl), k0, e0 + len == n + 2)
 }
 
+/// `2 − Σ p` over all bins of a window (the near bin and the beyond bin included): 1 up to
+/// the f32 rounding of its probabilities. σ_a² = m − κ ā² is then Σ p (c − ā)² exactly for
+/// the stored probabilities, which never goes negative; `m − ā²` carries the spurious
+/// (Σ p − 1) ā², a few 1e-8 ā², which at columns of thousands of magnitudes (a fresh fit's
+/// first samples) outweighs (n_σ σ_A)² and made the variance negative.
+fn kappa(p: &[f32]) -> f64 {
+    2.0 - p.iter().map(|&x| f64::from(x)).sum::<f64>()
+}
+
 /// ā and σ_a² of one star from its pixel's `rw = ρ Δr` and inner columns `cum`, in the
 /// extinction units of `rw` (and their square).
 ///
@@ -356,7 +365,7 @@ pub fn star_moments(win: Window<'_>, rw: &[f64], cum: &[f64]) -> (f64, f64) {
         a += pj * cum[n];
         m += pj * cum[n] * cum[n];
     }
-    (a, m - a * a)
+    (a, m - kappa(p) * a * a)
 }
 
 /// Tangent (δā, δσ_a²) of one star for a tangent `drw` of its column (`dcum` its columns).
@@ -388,7 +397,7 @@ pub fn star_jvp(
         da += pj * dcum[n];
         dm += pj * cum[n] * dcum[n];
     }
-    (da, 2.0 * dm - 2.0 * abar * da)
+    (da, 2.0 * dm - 2.0 * kappa(p) * abar * da)
 }
 
 /// Accumulate the cotangent of one star (`ga` on ā, `gv` on σ_a²) into its pixel's
@@ -408,7 +417,7 @@ pub fn star_vjp(
     let n = rw.len();
     let (jl, jh, k0, beyond) = split(e0, p.len(), n);
     let kept = k0..k0 + (jh - jl);
-    let base = ga - 2.0 * gv * abar;
+    let base = ga - 2.0 * gv * kappa(p) * abar;
     let win = p[jl..jh].iter().zip(&f[jl..jh]).zip(&h[jl..jh]);
     let col = rw[kept.clone()].iter().zip(&cum[kept.clone()]);
     let bars = rw_bar[kept.clone()].iter_mut().zip(&mut cum_bar[kept]);
@@ -467,5 +476,49 @@ mod tests {
         let exact = crate::sphere::grid::integrate_to(&shells, |k| rho[k], 1000.0);
         assert!((a - exact).abs() < 1e-6 * exact, "{a} vs {exact}");
         assert!(var.abs() < 1e-9, "var {var}");
+    }
+
+    /// σ_a² is the spread about ā under the stored (f32) probabilities, whose sum differs
+    /// from 1 by their rounding: not negative beyond the rounding of ā², even where the columns reach thousands of
+    /// magnitudes (as in a fresh fit's first samples) and the window is narrow.
+    #[test]
+    fn distance_variance_is_centred_for_rounded_windows() {
+        let shells = crate::sphere::grid::Shells::log_uniform(40.0, 2000.0, 64).unwrap();
+        // stars well beyond the grid, parallaxes of 5 to 60 % precision
+        let par: Vec<f64> = (0..40).map(|i| 0.3 + 0.01 * i as f64).collect();
+        let err: Vec<f64> = (0..40).map(|i| 0.02 + 0.004 * i as f64).collect();
+        let w = Windows::new(&shells, &par, &err);
+        // a column of 6,000 mag, nearly all of it in the innermost shell
+        let mut rw = vec![1e-6; 64];
+        rw[0] = 6000.0;
+        let mut cum = vec![0.0; 65];
+        inner_columns(&rw, &mut cum);
+        let mut off_one = 0;
+        for i in 0..par.len() {
+            let (e0, p, f, h) = w.of(i);
+            let total: f64 = p.iter().map(|&v| f64::from(v)).sum();
+            off_one += usize::from(total != 1.0);
+            let (a, var) = star_moments(w.of(i), &rw, &cum);
+            // the same spread, entry by entry about ā (the near bin sees no dust)
+            let (jl, jh, k0, beyond) = split(e0, p.len(), rw.len());
+            let mut direct: f64 = p[..jl].iter().map(|&q| f64::from(q) * a * a).sum();
+            for (j, k) in (jl..jh).zip(k0..) {
+                let c = cum[k] + rw[k] * f64::from(f[j]) * F_SCALE;
+                let spread = rw[k] * rw[k] * f64::from(h[j]) * H_SCALE;
+                direct += f64::from(p[j]) * ((c - a) * (c - a) + spread);
+            }
+            if beyond {
+                direct += f64::from(p[p.len() - 1]) * (cum[64] - a) * (cum[64] - a);
+            }
+            // one-pass moments round at ~1e-16 ā² (here 4e-9 mag²); the rounded window sum
+            // alone used to add ±1e-8 ā² (0.4 mag²)
+            assert!(var >= -1e-15 * a * a, "star {i}: σ_a² = {var}");
+            assert!(
+                (var - direct).abs() <= 1e-12 * a * a,
+                "star {i}: {var} vs {direct}"
+            );
+        }
+        // the case this guards: windows whose rounded probabilities do not sum to 1
+        assert!(off_one > 0);
     }
 }
