@@ -2,6 +2,7 @@
 //! checkpoints after every global iteration, and writes the map (samples, mean, std, the
 //! inner-region integral), the per-star predictions and the convergence history.
 
+mod diagnostics;
 mod preflight;
 mod products;
 mod resume;

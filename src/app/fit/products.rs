@@ -5,7 +5,7 @@ use anyhow::{bail, Context, Result};
 use std::io::Write;
 use std::path::Path;
 
-use super::{FitPaths, Setup};
+use super::{diagnostics, FitPaths, Setup};
 use crate::app::checkpoint::{FitState, HistoryRow};
 use crate::app::config::Config;
 use crate::base::atomic::Staged;
@@ -31,37 +31,6 @@ fn product_range(shells: &Shells, cfg: &Config) -> (usize, usize) {
             .max(lo + 1)
     });
     (lo, hi.min(n))
-}
-
-/// Voxels (shell-major over `npix` pixels) where some sample's density does not fit the
-/// map's float32 storage, and the shell centre of the first (pc).
-fn unstorable_voxels(samples: &[Vec<f64>], centres_pc: &[f64], npix: usize) -> (usize, f64) {
-    let n = samples.first().map_or(0, Vec::len);
-    let bad = |i: usize| {
-        samples
-            .iter()
-            .any(|s| s[i].is_nan() || s[i].abs() > f64::from(f32::MAX))
-    };
-    let voxels: Vec<usize> = (0..n).filter(|&i| bad(i)).collect();
-    let first_pc = voxels
-        .first()
-        .map_or(f64::NAN, |&i| centres_pc[i / npix.max(1)]);
-    (voxels.len(), first_pc)
-}
-
-/// Warn when densities do not fit the map's float32 storage (they read back as infinite):
-/// a density spike grown where no star's column sees it (docs/model.md, "Calibration").
-fn warn_unstorable(samples: &[Vec<f64>], centres_pc: &[f64], npix: usize) {
-    let (count, r_pc) = unstorable_voxels(samples, centres_pc, npix);
-    if count > 0 {
-        tracing::warn!(
-            voxels = count,
-            first_at_pc = format!("{r_pc:.0}"),
-            "densities beyond float32 in some samples: these voxels read back as infinite \
-             (a density spike where no star's column sees it; mask them, or refit with \
-             distance_variance = false in a first stage)"
-        );
-    }
 }
 
 /// Build the map from per-sample `rw` fields (pixel-major, kept shells).
@@ -96,7 +65,7 @@ pub fn map_from_samples(
         samples.push(rho);
         inner.push(inn);
     }
-    warn_unstorable(&samples, &out_shells.centres_pc(), npix);
+    diagnostics::warn_unstorable(&samples, &out_shells.centres_pc(), npix);
     let (mean, std) = crate::base::util::mean_std(&samples);
     let (inner_mean, inner_std) = crate::base::util::mean_std(&inner);
     // integrated extinction to each shell's far edge, per sample
@@ -201,6 +170,7 @@ pub(super) fn write_products(
         bail!("the fit has no samples: the schedule ran no iteration");
     }
     let lp = local_products(cfg, su, st)?;
+    diagnostics::warn_spiked_stars(&lp.abar, &su.stars.stars, &su.holdout.stars);
     // every product on disk before any replaces its previous version
     let mut set = Staged::default();
     let mut prov = Provenance::current(config_text, cfg.seed, &su.id.catalog_sha256);
@@ -544,24 +514,6 @@ fn write_history(set: &mut Staged, path: &Path, rows: &[HistoryRow]) -> Result<(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn densities_beyond_float32_are_found_per_voxel() {
-        // 2 shells × 3 pixels, shell-major; voxel 4 (shell 1) overflows in one sample, voxel
-        // 5 is infinite in both
-        let ok = vec![1e-3; 6];
-        let mut a = ok.clone();
-        a[4] = 1e39;
-        a[5] = f64::INFINITY;
-        let mut b = ok.clone();
-        b[5] = f64::NAN;
-        assert_eq!(
-            unstorable_voxels(&[ok.clone(), a, b], &[50.0, 80.0], 3),
-            (2, 80.0)
-        );
-        let (none, _) = unstorable_voxels(&[ok.clone(), ok], &[50.0, 80.0], 3);
-        assert_eq!(none, 0);
-    }
 
     #[test]
     fn product_cut_moves_inner_shells_into_the_inner_map() {
