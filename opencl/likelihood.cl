@@ -48,8 +48,8 @@ inline void inner_columns(__global const REAL *rw, __global REAL *cum, uint n) {
 }
 
 // 2 − Σ p over all bins of a star's window (near and beyond bins included): 1 up to the f32
-// rounding of the probabilities; σ_a² = m − κ ā² = Σ p (c − ā)² never goes negative
-// (src/likelihood/response.rs, `kappa`).
+// rounding of the probabilities; σ_a² = m − κ ā² = Σ p (c − ā)², not negative beyond the
+// rounding of ā² (src/likelihood/response.rs, `kappa`).
 inline REAL kappa(Split w, __global const float *prob) {
   REAL t = 0;
   for (uint j = 0; j < w.len; j++) t += (REAL)prob[w.o0 + j];

@@ -321,9 +321,9 @@ fn split(e0: usize, len: usize, n: usize) -> (usize, usize, usize, bool) {
 
 /// `2 − Σ p` over all bins of a window (the near bin and the beyond bin included): 1 up to
 /// the f32 rounding of its probabilities. σ_a² = m − κ ā² is then Σ p (c − ā)² exactly for
-/// the stored probabilities, which never goes negative; `m − ā²` carries the spurious
-/// (Σ p − 1) ā², a few 1e-8 ā², which at columns of thousands of magnitudes (a fresh fit's
-/// first samples) outweighs (n_σ σ_A)² and made the variance negative.
+/// the stored probabilities (not negative beyond the rounding of ā²); `m − ā²` carries
+/// the spurious (Σ p − 1) ā², a few 1e-8 ā², which at columns of thousands of magnitudes
+/// (a fresh fit's first samples) outweighs (n_σ σ_A)² and made the variance negative.
 fn kappa(p: &[f32]) -> f64 {
     2.0 - p.iter().map(|&x| f64::from(x)).sum::<f64>()
 }
@@ -479,12 +479,12 @@ mod tests {
     }
 
     /// σ_a² is the spread about ā under the stored (f32) probabilities, whose sum differs
-    /// from 1 by their rounding: not negative beyond the rounding of ā², even where the columns reach thousands of
-    /// magnitudes (as in a fresh fit's first samples) and the window is narrow.
+    /// from 1 by their rounding: not negative beyond the rounding of ā², even where the
+    /// columns reach thousands of magnitudes (as in a fresh fit's first samples).
     #[test]
     fn distance_variance_is_centred_for_rounded_windows() {
         let shells = crate::sphere::grid::Shells::log_uniform(40.0, 2000.0, 64).unwrap();
-        // stars well beyond the grid, parallaxes of 5 to 60 % precision
+        // stars about the grid's outer edge (1.4–3.3 kpc), parallaxes of 7 to 25 % precision
         let par: Vec<f64> = (0..40).map(|i| 0.3 + 0.01 * i as f64).collect();
         let err: Vec<f64> = (0..40).map(|i| 0.02 + 0.004 * i as f64).collect();
         let w = Windows::new(&shells, &par, &err);
