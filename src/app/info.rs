@@ -73,6 +73,9 @@ pub fn map_summary(path: &Path, map: &DustMap, n_samples: usize) -> String {
     for line in p.validation.lines() {
         let _ = writeln!(s, "  held out  {line}");
     }
+    for line in p.warnings.lines() {
+        let _ = writeln!(s, "  warning   {line}");
+    }
     s
 }
 

@@ -27,6 +27,8 @@ pub struct Provenance {
     pub schedule: String,
     /// Scores of the held-out stars, a few lines ("" where none were held out).
     pub validation: String,
+    /// What the fit warned about its map, one line each ("" where nothing).
+    pub warnings: String,
 }
 
 impl Provenance {
@@ -42,6 +44,7 @@ impl Provenance {
             created: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
             schedule: String::new(),
             validation: String::new(),
+            warnings: String::new(),
         }
     }
 }

@@ -397,6 +397,9 @@ impl DustMap {
         if !p.validation.is_empty() {
             nc.add_attribute("validation", p.validation.as_str())?;
         }
+        if !p.warnings.is_empty() {
+            nc.add_attribute("warnings", p.warnings.as_str())?;
+        }
         Ok(())
     }
 
@@ -599,6 +602,7 @@ impl Reader {
             created: get("created"),
             schedule: get("schedule"),
             validation: get("validation"),
+            warnings: get("warnings"),
         }
     }
 }

@@ -67,8 +67,9 @@ const SPIKE_FACTOR: f64 = 10.0;
 /// Warn (on the root rank, counts over all ranks) when stars are predicted above
 /// [`SPIKE_FACTOR`] times the largest measured extinction of the fitted and held-out stars
 /// (A + 3σ_A): their windows reach a density spike, and correlations of the map with any
-/// truth are then meaningless there.
-pub(super) fn warn_spiked_stars(abar: &[Vec<f64>], fitted: &Catalog, held_out: &Catalog) {
+/// truth are then meaningless there. Returns the one-line summary the map records (on
+/// every rank), or "" when no star is.
+pub(super) fn warn_spiked_stars(abar: &[Vec<f64>], fitted: &Catalog, held_out: &Catalog) -> String {
     let ceiling = |c: &Catalog| {
         c.extinction
             .iter()
@@ -84,7 +85,10 @@ pub(super) fn warn_spiked_stars(abar: &[Vec<f64>], fitted: &Catalog, held_out: &
     };
     let count = comm::sum_u64(count as u64);
     let worst = comm::max_f64(worst);
-    if count > 0 && comm::is_root() {
+    if count == 0 {
+        return String::new();
+    }
+    if comm::is_root() {
         tracing::warn!(
             stars = count,
             worst_ratio = format!("{worst:.3e}"),
@@ -95,6 +99,10 @@ pub(super) fn warn_spiked_stars(abar: &[Vec<f64>], fitted: &Catalog, held_out: &
              there with suspicion, or refit with distance_variance = false in a first stage"
         );
     }
+    format!(
+        "{count} stars predicted above {SPIKE_FACTOR} times the catalog's largest A + 3σ_A \
+         ({a_ceiling:.3}), the worst {worst:.3e} times: density spikes in their windows"
+    )
 }
 
 #[cfg(test)]
@@ -133,5 +141,29 @@ mod tests {
         let (count, worst) = spiked_stars(&abar[..1], 1.0, 10.0);
         assert_eq!((count, worst), (1, 20.0));
         assert_eq!(spiked_stars(&[], 1.0, 10.0), (0, 0.0));
+    }
+
+    #[test]
+    fn the_map_records_spiked_stars_and_nothing_otherwise() {
+        let cat = |a: Vec<f64>| Catalog {
+            source_id: (0..a.len() as i64).collect(),
+            l_deg: vec![0.0; a.len()],
+            b_deg: vec![0.0; a.len()],
+            parallax_mas: vec![1.0; a.len()],
+            parallax_error_mas: vec![0.1; a.len()],
+            extinction_error: vec![0.1; a.len()],
+            extinction: a,
+            extra: vec![],
+        };
+        // catalog ceiling: 2.0 + 3 × 0.1 = 2.3 (the held-out star's)
+        let fitted = cat(vec![1.0, 0.5]);
+        let held = cat(vec![2.0]);
+        let line = warn_spiked_stars(&[vec![1.0, 30.0]], &fitted, &held);
+        assert!(
+            line.starts_with("1 stars predicted above 10 times"),
+            "{line}"
+        );
+        assert!(line.contains("(2.300)"), "{line}");
+        assert_eq!(warn_spiked_stars(&[vec![1.0, 20.0]], &fitted, &held), "");
     }
 }

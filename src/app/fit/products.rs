@@ -170,12 +170,13 @@ pub(super) fn write_products(
         bail!("the fit has no samples: the schedule ran no iteration");
     }
     let lp = local_products(cfg, su, st)?;
-    diagnostics::warn_spiked_stars(&lp.abar, &su.stars.stars, &su.holdout.stars);
+    let spikes = diagnostics::warn_spiked_stars(&lp.abar, &su.stars.stars, &su.holdout.stars);
     // every product on disk before any replaces its previous version
     let mut set = Staged::default();
     let mut prov = Provenance::current(config_text, cfg.seed, &su.id.catalog_sha256);
     prov.catalog_sha256 = su.id.catalog_sha256.clone();
     prov.schedule = schedule_summary(cfg, &st.history, &su.icr);
+    prov.warnings = spikes;
     let holdout = score_holdout(cfg, su, st)?;
     if let Some(v) = &holdout {
         prov.validation = v.summary();

@@ -114,6 +114,7 @@ fn read_parts(path: &Path, load: Load) -> Result<Parts> {
         config: String::new(),
         schedule: String::new(),
         validation: String::new(),
+        warnings: String::new(),
     };
     for i in 1.. {
         let Ok(hdu) = f.hdu(i) else { break };
