@@ -44,13 +44,10 @@ pub(super) fn warn_unstorable(samples: &[Vec<f64>], centres_pc: &[f64], npix: us
 /// How many of the stars are predicted (mean over the samples `abar`, per sample one value
 /// per star) above `factor` times `a_ceiling`, and the largest such ratio (0 without any).
 pub(super) fn spiked_stars(abar: &[Vec<f64>], a_ceiling: f64, factor: f64) -> (usize, f64) {
-    let n = abar.len().max(1) as f64;
-    let n_stars = abar.first().map_or(0, Vec::len);
+    let (mean, _) = crate::base::util::mean_std(abar);
     let mut count = 0;
     let mut worst = 0.0f64;
-    for i in 0..n_stars {
-        let mean = abar.iter().map(|s| s[i]).sum::<f64>() / n;
-        let ratio = mean / a_ceiling;
+    for ratio in mean.iter().map(|m| m / a_ceiling) {
         // a non-finite prediction is a spike too
         if ratio.is_nan() || ratio > factor {
             count += 1;

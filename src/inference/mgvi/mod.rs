@@ -354,7 +354,7 @@ fn draw_samples(
     residuals.clear();
     shifts.clear();
     let (mut sample_cg, mut sample_cg_residuals) = (Vec::new(), Vec::new());
-    let mut reports = Vec::new();
+    let mut capped = 0;
     let mut geo = Vec::new();
     let mut determined = if evidence {
         Some(scale::Evidence::at(model, &lin, x, &cg_settings)?)
@@ -369,7 +369,7 @@ fn draw_samples(
         mask_in_place(&mut d, mask);
         sample_cg.push(rep.iterations);
         sample_cg_residuals.push(rep.rel_residual);
-        reports.push(rep);
+        capped += usize::from(rep.stopped_at_cap(&cg_settings));
         if let Some(e) = determined.as_mut() {
             e.add_residual(model, &lin, &d, &rep, settings.sample_pairs, &cg_settings)?;
         }
@@ -391,10 +391,6 @@ fn draw_samples(
             "geoVI: coordinate-equation misfit |g(δ) − y|/|y| ≤ {worst:.2e} (linear start ≤ {start:.2e})"
         );
     }
-    let capped = reports
-        .iter()
-        .filter(|r| r.stopped_at_cap(&cg_settings))
-        .count();
     Ok(Draws {
         sample_cg,
         sample_cg_residuals,
