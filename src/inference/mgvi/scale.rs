@@ -173,6 +173,27 @@ pub fn scale_mode(prior: &LogNormal, n: f64, m2: f64, t0: f64) -> (f64, f64) {
     (t, curv(t))
 }
 
+/// The most the evidence's update moves ξ_a in one iteration: one prior standard deviation
+/// (a factor e^σ on the scale, 1.6 for the shipped prior). Where the map does not fit its
+/// columns yet the fixed point it reads is far from the posterior's, and unbounded steps
+/// overshoot it (the reference implementation's W0 mock after a first stage without σ_a²:
+/// 0.17 → 0.013 → 0.75 → 0.005 → … → 5.4 and overflow); the prior-draw mock's steps are
+/// at most half of it (its fit is byte-identical with and without the cap).
+pub const EVIDENCE_MAX_STEP: f64 = 1.0;
+
+/// ξ_a after the evidence's update: its factor's mode, at most [`EVIDENCE_MAX_STEP`] away.
+fn evidence_step(now: f64, mode: f64) -> f64 {
+    if (mode - now).abs() <= EVIDENCE_MAX_STEP {
+        return mode;
+    }
+    let to = now + EVIDENCE_MAX_STEP.copysign(mode - now);
+    tracing::info!(
+        "the scale's evidence update: its mode {mode:.3} is more than {EVIDENCE_MAX_STEP} \
+         prior standard deviation from ξ_scale {now:.3}; moved to {to:.3}"
+    );
+    to
+}
+
 /// Update the scale's factor from the samples of (`x`, `residuals`, `shifts`) and re-express
 /// them at the new scale (see the module docs). `mask` marks the free entries of x; ξ_a
 /// must be held (0) in it. With `determined` (the sums of [`Evidence`] from this
@@ -231,7 +252,11 @@ pub fn update(
             "the scale's evidence sums"
         );
     }
-    let (t, curv) = scale_mode(&model.scale, n, m2, x[nxi]);
+    let (mode, curv) = scale_mode(&model.scale, n, m2, x[nxi]);
+    let t = match determined {
+        Some(_) => evidence_step(x[nxi], mode),
+        None => mode,
+    };
     let scale = model.scale.value(t);
     let ratio = before / scale;
     if !(ratio.is_finite() && ratio > 0.0 && curv.is_finite()) {
@@ -265,6 +290,15 @@ pub fn update(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Parameter count, excitation count and a mask that holds only the scale (as a stage
+    /// with the scale in its own factor has it).
+    fn scale_held(model: &Model) -> (usize, usize, Vec<f64>) {
+        let (np, nxi) = (model.n_params(), model.icr.n_xi());
+        let mut mask = vec![1.0; np];
+        mask[nxi] = 0.0;
+        (np, nxi, mask)
+    }
 
     /// ln q(ξ_a) of the module docs.
     fn log_q(prior: &LogNormal, n: f64, m2: f64, t: f64) -> f64 {
@@ -361,9 +395,7 @@ mod tests {
         // a fit's first iteration from ξ = 0: ξ̄ᵀWξ̄ = 0, whose mode would be a scale of 0
         // (and every excitation rescaled by an infinite factor)
         let model = crate::inference::mgvi::tests::tiny_model(50);
-        let (np, nxi) = (model.n_params(), model.icr.n_xi());
-        let mut mask = vec![1.0; np];
-        mask[nxi] = 0.0;
+        let (np, _, mask) = scale_held(&model);
         let mut draw = crate::inference::mgvi::tests::normals(9);
         let mut x = vec![0.0; np];
         let mut residuals: Vec<Vec<f64>> = (0..2).map(|_| draw(np, 0.5)).collect();
@@ -387,15 +419,49 @@ mod tests {
     }
 
     #[test]
+    fn the_evidence_update_moves_the_scale_at_most_one_prior_sd() {
+        // determined power 100× what the current scale predicts: the factor's mode lies
+        // ln(10)/σ ≈ 4.9 prior standard deviations up; the update moves exactly one, and the
+        // samples' fields are unchanged by the re-expression as for any step
+        let model = crate::inference::mgvi::tests::tiny_model(50);
+        let (np, nxi, mask) = scale_held(&model);
+        let mut draw = crate::inference::mgvi::tests::normals(11);
+        let mut x = draw(np, 1.0);
+        x[nxi] = 0.3;
+        let mut residuals: Vec<Vec<f64>> = (0..2).map(|_| draw(np, 0.5)).collect();
+        residuals.iter_mut().for_each(|d| d[nxi] = 0.0);
+        let before = sample_fields(&model, &x, &residuals, &[]);
+        let far = Evidence {
+            power_w: 100.0 * 40.0,
+            spread_w: 40.0,
+            ..Default::default()
+        };
+        let f = update(&model, &mask, &mut x, &mut residuals, &mut [], Some(far)).unwrap();
+        assert!(
+            (x[nxi] - (0.3 + EVIDENCE_MAX_STEP)).abs() < 1e-12,
+            "ξ_a {}",
+            x[nxi]
+        );
+        assert!(f.scale > f.previous);
+        let after = sample_fields(&model, &x, &residuals, &[]);
+        for (b, a) in before.iter().zip(&after) {
+            for (u, v) in b.iter().zip(a) {
+                assert!((u - v).abs() <= 1e-10 * (1.0 + u.abs()), "{u} vs {v}");
+            }
+        }
+        // within one standard deviation the mode itself is taken
+        assert_eq!(evidence_step(0.3, 0.9), 0.9);
+        assert_eq!(evidence_step(0.3, -2.0), 0.3 - EVIDENCE_MAX_STEP);
+    }
+
+    #[test]
     fn the_update_recovers_the_scale_of_samples_with_known_power() {
         // samples whose fields are draws of scale a_true, expressed at the current scale a:
         // ξ = (a_true / a) z with z standard normal. The update must land on a_true within the
         // statistical error of N·K squared normals (relative 1/√(2NK)), plus the prior's pull
         // (relative |ξ_a| / (2 N σ)), whatever the current scale.
         let model = crate::inference::mgvi::tests::tiny_model(50);
-        let (np, nxi) = (model.n_params(), model.icr.n_xi());
-        let mut mask = vec![1.0; np];
-        mask[nxi] = 0.0;
+        let (np, nxi, mask) = scale_held(&model);
         let sigma = model.scale.mu_sigma().1;
         for (seed, t_now, a_true) in [(3, 0.0, 0.9), (4, -2.0, 0.9), (5, 1.5, 0.4)] {
             let mut draw = crate::inference::mgvi::tests::normals(seed);
