@@ -183,7 +183,8 @@ pub const EVIDENCE_MAX_STEP: f64 = 1.0;
 
 /// ξ_a after the evidence's update: its factor's mode, at most [`EVIDENCE_MAX_STEP`] away.
 fn evidence_step(now: f64, mode: f64) -> f64 {
-    if (mode - now).abs() <= EVIDENCE_MAX_STEP {
+    // a mode that is not a number passes through, for the caller to hold the scale
+    if !mode.is_finite() || (mode - now).abs() <= EVIDENCE_MAX_STEP {
         return mode;
     }
     let to = now + EVIDENCE_MAX_STEP.copysign(mode - now);
@@ -452,6 +453,7 @@ mod tests {
         // within one standard deviation the mode itself is taken
         assert_eq!(evidence_step(0.3, 0.9), 0.9);
         assert_eq!(evidence_step(0.3, -2.0), 0.3 - EVIDENCE_MAX_STEP);
+        assert!(evidence_step(0.3, f64::NAN).is_nan());
     }
 
     #[test]
