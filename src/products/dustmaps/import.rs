@@ -111,10 +111,8 @@ fn read_parts(path: &Path, load: Load) -> Result<Parts> {
         catalog_sha256: read_str_key(&mut f, &prim, "D3DCATSH").unwrap_or_default(),
         created: read_str_key(&mut f, &prim, "D3DDATE").unwrap_or_default(),
         command_line: format!("imported from {file}"),
-        config: String::new(),
-        schedule: String::new(),
-        validation: String::new(),
-        warnings: String::new(),
+        // a FITS export keeps no config, schedule, validation or warnings
+        ..Default::default()
     };
     for i in 1.. {
         let Ok(hdu) = f.hdu(i) else { break };
