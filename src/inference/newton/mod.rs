@@ -276,6 +276,13 @@ impl<T: MetricObjective> Solver<ArgminObjective<'_, T>, St> for TruncatedNewton 
         let (new_param, new_cost) = self.step(wrapped, &param, cost, &grad, dir)?;
         let diff: Vec<f64> = new_param.iter().zip(&param).map(|(a, b)| a - b).collect();
         self.step_norms.push(space.dot(&diff, &diff).sqrt());
+        tracing::debug!(
+            step = self.step_norms.len(),
+            value = new_cost,
+            decrease = cost - new_cost,
+            cg_iterations = rep.iterations,
+            "Newton step"
+        );
         let kv = argmin::kv!("cg_iterations" => rep.iterations as u64; "cg_rel_residual" => rep.rel_residual;);
         let new = DVec {
             v: new_param,
