@@ -273,6 +273,7 @@ impl<T: MetricObjective> Solver<ArgminObjective<'_, T>, St> for TruncatedNewton 
         self.initial_value.get_or_insert(cost);
         self.grad_norms.push(g2.sqrt());
         let (dir, rep) = self.direction(wrapped, &param, &grad)?;
+        let dir_norm = space.dot(&dir, &dir).sqrt();
         let (new_param, new_cost) = self.step(wrapped, &param, cost, &grad, dir)?;
         let diff: Vec<f64> = new_param.iter().zip(&param).map(|(a, b)| a - b).collect();
         self.step_norms.push(space.dot(&diff, &diff).sqrt());
@@ -281,6 +282,12 @@ impl<T: MetricObjective> Solver<ArgminObjective<'_, T>, St> for TruncatedNewton 
             value = new_cost,
             decrease = cost - new_cost,
             cg_iterations = rep.iterations,
+            // the step taken as a fraction of the full Newton step (1: the full step)
+            length = if dir_norm > 0.0 {
+                self.step_norms.last().copied().unwrap_or(0.0) / dir_norm
+            } else {
+                0.0
+            },
             "Newton step"
         );
         let kv = argmin::kv!("cg_iterations" => rep.iterations as u64; "cg_rel_residual" => rep.rel_residual;);
