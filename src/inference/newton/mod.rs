@@ -276,18 +276,20 @@ impl<T: MetricObjective> Solver<ArgminObjective<'_, T>, St> for TruncatedNewton 
         let dir_norm = space.dot(&dir, &dir).sqrt();
         let (new_param, new_cost) = self.step(wrapped, &param, cost, &grad, dir)?;
         let diff: Vec<f64> = new_param.iter().zip(&param).map(|(a, b)| a - b).collect();
-        self.step_norms.push(space.dot(&diff, &diff).sqrt());
+        let step_norm = space.dot(&diff, &diff).sqrt();
+        self.step_norms.push(step_norm);
+        // the step taken as a fraction of the full Newton step (1: the full step)
+        let length = if dir_norm > 0.0 {
+            step_norm / dir_norm
+        } else {
+            0.0
+        };
         tracing::debug!(
             step = self.step_norms.len(),
             value = new_cost,
             decrease = cost - new_cost,
             cg_iterations = rep.iterations,
-            // the step taken as a fraction of the full Newton step (1: the full step)
-            length = if dir_norm > 0.0 {
-                self.step_norms.last().copied().unwrap_or(0.0) / dir_norm
-            } else {
-                0.0
-            },
+            length,
             "Newton step"
         );
         let kv = argmin::kv!("cg_iterations" => rep.iterations as u64; "cg_rel_residual" => rep.rel_residual;);
