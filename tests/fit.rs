@@ -76,7 +76,7 @@ fn demo_fit_recovers_the_truth() {
 fn the_shipped_prior_draw_schedule_covers_its_truth_and_finds_its_scale() {
     // configs/prior-draw.toml as shipped: a truth drawn from the prior (scale 0.894), stars
     // that pin its voxels (uniform in parallax), 12 pairs of converged samples and the
-    // scale's evidence update. Measured: voxels 0.676, stars 0.690 / 0.944, scale 0.915 ±
+    // scale's evidence update. Measured: voxels 0.676, stars 0.687 / 0.942, scale 0.917 ±
     // 0.020. With the scale joint with the map (4 pairs) the same run covers 0.47–0.49 of
     // the voxels at a scale of 0.50–0.61 (docs/model.md, "Calibration", findings 8–9).
     // Bounds: 0.60 for the voxels (strongly correlated, so no binomial tolerance applies);

@@ -1,8 +1,9 @@
 //! Truncated Newton-CG as an argmin `Solver`: the Hessian is a matrix-free metric (for MGVI
 //! the sample-averaged Fisher metric), the inner CG stops at a relative residual of
 //! `forcing` (not argmin's NewtonCG rule, which degrades to steepest descent once |g| < 1),
-//! capped at `cg_max_iter`; the step length comes from argmin's More–Thuente line search run
-//! by argmin's Executor.
+//! measured against the part of the gradient the objective names
+//! ([`MetricObjective::forcing_norm2`]) and capped at `cg_max_iter`; the step length comes
+//! from argmin's More–Thuente line search run by argmin's Executor.
 
 use argmin::core::{
     CostFunction, Error, Executor, Gradient, IterState, LineSearch, Problem, Solver, State,
@@ -24,6 +25,12 @@ pub trait MetricObjective {
     /// How parameter vectors are distributed (inner products, shared decisions).
     fn space(&self) -> Arc<dyn Space> {
         Arc::new(Serial)
+    }
+    /// Squared norm of the gradient `g` against which the inner CG's `forcing` is measured
+    /// (default: all of it). An objective whose few coordinates carry most of the gradient
+    /// leaves them out, so that a CG does not stop as soon as those few are resolved.
+    fn forcing_norm2(&self, g: &[f64]) -> f64 {
+        self.space().dot(g, g)
     }
     /// Solve `M(p) x = b` by CG from the guess in `x` (on the host unless overridden).
     fn solve(
@@ -311,8 +318,9 @@ impl<T: MetricObjective> Solver<ArgminObjective<'_, T>, St> for TruncatedNewton 
 }
 
 impl TruncatedNewton {
-    /// The Newton direction: the metric solve `M d = −g` by CG, stopped at relative residual
-    /// `forcing`. Where that is not a descent direction (a CG stopped on garbage, a metric
+    /// The Newton direction: the metric solve `M d = −g` by CG, stopped once its residual is
+    /// below `forcing` times the gradient's norm as [`MetricObjective::forcing_norm2`]
+    /// measures it. Where that is not a descent direction (a CG stopped on garbage, a metric
     /// that is not positive definite), the steepest descent −g instead.
     fn direction<T: MetricObjective>(
         &mut self,
@@ -323,8 +331,15 @@ impl TruncatedNewton {
         let space = &wrapped.space;
         let rhs: Vec<f64> = grad.iter().map(|g| -g).collect();
         let mut dir = vec![0.0; param.len()];
+        // CG's tolerance is relative to |g| itself: rescale it to the norm the forcing names
+        let full2 = space.dot(grad, grad);
+        let share = if full2 > 0.0 {
+            (wrapped.obj.forcing_norm2(grad).max(0.0) / full2).sqrt()
+        } else {
+            1.0
+        };
         let settings = CgSettings {
-            rel_tol: self.settings.forcing,
+            rel_tol: self.settings.forcing * share,
             max_iter: self.settings.cg_max_iter,
             ..Default::default()
         };
@@ -364,7 +379,9 @@ impl TruncatedNewton {
             return Ok((param.to_vec(), cost));
         }
         // bound the first trial step: far from the optimum a full Newton step of an
-        // exponential model can overflow (ρ = e^{…}); the line search may still extend it
+        // exponential model can overflow (ρ = e^{…}). The accepted step is not lengthened
+        // towards the full Newton step afterwards: with deep CG directions that grew isolated
+        // density spikes (single voxels at ρ up to 1e35 on W0; docs/model.md)
         let max_abs = space.max(dir.iter().fold(0.0f64, |m, v| m.max(v.abs())));
         let alpha0 = if max_abs > self.settings.max_step {
             self.settings.max_step / max_abs
@@ -393,48 +410,13 @@ impl TruncatedNewton {
         });
         // every rank takes the same branch: the cost is a global sum
         match found {
-            Some((p, c)) if c.is_finite() && c <= cost => {
-                if alpha0 < 1.0 {
-                    extend(wrapped, param, &dir, (p, c), &*space)
-                } else {
-                    Ok((p, c))
-                }
-            }
+            Some((p, c)) if c.is_finite() && c <= cost => Ok((p, c)),
             _ => {
                 tracing::debug!("More–Thuente failed or did not improve: Armijo backtracking");
                 backtrack(wrapped.obj, param, cost, (&dir, slope), alpha0, ls)
             }
         }
     }
-}
-
-/// Longer steps along `dir` after a search that started from a capped trial step: the cap
-/// guards against overflow far from the optimum, but More–Thuente's loose curvature test
-/// accepts the capped step itself even where the objective keeps falling, which makes
-/// progress crawl. Double the accepted step towards the full Newton step while the
-/// objective still falls; returns the best point (never worse than `best`). Evaluations go
-/// through `wrapped`, so they are counted in [`NewtonReport::evaluations`].
-fn extend<T: MetricObjective>(
-    wrapped: &ArgminObjective<'_, T>,
-    param: &[f64],
-    dir: &[f64],
-    best: (Vec<f64>, f64),
-    space: &dyn Space,
-) -> Result<(Vec<f64>, f64), Error> {
-    let (mut p_best, mut c_best) = best;
-    let moved: Vec<f64> = p_best.iter().zip(param).map(|(a, b)| a - b).collect();
-    let mut alpha = (space.dot(&moved, &moved) / space.dot(dir, dir).max(f64::MIN_POSITIVE)).sqrt();
-    while alpha > 0.0 && alpha < 1.0 {
-        let next = (2.0 * alpha).min(1.0);
-        let trial: Vec<f64> = param.iter().zip(dir).map(|(a, d)| a + next * d).collect();
-        let (c, _) = wrapped.value_grad(&trial)?;
-        // the cost is a global sum: every rank takes the same branch
-        if !(c.is_finite() && c < c_best) {
-            break;
-        }
-        (p_best, c_best, alpha) = (trial, c, next);
-    }
-    Ok((p_best, c_best))
 }
 
 /// The line search's view of the objective: the same objective and cache as the solver's,

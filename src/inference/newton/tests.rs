@@ -154,3 +154,85 @@ fn a_start_where_the_objective_is_not_finite_is_an_error_that_says_so() {
         "{msg}"
     );
 }
+
+/// ½ pᵀAp − bᵀp with A = diag(a) (the metric is the Hessian); `lead` coordinates are left
+/// out of the forcing norm when `exclude_lead`.
+struct Quadratic {
+    a: Vec<f64>,
+    b: Vec<f64>,
+    lead: usize,
+    exclude_lead: bool,
+}
+
+impl MetricObjective for Quadratic {
+    fn value_grad(&self, p: &[f64], g: &mut [f64]) -> Result<f64, Error> {
+        let mut f = 0.0;
+        for i in 0..p.len() {
+            g[i] = self.a[i] * p[i] - self.b[i];
+            f += 0.5 * self.a[i] * p[i] * p[i] - self.b[i] * p[i];
+        }
+        Ok(f)
+    }
+    fn metric(&self, _p: &[f64], v: &[f64], out: &mut [f64]) -> Result<(), Error> {
+        for i in 0..v.len() {
+            out[i] = self.a[i] * v[i];
+        }
+        Ok(())
+    }
+    fn forcing_norm2(&self, g: &[f64]) -> f64 {
+        let skip = if self.exclude_lead { self.lead } else { 0 };
+        g[skip..].iter().map(|v| v * v).sum()
+    }
+}
+
+#[test]
+fn the_forcing_is_measured_on_the_gradient_the_objective_names() {
+    // two coordinates with a gradient 1000 times the rest's, which spread over a spectrum
+    // that takes CG many iterations: measured on the whole gradient, one Newton step
+    // resolves the two and leaves the rest; measured without them, the rest's gradient
+    // falls below forcing times its start (the full step is taken on a quadratic)
+    let n = 200;
+    let lead = 2;
+    let a: Vec<f64> = (0..n)
+        .map(|i| if i < lead { 1.0 } else { 1.0 + i as f64 })
+        .collect();
+    let b: Vec<f64> = (0..n)
+        .map(|i| {
+            if i < lead {
+                1e3
+            } else {
+                (i as f64 * 0.7).sin()
+            }
+        })
+        .collect();
+    let rest_norm = |g: &[f64]| g[lead..].iter().map(|v| v * v).sum::<f64>().sqrt();
+    let forcing = 0.1;
+    let one_step = |exclude_lead: bool| {
+        let obj = Quadratic {
+            a: a.clone(),
+            b: b.clone(),
+            lead,
+            exclude_lead,
+        };
+        let settings = NewtonSettings {
+            forcing,
+            cg_max_iter: n,
+            rel_tol: 0.0,
+            max_step: 1e6,
+            ..Default::default()
+        };
+        let (p, rep) = minimize(&obj, vec![0.0; n], 1, settings).unwrap();
+        let mut g = vec![0.0; n];
+        obj.value_grad(&p, &mut g).unwrap();
+        (rest_norm(&g), rep.cg_iterations[0])
+    };
+    let start = rest_norm(&b);
+    let (whole, cg_whole) = one_step(false);
+    let (named, cg_named) = one_step(true);
+    assert!(whole > forcing * start, "{whole} vs {start}, {cg_whole} CG");
+    assert!(
+        named <= forcing * start,
+        "{named} vs {start}, {cg_named} CG"
+    );
+    assert!(cg_named > cg_whole, "{cg_named} vs {cg_whole}");
+}
