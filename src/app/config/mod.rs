@@ -290,7 +290,9 @@ pub struct StageConfig {
     pub newton_steps: usize,
     /// Cap of CG iterations inside one Newton step.
     pub newton_cg_iterations: usize,
-    /// Relative residual at which a Newton step's inner CG stops.
+    /// Relative residual at which a Newton step's inner CG stops, against the norm of the
+    /// KL gradient without its scale and offset components (geoVI's coordinate equation:
+    /// its whole gradient).
     pub newton_forcing: f64,
     /// The stage ends before `iterations` once an iteration changes the KL by at most this
     /// fraction, ...

@@ -208,7 +208,7 @@ pub struct TruncatedNewton {
     pub step_norms: Vec<f64>,
     /// Objective at the start, before the first step.
     pub initial_value: Option<f64>,
-    /// Relative residual of every step's inner CG.
+    /// Residual of every step's inner CG relative to the gradient's norm as the forcing measures it.
     pub cg_residuals: Vec<f64>,
     /// Steps whose inner CG stopped at its cap above the forcing residual.
     pub cg_capped: usize,
@@ -332,9 +332,10 @@ impl TruncatedNewton {
         let rhs: Vec<f64> = grad.iter().map(|g| -g).collect();
         let mut dir = vec![0.0; param.len()];
         // CG's tolerance is relative to |g| itself: rescale it to the norm the forcing names
-        let full2 = space.dot(grad, grad);
-        let share = if full2 > 0.0 {
-            (wrapped.obj.forcing_norm2(grad).max(0.0) / full2).sqrt()
+        // (the whole gradient where that part is zero)
+        let (full2, named2) = (space.dot(grad, grad), wrapped.obj.forcing_norm2(grad));
+        let share = if full2 > 0.0 && named2 > 0.0 {
+            (named2 / full2).sqrt()
         } else {
             1.0
         };
@@ -345,7 +346,8 @@ impl TruncatedNewton {
         };
         let rep = wrapped.obj.solve(param, &rhs, &mut dir, &settings)?;
         self.cg_iterations.push(rep.iterations);
-        self.cg_residuals.push(rep.rel_residual);
+        // reported against the norm the forcing is measured in, as the forcing itself is
+        self.cg_residuals.push(rep.rel_residual / share);
         if rep.stopped_at_cap(&settings) {
             self.cg_capped += 1;
         }
@@ -479,7 +481,7 @@ pub struct NewtonReport {
     pub evaluations: usize,
     /// Objective at the start point.
     pub initial_value: f64,
-    /// Relative residual of each step's inner CG.
+    /// Residual of each step's inner CG relative to the gradient's norm as the forcing measures it.
     pub cg_residuals: Vec<f64>,
     /// Steps whose inner CG stopped at its cap above the forcing residual.
     pub cg_capped: usize,
