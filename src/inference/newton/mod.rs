@@ -1,8 +1,8 @@
 //! Truncated Newton-CG as an argmin `Solver`: the Hessian is a matrix-free metric (for MGVI
 //! the sample-averaged Fisher metric), the inner CG stops at a relative residual of
 //! `forcing` (not argmin's NewtonCG rule, which degrades to steepest descent once |g| < 1),
-//! measured against the part of the gradient the objective names
-//! ([`MetricObjective::forcing_norm2`]) and capped at `cg_max_iter`; the step length comes
+//! measured against the gradient without the components the objective names
+//! ([`MetricObjective::forcing_excluded2`]) and capped at `cg_max_iter`; the step length comes
 //! from argmin's More–Thuente line search run by argmin's Executor.
 
 use argmin::core::{
@@ -26,11 +26,12 @@ pub trait MetricObjective {
     fn space(&self) -> Arc<dyn Space> {
         Arc::new(Serial)
     }
-    /// Squared norm of the gradient `g` against which the inner CG's `forcing` is measured
-    /// (default: all of it). An objective whose few coordinates carry most of the gradient
-    /// leaves them out, so that a CG does not stop as soon as those few are resolved.
-    fn forcing_norm2(&self, g: &[f64]) -> f64 {
-        self.space().dot(g, g)
+    /// Squared norm of the components of the gradient `g` that the inner CG's `forcing` is
+    /// not measured against (default: none). An objective whose few coordinates carry most
+    /// of the gradient leaves them out, so that a CG does not stop as soon as those few are
+    /// resolved. They must be held alike on every rank (no reduction is made).
+    fn forcing_excluded2(&self, _g: &[f64]) -> f64 {
+        0.0
     }
     /// Solve `M(p) x = b` by CG from the guess in `x` (on the host unless overridden).
     fn solve(
@@ -279,7 +280,7 @@ impl<T: MetricObjective> Solver<ArgminObjective<'_, T>, St> for TruncatedNewton 
         }
         self.initial_value.get_or_insert(cost);
         self.grad_norms.push(g2.sqrt());
-        let (dir, rep) = self.direction(wrapped, &param, &grad)?;
+        let (dir, rep) = self.direction(wrapped, &param, &grad, g2)?;
         let dir_norm = space.dot(&dir, &dir).sqrt();
         let (new_param, new_cost) = self.step(wrapped, &param, cost, &grad, dir)?;
         let diff: Vec<f64> = new_param.iter().zip(&param).map(|(a, b)| a - b).collect();
@@ -319,23 +320,24 @@ impl<T: MetricObjective> Solver<ArgminObjective<'_, T>, St> for TruncatedNewton 
 
 impl TruncatedNewton {
     /// The Newton direction: the metric solve `M d = −g` by CG, stopped once its residual is
-    /// below `forcing` times the gradient's norm as [`MetricObjective::forcing_norm2`]
-    /// measures it. Where that is not a descent direction (a CG stopped on garbage, a metric
+    /// below `forcing` times the norm of the gradient (squared norm `g2`) without the
+    /// components [`MetricObjective::forcing_excluded2`] names. Where that is not a descent direction (a CG stopped on garbage, a metric
     /// that is not positive definite), the steepest descent −g instead.
     fn direction<T: MetricObjective>(
         &mut self,
         wrapped: &ArgminObjective<'_, T>,
         param: &[f64],
         grad: &[f64],
+        g2: f64,
     ) -> Result<(Vec<f64>, cg::CgReport), Error> {
         let space = &wrapped.space;
         let rhs: Vec<f64> = grad.iter().map(|g| -g).collect();
         let mut dir = vec![0.0; param.len()];
         // CG's tolerance is relative to |g| itself: rescale it to the norm the forcing names
         // (the whole gradient where that part is zero)
-        let (full2, named2) = (space.dot(grad, grad), wrapped.obj.forcing_norm2(grad));
-        let share = if full2 > 0.0 && named2 > 0.0 {
-            (named2 / full2).sqrt()
+        let named2 = g2 - wrapped.obj.forcing_excluded2(grad);
+        let share = if g2 > 0.0 && named2 > 0.0 {
+            (named2 / g2).sqrt()
         } else {
             1.0
         };

@@ -179,9 +179,9 @@ impl MetricObjective for Quadratic {
         }
         Ok(())
     }
-    fn forcing_norm2(&self, g: &[f64]) -> f64 {
-        let skip = if self.exclude_lead { self.lead } else { 0 };
-        g[skip..].iter().map(|v| v * v).sum()
+    fn forcing_excluded2(&self, g: &[f64]) -> f64 {
+        let lead = if self.exclude_lead { self.lead } else { 0 };
+        g[..lead].iter().map(|v| v * v).sum()
     }
 }
 
