@@ -582,22 +582,26 @@ pub fn run(what: &str, preset_name: &str, opts: BenchOptions) -> Result<BenchOut
         json!(format!("{precision:?}").to_lowercase()),
     );
     obj.insert("benchmark".into(), json!(what));
+    // the instruction set the per-star walks were dispatched to
+    obj.insert("simd".into(), json!(crate::base::simd::describe()));
     for (k, v) in &ops {
         obj.insert((*k).into(), json!(v));
     }
     obj.extend(extra);
     obj.insert("peak_rss_bytes".into(), json!(peak_rss_bytes()));
     let mut text = format!(
-        "dust3d bench {what} --preset {} ({} threads, backend {backend}, {precision:?} matrices)\n",
+        "dust3d bench {what} --preset {} ({} threads, backend {backend}, {precision:?} matrices, \
+         {} walks)\n",
         p.name,
-        rayon::current_num_threads()
+        rayon::current_num_threads(),
+        crate::base::simd::describe()
     );
     for (k, v) in &obj {
         if k.ends_with("_s") {
             text += &format!("  {:<18} {:>10.4} s\n", k, v.as_f64().unwrap_or(f64::NAN));
         } else if !matches!(
             k.as_str(),
-            "preset" | "threads" | "backend" | "benchmark" | "matrix_precision"
+            "preset" | "threads" | "backend" | "benchmark" | "matrix_precision" | "simd"
         ) {
             text += &format!("  {k:<18} {v}\n");
         }

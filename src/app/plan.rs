@@ -104,7 +104,7 @@ impl RankFigures {
     }
 }
 
-/// Window bytes per star (8 per window entry plus its start and offset), measured on 20,000
+/// Window bytes per star (8 per window entry plus its start, offset and κ), measured on 20,000
 /// synthetic stars: volume-uniform distances over the configured catalog cut and
 /// the simulator's parallax-error range, after the selection cuts.
 pub fn window_bytes_per_star(cfg: &Config, chart: &Chart) -> f64 {
@@ -144,7 +144,7 @@ fn stage_windows(cfg: &Config, chart: &Chart, stage: &StageConfig) -> (f64, f64)
     }
     let win =
         crate::likelihood::response::Windows::with_prior(&shells, &w, &s, &cfg.distance_prior());
-    let per_star = (win.prob.len() * 8 + w.len() * 12) as f64 / w.len().max(1) as f64;
+    let per_star = (win.prob.len() * 8 + w.len() * 20) as f64 / w.len().max(1) as f64;
     (w.len() as f64 / passed as f64, per_star)
 }
 

@@ -7,5 +7,6 @@ pub mod logging;
 pub mod precision;
 pub mod provenance;
 pub mod rng;
+pub mod simd;
 pub mod stop;
 pub(crate) mod util;

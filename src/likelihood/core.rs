@@ -87,6 +87,8 @@ pub struct ModelWork {
     pub(crate) star_a: Vec<f64>,
     pub(crate) star_v: Vec<f64>,
     pub(crate) pix_scalars: Vec<[f64; 2]>,
+    /// Per pixel and state [Σ s t, Σ t] partials of a metric product (pixel-major).
+    pub(crate) state_scalars: Vec<[f64; 2]>,
     pub(crate) pix_energy: Vec<f64>,
     pub(crate) acc: Vec<f64>,
     pub(crate) masked: Vec<f64>,
@@ -191,6 +193,7 @@ impl ModelCore {
             star_a: vec![0.0; n],
             star_v: vec![0.0; n],
             pix_scalars: vec![[0.0; 2]; self.npix()],
+            state_scalars: Vec::new(),
             pix_energy: vec![0.0; self.npix()],
             acc: Vec::new(),
             masked: Vec::new(),

@@ -157,7 +157,8 @@ impl Backend for Cpu {
         w: &mut ModelWork,
     ) -> Result<[f64; 2]> {
         let c = through_icr(m, dxi, g_xi, w, |ds, acc, pix| {
-            metric_pixels(m, st, (ds, dscl, doff), None, 1.0, acc, pix);
+            let states = std::slice::from_ref(st);
+            metric_pixels(m, states, &[(dscl, doff)], ds, None, acc, pix);
             m.dom.pixel_sum2(pix)
         });
         Ok(c)
@@ -177,21 +178,29 @@ impl Backend for Cpu {
         let chain = m.chain();
         let mut vxm = std::mem::take(&mut w.masked);
         masked_copy(&mut vxm, vx, mask);
-        let n = states.len() as f64;
         let (ox, osig) = out.split_at_mut(np);
         osig.fill(0.0);
+        let tangents: Vec<(f64, f64)> = states
+            .iter()
+            .map(|st| chain.tangent(st.dscl, [vxm[nxi], vxm[nxi + 1]]))
+            .collect();
+        // one state's per-pixel partials at a time, for the patch-ordered sums
+        let mut per_state = std::mem::take(&mut w.pix_scalars);
         let [g_scl, g_off] = through_icr(m, &vxm[..nxi], &mut ox[..nxi], w, |ds, acc, pix| {
+            let sig = Some((vs, &mut osig[..ns]));
+            metric_pixels(m, states, &tangents, ds, sig, acc, pix);
             let (mut g_scl, mut g_off) = (0.0, 0.0);
-            for st in states {
-                let (dscl, doff) = chain.tangent(st.dscl, [vxm[nxi], vxm[nxi + 1]]);
-                let sig = Some((vs, &mut osig[..ns]));
-                metric_pixels(m, st, (ds, dscl, doff), sig, n, acc, pix);
-                let [a, b] = chain.cotangent(st.dscl, m.dom.pixel_sum2(pix));
+            for (si, st) in states.iter().enumerate() {
+                for (q, sc) in per_state.iter_mut().zip(pix.chunks_exact(states.len())) {
+                    *q = sc[si];
+                }
+                let [a, b] = chain.cotangent(st.dscl, m.dom.pixel_sum2(&per_state));
                 g_scl += a;
                 g_off += b;
             }
             [g_scl, g_off]
         });
+        w.pix_scalars = per_state;
         out[nxi] = g_scl;
         out[nxi + 1] = g_off;
         for i in 0..np {
@@ -291,15 +300,16 @@ fn value_grad_pixels(
         );
 }
 
-/// ICR forward of `dxi`, then `pass(ds, acc, pix_scalars)` adding the final chart field's
-/// cotangent into a zeroed `acc`, then the ICR adjoint of `acc` into `g_xi`: the `Sᵀ (…) S`
-/// around the per-pixel part of a metric product, in the workspace's buffers.
+/// ICR forward of `dxi`, then `pass(ds, acc, scalars)` adding the final chart field's
+/// cotangent into a zeroed `acc` and leaving per-pixel partials in `scalars` (sized by the
+/// pass), then the ICR adjoint of `acc` into `g_xi`: the `Sᵀ (…) S` around the per-pixel part
+/// of a metric product, in the workspace's buffers.
 fn through_icr<R>(
     m: &ModelCore,
     dxi: &[f64],
     g_xi: &mut [f64],
     w: &mut ModelWork,
-    pass: impl FnOnce(&[f64], &mut [f64], &mut [[f64; 2]]) -> R,
+    pass: impl FnOnce(&[f64], &mut [f64], &mut Vec<[f64; 2]>) -> R,
 ) -> R {
     let top = m.icr.chart.levels;
     m.icr.forward(dxi, &mut w.icr);
@@ -307,94 +317,119 @@ fn through_icr<R>(
     let mut acc = std::mem::take(&mut w.acc);
     acc.resize(ds.len(), 0.0);
     acc.fill(0.0);
-    let r = pass(&ds, &mut acc, &mut w.pix_scalars);
+    let r = pass(&ds, &mut acc, &mut w.state_scalars);
     w.icr.fields[top] = ds;
     m.icr.adjoint(&acc, g_xi, &mut w.icr);
     w.acc = acc;
     r
 }
 
-/// One state's share of a metric product after the ICR forward, `JᵀFJ v / n`, one pixel at
-/// a time: each star's tangent, its Fisher weighting and its cotangent while its window is
-/// still in cache (the window data are read from memory once, not twice). The tangent is
-/// `(ds, dscl, doff)`: the final chart field's tangent `S dξ_e` and the value tangents of
-/// scale and offset; `sig`, when ξ_σ is not held, holds its tangent and the output its part
-/// is added to. Adds the field's part into `acc` and leaves the pixels' [Σ s t, Σ t]
-/// partials (times 1/n) in `pix_scalars`. The arithmetic is that of [`jvp_from_field`], the
-/// Fisher weighting and [`vjp_to_field`] in the same order.
+/// The states' mean metric product after the ICR forward, `Σ_s J_sᵀ F_s J_s v / n`, one
+/// pixel at a time: for each state in turn, each star's tangent, its Fisher weighting and
+/// its cotangent, while the pixel's window data are in cache (read from memory once for all
+/// states and both directions). State `s`'s tangent is `(ds, tangents[s])`: the final chart
+/// field's tangent `S dξ_e` and the value tangents of scale and offset; `sig`, when ξ_σ is
+/// not held, holds its tangent and the output its part is added to. Adds the field's part
+/// into `acc` (state by state, in order) and leaves each pixel's [Σ s t, Σ t] partials per
+/// state (times 1/n, pixel-major) in `scalars`. The arithmetic is that of
+/// [`jvp_from_field`], the Fisher weighting and [`vjp_to_field`] in the same order.
 fn metric_pixels(
     m: &ModelCore,
-    st: &State,
-    (ds, dscl, doff): (&[f64], f64, f64),
+    states: &[State],
+    tangents: &[(f64, f64)],
+    ds: &[f64],
     sig: Option<(&[f64], &mut [f64])>,
-    n_states: f64,
     acc: &mut [f64],
-    pix_scalars: &mut [[f64; 2]],
+    scalars: &mut Vec<[f64; 2]>,
 ) {
     let (n, nc, pad) = (m.n_r(), m.n_chart(), m.padding());
-    let d = &m.data;
-    let weight = 1.0 / n_states;
+    let n_states = states.len() as f64;
     let (v_sig, op) = match sig {
         Some((v, out)) => (Some(v), Some(DisjointMut::new(out))),
         None => (None, None),
     };
+    scalars.clear();
+    scalars.resize(m.npix() * states.len(), [0.0; 2]);
     acc.par_chunks_mut(nc)
-        .zip(pix_scalars.par_iter_mut())
+        .zip(scalars.par_chunks_mut(states.len()))
         .enumerate()
         .for_each_init(
             || PixelScratch::new(n),
             |w, (p, (sbar, sc))| {
-                let (lo, hi) = (d.offsets[p], d.offsets[p + 1]);
-                let col = &st.rw[p * n..(p + 1) * n];
-                let sk = &st.s[p * n..(p + 1) * n];
                 let ds = &ds[p * nc + pad..p * nc + pad + n];
-                for (k, drw) in w.drw.iter_mut().enumerate() {
-                    *drw = col[k] * (st.scl * ds[k] + sk[k] * dscl + doff);
-                }
-                inner_columns(col, &mut w.cum);
-                inner_columns(&w.drw, &mut w.dcum);
-                w.rw_bar.fill(0.0);
-                w.cum_bar.fill(0.0);
                 // SAFETY: star ranges of distinct pixels are disjoint
+                let (lo, hi) = (m.data.offsets[p], m.data.offsets[p + 1]);
                 let mut os = op.as_ref().map(|op| unsafe { op.chunk(lo, hi - lo) });
-                for (j, i) in (lo..hi).enumerate() {
-                    let win = d.windows.of(i);
-                    let (mut da, y) = star_jvp(win, col, &w.drw, &w.cum, &w.dcum, st.abar[i]);
-                    let mut dv = m.distance_part(y);
-                    // v also depends on ξ_σ: ∂v/∂ξ_σ = 2 n_σ σ_A² dn_σ/dξ_σ (diagonal per star)
-                    let dvds = v_sig.map(|vs| {
-                        let dvds = 2.0 * st.nsig[i] * d.a_err[i] * d.a_err[i] * st.dnsig[i];
-                        dv += dvds * vs[i];
-                        dvds
-                    });
-                    m.fisher_weigh(i, st.var[i], &mut da, &mut dv);
-                    if let (Some(os), Some(dvds)) = (os.as_mut(), dvds) {
-                        os[j] += dvds * dv / n_states;
-                    }
-                    let gv = m.distance_part(dv);
-                    star_vjp(
-                        win,
-                        col,
-                        &w.cum,
-                        st.abar[i],
-                        da,
-                        gv,
-                        &mut w.rw_bar,
-                        &mut w.cum_bar,
-                    );
+                for ((st, &tangent), sc) in states.iter().zip(tangents).zip(sc) {
+                    let sig = (v_sig, os.as_deref_mut());
+                    let out = (&mut sbar[pad..pad + n], n_states);
+                    *sc = state_metric_pixel(m, st, (ds, tangent), sig, p, out, w);
                 }
-                finish_vjp(&w.cum_bar, &mut w.rw_bar);
-                // rw = Δr exp(scl s + off): ∂rw/∂s = scl rw, ∂rw/∂scl = s rw, ∂rw/∂off = rw
-                let (mut g_scl, mut g_off) = (0.0, 0.0);
-                for k in 0..n {
-                    let t = weight * w.rw_bar[k] * col[k];
-                    sbar[pad + k] += st.scl * t;
-                    g_scl += sk[k] * t;
-                    g_off += t;
-                }
-                *sc = [g_scl, g_off];
             },
         );
+}
+
+/// One state's pass over pixel `p` of [`metric_pixels`]: adds the state's share (1/n of
+/// its product, `n` the number of states) of the kept shells' field cotangent into `sbar`
+/// and returns the pixel's [Σ s t, Σ t] partials; `sig` as there, its output restricted to
+/// the pixel's stars.
+fn state_metric_pixel(
+    m: &ModelCore,
+    st: &State,
+    (ds, (dscl, doff)): (&[f64], (f64, f64)),
+    (v_sig, mut os): (Option<&[f64]>, Option<&mut [f64]>),
+    p: usize,
+    (sbar, n_states): (&mut [f64], f64),
+    w: &mut PixelScratch,
+) -> [f64; 2] {
+    let (n, d) = (m.n_r(), &m.data);
+    let weight = 1.0 / n_states;
+    let (lo, hi) = (d.offsets[p], d.offsets[p + 1]);
+    let col = &st.rw[p * n..(p + 1) * n];
+    let sk = &st.s[p * n..(p + 1) * n];
+    for (k, drw) in w.drw.iter_mut().enumerate() {
+        *drw = col[k] * (st.scl * ds[k] + sk[k] * dscl + doff);
+    }
+    inner_columns(col, &mut w.cum);
+    inner_columns(&w.drw, &mut w.dcum);
+    w.rw_bar.fill(0.0);
+    w.cum_bar.fill(0.0);
+    for (j, i) in (lo..hi).enumerate() {
+        let win = d.windows.of(i);
+        let (mut da, y) = star_jvp(win, col, &w.drw, &w.cum, &w.dcum, st.abar[i]);
+        let mut dv = m.distance_part(y);
+        // v also depends on ξ_σ: ∂v/∂ξ_σ = 2 n_σ σ_A² dn_σ/dξ_σ (diagonal per star)
+        let dvds = v_sig.map(|vs| {
+            let dvds = 2.0 * st.nsig[i] * d.a_err[i] * d.a_err[i] * st.dnsig[i];
+            dv += dvds * vs[i];
+            dvds
+        });
+        m.fisher_weigh(i, st.var[i], &mut da, &mut dv);
+        if let (Some(os), Some(dvds)) = (os.as_deref_mut(), dvds) {
+            os[j] += dvds * dv / n_states;
+        }
+        let gv = m.distance_part(dv);
+        star_vjp(
+            win,
+            col,
+            &w.cum,
+            st.abar[i],
+            da,
+            gv,
+            &mut w.rw_bar,
+            &mut w.cum_bar,
+        );
+    }
+    finish_vjp(&w.cum_bar, &mut w.rw_bar);
+    // rw = Δr exp(scl s + off): ∂rw/∂s = scl rw, ∂rw/∂scl = s rw, ∂rw/∂off = rw
+    let (mut g_scl, mut g_off) = (0.0, 0.0);
+    for k in 0..n {
+        let t = weight * w.rw_bar[k] * col[k];
+        sbar[k] += st.scl * t;
+        g_scl += sk[k] * t;
+        g_off += t;
+    }
+    [g_scl, g_off]
 }
 
 /// Per-thread scratch of the per-pixel passes: a column's tangent, its inner columns and

@@ -296,6 +296,7 @@ mod tests {
     use rand_distr::StandardNormal;
 
     use super::*;
+    use crate::likelihood::response::Window;
     use crate::likelihood::response::{Windows, F_SCALE, H_SCALE};
     use crate::sphere::grid::Shells;
     use crate::sphere::transforms::norm_pdf;
@@ -389,7 +390,13 @@ mod tests {
             let win = Windows::with_prior(&shells, &par, &err, &prior);
             for (i, &(w, s)) in stars.iter().enumerate() {
                 let want = brute(&shells, w, s, &prior);
-                let (e0, p, f, h) = win.of(i);
+                let Window {
+                    e0,
+                    prob: p,
+                    frac: f,
+                    spread: h,
+                    ..
+                } = win.of(i);
                 let sum: f64 = p.iter().map(|&v| v as f64).sum();
                 assert!((sum - 1.0).abs() < 1e-6, "{prior:?} star {i}: sum {sum}");
                 for (e, wb) in want.iter().enumerate() {
@@ -415,7 +422,12 @@ mod tests {
         let shells = Shells::log_uniform(40.0, 600.0, 24).unwrap();
         // 1/30 mas = 33 pc, 30σ inside the prior's 45 pc
         let win = Windows::with_prior(&shells, &[30.0], &[0.1], &VOLUME);
-        let (e0, p, f, _) = win.of(0);
+        let Window {
+            e0,
+            prob: p,
+            frac: f,
+            ..
+        } = win.of(0);
         assert_eq!(p, &[1.0]);
         assert_eq!(e0, extended_bin(&shells.edges_pc, 45.0));
         let x = (45.0 - shells.edges_pc[e0 - 1]) / (shells.edges_pc[e0] - shells.edges_pc[e0 - 1]);
@@ -430,7 +442,7 @@ mod tests {
         let (mut expect, mut var, mut seen) =
             (vec![0.0; n + 2], vec![0.0; n + 2], vec![0.0; n + 2]);
         for (i, &d) in d_true.iter().enumerate() {
-            let (e0, p, _, _) = win.of(i);
+            let Window { e0, prob: p, .. } = win.of(i);
             for (j, &pj) in p.iter().enumerate() {
                 expect[e0 + j] += pj as f64;
                 var[e0 + j] += pj as f64 * (1.0 - pj as f64);

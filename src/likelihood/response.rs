@@ -17,6 +17,7 @@
 
 use rayon::prelude::*;
 
+use crate::base::simd::{self, WithSimd};
 use crate::base::util::DisjointMut;
 use crate::sphere::grid::Shells;
 use crate::sphere::transforms::{norm_cdf, norm_pdf};
@@ -43,6 +44,9 @@ pub struct Windows {
     pub frac: Vec<u16>,
     /// Variance of the fractional position (≤ 1/4), quantised: h = spread / (4 · 65535).
     pub spread: Vec<u16>,
+    /// Each star's `2 − Σ p` (see [`Window::kappa`]), summed once here so that the per-star
+    /// passes do not walk the probabilities a second time for it.
+    pub kappa: Vec<f64>,
 }
 
 /// One star's first and last extended bin from `(shell edges, ω, σ)`.
@@ -53,8 +57,24 @@ pub(super) type WindowRange<'a> = dyn Fn(&[f64], f64, f64) -> (usize, usize) + S
 pub(super) type WindowFill<'a> =
     dyn Fn(f64, f64, (usize, usize), (&mut [f32], &mut [u16], &mut [u16])) + Sync + 'a;
 
-/// One star's window: first extended index, probabilities, mean positions, position variances.
-pub type Window<'a> = (usize, &'a [f32], &'a [u16], &'a [u16]);
+/// One star's window, as the per-star passes read it.
+#[derive(Clone, Copy, Debug)]
+pub struct Window<'a> {
+    /// First extended bin (0: nearer than the first shell).
+    pub e0: usize,
+    /// Probability of each extended bin from `e0` on.
+    pub prob: &'a [f32],
+    /// Quantised mean fractional position in each bin ([`Windows::frac`]).
+    pub frac: &'a [u16],
+    /// Quantised position variance in each bin ([`Windows::spread`]).
+    pub spread: &'a [u16],
+    /// `2 − Σ prob` over all its bins: 1 up to the f32 rounding of the probabilities.
+    /// σ_a² = m − κ ā² is then Σ p (c − ā)² exactly for the stored probabilities (not
+    /// negative beyond the rounding of ā²); `m − ā²` carries the spurious (Σ p − 1) ā², a
+    /// few 1e-8 ā², which at columns of thousands of magnitudes (a fresh fit's first
+    /// samples) outweighs (n_σ σ_A)² and made the variance negative.
+    pub kappa: f64,
+}
 
 /// Scale of the quantised mean position.
 pub(super) const F_SCALE: f64 = 1.0 / 65535.0;
@@ -196,6 +216,10 @@ impl Windows {
             fill(parallax_mas[i], error_mas[i], ranges[i], (p, f, h));
         });
         let start = ranges.iter().map(|r| r.0 as u32).collect();
+        let kappa = offset
+            .par_windows(2)
+            .map(|o| 2.0 - prob[o[0]..o[1]].iter().map(|&x| f64::from(x)).sum::<f64>())
+            .collect();
         Windows {
             n,
             start,
@@ -203,6 +227,7 @@ impl Windows {
             prob,
             frac,
             spread,
+            kappa,
         }
     }
 
@@ -276,18 +301,19 @@ impl Windows {
 
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        self.prob.len() * 8 + self.start.len() * 12
+        self.prob.len() * 8 + self.start.len() * 20
     }
 
     /// The window of star `i`.
     pub fn of(&self, i: usize) -> Window<'_> {
         let r = self.offset[i]..self.offset[i + 1];
-        (
-            self.start[i] as usize,
-            &self.prob[r.clone()],
-            &self.frac[r.clone()],
-            &self.spread[r],
-        )
+        Window {
+            e0: self.start[i] as usize,
+            prob: &self.prob[r.clone()],
+            frac: &self.frac[r.clone()],
+            spread: &self.spread[r],
+            kappa: self.kappa[i],
+        }
     }
 }
 
@@ -319,15 +345,6 @@ fn split(e0: usize, len: usize, n: usize) -> (usize, usize, usize, bool) {
     (jl, jh.max(jl), k0, e0 + len == n + 2)
 }
 
-/// `2 − Σ p` over all bins of a window (the near bin and the beyond bin included): 1 up to
-/// the f32 rounding of its probabilities. σ_a² = m − κ ā² is then Σ p (c − ā)² exactly for
-/// the stored probabilities (not negative beyond the rounding of ā²); `m − ā²` carries
-/// the spurious (Σ p − 1) ā², a few 1e-8 ā², which at columns of thousands of magnitudes
-/// (a fresh fit's first samples) outweighs (n_σ σ_A)² and made the variance negative.
-fn kappa(p: &[f32]) -> f64 {
-    2.0 - p.iter().map(|&x| f64::from(x)).sum::<f64>()
-}
-
 /// ā and σ_a² of one star from its pixel's `rw = ρ Δr` and inner columns `cum`, in the
 /// extinction units of `rw` (and their square).
 ///
@@ -347,25 +364,7 @@ fn kappa(p: &[f32]) -> f64 {
 /// assert!(var >= 0.0 && var < 1e-6);
 /// ```
 pub fn star_moments(win: Window<'_>, rw: &[f64], cum: &[f64]) -> (f64, f64) {
-    let (e0, p, f, h) = win;
-    let n = rw.len();
-    let (jl, jh, k0, beyond) = split(e0, p.len(), n);
-    let kept = k0..k0 + (jh - jl);
-    let (mut a, mut m) = (0.0, 0.0);
-    // zipped slices of one length: no bounds check inside the walk
-    let win = p[jl..jh].iter().zip(&f[jl..jh]).zip(&h[jl..jh]);
-    for (((&pj, &fj), &hj), (&r, &c0)) in win.zip(rw[kept.clone()].iter().zip(&cum[kept])) {
-        let pj = pj as f64;
-        let c = c0 + r * (fj as f64 * F_SCALE);
-        a += pj * c;
-        m += pj * (c * c + r * r * (hj as f64 * H_SCALE));
-    }
-    if beyond {
-        let pj = p[p.len() - 1] as f64;
-        a += pj * cum[n];
-        m += pj * cum[n] * cum[n];
-    }
-    (a, m - kappa(p) * a * a)
+    simd::dispatch(Moments { win, rw, cum })
 }
 
 /// Tangent (δā, δσ_a²) of one star for a tangent `drw` of its column (`dcum` its columns).
@@ -377,27 +376,12 @@ pub fn star_jvp(
     dcum: &[f64],
     abar: f64,
 ) -> (f64, f64) {
-    let (e0, p, f, h) = win;
-    let n = rw.len();
-    let (jl, jh, k0, beyond) = split(e0, p.len(), n);
-    let kept = k0..k0 + (jh - jl);
-    let (mut da, mut dm) = (0.0, 0.0);
-    let win = p[jl..jh].iter().zip(&f[jl..jh]).zip(&h[jl..jh]);
-    let col = rw[kept.clone()].iter().zip(&cum[kept.clone()]);
-    let tan = drw[kept.clone()].iter().zip(&dcum[kept]);
-    for ((((&pj, &fj), &hj), (&r, &c0)), (&dr, &dc0)) in win.zip(col).zip(tan) {
-        let (pj, fj) = (pj as f64, fj as f64 * F_SCALE);
-        let c = c0 + r * fj;
-        let dc = dc0 + dr * fj;
-        da += pj * dc;
-        dm += pj * (c * dc + r * dr * (hj as f64 * H_SCALE));
-    }
-    if beyond {
-        let pj = p[p.len() - 1] as f64;
-        da += pj * dcum[n];
-        dm += pj * cum[n] * dcum[n];
-    }
-    (da, 2.0 * dm - 2.0 * kappa(p) * abar * da)
+    simd::dispatch(Jvp {
+        win,
+        col: [rw, cum],
+        tan: [drw, dcum],
+        abar,
+    })
 }
 
 /// Accumulate the cotangent of one star (`ga` on ā, `gv` on σ_a²) into its pixel's
@@ -413,24 +397,219 @@ pub fn star_vjp(
     rw_bar: &mut [f64],
     cum_bar: &mut [f64],
 ) {
-    let (e0, p, f, h) = win;
-    let n = rw.len();
-    let (jl, jh, k0, beyond) = split(e0, p.len(), n);
-    let kept = k0..k0 + (jh - jl);
-    let base = ga - 2.0 * gv * kappa(p) * abar;
-    let win = p[jl..jh].iter().zip(&f[jl..jh]).zip(&h[jl..jh]);
-    let col = rw[kept.clone()].iter().zip(&cum[kept.clone()]);
-    let bars = rw_bar[kept.clone()].iter_mut().zip(&mut cum_bar[kept]);
-    for ((((&pj, &fj), &hj), (&r, &c0)), (rb, cb)) in win.zip(col).zip(bars) {
-        let (pj, fj) = (pj as f64, fj as f64 * F_SCALE);
-        let c = c0 + r * fj;
-        let w = pj * (base + 2.0 * gv * c);
-        *cb += w;
-        *rb += w * fj + 2.0 * gv * pj * r * (hj as f64 * H_SCALE);
+    simd::dispatch(Vjp {
+        win,
+        col: [rw, cum],
+        abar,
+        g: [ga, gv],
+        bars: [rw_bar, cum_bar],
+    })
+}
+
+/// Partial sums per window walk: entry `j` of a window's kept shells adds into lane
+/// `j mod LANES`, and the lanes are added pairwise at the end. Independent sums let the
+/// walk run as vector operations instead of one chain of dependent additions; the order is
+/// fixed, so a star's sums do not depend on the instruction set, the thread count or the
+/// rank count.
+const LANES: usize = 4;
+
+/// Entries per block of [`lane_sums`]: its two term buffers stay in L1.
+const BLOCK: usize = 64;
+
+/// The two sums over `len` entries whose terms `terms(block, x, y)` writes for a block of
+/// entries, in the order of [`LANES`]: each block's terms are first computed by a loop
+/// without a carried dependence (it vectorises like the cotangent walk), then added lane
+/// by lane.
+#[inline(always)]
+fn lane_sums(
+    len: usize,
+    mut terms: impl FnMut(std::ops::Range<usize>, &mut [f64], &mut [f64]),
+) -> (f64, f64) {
+    let (mut sx, mut sy) = ([0.0; LANES], [0.0; LANES]);
+    let (mut x, mut y) = ([0.0; BLOCK], [0.0; BLOCK]);
+    for lo in (0..len).step_by(BLOCK) {
+        let m = BLOCK.min(len - lo);
+        let (x, y) = (&mut x[..m], &mut y[..m]);
+        terms(lo..lo + m, x, y);
+        let (x4, y4) = (x.chunks_exact(LANES), y.chunks_exact(LANES));
+        let (xt, yt) = (x4.remainder(), y4.remainder());
+        for (x4, y4) in x4.zip(y4) {
+            for l in 0..LANES {
+                sx[l] += x4[l];
+                sy[l] += y4[l];
+            }
+        }
+        for (l, (&xv, &yv)) in xt.iter().zip(yt).enumerate() {
+            sx[l] += xv;
+            sy[l] += yv;
+        }
     }
-    if beyond {
-        let pj = p[p.len() - 1] as f64;
-        cum_bar[n] += pj * (base + 2.0 * gv * cum[n]);
+    let total = |s: [f64; LANES]| (s[0] + s[1]) + (s[2] + s[3]);
+    (total(sx), total(sy))
+}
+
+/// A window's kept entries and its pixel's column and inner columns on the same shells,
+/// all of one length, with what lies beyond the grid.
+struct Kept<'a> {
+    p: &'a [f32],
+    f: &'a [u16],
+    h: &'a [u16],
+    /// First kept shell.
+    k0: usize,
+    /// Whether the window's last bin is the "beyond the grid" bin.
+    beyond: bool,
+}
+
+#[inline(always)]
+fn kept<'a>(win: &Window<'a>, n: usize) -> Kept<'a> {
+    let (jl, jh, k0, beyond) = split(win.e0, win.prob.len(), n);
+    Kept {
+        p: &win.prob[jl..jh],
+        f: &win.frac[jl..jh],
+        h: &win.spread[jl..jh],
+        k0,
+        beyond,
+    }
+}
+
+/// One star's moments for [`simd::dispatch`].
+struct Moments<'a> {
+    win: Window<'a>,
+    rw: &'a [f64],
+    cum: &'a [f64],
+}
+
+impl WithSimd for Moments<'_> {
+    type Output = (f64, f64);
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) -> (f64, f64) {
+        let Moments { win, rw, cum } = self;
+        let n = rw.len();
+        let k = kept(&win, n);
+        let len = k.p.len();
+        let (r, c) = (&rw[k.k0..k.k0 + len], &cum[k.k0..k.k0 + len]);
+        let (mut a, mut m) = lane_sums(len, |j, x, y| {
+            let entries = k.p[j.clone()]
+                .iter()
+                .zip(&k.f[j.clone()])
+                .zip(&k.h[j.clone()]);
+            let col = r[j.clone()].iter().zip(&c[j]);
+            for ((((&pj, &fj), &hj), (&r, &c0)), (x, y)) in
+                entries.zip(col).zip(x.iter_mut().zip(y))
+            {
+                let pj = pj as f64;
+                let c = c0 + r * (fj as f64 * F_SCALE);
+                *x = pj * c;
+                *y = pj * (c * c + r * r * (hj as f64 * H_SCALE));
+            }
+        });
+        if k.beyond {
+            let pj = win.prob[win.prob.len() - 1] as f64;
+            a += pj * cum[n];
+            m += pj * cum[n] * cum[n];
+        }
+        (a, m - win.kappa * a * a)
+    }
+}
+
+/// One star's tangent for [`simd::dispatch`].
+struct Jvp<'a> {
+    win: Window<'a>,
+    /// The column and its inner columns.
+    col: [&'a [f64]; 2],
+    /// Their tangents.
+    tan: [&'a [f64]; 2],
+    abar: f64,
+}
+
+impl WithSimd for Jvp<'_> {
+    type Output = (f64, f64);
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) -> (f64, f64) {
+        let Jvp {
+            win,
+            col: [rw, cum],
+            tan: [drw, dcum],
+            abar,
+        } = self;
+        let n = rw.len();
+        let k = kept(&win, n);
+        let len = k.p.len();
+        let kr = k.k0..k.k0 + len;
+        let (r, c, dr, dc) = (
+            &rw[kr.clone()],
+            &cum[kr.clone()],
+            &drw[kr.clone()],
+            &dcum[kr],
+        );
+        let (mut da, mut dm) = lane_sums(len, |j, x, y| {
+            let entries = k.p[j.clone()]
+                .iter()
+                .zip(&k.f[j.clone()])
+                .zip(&k.h[j.clone()]);
+            let col = r[j.clone()].iter().zip(&c[j.clone()]);
+            let tan = dr[j.clone()].iter().zip(&dc[j]);
+            let out = x.iter_mut().zip(y);
+            for ((((&pj, &fj), &hj), ((&r, &c0), (&dr, &dc0))), (x, y)) in
+                entries.zip(col.zip(tan)).zip(out)
+            {
+                let (pj, fj) = (pj as f64, fj as f64 * F_SCALE);
+                let c = c0 + r * fj;
+                let dc = dc0 + dr * fj;
+                *x = pj * dc;
+                *y = pj * (c * dc + r * dr * (hj as f64 * H_SCALE));
+            }
+        });
+        if k.beyond {
+            let pj = win.prob[win.prob.len() - 1] as f64;
+            da += pj * dcum[n];
+            dm += pj * cum[n] * dcum[n];
+        }
+        (da, 2.0 * dm - 2.0 * win.kappa * abar * da)
+    }
+}
+
+/// One star's cotangent for [`simd::dispatch`].
+struct Vjp<'a, 'b> {
+    win: Window<'a>,
+    /// The column and its inner columns.
+    col: [&'a [f64]; 2],
+    abar: f64,
+    /// Cotangents on ā and σ_a².
+    g: [f64; 2],
+    /// Cotangents of the column and of its inner columns, accumulated.
+    bars: [&'b mut [f64]; 2],
+}
+
+impl WithSimd for Vjp<'_, '_> {
+    type Output = ();
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) {
+        let Vjp {
+            win,
+            col: [rw, cum],
+            abar,
+            g: [ga, gv],
+            bars: [rw_bar, cum_bar],
+        } = self;
+        let n = rw.len();
+        let k = kept(&win, n);
+        let kr = k.k0..k.k0 + k.p.len();
+        let base = ga - 2.0 * gv * win.kappa * abar;
+        let entries = k.p.iter().zip(k.f).zip(k.h);
+        let col = rw[kr.clone()].iter().zip(&cum[kr.clone()]);
+        let bars = rw_bar[kr.clone()].iter_mut().zip(&mut cum_bar[kr]);
+        for ((((&pj, &fj), &hj), (&r, &c0)), (rb, cb)) in entries.zip(col).zip(bars) {
+            let (pj, fj) = (pj as f64, fj as f64 * F_SCALE);
+            let c = c0 + r * fj;
+            let w = pj * (base + 2.0 * gv * c);
+            *cb += w;
+            *rb += w * fj + 2.0 * gv * pj * r * (hj as f64 * H_SCALE);
+        }
+        if k.beyond {
+            let pj = win.prob[win.prob.len() - 1] as f64;
+            cum_bar[n] += pj * (base + 2.0 * gv * cum[n]);
+        }
     }
 }
 
@@ -455,12 +634,12 @@ mod tests {
         let err = [0.1, 0.3, 0.02, 0.2, 0.05, 1e-6];
         let w = Windows::new(&shells, &par, &err);
         for i in 0..par.len() {
-            let (_, p, _, _) = w.of(i);
+            let p = w.of(i).prob;
             let s: f64 = p.iter().map(|&v| v as f64).sum();
             assert!((s - 1.0).abs() < 1e-6, "star {i}: sum {s}");
         }
         // negative parallax: everything is beyond the grid
-        assert_eq!(w.of(3).0, 65);
+        assert_eq!(w.of(3).e0, 65);
         // σ_ω → 0: ā is the exact integral of the piecewise-constant ρ to d = 1 kpc
         let rho: Vec<f64> = (0..64)
             .map(|k| 1e-3 * (1.0 + (k as f64 * 0.3).sin()))
@@ -476,6 +655,51 @@ mod tests {
         let exact = crate::sphere::grid::integrate_to(&shells, |k| rho[k], 1000.0);
         assert!((a - exact).abs() < 1e-6 * exact, "{a} vs {exact}");
         assert!(var.abs() < 1e-9, "var {var}");
+    }
+
+    /// The walks compiled for the widest instruction set give the baseline build's bits.
+    #[test]
+    fn dispatched_walks_equal_the_baseline_build() {
+        let shells = Shells::log_uniform(40.0, 2000.0, 97).unwrap();
+        let par: Vec<f64> = (0..60).map(|i| 0.4 + 0.11 * i as f64).collect();
+        let err: Vec<f64> = (0..60).map(|i| 0.01 + 0.013 * (i % 7) as f64).collect();
+        let w = Windows::new(&shells, &par, &err);
+        let n = shells.len();
+        let rw: Vec<f64> = (0..n).map(|k| 0.3 + (k as f64 * 0.7).sin().abs()).collect();
+        let drw: Vec<f64> = (0..n).map(|k| (k as f64 * 1.3).cos()).collect();
+        let (mut cum, mut dcum) = (vec![0.0; n + 1], vec![0.0; n + 1]);
+        inner_columns(&rw, &mut cum);
+        inner_columns(&drw, &mut dcum);
+        let base = pulp::Scalar::new();
+        let (mut rb, mut cb) = (vec![0.0; n], vec![0.0; n + 1]);
+        let (mut rb0, mut cb0) = (vec![0.0; n], vec![0.0; n + 1]);
+        for i in 0..par.len() {
+            let win = w.of(i);
+            let (rw, cum) = (&rw[..], &cum[..]);
+            let m = star_moments(win, rw, cum);
+            assert_eq!(m, Moments { win, rw, cum }.with_simd(base), "star {i}");
+            let tan = [&drw[..], &dcum[..]];
+            let t = star_jvp(win, rw, &drw, cum, &dcum, m.0);
+            let jvp = Jvp {
+                win,
+                col: [rw, cum],
+                tan,
+                abar: m.0,
+            };
+            assert_eq!(t, jvp.with_simd(base), "star {i}");
+            star_vjp(win, rw, cum, m.0, 0.7, -0.2, &mut rb, &mut cb);
+            let bars = [&mut rb0[..], &mut cb0[..]];
+            let vjp = Vjp {
+                win,
+                col: [rw, cum],
+                abar: m.0,
+                g: [0.7, -0.2],
+                bars,
+            };
+            vjp.with_simd(base);
+        }
+        assert_eq!((rb, cb), (rb0, cb0));
+        println!("dispatched to {}", crate::base::simd::describe());
     }
 
     /// σ_a² is the spread about ā under the stored (f32) probabilities, whose sum differs
@@ -495,7 +719,13 @@ mod tests {
         inner_columns(&rw, &mut cum);
         let mut off_one = 0;
         for i in 0..par.len() {
-            let (e0, p, f, h) = w.of(i);
+            let Window {
+                e0,
+                prob: p,
+                frac: f,
+                spread: h,
+                ..
+            } = w.of(i);
             let total: f64 = p.iter().map(|&v| f64::from(v)).sum();
             off_one += usize::from(total != 1.0);
             let (a, var) = star_moments(w.of(i), &rw, &cum);

@@ -147,7 +147,7 @@ pub fn predict_with(
                     let w = win.of(s);
                     let (m, v) = star_moments(w, &rw, &cum);
                     // the inner map shifts every bin but "nearer than the inner edge"
-                    let p0 = if w.0 == 0 { w.1[0] as f64 } else { 0.0 };
+                    let p0 = if w.e0 == 0 { w.prob[0] as f64 } else { 0.0 };
                     let m2 = v + m * m + 2.0 * i0 * m + i0 * i0 * (1.0 - p0);
                     let mean = m + i0 * (1.0 - p0);
                     a[0] += mean;
