@@ -357,8 +357,8 @@ fn metric_pixels(
             || PixelScratch::new(n),
             |w, (p, (sbar, sc))| {
                 let ds = &ds[p * nc + pad..p * nc + pad + n];
-                // SAFETY: star ranges of distinct pixels are disjoint
                 let (lo, hi) = (m.data.offsets[p], m.data.offsets[p + 1]);
+                // SAFETY: star ranges of distinct pixels are disjoint
                 let mut os = op.as_ref().map(|op| unsafe { op.chunk(lo, hi - lo) });
                 for ((st, &tangent), sc) in states.iter().zip(tangents).zip(sc) {
                     let sig = (v_sig, os.as_deref_mut());
