@@ -56,27 +56,41 @@ inline REAL kappa(Split w, __global const float *prob) {
   return (REAL)2 - t;
 }
 
+// Four partial sums of two quantities, entry t of a window's kept shells into sum t mod 4,
+// added pairwise at the end: the order of the CPU's walks (src/likelihood/response.rs,
+// `LANES`). Named scalars, not a private array: PoCL 3.1 miscompiled the array form in
+// single precision (ā off by 26 %).
+typedef struct {
+  REAL a0, a1, a2, a3, m0, m1, m2, m3;
+} Lanes;
+
+inline void lanes_add(Lanes *l, uint t, REAL ta, REAL tm) {
+  switch (t & 3) {
+    case 0: l->a0 += ta; l->m0 += tm; break;
+    case 1: l->a1 += ta; l->m1 += tm; break;
+    case 2: l->a2 += ta; l->m2 += tm; break;
+    default: l->a3 += ta; l->m3 += tm; break;
+  }
+}
+
+inline REAL2 lanes_total(Lanes l) {
+  return (REAL2)((l.a0 + l.a1) + (l.a2 + l.a3), (l.m0 + l.m1) + (l.m2 + l.m3));
+}
+
 // (ā, σ_a²) of one star.
 inline REAL2 moments(Split w, __global const float *prob, __global const ushort *frac,
                      __global const ushort *spread, __global const REAL *rw,
                      __global const REAL *cum, uint n) {
-  // four partial sums, entry t of the kept shells into sum t mod 4, added pairwise: the
-  // order of the CPU's walks (src/likelihood/response.rs, `LANES`). Scalars, not a private
-  // array: PoCL 3.1 miscompiled the array form in single precision (ā off by 26 %)
-  REAL a0 = 0, a1 = 0, a2 = 0, a3 = 0, m0 = 0, m1 = 0, m2 = 0, m3 = 0;
+  Lanes l = {0, 0, 0, 0, 0, 0, 0, 0};
   uint k = w.k0;
   for (uint j = w.jl; j < w.jh; j++, k++) {
     REAL pj = (REAL)prob[w.o0 + j], r = rw[k];
     REAL c = cum[k] + r * ((REAL)frac[w.o0 + j] * F_SCALE);
-    REAL ta = pj * c, tm = pj * (c * c + r * r * ((REAL)spread[w.o0 + j] * H_SCALE));
-    switch ((j - w.jl) & 3) {
-      case 0: a0 += ta; m0 += tm; break;
-      case 1: a1 += ta; m1 += tm; break;
-      case 2: a2 += ta; m2 += tm; break;
-      default: a3 += ta; m3 += tm; break;
-    }
+    lanes_add(&l, j - w.jl, pj * c,
+              pj * (c * c + r * r * ((REAL)spread[w.o0 + j] * H_SCALE)));
   }
-  REAL a = (a0 + a1) + (a2 + a3), m = (m0 + m1) + (m2 + m3);
+  REAL2 t = lanes_total(l);
+  REAL a = t.x, m = t.y;
   if (w.beyond) {
     REAL pj = (REAL)prob[w.o0 + w.len - 1];
     a += pj * cum[n];
@@ -237,23 +251,17 @@ __kernel void jvp(const uint npix, const uint n, const uint nc, const uint pad, 
   inner_columns(dc, dcm, n);
   for (ulong i = offsets[p]; i < offsets[p + 1]; i++) {
     Split w = split(start, woff, i, n);
-    // partial sums in the order of `moments`
-    REAL a0 = 0, a1 = 0, a2 = 0, a3 = 0, m0 = 0, m1 = 0, m2 = 0, m3 = 0;
+    Lanes l = {0, 0, 0, 0, 0, 0, 0, 0};
     uint k = w.k0;
     for (uint j = w.jl; j < w.jh; j++, k++) {
       REAL pj = (REAL)prob[w.o0 + j], fj = (REAL)frac[w.o0 + j] * F_SCALE;
       REAL c = cm[k] + col[k] * fj;
       REAL dcv = dcm[k] + dc[k] * fj;
-      REAL ta = pj * dcv;
-      REAL tm = pj * (c * dcv + col[k] * dc[k] * ((REAL)spread[w.o0 + j] * H_SCALE));
-      switch ((j - w.jl) & 3) {
-        case 0: a0 += ta; m0 += tm; break;
-        case 1: a1 += ta; m1 += tm; break;
-        case 2: a2 += ta; m2 += tm; break;
-        default: a3 += ta; m3 += tm; break;
-      }
+      lanes_add(&l, j - w.jl, pj * dcv,
+                pj * (c * dcv + col[k] * dc[k] * ((REAL)spread[w.o0 + j] * H_SCALE)));
     }
-    REAL a = (a0 + a1) + (a2 + a3), m = (m0 + m1) + (m2 + m3);
+    REAL2 t = lanes_total(l);
+    REAL a = t.x, m = t.y;
     if (w.beyond) {
       REAL pj = (REAL)prob[w.o0 + w.len - 1];
       a += pj * dcm[n];
