@@ -299,7 +299,7 @@ impl Windows {
         self.start.is_empty()
     }
 
-    /// Bytes held.
+    /// Bytes held: 8 per entry (f32 probability, two u16), 20 per star (start, offset, κ).
     pub fn bytes(&self) -> usize {
         self.prob.len() * 8 + self.start.len() * 20
     }
@@ -448,8 +448,8 @@ fn lane_sums(
     (total(sx), total(sy))
 }
 
-/// A window's kept entries and its pixel's column and inner columns on the same shells,
-/// all of one length, with what lies beyond the grid.
+/// The entries of a window that fall on kept shells (all of one length), where they start
+/// and whether the window ends in the "beyond the grid" bin.
 struct Kept<'a> {
     p: &'a [f32],
     f: &'a [u16],
@@ -458,6 +458,14 @@ struct Kept<'a> {
     k0: usize,
     /// Whether the window's last bin is the "beyond the grid" bin.
     beyond: bool,
+}
+
+impl Kept<'_> {
+    /// The kept shells the entries fall on, to slice a column with.
+    #[inline(always)]
+    fn shells(&self) -> std::ops::Range<usize> {
+        self.k0..self.k0 + self.p.len()
+    }
 }
 
 #[inline(always)]
@@ -486,9 +494,8 @@ impl WithSimd for Moments<'_> {
         let Moments { win, rw, cum } = self;
         let n = rw.len();
         let k = kept(&win, n);
-        let len = k.p.len();
-        let (r, c) = (&rw[k.k0..k.k0 + len], &cum[k.k0..k.k0 + len]);
-        let (mut a, mut m) = lane_sums(len, |j, x, y| {
+        let (r, c) = (&rw[k.shells()], &cum[k.shells()]);
+        let (mut a, mut m) = lane_sums(k.p.len(), |j, x, y| {
             let entries = k.p[j.clone()]
                 .iter()
                 .zip(&k.f[j.clone()])
@@ -534,15 +541,14 @@ impl WithSimd for Jvp<'_> {
         } = self;
         let n = rw.len();
         let k = kept(&win, n);
-        let len = k.p.len();
-        let kr = k.k0..k.k0 + len;
+        let kr = k.shells();
         let (r, c, dr, dc) = (
             &rw[kr.clone()],
             &cum[kr.clone()],
             &drw[kr.clone()],
             &dcum[kr],
         );
-        let (mut da, mut dm) = lane_sums(len, |j, x, y| {
+        let (mut da, mut dm) = lane_sums(k.p.len(), |j, x, y| {
             let entries = k.p[j.clone()]
                 .iter()
                 .zip(&k.f[j.clone()])
@@ -594,7 +600,7 @@ impl WithSimd for Vjp<'_, '_> {
         } = self;
         let n = rw.len();
         let k = kept(&win, n);
-        let kr = k.k0..k.k0 + k.p.len();
+        let kr = k.shells();
         let base = ga - 2.0 * gv * win.kappa * abar;
         let entries = k.p.iter().zip(k.f).zip(k.h);
         let col = rw[kr.clone()].iter().zip(&cum[kr.clone()]);

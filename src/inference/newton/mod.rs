@@ -321,8 +321,9 @@ impl<T: MetricObjective> Solver<ArgminObjective<'_, T>, St> for TruncatedNewton 
 impl TruncatedNewton {
     /// The Newton direction: the metric solve `M d = −g` by CG, stopped once its residual is
     /// below `forcing` times the norm of the gradient (squared norm `g2`) without the
-    /// components [`MetricObjective::forcing_excluded2`] names. Where that is not a descent direction (a CG stopped on garbage, a metric
-    /// that is not positive definite), the steepest descent −g instead.
+    /// components [`MetricObjective::forcing_excluded2`] names. Where that is not a descent
+    /// direction (a CG stopped on garbage, a metric that is not positive definite), the
+    /// steepest descent −g instead.
     fn direction<T: MetricObjective>(
         &mut self,
         wrapped: &ArgminObjective<'_, T>,
