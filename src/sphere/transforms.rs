@@ -11,6 +11,25 @@ pub fn norm_cdf(x: f64) -> f64 {
     0.5 * libm::erfc(-x / SQRT_2)
 }
 
+/// ln Φ(x), finite wherever Φ(x) underflows (x below −37) by the asymptotic series of
+/// Mills' ratio.
+pub fn ln_norm_cdf(x: f64) -> f64 {
+    if x > 0.0 {
+        return (-norm_cdf(-x)).ln_1p();
+    }
+    if x > -30.0 {
+        return norm_cdf(x).ln();
+    }
+    // Φ(x) = φ(x)/|x| · (1 − 1/x² + 3/x⁴ − 15/x⁶ + …); eight terms reach 1e-17 at x = −30
+    let z = 1.0 / (x * x);
+    let (mut term, mut sum) = (1.0, 1.0);
+    for k in 1..8 {
+        term *= -((2 * k - 1) as f64) * z;
+        sum += term;
+    }
+    -0.5 * x * x - (-x).ln() - 0.5 * (2.0 * std::f64::consts::PI).ln() + sum.ln()
+}
+
 /// Standard normal density φ(x).
 pub fn norm_pdf(x: f64) -> f64 {
     (-0.5 * x * x).exp() / (2.0 * std::f64::consts::PI).sqrt()
@@ -78,8 +97,10 @@ impl Normal {
 ///
 /// Evaluated through a cubic Hermite table of ln x (exact values and slopes at nodes
 /// 1/64 apart on |ξ| ≤ 8; relative error < 1e-9), whose derivative is the exact derivative
-/// of the interpolant, so gradients stay consistent; outside the table the quantile is
-/// solved directly.
+/// of the interpolant, so gradients stay consistent. Outside the table (tail probability
+/// below 6e-16) the quantile is solved in logarithms, so any finite ξ gets a finite value
+/// in a few Newton steps: n_σ grows like exp(ξ²/2a) for ξ → +∞ and falls like b/(ξ²/2)
+/// for ξ → −∞.
 #[derive(Clone, Debug)]
 pub struct InvGamma {
     shape: f64,
@@ -92,6 +113,10 @@ pub struct InvGamma {
 
 const TABLE_MAX: f64 = 8.0;
 const TABLE_DENSITY: f64 = 64.0;
+/// Newton steps allowed in the tail solve; it converges in 3–6 from its start.
+const TAIL_NEWTON_MAX: usize = 30;
+/// Largest step in ln y of the tail solve (keeps a bad step from overflowing y).
+const TAIL_STEP_MAX: f64 = 20.0;
 
 impl InvGamma {
     /// InverseGamma with `shape` and `scale` (paper: 3, 4 — mode 1, std 2).
@@ -116,11 +141,98 @@ impl InvGamma {
 
     /// Value and derivative by solving for the quantile (no table).
     pub fn exact(&self, xi: f64) -> (f64, f64) {
+        if xi.abs() > TABLE_MAX {
+            return self.exact_tail(xi);
+        }
         let y = self.gamma_quantile(xi);
         (
             self.scale / y,
             self.scale * norm_pdf(xi) / (y * y * self.gamma_pdf(y)),
         )
+    }
+
+    /// `exact` beyond the table, where the tail probability is below 1e-15 and may
+    /// underflow: Newton on ln(tail probability) against t = ln y, everything in logs, from
+    /// the tail's leading-order start. ln T is nearly linear in t there, so a few steps
+    /// reach rounding; the derivative is formed as a ratio of logs (φ(ξ) underflows first).
+    fn exact_tail(&self, xi: f64) -> (f64, f64) {
+        let a = self.shape;
+        let lower = xi > 0.0; // Gamma lower tail P(a, y) = Φ(−ξ): y small, n_σ large
+        let target = ln_norm_cdf(-xi.abs());
+        if !target.is_finite() {
+            return (f64::NAN, f64::NAN);
+        }
+        let mut t = if lower {
+            (target + ln_gamma(a + 1.0)) / a
+        } else {
+            let l = (-target - self.ln_gamma_a).max(1.0);
+            (l + (a - 1.0) * l.ln()).max(1e-300).ln()
+        };
+        for _ in 0..TAIL_NEWTON_MAX {
+            let y = t.exp();
+            let ln_t = if lower {
+                self.ln_gamma_lower(t)
+            } else {
+                self.ln_gamma_upper(t)
+            };
+            // d ln T / d t = ± y p(y) / T
+            let slope = (a * t - y - self.ln_gamma_a - ln_t).exp();
+            let step = (ln_t - target) / if lower { slope } else { -slope };
+            if !step.is_finite() {
+                break;
+            }
+            t -= step.clamp(-TAIL_STEP_MAX, TAIL_STEP_MAX);
+            if step.abs() <= 4.0 * f64::EPSILON * t.abs().max(1.0) {
+                break;
+            }
+        }
+        let y = t.exp();
+        let value = self.scale * (-t).exp();
+        // d ln x / dξ = φ(ξ) / (y p(y))
+        let ln_phi = -0.5 * xi * xi - 0.5 * (2.0 * std::f64::consts::PI).ln();
+        let dln = (ln_phi - a * t + y + self.ln_gamma_a).exp();
+        (value, value * dln)
+    }
+
+    /// ln P(a, y) at y = e^t, the lower regularised incomplete gamma, without underflow
+    /// for small y.
+    fn ln_gamma_lower(&self, t: f64) -> f64 {
+        let (a, y) = (self.shape, t.exp());
+        if y >= a {
+            return gamma_lr(a, y).ln();
+        }
+        // P(a, y) = y^a e^−y / Γ(a + 1) · Σ_n y^n / ((a + 1)…(a + n))
+        let (mut term, mut sum) = (1.0, 1.0);
+        for n in 1..200 {
+            term *= y / (a + n as f64);
+            sum += term;
+            if term < f64::EPSILON * sum {
+                break;
+            }
+        }
+        a * t - y - ln_gamma(a + 1.0) + sum.ln()
+    }
+
+    /// ln Q(a, y) at y = e^t, the upper regularised incomplete gamma, without underflow
+    /// for large y.
+    fn ln_gamma_upper(&self, t: f64) -> f64 {
+        let (a, y) = (self.shape, t.exp());
+        let q = gamma_ur(a, y);
+        if q > 1e-280 {
+            return q.ln();
+        }
+        // Γ(a, y) ~ y^(a−1) e^−y Σ_k (a−1)(a−2)…(a−k) / y^k, used only where Q underflows
+        // (y > 600), so its first terms are far below 1
+        let (mut term, mut sum) = (1.0f64, 1.0);
+        for k in 1..40 {
+            let next = term * (a - k as f64) / y;
+            if next.abs() >= term.abs() || next.abs() < f64::EPSILON * sum {
+                break;
+            }
+            term = next;
+            sum += term;
+        }
+        (a - 1.0) * t - y - self.ln_gamma_a + sum.ln()
     }
 
     fn gamma_pdf(&self, y: f64) -> f64 {
@@ -247,5 +359,71 @@ mod tests {
         }
         // LogNormal(1, 0.5): median 0.894 as in the reference benchmark
         assert!((ln.value(0.0) - 0.8944).abs() < 1e-4);
+    }
+
+    /// Beyond the table, against closed forms: shape 1 is the exponential (lower tail
+    /// y = −ln(1 − q), upper tail y = −ln Φ(ξ)); shape 3 has Q(3, y) = e^−y (1 + y + y²/2).
+    #[test]
+    fn tails_match_closed_forms_where_probabilities_underflow() {
+        let b = 4.0;
+        let exp1 = InvGamma::new(1.0, b);
+        for xi in [8.01f64, 9.0, 12.5, 20.0, 30.5, 36.0] {
+            // −ln(1 − q) = q (1 + q/2 + …) and q < 1e-15 here
+            let q_ln = ln_norm_cdf(-xi);
+            let want = b * (-q_ln).exp() / (1.0 + 0.5 * q_ln.exp());
+            let (got, d) = exp1.exact(xi);
+            assert!(
+                (got / want - 1.0).abs() < 1e-12,
+                "shape 1, ξ {xi}: {got} vs {want}"
+            );
+            assert!(d.is_finite() && d > 0.0, "ξ {xi}: slope {d}");
+        }
+        let ig3 = InvGamma::new(3.0, b);
+        for xi in [-8.01f64, -9.0, -15.0, -30.0, -38.0, -45.0, -200.0] {
+            let want_exp1 = b / -ln_norm_cdf(xi);
+            let (got, _) = exp1.exact(xi);
+            assert!((got / want_exp1 - 1.0).abs() < 1e-12, "shape 1, ξ {xi}");
+            // shape 3: the solved y satisfies −y + ln(1 + y + y²/2) = ln Φ(ξ)
+            let (x, d) = ig3.exact(xi);
+            let y = b / x;
+            let resid = -y + (1.0 + y + 0.5 * y * y).ln() - ln_norm_cdf(xi);
+            assert!(resid.abs() < 1e-12 * y, "shape 3, ξ {xi}: residual {resid}");
+            assert!(d.is_finite() && d > 0.0);
+        }
+        // n_σ = b e^−t stays finite to ξ ≈ 37.6 √a and is +∞ beyond (a fit's line search
+        // rejects such a trial point); never NaN, never a long solve
+        assert!(ig3.exact(60.0).0.is_finite() && ig3.exact(60.0).0 > 1e250);
+        assert_eq!(ig3.exact(200.0).0, f64::INFINITY);
+        assert!(ig3.exact(-1e4).0 > 0.0 && ig3.exact(-1e4).0.is_finite());
+        // the solve joins the table at its edges, and its slope is the value's derivative
+        for xi in [-8.0, 8.0 - 1e-9] {
+            let (v_table, _) = ig3.value_deriv(xi);
+            let (v_tail, _) = ig3.exact_tail(xi * (1.0 + 1e-12));
+            assert!((v_tail / v_table - 1.0).abs() < 1e-9, "edge {xi}");
+        }
+        for xi in [-40.0f64, -12.0, 9.5, 25.0, 45.0] {
+            let h = 1e-5 * f64::max(1.0, xi.abs());
+            let (vp, vm) = (ig3.value(xi + h).ln(), ig3.value(xi - h).ln());
+            let (v, d) = ig3.value_deriv(xi);
+            let fd = (vp - vm) / (2.0 * h);
+            assert!(
+                (fd - d / v).abs() <= 1e-6 * (d / v).abs(),
+                "ξ {xi}: {fd} vs {}",
+                d / v
+            );
+        }
+    }
+
+    #[test]
+    fn ln_norm_cdf_is_continuous_through_its_branches() {
+        for x in [-29.999_999, -30.0, -30.000_001, -37.0, -38.5] {
+            let direct = norm_cdf(x);
+            if direct > 1e-300 {
+                assert!((ln_norm_cdf(x) - direct.ln()).abs() < 1e-12 * direct.ln().abs());
+            }
+        }
+        let (lo, hi) = (ln_norm_cdf(-30.0 - 1e-9), ln_norm_cdf(-30.0 + 1e-9));
+        assert!((lo - hi).abs() < 1e-6);
+        assert!((ln_norm_cdf(3.0) - norm_cdf(3.0).ln()).abs() < 1e-15);
     }
 }

@@ -418,7 +418,7 @@ impl TruncatedNewton {
             Some((p, c)) if c.is_finite() && c <= cost => Ok((p, c)),
             _ => {
                 tracing::debug!("More–Thuente failed or did not improve: Armijo backtracking");
-                backtrack(wrapped.obj, param, cost, (&dir, slope), alpha0, ls)
+                backtrack(wrapped, param, cost, (&dir, slope), alpha0, ls)
             }
         }
     }
@@ -431,8 +431,17 @@ struct Shared<'b, 'a, T: MetricObjective>(&'b ArgminObjective<'a, T>);
 impl<T: MetricObjective> CostFunction for Shared<'_, '_, T> {
     type Param = DVec;
     type Output = f64;
+    /// A non-finite value ends the search: More–Thuente's interval updates compare values,
+    /// and with NaN it spends its whole budget without progress (20 evaluations on a coarse
+    /// W2 stage, where an extrapolated trial overflowed). Armijo backtracking takes over.
     fn cost(&self, p: &DVec) -> Result<f64, Error> {
-        self.0.cost(p)
+        let v = self.0.cost(p)?;
+        if !v.is_finite() {
+            return Err(Error::msg(
+                "non-finite objective at a line-search trial point",
+            ));
+        }
+        Ok(v)
     }
 }
 
@@ -445,20 +454,20 @@ impl<T: MetricObjective> Gradient for Shared<'_, '_, T> {
 }
 
 /// Armijo backtracking from `alpha0` (halving, at most 40 times); returns the start point if
-/// no finite decrease is found.
+/// no finite decrease is found. Evaluations go through the solver's cache, so the next step
+/// starts from the accepted point's value without computing it again.
 fn backtrack<T: MetricObjective>(
-    obj: &T,
+    obj: &ArgminObjective<'_, T>,
     p: &[f64],
     f0: f64,
     (dir, slope): (&[f64], f64),
     alpha0: f64,
     ls: LineSearchParams,
 ) -> Result<(Vec<f64>, f64), Error> {
-    let mut g = vec![0.0; p.len()];
     let mut alpha = alpha0;
     for _ in 0..ls.max_halvings {
         let trial: Vec<f64> = p.iter().zip(dir).map(|(a, d)| a + alpha * d).collect();
-        let f = obj.value_grad(&trial, &mut g)?;
+        let (f, _) = obj.value_grad(&trial)?;
         if f.is_finite() && f <= f0 + ls.c1 * alpha * slope {
             return Ok((trial, f));
         }

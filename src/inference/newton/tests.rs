@@ -52,12 +52,14 @@ fn converges_on_badly_scaled_convex_problem() {
     assert!(gn < 1e-5, "gradient norm {gn} after {} steps", rep.steps);
 }
 
-/// ½|p − c|² inside the ball |p| < radius, +∞ outside (think exp-overflow of ρ), with an
-/// optional sign flip of the metric (a metric that is not positive definite).
+/// ½|p − c|² inside the ball |p| < radius, `wall` (+∞ or NaN) outside (think exp-overflow
+/// of ρ), with the metric scaled by `metric_sign` (negative: not positive definite; above 1:
+/// Newton steps too short, so a line search extrapolates).
 struct Walled {
     c: Vec<f64>,
     radius: f64,
     metric_sign: f64,
+    wall: f64,
 }
 
 impl MetricObjective for Walled {
@@ -68,11 +70,14 @@ impl MetricObjective for Walled {
             g[i] = p[i] - self.c[i];
             f += 0.5 * g[i] * g[i];
         }
-        Ok(if r2.sqrt() < self.radius {
-            f
-        } else {
-            f64::INFINITY
-        })
+        if r2.sqrt() < self.radius {
+            return Ok(f);
+        }
+        if self.wall.is_nan() {
+            // an overflow that reached the value reaches the gradient too
+            g.fill(f64::NAN);
+        }
+        Ok(self.wall)
     }
     fn metric(&self, _p: &[f64], v: &[f64], out: &mut [f64]) -> Result<(), Error> {
         out.iter_mut()
@@ -100,6 +105,7 @@ fn a_line_search_meeting_infinity_backtracks_and_finishes() {
         c: vec![8.0 / (n as f64).sqrt(); n],
         radius: 3.0,
         metric_sign: 1.0,
+        wall: f64::INFINITY,
     };
     let f0 = 0.5 * 64.0;
     let (p, rep) = minimize(&obj, vec![0.0; n], 6, far_steps()).unwrap();
@@ -116,6 +122,27 @@ fn a_line_search_meeting_infinity_backtracks_and_finishes() {
 }
 
 #[test]
+fn a_line_search_meeting_nan_falls_back_at_once() {
+    let n = 8;
+    // steps 100× too short: More–Thuente extrapolates (α = 1, 5, 21, …) into the NaN
+    // region |p| ≥ 0.5 (α > 6) before its curvature condition holds (α > 10), and with NaN
+    // its comparisons fail, so it would spend its whole budget
+    let obj = Walled {
+        c: vec![8.0 / (n as f64).sqrt(); n],
+        radius: 0.5,
+        metric_sign: 100.0,
+        wall: f64::NAN,
+    };
+    let (p, rep) = minimize(&obj, vec![0.0; n], 1, far_steps()).unwrap();
+    let mut g = vec![0.0; n];
+    let value = obj.value_grad(&p, &mut g).unwrap();
+    assert!(value.is_finite() && value < 32.0, "value {value}");
+    assert_eq!(rep.value, value);
+    // start + the search up to its NaN + one Armijo trial (the budget is 20)
+    assert!(rep.evaluations <= 8, "{} evaluations", rep.evaluations);
+}
+
+#[test]
 fn a_zero_gradient_is_a_fixed_point_and_a_bad_metric_falls_back_to_descent() {
     let n = 5;
     let c = vec![0.7; n];
@@ -123,6 +150,7 @@ fn a_zero_gradient_is_a_fixed_point_and_a_bad_metric_falls_back_to_descent() {
         c: c.clone(),
         radius: 1e9,
         metric_sign: 1.0,
+        wall: f64::INFINITY,
     };
     let (p, rep) = minimize(&at_min, c.clone(), 3, far_steps()).unwrap();
     assert_eq!(p, c);
@@ -132,6 +160,7 @@ fn a_zero_gradient_is_a_fixed_point_and_a_bad_metric_falls_back_to_descent() {
         c,
         radius: 1e9,
         metric_sign: -1.0,
+        wall: f64::INFINITY,
     };
     let (p, rep) = minimize(&uphill, vec![0.0; n], 3, far_steps()).unwrap();
     assert!(rep.value < 0.5 * 0.49 * n as f64, "value {}", rep.value);
@@ -145,6 +174,7 @@ fn a_start_where_the_objective_is_not_finite_is_an_error_that_says_so() {
         c: vec![0.0; n],
         radius: 1.0,
         metric_sign: 1.0,
+        wall: f64::INFINITY,
     };
     // outside the finite region from the start: nothing can be compared, so no step
     let e = minimize(&walled, vec![2.0; n], 3, far_steps()).unwrap_err();
