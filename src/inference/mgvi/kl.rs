@@ -25,8 +25,9 @@ struct KlCache {
     at: Vec<f64>,
     states: Vec<State>,
     work: ModelWork,
-    /// The sample points p + c_k ± δ_k of `at`.
-    xs: Vec<Vec<f64>>,
+    /// One sample point p + c_k ± δ_k at a time: the states are computed one after the
+    /// other, so one buffer serves them all (W2: 133 MB instead of 4 × 133 MB).
+    xk: Vec<f64>,
     gx: Vec<f64>,
     gs: Vec<f64>,
 }
@@ -45,7 +46,7 @@ impl<'a> Kl<'a> {
             at: Vec::new(),
             states: Vec::new(),
             work: model.workspace(),
-            xs: Vec::new(),
+            xk: Vec::new(),
             gx: Vec::new(),
             gs: Vec::new(),
         };
@@ -59,12 +60,10 @@ impl<'a> Kl<'a> {
         }
     }
 
-    /// Write the sample points p + c_k ± δ_k into `ps` (allocated once, then reused).
-    fn fill_samples(&self, p: &[f64], ps: &mut Vec<Vec<f64>>) {
-        ps.resize_with(2 * self.residuals.len(), || vec![0.0; p.len()]);
-        for (j, out) in ps.iter_mut().enumerate() {
-            super::sampling::sample_point(p, self.residuals, self.shifts, j, out);
-        }
+    /// Write sample point `j`, p + c_k ± δ_k, into `out` (sized on first use, then reused).
+    fn fill_sample(&self, p: &[f64], j: usize, out: &mut Vec<f64>) {
+        out.resize(p.len(), 0.0);
+        super::sampling::sample_point(p, self.residuals, self.shifts, j, out);
     }
 
     /// Buffers sized for this model and sample count.
@@ -84,12 +83,12 @@ impl<'a> Kl<'a> {
             return Ok(());
         }
         let np = self.model.n_params();
-        self.fill_samples(p, &mut c.xs);
         let KlCache {
-            states, work, xs, ..
+            states, work, xk, ..
         } = c;
-        for (st, pk) in states.iter_mut().zip(xs.iter()) {
-            let (xk, xsig) = pk.split_at(np);
+        for (j, st) in states.iter_mut().enumerate() {
+            self.fill_sample(p, j, xk);
+            let (xk, xsig) = xk.split_at(np);
             if let Err(e) = self.model.update_state(xk, xsig, st, work) {
                 // the cached states are half updated: none of them may be reused
                 c.at.clear();
@@ -119,20 +118,20 @@ impl MetricObjective for Kl<'_> {
             states,
             work,
             at,
-            xs,
+            xk,
             gx,
             gs,
         } = &mut *c;
-        self.fill_samples(p, xs);
         gx.resize(np, 0.0);
         gs.resize(ns, 0.0);
-        let n = xs.len() as f64;
+        let n = states.len() as f64;
         g.iter_mut().for_each(|v| *v = 0.0);
         let mut value = 0.0;
         // one fused pass per sample: value, gradient, and the state the metric will reuse
         at.clear();
-        for (st, pk) in states.iter_mut().zip(xs.iter()) {
-            let (xk, xsig) = pk.split_at(np);
+        for (j, st) in states.iter_mut().enumerate() {
+            self.fill_sample(p, j, xk);
+            let (xk, xsig) = xk.split_at(np);
             value += self.model.value_grad(xk, xsig, st, gx, gs, work)? / n;
             for i in 0..np {
                 g[i] += self.mask[i] * gx[i] / n;

@@ -200,6 +200,7 @@ impl Default for NewtonSettings {
 #[derive(Clone)]
 pub struct TruncatedNewton {
     settings: NewtonSettings,
+    /// The configured line search, never given a direction (each step searches a copy).
     linesearch: MoreThuenteLineSearch<DVec, DVec, f64>,
     /// Inner CG iterations of every step taken.
     pub cg_iterations: Vec<usize>,
@@ -397,10 +398,13 @@ impl TruncatedNewton {
             v,
             space: space.clone(),
         };
-        self.linesearch.search_direction(wrap(dir.clone()));
-        self.linesearch.initial_step_length(alpha0)?;
+        // a fresh search from the configured one: a direction kept in the solver between
+        // steps would hold one more parameter-sized vector for the whole minimisation
+        let mut search = self.linesearch.clone();
+        search.search_direction(wrap(dir.clone()));
+        search.initial_step_length(alpha0)?;
         let ls = self.settings.line_search;
-        let run = Executor::new(Shared(wrapped), self.linesearch.clone())
+        let run = Executor::new(Shared(wrapped), search)
             .configure(|s| {
                 s.param(wrap(param.to_vec()))
                     .gradient(wrap(grad.to_vec()))
