@@ -213,7 +213,8 @@ fn rank_figures(
         ("model states (2N samples)", states),
         (
             "parameter vectors",
-            8.0 * (P_VECTORS * (nx + ns) + (3.0 * pairs + 3.0) * nx),
+            // the residuals, the KL's one sample-point buffer and three more x-vectors
+            8.0 * (P_VECTORS * (nx + ns) + (pairs + 4.0) * nx),
         ),
         ("star windows", win_bytes * ns),
         ("workspaces", work),
