@@ -203,12 +203,16 @@ impl Backend for Cpu {
         w.pix_scalars = per_state;
         out[nxi] = g_scl;
         out[nxi + 1] = g_off;
-        for i in 0..np {
-            out[i] = mask[i] * out[i] + vx[i];
-        }
-        for i in 0..ns {
-            out[np + i] += vs[i];
-        }
+        // per element, so the split over threads changes no result
+        let (ox, osig) = out.split_at_mut(np);
+        ox.par_iter_mut()
+            .with_min_len(1 << 14)
+            .zip(mask.par_iter().zip(vx))
+            .for_each(|(o, (mi, vi))| *o = mi * *o + vi);
+        osig.par_iter_mut()
+            .with_min_len(1 << 14)
+            .zip(&vs[..ns])
+            .for_each(|(o, vi)| *o += vi);
         w.masked = vxm;
         Ok(())
     }

@@ -2,15 +2,27 @@
 //! those it holds (ICR levels beyond the stage's). Held entries are multiplied out of every
 //! tangent, cotangent and sample, so a stage moves only its free entries.
 
-/// `v ∘ mask` into `dst` (cleared first; no allocation once `dst` is large enough).
+use rayon::prelude::*;
+
+/// Elements per rayon task: the products are per element, so the split changes no result.
+const PAR_MIN: usize = 1 << 14;
+
+/// `v ∘ mask` into `dst` (resized to the shorter of the two; no allocation once `dst` is
+/// large enough).
 pub fn masked_copy(dst: &mut Vec<f64>, v: &[f64], mask: &[f64]) {
-    dst.clear();
-    dst.extend(v.iter().zip(mask).map(|(a, m)| a * m));
+    dst.resize(v.len().min(mask.len()), 0.0);
+    dst.par_iter_mut()
+        .with_min_len(PAR_MIN)
+        .zip(v.par_iter().zip(mask))
+        .for_each(|(d, (a, m))| *d = a * m);
 }
 
 /// `v ← v ∘ mask`.
 pub fn mask_in_place(v: &mut [f64], mask: &[f64]) {
-    v.iter_mut().zip(mask).for_each(|(a, m)| *a *= m);
+    v.par_iter_mut()
+        .with_min_len(PAR_MIN)
+        .zip(mask)
+        .for_each(|(a, m)| *a *= m);
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 //! for the Newton-CG minimiser.
 
 use anyhow::{Context, Result};
+use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
 
 use crate::inference::newton::MetricObjective;
@@ -133,12 +134,16 @@ impl MetricObjective for Kl<'_> {
             self.fill_sample(p, j, xk);
             let (xk, xsig) = xk.split_at(np);
             value += self.model.value_grad(xk, xsig, st, gx, gs, work)? / n;
-            for i in 0..np {
-                g[i] += self.mask[i] * gx[i] / n;
-            }
-            for (o, v) in g[np..].iter_mut().zip(gs.iter()) {
-                *o += v / n;
-            }
+            // per element, so the split over threads changes no result
+            let (g_x, g_s) = g.split_at_mut(np);
+            g_x.par_iter_mut()
+                .with_min_len(1 << 14)
+                .zip(self.mask.par_iter().zip(&gx[..]))
+                .for_each(|(o, (m, v))| *o += m * v / n);
+            g_s.par_iter_mut()
+                .with_min_len(1 << 14)
+                .zip(&gs[..])
+                .for_each(|(o, v)| *o += v / n);
         }
         *at = p.to_vec();
         Ok(value)
