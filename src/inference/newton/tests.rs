@@ -52,13 +52,13 @@ fn converges_on_badly_scaled_convex_problem() {
     assert!(gn < 1e-5, "gradient norm {gn} after {} steps", rep.steps);
 }
 
-/// ½|p − c|² inside the ball |p| < radius, `wall` (+∞ or NaN) outside (think exp-overflow
-/// of ρ), with the metric scaled by `metric_sign` (negative: not positive definite; above 1:
-/// Newton steps too short, so a line search extrapolates).
+/// ½|p − c|² inside the ball |p| < radius, `wall` outside (think exp-overflow of ρ): +∞, or
+/// NaN with a NaN gradient. The metric is the identity times `metric_scale` (negative: not
+/// positive definite; above 1: Newton steps too short, so a line search extrapolates).
 struct Walled {
     c: Vec<f64>,
     radius: f64,
-    metric_sign: f64,
+    metric_scale: f64,
     wall: f64,
 }
 
@@ -82,7 +82,7 @@ impl MetricObjective for Walled {
     fn metric(&self, _p: &[f64], v: &[f64], out: &mut [f64]) -> Result<(), Error> {
         out.iter_mut()
             .zip(v)
-            .for_each(|(o, x)| *o = self.metric_sign * x);
+            .for_each(|(o, x)| *o = self.metric_scale * x);
         Ok(())
     }
 }
@@ -104,7 +104,7 @@ fn a_line_search_meeting_infinity_backtracks_and_finishes() {
     let obj = Walled {
         c: vec![8.0 / (n as f64).sqrt(); n],
         radius: 3.0,
-        metric_sign: 1.0,
+        metric_scale: 1.0,
         wall: f64::INFINITY,
     };
     let f0 = 0.5 * 64.0;
@@ -130,7 +130,7 @@ fn a_line_search_meeting_nan_falls_back_at_once() {
     let obj = Walled {
         c: vec![8.0 / (n as f64).sqrt(); n],
         radius: 0.5,
-        metric_sign: 100.0,
+        metric_scale: 100.0,
         wall: f64::NAN,
     };
     let (p, rep) = minimize(&obj, vec![0.0; n], 1, far_steps()).unwrap();
@@ -149,7 +149,7 @@ fn a_zero_gradient_is_a_fixed_point_and_a_bad_metric_falls_back_to_descent() {
     let at_min = Walled {
         c: c.clone(),
         radius: 1e9,
-        metric_sign: 1.0,
+        metric_scale: 1.0,
         wall: f64::INFINITY,
     };
     let (p, rep) = minimize(&at_min, c.clone(), 3, far_steps()).unwrap();
@@ -159,7 +159,7 @@ fn a_zero_gradient_is_a_fixed_point_and_a_bad_metric_falls_back_to_descent() {
     let uphill = Walled {
         c,
         radius: 1e9,
-        metric_sign: -1.0,
+        metric_scale: -1.0,
         wall: f64::INFINITY,
     };
     let (p, rep) = minimize(&uphill, vec![0.0; n], 3, far_steps()).unwrap();
@@ -173,7 +173,7 @@ fn a_start_where_the_objective_is_not_finite_is_an_error_that_says_so() {
     let walled = Walled {
         c: vec![0.0; n],
         radius: 1.0,
-        metric_sign: 1.0,
+        metric_scale: 1.0,
         wall: f64::INFINITY,
     };
     // outside the finite region from the start: nothing can be compared, so no step
