@@ -1,5 +1,10 @@
 //! Small shared helpers.
 
+/// Elements per rayon task of element-wise vector updates (axpy, masks, sums of gradients):
+/// each element is computed alone, so the split changes no result, and at this length a
+/// task's work outweighs its scheduling.
+pub(crate) const PAR_MIN_LEN: usize = 1 << 14;
+
 /// A mutable slice handed to parallel workers that write provably disjoint chunks of it.
 pub(crate) struct DisjointMut<T> {
     ptr: *mut T,

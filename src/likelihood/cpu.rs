@@ -10,7 +10,7 @@ use super::core::{ModelCore, ModelWork};
 use super::mask::masked_copy;
 use super::response::{finish_vjp, inner_columns, star_jvp, star_moments, star_vjp};
 use super::state::State;
-use crate::base::util::DisjointMut;
+use crate::base::util::{DisjointMut, PAR_MIN_LEN};
 
 /// The CPU backend (the default).
 #[derive(Clone, Copy, Debug, Default)]
@@ -203,14 +203,13 @@ impl Backend for Cpu {
         w.pix_scalars = per_state;
         out[nxi] = g_scl;
         out[nxi + 1] = g_off;
-        // per element, so the split over threads changes no result
         let (ox, osig) = out.split_at_mut(np);
         ox.par_iter_mut()
-            .with_min_len(1 << 14)
+            .with_min_len(PAR_MIN_LEN)
             .zip(mask.par_iter().zip(vx))
             .for_each(|(o, (mi, vi))| *o = mi * *o + vi);
         osig.par_iter_mut()
-            .with_min_len(1 << 14)
+            .with_min_len(PAR_MIN_LEN)
             .zip(&vs[..ns])
             .for_each(|(o, vi)| *o += vi);
         w.masked = vxm;

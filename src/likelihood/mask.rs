@@ -4,15 +4,14 @@
 
 use rayon::prelude::*;
 
-/// Elements per rayon task: the products are per element, so the split changes no result.
-const PAR_MIN: usize = 1 << 14;
+use crate::base::util::PAR_MIN_LEN;
 
 /// `v ∘ mask` into `dst` (resized to the shorter of the two; no allocation once `dst` is
 /// large enough).
 pub fn masked_copy(dst: &mut Vec<f64>, v: &[f64], mask: &[f64]) {
     dst.resize(v.len().min(mask.len()), 0.0);
     dst.par_iter_mut()
-        .with_min_len(PAR_MIN)
+        .with_min_len(PAR_MIN_LEN)
         .zip(v.par_iter().zip(mask))
         .for_each(|(d, (a, m))| *d = a * m);
 }
@@ -20,7 +19,7 @@ pub fn masked_copy(dst: &mut Vec<f64>, v: &[f64], mask: &[f64]) {
 /// `v ← v ∘ mask`.
 pub fn mask_in_place(v: &mut [f64], mask: &[f64]) {
     v.par_iter_mut()
-        .with_min_len(PAR_MIN)
+        .with_min_len(PAR_MIN_LEN)
         .zip(mask)
         .for_each(|(a, m)| *a *= m);
 }

@@ -10,6 +10,7 @@
 //! residual, which is b from a zero start), so a caller that needs bᵀA⁻²b or bᵀA⁻³b for the
 //! b it solved with does not solve again.
 
+use crate::base::util::PAR_MIN_LEN;
 use crate::sphere::decomp::{Serial, Space};
 use rayon::prelude::*;
 
@@ -77,9 +78,6 @@ pub trait CgSpace {
     fn zero(&mut self, x: &mut Self::V);
 }
 
-/// Elements per rayon task of the element-wise vector updates.
-const PAR_MIN: usize = 1 << 14;
-
 /// Host vectors (this rank's part), with inner products from a [`Space`].
 pub struct Host<'a>(pub &'a dyn Space);
 
@@ -91,24 +89,23 @@ impl CgSpace for Host<'_> {
     fn dot(&mut self, x: &Vec<f64>, y: &Vec<f64>) -> f64 {
         self.0.dot(x, y)
     }
-    // element-wise updates on the rayon pool (each element is its own: the result does not
-    // depend on the thread count); at W1 size three sequential passes per CG iteration cost
-    // as much as a tenth of a metric product
+    // on the rayon pool: at W1 size three sequential passes per CG iteration cost as much
+    // as a tenth of a metric product
     fn axpy(&mut self, a: f64, x: &Vec<f64>, y: &mut Vec<f64>) {
         y.par_iter_mut()
-            .with_min_len(PAR_MIN)
+            .with_min_len(PAR_MIN_LEN)
             .zip(x)
             .for_each(|(yi, xi)| *yi += a * xi);
     }
     fn xpay(&mut self, x: &Vec<f64>, b: f64, y: &mut Vec<f64>) {
         y.par_iter_mut()
-            .with_min_len(PAR_MIN)
+            .with_min_len(PAR_MIN_LEN)
             .zip(x)
             .for_each(|(yi, xi)| *yi = xi + b * *yi);
     }
     fn sub(&mut self, b: &Vec<f64>, ap: &Vec<f64>, r: &mut Vec<f64>) {
         r.par_iter_mut()
-            .with_min_len(PAR_MIN)
+            .with_min_len(PAR_MIN_LEN)
             .zip(b.par_iter().zip(ap))
             .for_each(|(ri, (bi, ai))| *ri = bi - ai);
     }

@@ -6,6 +6,7 @@ use anyhow::{Context, Result};
 use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
 
+use crate::base::util::PAR_MIN_LEN;
 use crate::inference::newton::MetricObjective;
 use crate::likelihood::model::{Model, ModelWork, State};
 use crate::num::cg::{self, CgReport, CgSettings};
@@ -134,14 +135,13 @@ impl MetricObjective for Kl<'_> {
             self.fill_sample(p, j, xk);
             let (xk, xsig) = xk.split_at(np);
             value += self.model.value_grad(xk, xsig, st, gx, gs, work)? / n;
-            // per element, so the split over threads changes no result
             let (g_x, g_s) = g.split_at_mut(np);
             g_x.par_iter_mut()
-                .with_min_len(1 << 14)
+                .with_min_len(PAR_MIN_LEN)
                 .zip(self.mask.par_iter().zip(&gx[..]))
                 .for_each(|(o, (m, v))| *o += m * v / n);
             g_s.par_iter_mut()
-                .with_min_len(1 << 14)
+                .with_min_len(PAR_MIN_LEN)
                 .zip(&gs[..])
                 .for_each(|(o, v)| *o += v / n);
         }
