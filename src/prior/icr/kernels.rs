@@ -7,55 +7,168 @@
 use rayon::prelude::*;
 
 use super::matrices::SITE_LEN;
+use super::site::{sites_shared, MatEntry, Portable, SiteDots};
 use super::Level;
 use crate::base::comm;
+use crate::base::simd::{self, WithSimd};
 use crate::base::util::DisjointMut;
 
 /// Refine one level: every coarse pixel's sites write its 4 children's fine columns.
-pub(super) fn refine<T: Copy + Into<f64> + Sync>(
+pub(super) fn refine<T: MatEntry>(
     level: &Level,
     mats: &[T],
     coarse: &[f64],
     xi: &[f64],
     fine: &mut [f64],
 ) {
-    let (n_c, n_f, ns) = (level.n_c, level.n_f, level.n_sites_r());
+    let n_f = level.n_f;
     let fine = DisjointMut::new(fine);
-    // pixels grouped by angular class: a class's matrices stay in cache for all its members
+    let class = &level.geom.class;
+    // pixels grouped by angular class: the members of a class in a chunk share each site's
+    // matrix while it is in L1
     level.by_class.par_chunks(8).for_each(|ps| {
-        for &p in ps {
-            let p = p as usize;
+        for run in ps.chunk_by(|&a, &b| class[a as usize] == class[b as usize]) {
             // SAFETY: every pixel occurs once in `by_class`, so the chunks are disjoint
-            let out = unsafe { fine.chunk(p * 4 * n_f, 4 * n_f) };
-            let win = &level.geom.window[p];
-            let class = level.geom.class[p] as usize;
-            let mut c = [0.0f64; 27];
-            for j in 0..ns {
-                for (a, &q) in win.iter().enumerate() {
-                    let base = q as usize * n_c + j;
-                    c[a * 3..a * 3 + 3].copy_from_slice(&coarse[base..base + 3]);
-                }
-                let m = &mats[(class * ns + j) * SITE_LEN..][..SITE_LEN];
-                let x = &xi[(p * ns + j) * 8..][..8];
-                let mut acc = [0.0f64; 8];
-                for (k, row) in m.chunks_exact(8).enumerate() {
-                    // rows 0..27 multiply the coarse values, rows 27..35 the excitations
-                    let v = if k < 27 { c[k] } else { x[k - 27] };
-                    for o in 0..8 {
-                        acc[o] += row[o].into() * v;
-                    }
-                }
-                for (o, a) in acc.iter().enumerate() {
-                    out[(o / 2) * n_f + 2 * j + (o % 2)] = *a;
-                }
+            let outs = run
+                .iter()
+                .map(|&p| unsafe { fine.chunk(p as usize * 4 * n_f, 4 * n_f) });
+            let mut out: [&mut [f64]; 8] = Default::default();
+            for (o, c) in out.iter_mut().zip(outs) {
+                *o = c;
             }
+            simd::dispatch(RefineRun {
+                level,
+                mats,
+                coarse,
+                xi,
+                run,
+                out: &mut out[..run.len()],
+            });
         }
     });
 }
 
+/// The sites of coarse pixels of one angular class, compiled for the widest instruction set
+/// present.
+struct RefineRun<'a, 'b, T> {
+    level: &'a Level,
+    mats: &'a [T],
+    coarse: &'a [f64],
+    xi: &'a [f64],
+    run: &'a [u32],
+    out: &'b mut [&'a mut [f64]],
+}
+
+impl<T: MatEntry> WithSimd for RefineRun<'_, '_, T> {
+    type Output = ();
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, simd: S) {
+        let RefineRun {
+            level,
+            mats,
+            coarse,
+            xi,
+            run,
+            out,
+        } = self;
+        let ns = level.n_sites_r();
+        let class = level.geom.class[run[0] as usize] as usize;
+        let mut buf = T::buf();
+        for j in 0..ns {
+            let m = T::site_f64(&mats[(class * ns + j) * SITE_LEN..][..SITE_LEN], &mut buf);
+            let mut g = 0;
+            while g < run.len() {
+                let n = (run.len() - g).min(4);
+                let (ps, os) = (&run[g..g + n], &mut out[g..g + n]);
+                let site = Site {
+                    level,
+                    coarse,
+                    xi,
+                    j,
+                };
+                match n {
+                    4 => site.refine::<S, 4>(simd, m, ps, os),
+                    3 => site.refine::<S, 3>(simd, m, ps, os),
+                    2 => site.refine::<S, 2>(simd, m, ps, os),
+                    _ => site.refine::<S, 1>(simd, m, ps, os),
+                }
+                g += n;
+            }
+        }
+    }
+}
+
+/// Radial site `j` of a level, with the fields it reads.
+#[derive(Clone, Copy)]
+struct Site<'a> {
+    level: &'a Level,
+    coarse: &'a [f64],
+    xi: &'a [f64],
+    j: usize,
+}
+
+impl Site<'_> {
+    /// Refine this site of `G` pixels of one class (site matrix `m`) into their fine columns.
+    #[inline(always)]
+    fn refine<S: pulp::Simd, const G: usize>(
+        self,
+        simd: S,
+        m: &[f64],
+        ps: &[u32],
+        out: &mut [&mut [f64]],
+    ) {
+        let Site {
+            level,
+            coarse,
+            xi,
+            j,
+        } = self;
+        let (n_c, n_f, ns) = (level.n_c, level.n_f, level.n_sites_r());
+        let mut v = [[0.0f64; 35]; G];
+        for (vt, &p) in v.iter_mut().zip(ps) {
+            let p = p as usize;
+            for (a, &q) in level.geom.window[p].iter().enumerate() {
+                let base = q as usize * n_c + j;
+                vt[a * 3..a * 3 + 3].copy_from_slice(&coarse[base..base + 3]);
+            }
+            vt[27..].copy_from_slice(&xi[(p * ns + j) * 8..][..8]);
+        }
+        let mut acc = [[0.0f64; 8]; G];
+        sites_shared(simd, m, &v, &mut acc);
+        for (o, a) in out.iter_mut().zip(&acc) {
+            for (r, &x) in a.iter().enumerate() {
+                o[(r / 2) * n_f + 2 * j + (r % 2)] = x;
+            }
+        }
+    }
+}
+
 /// Transpose of [`refine`], first half: every local pixel's window contributions into
 /// `scatter` (chunk p·9 + slot) and its excitations' cotangents.
-pub(super) fn scatter_adjoint<T: Copy + Into<f64> + Sync>(
+pub(super) fn scatter_adjoint<T: MatEntry>(
+    level: &Level,
+    mats: &[T],
+    fine_bar: &[f64],
+    xi_bar: &mut [f64],
+    scatter: &mut [f64],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(v3) = pulp::x86::V3::try_new() {
+        return scatter_with(
+            super::site::avx2::Dots(v3),
+            level,
+            mats,
+            fine_bar,
+            xi_bar,
+            scatter,
+        );
+    }
+    scatter_with(Portable, level, mats, fine_bar, xi_bar, scatter)
+}
+
+/// [`scatter_adjoint`] with the row dots of `d`.
+fn scatter_with<T: MatEntry, D: SiteDots>(
+    d: D,
     level: &Level,
     mats: &[T],
     fine_bar: &[f64],
@@ -69,32 +182,41 @@ pub(super) fn scatter_adjoint<T: Copy + Into<f64> + Sync>(
             let p = p as usize;
             // SAFETY: every pixel occurs once in `by_class`, so the chunks are disjoint
             let (t, xb) = unsafe { (tp.chunk(p * 9 * n_c, 9 * n_c), xp.chunk(p * ns * 8, ns * 8)) };
-            t.fill(0.0);
-            let class = level.geom.class[p] as usize;
-            let fb = &fine_bar[4 * p * n_f..4 * (p + 1) * n_f];
-            for j in 0..ns {
-                let mut g = [0.0f64; 8];
-                for (o, gv) in g.iter_mut().enumerate() {
-                    *gv = fb[(o / 2) * n_f + 2 * j + (o % 2)];
-                }
-                let m = &mats[(class * ns + j) * SITE_LEN..][..SITE_LEN];
-                let x = &mut xb[j * 8..j * 8 + 8];
-                let dot = |k: usize| -> f64 {
-                    let row = &m[k * 8..k * 8 + 8];
-                    let p: [f64; 8] = std::array::from_fn(|o| row[o].into() * g[o]);
-                    // a balanced tree instead of a sequential chain: independent adds
-                    // that vectorise (float sums are not reassociated by the compiler)
-                    ((p[0] + p[4]) + (p[2] + p[6])) + ((p[1] + p[5]) + (p[3] + p[7]))
+            d.run(|| {
+                let class = level.geom.class[p] as usize;
+                let fb = &fine_bar[4 * p * n_f..4 * (p + 1) * n_f];
+                // the row dots of the last three sites: window value i of a slot sums the
+                // dots of sites i − 2, i − 1 and i (in that order), so it is written once,
+                // when site i is done, instead of being added to in memory three times
+                let (mut buf, mut r) = (T::buf(), [[0.0f64; 36]; 3]);
+                let finish = |t: &mut [f64], r: &[[f64; 36]; 3], i: usize| {
+                    for a in 0..9 {
+                        let mut v = 0.0;
+                        for dj in (0..3).rev() {
+                            if (dj..ns + dj).contains(&i) {
+                                v += r[(i - dj) % 3][a * 3 + dj];
+                            }
+                        }
+                        t[a * n_c + i] = v;
+                    }
                 };
-                for (q, xq) in x.iter_mut().enumerate() {
-                    *xq = dot(27 + q);
-                }
-                for a in 0..9 {
-                    for dj in 0..3 {
-                        t[a * n_c + j + dj] += dot(a * 3 + dj);
+                for j in 0..ns {
+                    let g: [f64; 8] = std::array::from_fn(|o| fb[(o / 2) * n_f + 2 * j + (o % 2)]);
+                    let m = T::site_f64(&mats[(class * ns + j) * SITE_LEN..][..SITE_LEN], &mut buf);
+                    d.dots(m, &g, &mut r[j % 3]);
+                    xb[j * 8..j * 8 + 8].copy_from_slice(&r[j % 3][27..35]);
+                    if j >= 2 {
+                        let (r0, r1, r2) = (&r[j % 3], &r[(j + 2) % 3], &r[(j + 1) % 3]);
+                        for a in 0..9 {
+                            t[a * n_c + j] = ((0.0 + r2[a * 3 + 2]) + r1[a * 3 + 1]) + r0[a * 3];
+                        }
+                    } else {
+                        finish(t, &r, j);
                     }
                 }
-            }
+                finish(t, &r, ns);
+                finish(t, &r, ns + 1);
+            })
         }
     });
 }

@@ -12,6 +12,7 @@ pub mod exchange;
 pub mod geometry;
 mod kernels;
 pub mod matrices;
+mod site;
 pub mod variance;
 
 use anyhow::{Context, Result};
