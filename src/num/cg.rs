@@ -79,37 +79,68 @@ pub trait CgSpace {
 }
 
 /// Host vectors (this rank's part), with inner products from a [`Space`].
-pub struct Host<'a>(pub &'a dyn Space);
+pub struct Host<'a, 'v>(pub &'a dyn Space, pub std::marker::PhantomData<&'v ()>);
 
-impl CgSpace for Host<'_> {
-    type V = Vec<f64>;
-    fn clone_of(&mut self, x: &Vec<f64>) -> Vec<f64> {
-        x.clone()
+/// A host vector of [`Host`]: one CG allocated, or the caller's right-hand side and
+/// solution, borrowed rather than copied (each is parameter-sized: 133 MB on W2).
+pub enum HostVec<'v> {
+    /// A vector CG allocated.
+    Owned(Vec<f64>),
+    /// The caller's right-hand side, which CG only reads.
+    Ref(&'v [f64]),
+    /// The caller's solution vector.
+    Mut(&'v mut [f64]),
+}
+
+impl std::ops::Deref for HostVec<'_> {
+    type Target = [f64];
+    fn deref(&self) -> &[f64] {
+        match self {
+            HostVec::Owned(v) => v,
+            HostVec::Ref(v) => v,
+            HostVec::Mut(v) => v,
+        }
     }
-    fn dot(&mut self, x: &Vec<f64>, y: &Vec<f64>) -> f64 {
+}
+
+impl std::ops::DerefMut for HostVec<'_> {
+    fn deref_mut(&mut self) -> &mut [f64] {
+        match self {
+            HostVec::Owned(v) => v,
+            HostVec::Mut(v) => v,
+            // `solve_in` takes the right-hand side by shared reference
+            HostVec::Ref(_) => unreachable!("CG never writes its right-hand side"),
+        }
+    }
+}
+
+impl<'v> CgSpace for Host<'_, 'v> {
+    type V = HostVec<'v>;
+    fn clone_of(&mut self, x: &HostVec<'v>) -> HostVec<'v> {
+        HostVec::Owned(x.to_vec())
+    }
+    fn dot(&mut self, x: &HostVec<'v>, y: &HostVec<'v>) -> f64 {
         self.0.dot(x, y)
     }
-    // on the rayon pool: at W1 size three sequential passes per CG iteration cost as much
-    // as a tenth of a metric product
-    fn axpy(&mut self, a: f64, x: &Vec<f64>, y: &mut Vec<f64>) {
+    fn axpy(&mut self, a: f64, x: &HostVec<'v>, y: &mut HostVec<'v>) {
         y.par_iter_mut()
             .with_min_len(PAR_MIN_LEN)
-            .zip(x)
+            .zip(&**x)
             .for_each(|(yi, xi)| *yi += a * xi);
     }
-    fn xpay(&mut self, x: &Vec<f64>, b: f64, y: &mut Vec<f64>) {
+    fn xpay(&mut self, x: &HostVec<'v>, b: f64, y: &mut HostVec<'v>) {
         y.par_iter_mut()
             .with_min_len(PAR_MIN_LEN)
-            .zip(x)
+            .zip(&**x)
             .for_each(|(yi, xi)| *yi = xi + b * *yi);
     }
-    fn sub(&mut self, b: &Vec<f64>, ap: &Vec<f64>, r: &mut Vec<f64>) {
+    fn sub(&mut self, b: &HostVec<'v>, ap: &HostVec<'v>, r: &mut HostVec<'v>) {
         r.par_iter_mut()
             .with_min_len(PAR_MIN_LEN)
-            .zip(b.par_iter().zip(ap))
+            .zip(b.par_iter().zip(&**ap))
             .for_each(|(ri, (bi, ai))| *ri = bi - ai);
     }
-    fn zero(&mut self, x: &mut Vec<f64>) {
+    fn zero(&mut self, x: &mut HostVec<'v>) {
         x.iter_mut().for_each(|v| *v = 0.0);
     }
 }
@@ -162,16 +193,14 @@ pub fn solve_with(
     x: &mut [f64],
     s: &CgSettings,
 ) -> CgReport {
-    let (bv, mut xv) = (b.to_vec(), x.to_vec());
-    let rep = solve_in(
-        &mut Host(space),
-        |v: &Vec<f64>, o: &mut Vec<f64>| apply(v, o),
+    let (bv, mut xv) = (HostVec::Ref(b), HostVec::Mut(x));
+    solve_in(
+        &mut Host(space, std::marker::PhantomData),
+        |v: &HostVec, o: &mut HostVec| apply(v, o),
         &bv,
         &mut xv,
         s,
-    );
-    x.copy_from_slice(&xv);
-    rep
+    )
 }
 
 /// [`solve`] in any [`CgSpace`]: `apply(space, v, out)` writes `A v`.

@@ -46,12 +46,18 @@ pub trait MetricObjective {
     }
 }
 
+/// A parameter-sized vector, shared rather than copied: argmin keeps the current, previous
+/// and best points and gradients of a search, the solver its start and direction, and the
+/// cache the last point. On the paper's grid one such vector is ~0.5 GB per rank.
+pub type Values = Arc<[f64]>;
+
 /// A parameter vector as argmin sees it: this rank's part and the space whose inner
-/// product sums over ranks (so More–Thuente decides alike on every rank).
+/// product sums over ranks (so More–Thuente decides alike on every rank). Cloning it
+/// shares the values.
 #[derive(Clone)]
 pub struct DVec {
     /// Local values.
-    pub v: Vec<f64>,
+    pub v: Values,
     space: Arc<dyn Space>,
 }
 
@@ -67,16 +73,21 @@ impl ArgminScaledAdd<DVec, f64, DVec> for DVec {
             v: self
                 .v
                 .iter()
-                .zip(&vec.v)
+                .zip(vec.v.iter())
                 .map(|(a, b)| a + factor * b)
-                .collect(),
+                .collect::<Values>(),
             space: self.space.clone(),
         }
     }
 }
 
+/// `n` zeros, allocated once (an `Arc<[f64]>` from a `Vec` would copy it).
+fn zeros(n: usize) -> Values {
+    std::iter::repeat_n(0.0, n).collect()
+}
+
 /// A point with its value and gradient.
-type Evaluated = (Vec<f64>, f64, Vec<f64>);
+type Evaluated = (Values, f64, Values);
 
 /// Adapter giving argmin's cost and gradient traits to a [`MetricObjective`]. argmin asks
 /// for the cost and the gradient at the same point separately; both come from one
@@ -100,7 +111,7 @@ impl<'a, T: MetricObjective> ArgminObjective<'a, T> {
     }
 
     /// `v` as an argmin parameter.
-    fn wrap(&self, v: Vec<f64>) -> DVec {
+    fn wrap(&self, v: Values) -> DVec {
         DVec {
             v,
             space: self.space.clone(),
@@ -108,19 +119,25 @@ impl<'a, T: MetricObjective> ArgminObjective<'a, T> {
     }
 
     /// Value and gradient at `p` (from the cache when `p` was the last point on every rank).
-    pub fn value_grad(&self, p: &[f64]) -> Result<(f64, Vec<f64>), Error> {
+    pub fn value_grad(&self, p: &Values) -> Result<(f64, Values), Error> {
         let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        let hit = last.as_ref().is_some_and(|(q, _, _)| q.as_slice() == p);
+        let hit = last
+            .as_ref()
+            .is_some_and(|(q, _, _)| Arc::ptr_eq(q, p) || **q == **p);
         if self.space.all(hit) {
             if let Some((_, v, g)) = last.as_ref() {
                 return Ok((*v, g.clone()));
             }
         }
-        let mut g = vec![0.0; p.len()];
-        let v = self.obj.value_grad(p, &mut g)?;
+        // the old point's gradient goes before the new one is computed
+        *last = None;
+        let mut g = zeros(p.len());
+        let v = self
+            .obj
+            .value_grad(p, Arc::get_mut(&mut g).expect("not shared yet"))?;
         self.evaluations
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        *last = Some((p.to_vec(), v, g.clone()));
+        *last = Some((p.clone(), v, g.clone()));
         Ok((v, g))
     }
 }
@@ -284,7 +301,11 @@ impl<T: MetricObjective> Solver<ArgminObjective<'_, T>, St> for TruncatedNewton 
         let (dir, rep) = self.direction(wrapped, &param, &grad, g2)?;
         let dir_norm = space.dot(&dir, &dir).sqrt();
         let (new_param, new_cost) = self.step(wrapped, &param, cost, &grad, dir)?;
-        let diff: Vec<f64> = new_param.iter().zip(&param).map(|(a, b)| a - b).collect();
+        let diff: Vec<f64> = new_param
+            .iter()
+            .zip(param.iter())
+            .map(|(a, b)| a - b)
+            .collect();
         let step_norm = space.dot(&diff, &diff).sqrt();
         self.step_norms.push(step_norm);
         // the step taken as a fraction of the full Newton step (1: the full step)
@@ -331,10 +352,10 @@ impl TruncatedNewton {
         param: &[f64],
         grad: &[f64],
         g2: f64,
-    ) -> Result<(Vec<f64>, cg::CgReport), Error> {
+    ) -> Result<(Values, cg::CgReport), Error> {
         let space = &wrapped.space;
-        let rhs: Vec<f64> = grad.iter().map(|g| -g).collect();
-        let mut dir = vec![0.0; param.len()];
+        let rhs: Values = grad.iter().map(|g| -g).collect();
+        let mut dir = zeros(param.len());
         // CG's tolerance is relative to |g| itself: rescale it to the norm the forcing names
         // (the whole gradient where that part is zero)
         let named2 = g2 - wrapped.obj.forcing_excluded2(grad);
@@ -348,7 +369,8 @@ impl TruncatedNewton {
             max_iter: self.settings.cg_max_iter,
             ..Default::default()
         };
-        let rep = wrapped.obj.solve(param, &rhs, &mut dir, &settings)?;
+        let x = Arc::get_mut(&mut dir).expect("not shared yet");
+        let rep = wrapped.obj.solve(param, &rhs, x, &settings)?;
         self.cg_iterations.push(rep.iterations);
         // reported against the norm the forcing is measured in, as the forcing itself is
         self.cg_residuals.push(rep.rel_residual / share);
@@ -373,16 +395,16 @@ impl TruncatedNewton {
     fn step<T: MetricObjective>(
         &mut self,
         wrapped: &ArgminObjective<'_, T>,
-        param: &[f64],
+        param: &Values,
         cost: f64,
-        grad: &[f64],
-        dir: Vec<f64>,
-    ) -> Result<(Vec<f64>, f64), Error> {
+        grad: &Values,
+        dir: Values,
+    ) -> Result<(Values, f64), Error> {
         let space = wrapped.space.clone();
         let slope = space.dot(&dir, grad);
         if slope == 0.0 {
             // a zero gradient (or direction): nothing to gain here
-            return Ok((param.to_vec(), cost));
+            return Ok((param.clone(), cost));
         }
         // bound the first trial step: far from the optimum a full Newton step of an
         // exponential model can overflow (ρ = e^{…}). The accepted step is not lengthened
@@ -394,7 +416,7 @@ impl TruncatedNewton {
         } else {
             1.0
         };
-        let wrap = |v: Vec<f64>| DVec {
+        let wrap = |v: Values| DVec {
             v,
             space: space.clone(),
         };
@@ -406,8 +428,8 @@ impl TruncatedNewton {
         let ls = self.settings.line_search;
         let run = Executor::new(Shared(wrapped), search)
             .configure(|s| {
-                s.param(wrap(param.to_vec()))
-                    .gradient(wrap(grad.to_vec()))
+                s.param(wrap(param.clone()))
+                    .gradient(wrap(grad.clone()))
                     .cost(cost)
                     .max_iters(ls.max_iters)
             })
@@ -462,22 +484,22 @@ impl<T: MetricObjective> Gradient for Shared<'_, '_, T> {
 /// starts from the accepted point's value without computing it again.
 fn backtrack<T: MetricObjective>(
     obj: &ArgminObjective<'_, T>,
-    p: &[f64],
+    p: &Values,
     f0: f64,
     (dir, slope): (&[f64], f64),
     alpha0: f64,
     ls: LineSearchParams,
-) -> Result<(Vec<f64>, f64), Error> {
+) -> Result<(Values, f64), Error> {
     let mut alpha = alpha0;
     for _ in 0..ls.max_halvings {
-        let trial: Vec<f64> = p.iter().zip(dir).map(|(a, d)| a + alpha * d).collect();
+        let trial: Values = p.iter().zip(dir).map(|(a, d)| a + alpha * d).collect();
         let (f, _) = obj.value_grad(&trial)?;
         if f.is_finite() && f <= f0 + ls.c1 * alpha * slope {
             return Ok((trial, f));
         }
         alpha *= 0.5;
     }
-    Ok((p.to_vec(), f0))
+    Ok((p.clone(), f0))
 }
 
 /// Outcome of [`minimize`].
@@ -512,7 +534,7 @@ pub fn minimize<T: MetricObjective>(
 ) -> Result<(Vec<f64>, NewtonReport), Error> {
     let solver = TruncatedNewton::new(settings)?;
     let wrapped = ArgminObjective::new(obj);
-    let p0 = wrapped.wrap(p0);
+    let p0 = wrapped.wrap(p0.into());
     let res = Executor::new(wrapped, solver)
         .configure(|s| s.param(p0).max_iters(max_steps))
         .ctrlc(false)
@@ -521,6 +543,7 @@ pub fn minimize<T: MetricObjective>(
     let evaluations = res.problem.problem.as_ref().map_or(0, |o| {
         o.evaluations.load(std::sync::atomic::Ordering::Relaxed)
     });
+    let solver = res.solver;
     let mut state = res.state;
     let value = state.get_best_cost();
     let p = state
@@ -528,18 +551,20 @@ pub fn minimize<T: MetricObjective>(
         .or_else(|| state.take_param())
         .ok_or_else(|| Error::msg("no result"))?
         .v;
+    // the cache and the states let go of their vectors before the result is copied out
+    drop((state, res.problem));
     Ok((
-        p,
+        p.to_vec(),
         NewtonReport {
             value,
             steps,
-            cg_iterations: res.solver.cg_iterations.clone(),
-            grad_norms: res.solver.grad_norms.clone(),
-            step_norms: res.solver.step_norms.clone(),
+            cg_iterations: solver.cg_iterations,
+            grad_norms: solver.grad_norms,
+            step_norms: solver.step_norms,
             evaluations,
-            initial_value: res.solver.initial_value.unwrap_or(value),
-            cg_residuals: res.solver.cg_residuals.clone(),
-            cg_capped: res.solver.cg_capped,
+            initial_value: solver.initial_value.unwrap_or(value),
+            cg_residuals: solver.cg_residuals,
+            cg_capped: solver.cg_capped,
         },
     ))
 }
