@@ -167,7 +167,7 @@ pub(super) fn scatter_adjoint<T: MatEntry>(
 }
 
 /// [`scatter_adjoint`] with the row dots of `d`.
-fn scatter_with<T: MatEntry, D: SiteDots>(
+pub(super) fn scatter_with<T: MatEntry, D: SiteDots>(
     d: D,
     level: &Level,
     mats: &[T],
