@@ -76,23 +76,19 @@ impl<T: MatEntry> WithSimd for RefineRun<'_, '_, T> {
         let mut buf = T::buf();
         for j in 0..ns {
             let m = T::site_f64(&mats[(class * ns + j) * SITE_LEN..][..SITE_LEN], &mut buf);
-            let mut g = 0;
-            while g < run.len() {
-                let n = (run.len() - g).min(4);
-                let (ps, os) = (&run[g..g + n], &mut out[g..g + n]);
-                let site = Site {
-                    level,
-                    coarse,
-                    xi,
-                    j,
-                };
-                match n {
+            let site = Site {
+                level,
+                coarse,
+                xi,
+                j,
+            };
+            for (ps, os) in run.chunks(4).zip(out.chunks_mut(4)) {
+                match ps.len() {
                     4 => site.refine::<S, 4>(simd, m, ps, os),
                     3 => site.refine::<S, 3>(simd, m, ps, os),
                     2 => site.refine::<S, 2>(simd, m, ps, os),
                     _ => site.refine::<S, 1>(simd, m, ps, os),
                 }
-                g += n;
             }
         }
     }
