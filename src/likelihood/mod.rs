@@ -5,6 +5,7 @@ pub mod backend;
 pub mod core;
 pub mod cpu;
 pub mod distance;
+mod lanes;
 pub mod mask;
 pub mod model;
 pub mod noise;

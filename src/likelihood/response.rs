@@ -17,7 +17,8 @@
 
 use rayon::prelude::*;
 
-use crate::base::simd::{self, WithSimd};
+use super::lanes::{self, moment_terms, tangent_terms, Entries, LaneSums, Lanes, LanesOp, LANES};
+use crate::base::simd;
 use crate::base::util::DisjointMut;
 use crate::sphere::grid::Shells;
 use crate::sphere::transforms::{norm_cdf, norm_pdf};
@@ -364,7 +365,15 @@ fn split(e0: usize, len: usize, n: usize) -> (usize, usize, usize, bool) {
 /// assert!(var >= 0.0 && var < 1e-6);
 /// ```
 pub fn star_moments(win: Window<'_>, rw: &[f64], cum: &[f64]) -> (f64, f64) {
-    simd::dispatch(Moments { win, rw, cum })
+    struct Op<'a>(Window<'a>, &'a [f64], &'a [f64]);
+    impl LanesOp for Op<'_> {
+        type Output = (f64, f64);
+        #[inline(always)]
+        fn with_lanes<L: Lanes>(self, lanes: L) -> (f64, f64) {
+            moments(lanes, self.0, self.1, self.2)
+        }
+    }
+    lanes::dispatch(Op(win, rw, cum))
 }
 
 /// Tangent (δā, δσ_a²) of one star for a tangent `drw` of its column (`dcum` its columns).
@@ -376,12 +385,15 @@ pub fn star_jvp(
     dcum: &[f64],
     abar: f64,
 ) -> (f64, f64) {
-    simd::dispatch(Jvp {
-        win,
-        col: [rw, cum],
-        tan: [drw, dcum],
-        abar,
-    })
+    struct Op<'a>(Window<'a>, [&'a [f64]; 2], [&'a [f64]; 2], f64);
+    impl LanesOp for Op<'_> {
+        type Output = (f64, f64);
+        #[inline(always)]
+        fn with_lanes<L: Lanes>(self, lanes: L) -> (f64, f64) {
+            jvp(lanes, self.0, self.1, self.2, self.3)
+        }
+    }
+    lanes::dispatch(Op(win, [rw, cum], [drw, dcum], abar))
 }
 
 /// Accumulate the cotangent of one star (`ga` on ā, `gv` on σ_a²) into its pixel's
@@ -397,55 +409,7 @@ pub fn star_vjp(
     rw_bar: &mut [f64],
     cum_bar: &mut [f64],
 ) {
-    simd::dispatch(Vjp {
-        win,
-        col: [rw, cum],
-        abar,
-        g: [ga, gv],
-        bars: [rw_bar, cum_bar],
-    })
-}
-
-/// Partial sums per window walk: entry `j` of a window's kept shells adds into lane
-/// `j mod LANES`, and the lanes are added pairwise at the end. Independent sums let the
-/// walk run as vector operations instead of one chain of dependent additions; the order is
-/// fixed, so a star's sums do not depend on the instruction set, the thread count or the
-/// rank count.
-const LANES: usize = 4;
-
-/// Entries per block of [`lane_sums`]: its two term buffers stay in L1.
-const BLOCK: usize = 64;
-
-/// The two sums over `len` entries whose terms `terms(block, x, y)` writes for a block of
-/// entries, in the order of [`LANES`]: each block's terms are first computed by a loop
-/// without a carried dependence (it vectorises like the cotangent walk), then added lane
-/// by lane.
-#[inline(always)]
-fn lane_sums(
-    len: usize,
-    mut terms: impl FnMut(std::ops::Range<usize>, &mut [f64], &mut [f64]),
-) -> (f64, f64) {
-    let (mut sx, mut sy) = ([0.0; LANES], [0.0; LANES]);
-    let (mut x, mut y) = ([0.0; BLOCK], [0.0; BLOCK]);
-    for lo in (0..len).step_by(BLOCK) {
-        let m = BLOCK.min(len - lo);
-        let (x, y) = (&mut x[..m], &mut y[..m]);
-        terms(lo..lo + m, x, y);
-        let (x4, y4) = (x.chunks_exact(LANES), y.chunks_exact(LANES));
-        let (xt, yt) = (x4.remainder(), y4.remainder());
-        for (x4, y4) in x4.zip(y4) {
-            for l in 0..LANES {
-                sx[l] += x4[l];
-                sy[l] += y4[l];
-            }
-        }
-        for (l, (&xv, &yv)) in xt.iter().zip(yt).enumerate() {
-            sx[l] += xv;
-            sy[l] += yv;
-        }
-    }
-    let total = |s: [f64; LANES]| (s[0] + s[1]) + (s[2] + s[3]);
-    (total(sx), total(sy))
+    simd::run(|| vjp(win, [rw, cum], abar, [ga, gv], [rw_bar, cum_bar]))
 }
 
 /// The entries of a window that fall on kept shells (all of one length), where they start
@@ -466,6 +430,29 @@ impl Kept<'_> {
     fn shells(&self) -> std::ops::Range<usize> {
         self.k0..self.k0 + self.p.len()
     }
+
+    /// The number of entries and the number in whole groups of [`LANES`].
+    #[inline(always)]
+    fn groups(&self) -> (usize, usize) {
+        let len = self.p.len();
+        (len, len - len % LANES)
+    }
+
+    /// The group of entries from `j` on.
+    #[inline(always)]
+    fn entries(&self, j: usize) -> Entries<'_> {
+        Entries {
+            p: group(self.p, j),
+            f: group(self.f, j),
+            h: group(self.h, j),
+        }
+    }
+}
+
+/// The [`LANES`] values of `v` from `j` on.
+#[inline(always)]
+fn group<T>(v: &[T], j: usize) -> &[T; LANES] {
+    v[j..j + LANES].try_into().expect("a whole group")
 }
 
 #[inline(always)]
@@ -480,142 +467,95 @@ fn kept<'a>(win: &Window<'a>, n: usize) -> Kept<'a> {
     }
 }
 
-/// One star's moments for [`simd::dispatch`].
-struct Moments<'a> {
-    win: Window<'a>,
-    rw: &'a [f64],
-    cum: &'a [f64],
-}
-
-impl WithSimd for Moments<'_> {
-    type Output = (f64, f64);
-    #[inline(always)]
-    fn with_simd<S: pulp::Simd>(self, _: S) -> (f64, f64) {
-        let Moments { win, rw, cum } = self;
-        let n = rw.len();
-        let k = kept(&win, n);
-        let (r, c) = (&rw[k.shells()], &cum[k.shells()]);
-        let (mut a, mut m) = lane_sums(k.p.len(), |j, x, y| {
-            let entries = k.p[j.clone()]
-                .iter()
-                .zip(&k.f[j.clone()])
-                .zip(&k.h[j.clone()]);
-            let col = r[j.clone()].iter().zip(&c[j]);
-            for ((((&pj, &fj), &hj), (&r, &c0)), (x, y)) in
-                entries.zip(col).zip(x.iter_mut().zip(y))
-            {
-                let pj = pj as f64;
-                let c = c0 + r * (fj as f64 * F_SCALE);
-                *x = pj * c;
-                *y = pj * (c * c + r * r * (hj as f64 * H_SCALE));
-            }
-        });
-        if k.beyond {
-            let pj = win.prob[win.prob.len() - 1] as f64;
-            a += pj * cum[n];
-            m += pj * cum[n] * cum[n];
-        }
-        (a, m - win.kappa * a * a)
+/// [`star_moments`] without the choice of instruction set: for loops over many stars inside
+/// one [`simd::run`].
+#[inline(always)]
+pub(super) fn moments<L: Lanes>(lanes: L, win: Window<'_>, rw: &[f64], cum: &[f64]) -> (f64, f64) {
+    let n = rw.len();
+    let k = kept(&win, n);
+    let (r, c) = (&rw[k.shells()], &cum[k.shells()]);
+    let mut sums = LaneSums::ZERO;
+    let (len, full) = k.groups();
+    for j in (0..full).step_by(LANES) {
+        sums.add(lanes.moments(k.entries(j), group(r, j), group(c, j)));
     }
-}
-
-/// One star's tangent for [`simd::dispatch`].
-struct Jvp<'a> {
-    win: Window<'a>,
-    /// The column and its inner columns.
-    col: [&'a [f64]; 2],
-    /// Their tangents.
-    tan: [&'a [f64]; 2],
-    abar: f64,
-}
-
-impl WithSimd for Jvp<'_> {
-    type Output = (f64, f64);
-    #[inline(always)]
-    fn with_simd<S: pulp::Simd>(self, _: S) -> (f64, f64) {
-        let Jvp {
-            win,
-            col: [rw, cum],
-            tan: [drw, dcum],
-            abar,
-        } = self;
-        let n = rw.len();
-        let k = kept(&win, n);
-        let kr = k.shells();
-        let (r, c, dr, dc) = (
-            &rw[kr.clone()],
-            &cum[kr.clone()],
-            &drw[kr.clone()],
-            &dcum[kr],
-        );
-        let (mut da, mut dm) = lane_sums(k.p.len(), |j, x, y| {
-            let entries = k.p[j.clone()]
-                .iter()
-                .zip(&k.f[j.clone()])
-                .zip(&k.h[j.clone()]);
-            let col = r[j.clone()].iter().zip(&c[j.clone()]);
-            let tan = dr[j.clone()].iter().zip(&dc[j]);
-            let out = x.iter_mut().zip(y);
-            for ((((&pj, &fj), &hj), ((&r, &c0), (&dr, &dc0))), (x, y)) in
-                entries.zip(col.zip(tan)).zip(out)
-            {
-                let (pj, fj) = (pj as f64, fj as f64 * F_SCALE);
-                let c = c0 + r * fj;
-                let dc = dc0 + dr * fj;
-                *x = pj * dc;
-                *y = pj * (c * dc + r * dr * (hj as f64 * H_SCALE));
-            }
-        });
-        if k.beyond {
-            let pj = win.prob[win.prob.len() - 1] as f64;
-            da += pj * dcum[n];
-            dm += pj * cum[n] * dcum[n];
-        }
-        (da, 2.0 * dm - 2.0 * win.kappa * abar * da)
+    for (l, j) in (full..len).enumerate() {
+        sums.add_lane(l, moment_terms(k.p[j], k.f[j], k.h[j], r[j], c[j]));
     }
+    let (mut a, mut m) = sums.totals();
+    if k.beyond {
+        let pj = win.prob[win.prob.len() - 1] as f64;
+        a += pj * cum[n];
+        m += pj * cum[n] * cum[n];
+    }
+    (a, m - win.kappa * a * a)
 }
 
-/// One star's cotangent for [`simd::dispatch`].
-struct Vjp<'a, 'b> {
-    win: Window<'a>,
-    /// The column and its inner columns.
-    col: [&'a [f64]; 2],
+/// [`star_jvp`] without the choice of instruction set, the column and its inner columns
+/// in `col`, their tangents in `tan`.
+#[inline(always)]
+pub(super) fn jvp<L: Lanes>(
+    lanes: L,
+    win: Window<'_>,
+    [rw, cum]: [&[f64]; 2],
+    [drw, dcum]: [&[f64]; 2],
     abar: f64,
-    /// Cotangents on ā and σ_a².
-    g: [f64; 2],
-    /// Cotangents of the column and of its inner columns, accumulated.
-    bars: [&'b mut [f64]; 2],
+) -> (f64, f64) {
+    let n = rw.len();
+    let k = kept(&win, n);
+    let kr = k.shells();
+    let (r, c, dr, dc) = (
+        &rw[kr.clone()],
+        &cum[kr.clone()],
+        &drw[kr.clone()],
+        &dcum[kr],
+    );
+    let mut sums = LaneSums::ZERO;
+    let (len, full) = k.groups();
+    for j in (0..full).step_by(LANES) {
+        let col = [group(r, j), group(c, j)];
+        sums.add(lanes.tangents(k.entries(j), col, [group(dr, j), group(dc, j)]));
+    }
+    for (l, j) in (full..len).enumerate() {
+        let t = tangent_terms(k.p[j], k.f[j], k.h[j], [r[j], c[j]], [dr[j], dc[j]]);
+        sums.add_lane(l, t);
+    }
+    let (mut da, mut dm) = sums.totals();
+    if k.beyond {
+        let pj = win.prob[win.prob.len() - 1] as f64;
+        da += pj * dcum[n];
+        dm += pj * cum[n] * dcum[n];
+    }
+    (da, 2.0 * dm - 2.0 * win.kappa * abar * da)
 }
 
-impl WithSimd for Vjp<'_, '_> {
-    type Output = ();
-    #[inline(always)]
-    fn with_simd<S: pulp::Simd>(self, _: S) {
-        let Vjp {
-            win,
-            col: [rw, cum],
-            abar,
-            g: [ga, gv],
-            bars: [rw_bar, cum_bar],
-        } = self;
-        let n = rw.len();
-        let k = kept(&win, n);
-        let kr = k.shells();
-        let base = ga - 2.0 * gv * win.kappa * abar;
-        let entries = k.p.iter().zip(k.f).zip(k.h);
-        let col = rw[kr.clone()].iter().zip(&cum[kr.clone()]);
-        let bars = rw_bar[kr.clone()].iter_mut().zip(&mut cum_bar[kr]);
-        for ((((&pj, &fj), &hj), (&r, &c0)), (rb, cb)) in entries.zip(col).zip(bars) {
-            let (pj, fj) = (pj as f64, fj as f64 * F_SCALE);
-            let c = c0 + r * fj;
-            let w = pj * (base + 2.0 * gv * c);
-            *cb += w;
-            *rb += w * fj + 2.0 * gv * pj * r * (hj as f64 * H_SCALE);
-        }
-        if k.beyond {
-            let pj = win.prob[win.prob.len() - 1] as f64;
-            cum_bar[n] += pj * (base + 2.0 * gv * cum[n]);
-        }
+/// [`star_vjp`] without the choice of instruction set: cotangents `[ga, gv]` on ā and
+/// σ_a², accumulated into `[rw_bar, cum_bar]`.
+#[inline(always)]
+pub(super) fn vjp(
+    win: Window<'_>,
+    [rw, cum]: [&[f64]; 2],
+    abar: f64,
+    [ga, gv]: [f64; 2],
+    [rw_bar, cum_bar]: [&mut [f64]; 2],
+) {
+    let n = rw.len();
+    let k = kept(&win, n);
+    let kr = k.shells();
+    let base = ga - 2.0 * gv * win.kappa * abar;
+    let entries = k.p.iter().zip(k.f).zip(k.h);
+    let col = rw[kr.clone()].iter().zip(&cum[kr.clone()]);
+    let bars = rw_bar[kr.clone()].iter_mut().zip(&mut cum_bar[kr]);
+    for ((((&pj, &fj), &hj), (&r, &c0)), (rb, cb)) in entries.zip(col).zip(bars) {
+        let (pj, fj) = (pj as f64, fj as f64 * F_SCALE);
+        let c = c0 + r * fj;
+        let w = pj * (base + 2.0 * gv * c);
+        *cb += w;
+        *rb += w * fj + 2.0 * gv * pj * r * (hj as f64 * H_SCALE);
+    }
+    if k.beyond {
+        let pj = win.prob[win.prob.len() - 1] as f64;
+        cum_bar[n] += pj * (base + 2.0 * gv * cum[n]);
     }
 }
 
@@ -631,6 +571,7 @@ pub fn finish_vjp(cum_bar: &[f64], rw_bar: &mut [f64]) {
 
 #[cfg(test)]
 mod tests {
+    use super::super::lanes::Portable;
     use super::*;
 
     #[test]
@@ -676,33 +617,20 @@ mod tests {
         let (mut cum, mut dcum) = (vec![0.0; n + 1], vec![0.0; n + 1]);
         inner_columns(&rw, &mut cum);
         inner_columns(&drw, &mut dcum);
-        let base = pulp::Scalar::new();
         let (mut rb, mut cb) = (vec![0.0; n], vec![0.0; n + 1]);
         let (mut rb0, mut cb0) = (vec![0.0; n], vec![0.0; n + 1]);
+        // the kernels called here directly, with the portable lanes, are compiled for the
+        // baseline only
         for i in 0..par.len() {
             let win = w.of(i);
             let (rw, cum) = (&rw[..], &cum[..]);
             let m = star_moments(win, rw, cum);
-            assert_eq!(m, Moments { win, rw, cum }.with_simd(base), "star {i}");
-            let tan = [&drw[..], &dcum[..]];
+            assert_eq!(m, moments(Portable, win, rw, cum), "star {i}");
             let t = star_jvp(win, rw, &drw, cum, &dcum, m.0);
-            let jvp = Jvp {
-                win,
-                col: [rw, cum],
-                tan,
-                abar: m.0,
-            };
-            assert_eq!(t, jvp.with_simd(base), "star {i}");
+            let baseline = jvp(Portable, win, [rw, cum], [&drw, &dcum], m.0);
+            assert_eq!(t, baseline, "star {i}");
             star_vjp(win, rw, cum, m.0, 0.7, -0.2, &mut rb, &mut cb);
-            let bars = [&mut rb0[..], &mut cb0[..]];
-            let vjp = Vjp {
-                win,
-                col: [rw, cum],
-                abar: m.0,
-                g: [0.7, -0.2],
-                bars,
-            };
-            vjp.with_simd(base);
+            vjp(win, [rw, cum], m.0, [0.7, -0.2], [&mut rb0, &mut cb0]);
         }
         assert_eq!((rb, cb), (rb0, cb0));
         println!("dispatched to {}", crate::base::simd::describe());

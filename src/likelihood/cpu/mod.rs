@@ -2,13 +2,19 @@
 //! stars. Every reduction runs in a fixed order (pixel partials summed per patch), so the
 //! results do not depend on the thread count or the MPI rank count.
 
+mod passes;
+
 use anyhow::Result;
 use rayon::prelude::*;
 
+use self::passes::{
+    CotangentPass, EnergyPass, MomentsPass, PixelScratch, StateMetricPixel, TangentPass,
+};
 use super::backend::Backend;
 use super::core::{ModelCore, ModelWork};
+use super::lanes;
 use super::mask::masked_copy;
-use super::response::{finish_vjp, inner_columns, star_jvp, star_moments, star_vjp};
+use super::response::{finish_vjp, inner_columns};
 use super::state::State;
 use crate::base::util::{DisjointMut, PAR_MIN_LEN};
 
@@ -70,12 +76,13 @@ impl Backend for Cpu {
                     // SAFETY: star ranges of distinct pixels are disjoint
                     let (a, v) = unsafe { (ap.chunk(lo, hi - lo), vp.chunk(lo, hi - lo)) };
                     inner_columns(col, cum);
-                    for (j, i) in (lo..hi).enumerate() {
-                        let (ab, va) = star_moments(d.windows.of(i), col, cum);
-                        let ns = nsig[i] * d.a_err[i];
-                        a[j] = ab;
-                        v[j] = ns * ns + m.distance_part(va);
-                    }
+                    lanes::dispatch(MomentsPass {
+                        m,
+                        col: [col, cum],
+                        nsig,
+                        stars: lo..hi,
+                        out: [a, v],
+                    });
                 },
             );
         Ok(())
@@ -270,25 +277,15 @@ fn value_grad_pixels(
                         gp.chunk(lo, hi - lo),
                     )
                 };
-                let mut e = 0.0;
-                for (j, i) in (lo..hi).enumerate() {
-                    let win = d.windows.of(i);
-                    let (ab, va) = star_moments(win, col, cum);
-                    let ns = nsig[i] * d.a_err[i];
-                    let vv = ns * ns + m.distance_part(va);
-                    let r = d.a_obs[i] - ab;
-                    let (ei, ca, cv) = m.star_energy(i, r, vv);
-                    e += ei;
-                    star_vjp(win, col, cum, ab, ca, m.distance_part(cv), rw_bar, cum_bar);
-                    a[j] = ab;
-                    v[j] = vv;
-                    g[j] = if m.infer_nsigma {
-                        cv * 2.0 * ns * d.a_err[i] * dnsig[i] + xsig[i]
-                    } else {
-                        0.0
-                    };
-                }
-                *en = e;
+                *en = lanes::dispatch(EnergyPass {
+                    m,
+                    col: [col, cum],
+                    nsig: [nsig, dnsig],
+                    xsig,
+                    stars: lo..hi,
+                    out: [a, v, g],
+                    bars: [rw_bar, cum_bar],
+                });
                 finish_vjp(cum_bar, rw_bar);
                 sbar.fill(0.0);
                 let (mut g_scl, mut g_off) = (0.0, 0.0);
@@ -366,95 +363,18 @@ fn metric_pixels(
                 for ((st, &tangent), sc) in states.iter().zip(tangents).zip(sc) {
                     let sig = (v_sig, os.as_deref_mut());
                     let out = (&mut sbar[pad..pad + n], n_states);
-                    *sc = state_metric_pixel(m, st, (ds, tangent), sig, p, out, w);
+                    *sc = lanes::dispatch(StateMetricPixel {
+                        m,
+                        st,
+                        tangent: (ds, tangent),
+                        sig,
+                        p,
+                        out,
+                        w,
+                    });
                 }
             },
         );
-}
-
-/// One state's pass over pixel `p` of [`metric_pixels`]: adds the state's share (1/n of
-/// its product, `n` the number of states) of the kept shells' field cotangent into `sbar`
-/// and returns the pixel's [Σ s t, Σ t] partials; `sig` as there, its output restricted to
-/// the pixel's stars.
-fn state_metric_pixel(
-    m: &ModelCore,
-    st: &State,
-    (ds, (dscl, doff)): (&[f64], (f64, f64)),
-    (v_sig, mut os): (Option<&[f64]>, Option<&mut [f64]>),
-    p: usize,
-    (sbar, n_states): (&mut [f64], f64),
-    w: &mut PixelScratch,
-) -> [f64; 2] {
-    let (n, d) = (m.n_r(), &m.data);
-    let weight = 1.0 / n_states;
-    let (lo, hi) = (d.offsets[p], d.offsets[p + 1]);
-    let col = &st.rw[p * n..(p + 1) * n];
-    let sk = &st.s[p * n..(p + 1) * n];
-    for (k, drw) in w.drw.iter_mut().enumerate() {
-        *drw = col[k] * (st.scl * ds[k] + sk[k] * dscl + doff);
-    }
-    inner_columns(col, &mut w.cum);
-    inner_columns(&w.drw, &mut w.dcum);
-    w.rw_bar.fill(0.0);
-    w.cum_bar.fill(0.0);
-    for (j, i) in (lo..hi).enumerate() {
-        let win = d.windows.of(i);
-        let (mut da, y) = star_jvp(win, col, &w.drw, &w.cum, &w.dcum, st.abar[i]);
-        let mut dv = m.distance_part(y);
-        // v also depends on ξ_σ: ∂v/∂ξ_σ = 2 n_σ σ_A² dn_σ/dξ_σ (diagonal per star)
-        let dvds = v_sig.map(|vs| {
-            let dvds = 2.0 * st.nsig[i] * d.a_err[i] * d.a_err[i] * st.dnsig[i];
-            dv += dvds * vs[i];
-            dvds
-        });
-        m.fisher_weigh(i, st.var[i], &mut da, &mut dv);
-        if let (Some(os), Some(dvds)) = (os.as_deref_mut(), dvds) {
-            os[j] += dvds * dv / n_states;
-        }
-        let gv = m.distance_part(dv);
-        star_vjp(
-            win,
-            col,
-            &w.cum,
-            st.abar[i],
-            da,
-            gv,
-            &mut w.rw_bar,
-            &mut w.cum_bar,
-        );
-    }
-    finish_vjp(&w.cum_bar, &mut w.rw_bar);
-    // rw = Δr exp(scl s + off): ∂rw/∂s = scl rw, ∂rw/∂scl = s rw, ∂rw/∂off = rw
-    let (mut g_scl, mut g_off) = (0.0, 0.0);
-    for k in 0..n {
-        let t = weight * w.rw_bar[k] * col[k];
-        sbar[k] += st.scl * t;
-        g_scl += sk[k] * t;
-        g_off += t;
-    }
-    [g_scl, g_off]
-}
-
-/// Per-thread scratch of the per-pixel passes: a column's tangent, its inner columns and
-/// their tangents, and the cotangents of both.
-struct PixelScratch {
-    drw: Vec<f64>,
-    cum: Vec<f64>,
-    dcum: Vec<f64>,
-    rw_bar: Vec<f64>,
-    cum_bar: Vec<f64>,
-}
-
-impl PixelScratch {
-    fn new(n: usize) -> Self {
-        Self {
-            drw: vec![0.0; n],
-            cum: vec![0.0; n + 1],
-            dcum: vec![0.0; n + 1],
-            rw_bar: vec![0.0; n],
-            cum_bar: vec![0.0; n + 1],
-        }
-    }
 }
 
 /// The part of a VJP before the ICR adjoint: the cotangent of the final chart field, times
@@ -484,18 +404,14 @@ fn vjp_to_field(
                 rw_bar.fill(0.0);
                 cum_bar.fill(0.0);
                 inner_columns(col, cum);
-                for i in d.offsets[p]..d.offsets[p + 1] {
-                    star_vjp(
-                        d.windows.of(i),
-                        col,
-                        cum,
-                        st.abar[i],
-                        ca[i],
-                        m.distance_part(cv[i]),
-                        rw_bar,
-                        cum_bar,
-                    );
-                }
+                lanes::dispatch(CotangentPass {
+                    m,
+                    st,
+                    col: [col, cum],
+                    cot: [ca, cv],
+                    stars: d.offsets[p]..d.offsets[p + 1],
+                    bars: [rw_bar, cum_bar],
+                });
                 finish_vjp(cum_bar, rw_bar);
                 // rw = Δr exp(scl s + off): ∂rw/∂s = scl rw, ∂rw/∂scl = s rw, ∂rw/∂off = rw
                 if !accumulate {
@@ -549,11 +465,14 @@ fn jvp_from_field(
                 inner_columns(drw, dcum);
                 // SAFETY: star ranges of distinct pixels are disjoint
                 let (a, v) = unsafe { (ap.chunk(lo, hi - lo), vp.chunk(lo, hi - lo)) };
-                for (j, i) in (lo..hi).enumerate() {
-                    let (x, y) = star_jvp(d.windows.of(i), col, drw, cum, dcum, st.abar[i]);
-                    a[j] = x;
-                    v[j] = m.distance_part(y);
-                }
+                lanes::dispatch(TangentPass {
+                    m,
+                    st,
+                    col: [col, cum],
+                    tan: [drw, dcum],
+                    stars: lo..hi,
+                    out: [a, v],
+                });
             },
         );
 }

@@ -1,0 +1,304 @@
+//! The per-entry arithmetic of the star walks in explicit vectors: a window's kept shells
+//! are taken in groups of [`LANES`] entries, entry `j` adding into lane `j mod LANES`, and the
+//! lanes are added pairwise at the end. Independent lanes let a walk run as vector operations
+//! instead of one chain of dependent additions; the order is fixed, so a star's sums do not
+//! depend on the instruction set (every path below computes the scalar terms' operations, lane
+//! by lane: tested), the thread count or the rank count.
+
+use crate::base::simd::{self, WithSimd};
+
+use super::response::{F_SCALE, H_SCALE};
+
+/// Lanes of the window sums.
+pub(super) const LANES: usize = 4;
+
+/// A group of [`LANES`] window entries: probabilities and the quantised position and
+/// position variance ([`super::response::Windows`]).
+#[derive(Clone, Copy)]
+pub(super) struct Entries<'a> {
+    pub p: &'a [f32; LANES],
+    pub f: &'a [u16; LANES],
+    pub h: &'a [u16; LANES],
+}
+
+/// A star's terms `(p c, p (c² + r² h))` of ā and its second moment at one entry, `c` the
+/// inner column at the star's mean position in the shell.
+#[inline(always)]
+pub(super) fn moment_terms(p: f32, f: u16, h: u16, r: f64, c0: f64) -> (f64, f64) {
+    let p = f64::from(p);
+    let c = c0 + r * (f64::from(f) * F_SCALE);
+    (p * c, p * (c * c + r * r * (f64::from(h) * H_SCALE)))
+}
+
+/// A star's tangent terms of ā and its second moment at one entry, for the tangents `dr`
+/// of the column and `dc0` of its inner columns.
+#[inline(always)]
+pub(super) fn tangent_terms(
+    p: f32,
+    f: u16,
+    h: u16,
+    [r, c0]: [f64; 2],
+    [dr, dc0]: [f64; 2],
+) -> (f64, f64) {
+    let (p, f) = (f64::from(p), f64::from(f) * F_SCALE);
+    let c = c0 + r * f;
+    let dc = dc0 + dr * f;
+    (p * dc, p * (c * dc + r * dr * (f64::from(h) * H_SCALE)))
+}
+
+/// How a walk computes a group of [`LANES`] terms, for one instruction set.
+pub(super) trait Lanes: Copy + Send + Sync {
+    /// [`moment_terms`] of a group, for columns `r` and inner columns `c`.
+    fn moments(self, e: Entries<'_>, r: &[f64; LANES], c: &[f64; LANES]) -> [[f64; LANES]; 2];
+    /// [`tangent_terms`] of a group, for columns `col = [r, c]` and tangents `tan`.
+    fn tangents(
+        self,
+        e: Entries<'_>,
+        col: [&[f64; LANES]; 2],
+        tan: [&[f64; LANES]; 2],
+    ) -> [[f64; LANES]; 2];
+}
+
+/// The terms lane by lane, for any instruction set.
+#[derive(Clone, Copy)]
+pub(super) struct Portable;
+
+impl Lanes for Portable {
+    #[inline(always)]
+    fn moments(self, e: Entries<'_>, r: &[f64; LANES], c: &[f64; LANES]) -> [[f64; LANES]; 2] {
+        let mut t = [[0.0; LANES]; 2];
+        for l in 0..LANES {
+            (t[0][l], t[1][l]) = moment_terms(e.p[l], e.f[l], e.h[l], r[l], c[l]);
+        }
+        t
+    }
+
+    #[inline(always)]
+    fn tangents(
+        self,
+        e: Entries<'_>,
+        [r, c]: [&[f64; LANES]; 2],
+        [dr, dc]: [&[f64; LANES]; 2],
+    ) -> [[f64; LANES]; 2] {
+        let mut t = [[0.0; LANES]; 2];
+        for l in 0..LANES {
+            (t[0][l], t[1][l]) =
+                tangent_terms(e.p[l], e.f[l], e.h[l], [r[l], c[l]], [dr[l], dc[l]]);
+        }
+        t
+    }
+}
+
+/// Two sums in the lane order of [`LANES`].
+#[derive(Clone, Copy)]
+pub(super) struct LaneSums(pub [f64; LANES], pub [f64; LANES]);
+
+impl LaneSums {
+    /// Both sums zero.
+    pub const ZERO: Self = Self([0.0; LANES], [0.0; LANES]);
+
+    /// Adds a whole group of terms.
+    #[inline(always)]
+    pub fn add(&mut self, [x, y]: [[f64; LANES]; 2]) {
+        for l in 0..LANES {
+            self.0[l] += x[l];
+            self.1[l] += y[l];
+        }
+    }
+
+    /// Adds the terms of the `l`-th entry of a last, shorter group.
+    #[inline(always)]
+    pub fn add_lane(&mut self, l: usize, (x, y): (f64, f64)) {
+        self.0[l] += x;
+        self.1[l] += y;
+    }
+
+    /// The two totals, lanes added pairwise.
+    #[inline(always)]
+    pub fn totals(self) -> (f64, f64) {
+        let total = |s: [f64; LANES]| (s[0] + s[1]) + (s[2] + s[3]);
+        (total(self.0), total(self.1))
+    }
+}
+
+/// A pass over stars that walks their windows with some [`Lanes`].
+pub(super) trait LanesOp {
+    /// What the pass returns.
+    type Output;
+    /// Runs the pass with `lanes`.
+    fn with_lanes<L: Lanes>(self, lanes: L) -> Self::Output;
+}
+
+/// Runs `op` compiled for the widest instruction set present, with the explicit vectors of
+/// that set where there are some ([`avx2::Avx2`]) and the portable lanes otherwise.
+#[inline(always)]
+pub(super) fn dispatch<Op: LanesOp>(op: Op) -> Op::Output {
+    struct WithLanes<Op, L>(Op, L);
+    impl<Op: LanesOp, L: Lanes> WithSimd for WithLanes<Op, L> {
+        type Output = Op::Output;
+        #[inline(always)]
+        fn with_simd<S: pulp::Simd>(self, _: S) -> Op::Output {
+            self.0.with_lanes(self.1)
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    if let Some(v3) = pulp::x86::V3::try_new() {
+        return pulp::Simd::vectorize(v3, WithLanes(op, avx2::Avx2(v3)));
+    }
+    simd::dispatch(WithLanes(op, Portable))
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(super) mod avx2 {
+    use core::arch::x86_64::{__m128, __m128i, __m256d};
+    use pulp::bytemuck::cast;
+    use pulp::x86::V3;
+
+    use super::{Entries, Lanes, LANES};
+    use crate::likelihood::response::{F_SCALE, H_SCALE};
+
+    /// The terms of four entries at once in AVX2 registers: the same multiplications and
+    /// additions as [`super::moment_terms`] and [`super::tangent_terms`], in the same order
+    /// (no fused multiply-add), with exact conversions of the stored f32 and u16 values.
+    #[derive(Clone, Copy)]
+    pub(crate) struct Avx2(pub(crate) V3);
+
+    impl Avx2 {
+        /// The probabilities and scaled positions and variances of a group, as f64.
+        #[inline(always)]
+        fn entries(self, e: Entries<'_>) -> [__m256d; 3] {
+            let (avx, sse41) = (self.0.avx, self.0.sse4_1);
+            let widen = |q: &[u16; LANES]| -> __m256d {
+                let w: __m128i = cast([q[0], q[1], q[2], q[3], 0, 0, 0, 0]);
+                avx._mm256_cvtepi32_pd(sse41._mm_cvtepu16_epi32(w))
+            };
+            let p: __m128 = cast(*e.p);
+            [
+                avx._mm256_cvtps_pd(p),
+                avx._mm256_mul_pd(widen(e.f), avx._mm256_set1_pd(F_SCALE)),
+                avx._mm256_mul_pd(widen(e.h), avx._mm256_set1_pd(H_SCALE)),
+            ]
+        }
+    }
+
+    impl Lanes for Avx2 {
+        #[inline(always)]
+        fn moments(self, e: Entries<'_>, r: &[f64; LANES], c: &[f64; LANES]) -> [[f64; LANES]; 2] {
+            let avx = self.0.avx;
+            let [p, f, h] = self.entries(e);
+            let (r, c0): (__m256d, __m256d) = (cast(*r), cast(*c));
+            let c = avx._mm256_add_pd(c0, avx._mm256_mul_pd(r, f));
+            let x = avx._mm256_mul_pd(p, c);
+            let spread = avx._mm256_mul_pd(avx._mm256_mul_pd(r, r), h);
+            let y = avx._mm256_mul_pd(p, avx._mm256_add_pd(avx._mm256_mul_pd(c, c), spread));
+            [cast(x), cast(y)]
+        }
+
+        #[inline(always)]
+        fn tangents(
+            self,
+            e: Entries<'_>,
+            [r, c]: [&[f64; LANES]; 2],
+            [dr, dc]: [&[f64; LANES]; 2],
+        ) -> [[f64; LANES]; 2] {
+            let avx = self.0.avx;
+            let [p, f, h] = self.entries(e);
+            let (r, c0): (__m256d, __m256d) = (cast(*r), cast(*c));
+            let (dr, dc0): (__m256d, __m256d) = (cast(*dr), cast(*dc));
+            let c = avx._mm256_add_pd(c0, avx._mm256_mul_pd(r, f));
+            let dc = avx._mm256_add_pd(dc0, avx._mm256_mul_pd(dr, f));
+            let x = avx._mm256_mul_pd(p, dc);
+            let spread = avx._mm256_mul_pd(avx._mm256_mul_pd(r, dr), h);
+            let y = avx._mm256_mul_pd(p, avx._mm256_add_pd(avx._mm256_mul_pd(c, dc), spread));
+            [cast(x), cast(y)]
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::Rng;
+    use rand_distr::StandardNormal;
+
+    /// Columns of all magnitudes and both zeros, and window entries over their whole ranges
+    /// (u16 extremes included), so that a reordered or fused operation shows in the last bits.
+    fn group(
+        r: &mut impl Rng,
+        i: usize,
+    ) -> ([f32; LANES], [u16; LANES], [u16; LANES], [[f64; LANES]; 4]) {
+        let mut col = || -> [f64; LANES] {
+            std::array::from_fn(|l| match (i + l) % 9 {
+                2 => -0.0,
+                5 => 0.0,
+                _ => r.sample::<f64, _>(StandardNormal) * 10f64.powi(r.random_range(-8..8)),
+            })
+        };
+        let cols = [col(), col(), col(), col()];
+        let p = std::array::from_fn(|_| r.random::<f32>());
+        let f = std::array::from_fn(|l| match (i + l) % 7 {
+            0 => u16::MAX,
+            _ => r.random(),
+        });
+        let h = std::array::from_fn(|l| match (i + l) % 5 {
+            0 => 0,
+            _ => r.random(),
+        });
+        (p, f, h, cols)
+    }
+
+    /// The scalar terms, lane by lane, compiled for the baseline.
+    fn scalar(e: Entries<'_>, [r, c, dr, dc]: &[[f64; LANES]; 4]) -> [[[f64; LANES]; 2]; 2] {
+        let mut t = [[[0.0; LANES]; 2]; 2];
+        for l in 0..LANES {
+            (t[0][0][l], t[0][1][l]) = moment_terms(e.p[l], e.f[l], e.h[l], r[l], c[l]);
+            (t[1][0][l], t[1][1][l]) =
+                tangent_terms(e.p[l], e.f[l], e.h[l], [r[l], c[l]], [dr[l], dc[l]]);
+        }
+        t
+    }
+
+    /// The same terms through [`dispatch`] (explicit AVX2 vectors where the CPU has them).
+    struct Dispatched<'a>(Entries<'a>, &'a [[f64; LANES]; 4]);
+    impl LanesOp for Dispatched<'_> {
+        type Output = [[[f64; LANES]; 2]; 2];
+        #[inline(always)]
+        fn with_lanes<L: Lanes>(self, lanes: L) -> Self::Output {
+            let [r, c, dr, dc] = self.1;
+            [
+                lanes.moments(self.0, r, c),
+                lanes.tangents(self.0, [r, c], [dr, dc]),
+            ]
+        }
+    }
+
+    #[test]
+    fn vector_terms_equal_the_scalar_terms_bit_for_bit() {
+        let mut r = crate::base::rng::stream(11, 3);
+        for i in 0..2000 {
+            let (p, f, h, cols) = group(&mut r, i);
+            let e = Entries {
+                p: &p,
+                f: &f,
+                h: &h,
+            };
+            let want = scalar(e, &cols);
+            let got = dispatch(Dispatched(e, &cols));
+            let bits = |t: [[[f64; LANES]; 2]; 2]| t.map(|u| u.map(|v| v.map(f64::to_bits)));
+            assert_eq!(bits(got), bits(want), "group {i}");
+        }
+    }
+
+    #[test]
+    fn lane_sums_keep_the_lane_order() {
+        let mut s = LaneSums::ZERO;
+        s.add([[1e16, 1.0, 2.0, 3.0], [0.5; LANES]]);
+        s.add([[1.0, 1.0, 1.0, 1.0], [0.25; LANES]]);
+        s.add_lane(0, (-1e16, 0.25));
+        // lane 0: (1e16 + 1) − 1e16 = 0 in f64 (the 1 is lost), lanes 1–3: 2, 3, 4
+        assert_eq!(
+            s.totals(),
+            ((0.0 + 2.0) + (3.0 + 4.0), (1.0 + 0.75) + (0.75 + 0.75))
+        );
+    }
+}
