@@ -124,7 +124,7 @@ impl ModelCore {
     /// Star tangents (δā, δv) of star `i` at variance `var` (as in
     /// [`ModelCore::star_energy`]) weighed by its Fisher information: (δā/v, δv/(2v²)) for
     /// the Gaussian.
-    #[inline]
+    #[inline(always)]
     pub fn fisher_weigh(&self, i: usize, var: f64, da: &mut f64, dv: &mut f64) {
         match &self.marginal {
             None => {

@@ -46,17 +46,24 @@ pub(super) fn tangent_terms(
     (p * dc, p * (c * dc + r * dr * (f64::from(h) * H_SCALE)))
 }
 
-/// How a walk computes a group of [`LANES`] terms, for one instruction set.
+/// How a walk computes and adds up groups of [`LANES`] terms, for one instruction set.
 pub(super) trait Lanes: Copy + Send + Sync {
-    /// [`moment_terms`] of a group, for columns `r` and inner columns `c`.
-    fn moments(self, e: Entries<'_>, r: &[f64; LANES], c: &[f64; LANES]) -> [[f64; LANES]; 2];
-    /// [`tangent_terms`] of a group, for columns `col = [r, c]` and tangents `tan`.
+    /// Two sums in the lane order, held as this instruction set holds them.
+    type Acc: Copy;
+    /// Both sums zero.
+    fn zero(self) -> Self::Acc;
+    /// Adds [`moment_terms`] of a group, for columns `r` and inner columns `c`.
+    fn moments(self, acc: &mut Self::Acc, e: Entries<'_>, r: &[f64; LANES], c: &[f64; LANES]);
+    /// Adds [`tangent_terms`] of a group, for columns `col = [r, c]` and tangents `tan`.
     fn tangents(
         self,
+        acc: &mut Self::Acc,
         e: Entries<'_>,
         col: [&[f64; LANES]; 2],
         tan: [&[f64; LANES]; 2],
-    ) -> [[f64; LANES]; 2];
+    );
+    /// The sums, lane by lane.
+    fn sums(self, acc: Self::Acc) -> LaneSums;
 }
 
 /// The terms lane by lane, for any instruction set.
@@ -64,28 +71,37 @@ pub(super) trait Lanes: Copy + Send + Sync {
 pub(super) struct Portable;
 
 impl Lanes for Portable {
+    type Acc = LaneSums;
+
     #[inline(always)]
-    fn moments(self, e: Entries<'_>, r: &[f64; LANES], c: &[f64; LANES]) -> [[f64; LANES]; 2] {
-        let mut t = [[0.0; LANES]; 2];
+    fn zero(self) -> LaneSums {
+        LaneSums::ZERO
+    }
+
+    #[inline(always)]
+    fn moments(self, acc: &mut LaneSums, e: Entries<'_>, r: &[f64; LANES], c: &[f64; LANES]) {
         for l in 0..LANES {
-            (t[0][l], t[1][l]) = moment_terms(e.p[l], e.f[l], e.h[l], r[l], c[l]);
+            acc.add_lane(l, moment_terms(e.p[l], e.f[l], e.h[l], r[l], c[l]));
         }
-        t
     }
 
     #[inline(always)]
     fn tangents(
         self,
+        acc: &mut LaneSums,
         e: Entries<'_>,
         [r, c]: [&[f64; LANES]; 2],
         [dr, dc]: [&[f64; LANES]; 2],
-    ) -> [[f64; LANES]; 2] {
-        let mut t = [[0.0; LANES]; 2];
+    ) {
         for l in 0..LANES {
-            (t[0][l], t[1][l]) =
-                tangent_terms(e.p[l], e.f[l], e.h[l], [r[l], c[l]], [dr[l], dc[l]]);
+            let t = tangent_terms(e.p[l], e.f[l], e.h[l], [r[l], c[l]], [dr[l], dc[l]]);
+            acc.add_lane(l, t);
         }
-        t
+    }
+
+    #[inline(always)]
+    fn sums(self, acc: LaneSums) -> LaneSums {
+        acc
     }
 }
 
@@ -97,16 +113,7 @@ impl LaneSums {
     /// Both sums zero.
     pub const ZERO: Self = Self([0.0; LANES], [0.0; LANES]);
 
-    /// Adds a whole group of terms.
-    #[inline(always)]
-    pub fn add(&mut self, [x, y]: [[f64; LANES]; 2]) {
-        for l in 0..LANES {
-            self.0[l] += x[l];
-            self.1[l] += y[l];
-        }
-    }
-
-    /// Adds the terms of the `l`-th entry of a last, shorter group.
+    /// Adds the terms of the entry in lane `l`.
     #[inline(always)]
     pub fn add_lane(&mut self, l: usize, (x, y): (f64, f64)) {
         self.0[l] += x;
@@ -154,7 +161,7 @@ pub(super) mod avx2 {
     use pulp::bytemuck::cast;
     use pulp::x86::V3;
 
-    use super::{Entries, Lanes, LANES};
+    use super::{Entries, LaneSums, Lanes, LANES};
     use crate::likelihood::response::{F_SCALE, H_SCALE};
 
     /// The terms of four entries at once in AVX2 registers: the same multiplications and
@@ -182,8 +189,21 @@ pub(super) mod avx2 {
     }
 
     impl Lanes for Avx2 {
+        type Acc = [__m256d; 2];
+
         #[inline(always)]
-        fn moments(self, e: Entries<'_>, r: &[f64; LANES], c: &[f64; LANES]) -> [[f64; LANES]; 2] {
+        fn zero(self) -> [__m256d; 2] {
+            [self.0.avx._mm256_setzero_pd(); 2]
+        }
+
+        #[inline(always)]
+        fn moments(
+            self,
+            acc: &mut [__m256d; 2],
+            e: Entries<'_>,
+            r: &[f64; LANES],
+            c: &[f64; LANES],
+        ) {
             let avx = self.0.avx;
             let [p, f, h] = self.entries(e);
             let (r, c0): (__m256d, __m256d) = (cast(*r), cast(*c));
@@ -191,16 +211,18 @@ pub(super) mod avx2 {
             let x = avx._mm256_mul_pd(p, c);
             let spread = avx._mm256_mul_pd(avx._mm256_mul_pd(r, r), h);
             let y = avx._mm256_mul_pd(p, avx._mm256_add_pd(avx._mm256_mul_pd(c, c), spread));
-            [cast(x), cast(y)]
+            acc[0] = avx._mm256_add_pd(acc[0], x);
+            acc[1] = avx._mm256_add_pd(acc[1], y);
         }
 
         #[inline(always)]
         fn tangents(
             self,
+            acc: &mut [__m256d; 2],
             e: Entries<'_>,
             [r, c]: [&[f64; LANES]; 2],
             [dr, dc]: [&[f64; LANES]; 2],
-        ) -> [[f64; LANES]; 2] {
+        ) {
             let avx = self.0.avx;
             let [p, f, h] = self.entries(e);
             let (r, c0): (__m256d, __m256d) = (cast(*r), cast(*c));
@@ -210,7 +232,13 @@ pub(super) mod avx2 {
             let x = avx._mm256_mul_pd(p, dc);
             let spread = avx._mm256_mul_pd(avx._mm256_mul_pd(r, dr), h);
             let y = avx._mm256_mul_pd(p, avx._mm256_add_pd(avx._mm256_mul_pd(c, dc), spread));
-            [cast(x), cast(y)]
+            acc[0] = avx._mm256_add_pd(acc[0], x);
+            acc[1] = avx._mm256_add_pd(acc[1], y);
+        }
+
+        #[inline(always)]
+        fn sums(self, [x, y]: [__m256d; 2]) -> LaneSums {
+            LaneSums(cast(x), cast(y))
         }
     }
 }
@@ -247,33 +275,34 @@ mod tests {
         (p, f, h, cols)
     }
 
-    /// The scalar terms, lane by lane, compiled for the baseline.
+    /// The scalar terms, lane by lane, added to zero lane sums (compiled for the baseline).
     fn scalar(e: Entries<'_>, [r, c, dr, dc]: &[[f64; LANES]; 4]) -> [[[f64; LANES]; 2]; 2] {
-        let mut t = [[[0.0; LANES]; 2]; 2];
+        let (mut m, mut t) = (LaneSums::ZERO, LaneSums::ZERO);
         for l in 0..LANES {
-            (t[0][0][l], t[0][1][l]) = moment_terms(e.p[l], e.f[l], e.h[l], r[l], c[l]);
-            (t[1][0][l], t[1][1][l]) =
-                tangent_terms(e.p[l], e.f[l], e.h[l], [r[l], c[l]], [dr[l], dc[l]]);
+            m.add_lane(l, moment_terms(e.p[l], e.f[l], e.h[l], r[l], c[l]));
+            let tan = tangent_terms(e.p[l], e.f[l], e.h[l], [r[l], c[l]], [dr[l], dc[l]]);
+            t.add_lane(l, tan);
         }
-        t
+        [[m.0, m.1], [t.0, t.1]]
     }
 
-    /// The same terms through [`dispatch`] (explicit AVX2 vectors where the CPU has them).
+    /// The same sums through [`dispatch`] (explicit AVX2 vectors where the CPU has them).
     struct Dispatched<'a>(Entries<'a>, &'a [[f64; LANES]; 4]);
     impl LanesOp for Dispatched<'_> {
         type Output = [[[f64; LANES]; 2]; 2];
         #[inline(always)]
         fn with_lanes<L: Lanes>(self, lanes: L) -> Self::Output {
             let [r, c, dr, dc] = self.1;
-            [
-                lanes.moments(self.0, r, c),
-                lanes.tangents(self.0, [r, c], [dr, dc]),
-            ]
+            let (mut m, mut t) = (lanes.zero(), lanes.zero());
+            lanes.moments(&mut m, self.0, r, c);
+            lanes.tangents(&mut t, self.0, [r, c], [dr, dc]);
+            let (m, t) = (lanes.sums(m), lanes.sums(t));
+            [[m.0, m.1], [t.0, t.1]]
         }
     }
 
     #[test]
-    fn vector_terms_equal_the_scalar_terms_bit_for_bit() {
+    fn vector_sums_equal_the_scalar_sums_bit_for_bit() {
         let mut r = crate::base::rng::stream(11, 3);
         for i in 0..2000 {
             let (p, f, h, cols) = group(&mut r, i);
@@ -292,8 +321,12 @@ mod tests {
     #[test]
     fn lane_sums_keep_the_lane_order() {
         let mut s = LaneSums::ZERO;
-        s.add([[1e16, 1.0, 2.0, 3.0], [0.5; LANES]]);
-        s.add([[1.0, 1.0, 1.0, 1.0], [0.25; LANES]]);
+        for (l, x) in [1e16, 1.0, 2.0, 3.0].into_iter().enumerate() {
+            s.add_lane(l, (x, 0.5));
+        }
+        for l in 0..LANES {
+            s.add_lane(l, (1.0, 0.25));
+        }
         s.add_lane(0, (-1e16, 0.25));
         // lane 0: (1e16 + 1) − 1e16 = 0 in f64 (the 1 is lost), lanes 1–3: 2, 3, 4
         assert_eq!(

@@ -17,7 +17,7 @@
 
 use rayon::prelude::*;
 
-use super::lanes::{self, moment_terms, tangent_terms, Entries, LaneSums, Lanes, LanesOp, LANES};
+use super::lanes::{self, moment_terms, tangent_terms, Entries, Lanes, LanesOp, LANES};
 use crate::base::simd;
 use crate::base::util::DisjointMut;
 use crate::sphere::grid::Shells;
@@ -306,6 +306,7 @@ impl Windows {
     }
 
     /// The window of star `i`.
+    #[inline(always)]
     pub fn of(&self, i: usize) -> Window<'_> {
         let r = self.offset[i]..self.offset[i + 1];
         Window {
@@ -474,11 +475,12 @@ pub(super) fn moments<L: Lanes>(lanes: L, win: Window<'_>, rw: &[f64], cum: &[f6
     let n = rw.len();
     let k = kept(&win, n);
     let (r, c) = (&rw[k.shells()], &cum[k.shells()]);
-    let mut sums = LaneSums::ZERO;
+    let mut acc = lanes.zero();
     let (len, full) = k.groups();
     for j in (0..full).step_by(LANES) {
-        sums.add(lanes.moments(k.entries(j), group(r, j), group(c, j)));
+        lanes.moments(&mut acc, k.entries(j), group(r, j), group(c, j));
     }
+    let mut sums = lanes.sums(acc);
     for (l, j) in (full..len).enumerate() {
         sums.add_lane(l, moment_terms(k.p[j], k.f[j], k.h[j], r[j], c[j]));
     }
@@ -510,12 +512,13 @@ pub(super) fn jvp<L: Lanes>(
         &drw[kr.clone()],
         &dcum[kr],
     );
-    let mut sums = LaneSums::ZERO;
+    let mut acc = lanes.zero();
     let (len, full) = k.groups();
     for j in (0..full).step_by(LANES) {
         let col = [group(r, j), group(c, j)];
-        sums.add(lanes.tangents(k.entries(j), col, [group(dr, j), group(dc, j)]));
+        lanes.tangents(&mut acc, k.entries(j), col, [group(dr, j), group(dc, j)]);
     }
+    let mut sums = lanes.sums(acc);
     for (l, j) in (full..len).enumerate() {
         let t = tangent_terms(k.p[j], k.f[j], k.h[j], [r[j], c[j]], [dr[j], dc[j]]);
         sums.add_lane(l, t);

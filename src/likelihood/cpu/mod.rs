@@ -8,7 +8,7 @@ use anyhow::Result;
 use rayon::prelude::*;
 
 use self::passes::{
-    CotangentPass, EnergyPass, MomentsPass, PixelScratch, StateMetricPixel, TangentPass,
+    CotangentPass, EnergyPass, MetricPixel, MomentsPass, PixelScratch, TangentPass,
 };
 use super::backend::Backend;
 use super::core::{ModelCore, ModelWork};
@@ -343,7 +343,6 @@ fn metric_pixels(
     scalars: &mut Vec<[f64; 2]>,
 ) {
     let (n, nc, pad) = (m.n_r(), m.n_chart(), m.padding());
-    let n_states = states.len() as f64;
     let (v_sig, op) = match sig {
         Some((v, out)) => (Some(v), Some(DisjointMut::new(out))),
         None => (None, None),
@@ -354,25 +353,21 @@ fn metric_pixels(
         .zip(scalars.par_chunks_mut(states.len()))
         .enumerate()
         .for_each_init(
-            || PixelScratch::new(n),
+            || -> Vec<PixelScratch> { states.iter().map(|_| PixelScratch::new(n)).collect() },
             |w, (p, (sbar, sc))| {
                 let ds = &ds[p * nc + pad..p * nc + pad + n];
                 let (lo, hi) = (m.data.offsets[p], m.data.offsets[p + 1]);
                 // SAFETY: star ranges of distinct pixels are disjoint
-                let mut os = op.as_ref().map(|op| unsafe { op.chunk(lo, hi - lo) });
-                for ((st, &tangent), sc) in states.iter().zip(tangents).zip(sc) {
-                    let sig = (v_sig, os.as_deref_mut());
-                    let out = (&mut sbar[pad..pad + n], n_states);
-                    *sc = lanes::dispatch(StateMetricPixel {
-                        m,
-                        st,
-                        tangent: (ds, tangent),
-                        sig,
-                        p,
-                        out,
-                        w,
-                    });
-                }
+                let os = op.as_ref().map(|op| unsafe { op.chunk(lo, hi - lo) });
+                lanes::dispatch(MetricPixel {
+                    m,
+                    states,
+                    tangent: (ds, tangents),
+                    sig: (v_sig, os),
+                    p,
+                    out: (&mut sbar[pad..pad + n], sc),
+                    w,
+                });
             },
         );
 }

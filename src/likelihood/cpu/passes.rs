@@ -155,76 +155,91 @@ impl LanesOp for CotangentPass<'_> {
     }
 }
 
-/// One state's pass over pixel `p` of [`super::metric_pixels`]: adds the state's share (1/n of
-/// its product, `n` the number of states) of the kept shells' field cotangent into `out.0`
-/// and returns the pixel's [Σ s t, Σ t] partials; `sig` as there, its output restricted to
-/// the pixel's stars. Run by [`super::super::lanes::dispatch`], so its star walks are compiled for the
-/// widest instruction set present.
-pub(super) struct StateMetricPixel<'a, 'b> {
+/// The pass of [`super::metric_pixels`] over pixel `p` for all states at once: each star's
+/// window is visited once, for every state in turn (its tangent, Fisher weighting and
+/// cotangent), so it is read from memory once per product instead of once per state. Adds
+/// each state's share (1/n of its product, n the number of states) of the kept shells' field
+/// cotangent into `out.0`, in state order, and leaves each state's [Σ s t, Σ t] partials in
+/// `out.1`; `sig` as there, its output restricted to the pixel's stars.
+pub(super) struct MetricPixel<'a, 'b> {
     pub m: &'a ModelCore,
-    pub st: &'a State,
-    /// The field tangent of the pixel's kept shells, and the scale and offset tangents.
-    pub tangent: (&'a [f64], (f64, f64)),
+    pub states: &'a [State],
+    /// The field tangent of the pixel's kept shells, and each state's scale and offset
+    /// tangents.
+    pub tangent: (&'a [f64], &'a [(f64, f64)]),
     pub sig: (Option<&'a [f64]>, Option<&'b mut [f64]>),
     pub p: usize,
-    /// The field cotangent of the pixel's kept shells, and the number of states.
-    pub out: (&'b mut [f64], f64),
-    pub w: &'b mut PixelScratch,
+    /// The field cotangent of the pixel's kept shells, and each state's partials.
+    pub out: (&'b mut [f64], &'b mut [[f64; 2]]),
+    /// One scratch per state.
+    pub w: &'b mut [PixelScratch],
 }
 
-impl LanesOp for StateMetricPixel<'_, '_> {
-    type Output = [f64; 2];
+impl LanesOp for MetricPixel<'_, '_> {
+    type Output = ();
     #[inline(always)]
-    fn with_lanes<L: Lanes>(self, lanes: L) -> [f64; 2] {
-        let StateMetricPixel {
+    fn with_lanes<L: Lanes>(self, lanes: L) {
+        let MetricPixel {
             m,
-            st,
-            tangent: (ds, (dscl, doff)),
+            states,
+            tangent: (ds, tangents),
             sig: (v_sig, mut os),
             p,
-            out: (sbar, n_states),
+            out: (sbar, scalars),
             w,
         } = self;
         let (n, d) = (m.n_r(), &m.data);
+        let n_states = states.len() as f64;
         let weight = 1.0 / n_states;
         let (lo, hi) = (d.offsets[p], d.offsets[p + 1]);
-        let col = &st.rw[p * n..(p + 1) * n];
-        let sk = &st.s[p * n..(p + 1) * n];
-        for (k, drw) in w.drw.iter_mut().enumerate() {
-            *drw = col[k] * (st.scl * ds[k] + sk[k] * dscl + doff);
+        // a state's extinction column and kept log-density at the pixel
+        fn cols(st: &State, p: usize, n: usize) -> (&[f64], &[f64]) {
+            (&st.rw[p * n..(p + 1) * n], &st.s[p * n..(p + 1) * n])
         }
-        inner_columns(col, &mut w.cum);
-        inner_columns(&w.drw, &mut w.dcum);
-        w.rw_bar.fill(0.0);
-        w.cum_bar.fill(0.0);
+        for ((st, &(dscl, doff)), w) in states.iter().zip(tangents).zip(w.iter_mut()) {
+            let (col, sk) = cols(st, p, n);
+            for (k, drw) in w.drw.iter_mut().enumerate() {
+                *drw = col[k] * (st.scl * ds[k] + sk[k] * dscl + doff);
+            }
+            inner_columns(col, &mut w.cum);
+            inner_columns(&w.drw, &mut w.dcum);
+            w.rw_bar.fill(0.0);
+            w.cum_bar.fill(0.0);
+        }
         for (j, i) in (lo..hi).enumerate() {
             let win = d.windows.of(i);
-            let (mut da, y) = jvp(lanes, win, [col, &w.cum], [&w.drw, &w.dcum], st.abar[i]);
-            let mut dv = m.distance_part(y);
-            // v also depends on ξ_σ: ∂v/∂ξ_σ = 2 n_σ σ_A² dn_σ/dξ_σ (diagonal per star)
-            let dvds = v_sig.map(|vs| {
-                let dvds = 2.0 * st.nsig[i] * d.a_err[i] * d.a_err[i] * st.dnsig[i];
-                dv += dvds * vs[i];
-                dvds
-            });
-            m.fisher_weigh(i, st.var[i], &mut da, &mut dv);
-            if let (Some(os), Some(dvds)) = (os.as_deref_mut(), dvds) {
-                os[j] += dvds * dv / n_states;
+            for (st, w) in states.iter().zip(w.iter_mut()) {
+                let col = cols(st, p, n).0;
+                let (mut da, y) = jvp(lanes, win, [col, &w.cum], [&w.drw, &w.dcum], st.abar[i]);
+                let mut dv = m.distance_part(y);
+                // v also depends on ξ_σ: ∂v/∂ξ_σ = 2 n_σ σ_A² dn_σ/dξ_σ (diagonal per star)
+                let dvds = v_sig.map(|vs| {
+                    let dvds = 2.0 * st.nsig[i] * d.a_err[i] * d.a_err[i] * st.dnsig[i];
+                    dv += dvds * vs[i];
+                    dvds
+                });
+                m.fisher_weigh(i, st.var[i], &mut da, &mut dv);
+                if let (Some(os), Some(dvds)) = (os.as_deref_mut(), dvds) {
+                    os[j] += dvds * dv / n_states;
+                }
+                let gv = m.distance_part(dv);
+                let bars = [&mut w.rw_bar[..], &mut w.cum_bar[..]];
+                vjp(win, [col, &w.cum], st.abar[i], [da, gv], bars);
             }
-            let gv = m.distance_part(dv);
-            let bars = [&mut w.rw_bar[..], &mut w.cum_bar[..]];
-            vjp(win, [col, &w.cum], st.abar[i], [da, gv], bars);
         }
-        finish_vjp(&w.cum_bar, &mut w.rw_bar);
-        // rw = Δr exp(scl s + off): ∂rw/∂s = scl rw, ∂rw/∂scl = s rw, ∂rw/∂off = rw
-        let (mut g_scl, mut g_off) = (0.0, 0.0);
-        for k in 0..n {
-            let t = weight * w.rw_bar[k] * col[k];
-            sbar[k] += st.scl * t;
-            g_scl += sk[k] * t;
-            g_off += t;
+        for ((st, w), sc) in states.iter().zip(w.iter_mut()).zip(scalars) {
+            let (col, sk) = cols(st, p, n);
+            finish_vjp(&w.cum_bar, &mut w.rw_bar);
+            // rw = Δr exp(scl s + off): ∂rw/∂s = scl rw, ∂rw/∂scl = s rw, ∂rw/∂off = rw
+            let (mut g_scl, mut g_off) = (0.0, 0.0);
+            for k in 0..n {
+                let t = weight * w.rw_bar[k] * col[k];
+                sbar[k] += st.scl * t;
+                g_scl += sk[k] * t;
+                g_off += t;
+            }
+            *sc = [g_scl, g_off];
         }
-        [g_scl, g_off]
     }
 }
 
