@@ -50,25 +50,3 @@ pub fn describe() -> &'static str {
     }
     dispatch(Name)
 }
-
-/// Runs `f` compiled for the widest vector instruction set present, like [`dispatch`]:
-/// what `f` inlines is compiled for it too, so a loop over many stars pays for the choice
-/// once instead of once per call.
-///
-/// ```
-/// use dust3d::base::simd::run;
-/// let v = [1.0, 2.0, 3.5];
-/// assert_eq!(run(|| v.iter().sum::<f64>()), 6.5);
-/// ```
-#[inline(always)]
-pub fn run<R>(f: impl FnOnce() -> R) -> R {
-    struct Run<F>(F);
-    impl<R, F: FnOnce() -> R> WithSimd for Run<F> {
-        type Output = R;
-        #[inline(always)]
-        fn with_simd<S: pulp::Simd>(self, _: S) -> R {
-            (self.0)()
-        }
-    }
-    dispatch(Run(f))
-}

@@ -18,7 +18,6 @@
 use rayon::prelude::*;
 
 use super::lanes::{self, moment_terms, tangent_terms, Entries, Lanes, LanesOp, LANES};
-use crate::base::simd;
 use crate::base::util::DisjointMut;
 use crate::sphere::grid::Shells;
 use crate::sphere::transforms::{norm_cdf, norm_pdf};
@@ -410,7 +409,21 @@ pub fn star_vjp(
     rw_bar: &mut [f64],
     cum_bar: &mut [f64],
 ) {
-    simd::run(|| vjp(win, [rw, cum], abar, [ga, gv], [rw_bar, cum_bar]))
+    struct Op<'a, 'b>(
+        Window<'a>,
+        [&'a [f64]; 2],
+        f64,
+        [f64; 2],
+        [&'b mut [f64]; 2],
+    );
+    impl LanesOp for Op<'_, '_> {
+        type Output = ();
+        #[inline(always)]
+        fn with_lanes<L: Lanes>(self, _: L) {
+            vjp(self.0, self.1, self.2, self.3, self.4)
+        }
+    }
+    lanes::dispatch(Op(win, [rw, cum], abar, [ga, gv], [rw_bar, cum_bar]))
 }
 
 /// The entries of a window that fall on kept shells (all of one length), where they start
@@ -468,8 +481,8 @@ fn kept<'a>(win: &Window<'a>, n: usize) -> Kept<'a> {
     }
 }
 
-/// [`star_moments`] without the choice of instruction set: for loops over many stars inside
-/// one [`simd::run`].
+/// [`star_moments`] with the given lanes, without a dispatch of its own: for loops over many
+/// stars inside one [`lanes::dispatch`] (inlined, so compiled for its instruction set).
 #[inline(always)]
 pub(super) fn moments<L: Lanes>(lanes: L, win: Window<'_>, rw: &[f64], cum: &[f64]) -> (f64, f64) {
     let n = rw.len();
@@ -493,8 +506,8 @@ pub(super) fn moments<L: Lanes>(lanes: L, win: Window<'_>, rw: &[f64], cum: &[f6
     (a, m - win.kappa * a * a)
 }
 
-/// [`star_jvp`] without the choice of instruction set, the column and its inner columns
-/// in `col`, their tangents in `tan`.
+/// [`star_jvp`] with the given lanes, without a dispatch of its own (as [`moments`]): the
+/// column and its inner columns in `col`, their tangents in `tan`.
 #[inline(always)]
 pub(super) fn jvp<L: Lanes>(
     lanes: L,
@@ -532,8 +545,9 @@ pub(super) fn jvp<L: Lanes>(
     (da, 2.0 * dm - 2.0 * win.kappa * abar * da)
 }
 
-/// [`star_vjp`] without the choice of instruction set: cotangents `[ga, gv]` on ā and
-/// σ_a², accumulated into `[rw_bar, cum_bar]`.
+/// [`star_vjp`] without a dispatch of its own (as [`moments`]; an element-wise loop, which
+/// the compiler vectorises): cotangents `[ga, gv]` on ā and σ_a², accumulated into
+/// `[rw_bar, cum_bar]`.
 #[inline(always)]
 pub(super) fn vjp(
     win: Window<'_>,

@@ -1,14 +1,14 @@
 //! The per-pixel star walks of the CPU backend. Each is a [`LanesOp`], run by
-//! [`super::super::lanes::dispatch`] once per pixel, so that the whole walk over a pixel's stars is
-//! compiled for the widest instruction set present and its window sums use that set's
-//! explicit vectors.
+//! [`crate::likelihood::lanes::dispatch`] once per pixel, so that the whole walk over a
+//! pixel's stars is compiled for the widest instruction set present and its window sums use
+//! that set's explicit vectors.
 
 use std::ops::Range;
 
-use super::super::core::ModelCore;
-use super::super::lanes::{Lanes, LanesOp};
-use super::super::response::{finish_vjp, inner_columns, jvp, moments, vjp};
-use super::super::state::State;
+use crate::likelihood::core::ModelCore;
+use crate::likelihood::lanes::{Lanes, LanesOp};
+use crate::likelihood::response::{finish_vjp, inner_columns, jvp, moments, vjp};
+use crate::likelihood::state::State;
 
 /// ā and σ_a² of the stars `stars` of one pixel (column `col`, inner columns `cum`), into
 /// `a` and `v` (indexed from the pixel's first star).
