@@ -21,17 +21,10 @@ pub(super) struct Entries<'a> {
     pub h: &'a [u16; LANES],
 }
 
-/// A star's terms `(p c, p (c² + r² h))` of ā and its second moment at one entry, `c` the
-/// inner column at the star's mean position in the shell.
-#[inline(always)]
-pub(super) fn moment_terms(p: f32, f: u16, h: u16, r: f64, c0: f64) -> (f64, f64) {
-    let p = f64::from(p);
-    let c = c0 + r * (f64::from(f) * F_SCALE);
-    (p * c, p * (c * c + r * r * (f64::from(h) * H_SCALE)))
-}
-
-/// A star's tangent terms of ā and its second moment at one entry, for the tangents `dr`
-/// of the column and `dc0` of its inner columns.
+/// A star's tangent terms `(p δc, p (c δc + r δr h))` of ā and its second moment at one
+/// entry, `c` the inner column at the star's mean position in the shell, for the tangents
+/// `dr` of the column and `dc0` of its inner columns (with the column itself as tangent,
+/// the terms of ā and of its second moment).
 #[inline(always)]
 pub(super) fn tangent_terms(
     p: f32,
@@ -52,8 +45,6 @@ pub(super) trait Lanes: Copy + Send + Sync {
     type Acc: Copy;
     /// Both sums zero.
     fn zero(self) -> Self::Acc;
-    /// Adds [`moment_terms`] of a group, for columns `r` and inner columns `c`.
-    fn moments(self, acc: &mut Self::Acc, e: Entries<'_>, r: &[f64; LANES], c: &[f64; LANES]);
     /// Adds [`tangent_terms`] of a group, for columns `col = [r, c]` and tangents `tan`.
     fn tangents(
         self,
@@ -76,13 +67,6 @@ impl Lanes for Portable {
     #[inline(always)]
     fn zero(self) -> LaneSums {
         LaneSums::ZERO
-    }
-
-    #[inline(always)]
-    fn moments(self, acc: &mut LaneSums, e: Entries<'_>, r: &[f64; LANES], c: &[f64; LANES]) {
-        for l in 0..LANES {
-            acc.add_lane(l, moment_terms(e.p[l], e.f[l], e.h[l], r[l], c[l]));
-        }
     }
 
     #[inline(always)]
@@ -165,7 +149,7 @@ pub(super) mod avx2 {
     use crate::likelihood::response::{F_SCALE, H_SCALE};
 
     /// The terms of four entries at once in AVX2 registers: the same multiplications and
-    /// additions as [`super::moment_terms`] and [`super::tangent_terms`], in the same order
+    /// additions as [`super::tangent_terms`], in the same order
     /// (no fused multiply-add), with exact conversions of the stored f32 and u16 values.
     #[derive(Clone, Copy)]
     pub(crate) struct Avx2(pub(crate) V3);
@@ -194,25 +178,6 @@ pub(super) mod avx2 {
         #[inline(always)]
         fn zero(self) -> [__m256d; 2] {
             [self.0.avx._mm256_setzero_pd(); 2]
-        }
-
-        #[inline(always)]
-        fn moments(
-            self,
-            acc: &mut [__m256d; 2],
-            e: Entries<'_>,
-            r: &[f64; LANES],
-            c: &[f64; LANES],
-        ) {
-            let avx = self.0.avx;
-            let [p, f, h] = self.entries(e);
-            let (r, c0): (__m256d, __m256d) = (cast(*r), cast(*c));
-            let c = avx._mm256_add_pd(c0, avx._mm256_mul_pd(r, f));
-            let x = avx._mm256_mul_pd(p, c);
-            let spread = avx._mm256_mul_pd(avx._mm256_mul_pd(r, r), h);
-            let y = avx._mm256_mul_pd(p, avx._mm256_add_pd(avx._mm256_mul_pd(c, c), spread));
-            acc[0] = avx._mm256_add_pd(acc[0], x);
-            acc[1] = avx._mm256_add_pd(acc[1], y);
         }
 
         #[inline(always)]
@@ -275,6 +240,14 @@ mod tests {
         (p, f, h, cols)
     }
 
+    /// The moment terms `(p c, p (c² + r² h))` as the response defines them: what the
+    /// tangent terms with the column as its own tangent must give, bit for bit.
+    fn moment_terms(p: f32, f: u16, h: u16, r: f64, c0: f64) -> (f64, f64) {
+        let p = f64::from(p);
+        let c = c0 + r * (f64::from(f) * F_SCALE);
+        (p * c, p * (c * c + r * r * (f64::from(h) * H_SCALE)))
+    }
+
     /// The scalar terms, lane by lane, added to zero lane sums (compiled for the baseline).
     fn scalar(e: Entries<'_>, [r, c, dr, dc]: &[[f64; LANES]; 4]) -> [[[f64; LANES]; 2]; 2] {
         let (mut m, mut t) = (LaneSums::ZERO, LaneSums::ZERO);
@@ -294,7 +267,7 @@ mod tests {
         fn with_lanes<L: Lanes>(self, lanes: L) -> Self::Output {
             let [r, c, dr, dc] = self.1;
             let (mut m, mut t) = (lanes.zero(), lanes.zero());
-            lanes.moments(&mut m, self.0, r, c);
+            lanes.tangents(&mut m, self.0, [r, c], [r, c]);
             lanes.tangents(&mut t, self.0, [r, c], [dr, dc]);
             let (m, t) = (lanes.sums(m), lanes.sums(t));
             [[m.0, m.1], [t.0, t.1]]

@@ -17,7 +17,7 @@
 
 use rayon::prelude::*;
 
-use super::lanes::{self, moment_terms, tangent_terms, Entries, Lanes, LanesOp, LANES};
+use super::lanes::{self, tangent_terms, Entries, Lanes, LanesOp, LANES};
 use crate::base::util::DisjointMut;
 use crate::sphere::grid::Shells;
 use crate::sphere::transforms::{norm_cdf, norm_pdf};
@@ -485,24 +485,9 @@ fn kept<'a>(win: &Window<'a>, n: usize) -> Kept<'a> {
 /// stars inside one [`lanes::dispatch`] (inlined, so compiled for its instruction set).
 #[inline(always)]
 pub(super) fn moments<L: Lanes>(lanes: L, win: Window<'_>, rw: &[f64], cum: &[f64]) -> (f64, f64) {
-    let n = rw.len();
-    let k = kept(&win, n);
-    let (r, c) = (&rw[k.shells()], &cum[k.shells()]);
-    let mut acc = lanes.zero();
-    let (len, full) = k.groups();
-    for j in (0..full).step_by(LANES) {
-        lanes.moments(&mut acc, k.entries(j), group(r, j), group(c, j));
-    }
-    let mut sums = lanes.sums(acc);
-    for (l, j) in (full..len).enumerate() {
-        sums.add_lane(l, moment_terms(k.p[j], k.f[j], k.h[j], r[j], c[j]));
-    }
-    let (mut a, mut m) = sums.totals();
-    if k.beyond {
-        let pj = win.prob[win.prob.len() - 1] as f64;
-        a += pj * cum[n];
-        m += pj * cum[n] * cum[n];
-    }
+    // ā = Σ p c̃ and m = Σ p (c̃² + r² h) are the tangent sums of a tangent equal to the
+    // column itself, term for term the same operations
+    let (a, m) = window_sums(lanes, &win, [rw, cum], [rw, cum]);
     (a, m - win.kappa * a * a)
 }
 
@@ -512,12 +497,26 @@ pub(super) fn moments<L: Lanes>(lanes: L, win: Window<'_>, rw: &[f64], cum: &[f6
 pub(super) fn jvp<L: Lanes>(
     lanes: L,
     win: Window<'_>,
-    [rw, cum]: [&[f64]; 2],
-    [drw, dcum]: [&[f64]; 2],
+    col: [&[f64]; 2],
+    tan: [&[f64]; 2],
     abar: f64,
 ) -> (f64, f64) {
+    let (da, dm) = window_sums(lanes, &win, col, tan);
+    (da, 2.0 * dm - 2.0 * win.kappa * abar * da)
+}
+
+/// The window sums `(Σ p δc̃, Σ p (c̃ δc̃ + r δr h))` of one star for a column and its inner
+/// columns `col` and their tangents `tan`, the "beyond the grid" bin included: whole groups
+/// of [`LANES`] entries through `lanes`, the last, shorter group lane by lane.
+#[inline(always)]
+fn window_sums<L: Lanes>(
+    lanes: L,
+    win: &Window<'_>,
+    [rw, cum]: [&[f64]; 2],
+    [drw, dcum]: [&[f64]; 2],
+) -> (f64, f64) {
     let n = rw.len();
-    let k = kept(&win, n);
+    let k = kept(win, n);
     let kr = k.shells();
     let (r, c, dr, dc) = (
         &rw[kr.clone()],
@@ -536,13 +535,13 @@ pub(super) fn jvp<L: Lanes>(
         let t = tangent_terms(k.p[j], k.f[j], k.h[j], [r[j], c[j]], [dr[j], dc[j]]);
         sums.add_lane(l, t);
     }
-    let (mut da, mut dm) = sums.totals();
+    let (mut x, mut y) = sums.totals();
     if k.beyond {
         let pj = win.prob[win.prob.len() - 1] as f64;
-        da += pj * dcum[n];
-        dm += pj * cum[n] * dcum[n];
+        x += pj * dcum[n];
+        y += pj * cum[n] * dcum[n];
     }
-    (da, 2.0 * dm - 2.0 * win.kappa * abar * da)
+    (x, y)
 }
 
 /// [`star_vjp`] without a dispatch of its own (as [`moments`]; an element-wise loop, which

@@ -325,9 +325,9 @@ fn through_icr<R>(
 }
 
 /// The states' mean metric product after the ICR forward, `Σ_s J_sᵀ F_s J_s v / n`, one
-/// pixel at a time: for each state in turn, each star's tangent, its Fisher weighting and
-/// its cotangent, while the pixel's window data are in cache (read from memory once for all
-/// states and both directions). State `s`'s tangent is `(ds, tangents[s])`: the final chart
+/// pixel at a time ([`MetricPixel`]): each star's window is visited once, and for each
+/// state in turn its tangent, Fisher weighting and cotangent (the window read from memory
+/// once for all states and both directions). State `s`'s tangent is `(ds, tangents[s])`: the final chart
 /// field's tangent `S dξ_e` and the value tangents of scale and offset; `sig`, when ξ_σ is
 /// not held, holds its tangent and the output its part is added to. Adds the field's part
 /// into `acc` (state by state, in order) and leaves each pixel's [Σ s t, Σ t] partials per
