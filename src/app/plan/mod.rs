@@ -16,6 +16,11 @@ use crate::prior::icr::matrices::SITE_LEN;
 use crate::sphere::decomp::Decomp;
 use crate::sphere::grid::{self, Chart};
 
+mod timing;
+
+pub use timing::KernelSpeeds;
+use timing::{iteration_seconds, kernel_speeds, stage_counts, stage_work};
+
 /// What to plan for.
 #[derive(Clone, Debug)]
 pub struct PlanOptions {
@@ -236,51 +241,6 @@ fn decompose(chart: &Chart, nside_dec: u32, opts: &PlanOptions, r: usize) -> Res
     Decomp::balanced(nside_dec, r, opts.ranks, &work)
 }
 
-/// Seconds per chart voxel of an ICR forward + adjoint and per window entry of a star pass
-/// (value and gradient), on one thread of this machine.
-fn kernel_speeds(no_timing: bool) -> Result<(f64, f64)> {
-    if no_timing {
-        return Ok((2.0e-8, 6.0e-9));
-    }
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build()?;
-    pool.install(|| -> Result<(f64, f64)> {
-        let mut cfg = crate::app::bench::preset_config(&crate::app::bench::preset("w1")?);
-        cfg.grid.levels = 3; // nside 16: a second of timing
-        cfg.simulate.n_stars = 40_000;
-        let chart = cfg.chart()?;
-        let sim = crate::app::simulate::run(&cfg, "")?;
-        let kernel = cfg.kernel.build()?;
-        let icr = std::sync::Arc::new(crate::prior::icr::Icr::new(
-            &chart,
-            kernel.as_ref(),
-            Precision::F64,
-        )?);
-        let cat = sim.catalog.into_pixel_layout(chart.nside_final());
-        let model = crate::app::build::model(&cfg, icr.clone(), &cat)?;
-        let x = vec![0.1; model.n_params()];
-        let xsig = vec![0.0; model.data.len()];
-        let mut w = model.workspace();
-        let mut iw = icr.workspace();
-        let mut xb = vec![0.0; icr.n_xi()];
-        let field = vec![0.0; icr.n_field()];
-        let t_icr = crate::app::bench::median_time(5, || {
-            icr.forward(&x[..icr.n_xi()], &mut iw);
-            icr.adjoint(&field, &mut xb, &mut iw);
-        });
-        let mut st = model.empty_state();
-        let (mut gx, mut gs) = (vec![0.0; x.len()], vec![0.0; xsig.len()]);
-        let t_vg = crate::app::bench::try_median_time(5, || {
-            model.value_grad(&x, &xsig, &mut st, &mut gx, &mut gs, &mut w)?;
-            Ok(())
-        })?;
-        let entries = model.data.windows.prob.len() as f64;
-        Ok((
-            t_icr / icr.n_field() as f64,
-            ((t_vg - t_icr).max(0.0)) / entries,
-        ))
-    })
-}
-
 /// Figures of the rank that needs the most memory, and the window bytes per star.
 pub fn largest_rank(cfg: &Config, opts: &PlanOptions) -> Result<(RankFigures, f64)> {
     largest_rank_index(cfg, opts).map(|(f, w, _)| (f, w))
@@ -407,17 +367,16 @@ fn traffic_and_time(
     f: &RankFigures,
     opts: &PlanOptions,
     win_bytes: f64,
-    (t_vox, t_entry): (f64, f64),
+    speeds: KernelSpeeds,
 ) -> Result<String> {
     let mut s = String::new();
     let gb = |b: f64| b / 1e9;
     let last = cfg.inference.stage.last().cloned().unwrap_or_default();
     let (n, cs, sn, cn) = stage_counts(&last);
-    let icr_pairs = stage_work(&last, cfg.noise.sample_nsigma).0;
+    let icr_pairs = stage_work(&last, cfg.noise.sample_nsigma).icr_pairs;
     let sums = 2.0 * (n * cs + sn * cn) + sn * 2.0 * 2.0 * n * 4.0 + sn * cn * 2.0 * n;
     let sum_bytes = 8.0 * 2.0 * f.patches as f64 * (opts.ranks as f64 - 1.0);
-    let t_iter = iteration_seconds(cfg, &last, f, win_bytes, (t_vox, t_entry))
-        / opts.threads_per_rank as f64;
+    let t_iter = iteration_seconds(cfg, &last, f, win_bytes, speeds) / opts.threads_per_rank as f64;
     writeln!(s, "communication per rank:")?;
     writeln!(
         s,
@@ -440,59 +399,31 @@ fn traffic_and_time(
     writeln!(
         s,
         "time per global iteration (largest rank, {} threads, ideal thread scaling, {}: {:.1} ns \
-         per voxel per ICR pair, {:.1} ns per window entry per pass): {:.0} s",
+         per voxel per ICR pair; per star walk {:.2} ns per voxel, {:.1} ns per star and {:.2} ns \
+         per window entry; {:.2} ns per value per vector pass): {:.0} s",
         opts.threads_per_rank,
         if opts.no_timing {
             "reference kernel speeds (--no-timing)"
         } else {
             "kernels timed here"
         },
-        t_vox * 1e9,
-        t_entry * 1e9,
+        speeds.voxel_s * 1e9,
+        speeds.walk_voxel_s * 1e9,
+        speeds.star_s * 1e9,
+        speeds.entry_s * 1e9,
+        speeds.vector_s * 1e9,
         t_iter
     )?;
     Ok(s)
 }
 
-/// A stage's sample pairs, sampling-CG cap, Newton steps and Newton-CG cap.
-fn stage_counts(stage: &StageConfig) -> (f64, f64, f64, f64) {
-    (
-        stage.sample_pairs as f64,
-        stage.sample_cg_iterations as f64,
-        stage.newton_steps as f64,
-        stage.newton_cg_iterations as f64,
-    )
-}
-
-/// ICR forward+adjoint pairs and star passes of one global iteration at the stage's caps
-/// (about 2 value+gradient evaluations per Newton step, line search included; the scale's
-/// evidence update solves with the metric once more per iteration, and once more per pair
-/// when n_σ is sampled, `sample_nsigma`).
-fn stage_work(stage: &StageConfig, sample_nsigma: bool) -> (f64, f64) {
-    let (n, cs, sn, cn) = stage_counts(stage);
-    let solves = match (stage.scale_update, sample_nsigma) {
-        (crate::app::config::ScaleUpdateName::Evidence, false) => n + 1.0,
-        (crate::app::config::ScaleUpdateName::Evidence, true) => 2.0 * n + 1.0,
-        _ => n,
-    };
-    (
-        solves * (1.0 + cs) + sn * (2.0 * 2.0 * n + cn),
-        solves * (1.0 + 2.0 * cs) + sn * (2.0 * 2.0 * n + cn * 4.0 * n),
-    )
-}
-
-/// Seconds of one global iteration of `stage` on one thread for rank figures `f`, at the
-/// stage's CG caps.
-fn iteration_seconds(
-    cfg: &Config,
-    stage: &StageConfig,
-    f: &RankFigures,
-    win_bytes: f64,
-    speeds: (f64, f64),
-) -> f64 {
-    let (icr_pairs, star_passes) = stage_work(stage, cfg.noise.sample_nsigma);
-    let entries = f.stars * (win_bytes - 12.0) / 8.0;
-    icr_pairs * speeds.0 * f.voxels as f64 + star_passes * speeds.1 * entries
+/// Seconds to two significant figures at least (a coarse stage may take one).
+fn seconds(t: f64) -> String {
+    if t < 10.0 {
+        format!("{t:.1}")
+    } else {
+        format!("{t:.0}")
+    }
 }
 
 /// One line per schedule stage: its chart, stars, memory and time per iteration on the
@@ -501,7 +432,7 @@ fn stage_lines(
     cfg: &Config,
     opts: &PlanOptions,
     rank: usize,
-    speeds: (f64, f64),
+    speeds: KernelSpeeds,
 ) -> Result<String> {
     let chart = cfg.chart()?;
     let nside_dec = cfg.nside_dec()?;
@@ -532,13 +463,13 @@ fn stage_lines(
         writeln!(
             s,
             "  stage {i}: {k} levels, nside {} x {} shells, {:.3e} voxels, {:.3e} stars, {:.2} GB, \
-             {:.0} s per iteration (at most {} iterations)",
+             {} s per iteration (at most {} iterations)",
             c.nside_final(),
             c.n_kept(),
             f.voxels as f64,
             f.stars,
             f.total() / 1e9,
-            t,
+            seconds(t),
             sc.iterations
         )?;
     }
@@ -548,25 +479,6 @@ fn stage_lines(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_evidence_update_adds_a_solve_per_iteration_and_per_pair_with_nsigma_sampled() {
-        let joint = StageConfig {
-            sample_pairs: 4,
-            sample_cg_iterations: 100,
-            ..Default::default()
-        };
-        let evidence = StageConfig {
-            scale_update: crate::app::config::ScaleUpdateName::Evidence,
-            ..joint.clone()
-        };
-        let (a, b) = (stage_work(&joint, false), stage_work(&evidence, false));
-        assert_eq!(b.0 - a.0, 101.0);
-        assert_eq!(b.1 - a.1, 201.0);
-        let (a, b) = (stage_work(&joint, true), stage_work(&evidence, true));
-        assert_eq!(b.0 - a.0, 5.0 * 101.0);
-        assert_eq!(b.1 - a.1, 5.0 * 201.0);
-    }
 
     #[test]
     fn the_papers_problem_fits_16_gb_per_rank_on_64_ranks() {

@@ -1,0 +1,267 @@
+//! The time model of `dust3d plan`: the work of one global iteration at a stage's CG caps
+//! (ICR pairs, star walks, vector passes) and this machine's speed at each, timed on one
+//! thread.
+
+use anyhow::Result;
+use std::sync::Arc;
+
+use super::RankFigures;
+use crate::app::config::{Config, Precision, StageConfig};
+use crate::prior::icr::Icr;
+use crate::sphere::grid::Chart;
+
+/// Kernel speeds on one thread, in seconds: of an ICR forward + adjoint per chart voxel, of
+/// one star walk (a read of every star's window: the moments, a tangent or a cotangent) per
+/// voxel, per star and per window entry, and of one pass over a parameter-sized vector per
+/// value.
+#[derive(Clone, Copy, Debug)]
+pub struct KernelSpeeds {
+    /// Seconds per chart voxel per ICR forward + adjoint.
+    pub voxel_s: f64,
+    /// Seconds per kept voxel per star walk: each pixel's column work around its stars.
+    pub walk_voxel_s: f64,
+    /// Seconds per star per star walk: finding its window, its weighting.
+    pub star_s: f64,
+    /// Seconds per window entry per star walk.
+    pub entry_s: f64,
+    /// Seconds per value per vector pass.
+    pub vector_s: f64,
+}
+
+impl KernelSpeeds {
+    /// Fixed speeds (`--no-timing`): one thread of a 2024 server core (measured with
+    /// `dust3d plan` on an Intel Xeon with AVX2).
+    pub const REFERENCE: Self = Self {
+        voxel_s: 2.0e-8,
+        walk_voxel_s: 5.0e-9,
+        star_s: 1.0e-8,
+        entry_s: 1.4e-9,
+        vector_s: 1.0e-9,
+    };
+}
+
+/// [`KernelSpeeds`] of this machine, timed on one thread: the ICR on the W1 chart (2.1 M
+/// voxels, whose matrices and fields do not fit in cache, as a fit's do not); the star walks
+/// as single-state metric products less their ICR pair, on the W1 sky of 200,000 stars with
+/// all 4 levels (128 shells, about 35 window entries per star) and with 2 (32 shells, about
+/// 10), and with every fourth star on 2 levels — three problems whose voxels, stars and window
+/// entries differ in different proportions, so that the walks' cost per voxel (each pixel's
+/// column work), per star and per entry separate; and a vector update over 16 M values.
+pub(super) fn kernel_speeds(no_timing: bool) -> Result<KernelSpeeds> {
+    if no_timing {
+        return Ok(KernelSpeeds::REFERENCE);
+    }
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build()?;
+    pool.install(|| -> Result<KernelSpeeds> {
+        let mut cfg = crate::app::bench::preset_config(&crate::app::bench::preset("w1")?);
+        let sim = crate::app::simulate::run(&cfg, "")?;
+        let quarter: Vec<bool> = (0..sim.catalog.len()).map(|i| i % 4 == 0).collect();
+        let (t_icr4, icr4) = icr_pair_seconds(&cfg.chart()?)?;
+        let full = walk_seconds(&cfg, icr4.clone(), sim.catalog.clone(), t_icr4)?;
+        cfg.grid.levels = 2;
+        let (t_icr2, icr2) = icr_pair_seconds(&cfg.chart()?)?;
+        let coarse = walk_seconds(&cfg, icr2.clone(), sim.catalog.clone(), t_icr2)?;
+        let few = walk_seconds(&cfg, icr2, sim.catalog.subset(&quarter), t_icr2)?;
+        let [walk_voxel_s, star_s, entry_s] = solve3([full, coarse, few]);
+        let (a, mut b) = (vec![0.5; 1 << 24], vec![0.25; 1 << 24]);
+        let t_vec = crate::app::bench::median_time(3, || {
+            b.iter_mut().zip(&a).for_each(|(y, x)| *y += 0.5 * x);
+        });
+        Ok(KernelSpeeds {
+            voxel_s: t_icr4 / icr4.n_field() as f64,
+            walk_voxel_s,
+            star_s,
+            entry_s,
+            vector_s: t_vec / b.len() as f64,
+        })
+    })
+}
+
+/// One star walk's seconds on `cat` with the chart of `icr` (half a single-state metric
+/// product less its ICR pair, `t_icr`), as `[voxels, stars, entries, seconds]`.
+fn walk_seconds(
+    cfg: &Config,
+    icr: Arc<Icr>,
+    cat: crate::data::catalog::Catalog,
+    t_icr: f64,
+) -> Result<[f64; 4]> {
+    let chart = cfg.chart()?;
+    let cat = cat.into_pixel_layout(chart.nside_final());
+    let model = crate::app::build::model(cfg, icr, &cat)?;
+    let x = vec![0.1; model.n_params()];
+    let xsig = vec![0.0; model.data.len()];
+    let mut w = model.workspace();
+    let mut st = model.empty_state();
+    model.update_state(&x, &xsig, &mut st, &mut w)?;
+    let mut out = vec![0.0; x.len()];
+    let t = crate::app::bench::try_median_time(5, || model.metric(&st, &x, &mut out, &mut w))?;
+    Ok([
+        (model.npix() * model.n_r()) as f64,
+        model.data.len() as f64,
+        model.data.windows.prob.len() as f64,
+        (t - t_icr).max(0.0) / 2.0,
+    ])
+}
+
+/// The costs `[per voxel, per star, per entry]` that give each row's seconds from its counts
+/// `[voxels, stars, entries, seconds]` (Cramer's rule; a cost timing noise makes negative is
+/// taken as zero).
+fn solve3(rows: [[f64; 4]; 3]) -> [f64; 3] {
+    let det = |m: [[f64; 3]; 3]| {
+        m[0][0] * (m[1][1] * m[2][2] - m[1][2] * m[2][1])
+            - m[0][1] * (m[1][0] * m[2][2] - m[1][2] * m[2][0])
+            + m[0][2] * (m[1][0] * m[2][1] - m[1][1] * m[2][0])
+    };
+    let a = rows.map(|r| [r[0], r[1], r[2]]);
+    let d = det(a);
+    std::array::from_fn(|j| {
+        let mut m = a;
+        for (row, r) in m.iter_mut().zip(&rows) {
+            row[j] = r[3];
+        }
+        (det(m) / d).max(0.0)
+    })
+}
+
+/// Seconds of an ICR forward + adjoint on `chart` (the presets' Matérn-3/2 kernel), and the
+/// ICR built for it.
+fn icr_pair_seconds(chart: &Chart) -> Result<(f64, Arc<Icr>)> {
+    let cfg = crate::app::bench::preset_config(&crate::app::bench::preset("w1")?);
+    let kernel = cfg.kernel.build()?;
+    let icr = Arc::new(Icr::new(chart, kernel.as_ref(), Precision::F64)?);
+    let mut iw = icr.workspace();
+    let x = vec![0.1; icr.n_xi()];
+    let mut xb = vec![0.0; icr.n_xi()];
+    let field = vec![0.1; icr.n_field()];
+    let t = crate::app::bench::median_time(3, || {
+        icr.forward(&x, &mut iw);
+        icr.adjoint(&field, &mut xb, &mut iw);
+    });
+    Ok((t, icr))
+}
+
+/// A stage's sample pairs, sampling-CG cap, Newton steps and Newton-CG cap.
+pub(super) fn stage_counts(stage: &StageConfig) -> (f64, f64, f64, f64) {
+    (
+        stage.sample_pairs as f64,
+        stage.sample_cg_iterations as f64,
+        stage.newton_steps as f64,
+        stage.newton_cg_iterations as f64,
+    )
+}
+
+/// The work of one global iteration at a stage's caps, in the units [`KernelSpeeds`] times.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(super) struct StageWork {
+    /// ICR forward + adjoint pairs.
+    pub icr_pairs: f64,
+    /// Star walks (each reads every star's window once).
+    walks: f64,
+    /// Passes over a parameter-sized vector.
+    vector_passes: f64,
+}
+
+/// Vector passes per CG iteration: the product's input masking and output accumulation, two
+/// dot products and three updates, counted as passes of an update (one read, one write).
+const CG_VECTOR_PASSES: f64 = 8.0;
+/// Passes over the voxels and parameters per value + gradient of one sample: its sample
+/// point, the field's exponential (a few passes' worth), its state and the gradient's
+/// accumulation.
+const EVAL_VECTOR_PASSES: f64 = 10.0;
+
+/// The work of one global iteration at the stage's caps: each sample pair's CG solve (its
+/// draw, one product to start and one per iteration; the scale's evidence update solves once
+/// more per iteration, and once more per pair when n_σ is sampled, `sample_nsigma`), and per
+/// Newton step about 2 value + gradient evaluations of all 2N samples (line search included)
+/// and the CG's products with the metric averaged over them (one ICR pair per product, two
+/// walks per sample: tangent and cotangent; an evaluation walks each window twice too: the
+/// moments and the cotangent).
+pub(super) fn stage_work(stage: &StageConfig, sample_nsigma: bool) -> StageWork {
+    let (n, cs, sn, cn) = stage_counts(stage);
+    let solves = match (stage.scale_update, sample_nsigma) {
+        (crate::app::config::ScaleUpdateName::Evidence, false) => n + 1.0,
+        (crate::app::config::ScaleUpdateName::Evidence, true) => 2.0 * n + 1.0,
+        _ => n,
+    };
+    let evaluations = sn * 2.0 * 2.0 * n;
+    let cg_iterations = solves * (1.0 + cs) + sn * cn;
+    StageWork {
+        icr_pairs: solves * (1.0 + cs) + evaluations + sn * cn,
+        walks: solves * (1.0 + 2.0 * (1.0 + cs)) + 2.0 * evaluations + sn * cn * 2.0 * 2.0 * n,
+        vector_passes: CG_VECTOR_PASSES * cg_iterations + EVAL_VECTOR_PASSES * evaluations,
+    }
+}
+
+/// Seconds of one global iteration of `stage` on one thread for rank figures `f`, at the
+/// stage's CG caps.
+pub(super) fn iteration_seconds(
+    cfg: &Config,
+    stage: &StageConfig,
+    f: &RankFigures,
+    win_bytes: f64,
+    speeds: KernelSpeeds,
+) -> f64 {
+    let w = stage_work(stage, cfg.noise.sample_nsigma);
+    let entries = f.stars * (win_bytes - 12.0) / 8.0;
+    let values = (f.voxels + f.xi) as f64 + f.stars;
+    w.icr_pairs * speeds.voxel_s * f.voxels as f64
+        + w.walks
+            * (speeds.walk_voxel_s * f.voxels as f64
+                + speeds.star_s * f.stars
+                + speeds.entry_s * entries)
+        + w.vector_passes * speeds.vector_s * values
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_evidence_update_adds_a_solve_per_iteration_and_per_pair_with_nsigma_sampled() {
+        let joint = StageConfig {
+            sample_pairs: 4,
+            sample_cg_iterations: 100,
+            ..Default::default()
+        };
+        let evidence = StageConfig {
+            scale_update: crate::app::config::ScaleUpdateName::Evidence,
+            ..joint.clone()
+        };
+        // one more solve: its draw, 101 products (ICR pairs, two walks each) and 101 CG
+        // iterations' vector passes
+        let extra = |a: StageWork, b: StageWork| {
+            [
+                b.icr_pairs - a.icr_pairs,
+                b.walks - a.walks,
+                b.vector_passes - a.vector_passes,
+            ]
+        };
+        let (a, b) = (stage_work(&joint, false), stage_work(&evidence, false));
+        assert_eq!(extra(a, b), [101.0, 203.0, 808.0]);
+        let (a, b) = (stage_work(&joint, true), stage_work(&evidence, true));
+        assert_eq!(extra(a, b), [5.0 * 101.0, 5.0 * 203.0, 5.0 * 808.0]);
+    }
+
+    #[test]
+    fn the_walk_costs_are_recovered_from_three_timed_problems() {
+        // the three timing problems' shapes: all 4 levels, 3 levels, 3 levels with 1/4 of
+        // the stars, and made-up costs per voxel, star and entry
+        let costs = [2.5e-9, 3.5e-9, 1.5e-9];
+        let row = |v: f64, s: f64, e: f64| [v, s, e, costs[0] * v + costs[1] * s + costs[2] * e];
+        let got = solve3([
+            row(1.6e6, 2e5, 7e6),
+            row(2.1e5, 2e5, 3.7e6),
+            row(2.1e5, 5e4, 9.2e5),
+        ]);
+        for (g, c) in got.iter().zip(costs) {
+            assert!((g / c - 1.0).abs() < 1e-9, "{got:?} against {costs:?}");
+        }
+        // noise that would make a cost negative leaves it at zero
+        let noisy = solve3([
+            row(1.6e6, 2e5, 7e6),
+            [2.1e5, 2e5, 3.7e6, 1e-3],
+            row(2.1e5, 5e4, 9.2e5),
+        ]);
+        assert!(noisy.iter().all(|c| *c >= 0.0), "{noisy:?}");
+    }
+}
