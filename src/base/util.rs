@@ -5,6 +5,35 @@
 /// task's work outweighs its scheduling.
 pub(crate) const PAR_MIN_LEN: usize = 1 << 14;
 
+/// `dst ← src` on the rayon pool, `dst` resized to `src` (its allocation reused): the copies
+/// of parameter-sized vectors (133 MB on W2) would otherwise run on one thread.
+pub(crate) fn par_copy(dst: &mut Vec<f64>, src: &[f64]) {
+    use rayon::prelude::*;
+    dst.resize(src.len(), 0.0);
+    dst.par_iter_mut()
+        .with_min_len(PAR_MIN_LEN)
+        .zip(src)
+        .for_each(|(d, s)| *d = *s);
+}
+
+/// `v ← 0` on the rayon pool.
+pub(crate) fn par_zero(v: &mut [f64]) {
+    use rayon::prelude::*;
+    v.par_iter_mut()
+        .with_min_len(PAR_MIN_LEN)
+        .for_each(|x| *x = 0.0);
+}
+
+/// Whether `a == b` element by element (the same length, no NaN), compared on the rayon pool.
+pub(crate) fn par_equal(a: &[f64], b: &[f64]) -> bool {
+    use rayon::prelude::*;
+    a.len() == b.len()
+        && a.par_iter()
+            .with_min_len(PAR_MIN_LEN)
+            .zip(b)
+            .all(|(x, y)| x == y)
+}
+
 /// A mutable slice handed to parallel workers that write provably disjoint chunks of it.
 pub(crate) struct DisjointMut<T> {
     ptr: *mut T,
@@ -61,4 +90,26 @@ pub(crate) fn mean_std(samples: &[Vec<f64>]) -> (Vec<f64>, Vec<f64>) {
         }
     }
     (mean, var.into_iter().map(f64::sqrt).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parallel_copies_compare_and_zero_element_by_element() {
+        let src: Vec<f64> = (0..100_000).map(|i| (i as f64).sin()).collect();
+        let mut dst = Vec::with_capacity(src.len());
+        let at = dst.as_ptr();
+        par_copy(&mut dst, &src);
+        assert!(
+            par_equal(&dst, &src) && dst.as_ptr() == at,
+            "copied in place"
+        );
+        dst[77_777] = f64::NAN;
+        assert!(!par_equal(&dst, &src) && !par_equal(&src[1..], &src[..src.len() - 1]));
+        assert!(!par_equal(&dst, &dst), "NaN equals nothing");
+        par_zero(&mut dst);
+        assert!(dst.iter().all(|v| *v == 0.0) && dst.len() == src.len());
+    }
 }

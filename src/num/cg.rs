@@ -117,7 +117,11 @@ impl std::ops::DerefMut for HostVec<'_> {
 impl<'v> CgSpace for Host<'_, 'v> {
     type V = HostVec<'v>;
     fn clone_of(&mut self, x: &HostVec<'v>) -> HostVec<'v> {
-        HostVec::Owned(x.to_vec())
+        // copied on the pool: a parameter-sized copy (and its pages' first touch) on one
+        // thread would be the serial part of every solve
+        let mut v = Vec::with_capacity(x.len());
+        v.par_extend(x.par_iter().with_min_len(PAR_MIN_LEN).copied());
+        HostVec::Owned(v)
     }
     fn dot(&mut self, x: &HostVec<'v>, y: &HostVec<'v>) -> f64 {
         self.0.dot(x, y)
@@ -141,7 +145,7 @@ impl<'v> CgSpace for Host<'_, 'v> {
             .for_each(|(ri, (bi, ai))| *ri = bi - ai);
     }
     fn zero(&mut self, x: &mut HostVec<'v>) {
-        x.iter_mut().for_each(|v| *v = 0.0);
+        crate::base::util::par_zero(x);
     }
 }
 

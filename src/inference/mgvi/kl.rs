@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
 
-use crate::base::util::PAR_MIN_LEN;
+use crate::base::util::{par_copy, par_equal, par_zero, PAR_MIN_LEN};
 use crate::inference::newton::MetricObjective;
 use crate::likelihood::model::{Model, ModelWork, State};
 use crate::num::cg::{self, CgReport, CgSettings};
@@ -24,7 +24,10 @@ pub struct Kl<'a> {
 }
 
 struct KlCache {
+    /// The point the states were computed at, when `at_valid` (its buffer kept between
+    /// points, so a new point is copied in place and on the pool).
     at: Vec<f64>,
+    at_valid: bool,
     states: Vec<State>,
     work: ModelWork,
     /// One sample point p + c_k ± δ_k at a time: the states are computed one after the
@@ -46,6 +49,7 @@ impl<'a> Kl<'a> {
         model.reserve_device_states(2 * residuals.len() + 1);
         let cache = KlCache {
             at: Vec::new(),
+            at_valid: false,
             states: Vec::new(),
             work: model.workspace(),
             xk: Vec::new(),
@@ -73,7 +77,7 @@ impl<'a> Kl<'a> {
         let n = 2 * self.residuals.len();
         if c.states.len() != n {
             c.states = (0..n).map(|_| self.model.empty_state()).collect();
-            c.at.clear();
+            c.at_valid = false;
         }
     }
 
@@ -81,7 +85,7 @@ impl<'a> Kl<'a> {
     fn ensure_states(&self, p: &[f64], c: &mut KlCache) -> Result<()> {
         self.prepare(c);
         // every rank must take the same branch: the evaluation below communicates
-        if self.space.all(c.at == p) {
+        if self.space.all(c.at_valid && par_equal(&c.at, p)) {
             return Ok(());
         }
         let np = self.model.n_params();
@@ -93,11 +97,12 @@ impl<'a> Kl<'a> {
             let (xk, xsig) = xk.split_at(np);
             if let Err(e) = self.model.update_state(xk, xsig, st, work) {
                 // the cached states are half updated: none of them may be reused
-                c.at.clear();
+                c.at_valid = false;
                 return Err(e);
             }
         }
-        c.at = p.to_vec();
+        par_copy(&mut c.at, p);
+        c.at_valid = true;
         Ok(())
     }
 }
@@ -120,6 +125,7 @@ impl MetricObjective for Kl<'_> {
             states,
             work,
             at,
+            at_valid,
             xk,
             gx,
             gs,
@@ -127,10 +133,10 @@ impl MetricObjective for Kl<'_> {
         gx.resize(np, 0.0);
         gs.resize(ns, 0.0);
         let n = states.len() as f64;
-        g.iter_mut().for_each(|v| *v = 0.0);
+        par_zero(g);
         let mut value = 0.0;
         // one fused pass per sample: value, gradient, and the state the metric will reuse
-        at.clear();
+        *at_valid = false;
         for (j, st) in states.iter_mut().enumerate() {
             self.fill_sample(p, j, xk);
             let (xk, xsig) = xk.split_at(np);
@@ -145,7 +151,8 @@ impl MetricObjective for Kl<'_> {
                 .zip(&gs[..])
                 .for_each(|(o, v)| *o += v / n);
         }
-        *at = p.to_vec();
+        par_copy(at, p);
+        *at_valid = true;
         Ok(value)
     }
 

@@ -11,6 +11,7 @@ pub mod sampling;
 pub mod scale;
 
 use anyhow::{Context, Result};
+use rayon::prelude::*;
 
 use crate::inference::newton::{self, NewtonReport, NewtonSettings};
 use crate::likelihood::mask::mask_in_place;
@@ -436,16 +437,19 @@ fn log_density_moments(
         let field = &iw.fields[model.icr.chart.levels];
         let scl = model.scale.value(xs[nxi]);
         let off = model.offset.value(xs[nxi + 1]);
-        for p in 0..npix {
-            for k in 0..n {
-                let v = scl * field[p * nc + pad + k] + off;
-                m1[p * n + k] += v / count;
-                m2[p * n + k] += v * v / count;
-            }
-        }
+        m1.par_chunks_mut(n)
+            .zip(m2.par_chunks_mut(n))
+            .enumerate()
+            .for_each(|(p, (a, b))| {
+                for k in 0..n {
+                    let v = scl * field[p * nc + pad + k] + off;
+                    a[k] += v / count;
+                    b[k] += v * v / count;
+                }
+            });
     }
     let std = m1
-        .iter()
+        .par_iter()
         .zip(&m2)
         .map(|(a, b)| (b - a * a).max(0.0).sqrt())
         .collect();

@@ -235,6 +235,17 @@ pub fn metric_sample_in<F: Fisher>(f: &F, seed: u64, stream: u64) -> Result<Vec<
 /// `base`): base + c_{j/2} ± δ_{j/2}, + for even j, on the entries the residuals cover
 /// (x, or p = [x | ξ_σ] when n_σ is sampled; entries beyond them are `base`'s); c = 0 when
 /// `shifts` is empty.
+///
+/// ```
+/// use dust3d::inference::mgvi::sample_point;
+/// let base = [1.0, 2.0, 3.0];
+/// let (residuals, shifts) = (vec![vec![0.5, -0.25]], vec![vec![0.125, 0.0]]);
+/// let mut out = [0.0; 3];
+/// sample_point(&base, &residuals, &shifts, 1, &mut out); // odd j: base + c − δ
+/// assert_eq!(out, [1.0 + (0.125 - 0.5), 2.0 + (0.0 + 0.25), 3.0]);
+/// sample_point(&base, &residuals, &[], 0, &mut out); // MGVI: base + δ
+/// assert_eq!(out, [1.5, 1.75, 3.0]);
+/// ```
 pub fn sample_point(
     base: &[f64],
     residuals: &[Vec<f64>],
@@ -242,20 +253,22 @@ pub fn sample_point(
     j: usize,
     out: &mut [f64],
 ) {
+    use crate::base::util::PAR_MIN_LEN;
     use rayon::prelude::*;
-    out.copy_from_slice(base);
     let d = &residuals[j / 2];
     let n = d.len().min(out.len());
     let sign = if j.is_multiple_of(2) { 1.0 } else { -1.0 };
-    let head = &mut out[..n];
+    let (head, tail) = out.split_at_mut(n);
+    let (base, base_tail) = base.split_at(n);
+    let head = head.par_iter_mut().with_min_len(PAR_MIN_LEN).zip(base);
     match shifts.get(j / 2) {
         Some(c) => head
-            .par_iter_mut()
             .zip(d[..n].par_iter().zip(&c[..n]))
-            .for_each(|(o, (b, s))| *o += s + sign * b),
-        None => head
-            .par_iter_mut()
-            .zip(&d[..n])
-            .for_each(|(o, b)| *o += sign * b),
+            .for_each(|((o, x), (b, s))| *o = x + (s + sign * b)),
+        None => head.zip(&d[..n]).for_each(|((o, x), b)| *o = x + sign * b),
     }
+    tail.par_iter_mut()
+        .with_min_len(PAR_MIN_LEN)
+        .zip(base_tail)
+        .for_each(|(o, x)| *o = *x);
 }

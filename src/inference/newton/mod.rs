@@ -11,6 +11,7 @@ use argmin::core::{
 };
 use argmin::solver::linesearch::MoreThuenteLineSearch;
 use argmin_math::{ArgminDot, ArgminScaledAdd};
+use rayon::prelude::*;
 use std::sync::Arc;
 
 use crate::num::cg::{self, CgSettings};
@@ -70,12 +71,7 @@ impl ArgminDot<DVec, f64> for DVec {
 impl ArgminScaledAdd<DVec, f64, DVec> for DVec {
     fn scaled_add(&self, factor: &f64, vec: &DVec) -> DVec {
         DVec {
-            v: self
-                .v
-                .iter()
-                .zip(vec.v.iter())
-                .map(|(a, b)| a + factor * b)
-                .collect::<Values>(),
+            v: par_values(self.v.len(), |i| self.v[i] + factor * vec.v[i]),
             space: self.space.clone(),
         }
     }
@@ -83,7 +79,24 @@ impl ArgminScaledAdd<DVec, f64, DVec> for DVec {
 
 /// `n` zeros, allocated once (an `Arc<[f64]>` from a `Vec` would copy it).
 fn zeros(n: usize) -> Values {
-    std::iter::repeat_n(0.0, n).collect()
+    par_values(n, |_| 0.0)
+}
+
+/// The values `f(0), …, f(n − 1)`, computed on the rayon pool straight into their shared
+/// allocation: parameter-sized (133 MB on W2), they would otherwise be computed, and their
+/// pages first touched, on one thread.
+fn par_values(n: usize, f: impl Fn(usize) -> f64 + Sync) -> Values {
+    let mut a = Arc::<[f64]>::new_uninit_slice(n);
+    Arc::get_mut(&mut a)
+        .expect("a new allocation is not shared")
+        .par_iter_mut()
+        .with_min_len(crate::base::util::PAR_MIN_LEN)
+        .enumerate()
+        .for_each(|(i, x)| {
+            x.write(f(i));
+        });
+    // SAFETY: the loop above wrote every element
+    unsafe { a.assume_init() }
 }
 
 /// A point with its value and gradient.
@@ -301,11 +314,7 @@ impl<T: MetricObjective> Solver<ArgminObjective<'_, T>, St> for TruncatedNewton 
         let (dir, rep) = self.direction(wrapped, &param, &grad, g2)?;
         let dir_norm = space.dot(&dir, &dir).sqrt();
         let (new_param, new_cost) = self.step(wrapped, &param, cost, &grad, dir)?;
-        let diff: Vec<f64> = new_param
-            .iter()
-            .zip(param.iter())
-            .map(|(a, b)| a - b)
-            .collect();
+        let diff = par_values(param.len(), |i| new_param[i] - param[i]);
         let step_norm = space.dot(&diff, &diff).sqrt();
         self.step_norms.push(step_norm);
         // the step taken as a fraction of the full Newton step (1: the full step)
@@ -354,7 +363,7 @@ impl TruncatedNewton {
         g2: f64,
     ) -> Result<(Values, cg::CgReport), Error> {
         let space = &wrapped.space;
-        let rhs: Values = grad.iter().map(|g| -g).collect();
+        let rhs = par_values(grad.len(), |i| -grad[i]);
         let mut dir = zeros(param.len());
         // CG's tolerance is relative to |g| itself: rescale it to the norm the forcing names
         // (the whole gradient where that part is zero)
@@ -410,7 +419,12 @@ impl TruncatedNewton {
         // exponential model can overflow (ρ = e^{…}). The accepted step is not lengthened
         // towards the full Newton step afterwards: with deep CG directions that grew isolated
         // density spikes (single voxels at ρ up to 1e35 on W0; docs/model.md)
-        let max_abs = space.max(dir.iter().fold(0.0f64, |m, v| m.max(v.abs())));
+        let max_abs = space.max(
+            dir.par_iter()
+                .with_min_len(crate::base::util::PAR_MIN_LEN)
+                .map(|v| v.abs())
+                .reduce(|| 0.0, f64::max),
+        );
         let alpha0 = if max_abs > self.settings.max_step {
             self.settings.max_step / max_abs
         } else {
@@ -492,7 +506,7 @@ fn backtrack<T: MetricObjective>(
 ) -> Result<(Values, f64), Error> {
     let mut alpha = alpha0;
     for _ in 0..ls.max_halvings {
-        let trial: Values = p.iter().zip(dir).map(|(a, d)| a + alpha * d).collect();
+        let trial = par_values(p.len(), |i| p[i] + alpha * dir[i]);
         let (f, _) = obj.value_grad(&trial)?;
         if f.is_finite() && f <= f0 + ls.c1 * alpha * slope {
             return Ok((trial, f));

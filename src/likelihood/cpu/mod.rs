@@ -16,7 +16,7 @@ use super::lanes;
 use super::mask::masked_copy;
 use super::response::{finish_vjp, inner_columns};
 use super::state::State;
-use crate::base::util::{DisjointMut, PAR_MIN_LEN};
+use crate::base::util::{par_zero, DisjointMut, PAR_MIN_LEN};
 
 /// The CPU backend (the default).
 #[derive(Clone, Copy, Debug, Default)]
@@ -316,7 +316,7 @@ fn through_icr<R>(
     let ds = std::mem::take(&mut w.icr.fields[top]);
     let mut acc = std::mem::take(&mut w.acc);
     acc.resize(ds.len(), 0.0);
-    acc.fill(0.0);
+    par_zero(&mut acc);
     let r = pass(&ds, &mut acc, &mut w.state_scalars);
     w.icr.fields[top] = ds;
     m.icr.adjoint(&acc, g_xi, &mut w.icr);

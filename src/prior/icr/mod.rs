@@ -499,15 +499,17 @@ impl Icr {
             "ICR adjoint: wrong number of excitations"
         );
         let nl = self.levels.len();
-        work.fields[nl][..s_bar.len()].copy_from_slice(s_bar);
         for (l, level) in self.levels.iter().enumerate().rev() {
             let (lo, hi) = work.fields.split_at_mut(l + 1);
+            // the last step reads the caller's cotangent where it lies (a parameter-sized
+            // copy saved per adjoint)
+            let fine_bar: &[f64] = if l + 1 == nl { s_bar } else { &hi[0] };
             let xb = &mut xi_bar[level.xi_off..level.xi_off + level.n_xi()];
             let n_local = 9 * level.npix_c() * level.n_c;
             let t = &mut work.scatter[..n_local];
             match &level.mats {
-                Matrices::F64(m) => scatter_adjoint(level, m, &hi[0], xb, t),
-                Matrices::F32(m) => scatter_adjoint(level, m, &hi[0], xb, t),
+                Matrices::F64(m) => scatter_adjoint(level, m, fine_bar, xb, t),
+                Matrices::F32(m) => scatter_adjoint(level, m, fine_bar, xb, t),
             }
             let source: &[f64] = match level.kind {
                 StepKind::Replicated => &work.scatter[..n_local],
@@ -526,7 +528,7 @@ impl Icr {
         }
         let n0 = self.n0;
         let l0 = &self.level0;
-        let s0 = &work.fields[0];
+        let s0: &[f64] = if nl == 0 { s_bar } else { &work.fields[0] };
         xi_bar[..n0].par_iter_mut().enumerate().for_each(|(m, x)| {
             *x = (m..n0).map(|i| l0[i * n0 + m] * s0[i]).sum();
         });
