@@ -29,18 +29,20 @@ pub struct KernelSpeeds {
 }
 
 impl KernelSpeeds {
-    /// Fixed speeds (`--no-timing`): one thread of a 2024 server core (measured with
-    /// `dust3d plan` on an Intel Xeon with AVX2).
+    /// Fixed speeds (`--no-timing`): one thread of a recent server core, as `dust3d plan`
+    /// timed them on an Intel Xeon with AVX2 (2026-12-04; from run to run 21.7–23.5 ns per
+    /// ICR voxel, 1.1–4.3 ns per walk voxel, 5.8–13 ns per star, 1.0–1.7 ns per entry,
+    /// 1.1–1.2 ns per vector value).
     pub const REFERENCE: Self = Self {
-        voxel_s: 2.0e-8,
-        walk_voxel_s: 5.0e-9,
+        voxel_s: 2.2e-8,
+        walk_voxel_s: 3.0e-9,
         star_s: 1.0e-8,
-        entry_s: 1.4e-9,
-        vector_s: 1.0e-9,
+        entry_s: 1.3e-9,
+        vector_s: 1.2e-9,
     };
 }
 
-/// [`KernelSpeeds`] of this machine, timed on one thread: the ICR on the W1 chart (2.1 M
+/// [`KernelSpeeds`] of this machine, timed on one thread: the ICR on the W1 chart (1.6 M
 /// voxels, whose matrices and fields do not fit in cache, as a fit's do not); the star walks
 /// as single-state metric products less their ICR pair, on the W1 sky of 200,000 stars with
 /// all 4 levels (128 shells, about 35 window entries per star) and with 2 (32 shells, about
