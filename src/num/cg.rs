@@ -10,7 +10,7 @@
 //! residual, which is b from a zero start), so a caller that needs bᵀA⁻²b or bᵀA⁻³b for the
 //! b it solved with does not solve again.
 
-use crate::base::util::PAR_MIN_LEN;
+use crate::base::util::{par_zero, PAR_MIN_LEN};
 use crate::sphere::decomp::{Serial, Space};
 use rayon::prelude::*;
 
@@ -145,7 +145,7 @@ impl<'v> CgSpace for Host<'_, 'v> {
             .for_each(|(ri, (bi, ai))| *ri = bi - ai);
     }
     fn zero(&mut self, x: &mut HostVec<'v>) {
-        crate::base::util::par_zero(x);
+        par_zero(x);
     }
 }
 

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use super::RankFigures;
 use crate::app::config::{Config, Precision, StageConfig};
 use crate::prior::icr::Icr;
-use crate::sphere::grid::Chart;
 
 /// Kernel speeds on one thread, in seconds: of an ICR forward + adjoint per chart voxel, of
 /// one star walk (a read of every star's window: the moments, a tangent or a cotangent) per
@@ -44,11 +43,10 @@ impl KernelSpeeds {
 
 /// [`KernelSpeeds`] of this machine, timed on one thread: the ICR on the W1 chart (1.6 M
 /// voxels, whose matrices and fields do not fit in cache, as a fit's do not); the star walks
-/// as single-state metric products less their ICR pair, on the W1 sky of 200,000 stars with
-/// all 4 levels (128 shells, about 35 window entries per star) and with 2 (32 shells, about
-/// 10), and with every fourth star on 2 levels — three problems whose voxels, stars and window
-/// entries differ in different proportions, so that the walks' cost per voxel (each pixel's
-/// column work), per star and per entry separate; and a vector update over 16 M values.
+/// as single-state metric products less their ICR pair, on the W1 sky of 200,000 stars and on
+/// every fourth of them, each with all 4 levels (128 shells, about 35 window entries per
+/// star) and with 2 (32 shells, about 10) — see [`walk_costs`]; and a vector update over
+/// 16 M values.
 pub(super) fn kernel_speeds(no_timing: bool) -> Result<KernelSpeeds> {
     if no_timing {
         return Ok(KernelSpeeds::REFERENCE);
@@ -56,15 +54,21 @@ pub(super) fn kernel_speeds(no_timing: bool) -> Result<KernelSpeeds> {
     let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build()?;
     pool.install(|| -> Result<KernelSpeeds> {
         let mut cfg = crate::app::bench::preset_config(&crate::app::bench::preset("w1")?);
-        let sim = crate::app::simulate::run(&cfg, "")?;
-        let quarter: Vec<bool> = (0..sim.catalog.len()).map(|i| i % 4 == 0).collect();
-        let (t_icr4, icr4) = icr_pair_seconds(&cfg.chart()?)?;
-        let full = walk_seconds(&cfg, icr4.clone(), sim.catalog.clone(), t_icr4)?;
+        let all = crate::app::simulate::run(&cfg, "")?.catalog;
+        let quarter: Vec<bool> = (0..all.len()).map(|i| i % 4 == 0).collect();
+        let quarter = all.subset(&quarter);
+        let (t_icr4, icr4) = icr_pair_seconds(&cfg)?;
+        let fine = [
+            walk_seconds(&cfg, icr4.clone(), all.clone(), t_icr4)?,
+            walk_seconds(&cfg, icr4.clone(), quarter.clone(), t_icr4)?,
+        ];
         cfg.grid.levels = 2;
-        let (t_icr2, icr2) = icr_pair_seconds(&cfg.chart()?)?;
-        let coarse = walk_seconds(&cfg, icr2.clone(), sim.catalog.clone(), t_icr2)?;
-        let few = walk_seconds(&cfg, icr2, sim.catalog.subset(&quarter), t_icr2)?;
-        let [walk_voxel_s, star_s, entry_s] = solve3([full, coarse, few]);
+        let (t_icr2, icr2) = icr_pair_seconds(&cfg)?;
+        let coarse = [
+            walk_seconds(&cfg, icr2.clone(), all, t_icr2)?,
+            walk_seconds(&cfg, icr2, quarter, t_icr2)?,
+        ];
+        let [walk_voxel_s, star_s, entry_s] = walk_costs(fine, coarse);
         let (a, mut b) = (vec![0.5; 1 << 24], vec![0.25; 1 << 24]);
         let t_vec = crate::app::bench::median_time(3, || {
             b.iter_mut().zip(&a).for_each(|(y, x)| *y += 0.5 * x);
@@ -105,32 +109,32 @@ fn walk_seconds(
     ])
 }
 
-/// The costs `[per voxel, per star, per entry]` that give each row's seconds from its counts
-/// `[voxels, stars, entries, seconds]` (Cramer's rule; a cost timing noise makes negative is
-/// taken as zero).
-fn solve3(rows: [[f64; 4]; 3]) -> [f64; 3] {
-    let det = |m: [[f64; 3]; 3]| {
-        m[0][0] * (m[1][1] * m[2][2] - m[1][2] * m[2][1])
-            - m[0][1] * (m[1][0] * m[2][2] - m[1][2] * m[2][0])
-            + m[0][2] * (m[1][0] * m[2][1] - m[1][1] * m[2][0])
+/// The walk costs `[per voxel, per star, per entry]` from timed walks `[voxels, stars,
+/// entries, seconds]` of all stars and of a quarter of them on a fine and on a coarse chart.
+/// On one chart the two differ only in stars, so their difference per star is the cost of a
+/// star with that chart's entries per star; the two charts' entries per star differ about
+/// 3.5-fold, which separates the cost per entry from the cost per star; what the fine chart's
+/// walk of all stars leaves is its voxels' (each pixel's column work). Differences of times
+/// four-fold apart keep the timing's scatter small; a cost the scatter still makes negative
+/// is taken as zero.
+fn walk_costs(fine: [[f64; 4]; 2], coarse: [[f64; 4]; 2]) -> [f64; 3] {
+    // (seconds, entries) per star of the stars one walk has and the other has not
+    let per_star = |[a, b]: [[f64; 4]; 2]| {
+        let ds = a[1] - b[1];
+        ((a[3] - b[3]) / ds, (a[2] - b[2]) / ds)
     };
-    let a = rows.map(|r| [r[0], r[1], r[2]]);
-    let d = det(a);
-    std::array::from_fn(|j| {
-        let mut m = a;
-        for (row, r) in m.iter_mut().zip(&rows) {
-            row[j] = r[3];
-        }
-        (det(m) / d).max(0.0)
-    })
+    let ((t_f, e_f), (t_c, e_c)) = (per_star(fine), per_star(coarse));
+    let entry = ((t_f - t_c) / (e_f - e_c)).max(0.0);
+    let star = (t_c - entry * e_c).max(0.0);
+    let [v, s, e, t] = fine[0];
+    [((t - star * s - entry * e) / v).max(0.0), star, entry]
 }
 
-/// Seconds of an ICR forward + adjoint on `chart` (the presets' Matérn-3/2 kernel), and the
-/// ICR built for it.
-fn icr_pair_seconds(chart: &Chart) -> Result<(f64, Arc<Icr>)> {
-    let cfg = crate::app::bench::preset_config(&crate::app::bench::preset("w1")?);
+/// Seconds of an ICR forward + adjoint on the chart and kernel of `cfg`, and the ICR built
+/// for it.
+fn icr_pair_seconds(cfg: &Config) -> Result<(f64, Arc<Icr>)> {
     let kernel = cfg.kernel.build()?;
-    let icr = Arc::new(Icr::new(chart, kernel.as_ref(), Precision::F64)?);
+    let icr = Arc::new(Icr::new(&cfg.chart()?, kernel.as_ref(), Precision::F64)?);
     let mut iw = icr.workspace();
     let x = vec![0.1; icr.n_xi()];
     let mut xb = vec![0.0; icr.n_xi()];
@@ -245,25 +249,19 @@ mod tests {
     }
 
     #[test]
-    fn the_walk_costs_are_recovered_from_three_timed_problems() {
-        // the three timing problems' shapes: all 4 levels, 3 levels, 3 levels with 1/4 of
-        // the stars, and made-up costs per voxel, star and entry
+    fn the_walk_costs_are_recovered_from_four_timed_problems() {
+        // the timing problems' shapes (all stars and a quarter, on 4 and on 2 levels) and
+        // made-up costs per voxel, star and entry
         let costs = [2.5e-9, 3.5e-9, 1.5e-9];
         let row = |v: f64, s: f64, e: f64| [v, s, e, costs[0] * v + costs[1] * s + costs[2] * e];
-        let got = solve3([
-            row(1.6e6, 2e5, 7e6),
-            row(2.1e5, 2e5, 3.7e6),
-            row(2.1e5, 5e4, 9.2e5),
-        ]);
+        let fine = [row(1.6e6, 2e5, 7e6), row(1.6e6, 5e4, 1.75e6)];
+        let coarse = [row(2.8e4, 2e5, 1.9e6), row(2.8e4, 5e4, 4.8e5)];
+        let got = walk_costs(fine, coarse);
         for (g, c) in got.iter().zip(costs) {
             assert!((g / c - 1.0).abs() < 1e-9, "{got:?} against {costs:?}");
         }
-        // noise that would make a cost negative leaves it at zero
-        let noisy = solve3([
-            row(1.6e6, 2e5, 7e6),
-            [2.1e5, 2e5, 3.7e6, 1e-3],
-            row(2.1e5, 5e4, 9.2e5),
-        ]);
+        // scatter that would make a cost negative leaves it at zero
+        let noisy = walk_costs(fine, [[2.8e4, 2e5, 1.9e6, 1.0], coarse[1]]);
         assert!(noisy.iter().all(|c| *c >= 0.0), "{noisy:?}");
     }
 }

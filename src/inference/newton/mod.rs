@@ -14,6 +14,7 @@ use argmin_math::{ArgminDot, ArgminScaledAdd};
 use rayon::prelude::*;
 use std::sync::Arc;
 
+use crate::base::util::PAR_MIN_LEN;
 use crate::num::cg::{self, CgSettings};
 use crate::sphere::decomp::{Serial, Space};
 
@@ -90,7 +91,7 @@ fn par_values(n: usize, f: impl Fn(usize) -> f64 + Sync) -> Values {
     Arc::get_mut(&mut a)
         .expect("a new allocation is not shared")
         .par_iter_mut()
-        .with_min_len(crate::base::util::PAR_MIN_LEN)
+        .with_min_len(PAR_MIN_LEN)
         .enumerate()
         .for_each(|(i, x)| {
             x.write(f(i));
@@ -421,7 +422,7 @@ impl TruncatedNewton {
         // density spikes (single voxels at ρ up to 1e35 on W0; docs/model.md)
         let max_abs = space.max(
             dir.par_iter()
-                .with_min_len(crate::base::util::PAR_MIN_LEN)
+                .with_min_len(PAR_MIN_LEN)
                 .map(|v| v.abs())
                 .reduce(|| 0.0, f64::max),
         );
