@@ -55,6 +55,74 @@ pub(super) trait Lanes: Copy + Send + Sync {
     );
     /// The sums, lane by lane.
     fn sums(self, acc: Self::Acc) -> LaneSums;
+    /// Four states' values side by side, in this instruction set ([`super::quad`]).
+    type Quad: QuadOps;
+    /// The arithmetic of [`Self::Quad`].
+    fn quad(self) -> Self::Quad;
+}
+
+/// Element-wise arithmetic on four f64 (one per state of a block of four), as an
+/// instruction set holds them: each lane rounds as the scalar operation does.
+pub(super) trait QuadOps: Copy {
+    /// Four values.
+    type V: Copy;
+    /// The values of `q`.
+    fn load(self, q: &[f64; 4]) -> Self::V;
+    /// Writes `v` to `q`.
+    fn store(self, q: &mut [f64; 4], v: Self::V);
+    /// `x` in every lane.
+    fn splat(self, x: f64) -> Self::V;
+    /// Lane-wise sum.
+    fn add(self, a: Self::V, b: Self::V) -> Self::V;
+    /// Lane-wise product.
+    fn mul(self, a: Self::V, b: Self::V) -> Self::V;
+    /// Lane-wise quotient.
+    fn div(self, a: Self::V, b: Self::V) -> Self::V;
+    /// The probability, fractional position and its variance of each entry of a group, as
+    /// f64 in every lane (`[entry][p, f, h]`, the conversions of [`tangent_terms`]).
+    #[inline(always)]
+    fn group(self, e: Entries<'_>) -> [[Self::V; 3]; LANES] {
+        let entry = |l: usize| {
+            [
+                self.splat(f64::from(e.p[l])),
+                self.splat(f64::from(e.f[l]) * F_SCALE),
+                self.splat(f64::from(e.h[l]) * H_SCALE),
+            ]
+        };
+        [entry(0), entry(1), entry(2), entry(3)]
+    }
+}
+
+/// [`QuadOps`] lane by lane, for any instruction set.
+#[derive(Clone, Copy)]
+pub(super) struct PortableQuad;
+
+impl QuadOps for PortableQuad {
+    type V = [f64; 4];
+    #[inline(always)]
+    fn load(self, q: &[f64; 4]) -> [f64; 4] {
+        *q
+    }
+    #[inline(always)]
+    fn store(self, q: &mut [f64; 4], v: [f64; 4]) {
+        *q = v;
+    }
+    #[inline(always)]
+    fn splat(self, x: f64) -> [f64; 4] {
+        [x; 4]
+    }
+    #[inline(always)]
+    fn add(self, a: [f64; 4], b: [f64; 4]) -> [f64; 4] {
+        std::array::from_fn(|s| a[s] + b[s])
+    }
+    #[inline(always)]
+    fn mul(self, a: [f64; 4], b: [f64; 4]) -> [f64; 4] {
+        std::array::from_fn(|s| a[s] * b[s])
+    }
+    #[inline(always)]
+    fn div(self, a: [f64; 4], b: [f64; 4]) -> [f64; 4] {
+        std::array::from_fn(|s| a[s] / b[s])
+    }
 }
 
 /// The terms lane by lane, for any instruction set.
@@ -86,6 +154,12 @@ impl Lanes for Portable {
     #[inline(always)]
     fn sums(self, acc: LaneSums) -> LaneSums {
         acc
+    }
+
+    type Quad = PortableQuad;
+    #[inline(always)]
+    fn quad(self) -> PortableQuad {
+        PortableQuad
     }
 }
 
@@ -145,7 +219,7 @@ pub(super) mod avx2 {
     use pulp::bytemuck::cast;
     use pulp::x86::V3;
 
-    use super::{Entries, LaneSums, Lanes, LANES};
+    use super::{Entries, LaneSums, Lanes, QuadOps, LANES};
     use crate::likelihood::response::{F_SCALE, H_SCALE};
 
     /// The terms of four entries at once in AVX2 registers: the same multiplications and
@@ -204,6 +278,68 @@ pub(super) mod avx2 {
         #[inline(always)]
         fn sums(self, [x, y]: [__m256d; 2]) -> LaneSums {
             LaneSums(cast(x), cast(y))
+        }
+
+        type Quad = Self;
+        #[inline(always)]
+        fn quad(self) -> Self {
+            self
+        }
+    }
+
+    impl QuadOps for Avx2 {
+        type V = __m256d;
+        #[inline(always)]
+        fn load(self, q: &[f64; 4]) -> __m256d {
+            cast(*q)
+        }
+        #[inline(always)]
+        fn store(self, q: &mut [f64; 4], v: __m256d) {
+            *q = cast(v);
+        }
+        #[inline(always)]
+        fn splat(self, x: f64) -> __m256d {
+            self.0.avx._mm256_set1_pd(x)
+        }
+        #[inline(always)]
+        fn add(self, a: __m256d, b: __m256d) -> __m256d {
+            self.0.avx._mm256_add_pd(a, b)
+        }
+        #[inline(always)]
+        fn mul(self, a: __m256d, b: __m256d) -> __m256d {
+            self.0.avx._mm256_mul_pd(a, b)
+        }
+        #[inline(always)]
+        fn div(self, a: __m256d, b: __m256d) -> __m256d {
+            self.0.avx._mm256_div_pd(a, b)
+        }
+        /// Converted four entries at a time, then each lane broadcast by a permute.
+        #[inline(always)]
+        fn group(self, e: Entries<'_>) -> [[__m256d; 3]; LANES] {
+            let avx2 = self.0.avx2;
+            let [p, f, h] = self.entries(e);
+            [
+                [
+                    avx2._mm256_permute4x64_pd::<0b00_00_00_00>(p),
+                    avx2._mm256_permute4x64_pd::<0b00_00_00_00>(f),
+                    avx2._mm256_permute4x64_pd::<0b00_00_00_00>(h),
+                ],
+                [
+                    avx2._mm256_permute4x64_pd::<0b01_01_01_01>(p),
+                    avx2._mm256_permute4x64_pd::<0b01_01_01_01>(f),
+                    avx2._mm256_permute4x64_pd::<0b01_01_01_01>(h),
+                ],
+                [
+                    avx2._mm256_permute4x64_pd::<0b10_10_10_10>(p),
+                    avx2._mm256_permute4x64_pd::<0b10_10_10_10>(f),
+                    avx2._mm256_permute4x64_pd::<0b10_10_10_10>(h),
+                ],
+                [
+                    avx2._mm256_permute4x64_pd::<0b11_11_11_11>(p),
+                    avx2._mm256_permute4x64_pd::<0b11_11_11_11>(f),
+                    avx2._mm256_permute4x64_pd::<0b11_11_11_11>(h),
+                ],
+            ]
         }
     }
 }

@@ -9,5 +9,6 @@ mod lanes;
 pub mod mask;
 pub mod model;
 pub mod noise;
+mod quad;
 pub mod response;
 pub mod state;

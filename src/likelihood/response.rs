@@ -428,20 +428,20 @@ pub fn star_vjp(
 
 /// The entries of a window that fall on kept shells (all of one length), where they start
 /// and whether the window ends in the "beyond the grid" bin.
-struct Kept<'a> {
-    p: &'a [f32],
-    f: &'a [u16],
-    h: &'a [u16],
+pub(super) struct Kept<'a> {
+    pub p: &'a [f32],
+    pub f: &'a [u16],
+    pub h: &'a [u16],
     /// First kept shell.
-    k0: usize,
+    pub k0: usize,
     /// Whether the window's last bin is the "beyond the grid" bin.
-    beyond: bool,
+    pub beyond: bool,
 }
 
 impl Kept<'_> {
     /// The kept shells the entries fall on, to slice a column with.
     #[inline(always)]
-    fn shells(&self) -> std::ops::Range<usize> {
+    pub(super) fn shells(&self) -> std::ops::Range<usize> {
         self.k0..self.k0 + self.p.len()
     }
 
@@ -454,7 +454,7 @@ impl Kept<'_> {
 
     /// The group of entries from `j` on.
     #[inline(always)]
-    fn entries(&self, j: usize) -> Entries<'_> {
+    pub(super) fn entries(&self, j: usize) -> Entries<'_> {
         Entries {
             p: group(self.p, j),
             f: group(self.f, j),
@@ -470,7 +470,7 @@ fn group<T>(v: &[T], j: usize) -> &[T; LANES] {
 }
 
 #[inline(always)]
-fn kept<'a>(win: &Window<'a>, n: usize) -> Kept<'a> {
+pub(super) fn kept<'a>(win: &Window<'a>, n: usize) -> Kept<'a> {
     let (jl, jh, k0, beyond) = split(win.e0, win.prob.len(), n);
     Kept {
         p: &win.prob[jl..jh],

@@ -230,10 +230,18 @@ fn linear_gaussian_samples_match_exact_posterior() {
 
 #[test]
 fn averaged_metric_matches_per_sample_products_and_is_symmetric() {
+    // 2, 4 and 6 states: one at a time, one block of four side by side, and a block and two
+    for pairs in 1..=3 {
+        averaged_metric_check(pairs);
+    }
+}
+
+fn averaged_metric_check(pairs: usize) {
     let model = tiny_model(300);
     let (np, ns) = (model.n_params(), model.data.len());
     let mut g = normals(1);
-    let residuals = vec![g(np, 0.3), g(np, 0.3)];
+    let residuals: Vec<Vec<f64>> = (0..pairs).map(|_| g(np, 0.3)).collect();
+    let n_states = 2.0 * pairs as f64;
     let mut mask = vec![1.0; np];
     mask[5] = 0.0;
     let p: Vec<f64> = g(np, 0.5).into_iter().chain(g(ns, 1.0)).collect();
@@ -258,12 +266,12 @@ fn averaged_metric_matches_per_sample_products_and_is_symmetric() {
                 dv[i] += dvds * v[np + i];
                 da[i] /= st.var[i];
                 dv[i] /= 2.0 * st.var[i] * st.var[i];
-                want[np + i] += dvds * dv[i] / 4.0;
+                want[np + i] += dvds * dv[i] / n_states;
             }
             let mut ox = vec![0.0; np];
             model.vjp(&st, &da, &dv, &mut ox, &mut w).unwrap();
             for i in 0..np {
-                want[i] += mask[i] * ox[i] / 4.0;
+                want[i] += mask[i] * ox[i] / n_states;
             }
         }
     }
@@ -277,10 +285,17 @@ fn averaged_metric_matches_per_sample_products_and_is_symmetric() {
         .sum::<f64>()
         .sqrt();
     let nrm: f64 = want.iter().map(|b| b * b).sum::<f64>().sqrt();
-    assert!(err < 1e-12 * nrm, "relative error {}", err / nrm);
+    assert!(
+        err < 1e-12 * nrm,
+        "{pairs} pairs: relative error {}",
+        err / nrm
+    );
     let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
     let (l, r) = (dot(&mv, &u), dot(&v, &mu));
-    assert!((l - r).abs() < 1e-10 * l.abs().max(r.abs()), "{l} vs {r}");
+    assert!(
+        (l - r).abs() < 1e-10 * l.abs().max(r.abs()),
+        "{pairs} pairs: {l} vs {r}"
+    );
 }
 
 #[test]

@@ -8,7 +8,7 @@ use anyhow::Result;
 use rayon::prelude::*;
 
 use self::passes::{
-    CotangentPass, EnergyPass, MetricPixel, MomentsPass, PixelScratch, TangentPass,
+    CotangentPass, EnergyPass, MetricPixel, MetricScratch, MomentsPass, TangentPass,
 };
 use super::backend::Backend;
 use super::core::{ModelCore, ModelWork};
@@ -353,7 +353,7 @@ fn metric_pixels(
         .zip(scalars.par_chunks_mut(states.len()))
         .enumerate()
         .for_each_init(
-            || -> Vec<PixelScratch> { states.iter().map(|_| PixelScratch::new(n)).collect() },
+            || MetricScratch::new(states.len(), n),
             |w, (p, (sbar, sc))| {
                 let ds = &ds[p * nc + pad..p * nc + pad + n];
                 let (lo, hi) = (m.data.offsets[p], m.data.offsets[p + 1]);

@@ -6,8 +6,9 @@
 use std::ops::Range;
 
 use crate::likelihood::core::ModelCore;
-use crate::likelihood::lanes::{Lanes, LanesOp};
-use crate::likelihood::response::{finish_vjp, inner_columns, jvp, moments, vjp};
+use crate::likelihood::lanes::{Lanes, LanesOp, QuadOps};
+use crate::likelihood::quad::{self, Quad, QuadColumns};
+use crate::likelihood::response::{finish_vjp, inner_columns, jvp, moments, vjp, Window};
 use crate::likelihood::state::State;
 
 /// ā and σ_a² of the stars `stars` of one pixel (column `col`, inner columns `cum`), into
@@ -171,8 +172,8 @@ pub(super) struct MetricPixel<'a, 'b> {
     pub p: usize,
     /// The field cotangent of the pixel's kept shells, and each state's partials.
     pub out: (&'b mut [f64], &'b mut [[f64; 2]]),
-    /// One scratch per state.
-    pub w: &'b mut [PixelScratch],
+    /// The pass's scratch.
+    pub w: &'b mut MetricScratch,
 }
 
 impl LanesOp for MetricPixel<'_, '_> {
@@ -192,11 +193,7 @@ impl LanesOp for MetricPixel<'_, '_> {
         let n_states = states.len() as f64;
         let weight = 1.0 / n_states;
         let (lo, hi) = (d.offsets[p], d.offsets[p + 1]);
-        // a state's extinction column and kept log-density at the pixel
-        fn cols(st: &State, p: usize, n: usize) -> (&[f64], &[f64]) {
-            (&st.rw[p * n..(p + 1) * n], &st.s[p * n..(p + 1) * n])
-        }
-        for ((st, &(dscl, doff)), w) in states.iter().zip(tangents).zip(w.iter_mut()) {
+        for ((st, &(dscl, doff)), w) in states.iter().zip(tangents).zip(w.states.iter_mut()) {
             let (col, sk) = cols(st, p, n);
             for (k, drw) in w.drw.iter_mut().enumerate() {
                 *drw = col[k] * (st.scl * ds[k] + sk[k] * dscl + doff);
@@ -206,28 +203,41 @@ impl LanesOp for MetricPixel<'_, '_> {
             w.rw_bar.fill(0.0);
             w.cum_bar.fill(0.0);
         }
+        let n_quads = states.len() / 4;
+        for (b, q) in w.quads.iter_mut().enumerate() {
+            interleave(states, &w.states, p, n, 4 * b, q);
+        }
+        let star = StarMetric { m, v_sig, n_states };
         for (j, i) in (lo..hi).enumerate() {
             let win = d.windows.of(i);
-            for (st, w) in states.iter().zip(w.iter_mut()) {
-                let col = cols(st, p, n).0;
-                let (mut da, y) = jvp(lanes, win, [col, &w.cum], [&w.drw, &w.dcum], st.abar[i]);
-                let mut dv = m.distance_part(y);
-                // v also depends on ξ_σ: ∂v/∂ξ_σ = 2 n_σ σ_A² dn_σ/dξ_σ (diagonal per star)
-                let dvds = v_sig.map(|vs| {
-                    let dvds = 2.0 * st.nsig[i] * d.a_err[i] * d.a_err[i] * st.dnsig[i];
-                    dv += dvds * vs[i];
-                    dvds
-                });
-                m.fisher_weigh(i, st.var[i], &mut da, &mut dv);
-                if let (Some(os), Some(dvds)) = (os.as_deref_mut(), dvds) {
-                    os[j] += dvds * dv / n_states;
-                }
-                let gv = m.distance_part(dv);
-                let bars = [&mut w.rw_bar[..], &mut w.cum_bar[..]];
-                vjp(win, [col, &w.cum], st.abar[i], [da, gv], bars);
+            let mut os_j = os.as_deref_mut().map(|os| &mut os[j]);
+            let blocks = states.chunks_exact(4).zip(&mut w.quads);
+            for (sts, q) in blocks {
+                star.quad(lanes.quad(), sts, i, &win, q, os_j.as_deref_mut());
+            }
+            let rest = states.iter().zip(w.states.iter_mut()).skip(4 * n_quads);
+            for (st, w) in rest {
+                star.single(
+                    lanes,
+                    (st, cols(st, p, n).0),
+                    i,
+                    win,
+                    w,
+                    os_j.as_deref_mut(),
+                );
             }
         }
-        for ((st, w), sc) in states.iter().zip(w.iter_mut()).zip(scalars) {
+        for (sts, q) in w.states.chunks_exact_mut(4).zip(&w.quads) {
+            for (s, w) in sts.iter_mut().enumerate() {
+                for (o, x) in w.rw_bar.iter_mut().zip(&q.rb) {
+                    *o = x[s];
+                }
+                for (o, x) in w.cum_bar.iter_mut().zip(&q.cb) {
+                    *o = x[s];
+                }
+            }
+        }
+        for ((st, w), sc) in states.iter().zip(w.states.iter_mut()).zip(scalars) {
             let (col, sk) = cols(st, p, n);
             finish_vjp(&w.cum_bar, &mut w.rw_bar);
             // rw = Δr exp(scl s + off): ∂rw/∂s = scl rw, ∂rw/∂scl = s rw, ∂rw/∂off = rw
@@ -239,6 +249,142 @@ impl LanesOp for MetricPixel<'_, '_> {
                 g_off += t;
             }
             *sc = [g_scl, g_off];
+        }
+    }
+}
+
+/// A state's extinction column and kept log-density at pixel `p` (`n` shells).
+#[inline(always)]
+fn cols(st: &State, p: usize, n: usize) -> (&[f64], &[f64]) {
+    (&st.rw[p * n..(p + 1) * n], &st.s[p * n..(p + 1) * n])
+}
+
+/// States `s0..s0 + 4`'s columns at pixel `p`, their tangents (from their scratch `w`) and
+/// zero cotangents, into the lanes of `q`.
+fn interleave(
+    states: &[State],
+    w: &[PixelScratch],
+    p: usize,
+    n: usize,
+    s0: usize,
+    q: &mut QuadColumns,
+) {
+    for s in 0..4 {
+        let (col, w) = (cols(&states[s0 + s], p, n).0, &w[s0 + s]);
+        for k in 0..n {
+            q.r[k][s] = col[k];
+            q.dr[k][s] = w.drw[k];
+        }
+        for k in 0..=n {
+            q.c[k][s] = w.cum[k];
+            q.dc[k][s] = w.dcum[k];
+        }
+    }
+    q.rb.fill([0.0; 4]);
+    q.cb.fill([0.0; 4]);
+}
+
+/// What the metric's per-star step needs besides the star and its states.
+struct StarMetric<'a> {
+    m: &'a ModelCore,
+    v_sig: Option<&'a [f64]>,
+    n_states: f64,
+}
+
+impl StarMetric<'_> {
+    /// Adds ξ_σ's part to star `i`'s tangent `dv` of state `st` when ξ_σ is not held, and
+    /// returns ∂v/∂ξ_σ = 2 n_σ σ_A² dn_σ/dξ_σ (v depends on ξ_σ, diagonally per star).
+    #[inline(always)]
+    fn sig_tangent(&self, st: &State, i: usize, dv: &mut f64) -> Option<f64> {
+        let a_err = self.m.data.a_err[i];
+        self.v_sig.map(|vs| {
+            let dvds = 2.0 * st.nsig[i] * a_err * a_err * st.dnsig[i];
+            *dv += dvds * vs[i];
+            dvds
+        })
+    }
+
+    /// Star `i`'s tangent, Fisher weighting and cotangent for state `st` (with its column
+    /// at the pixel; the rest in its scratch `w`), adding its ξ_σ output into `os`.
+    #[inline(always)]
+    fn single<L: Lanes>(
+        &self,
+        lanes: L,
+        (st, col): (&State, &[f64]),
+        i: usize,
+        win: Window<'_>,
+        w: &mut PixelScratch,
+        os: Option<&mut f64>,
+    ) {
+        let m = self.m;
+        let (mut da, y) = jvp(lanes, win, [col, &w.cum], [&w.drw, &w.dcum], st.abar[i]);
+        let mut dv = m.distance_part(y);
+        let dvds = self.sig_tangent(st, i, &mut dv);
+        m.fisher_weigh(i, st.var[i], &mut da, &mut dv);
+        if let (Some(o), Some(dvds)) = (os, dvds) {
+            *o += dvds * dv / self.n_states;
+        }
+        let gv = m.distance_part(dv);
+        let bars = [&mut w.rw_bar[..], &mut w.cum_bar[..]];
+        vjp(win, [col, &w.cum], st.abar[i], [da, gv], bars);
+    }
+
+    /// Star `i`'s tangent, Fisher weighting and cotangent for four states at once (their
+    /// columns in `q`), adding each state's ξ_σ output into `os` in state order.
+    #[inline(always)]
+    fn quad<O: QuadOps>(
+        &self,
+        o: O,
+        sts: &[State],
+        i: usize,
+        win: &Window<'_>,
+        q: &mut QuadColumns,
+        os: Option<&mut f64>,
+    ) {
+        let m = self.m;
+        let abar: Quad = std::array::from_fn(|s| sts[s].abar[i]);
+        let var: Quad = std::array::from_fn(|s| sts[s].var[i]);
+        let (mut da, y) = quad::jvp(o, win, q, abar);
+        let mut dv: Quad = std::array::from_fn(|s| m.distance_part(y[s]));
+        let dvds: [Option<f64>; 4] =
+            std::array::from_fn(|s| self.sig_tangent(&sts[s], i, &mut dv[s]));
+        if m.marginal.is_none() {
+            // the Gaussian's Fisher weights (δā/v, δv/(2v²)), as `fisher_weigh`
+            let v = o.load(&var);
+            let two_v2 = o.mul(o.mul(o.splat(2.0), v), v);
+            let (wa, wv) = (o.div(o.load(&da), v), o.div(o.load(&dv), two_v2));
+            o.store(&mut da, wa);
+            o.store(&mut dv, wv);
+        } else {
+            for s in 0..4 {
+                m.fisher_weigh(i, var[s], &mut da[s], &mut dv[s]);
+            }
+        }
+        if let Some(out) = os {
+            for (dvds, dv) in dvds.iter().zip(dv) {
+                if let Some(dvds) = dvds {
+                    *out += dvds * dv / self.n_states;
+                }
+            }
+        }
+        let gv: Quad = std::array::from_fn(|s| m.distance_part(dv[s]));
+        quad::vjp(o, win, q, abar, [da, gv]);
+    }
+}
+
+/// Per-thread scratch of [`MetricPixel`]: one [`PixelScratch`] per state, and the columns
+/// of each block of four states side by side.
+pub(super) struct MetricScratch {
+    states: Vec<PixelScratch>,
+    quads: Vec<QuadColumns>,
+}
+
+impl MetricScratch {
+    /// Scratch for `n_states` states on columns of `n` shells.
+    pub(super) fn new(n_states: usize, n: usize) -> Self {
+        Self {
+            states: (0..n_states).map(|_| PixelScratch::new(n)).collect(),
+            quads: (0..n_states / 4).map(|_| QuadColumns::new(n)).collect(),
         }
     }
 }
