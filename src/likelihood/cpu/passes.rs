@@ -193,7 +193,15 @@ impl LanesOp for MetricPixel<'_, '_> {
         let n_states = states.len() as f64;
         let weight = 1.0 / n_states;
         let (lo, hi) = (d.offsets[p], d.offsets[p + 1]);
-        for ((st, &(dscl, doff)), w) in states.iter().zip(tangents).zip(w.states.iter_mut()) {
+        // blocks of four states side by side ([`quad`]), the rest one by one
+        let n_quads = states.len() / 4;
+        let (quads, rest) = states.split_at(4 * n_quads);
+        let (quad_tangents, rest_tangents) = tangents.split_at(4 * n_quads);
+        let blocks = quads.chunks_exact(4).zip(quad_tangents.chunks_exact(4));
+        for ((sts, tans), q) in blocks.zip(&mut w.quads) {
+            quad_columns(sts, tans, ds, p, q);
+        }
+        for ((st, &(dscl, doff)), w) in rest.iter().zip(rest_tangents).zip(&mut w.states) {
             let (col, sk) = cols(st, p, n);
             for (k, drw) in w.drw.iter_mut().enumerate() {
                 *drw = col[k] * (st.scl * ds[k] + sk[k] * dscl + doff);
@@ -203,41 +211,24 @@ impl LanesOp for MetricPixel<'_, '_> {
             w.rw_bar.fill(0.0);
             w.cum_bar.fill(0.0);
         }
-        let n_quads = states.len() / 4;
-        for (b, q) in w.quads.iter_mut().enumerate() {
-            interleave(states, &w.states, p, n, 4 * b, q);
-        }
         let star = StarMetric { m, v_sig, n_states };
         for (j, i) in (lo..hi).enumerate() {
             let win = d.windows.of(i);
             let mut os_j = os.as_deref_mut().map(|os| &mut os[j]);
-            let blocks = states.chunks_exact(4).zip(&mut w.quads);
-            for (sts, q) in blocks {
+            for (sts, q) in quads.chunks_exact(4).zip(&mut w.quads) {
                 star.quad(lanes.quad(), sts, i, &win, q, os_j.as_deref_mut());
             }
-            let rest = states.iter().zip(w.states.iter_mut()).skip(4 * n_quads);
-            for (st, w) in rest {
-                star.single(
-                    lanes,
-                    (st, cols(st, p, n).0),
-                    i,
-                    win,
-                    w,
-                    os_j.as_deref_mut(),
-                );
+            for (st, w) in rest.iter().zip(&mut w.states) {
+                let col = cols(st, p, n).0;
+                star.single(lanes, (st, col), i, win, w, os_j.as_deref_mut());
             }
         }
-        for (sts, q) in w.states.chunks_exact_mut(4).zip(&w.quads) {
-            for (s, w) in sts.iter_mut().enumerate() {
-                for (o, x) in w.rw_bar.iter_mut().zip(&q.rb) {
-                    *o = x[s];
-                }
-                for (o, x) in w.cum_bar.iter_mut().zip(&q.cb) {
-                    *o = x[s];
-                }
-            }
+        let (quad_scalars, rest_scalars) = scalars.split_at_mut(4 * n_quads);
+        let blocks = quads.chunks_exact(4).zip(quad_scalars.chunks_exact_mut(4));
+        for ((sts, sc), q) in blocks.zip(&mut w.quads) {
+            quad_finish(sts, p, weight, q, sbar, sc);
         }
-        for ((st, w), sc) in states.iter().zip(w.states.iter_mut()).zip(scalars) {
+        for ((st, w), sc) in rest.iter().zip(&mut w.states).zip(rest_scalars) {
             let (col, sk) = cols(st, p, n);
             finish_vjp(&w.cum_bar, &mut w.rw_bar);
             // rw = Δr exp(scl s + off): ∂rw/∂s = scl rw, ∂rw/∂scl = s rw, ∂rw/∂off = rw
@@ -259,29 +250,65 @@ fn cols(st: &State, p: usize, n: usize) -> (&[f64], &[f64]) {
     (&st.rw[p * n..(p + 1) * n], &st.s[p * n..(p + 1) * n])
 }
 
-/// States `s0..s0 + 4`'s columns at pixel `p`, their tangents (from their scratch `w`) and
-/// zero cotangents, into the lanes of `q`.
-fn interleave(
-    states: &[State],
-    w: &[PixelScratch],
-    p: usize,
-    n: usize,
-    s0: usize,
-    q: &mut QuadColumns,
-) {
-    for s in 0..4 {
-        let (col, w) = (cols(&states[s0 + s], p, n).0, &w[s0 + s]);
-        for k in 0..n {
-            q.r[k][s] = col[k];
-            q.dr[k][s] = w.drw[k];
-        }
-        for k in 0..=n {
-            q.c[k][s] = w.cum[k];
-            q.dc[k][s] = w.dcum[k];
+/// Four states' columns at pixel `p`, their tangents for the field tangent `ds` and their
+/// scale and offset tangents `tans`, their inner columns and zero cotangents, into the lanes
+/// of `q` (the operations of the one-state preparation in [`MetricPixel`], lane by lane).
+#[inline(always)]
+fn quad_columns(sts: &[State], tans: &[(f64, f64)], ds: &[f64], p: usize, q: &mut QuadColumns) {
+    let n = q.r.len();
+    let col: [(&[f64], &[f64]); 4] = std::array::from_fn(|s| cols(&sts[s], p, n));
+    let ds = &ds[..n];
+    let (mut c, mut dc) = ([0.0; 4], [0.0; 4]);
+    for k in 0..n {
+        let r: Quad = std::array::from_fn(|s| col[s].0[k]);
+        let dr: Quad = std::array::from_fn(|s| {
+            let (dscl, doff) = tans[s];
+            r[s] * (sts[s].scl * ds[k] + col[s].1[k] * dscl + doff)
+        });
+        (q.r[k], q.dr[k], q.c[k], q.dc[k]) = (r, dr, c, dc);
+        for s in 0..4 {
+            c[s] += r[s];
+            dc[s] += dr[s];
         }
     }
+    (q.c[n], q.dc[n]) = (c, dc);
     q.rb.fill([0.0; 4]);
     q.cb.fill([0.0; 4]);
+}
+
+/// The end of [`MetricPixel`] for four states (columns in `q`): their inner columns'
+/// cotangents folded into the column's ([`finish_vjp`]), each state's share (`weight`) of the
+/// field cotangent added into `sbar` in state order, and its [Σ s t, Σ t] into `scalars`.
+#[inline(always)]
+fn quad_finish(
+    sts: &[State],
+    p: usize,
+    weight: f64,
+    q: &mut QuadColumns,
+    sbar: &mut [f64],
+    scalars: &mut [[f64; 2]],
+) {
+    let n = q.r.len();
+    let mut acc = q.cb[n];
+    for k in (0..n).rev() {
+        for s in 0..4 {
+            q.rb[k][s] += acc[s];
+            acc[s] += q.cb[k][s];
+        }
+    }
+    let col: [(&[f64], &[f64]); 4] = std::array::from_fn(|s| cols(&sts[s], p, n));
+    let (mut g_scl, mut g_off) = ([0.0; 4], [0.0; 4]);
+    for (k, sb) in sbar.iter_mut().enumerate().take(n) {
+        for s in 0..4 {
+            let t = weight * q.rb[k][s] * col[s].0[k];
+            *sb += sts[s].scl * t;
+            g_scl[s] += col[s].1[k] * t;
+            g_off[s] += t;
+        }
+    }
+    for (s, sc) in scalars.iter_mut().enumerate() {
+        *sc = [g_scl[s], g_off[s]];
+    }
 }
 
 /// What the metric's per-star step needs besides the star and its states.
@@ -372,8 +399,8 @@ impl StarMetric<'_> {
     }
 }
 
-/// Per-thread scratch of [`MetricPixel`]: one [`PixelScratch`] per state, and the columns
-/// of each block of four states side by side.
+/// Per-thread scratch of [`MetricPixel`]: the columns of each block of four states side by
+/// side, and one [`PixelScratch`] per state after the last block.
 pub(super) struct MetricScratch {
     states: Vec<PixelScratch>,
     quads: Vec<QuadColumns>,
@@ -383,7 +410,7 @@ impl MetricScratch {
     /// Scratch for `n_states` states on columns of `n` shells.
     pub(super) fn new(n_states: usize, n: usize) -> Self {
         Self {
-            states: (0..n_states).map(|_| PixelScratch::new(n)).collect(),
+            states: (0..n_states % 4).map(|_| PixelScratch::new(n)).collect(),
             quads: (0..n_states / 4).map(|_| QuadColumns::new(n)).collect(),
         }
     }
