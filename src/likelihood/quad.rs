@@ -5,7 +5,9 @@
 //! weighting) is done for four states in one go. Each lane computes exactly the operations
 //! of [`super::response::jvp`] and [`super::response::vjp`] for its state, in their order —
 //! entry `j` of a window added into partial sum `j mod LANES` as there — so results are
-//! bit-identical to walking the states one by one (tested below).
+//! bit-identical to walking the states one by one (tested below). Lane loops are written out
+//! (no `array::from_fn`, no closures): a closure is not compiled for the dispatched
+//! instruction set and was left out of line, a call per star.
 
 use super::lanes::{QuadOps, LANES};
 use super::response::{kept, Window, F_SCALE, H_SCALE};
@@ -110,7 +112,10 @@ pub(super) fn jvp<O: QuadOps>(o: O, win: &Window<'_>, q: &QuadColumns, abar: Qua
             dm[s] += pj * q.c[n][s] * q.dc[n][s];
         }
     }
-    let dv = std::array::from_fn(|s| 2.0 * dm[s] - 2.0 * win.kappa * abar[s] * da[s]);
+    let mut dv = [0.0; 4];
+    for s in 0..4 {
+        dv[s] = 2.0 * dm[s] - 2.0 * win.kappa * abar[s] * da[s];
+    }
     (da, dv)
 }
 
@@ -148,8 +153,11 @@ pub(super) fn vjp<O: QuadOps>(
 ) {
     let n = q.r.len();
     let k = kept(win, n);
-    let base: Quad = std::array::from_fn(|s| ga[s] - 2.0 * gv[s] * win.kappa * abar[s]);
-    let two_gv: Quad = std::array::from_fn(|s| 2.0 * gv[s]);
+    let (mut base, mut two_gv) = ([0.0; 4], [0.0; 4]);
+    for s in 0..4 {
+        base[s] = ga[s] - 2.0 * gv[s] * win.kappa * abar[s];
+        two_gv[s] = 2.0 * gv[s];
+    }
     let (base_v, two_gv_v) = (o.load(&base), o.load(&two_gv));
     let kr = k.shells();
     let (r, c) = (&q.r[kr.clone()], &q.c[kr.clone()]);

@@ -7,7 +7,7 @@ use std::ops::Range;
 
 use crate::likelihood::core::ModelCore;
 use crate::likelihood::lanes::{Lanes, LanesOp, QuadOps};
-use crate::likelihood::quad::{self, Quad, QuadColumns};
+use crate::likelihood::quad::{self, QuadColumns};
 use crate::likelihood::response::{finish_vjp, inner_columns, jvp, moments, vjp, Window};
 use crate::likelihood::state::State;
 
@@ -260,11 +260,12 @@ fn quad_columns(sts: &[State], tans: &[(f64, f64)], ds: &[f64], p: usize, q: &mu
     let ds = &ds[..n];
     let (mut c, mut dc) = ([0.0; 4], [0.0; 4]);
     for k in 0..n {
-        let r: Quad = std::array::from_fn(|s| col[s].0[k]);
-        let dr: Quad = std::array::from_fn(|s| {
+        let (mut r, mut dr) = ([0.0; 4], [0.0; 4]);
+        for s in 0..4 {
             let (dscl, doff) = tans[s];
-            r[s] * (sts[s].scl * ds[k] + col[s].1[k] * dscl + doff)
-        });
+            r[s] = col[s].0[k];
+            dr[s] = r[s] * (sts[s].scl * ds[k] + col[s].1[k] * dscl + doff);
+        }
         (q.r[k], q.dr[k], q.c[k], q.dc[k]) = (r, dr, c, dc);
         for s in 0..4 {
             c[s] += r[s];
@@ -369,12 +370,18 @@ impl StarMetric<'_> {
         os: Option<&mut f64>,
     ) {
         let m = self.m;
-        let abar: Quad = std::array::from_fn(|s| sts[s].abar[i]);
-        let var: Quad = std::array::from_fn(|s| sts[s].var[i]);
+        // lane loops written out: closures (`array::from_fn`) were left out of line here
+        let (mut abar, mut var) = ([0.0; 4], [0.0; 4]);
+        for s in 0..4 {
+            (abar[s], var[s]) = (sts[s].abar[i], sts[s].var[i]);
+        }
         let (mut da, y) = quad::jvp(o, win, q, abar);
-        let mut dv: Quad = std::array::from_fn(|s| m.distance_part(y[s]));
-        let dvds: [Option<f64>; 4] =
-            std::array::from_fn(|s| self.sig_tangent(&sts[s], i, &mut dv[s]));
+        let mut dv = [0.0; 4];
+        let mut dvds = [None; 4];
+        for s in 0..4 {
+            dv[s] = m.distance_part(y[s]);
+            dvds[s] = self.sig_tangent(&sts[s], i, &mut dv[s]);
+        }
         if m.marginal.is_none() {
             // the Gaussian's Fisher weights (δā/v, δv/(2v²)), as `fisher_weigh`
             let v = o.load(&var);
@@ -394,7 +401,10 @@ impl StarMetric<'_> {
                 }
             }
         }
-        let gv: Quad = std::array::from_fn(|s| m.distance_part(dv[s]));
+        let mut gv = [0.0; 4];
+        for s in 0..4 {
+            gv[s] = m.distance_part(dv[s]);
+        }
         quad::vjp(o, win, q, abar, [da, gv]);
     }
 }
