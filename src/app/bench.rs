@@ -300,6 +300,17 @@ fn bench_metric(
         .collect();
     let t = try_median_time(opts.reps, || model.metric(&st, &v, &mut gx, &mut w))?;
     ops.push(("metric_s", t));
+    // the Newton steps' product: the metric averaged over 2 sample pairs' 4 states (here
+    // four copies of one), with the ξ_σ block
+    let states = vec![st.clone(); 4];
+    let mask = vec![1.0; model.n_params()];
+    let vp: Vec<f64> = v.iter().copied().chain(xs.iter().map(|_| 0.5)).collect();
+    let mut gp = vec![0.0; vp.len()];
+    let t = try_median_time(opts.reps, || {
+        model.averaged_metric(&states, &mask, &vp, &mut gp, &mut w)
+    })?;
+    ops.push(("metric_averaged_4_states_s", t));
+    drop(states);
     if !opts.opencl {
         return Ok(());
     }

@@ -399,8 +399,8 @@ fn traffic_and_time(
     writeln!(
         s,
         "time per global iteration (largest rank, {} threads, ideal thread scaling, {}: {:.1} ns \
-         per voxel per ICR pair; per star walk {:.2} ns per voxel, {:.1} ns per star and {:.2} ns \
-         per window entry; {:.2} ns per value per vector pass): {:.0} s",
+         per voxel per ICR pair; per star walk {}, of four states side by side {}; {:.2} ns per \
+         value per vector pass): {:.0} s",
         opts.threads_per_rank,
         if opts.no_timing {
             "reference kernel speeds (--no-timing)"
@@ -408,13 +408,22 @@ fn traffic_and_time(
             "kernels timed here"
         },
         speeds.voxel_s * 1e9,
-        speeds.walk_voxel_s * 1e9,
-        speeds.star_s * 1e9,
-        speeds.entry_s * 1e9,
+        walk_figures(speeds.walk),
+        walk_figures(speeds.quad_walk),
         speeds.vector_s * 1e9,
         t_iter
     )?;
     Ok(s)
+}
+
+/// A walk's costs as the plan prints them.
+fn walk_figures(c: timing::WalkCosts) -> String {
+    format!(
+        "{:.2} ns per voxel, {:.1} ns per star and {:.2} ns per window entry",
+        c.voxel_s * 1e9,
+        c.star_s * 1e9,
+        c.entry_s * 1e9
+    )
 }
 
 /// Seconds to two significant figures at least (a coarse stage may take one).

@@ -9,44 +9,62 @@ use super::RankFigures;
 use crate::app::config::{Config, Precision, StageConfig};
 use crate::prior::icr::Icr;
 
+/// The cost of one star walk (a read of every star's window: the moments, a tangent or a
+/// cotangent) on one thread, in seconds per kept voxel, per star and per window entry.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct WalkCosts {
+    /// Seconds per kept voxel: each pixel's column work around its stars.
+    pub voxel_s: f64,
+    /// Seconds per star: finding its window, its weighting.
+    pub star_s: f64,
+    /// Seconds per window entry.
+    pub entry_s: f64,
+}
+
 /// Kernel speeds on one thread, in seconds: of an ICR forward + adjoint per chart voxel, of
-/// one star walk (a read of every star's window: the moments, a tangent or a cotangent) per
-/// voxel, per star and per window entry, and of one pass over a parameter-sized vector per
+/// a star walk for one state and for a block of four states side by side (the Newton steps'
+/// averaged metric, `likelihood::quad`), and of one pass over a parameter-sized vector per
 /// value.
 #[derive(Clone, Copy, Debug)]
 pub struct KernelSpeeds {
     /// Seconds per chart voxel per ICR forward + adjoint.
     pub voxel_s: f64,
-    /// Seconds per kept voxel per star walk: each pixel's column work around its stars.
-    pub walk_voxel_s: f64,
-    /// Seconds per star per star walk: finding its window, its weighting.
-    pub star_s: f64,
-    /// Seconds per window entry per star walk.
-    pub entry_s: f64,
+    /// One state's star walk.
+    pub walk: WalkCosts,
+    /// Four states' star walk, side by side.
+    pub quad_walk: WalkCosts,
     /// Seconds per value per vector pass.
     pub vector_s: f64,
 }
 
 impl KernelSpeeds {
     /// Fixed speeds (`--no-timing`): one thread of a recent server core, as `dust3d plan`
-    /// timed them on an Intel Xeon with AVX2 (2026-12-04; from run to run 21.7–23.5 ns per
-    /// ICR voxel, 1.1–4.3 ns per walk voxel, 5.8–13 ns per star, 1.0–1.7 ns per entry,
+    /// timed them on an Intel Xeon with AVX2 (2026-12-04; from run to run 21.1–23.5 ns per
+    /// ICR voxel; one state's walk 1.1–4.3 ns per voxel, 5.8–13 ns per star, 1.0–1.7 ns per
+    /// entry; four states' 8.8–10.5 ns per voxel, 14–17 ns per star, 1.5–1.8 ns per entry;
     /// 1.1–1.2 ns per vector value).
     pub const REFERENCE: Self = Self {
         voxel_s: 2.2e-8,
-        walk_voxel_s: 3.0e-9,
-        star_s: 1.0e-8,
-        entry_s: 1.3e-9,
+        walk: WalkCosts {
+            voxel_s: 3.0e-9,
+            star_s: 1.0e-8,
+            entry_s: 1.3e-9,
+        },
+        quad_walk: WalkCosts {
+            voxel_s: 9.5e-9,
+            star_s: 1.6e-8,
+            entry_s: 1.6e-9,
+        },
         vector_s: 1.2e-9,
     };
 }
 
 /// [`KernelSpeeds`] of this machine, timed on one thread: the ICR on the W1 chart (1.6 M
 /// voxels, whose matrices and fields do not fit in cache, as a fit's do not); the star walks
-/// as single-state metric products less their ICR pair, on the W1 sky of 200,000 stars and on
-/// every fourth of them, each with all 4 levels (128 shells, about 35 window entries per
-/// star) and with 2 (32 shells, about 10) — see [`walk_costs`]; and a vector update over
-/// 16 M values.
+/// as metric products less their ICR pair (of one state, and averaged over four), on the W1
+/// sky of 200,000 stars and on every fourth of them, each with all 4 levels (128 shells,
+/// about 35 window entries per star) and with 2 (32 shells, about 10) — see [`walk_costs`];
+/// and a vector update over 16 M values.
 pub(super) fn kernel_speeds(no_timing: bool) -> Result<KernelSpeeds> {
     if no_timing {
         return Ok(KernelSpeeds::REFERENCE);
@@ -58,55 +76,62 @@ pub(super) fn kernel_speeds(no_timing: bool) -> Result<KernelSpeeds> {
         let quarter: Vec<bool> = (0..all.len()).map(|i| i % 4 == 0).collect();
         let quarter = all.subset(&quarter);
         let (t_icr4, icr4) = icr_pair_seconds(&cfg)?;
-        let fine = [
-            walk_seconds(&cfg, icr4.clone(), all.clone(), t_icr4)?,
-            walk_seconds(&cfg, icr4.clone(), quarter.clone(), t_icr4)?,
-        ];
+        let fine = walk_seconds(&cfg, icr4.clone(), [&all, &quarter], t_icr4)?;
         cfg.grid.levels = 2;
         let (t_icr2, icr2) = icr_pair_seconds(&cfg)?;
-        let coarse = [
-            walk_seconds(&cfg, icr2.clone(), all, t_icr2)?,
-            walk_seconds(&cfg, icr2, quarter, t_icr2)?,
-        ];
-        let [walk_voxel_s, star_s, entry_s] = walk_costs(fine, coarse);
+        let coarse = walk_seconds(&cfg, icr2, [&all, &quarter], t_icr2)?;
         let (a, mut b) = (vec![0.5; 1 << 24], vec![0.25; 1 << 24]);
         let t_vec = crate::app::bench::median_time(3, || {
             b.iter_mut().zip(&a).for_each(|(y, x)| *y += 0.5 * x);
         });
         Ok(KernelSpeeds {
             voxel_s: t_icr4 / icr4.n_field() as f64,
-            walk_voxel_s,
-            star_s,
-            entry_s,
+            walk: walk_costs(fine[0], coarse[0]),
+            quad_walk: walk_costs(fine[1], coarse[1]),
             vector_s: t_vec / b.len() as f64,
         })
     })
 }
 
-/// One star walk's seconds on `cat` with the chart of `icr` (half a single-state metric
-/// product less its ICR pair, `t_icr`), as `[voxels, stars, entries, seconds]`.
+/// Star walks' seconds on the catalogs `cats` with the chart of `icr` (half a metric product
+/// less its ICR pair, `t_icr`), as `[voxels, stars, entries, seconds]`: of one state, then of
+/// four states side by side (the product averaged over four), for each catalog.
 fn walk_seconds(
     cfg: &Config,
     icr: Arc<Icr>,
-    cat: crate::data::catalog::Catalog,
+    cats: [&crate::data::catalog::Catalog; 2],
     t_icr: f64,
-) -> Result<[f64; 4]> {
+) -> Result<[[[f64; 4]; 2]; 2]> {
     let chart = cfg.chart()?;
-    let cat = cat.into_pixel_layout(chart.nside_final());
-    let model = crate::app::build::model(cfg, icr, &cat)?;
-    let x = vec![0.1; model.n_params()];
-    let xsig = vec![0.0; model.data.len()];
-    let mut w = model.workspace();
-    let mut st = model.empty_state();
-    model.update_state(&x, &xsig, &mut st, &mut w)?;
-    let mut out = vec![0.0; x.len()];
-    let t = crate::app::bench::try_median_time(5, || model.metric(&st, &x, &mut out, &mut w))?;
-    Ok([
-        (model.npix() * model.n_r()) as f64,
-        model.data.len() as f64,
-        model.data.windows.prob.len() as f64,
-        (t - t_icr).max(0.0) / 2.0,
-    ])
+    let mut out = [[[0.0; 4]; 2]; 2];
+    for (c, cat) in cats.into_iter().enumerate() {
+        let cat = cat.clone().into_pixel_layout(chart.nside_final());
+        let model = crate::app::build::model(cfg, icr.clone(), &cat)?;
+        let (np, ns) = (model.n_params(), model.data.len());
+        let x = vec![0.1; np];
+        let xsig = vec![0.0; ns];
+        let mut w = model.workspace();
+        let mut st = model.empty_state();
+        model.update_state(&x, &xsig, &mut st, &mut w)?;
+        let mut o = vec![0.0; np];
+        let t1 = crate::app::bench::try_median_time(5, || model.metric(&st, &x, &mut o, &mut w))?;
+        let states = vec![st; 4];
+        let (mask, v) = (vec![1.0; np], vec![0.1; np + ns]);
+        let mut o = vec![0.0; np + ns];
+        let t4 = crate::app::bench::try_median_time(3, || {
+            model.averaged_metric(&states, &mask, &v, &mut o, &mut w)
+        })?;
+        let shape = [
+            (model.npix() * model.n_r()) as f64,
+            ns as f64,
+            model.data.windows.prob.len() as f64,
+        ];
+        for (q, t) in [t1, t4].into_iter().enumerate() {
+            let [a, b, e] = shape;
+            out[q][c] = [a, b, e, (t - t_icr).max(0.0) / 2.0];
+        }
+    }
+    Ok(out)
 }
 
 /// The walk costs `[per voxel, per star, per entry]` from timed walks `[voxels, stars,
@@ -117,7 +142,7 @@ fn walk_seconds(
 /// walk of all stars leaves is its voxels' (each pixel's column work). Differences of times
 /// four-fold apart keep the timing's scatter small; a cost the scatter still makes negative
 /// is taken as zero.
-fn walk_costs(fine: [[f64; 4]; 2], coarse: [[f64; 4]; 2]) -> [f64; 3] {
+fn walk_costs(fine: [[f64; 4]; 2], coarse: [[f64; 4]; 2]) -> WalkCosts {
     // (seconds, entries) per star of the stars one walk has and the other has not
     let per_star = |[a, b]: [[f64; 4]; 2]| {
         let ds = a[1] - b[1];
@@ -127,7 +152,11 @@ fn walk_costs(fine: [[f64; 4]; 2], coarse: [[f64; 4]; 2]) -> [f64; 3] {
     let entry = ((t_f - t_c) / (e_f - e_c)).max(0.0);
     let star = (t_c - entry * e_c).max(0.0);
     let [v, s, e, t] = fine[0];
-    [((t - star * s - entry * e) / v).max(0.0), star, entry]
+    WalkCosts {
+        voxel_s: ((t - star * s - entry * e) / v).max(0.0),
+        star_s: star,
+        entry_s: entry,
+    }
 }
 
 /// Seconds of an ICR forward + adjoint on the chart and kernel of `cfg`, and the ICR built
@@ -161,8 +190,10 @@ pub(super) fn stage_counts(stage: &StageConfig) -> (f64, f64, f64, f64) {
 pub(super) struct StageWork {
     /// ICR forward + adjoint pairs.
     pub icr_pairs: f64,
-    /// Star walks (each reads every star's window once).
+    /// Star walks of one state (each reads every star's window once).
     walks: f64,
+    /// Star walks of four states side by side.
+    quad_walks: f64,
     /// Passes over a parameter-sized vector.
     vector_passes: f64,
 }
@@ -180,8 +211,9 @@ const EVAL_VECTOR_PASSES: f64 = 10.0;
 /// more per iteration, and once more per pair when n_σ is sampled, `sample_nsigma`), and per
 /// Newton step about 2 value + gradient evaluations of all 2N samples (line search included)
 /// and the CG's products with the metric averaged over them (one ICR pair per product, two
-/// walks per sample: tangent and cotangent; an evaluation walks each window twice too: the
-/// moments and the cotangent).
+/// walks per sample, tangent and cotangent, for the samples in blocks of four side by side and
+/// the rest one by one; an evaluation walks each window twice too: the moments and the
+/// cotangent).
 pub(super) fn stage_work(stage: &StageConfig, sample_nsigma: bool) -> StageWork {
     let (n, cs, sn, cn) = stage_counts(stage);
     let solves = match (stage.scale_update, sample_nsigma) {
@@ -191,9 +223,11 @@ pub(super) fn stage_work(stage: &StageConfig, sample_nsigma: bool) -> StageWork 
     };
     let evaluations = sn * 2.0 * 2.0 * n;
     let cg_iterations = solves * (1.0 + cs) + sn * cn;
+    let (blocks, rest) = ((2.0 * n / 4.0).floor(), (2.0 * n) % 4.0);
     StageWork {
         icr_pairs: solves * (1.0 + cs) + evaluations + sn * cn,
-        walks: solves * (1.0 + 2.0 * (1.0 + cs)) + 2.0 * evaluations + sn * cn * 2.0 * 2.0 * n,
+        walks: solves * (1.0 + 2.0 * (1.0 + cs)) + 2.0 * evaluations + sn * cn * 2.0 * rest,
+        quad_walks: sn * cn * 2.0 * blocks,
         vector_passes: CG_VECTOR_PASSES * cg_iterations + EVAL_VECTOR_PASSES * evaluations,
     }
 }
@@ -210,11 +244,11 @@ pub(super) fn iteration_seconds(
     let w = stage_work(stage, cfg.noise.sample_nsigma);
     let entries = f.stars * (win_bytes - 12.0) / 8.0;
     let values = (f.voxels + f.xi) as f64 + f.stars;
+    let walk =
+        |c: WalkCosts| c.voxel_s * f.voxels as f64 + c.star_s * f.stars + c.entry_s * entries;
     w.icr_pairs * speeds.voxel_s * f.voxels as f64
-        + w.walks
-            * (speeds.walk_voxel_s * f.voxels as f64
-                + speeds.star_s * f.stars
-                + speeds.entry_s * entries)
+        + w.walks * walk(speeds.walk)
+        + w.quad_walks * walk(speeds.quad_walk)
         + w.vector_passes * speeds.vector_s * values
 }
 
@@ -236,6 +270,7 @@ mod tests {
         // one more solve: its draw, 101 products (ICR pairs, two walks each) and 101 CG
         // iterations' vector passes
         let extra = |a: StageWork, b: StageWork| {
+            assert_eq!(a.quad_walks, b.quad_walks);
             [
                 b.icr_pairs - a.icr_pairs,
                 b.walks - a.walks,
@@ -249,6 +284,26 @@ mod tests {
     }
 
     #[test]
+    fn the_newton_walks_of_the_samples_go_in_blocks_of_four_and_the_rest_alone() {
+        let stage = |pairs| StageConfig {
+            sample_pairs: pairs,
+            newton_steps: 3,
+            newton_cg_iterations: 10,
+            ..Default::default()
+        };
+        // 1 pair: two states alone; 2 pairs: one block of four; 3 pairs: a block and two alone
+        let [one, two, three] = [1, 2, 3].map(|n| stage_work(&stage(n), false));
+        assert_eq!([one, two, three].map(|w| w.quad_walks), [0.0, 60.0, 60.0]);
+        // a pair more: its solve (draw, 1 + cs products of two walks), its evaluations
+        // (3 steps × 2 × 2 states, two walks each), and the Newton CG's single-state walks
+        // (3 steps × 10 iterations × 2 walks per state alone)
+        let cs = stage_counts(&stage(1)).1;
+        let pair = 1.0 + 2.0 * (1.0 + cs) + 24.0;
+        assert_eq!(two.walks - one.walks, pair - 120.0);
+        assert_eq!(three.walks - two.walks, pair + 120.0);
+    }
+
+    #[test]
     fn the_walk_costs_are_recovered_from_four_timed_problems() {
         // the timing problems' shapes (all stars and a quarter, on 4 and on 2 levels) and
         // made-up costs per voxel, star and entry
@@ -257,11 +312,15 @@ mod tests {
         let fine = [row(1.6e6, 2e5, 7e6), row(1.6e6, 5e4, 1.75e6)];
         let coarse = [row(2.8e4, 2e5, 1.9e6), row(2.8e4, 5e4, 4.8e5)];
         let got = walk_costs(fine, coarse);
-        for (g, c) in got.iter().zip(costs) {
+        let got3 = [got.voxel_s, got.star_s, got.entry_s];
+        for (g, c) in got3.iter().zip(costs) {
             assert!((g / c - 1.0).abs() < 1e-9, "{got:?} against {costs:?}");
         }
         // scatter that would make a cost negative leaves it at zero
-        let noisy = walk_costs(fine, [[2.8e4, 2e5, 1.9e6, 1.0], coarse[1]]);
-        assert!(noisy.iter().all(|c| *c >= 0.0), "{noisy:?}");
+        let n = walk_costs(fine, [[2.8e4, 2e5, 1.9e6, 1.0], coarse[1]]);
+        assert!(
+            n.voxel_s >= 0.0 && n.star_s >= 0.0 && n.entry_s >= 0.0,
+            "{n:?}"
+        );
     }
 }
