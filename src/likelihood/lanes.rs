@@ -78,18 +78,20 @@ pub(super) trait QuadOps: Copy {
     fn mul(self, a: Self::V, b: Self::V) -> Self::V;
     /// Lane-wise quotient.
     fn div(self, a: Self::V, b: Self::V) -> Self::V;
-    /// The probability, fractional position and its variance of each entry of a group, as
-    /// f64 in every lane (`[entry][p, f, h]`, the conversions of [`tangent_terms`]).
+    /// A window entry's probability, fractional position and its variance, as f64 in every
+    /// lane (the conversions of [`tangent_terms`]).
+    #[inline(always)]
+    fn entry(self, p: f32, f: u16, h: u16) -> [Self::V; 3] {
+        [
+            self.splat(f64::from(p)),
+            self.splat(f64::from(f) * F_SCALE),
+            self.splat(f64::from(h) * H_SCALE),
+        ]
+    }
+    /// [`QuadOps::entry`] of each entry of a group (`[entry][p, f, h]`).
     #[inline(always)]
     fn group(self, e: Entries<'_>) -> [[Self::V; 3]; LANES] {
-        let entry = |l: usize| {
-            [
-                self.splat(f64::from(e.p[l])),
-                self.splat(f64::from(e.f[l]) * F_SCALE),
-                self.splat(f64::from(e.h[l]) * H_SCALE),
-            ]
-        };
-        [entry(0), entry(1), entry(2), entry(3)]
+        [0, 1, 2, 3].map(|l| self.entry(e.p[l], e.f[l], e.h[l]))
     }
 }
 
@@ -316,29 +318,25 @@ pub(super) mod avx2 {
         /// Converted four entries at a time, then each lane broadcast by a permute.
         #[inline(always)]
         fn group(self, e: Entries<'_>) -> [[__m256d; 3]; LANES] {
-            let avx2 = self.0.avx2;
-            let [p, f, h] = self.entries(e);
+            let v = self.entries(e);
             [
-                [
-                    avx2._mm256_permute4x64_pd::<0b00_00_00_00>(p),
-                    avx2._mm256_permute4x64_pd::<0b00_00_00_00>(f),
-                    avx2._mm256_permute4x64_pd::<0b00_00_00_00>(h),
-                ],
-                [
-                    avx2._mm256_permute4x64_pd::<0b01_01_01_01>(p),
-                    avx2._mm256_permute4x64_pd::<0b01_01_01_01>(f),
-                    avx2._mm256_permute4x64_pd::<0b01_01_01_01>(h),
-                ],
-                [
-                    avx2._mm256_permute4x64_pd::<0b10_10_10_10>(p),
-                    avx2._mm256_permute4x64_pd::<0b10_10_10_10>(f),
-                    avx2._mm256_permute4x64_pd::<0b10_10_10_10>(h),
-                ],
-                [
-                    avx2._mm256_permute4x64_pd::<0b11_11_11_11>(p),
-                    avx2._mm256_permute4x64_pd::<0b11_11_11_11>(f),
-                    avx2._mm256_permute4x64_pd::<0b11_11_11_11>(h),
-                ],
+                self.broadcast::<0b00_00_00_00>(v),
+                self.broadcast::<0b01_01_01_01>(v),
+                self.broadcast::<0b10_10_10_10>(v),
+                self.broadcast::<0b11_11_11_11>(v),
+            ]
+        }
+    }
+
+    impl Avx2 {
+        /// Lane `L` (as a permute selector) of each of `v` in every lane.
+        #[inline(always)]
+        fn broadcast<const L: i32>(self, [p, f, h]: [__m256d; 3]) -> [__m256d; 3] {
+            let avx2 = self.0.avx2;
+            [
+                avx2._mm256_permute4x64_pd::<L>(p),
+                avx2._mm256_permute4x64_pd::<L>(f),
+                avx2._mm256_permute4x64_pd::<L>(h),
             ]
         }
     }

@@ -5,12 +5,12 @@
 //! weighting) is done for four states in one go. Each lane computes exactly the operations
 //! of [`super::response::jvp`] and [`super::response::vjp`] for its state, in their order —
 //! entry `j` of a window added into partial sum `j mod LANES` as there — so results are
-//! bit-identical to walking the states one by one (tested below). Lane loops are written out
-//! (no `array::from_fn`, no closures): a closure is not compiled for the dispatched
-//! instruction set and was left out of line, a call per star.
+//! bit-identical to walking the states one by one (tested below). A closure is not compiled
+//! for the dispatched instruction set unless it is inlined; `array::from_fn`'s over the lanes
+//! were not (a call per star), so per-star lane loops are written out.
 
 use super::lanes::{QuadOps, LANES};
-use super::response::{kept, Window, F_SCALE, H_SCALE};
+use super::response::{kept, Window};
 
 /// One value per state of a block of four.
 pub(super) type Quad = [f64; 4];
@@ -48,17 +48,6 @@ impl QuadColumns {
     }
 }
 
-/// A window entry `j` as f64 in every lane: probability, fractional position and its
-/// variance (no closures here: they would not be compiled for the caller's instruction set).
-#[inline(always)]
-fn splat_entry<O: QuadOps>(o: O, p: &[f32], f: &[u16], h: &[u16], j: usize) -> [O::V; 3] {
-    [
-        o.splat(f64::from(p[j])),
-        o.splat(f64::from(f[j]) * F_SCALE),
-        o.splat(f64::from(h[j]) * H_SCALE),
-    ]
-}
-
 /// One entry's share of the tangent sums, four states at once: the operations of
 /// `lanes::tangent_terms`, lane by lane, for the entry `e` and the columns `[r, c, dr, dc]`
 /// at its shell.
@@ -82,7 +71,6 @@ pub(super) fn jvp<O: QuadOps>(o: O, win: &Window<'_>, q: &QuadColumns, abar: Qua
     let kr = k.shells();
     let (r, c) = (&q.r[kr.clone()], &q.c[kr.clone()]);
     let (dr, dc) = (&q.dr[kr.clone()], &q.dc[kr]);
-    let (pp, ff, hh) = (k.p, &k.f[..len], &k.h[..len]);
     let col = |j: usize| [&r[j], &c[j], &dr[j], &dc[j]];
     let full = len - len % LANES;
     let zero = o.splat(0.0);
@@ -94,7 +82,7 @@ pub(super) fn jvp<O: QuadOps>(o: O, win: &Window<'_>, q: &QuadColumns, abar: Qua
         }
     }
     for j in full..len {
-        let e = splat_entry(o, pp, ff, hh, j);
+        let e = o.entry(k.p[j], k.f[j], k.h[j]);
         tangent_entry(o, e, col(j), &mut acc[j - full]);
     }
     let total = |i: usize| {
@@ -171,13 +159,13 @@ pub(super) fn vjp<O: QuadOps>(
         }
     }
     for j in full..len {
-        let e = splat_entry(o, k.p, k.f, k.h, j);
+        let e = o.entry(k.p[j], k.f[j], k.h[j]);
         cotangent_entry(o, e, star, [r, c], [&mut *rb, &mut *cb], j);
     }
     if k.beyond {
         let pj = f64::from(win.prob[win.prob.len() - 1]);
         for s in 0..4 {
-            q.cb[n][s] += pj * (base[s] + 2.0 * gv[s] * q.c[n][s]);
+            q.cb[n][s] += pj * (base[s] + two_gv[s] * q.c[n][s]);
         }
     }
 }

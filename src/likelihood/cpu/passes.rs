@@ -383,7 +383,8 @@ impl StarMetric<'_> {
             dvds[s] = self.sig_tangent(&sts[s], i, &mut dv[s]);
         }
         if m.marginal.is_none() {
-            // the Gaussian's Fisher weights (δā/v, δv/(2v²)), as `fisher_weigh`
+            // the Gaussian's weights (δā/v, δv/(2v²)) as `fisher_weigh` computes them, in one
+            // vector division each instead of four scalar ones behind a branch
             let v = o.load(&var);
             let two_v2 = o.mul(o.mul(o.splat(2.0), v), v);
             let (wa, wv) = (o.div(o.load(&da), v), o.div(o.load(&dv), two_v2));
