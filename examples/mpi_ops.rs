@@ -155,7 +155,7 @@ fn main() -> Result<()> {
         .iter()
         .map(|v| 0.1 * v)
         .collect::<Vec<_>>()];
-    let mask = mgvi::free_mask(&model);
+    let mask = mgvi::free_mask();
     let kl = Kl::new(&model, &residuals, &[], &mask);
     let p: Vec<f64> = x.iter().chain(&xsig).copied().collect();
     let vp = random(&dom.p, 16);

@@ -261,7 +261,7 @@ fn bench_mgvi(
         // the reference's treatment (and its work)
         scale_update: crate::inference::mgvi::ScaleUpdate::Joint,
     };
-    let mask = vec![1.0; model.n_params()];
+    let mask = crate::likelihood::mask::Mask::all_free();
     let mut state = crate::inference::mgvi::MgviState::start(model.n_params());
     state.xsig = vec![0.0; model.data.len()];
     let streams = crate::inference::mgvi::Streams {
@@ -303,7 +303,7 @@ fn bench_metric(
     // the Newton steps' product: the metric averaged over 2 sample pairs' 4 states (here
     // four copies of one), with the ξ_σ block
     let states = vec![st.clone(); 4];
-    let mask = vec![1.0; model.n_params()];
+    let mask = crate::likelihood::mask::Mask::all_free();
     let vp: Vec<f64> = v.iter().copied().chain(xs.iter().map(|_| 0.5)).collect();
     let mut gp = vec![0.0; vp.len()];
     let t = try_median_time(opts.reps, || {
@@ -316,7 +316,7 @@ fn bench_metric(
     }
     // CG with every vector resident on the device: 10 iterations of the sampling metric
     // (one metric product, two dot products, three vector updates each)
-    let mask = vec![1.0; model.n_params()];
+    let mask = crate::likelihood::mask::Mask::all_free();
     let settings = crate::num::cg::CgSettings {
         rel_tol: 0.0,
         max_iter: 10,

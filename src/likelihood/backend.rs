@@ -12,6 +12,7 @@ use anyhow::Result;
 
 pub use super::core::Chain;
 use super::core::{ModelCore, ModelWork};
+use super::mask::Mask;
 use super::state::State;
 use crate::num::cg::{CgReport, CgSettings};
 
@@ -103,7 +104,7 @@ pub trait Backend: Send + Sync {
         &self,
         m: &ModelCore,
         states: &[State],
-        mask: &[f64],
+        mask: &Mask,
         v: &[f64],
         out: &mut [f64],
         w: &mut ModelWork,
@@ -116,7 +117,7 @@ pub trait Backend: Send + Sync {
         &self,
         _m: &ModelCore,
         _states: &[&State],
-        _mask: &[f64],
+        _mask: &Mask,
         _with_sig: bool,
         _b: &[f64],
         _x: &mut [f64],

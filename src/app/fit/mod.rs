@@ -249,7 +249,7 @@ const PRIOR_OVERFLOW_HINT: &str = "the first iteration, from the prior median: u
 /// One stage of the schedule, ready to iterate: its stars, model, free entries and settings.
 struct StageRun {
     model: crate::likelihood::model::Model,
-    mask: Vec<f64>,
+    mask: crate::likelihood::mask::Mask,
     settings: mgvi::IterationSettings,
     convergence: mgvi::Convergence,
     /// This rank's part with the stage's stars per patch, as checkpoints record it.
@@ -310,7 +310,7 @@ impl StageRun {
         }
         let StageChart { icr, stars, cut } = stage_chart(su, sc, st.stage, stars)?;
         let model = crate::app::build::stage_model(cfg, st.stage, icr, &stars)?;
-        let mask = mgvi::free_mask(&model);
+        let mask = mgvi::free_mask();
         let mut part = su.part.clone();
         part.patch_stars = model.dom.stars.patch.iter().map(|r| r[0].len()).collect();
         // a new data set: n_σ starts again from its prior median (paper §5). Decided on all

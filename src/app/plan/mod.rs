@@ -206,14 +206,14 @@ fn rank_figures(
     let pairs = pairs as f64;
     let (nx, ns) = (xi as f64 + 2.0, stars);
     // two model workspaces (the iteration's and the KL's): ICR levels, exchange buffers,
-    // the field cotangent and its accumulator, per-star and per-pixel scratch, masked x
+    // the field cotangent and its accumulator, per-star and per-pixel scratch (tangents are
+    // not copied to mask them: no excitation is held)
     let work = 2.0
         * 8.0
         * ((fields + scatter + send) as f64
             + 2.0 * f.voxels as f64
             + 2.0 * ns
-            + 3.0 * f.pixels as f64
-            + nx);
+            + 3.0 * f.pixels as f64);
     let states = 2.0 * pairs * 8.0 * (2.0 * (f.pixels * n_kept) as f64 + 4.0 * ns);
     f.memory = vec![
         ("model states (2N samples)", states),

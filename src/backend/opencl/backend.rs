@@ -10,6 +10,7 @@ use crate::base::comm;
 use crate::base::precision::Precision;
 use crate::likelihood::backend::{Backend, Traffic};
 use crate::likelihood::core::{ModelCore, ModelWork};
+use crate::likelihood::mask::Mask;
 use crate::likelihood::model::Model;
 use crate::likelihood::state::State;
 use crate::num::cg::{CgReport, CgSettings};
@@ -90,7 +91,7 @@ impl<T: Real> Backend for OpenCl<T> {
         &self,
         m: &ModelCore,
         states: &[State],
-        mask: &[f64],
+        mask: &Mask,
         v: &[f64],
         out: &mut [f64],
         _w: &mut ModelWork,
@@ -104,7 +105,7 @@ impl<T: Real> Backend for OpenCl<T> {
         &self,
         m: &ModelCore,
         states: &[&State],
-        mask: &[f64],
+        mask: &Mask,
         with_sig: bool,
         b: &[f64],
         x: &mut [f64],

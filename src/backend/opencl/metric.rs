@@ -8,6 +8,7 @@ use super::buffers::Real;
 use super::model::{zeros_q, Inner, DA, DV};
 use super::space::DeviceSpace;
 use crate::likelihood::backend::Chain;
+use crate::likelihood::mask::Mask;
 use crate::likelihood::state::State;
 use crate::num::cg::{CgReport, CgSettings};
 
@@ -66,13 +67,13 @@ impl<T: Real> Inner<T> {
         &self,
         slots: &[(usize, f64, f64)],
         mask: &Buffer<T>,
-        mask_host: &[f64],
+        mask_host: &Mask,
         with_sig: bool,
         chain: Chain,
         v: &Buffer<T>,
         out: &Buffer<T>,
     ) -> Result<()> {
-        let np = mask_host.len();
+        let np = mask.len();
         let nxi = np - 2;
         let nst = self.d.nstar;
         Self::enq(
@@ -125,8 +126,8 @@ impl<T: Real> Inner<T> {
                 .arg(out),
         )?;
         let tail = [
-            T::from_f64(mask_host[nxi] * g_scl + vlat[0]),
-            T::from_f64(mask_host[nxi + 1] * g_off + vlat[1]),
+            T::from_f64(mask_host.factor(nxi) * g_scl + vlat[0]),
+            T::from_f64(mask_host.factor(nxi + 1) * g_off + vlat[1]),
         ];
         out.write(&tail[..]).offset(nxi).enq()?;
         if with_sig {
@@ -165,14 +166,14 @@ impl<T: Real> Inner<T> {
     pub(crate) fn metric_host(
         &mut self,
         states: &[&State],
-        mask: &[f64],
+        mask: &Mask,
         with_sig: bool,
         chain: Chain,
         v: &[f64],
         out: &mut [f64],
     ) -> Result<()> {
         let slots = self.resident(states)?;
-        self.upload(&self.mask, mask)?;
+        self.upload(&self.mask, &mask.dense(self.mask.len()))?;
         let vb = zeros_q::<T>(&self.queue, v.len())?;
         let ob = zeros_q::<T>(&self.queue, v.len())?;
         self.upload(&vb, v)?;
@@ -187,7 +188,7 @@ impl<T: Real> Inner<T> {
     pub(crate) fn solve(
         &mut self,
         states: &[&State],
-        mask: &[f64],
+        mask: &Mask,
         with_sig: bool,
         chain: Chain,
         b: &[f64],
@@ -200,7 +201,7 @@ impl<T: Real> Inner<T> {
             return Ok(None);
         }
         let slots = self.resident(states)?;
-        self.upload(&self.mask, mask)?;
+        self.upload(&self.mask, &mask.dense(self.mask.len()))?;
         let n = b.len();
         let bb = zeros_q::<T>(&self.queue, n)?;
         let mut xb = zeros_q::<T>(&self.queue, n)?;

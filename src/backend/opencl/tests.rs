@@ -129,9 +129,7 @@ fn check(precision: &str, distance_variance: bool, kernel: f64, reduced: f64) {
         .collect();
     let states_c = vec![tc, cpu.state(&x2, &xsig, &mut wc).unwrap()];
     let states_d = vec![td, dev.state(&x2, &xsig, &mut wd).unwrap()];
-    let mask: Vec<f64> = (0..np)
-        .map(|i| if i % 7 == 3 { 0.0 } else { 1.0 })
-        .collect();
+    let mask = crate::likelihood::mask::Mask::holding((0..np).filter(|i| i % 7 == 3));
     let vv = gauss(np + ns, 10);
     let (mut ac, mut ad) = (vec![0.0; np + ns], vec![0.0; np + ns]);
     cpu.averaged_metric(&states_c, &mask, &vv, &mut ac, &mut wc)

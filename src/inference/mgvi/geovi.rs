@@ -22,7 +22,7 @@ use anyhow::{Context, Result};
 use std::sync::{Arc, Mutex};
 
 use crate::inference::newton::{self, MetricObjective, NewtonReport, NewtonSettings};
-use crate::likelihood::mask::{mask_in_place, masked_copy};
+use crate::likelihood::mask::Mask;
 use crate::likelihood::model::{Model, ModelWork, State};
 use crate::sphere::decomp::Space;
 
@@ -240,7 +240,7 @@ pub struct DustCoordinates<'a> {
     model: &'a Model,
     xbar: &'a [f64],
     xsig: &'a [f64],
-    mask: &'a [f64],
+    mask: &'a Mask,
     with_sig: bool,
     /// 1/√v̄ per star.
     inv_sd_bar: Vec<f64>,
@@ -257,7 +257,7 @@ impl<'a> DustCoordinates<'a> {
         bar: &State,
         xbar: &'a [f64],
         xsig: &'a [f64],
-        mask: &'a [f64],
+        mask: &'a Mask,
         with_sig: bool,
     ) -> Self {
         Self {
@@ -305,12 +305,10 @@ impl Coordinates for DustCoordinates<'_> {
 
     fn eval(&self, delta: &[f64]) -> Result<State> {
         let np = self.model.n_params();
-        let x: Vec<f64> = self
-            .xbar
-            .iter()
-            .zip(delta.iter().zip(self.mask))
-            .map(|(a, (d, m))| a + m * d)
-            .collect();
+        let mut x: Vec<f64> = self.xbar.iter().zip(delta).map(|(a, d)| a + d).collect();
+        for &h in self.mask.held() {
+            x[h] = self.xbar[h] + 0.0 * delta[h];
+        }
         let xsig: Vec<f64> = if self.with_sig {
             self.xsig
                 .iter()
@@ -335,8 +333,7 @@ impl Coordinates for DustCoordinates<'_> {
     fn jvp(&self, p: &State, u: &[f64], out: &mut [f64]) -> Result<()> {
         let np = self.model.n_params();
         let mut scratch = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
-        let um = &mut scratch[0];
-        masked_copy(um, &u[..np], self.mask);
+        let um = self.mask.masked(&u[..np], &mut scratch[0]);
         let (da, dv) = out.split_at_mut(self.n_stars());
         let mut w = self.work.lock().unwrap_or_else(|e| e.into_inner());
         self.model.jvp(p, um, da, dv, &mut w)?;
@@ -361,7 +358,7 @@ impl Coordinates for DustCoordinates<'_> {
         let (ox, os) = out.split_at_mut(np);
         let mut w = self.work.lock().unwrap_or_else(|e| e.into_inner());
         self.model.vjp(p, ca, cv, ox, &mut w)?;
-        mask_in_place(ox, self.mask);
+        self.mask.apply(ox);
         for (i, o) in os.iter_mut().enumerate() {
             *o = self.dv_dsig(p, i) * cv[i];
         }

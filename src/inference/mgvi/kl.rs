@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::base::util::{par_copy, par_equal, par_zero, PAR_MIN_LEN};
 use crate::inference::newton::MetricObjective;
+use crate::likelihood::mask::Mask;
 use crate::likelihood::model::{Model, ModelWork, State};
 use crate::num::cg::{self, CgReport, CgSettings};
 use crate::sphere::decomp::Space;
@@ -18,7 +19,7 @@ pub struct Kl<'a> {
     model: &'a Model,
     residuals: &'a [Vec<f64>],
     shifts: &'a [Vec<f64>],
-    mask: &'a [f64],
+    mask: &'a Mask,
     space: Arc<dyn Space>,
     cache: Mutex<KlCache>,
 }
@@ -44,7 +45,7 @@ impl<'a> Kl<'a> {
         model: &'a Model,
         residuals: &'a [Vec<f64>],
         shifts: &'a [Vec<f64>],
-        mask: &'a [f64],
+        mask: &'a Mask,
     ) -> Self {
         model.reserve_device_states(2 * residuals.len() + 1);
         let cache = KlCache {
@@ -142,10 +143,15 @@ impl MetricObjective for Kl<'_> {
             let (xk, xsig) = xk.split_at(np);
             value += self.model.value_grad(xk, xsig, st, gx, gs, work)? / n;
             let (g_x, g_s) = g.split_at_mut(np);
+            let before: Vec<f64> = self.mask.held().iter().map(|&h| g_x[h]).collect();
             g_x.par_iter_mut()
                 .with_min_len(PAR_MIN_LEN)
-                .zip(self.mask.par_iter().zip(&gx[..]))
-                .for_each(|(o, (m, v))| *o += m * v / n);
+                .zip(&gx[..])
+                .for_each(|(o, v)| *o += v / n);
+            // a held entry's gradient stays (signed) zero
+            for (&h, b) in self.mask.held().iter().zip(before) {
+                g_x[h] = b + 0.0 * gx[h] / n;
+            }
             g_s.par_iter_mut()
                 .with_min_len(PAR_MIN_LEN)
                 .zip(&gs[..])

@@ -14,7 +14,7 @@ use anyhow::{Context, Result};
 use rayon::prelude::*;
 
 use crate::inference::newton::{self, NewtonReport, NewtonSettings};
-use crate::likelihood::mask::mask_in_place;
+use crate::likelihood::mask::Mask;
 use crate::likelihood::model::Model;
 use crate::num::cg::CgSettings;
 use crate::sphere::decomp::Space;
@@ -161,10 +161,10 @@ pub struct Streams {
     pub iteration: usize,
 }
 
-/// Every entry of x free (1; 0 would hold an entry fixed): a stage with fewer levels runs on
-/// its own chart's model instead of holding the finer excitations.
-pub fn free_mask(model: &Model) -> Vec<f64> {
-    vec![1.0; model.n_params()]
+/// Every entry of x free: a stage with fewer levels runs on its own chart's model instead of
+/// holding the finer excitations.
+pub fn free_mask() -> Mask {
+    Mask::all_free()
 }
 
 /// What one global MGVI iteration did.
@@ -239,11 +239,11 @@ pub fn residual_stream(stage: usize, iteration: usize, pair: usize) -> u64 {
 }
 
 /// One global iteration: draw residuals at (x, ξ_σ), then minimise the KL over x and ξ_σ
-/// with the entries `mask` holds (0) kept fixed; updates `state` in place.
+/// with the entries `mask` holds kept fixed; updates `state` in place.
 pub fn global_iteration(
     model: &Model,
     settings: &IterationSettings,
-    mask: &[f64],
+    mask: &Mask,
     state: &mut MgviState,
     streams: Streams,
 ) -> Result<IterationReport> {
@@ -252,10 +252,8 @@ pub fn global_iteration(
     // the scale's own factor moves it outside the Gaussian: held in sampling and KL
     let held;
     let mask = if own_factor {
-        let mut m = mask.to_vec();
-        m[model.icr.n_xi()] = 0.0;
-        held = m;
-        &held[..]
+        held = mask.with_held(model.icr.n_xi());
+        &held
     } else {
         mask
     };
@@ -331,7 +329,7 @@ pub fn global_iteration(
 fn draw_samples(
     model: &Model,
     settings: &IterationSettings,
-    mask: &[f64],
+    mask: &Mask,
     x: &[f64],
     xsig: &[f64],
     residuals: &mut Vec<Vec<f64>>,
@@ -367,7 +365,7 @@ fn draw_samples(
         let stream = residual_stream(streams.stage, streams.iteration, pair);
         let (mut d, rep, mut y) = draw_residual_in(&lin, streams.seed, stream, &cg_settings)?;
         // held entries stay where they are in every sample
-        mask_in_place(&mut d, mask);
+        mask.apply(&mut d);
         sample_cg.push(rep.iterations);
         sample_cg_residuals.push(rep.rel_residual);
         capped += usize::from(rep.stopped_at_cap(&cg_settings));
@@ -375,7 +373,7 @@ fn draw_samples(
             e.add_residual(model, &lin, &d, &rep, settings.sample_pairs, &cg_settings)?;
         }
         if let SampleMode::GeoVi(gs) = &settings.mode {
-            mask_in_place(&mut y, mask);
+            mask.apply(&mut y);
             let coords = geovi::DustCoordinates::new(model, &st, x, xsig, mask, with_sig);
             let (c, dd, reps) = geovi::refine_pair(&coords, &y, &d, gs)?;
             geo.extend(reps);

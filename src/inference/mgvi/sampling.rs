@@ -4,10 +4,9 @@
 use anyhow::Result;
 use rand::Rng;
 use rand_distr::StandardNormal;
-use rayon::prelude::*;
 use std::sync::Arc;
 
-use crate::likelihood::mask::{mask_in_place, masked_copy};
+use crate::likelihood::mask::Mask;
 use crate::likelihood::model::{Model, ModelWork, State};
 use crate::num::cg::{self, CgReport, CgSettings};
 use crate::sphere::decomp::{Serial, Space, VecLayout};
@@ -47,8 +46,8 @@ pub struct ModelAt<'a> {
     pub model: &'a Model,
     /// The expansion point.
     pub state: &'a State,
-    /// Free (1) or held (0) entries of x.
-    pub mask: &'a [f64],
+    /// The held entries of x.
+    pub mask: &'a Mask,
     /// Whether the samples cover ξ_σ (vectors over p = [x | ξ_σ]).
     pub with_sig: bool,
     work: std::cell::RefCell<ModelWork>,
@@ -58,7 +57,7 @@ pub struct ModelAt<'a> {
 
 impl<'a> ModelAt<'a> {
     /// Linearisation of `model` at `state` over x.
-    pub fn new(model: &'a Model, state: &'a State, mask: &'a [f64]) -> Self {
+    pub fn new(model: &'a Model, state: &'a State, mask: &'a Mask) -> Self {
         Self {
             model,
             state,
@@ -71,7 +70,7 @@ impl<'a> ModelAt<'a> {
     }
 
     /// Linearisation of `model` at `state` over p = [x | ξ_σ].
-    pub fn with_nsigma(model: &'a Model, state: &'a State, mask: &'a [f64]) -> Self {
+    pub fn with_nsigma(model: &'a Model, state: &'a State, mask: &'a Mask) -> Self {
         Self {
             with_sig: true,
             space: Arc::new(model.dom.p.clone()),
@@ -97,7 +96,7 @@ impl Fisher for ModelAt<'_> {
         let (ox, os) = out.split_at_mut(np);
         self.model
             .sqrt_fisher_t(self.state, eta_a, eta_v, ox, &mut self.work.borrow_mut())?;
-        mask_in_place(ox, self.mask);
+        self.mask.apply(ox);
         if self.with_sig {
             // v depends on ξ_σ through (n_σ σ_A)²: its Fisher factor is ∂v/∂ξ_σ / (√2 v)
             let (st, d) = (self.state, &self.model.data);
@@ -118,14 +117,14 @@ impl Fisher for ModelAt<'_> {
                 &mut self.work.borrow_mut(),
             );
         }
-        let mut vm = self.scratch.borrow_mut();
-        masked_copy(&mut vm, v, self.mask);
+        let mut scratch = self.scratch.borrow_mut();
+        let vm = self.mask.masked(v, &mut scratch);
         self.model
-            .metric(self.state, &vm, out, &mut self.work.borrow_mut())?;
-        out.par_iter_mut()
-            .zip(v)
-            .zip(self.mask)
-            .for_each(|((o, vi), m)| *o = m * *o + (1.0 - m) * vi);
+            .metric(self.state, vm, out, &mut self.work.borrow_mut())?;
+        // held entries: the identity (the free ones already hold J^T F J v + v)
+        for &h in self.mask.held() {
+            out[h] = 0.0 * out[h] + v[h];
+        }
         Ok(())
     }
     fn space(&self) -> Arc<dyn Space> {

@@ -44,6 +44,7 @@
 //! only as "little dust": A ≈ 0 there), whose power the plain evidence update
 //! (ξ̄ᵀξ̄ over tr W) and EM count and then run away on.
 
+use crate::likelihood::mask::Mask;
 use crate::likelihood::model::Model;
 use crate::num::cg::{CgReport, CgSettings};
 use crate::sphere::transforms::LogNormal;
@@ -205,7 +206,7 @@ fn evidence_step(now: f64, mode: f64) -> f64 {
 /// scale; x and the samples are then left as they were.
 pub fn update(
     model: &Model,
-    mask: &[f64],
+    mask: &Mask,
     x: &mut [f64],
     residuals: &mut [Vec<f64>],
     shifts: &mut [Vec<f64>],
@@ -213,7 +214,7 @@ pub fn update(
 ) -> Option<ScaleFactor> {
     let nxi = model.icr.n_xi();
     let layout = &model.dom.x;
-    let free = layout.sum(|i| if i < nxi { mask[i] } else { 0.0 });
+    let free = layout.sum(|i| if i < nxi && mask.is_free(i) { 1.0 } else { 0.0 });
     if free < 1.0 || residuals.is_empty() {
         return None;
     }
@@ -230,8 +231,8 @@ pub fn update(
     for j in 0..n_samples {
         super::sample_point(x, residuals, shifts, j, &mut xs);
         power += layout.sum(|i| {
-            if i < nxi {
-                mask[i] * xs[i] * xs[i]
+            if i < nxi && mask.is_free(i) {
+                xs[i] * xs[i]
             } else {
                 0.0
             }
@@ -294,11 +295,9 @@ mod tests {
 
     /// Parameter count, excitation count and a mask that holds only the scale (as a stage
     /// with the scale in its own factor has it).
-    fn scale_held(model: &Model) -> (usize, usize, Vec<f64>) {
+    fn scale_held(model: &Model) -> (usize, usize, Mask) {
         let (np, nxi) = (model.n_params(), model.icr.n_xi());
-        let mut mask = vec![1.0; np];
-        mask[nxi] = 0.0;
-        (np, nxi, mask)
+        (np, nxi, Mask::holding([nxi]))
     }
 
     /// ln q(ξ_a) of the module docs.
@@ -352,8 +351,7 @@ mod tests {
         let model = crate::inference::mgvi::tests::tiny_model(200);
         let (np, nxi) = (model.n_params(), model.icr.n_xi());
         let mut draw = crate::inference::mgvi::tests::normals(31);
-        let mut mask = vec![1.0; np];
-        mask[nxi] = 0.0;
+        let mask = Mask::holding([nxi]);
         let mut x = draw(np, 1.5);
         x[nxi] = 0.4;
         // geoVI-like pairs (shifts) too; held ξ_a: no residual there
@@ -511,8 +509,7 @@ mod tests {
         let x = g(np, 0.3);
         let xsig = vec![0.0; model.data.len()];
         let st = model.state(&x, &xsig, &mut model.workspace()).unwrap();
-        let mut mask = vec![1.0; np];
-        mask[nxi] = 0.0;
+        let mask = Mask::holding([nxi]);
         let lin = ModelAt::new(&model, &st, &mask);
         let mut m = faer::Mat::<f64>::zeros(np, np);
         let (mut e, mut col) = (vec![0.0; np], vec![0.0; np]);

@@ -13,7 +13,7 @@ use self::passes::{
 use super::backend::Backend;
 use super::core::{ModelCore, ModelWork};
 use super::lanes;
-use super::mask::masked_copy;
+use super::mask::Mask;
 use super::response::{finish_vjp, inner_columns};
 use super::state::State;
 use crate::base::util::{par_zero, DisjointMut, PAR_MIN_LEN};
@@ -175,7 +175,7 @@ impl Backend for Cpu {
         &self,
         m: &ModelCore,
         states: &[State],
-        mask: &[f64],
+        mask: &Mask,
         v: &[f64],
         out: &mut [f64],
         w: &mut ModelWork,
@@ -183,8 +183,8 @@ impl Backend for Cpu {
         let (nxi, np, ns) = (m.icr.n_xi(), m.n_params(), m.data.len());
         let (vx, vs) = v.split_at(np);
         let chain = m.chain();
-        let mut vxm = std::mem::take(&mut w.masked);
-        masked_copy(&mut vxm, vx, mask);
+        let mut scratch = std::mem::take(&mut w.masked);
+        let vxm = mask.masked(vx, &mut scratch);
         let (ox, osig) = out.split_at_mut(np);
         osig.fill(0.0);
         let tangents: Vec<(f64, f64)> = states
@@ -211,15 +211,12 @@ impl Backend for Cpu {
         out[nxi] = g_scl;
         out[nxi + 1] = g_off;
         let (ox, osig) = out.split_at_mut(np);
-        ox.par_iter_mut()
-            .with_min_len(PAR_MIN_LEN)
-            .zip(mask.par_iter().zip(vx))
-            .for_each(|(o, (mi, vi))| *o = mi * *o + vi);
+        mask.combine(ox, vx);
         osig.par_iter_mut()
             .with_min_len(PAR_MIN_LEN)
             .zip(&vs[..ns])
             .for_each(|(o, vi)| *o += vi);
-        w.masked = vxm;
+        w.masked = scratch;
         Ok(())
     }
 }

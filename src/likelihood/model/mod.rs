@@ -15,6 +15,7 @@ use std::sync::Arc;
 use super::backend::{Backend, Traffic};
 pub use super::core::{ModelCore, ModelParams, ModelWork};
 use super::cpu::Cpu;
+use super::mask::Mask;
 use super::state::next_state_id;
 pub use super::state::{StarData, State};
 use crate::data::catalog::PixelCatalog;
@@ -221,7 +222,7 @@ impl Model {
     pub fn averaged_metric(
         &self,
         states: &[State],
-        mask: &[f64],
+        mask: &Mask,
         v: &[f64],
         out: &mut [f64],
         w: &mut ModelWork,
@@ -238,7 +239,7 @@ impl Model {
     pub fn solve_metric(
         &self,
         states: &[&State],
-        mask: &[f64],
+        mask: &Mask,
         with_sig: bool,
         b: &[f64],
         x: &mut [f64],
