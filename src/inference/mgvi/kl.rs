@@ -186,9 +186,16 @@ impl MetricObjective for Kl<'_> {
         };
         match on_device {
             Some(rep) => Ok(rep),
+            // the states are p's for the whole solve (made so above; nothing else runs
+            // meanwhile), so the products skip comparing p with the cached point (a pass
+            // over two parameter-sized vectors per product)
             None => cg::try_solve_with(
                 &*self.space,
-                |v, out| self.metric(p, v, out),
+                |v, out| {
+                    let mut c = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+                    let KlCache { states, work, .. } = &mut *c;
+                    self.model.averaged_metric(states, self.mask, v, out, work)
+                },
                 b,
                 x,
                 settings,
