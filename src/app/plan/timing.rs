@@ -211,8 +211,9 @@ const CG_VECTOR_PASSES: f64 = 7.0;
 const EVAL_VECTOR_PASSES: f64 = 10.0;
 
 /// The work of one global iteration at the stage's caps: each sample pair's CG solve (its
-/// draw, one product to start and one per iteration; the scale's evidence update solves once
-/// more per iteration, and once more per pair when n_σ is sampled, `sample_nsigma`), and per
+/// draw, a cotangent walk and an ICR adjoint, and one product per iteration: CG starts from
+/// zero and skips the product with its start; the scale's evidence update solves once more
+/// per iteration, and once more per pair when n_σ is sampled, `sample_nsigma`), and per
 /// Newton step about 2 value + gradient evaluations of all 2N samples (line search included)
 /// and the CG's products with the metric averaged over them (one ICR pair per product, two
 /// walks per sample, tangent and cotangent, for the samples in blocks of four side by side and
@@ -226,11 +227,11 @@ pub(super) fn stage_work(stage: &StageConfig, sample_nsigma: bool) -> StageWork 
         _ => n,
     };
     let evaluations = sn * 2.0 * 2.0 * n;
-    let cg_iterations = solves * (1.0 + cs) + sn * cn;
+    let cg_iterations = solves * cs + sn * cn;
     let (blocks, rest) = ((2.0 * n / 4.0).floor(), (2.0 * n) % 4.0);
     StageWork {
-        icr_pairs: solves * (1.0 + cs) + evaluations + sn * cn,
-        walks: solves * (1.0 + 2.0 * (1.0 + cs)) + 2.0 * evaluations + sn * cn * 2.0 * rest,
+        icr_pairs: solves * (0.5 + cs) + evaluations + sn * cn,
+        walks: solves * (1.0 + 2.0 * cs) + 2.0 * evaluations + sn * cn * 2.0 * rest,
         quad_walks: sn * cn * 2.0 * blocks,
         vector_passes: CG_VECTOR_PASSES * cg_iterations + EVAL_VECTOR_PASSES * evaluations,
     }
@@ -271,8 +272,8 @@ mod tests {
             scale_update: crate::app::config::ScaleUpdateName::Evidence,
             ..joint.clone()
         };
-        // one more solve: its draw, 101 products (ICR pairs, two walks each) and 101 CG
-        // iterations' vector passes
+        // one more solve: its draw (a walk, an ICR adjoint), 100 products (ICR pairs, two
+        // walks each) and 100 CG iterations' vector passes
         let extra = |a: StageWork, b: StageWork| {
             assert_eq!(a.quad_walks, b.quad_walks);
             [
@@ -282,10 +283,10 @@ mod tests {
             ]
         };
         let (a, b) = (stage_work(&joint, false), stage_work(&evidence, false));
-        let passes = 101.0 * CG_VECTOR_PASSES;
-        assert_eq!(extra(a, b), [101.0, 203.0, passes]);
+        let passes = 100.0 * CG_VECTOR_PASSES;
+        assert_eq!(extra(a, b), [100.5, 201.0, passes]);
         let (a, b) = (stage_work(&joint, true), stage_work(&evidence, true));
-        assert_eq!(extra(a, b), [5.0 * 101.0, 5.0 * 203.0, 5.0 * passes]);
+        assert_eq!(extra(a, b), [5.0 * 100.5, 5.0 * 201.0, 5.0 * passes]);
     }
 
     #[test]
@@ -299,11 +300,11 @@ mod tests {
         // 1 pair: two states alone; 2 pairs: one block of four; 3 pairs: a block and two alone
         let [one, two, three] = [1, 2, 3].map(|n| stage_work(&stage(n), false));
         assert_eq!([one, two, three].map(|w| w.quad_walks), [0.0, 60.0, 60.0]);
-        // a pair more: its solve (draw, 1 + cs products of two walks), its evaluations
-        // (3 steps × 2 × 2 states, two walks each), and the Newton CG's single-state walks
-        // (3 steps × 10 iterations × 2 walks per state alone)
+        // a pair more: its solve (draw, cs products of two walks), its evaluations (3 steps
+        // × 2 × 2 states, two walks each), and the Newton CG's single-state walks (3 steps ×
+        // 10 iterations × 2 walks per state alone)
         let cs = stage_counts(&stage(1)).1;
-        let pair = 1.0 + 2.0 * (1.0 + cs) + 24.0;
+        let pair = 1.0 + 2.0 * cs + 24.0;
         assert_eq!(two.walks - one.walks, pair - 120.0);
         assert_eq!(three.walks - two.walks, pair + 120.0);
     }

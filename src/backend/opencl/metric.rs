@@ -207,8 +207,16 @@ impl<T: Real> Inner<T> {
         let mut xb = zeros_q::<T>(&self.queue, n)?;
         self.upload(&bb, b)?;
         self.upload(&xb, x)?;
+        // every caller starts from zero: known here, before the upload (collectively, as
+        // CG's every step is)
+        let here = x.iter().all(|v| *v == 0.0);
+        let zero_start = if self.decomp.size() == 1 {
+            here
+        } else {
+            crate::base::comm::all(here)
+        };
         let this = &*self;
-        let mut space = DeviceSpace::new(this, n);
+        let mut space = DeviceSpace::new(this, n).with_zero_start(zero_start);
         let mut op_err = None;
         let rep = crate::num::cg::solve_in(
             &mut space,

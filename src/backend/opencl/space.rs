@@ -14,6 +14,8 @@ pub(super) struct DeviceSpace<'a, T: Real> {
     inner: &'a Inner<T>,
     n: usize,
     err: Option<anyhow::Error>,
+    /// Whether the solve starts from zero on every rank (the one vector CG asks about).
+    zero_start: bool,
 }
 
 impl<'a, T: Real> DeviceSpace<'a, T> {
@@ -23,7 +25,14 @@ impl<'a, T: Real> DeviceSpace<'a, T> {
             inner,
             n,
             err: None,
+            zero_start: false,
         }
+    }
+
+    /// Tells CG that its start vector is zero on every rank (known on the host before the
+    /// upload), so that it skips the product with it.
+    pub(super) fn with_zero_start(self, zero_start: bool) -> Self {
+        Self { zero_start, ..self }
     }
 
     /// The first error met, if any.
@@ -53,6 +62,9 @@ impl<T: Real> crate::num::cg::CgSpace for DeviceSpace<'_, T> {
                 x.clone()
             }
         }
+    }
+    fn is_zero(&mut self, _start: &Buffer<T>) -> bool {
+        self.zero_start
     }
     fn dot(&mut self, x: &Buffer<T>, y: &Buffer<T>) -> f64 {
         let nc = self.n.div_ceil(DOT_CHUNK);
