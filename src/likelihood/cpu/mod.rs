@@ -184,16 +184,22 @@ impl Backend for Cpu {
         let (vx, vs) = v.split_at(np);
         let chain = m.chain();
         let mut scratch = std::mem::take(&mut w.masked);
-        let vxm = mask.masked(vx, &mut scratch);
+        // the excitations through the ICR (copied only if one of them is held), the scale
+        // and offset tangents as scalars
+        let vxm = mask.masked(&vx[..nxi], &mut scratch);
+        let lat = [
+            mask.factor(nxi) * vx[nxi],
+            mask.factor(nxi + 1) * vx[nxi + 1],
+        ];
         let (ox, osig) = out.split_at_mut(np);
         osig.fill(0.0);
         let tangents: Vec<(f64, f64)> = states
             .iter()
-            .map(|st| chain.tangent(st.dscl, [vxm[nxi], vxm[nxi + 1]]))
+            .map(|st| chain.tangent(st.dscl, lat))
             .collect();
         // one state's per-pixel partials at a time, for the patch-ordered sums
         let mut per_state = std::mem::take(&mut w.pix_scalars);
-        let [g_scl, g_off] = through_icr(m, &vxm[..nxi], &mut ox[..nxi], w, |ds, acc, pix| {
+        let [g_scl, g_off] = through_icr(m, vxm, &mut ox[..nxi], w, |ds, acc, pix| {
             let sig = Some((vs, &mut osig[..ns]));
             metric_pixels(m, states, &tangents, ds, sig, acc, pix);
             let (mut g_scl, mut g_off) = (0.0, 0.0);
