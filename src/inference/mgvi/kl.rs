@@ -108,6 +108,17 @@ impl<'a> Kl<'a> {
     }
 }
 
+impl Kl<'_> {
+    /// `f` of the samples' states, in sample order, when the last evaluation left them at
+    /// `p` with their fields on the host on every rank (`None` otherwise).
+    pub fn with_states_at<R>(&self, p: &[f64], f: impl FnOnce(&[State]) -> R) -> Option<R> {
+        let c = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let here = c.at_valid && par_equal(&c.at, p) && c.states.iter().all(|s| s.fields_on_host);
+        // every rank must take the same branch: the caller's fallback communicates
+        self.space.all(here).then(|| f(&c.states))
+    }
+}
+
 impl MetricObjective for Kl<'_> {
     /// The scale and offset components (replicated on every rank): those two often carry
     /// most of the gradient's norm, and a Newton CG measured against them stops after the

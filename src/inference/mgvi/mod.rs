@@ -16,6 +16,7 @@ use rayon::prelude::*;
 use crate::inference::newton::{self, NewtonReport, NewtonSettings};
 use crate::likelihood::mask::Mask;
 use crate::likelihood::model::Model;
+use crate::likelihood::state::State;
 use crate::num::cg::CgSettings;
 use crate::sphere::decomp::Space;
 pub use kl::Kl;
@@ -283,12 +284,17 @@ pub fn global_iteration(
     };
     let (p, newton) = newton::minimize(&kl, p0, settings.newton_steps as u64, newton_settings)
         .context("KL minimisation failed")?;
+    // the KL's last evaluation is usually at the accepted point: its states are the samples'
+    let after = kl.with_states_at(&p, |states| log_density_moments_of(model, states));
     drop(kl);
     let np = model.n_params();
     let dx: Vec<f64> = p[..np].iter().zip(x.iter()).map(|(a, b)| a - b).collect();
     x.copy_from_slice(&p[..np]);
     xsig.copy_from_slice(&p[np..]);
-    let [map_after, map_std] = log_density_moments(model, x, residuals, shifts);
+    let [map_after, map_std] = after.unwrap_or_else(|| {
+        tracing::debug!("the KL's states are not the final point's: ln ρ moments recomputed");
+        log_density_moments(model, x, residuals, shifts)
+    });
     let mut change = Change {
         kl_relative: (newton.value - newton.initial_value).abs() / newton.value.abs().max(1.0),
         step_rms: (model.dom.x.dot(&dx, &dx) / np as f64).sqrt(),
@@ -424,10 +430,8 @@ fn log_density_moments(
         model.n_chart(),
         model.padding(),
     );
-    let npix = model.npix();
     let mut iw = model.icr.workspace();
-    let (mut m1, mut m2) = (vec![0.0; npix * n], vec![0.0; npix * n]);
-    let count = (2 * residuals.len()) as f64;
+    let mut m = Moments::new(model.npix() * n, 2 * residuals.len());
     let mut xs = x.to_vec();
     for j in 0..2 * residuals.len() {
         sample_point(x, residuals, shifts, j, &mut xs);
@@ -435,23 +439,64 @@ fn log_density_moments(
         let field = &iw.fields[model.icr.chart.levels];
         let scl = model.scale.value(xs[nxi]);
         let off = model.offset.value(xs[nxi + 1]);
-        m1.par_chunks_mut(n)
-            .zip(m2.par_chunks_mut(n))
+        m.add(n, scl, off, |p| &field[p * nc + pad..p * nc + pad + n]);
+    }
+    m.finish()
+}
+
+/// [`log_density_moments`] from the samples' states (their kept log-density, scale and
+/// offset), in sample order: the same numbers without the ICR forwards.
+fn log_density_moments_of(model: &Model, states: &[State]) -> [Vec<f64>; 2] {
+    let n = model.n_r();
+    let mut m = Moments::new(model.npix() * n, states.len());
+    for st in states {
+        m.add(n, st.scl, st.off, |p| &st.s[p * n..(p + 1) * n]);
+    }
+    m.finish()
+}
+
+/// Running sample mean and mean square of ln ρ per kept voxel.
+struct Moments {
+    m1: Vec<f64>,
+    m2: Vec<f64>,
+    count: f64,
+}
+
+impl Moments {
+    fn new(voxels: usize, samples: usize) -> Self {
+        Self {
+            m1: vec![0.0; voxels],
+            m2: vec![0.0; voxels],
+            count: samples as f64,
+        }
+    }
+
+    /// Adds one sample, ln ρ = `scl` · s + `off` with pixel p's kept s (`n` shells) `s_of(p)`.
+    fn add<'a>(&mut self, n: usize, scl: f64, off: f64, s_of: impl Fn(usize) -> &'a [f64] + Sync) {
+        let count = self.count;
+        self.m1
+            .par_chunks_mut(n)
+            .zip(self.m2.par_chunks_mut(n))
             .enumerate()
             .for_each(|(p, (a, b))| {
-                for k in 0..n {
-                    let v = scl * field[p * nc + pad + k] + off;
+                for (k, s) in s_of(p).iter().enumerate() {
+                    let v = scl * s + off;
                     a[k] += v / count;
                     b[k] += v * v / count;
                 }
             });
     }
-    let std = m1
-        .par_iter()
-        .zip(&m2)
-        .map(|(a, b)| (b - a * a).max(0.0).sqrt())
-        .collect();
-    [m1, std]
+
+    /// The mean and the standard deviation.
+    fn finish(self) -> [Vec<f64>; 2] {
+        let std = self
+            .m1
+            .par_iter()
+            .zip(&self.m2)
+            .map(|(a, b)| (b - a * a).max(0.0).sqrt())
+            .collect();
+        [self.m1, std]
+    }
 }
 
 /// Smallest standard deviation of ln ρ a map change is measured in: 5 % in ρ. Voxels the
