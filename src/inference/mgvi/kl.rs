@@ -22,6 +22,15 @@ pub struct Kl<'a> {
     mask: &'a Mask,
     space: Arc<dyn Space>,
     cache: Mutex<KlCache>,
+    record: Mutex<MeanRecord>,
+}
+
+/// The point whose samples' mean ln ρ is wanted from its first evaluation, and that mean
+/// once taken ([`Kl::recording_mean_at`]).
+#[derive(Default)]
+struct MeanRecord {
+    at: Option<Vec<f64>>,
+    mean: Option<Vec<f64>>,
 }
 
 struct KlCache {
@@ -64,6 +73,44 @@ impl<'a> Kl<'a> {
             mask,
             space: Arc::new(model.dom.p.clone()),
             cache: Mutex::new(cache),
+            record: Mutex::new(MeanRecord::default()),
+        }
+    }
+
+    /// This KL, keeping the samples' mean ln ρ (as `log_density_moments` gives it) from the
+    /// first evaluation at `p0` (the Newton steps start there), so that the caller does not
+    /// compute those samples' fields again ([`Kl::recorded_mean`]).
+    pub fn recording_mean_at(self, p0: &[f64]) -> Self {
+        *self.record.lock().unwrap_or_else(|e| e.into_inner()) = MeanRecord {
+            at: Some(p0.to_vec()),
+            mean: None,
+        };
+        self
+    }
+
+    /// The mean recorded at the point given to [`Kl::recording_mean_at`], if it was
+    /// evaluated there with the fields on the host on every rank.
+    pub fn recorded_mean(&self) -> Option<Vec<f64>> {
+        let mean = self
+            .record
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .mean
+            .take();
+        // every rank must take the same branch: the caller's fallback communicates
+        self.space.all(mean.is_some()).then_some(mean).flatten()
+    }
+
+    /// After an evaluation at `p`: the samples' mean ln ρ, if `p` is the point to record.
+    fn record(&self, p: &[f64], states: &[State]) {
+        let mut r = self.record.lock().unwrap_or_else(|e| e.into_inner());
+        let wanted = r.at.as_deref().is_some_and(|p0| par_equal(p0, p));
+        if wanted && states.iter().all(|s| s.fields_on_host) {
+            let [mean, _] = super::log_density_moments_of(self.model, states);
+            *r = MeanRecord {
+                at: None,
+                mean: Some(mean),
+            };
         }
     }
 
@@ -170,6 +217,7 @@ impl MetricObjective for Kl<'_> {
         }
         par_copy(at, p);
         *at_valid = true;
+        self.record(p, states);
         Ok(value)
     }
 

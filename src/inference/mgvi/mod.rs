@@ -272,10 +272,10 @@ pub fn global_iteration(
     } = draw_samples(
         model, settings, mask, x, xsig, residuals, shifts, streams, evidence,
     )?;
-    let [map_before, _] = log_density_moments(model, x, residuals, shifts);
-    let kl = Kl::new(model, residuals, shifts, mask);
     let mut p0 = x.to_vec();
     p0.extend_from_slice(xsig);
+    // the samples' mean ln ρ before the Newton steps, from their first evaluation
+    let kl = Kl::new(model, residuals, shifts, mask).recording_mean_at(&p0);
     let newton_settings = NewtonSettings {
         forcing: settings.newton_forcing,
         cg_max_iter: settings.newton_cg_iterations,
@@ -286,7 +286,14 @@ pub fn global_iteration(
         .context("KL minimisation failed")?;
     // the KL's last evaluation is usually at the accepted point: its states are the samples'
     let after = kl.with_states_at(&p, |states| log_density_moments_of(model, states));
+    let before = kl.recorded_mean();
     drop(kl);
+    // (x is still the start point here)
+    let map_before = before.unwrap_or_else(|| {
+        tracing::debug!("no KL evaluation at the start point: ln ρ moments recomputed");
+        let [mean, _] = log_density_moments(model, x, residuals, shifts);
+        mean
+    });
     let np = model.n_params();
     let dx: Vec<f64> = p[..np].iter().zip(x.iter()).map(|(a, b)| a - b).collect();
     x.copy_from_slice(&p[..np]);

@@ -399,18 +399,21 @@ fn log_density_moments_from_the_kl_states_are_the_recomputed_ones() {
     let residuals: Vec<Vec<f64>> = (0..2).map(|_| g(np, 0.3)).collect();
     let shifts: Vec<Vec<f64>> = (0..2).map(|_| g(np, 0.1)).collect();
     let mask = Mask::all_free();
-    let kl = Kl::new(&model, &residuals, &shifts, &mask);
     let p: Vec<f64> = g(np, 0.5).into_iter().chain(g(ns, 1.0)).collect();
+    let kl = Kl::new(&model, &residuals, &shifts, &mask).recording_mean_at(&p);
     let mut grad = vec![0.0; np + ns];
     kl.value_grad(&p, &mut grad).unwrap();
     let from_states = kl
         .with_states_at(&p, |states| log_density_moments_of(&model, states))
         .expect("the states are p's");
     let recomputed = log_density_moments(&model, &p[..np], &residuals, &shifts);
-    for (a, b) in from_states.iter().zip(&recomputed) {
-        assert_eq!(a.len(), b.len());
-        assert!(a.iter().zip(b).all(|(u, v)| u.to_bits() == v.to_bits()));
-    }
+    let recorded = kl.recorded_mean().expect("evaluated at the recorded point");
+    let same = |a: &[f64], b: &[f64]| {
+        a.len() == b.len() && a.iter().zip(b).all(|(u, v)| u.to_bits() == v.to_bits())
+    };
+    assert!(same(&from_states[0], &recomputed[0]) && same(&from_states[1], &recomputed[1]));
+    assert!(same(&recorded, &recomputed[0]));
+    assert!(kl.recorded_mean().is_none(), "handed over once");
     // at another point the states are not p's: no moments from them
     let q: Vec<f64> = p.iter().map(|v| v + 1e-3).collect();
     assert!(kl.with_states_at(&q, |_| ()).is_none());
