@@ -102,6 +102,15 @@ impl Decomp {
         self.bounds.len() - 1
     }
 
+    /// True iff `b` is true on every rank of this decomposition.
+    pub fn all(&self, b: bool) -> bool {
+        if self.size() == 1 {
+            b
+        } else {
+            comm::all(b)
+        }
+    }
+
     /// This rank's patches.
     pub fn patches(&self) -> Range<usize> {
         self.bounds[self.rank]..self.bounds[self.rank + 1]
@@ -334,11 +343,7 @@ impl Space for VecLayout {
         }
     }
     fn all(&self, b: bool) -> bool {
-        if self.decomp.size() == 1 {
-            b
-        } else {
-            comm::all(b)
-        }
+        self.decomp.all(b)
     }
 }
 

@@ -209,12 +209,7 @@ impl<T: Real> Inner<T> {
         self.upload(&xb, x)?;
         // every caller starts from zero: known here, before the upload (collectively, as
         // CG's every step is)
-        let here = x.iter().all(|v| *v == 0.0);
-        let zero_start = if self.decomp.size() == 1 {
-            here
-        } else {
-            crate::base::comm::all(here)
-        };
+        let zero_start = self.decomp.all(x.iter().all(|v| *v == 0.0));
         let this = &*self;
         let mut space = DeviceSpace::new(this, n).with_zero_start(zero_start);
         let mut op_err = None;

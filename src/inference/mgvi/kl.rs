@@ -153,9 +153,14 @@ impl<'a> Kl<'a> {
         c.at_valid = true;
         Ok(())
     }
-}
 
-impl Kl<'_> {
+    /// The averaged metric product at the cached states (the caller has made them its
+    /// point's).
+    fn metric_at_states(&self, c: &mut KlCache, v: &[f64], out: &mut [f64]) -> Result<()> {
+        let KlCache { states, work, .. } = c;
+        self.model.averaged_metric(states, self.mask, v, out, work)
+    }
+
     /// `f` of the samples' states, in sample order, when the last evaluation left them at
     /// `p` with their fields on the host on every rank (`None` otherwise).
     pub fn with_states_at<R>(&self, p: &[f64], f: impl FnOnce(&[State]) -> R) -> Option<R> {
@@ -224,8 +229,7 @@ impl MetricObjective for Kl<'_> {
     fn metric(&self, p: &[f64], v: &[f64], out: &mut [f64]) -> Result<()> {
         let mut c = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         self.ensure_states(p, &mut c)?;
-        let KlCache { states, work, .. } = &mut *c;
-        self.model.averaged_metric(states, self.mask, v, out, work)
+        self.metric_at_states(&mut c, v, out)
     }
 
     fn solve(
@@ -252,8 +256,7 @@ impl MetricObjective for Kl<'_> {
                 &*self.space,
                 |v, out| {
                     let mut c = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-                    let KlCache { states, work, .. } = &mut *c;
-                    self.model.averaged_metric(states, self.mask, v, out, work)
+                    self.metric_at_states(&mut c, v, out)
                 },
                 b,
                 x,
