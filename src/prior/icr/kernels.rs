@@ -184,7 +184,7 @@ pub(super) fn scatter_with<T: MatEntry, D: SiteDots>(
                 // the row dots of the last three sites: window value i of a slot sums the
                 // dots of sites i − 2, i − 1 and i (in that order), so it is written once,
                 // when site i is done, instead of being added to in memory three times
-                let (mut buf, mut r) = (T::buf(), [[0.0f64; 36]; 3]);
+                let mut r = [[0.0f64; 36]; 3];
                 let finish = |t: &mut [f64], r: &[[f64; 36]; 3], i: usize| {
                     for a in 0..9 {
                         let mut v = 0.0;
@@ -198,8 +198,11 @@ pub(super) fn scatter_with<T: MatEntry, D: SiteDots>(
                 };
                 for j in 0..ns {
                     let g: [f64; 8] = std::array::from_fn(|o| fb[(o / 2) * n_f + 2 * j + (o % 2)]);
-                    let m = T::site_f64(&mats[(class * ns + j) * SITE_LEN..][..SITE_LEN], &mut buf);
-                    d.dots(m, &g, &mut r[j % 3]);
+                    d.dots(
+                        &mats[(class * ns + j) * SITE_LEN..][..SITE_LEN],
+                        &g,
+                        &mut r[j % 3],
+                    );
                     xb[j * 8..j * 8 + 8].copy_from_slice(&r[j % 3][27..35]);
                     if j >= 2 {
                         let (r0, r1, r2) = (&r[j % 3], &r[(j + 2) % 3], &r[(j + 1) % 3]);

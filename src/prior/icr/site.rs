@@ -5,7 +5,8 @@
 
 use super::matrices::SITE_LEN;
 
-/// A matrix entry type: site matrices are read as f64 (an f32 site is widened first).
+/// A matrix entry type: site matrices are read as f64 (an f32 site is widened first, or
+/// four entries at a time where they are loaded).
 pub(super) trait MatEntry: Copy + Into<f64> + Sync {
     /// Room for one widened site (nothing for f64).
     type Buf;
@@ -13,6 +14,12 @@ pub(super) trait MatEntry: Copy + Into<f64> + Sync {
     fn buf() -> Self::Buf;
     /// The site's entries as f64, widened into `buf` if need be.
     fn site_f64<'a>(site: &'a [Self], buf: &'a mut Self::Buf) -> &'a [f64];
+    /// Four entries from `q[at..]` as f64 (exact: an f32 widens without rounding).
+    #[inline(always)]
+    fn widen4(q: &[Self], at: usize) -> [f64; 4] {
+        let q: &[Self; 4] = q[at..at + 4].try_into().expect("four entries");
+        q.map(Into::into)
+    }
 }
 
 impl MatEntry for f64 {
@@ -77,8 +84,8 @@ pub(super) fn sites_shared<S: pulp::Simd, const G: usize>(
 pub(super) trait SiteDots: Copy + Send + Sync {
     /// Runs `f` compiled for this instruction set.
     fn run<R>(self, f: impl FnOnce() -> R) -> R;
-    /// Row dots of the site matrix `m` with `g` into `r[..35]`.
-    fn dots(self, m: &[f64], g: &[f64; 8], r: &mut [f64; 36]);
+    /// Row dots of the site matrix `m` (f64, or f32 read as f64) with `g` into `r[..35]`.
+    fn dots<T: MatEntry>(self, m: &[T], g: &[f64; 8], r: &mut [f64; 36]);
 }
 
 /// Row dots one row at a time, for any instruction set.
@@ -91,9 +98,9 @@ impl SiteDots for Portable {
         f()
     }
     #[inline(always)]
-    fn dots(self, m: &[f64], g: &[f64; 8], r: &mut [f64; 36]) {
+    fn dots<T: MatEntry>(self, m: &[T], g: &[f64; 8], r: &mut [f64; 36]) {
         for (k, rk) in r.iter_mut().take(35).enumerate() {
-            let p: [f64; 8] = std::array::from_fn(|o| m[k * 8 + o] * g[o]);
+            let p: [f64; 8] = std::array::from_fn(|o| m[k * 8 + o].into() * g[o]);
             *rk = ((p[0] + p[4]) + (p[2] + p[6])) + ((p[1] + p[5]) + (p[3] + p[7]));
         }
     }
@@ -117,16 +124,17 @@ pub(super) mod avx2 {
             self.0.vectorize(f)
         }
         #[inline(always)]
-        fn dots(self, m: &[f64], g: &[f64; 8], r: &mut [f64; 36]) {
+        fn dots<T: super::MatEntry>(self, m: &[T], g: &[f64; 8], r: &mut [f64; 36]) {
             let (avx, avx2) = (self.0.avx, self.0.avx2);
-            let (rows, _) = <V3 as pulp::Simd>::as_simd_f64s(m);
             let gl: __m256d = cast([g[0], g[1], g[2], g[3]]);
             let gh: __m256d = cast([g[4], g[5], g[6], g[7]]);
-            // rows k and k + 1 … k + 3 (a missing row 35 reads row 34 again)
+            // rows k and k + 1 … k + 3 (a missing row 35 reads row 34 again); an f32 row
+            // widens as it is loaded, so the matrices cross the memory bus at their stored
+            // size and no widened copy is written per pixel
             let half_sum = |k: usize| -> __m256d {
                 let k = k.min(34);
-                let lo = avx._mm256_mul_pd(cast(rows[2 * k]), gl);
-                let hi = avx._mm256_mul_pd(cast(rows[2 * k + 1]), gh);
+                let lo = avx._mm256_mul_pd(cast(T::widen4(m, 8 * k)), gl);
+                let hi = avx._mm256_mul_pd(cast(T::widen4(m, 8 * k + 4)), gh);
                 avx._mm256_add_pd(lo, hi)
             };
             for (b, out) in r.chunks_exact_mut(4).enumerate() {
@@ -234,6 +242,33 @@ mod tests {
             check_shared::<2>(seed);
             check_shared::<3>(seed);
             check_shared::<4>(seed);
+        }
+    }
+
+    #[test]
+    fn row_dots_of_f32_sites_equal_those_of_the_widened_site() {
+        for seed in 0..20 {
+            let m32: Vec<f32> = values(SITE_LEN, 500 + seed)
+                .iter()
+                .map(|&v| v as f32)
+                .collect();
+            let m64: Vec<f64> = m32.iter().map(|&v| f64::from(v)).collect();
+            let g: [f64; 8] = values(8, 600 + seed).try_into().unwrap();
+            let (mut want, mut got) = ([0.0; 36], [0.0; 36]);
+            Portable.dots(&m64, &g, &mut want);
+            Portable.dots(&m32, &g, &mut got);
+            assert!(want
+                .iter()
+                .zip(&got)
+                .all(|(a, b)| a.to_bits() == b.to_bits()));
+            #[cfg(target_arch = "x86_64")]
+            if let Some(v3) = pulp::x86::V3::try_new() {
+                let d = avx2::Dots(v3);
+                d.run(|| d.dots(&m32, &g, &mut got));
+                for k in 0..35 {
+                    assert_eq!(got[k].to_bits(), want[k].to_bits(), "seed {seed} row {k}");
+                }
+            }
         }
     }
 

@@ -244,3 +244,27 @@ fn the_adjoint_site_products_are_the_same_with_and_without_vector_dots() {
         assert!(a.0.iter().any(|&x| x != 0.0));
     }
 }
+
+#[test]
+fn f32_matrices_move_a_prior_draw_by_under_1e_6_of_the_prior_std() {
+    // the stated error of `grid.matrix_precision = "f32"` (W1's chart): the matrices'
+    // rounding (2⁻²⁴ relative) carried through four refinements, 5e-8 rms and 5e-7 at most
+    let chart = Chart::new(2, 12, 4, 2, 40.0, 2000.0).unwrap();
+    let (i64, i32) = (
+        Icr::new(&chart, &K, Precision::F64).unwrap(),
+        Icr::new(&chart, &K, Precision::F32).unwrap(),
+    );
+    let (mut w64, mut w32) = (i64.workspace(), i32.workspace());
+    let x = gauss(i64.n_xi(), 7);
+    i64.forward(&x, &mut w64);
+    i32.forward(&x, &mut w32);
+    let (a, b) = (&w64.fields[4], &w32.fields[4]);
+    let worst = a
+        .iter()
+        .zip(b)
+        .map(|(p, q)| (p - q).abs())
+        .fold(0.0, f64::max);
+    let rms = (a.iter().zip(b).map(|(p, q)| (p - q).powi(2)).sum::<f64>() / a.len() as f64).sqrt();
+    println!("f32 matrices: field differs by {rms:.2e} rms, {worst:.2e} at most (prior std 1.5)");
+    assert!(worst < 1e-6 * K.std && worst > 0.0, "{worst:e}");
+}
