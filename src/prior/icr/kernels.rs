@@ -7,7 +7,7 @@
 use rayon::prelude::*;
 
 use super::matrices::SITE_LEN;
-use super::site::{sites_shared, MatEntry, Portable, SiteDots};
+use super::site::{prefetch, sites_shared, MatEntry, Portable, SiteDots};
 use super::Level;
 use crate::base::comm;
 use crate::base::simd::{self, WithSimd};
@@ -75,6 +75,24 @@ impl<T: MatEntry> WithSimd for RefineRun<'_, '_, T> {
         let class = level.geom.class[run[0] as usize] as usize;
         let mut buf = T::buf();
         for j in 0..ns {
+            // the next site's matrix and excitations, and the fine columns' lines four sites
+            // on, asked for ahead: a run of 8 pixels reads and writes about 40 streams at
+            // once, more than the hardware's prefetchers follow, and inside an iteration
+            // none of them is in cache (W1 forward with cold caches 9.3 → 6.8 ms)
+            if j + 1 < ns {
+                prefetch(&mats[(class * ns + j + 1) * SITE_LEN..][..SITE_LEN]);
+                for &p in run {
+                    prefetch(&xi[(p as usize * ns + j + 1) * 8..][..8]);
+                }
+            }
+            let n_f = level.n_f;
+            if j % 4 == 0 && 2 * (j + 4) < n_f {
+                for o in out.iter() {
+                    for c in 0..4 {
+                        prefetch(&o[c * n_f + 2 * (j + 4)..][..1]);
+                    }
+                }
+            }
             let m = T::site_f64(&mats[(class * ns + j) * SITE_LEN..][..SITE_LEN], &mut buf);
             let site = Site {
                 level,
@@ -174,8 +192,21 @@ pub(super) fn scatter_with<T: MatEntry, D: SiteDots>(
     let (n_c, n_f, ns) = (level.n_c, level.n_f, level.n_sites_r());
     let (tp, xp) = (DisjointMut::new(scatter), DisjointMut::new(xi_bar));
     level.by_class.par_chunks(8).for_each(|ps| {
-        for &p in ps {
+        for (k, &p) in ps.iter().enumerate() {
             let p = p as usize;
+            // the next pixel's cotangents and output chunks on their way meanwhile: inside an
+            // iteration they are in memory, not in cache, and the hardware's prefetchers do
+            // not follow this many streams (W1 adjoint with cold caches 12.2 → 10.3 ms)
+            if let Some(&q) = ps.get(k + 1) {
+                let q = q as usize;
+                prefetch(&fine_bar[4 * q * n_f..4 * (q + 1) * n_f]);
+                // SAFETY: pixel q is this chunk's (no other thread touches its chunks) and
+                // not p, so these borrows, dropped at once, overlap no live one
+                let (tq, xq) =
+                    unsafe { (tp.chunk(q * 9 * n_c, 9 * n_c), xp.chunk(q * ns * 8, ns * 8)) };
+                prefetch(tq);
+                prefetch(xq);
+            }
             // SAFETY: every pixel occurs once in `by_class`, so the chunks are disjoint
             let (t, xb) = unsafe { (tp.chunk(p * 9 * n_c, 9 * n_c), xp.chunk(p * ns * 8, ns * 8)) };
             d.run(|| {
@@ -197,6 +228,9 @@ pub(super) fn scatter_with<T: MatEntry, D: SiteDots>(
                     }
                 };
                 for j in 0..ns {
+                    if j + 1 < ns {
+                        prefetch(&mats[(class * ns + j + 1) * SITE_LEN..][..SITE_LEN]);
+                    }
                     let g: [f64; 8] = std::array::from_fn(|o| fb[(o / 2) * n_f + 2 * j + (o % 2)]);
                     d.dots(
                         &mats[(class * ns + j) * SITE_LEN..][..SITE_LEN],

@@ -47,6 +47,24 @@ impl MatEntry for f32 {
     }
 }
 
+/// Asks the cache for the lines of `s` ahead of their use (a hint, no effect on results;
+/// nothing where the target has no prefetch instruction).
+#[inline(always)]
+pub(super) fn prefetch<T>(s: &[T]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use core::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let bytes = std::mem::size_of_val(s);
+        let p = s.as_ptr().cast::<i8>();
+        for off in (0..bytes).step_by(64) {
+            // SAFETY: a prefetch reads nothing and cannot fault; the address is within `s`
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.add(off)) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = s;
+}
+
 /// The products of one site matrix `m` with the inputs `v` of `G` pixels, each summed over
 /// its 35 rows in row order (as one pixel alone would be), as explicit vectors of the
 /// dispatched instruction set: a site's 8 outputs are `8 / lanes` vectors, each row is loaded
