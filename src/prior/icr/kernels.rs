@@ -7,7 +7,7 @@
 use rayon::prelude::*;
 
 use super::matrices::SITE_LEN;
-use super::site::{prefetch, sites_shared, MatEntry, Portable, SiteDots};
+use super::site::{prefetch, prefetch_head, sites_shared, MatEntry, Portable, SiteDots};
 use super::Level;
 use crate::base::comm;
 use crate::base::simd::{self, WithSimd};
@@ -200,16 +200,16 @@ pub(super) fn scatter_with<T: MatEntry, D: SiteDots>(
             if let Some(&q) = ps.get(k + 1) {
                 let q = q as usize;
                 for c in 0..4 {
-                    prefetch(&fine_bar[(4 * q + c) * n_f..][..8]);
+                    prefetch_head(&fine_bar[(4 * q + c) * n_f..], 8);
                 }
                 // SAFETY: pixel q is this chunk's (no other thread touches its chunks) and
                 // not p, so these borrows, dropped at once, overlap no live one
                 let (tq, xq) =
                     unsafe { (tp.chunk(q * 9 * n_c, 9 * n_c), xp.chunk(q * ns * 8, ns * 8)) };
                 for a in 0..9 {
-                    prefetch(&tq[a * n_c..][..8]);
+                    prefetch_head(&tq[a * n_c..], 8);
                 }
-                prefetch(&xq[..16]);
+                prefetch_head(xq, 16);
             }
             // SAFETY: every pixel occurs once in `by_class`, so the chunks are disjoint
             let (t, xb) = unsafe { (tp.chunk(p * 9 * n_c, 9 * n_c), xp.chunk(p * ns * 8, ns * 8)) };

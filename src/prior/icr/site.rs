@@ -65,6 +65,12 @@ pub(super) fn prefetch<T>(s: &[T]) {
     let _ = s;
 }
 
+/// [`prefetch`] of the first `n` values of `s` (all of them if it is shorter).
+#[inline(always)]
+pub(super) fn prefetch_head<T>(s: &[T], n: usize) {
+    prefetch(&s[..n.min(s.len())]);
+}
+
 /// The products of one site matrix `m` with the inputs `v` of `G` pixels, each summed over
 /// its 35 rows in row order (as one pixel alone would be), as explicit vectors of the
 /// dispatched instruction set: a site's 8 outputs are `8 / lanes` vectors, each row is loaded

@@ -20,8 +20,9 @@ const K: Matern = Matern {
 
 #[test]
 fn adjoint_dot_product_every_level() {
-    for levels in 0..=3 {
-        let chart = Chart::new(1, 8, levels, 1, 40.0, 600.0).unwrap();
+    // four level-0 shells too: columns shorter than the kernels' prefetch distances
+    for (levels, n_r0) in (0..=3).map(|l| (l, 8)).chain([(1, 4), (2, 4)]) {
+        let chart = Chart::new(1, n_r0, levels, 1, 40.0, 600.0).unwrap();
         for (prec, correct) in [
             (Precision::F64, false),
             (Precision::F32, false),
