@@ -114,6 +114,16 @@ impl<'a> Kl<'a> {
         }
     }
 
+    /// Whether every sample point has p's ξ_σ: the residuals and shifts cover x alone (ξ_σ
+    /// is not sampled), so the samples' n_σ are one computation.
+    fn samples_share_xsig(&self) -> bool {
+        let np = self.model.n_params();
+        self.residuals
+            .iter()
+            .chain(self.shifts)
+            .all(|v| v.len() <= np)
+    }
+
     /// Write sample point `j`, p + c_k ± δ_k, into `out` (sized on first use, then reused).
     fn fill_sample(&self, p: &[f64], j: usize, out: &mut Vec<f64>) {
         out.resize(p.len(), 0.0);
@@ -137,13 +147,20 @@ impl<'a> Kl<'a> {
             return Ok(());
         }
         let np = self.model.n_params();
+        let shared_sig = self.samples_share_xsig();
         let KlCache {
             states, work, xk, ..
         } = c;
-        for (j, st) in states.iter_mut().enumerate() {
+        for j in 0..states.len() {
             self.fill_sample(p, j, xk);
             let (xk, xsig) = xk.split_at(np);
-            if let Err(e) = self.model.update_state(xk, xsig, st, work) {
+            let (done, rest) = states.split_at_mut(j);
+            let same_sig = done.first().filter(|_| shared_sig);
+            let st = &mut rest[0];
+            if let Err(e) = self
+                .model
+                .update_state_sharing(xk, xsig, same_sig, st, work)
+            {
                 // the cached states are half updated: none of them may be reused
                 c.at_valid = false;
                 return Err(e);
@@ -201,10 +218,13 @@ impl MetricObjective for Kl<'_> {
         let mut value = 0.0;
         // one fused pass per sample: value, gradient, and the state the metric will reuse
         *at_valid = false;
-        for (j, st) in states.iter_mut().enumerate() {
+        let shared_sig = self.samples_share_xsig();
+        for j in 0..states.len() {
             self.fill_sample(p, j, xk);
             let (xk, xsig) = xk.split_at(np);
-            value += self.model.value_grad(xk, xsig, st, gx, gs, work)? / n;
+            let (done, rest) = states.split_at_mut(j);
+            let st = (&mut rest[0], done.first().filter(|_| shared_sig));
+            value += self.model.value_grad_sharing(xk, xsig, st, gx, gs, work)? / n;
             let (g_x, g_s) = g.split_at_mut(np);
             let before: Vec<f64> = self.mask.held().iter().map(|&h| g_x[h]).collect();
             g_x.par_iter_mut()
