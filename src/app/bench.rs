@@ -89,7 +89,7 @@ pub fn median_time(reps: usize, mut f: impl FnMut()) -> f64 {
 const EVICT_BYTES: usize = 640 << 20;
 
 /// [`median_time`] with the caches evicted before each run (a pass writing and reading
-/// [`EVICT_BYTES`]): the operation's matrices and vectors start in memory, as they do inside
+/// 640 MiB): the operation's matrices and vectors start in memory, as they do inside
 /// an MGVI iteration, where the star walks and other vectors pass between two ICR calls.
 pub fn median_time_cold(reps: usize, mut f: impl FnMut()) -> f64 {
     use rayon::prelude::*;
