@@ -73,15 +73,7 @@ pub fn peak_rss_bytes() -> u64 {
 pub fn median_time(reps: usize, mut f: impl FnMut()) -> f64 {
     f();
     f();
-    let mut t: Vec<f64> = (0..reps.max(1))
-        .map(|_| {
-            let s = Instant::now();
-            f();
-            s.elapsed().as_secs_f64()
-        })
-        .collect();
-    t.sort_by(f64::total_cmp);
-    t[t.len() / 2]
+    median_after(reps, |_| {}, f)
 }
 
 /// Bytes streamed through before each run of [`median_time_cold`]: beyond the last-level
@@ -91,16 +83,24 @@ const EVICT_BYTES: usize = 640 << 20;
 /// [`median_time`] with the caches evicted before each run (a pass writing and reading
 /// 640 MiB): the operation's matrices and vectors start in memory, as they do inside
 /// an MGVI iteration, where the star walks and other vectors pass between two ICR calls.
-pub fn median_time_cold(reps: usize, mut f: impl FnMut()) -> f64 {
+pub fn median_time_cold(reps: usize, f: impl FnMut()) -> f64 {
     use rayon::prelude::*;
     let mut evict = vec![0u64; EVICT_BYTES / 8];
+    let evict_caches = |r: usize| {
+        evict
+            .par_iter_mut()
+            .with_min_len(1 << 16)
+            .for_each(|v| *v = v.wrapping_add(r as u64 + 1));
+        std::hint::black_box(evict.par_iter().with_min_len(1 << 16).sum::<u64>());
+    };
+    median_after(reps, evict_caches, f)
+}
+
+/// Median wall time of `reps` calls of `f`, each after an untimed `before(repetition)`.
+fn median_after(reps: usize, mut before: impl FnMut(usize), mut f: impl FnMut()) -> f64 {
     let mut t: Vec<f64> = (0..reps.max(1))
         .map(|r| {
-            evict
-                .par_iter_mut()
-                .with_min_len(1 << 16)
-                .for_each(|v| *v = v.wrapping_add(r as u64 + 1));
-            std::hint::black_box(evict.par_iter().with_min_len(1 << 16).sum::<u64>());
+            before(r);
             let s = Instant::now();
             f();
             s.elapsed().as_secs_f64()
