@@ -199,17 +199,11 @@ pub(super) fn scatter_with<T: MatEntry, D: SiteDots>(
             // memory, not in cache (W1 adjoint with cold caches 12.2 → 8.9 ms)
             if let Some(&q) = ps.get(k + 1) {
                 let q = q as usize;
-                for c in 0..4 {
-                    prefetch_head(&fine_bar[(4 * q + c) * n_f..], 8);
-                }
                 // SAFETY: pixel q is this chunk's (no other thread touches its chunks) and
                 // not p, so these borrows, dropped at once, overlap no live one
-                let (tq, xq) =
+                let next =
                     unsafe { (tp.chunk(q * 9 * n_c, 9 * n_c), xp.chunk(q * ns * 8, ns * 8)) };
-                for a in 0..9 {
-                    prefetch_head(&tq[a * n_c..], 8);
-                }
-                prefetch_head(xq, 16);
+                prefetch_heads(level, &fine_bar[4 * q * n_f..4 * (q + 1) * n_f], next);
             }
             // SAFETY: every pixel occurs once in `by_class`, so the chunks are disjoint
             let (t, xb) = unsafe { (tp.chunk(p * 9 * n_c, 9 * n_c), xp.chunk(p * ns * 8, ns * 8)) };
@@ -269,6 +263,18 @@ pub(super) fn scatter_with<T: MatEntry, D: SiteDots>(
             })
         }
     });
+}
+
+/// The first lines of a pixel's fine cotangents `fb`, window chunks and excitation
+/// cotangents, asked for before its sites (the rest come a few sites ahead in the site loop).
+fn prefetch_heads(level: &Level, fb: &[f64], (t, xb): (&mut [f64], &mut [f64])) {
+    for c in 0..4 {
+        prefetch_head(&fb[c * level.n_f..], 8);
+    }
+    for a in 0..9 {
+        prefetch_head(&t[a * level.n_c..], 8);
+    }
+    prefetch_head(xb, 16);
 }
 
 /// Transpose of [`refine`], second half: each coarse cotangent sums its window chunks in the
