@@ -154,9 +154,7 @@ impl<'a> Kl<'a> {
         for j in 0..states.len() {
             self.fill_sample(p, j, xk);
             let (xk, xsig) = xk.split_at(np);
-            let (done, rest) = states.split_at_mut(j);
-            let same_sig = done.first().filter(|_| shared_sig);
-            let st = &mut rest[0];
+            let (st, same_sig) = state_and_sig_source(states, j, shared_sig);
             if let Err(e) = self
                 .model
                 .update_state_sharing(xk, xsig, same_sig, st, work)
@@ -186,6 +184,17 @@ impl<'a> Kl<'a> {
         // every rank must take the same branch: the caller's fallback communicates
         self.space.all(here).then(|| f(&c.states))
     }
+}
+
+/// Sample state `j` to update, and the first state to copy its n_σ from when the samples
+/// `share` ξ_σ (none for the first).
+fn state_and_sig_source(
+    states: &mut [State],
+    j: usize,
+    share: bool,
+) -> (&mut State, Option<&State>) {
+    let (done, rest) = states.split_at_mut(j);
+    (&mut rest[0], done.first().filter(|_| share))
 }
 
 impl MetricObjective for Kl<'_> {
@@ -222,8 +231,7 @@ impl MetricObjective for Kl<'_> {
         for j in 0..states.len() {
             self.fill_sample(p, j, xk);
             let (xk, xsig) = xk.split_at(np);
-            let (done, rest) = states.split_at_mut(j);
-            let st = (&mut rest[0], done.first().filter(|_| shared_sig));
+            let st = state_and_sig_source(states, j, shared_sig);
             value += self.model.value_grad_sharing(xk, xsig, st, gx, gs, work)? / n;
             let (g_x, g_s) = g.split_at_mut(np);
             let before: Vec<f64> = self.mask.held().iter().map(|&h| g_x[h]).collect();
