@@ -41,6 +41,52 @@ pub trait Backend: Send + Sync {
         w: &mut ModelWork,
     ) -> Result<[f64; 3]>;
 
+    /// Whether this backend evaluates the KL's sample states of model `m` four at a time
+    /// ([`Backend::value_grad_prepare`], [`Backend::value_grad_walk`],
+    /// [`Backend::value_grad_finish`]: one walk of the stars for the four, as the averaged
+    /// metric does). When not, those three are never called.
+    fn walks_states_together(&self, _m: &ModelCore) -> bool {
+        false
+    }
+
+    /// The first part of [`Backend::value_grad`] for one of several states: `st.s` and
+    /// `st.rw` for ICR excitations `xi` (scale, offset and n_σ already set).
+    fn value_grad_prepare(
+        &self,
+        _m: &ModelCore,
+        _xi: &[f64],
+        _st: &mut State,
+        _w: &mut ModelWork,
+    ) -> Result<()> {
+        anyhow::bail!("{} evaluates states one at a time", self.describe())
+    }
+
+    /// The stars' part of [`Backend::value_grad`] for four prepared states at once: their ā
+    /// and σ_a², and what [`Backend::value_grad_finish`] needs, kept in `w`.
+    fn value_grad_walk(
+        &self,
+        _m: &ModelCore,
+        _states: &mut [State],
+        _w: &mut ModelWork,
+    ) -> Result<()> {
+        anyhow::bail!("{} evaluates states one at a time", self.describe())
+    }
+
+    /// The rest of [`Backend::value_grad`] for state `k` of the last walk: the ICR part of
+    /// the gradient into `g_xi`, the ξ_σ gradient (its prior term from `xsig`) into `gsig`;
+    /// returns [energy, ∂E/∂scale, ∂E/∂offset].
+    fn value_grad_finish(
+        &self,
+        _m: &ModelCore,
+        _k: usize,
+        _xsig: &[f64],
+        _g_xi: &mut [f64],
+        _gsig: &mut [f64],
+        _w: &mut ModelWork,
+    ) -> Result<[f64; 3]> {
+        anyhow::bail!("{} evaluates states one at a time", self.describe())
+    }
+
     /// Star tangents (δā, δσ_a²) at `st` for an ICR tangent `dxi` and value tangents
     /// `dscl`, `doff` of the scale and offset.
     #[allow(clippy::too_many_arguments)]

@@ -92,6 +92,20 @@ pub struct ModelWork {
     pub(crate) pix_energy: Vec<f64>,
     pub(crate) acc: Vec<f64>,
     pub(crate) masked: Vec<f64>,
+    /// What a walk of several states at once leaves for each state's adjoint
+    /// ([`super::backend::Backend::value_grad_walk`]; empty until one runs).
+    pub(crate) slots: Vec<StateSlot>,
+}
+
+/// One state's results of a walk of several states at once, until its adjoint: the final
+/// chart field's cotangent, each pixel's [Σ s t, Σ t] and energy, and each star's ξ_σ
+/// gradient without its prior term.
+#[derive(Default)]
+pub(crate) struct StateSlot {
+    pub(crate) sbar: Vec<f64>,
+    pub(crate) pix_scalars: Vec<[f64; 2]>,
+    pub(crate) pix_energy: Vec<f64>,
+    pub(crate) gsig: Vec<f64>,
 }
 
 impl ModelCore {
@@ -197,6 +211,7 @@ impl ModelCore {
             pix_energy: vec![0.0; self.npix()],
             acc: Vec::new(),
             masked: Vec::new(),
+            slots: Vec::new(),
         }
     }
 }

@@ -65,12 +65,41 @@ fn tangent_entry<O: QuadOps>(o: O, [p, f, h]: [O::V; 3], col: [&Quad; 4], xy: &m
 /// means `abar` in `q`'s lanes): [`super::response::jvp`] for each lane.
 #[inline(always)]
 pub(super) fn jvp<O: QuadOps>(o: O, win: &Window<'_>, q: &QuadColumns, abar: Quad) -> (Quad, Quad) {
+    let (da, dm) = sums::<O, false>(o, win, q);
+    let mut dv = [0.0; 4];
+    for s in 0..4 {
+        dv[s] = 2.0 * dm[s] - 2.0 * win.kappa * abar[s] * da[s];
+    }
+    (da, dv)
+}
+
+/// ā and σ_a² of one star for four states (their columns in `q`'s lanes; `q.dr` and `q.dc`
+/// are not read): [`super::response::moments`] for each lane.
+#[inline(always)]
+pub(super) fn moments<O: QuadOps>(o: O, win: &Window<'_>, q: &QuadColumns) -> (Quad, Quad) {
+    let (a, m) = sums::<O, true>(o, win, q);
+    let mut v = [0.0; 4];
+    for s in 0..4 {
+        v[s] = m[s] - win.kappa * a[s] * a[s];
+    }
+    (a, v)
+}
+
+/// The window sums `(Σ p δc̃, Σ p (c̃ δc̃ + r δr h))` of one star for four states: those of
+/// `response::window_sums` for each lane, the "beyond the grid" bin included; with `OWN`,
+/// for the columns as their own tangents (the moments' sums, without reading `q.dr`, `q.dc`).
+#[inline(always)]
+fn sums<O: QuadOps, const OWN: bool>(o: O, win: &Window<'_>, q: &QuadColumns) -> (Quad, Quad) {
     let n = q.r.len();
     let k = kept(win, n);
     let len = k.p.len();
     let kr = k.shells();
     let (r, c) = (&q.r[kr.clone()], &q.c[kr.clone()]);
-    let (dr, dc) = (&q.dr[kr.clone()], &q.dc[kr]);
+    let (dr, dc) = if OWN {
+        (r, c)
+    } else {
+        (&q.dr[kr.clone()], &q.dc[kr])
+    };
     let col = |j: usize| [&r[j], &c[j], &dr[j], &dc[j]];
     let full = len - len % LANES;
     let zero = o.splat(0.0);
@@ -89,22 +118,19 @@ pub(super) fn jvp<O: QuadOps>(o: O, win: &Window<'_>, q: &QuadColumns, abar: Qua
         let [a, b, c, d] = acc.map(|a| a[i]);
         o.add(o.add(a, b), o.add(c, d))
     };
-    let mut da = [0.0; 4];
-    let mut dm = [0.0; 4];
-    o.store(&mut da, total(0));
-    o.store(&mut dm, total(1));
+    let mut x = [0.0; 4];
+    let mut y = [0.0; 4];
+    o.store(&mut x, total(0));
+    o.store(&mut y, total(1));
     if k.beyond {
         let pj = f64::from(win.prob[win.prob.len() - 1]);
+        let dc_n = if OWN { &q.c[n] } else { &q.dc[n] };
         for s in 0..4 {
-            da[s] += pj * q.dc[n][s];
-            dm[s] += pj * q.c[n][s] * q.dc[n][s];
+            x[s] += pj * dc_n[s];
+            y[s] += pj * q.c[n][s] * dc_n[s];
         }
     }
-    let mut dv = [0.0; 4];
-    for s in 0..4 {
-        dv[s] = 2.0 * dm[s] - 2.0 * win.kappa * abar[s] * da[s];
-    }
-    (da, dv)
+    (x, y)
 }
 
 /// One entry's share of the cotangents, four states at once: the operations of the loop of

@@ -228,26 +228,32 @@ impl MetricObjective for Kl<'_> {
         // one fused pass per sample: value, gradient, and the state the metric will reuse
         *at_valid = false;
         let shared_sig = self.samples_share_xsig();
-        for j in 0..states.len() {
-            self.fill_sample(p, j, xk);
-            let (xk, xsig) = xk.split_at(np);
-            let st = state_and_sig_source(states, j, shared_sig);
-            value += self.model.value_grad_sharing(xk, xsig, st, gx, gs, work)? / n;
+        let mask = self.mask;
+        let mut point = |j: usize, buf: &mut Vec<f64>| self.fill_sample(p, j, buf);
+        let mut take = |_: usize, v: f64, gx: &[f64], gs: &[f64]| {
+            value += v / n;
             let (g_x, g_s) = g.split_at_mut(np);
-            let before: Vec<f64> = self.mask.held().iter().map(|&h| g_x[h]).collect();
+            let before: Vec<f64> = mask.held().iter().map(|&h| g_x[h]).collect();
             g_x.par_iter_mut()
                 .with_min_len(PAR_MIN_LEN)
-                .zip(&gx[..])
+                .zip(gx)
                 .for_each(|(o, v)| *o += v / n);
             // a held entry's gradient stays (signed) zero
-            for (&h, b) in self.mask.held().iter().zip(before) {
+            for (&h, b) in mask.held().iter().zip(before) {
                 g_x[h] = b + 0.0 * gx[h] / n;
             }
             g_s.par_iter_mut()
                 .with_min_len(PAR_MIN_LEN)
-                .zip(&gs[..])
+                .zip(gs)
                 .for_each(|(o, v)| *o += v / n);
-        }
+        };
+        self.model.value_grad_states(
+            states,
+            shared_sig,
+            (&mut point, &mut take),
+            (xk, gx, gs),
+            work,
+        )?;
         par_copy(at, p);
         *at_valid = true;
         self.record(p, states);

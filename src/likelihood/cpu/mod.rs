@@ -3,6 +3,7 @@
 //! results do not depend on the thread count or the MPI rank count.
 
 mod passes;
+mod states;
 
 use anyhow::Result;
 use rayon::prelude::*;
@@ -120,6 +121,42 @@ impl Backend for Cpu {
         m.icr.adjoint(sbar_all, g_xi, icr);
         let [g_scl, g_off] = m.dom.pixel_sum2(pix_scalars);
         Ok([m.dom.pixel_sum(pix_energy), g_scl, g_off])
+    }
+
+    fn walks_states_together(&self, m: &ModelCore) -> bool {
+        states::together(m)
+    }
+
+    fn value_grad_prepare(
+        &self,
+        m: &ModelCore,
+        xi: &[f64],
+        st: &mut State,
+        w: &mut ModelWork,
+    ) -> Result<()> {
+        states::prepare(m, xi, st, w);
+        Ok(())
+    }
+
+    fn value_grad_walk(
+        &self,
+        m: &ModelCore,
+        states: &mut [State],
+        w: &mut ModelWork,
+    ) -> Result<()> {
+        states::walk(m, states, w)
+    }
+
+    fn value_grad_finish(
+        &self,
+        m: &ModelCore,
+        k: usize,
+        xsig: &[f64],
+        g_xi: &mut [f64],
+        gsig: &mut [f64],
+        w: &mut ModelWork,
+    ) -> Result<[f64; 3]> {
+        states::finish(m, k, xsig, g_xi, gsig, w)
     }
 
     fn jvp(

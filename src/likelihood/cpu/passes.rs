@@ -125,6 +125,59 @@ impl LanesOp for EnergyPass<'_> {
     }
 }
 
+/// [`EnergyPass`] for four states at once (their columns in `q.r` and `q.c`; cotangents
+/// added into `q.rb` and `q.cb`): each star's window is
+/// walked once for all four. Writes each state's ā, σ_a² and the ξ_σ gradient less its prior
+/// term (`xsig`, added by the caller) into `out[s]` (from the pixel's first star); returns
+/// the states' energies. Each lane computes [`EnergyPass`]'s operations in its order.
+pub(super) struct EnergyQuad<'a, 'b> {
+    pub m: &'a ModelCore,
+    /// Each state's n_σ and dn_σ/dξ_σ of all stars.
+    pub sig: [[&'a [f64]; 2]; 4],
+    pub stars: Range<usize>,
+    pub q: &'b mut QuadColumns,
+    pub out: [[&'b mut [f64]; 3]; 4],
+}
+
+impl LanesOp for EnergyQuad<'_, '_> {
+    type Output = [f64; 4];
+    #[inline(always)]
+    fn with_lanes<L: Lanes>(self, lanes: L) -> [f64; 4] {
+        let EnergyQuad {
+            m,
+            sig,
+            stars,
+            q,
+            out,
+        } = self;
+        let (d, o) = (&m.data, lanes.quad());
+        let mut e = [0.0; 4];
+        for (j, i) in stars.enumerate() {
+            let win = d.windows.of(i);
+            let (ab, va) = quad::moments(o, &win, q);
+            let (mut ca, mut cv) = ([0.0; 4], [0.0; 4]);
+            for s in 0..4 {
+                let [nsig, dnsig] = sig[s];
+                let ns = nsig[i] * d.a_err[i];
+                let vv = ns * ns + m.distance_part(va[s]);
+                let r = d.a_obs[i] - ab[s];
+                let (ei, ga, gv) = m.star_energy(i, r, vv);
+                e[s] += ei;
+                (ca[s], cv[s]) = (ga, m.distance_part(gv));
+                out[s][0][j] = ab[s];
+                out[s][1][j] = vv;
+                out[s][2][j] = if m.infer_nsigma {
+                    gv * 2.0 * ns * d.a_err[i] * dnsig[i]
+                } else {
+                    0.0
+                };
+            }
+            quad::vjp(o, &win, q, ab, [ca, cv]);
+        }
+        e
+    }
+}
+
 /// The cotangents `(ca, cv)` (on ā and σ_a² of all stars) of the stars `stars` of one
 /// pixel, added into the cotangents `bars` of its column and inner columns.
 pub(super) struct CotangentPass<'a> {

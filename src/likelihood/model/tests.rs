@@ -487,3 +487,68 @@ fn without_distance_variance_gradient_and_metric_are_exact() {
         assert!((l - r).abs() <= 1e-10 * r, "vᵀMv {l} vs {r}");
     }
 }
+
+/// The KL's sample states evaluated four at a time in one walk of the stars (the CPU
+/// backend) give the bits of one at a time: states, energies and both gradients; six states
+/// (a walk of four and two alone), with n_σ shared from the first state and not.
+#[test]
+fn states_walked_together_equal_one_at_a_time() {
+    let (m, x_true, _) = setup(400, true, "volume");
+    assert!(m.backend.walks_states_together(&m.core));
+    let (n, np) = (m.data.len(), m.n_params());
+    let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    for share in [false, true] {
+        let points: Vec<Vec<f64>> = (0..6)
+            .map(|j| {
+                let mut p = axpy(&x_true, 0.3, &gauss(np, 30 + j, 1.0));
+                // shared n_σ: every state at the first state's ξ_σ, as the KL's are
+                p.extend(gauss(n, if share { 40 } else { 40 + j }, 1.0));
+                p
+            })
+            .collect();
+        let mut together: Vec<State> = (0..6).map(|_| m.empty_state()).collect();
+        let (mut xk, mut gx, mut gs) = (Vec::new(), vec![0.0; np], vec![0.0; n]);
+        let mut got = Vec::new();
+        let mut point = |j: usize, b: &mut Vec<f64>| {
+            b.clear();
+            b.extend_from_slice(&points[j]);
+        };
+        let mut take = |j: usize, v: f64, gx: &[f64], gs: &[f64]| {
+            got.push((j, v, gx.to_vec(), gs.to_vec()));
+        };
+        let mut w = m.workspace();
+        let bufs = (&mut xk, &mut gx[..], &mut gs[..]);
+        m.value_grad_states(&mut together, share, (&mut point, &mut take), bufs, &mut w)
+            .unwrap();
+        let mut one: Vec<State> = (0..6).map(|_| m.empty_state()).collect();
+        let mut w1 = m.workspace();
+        for (j, p) in points.iter().enumerate() {
+            let (x, xs) = p.split_at(np);
+            let (done, rest) = one.split_at_mut(j);
+            let same = done.first().filter(|_| share);
+            let st = (&mut rest[0], same);
+            let v = m
+                .value_grad_sharing(x, xs, st, &mut gx, &mut gs, &mut w1)
+                .unwrap();
+            let (k, value, gx_k, gs_k) = &got[j];
+            assert_eq!(
+                (*k, value.to_bits()),
+                (j, v.to_bits()),
+                "state {j}, share {share}"
+            );
+            assert_eq!(bits(gx_k), bits(&gx), "state {j}: gradient in x");
+            assert_eq!(bits(gs_k), bits(&gs), "state {j}: gradient in ξ_σ");
+            let (a, b) = (&together[j], &one[j]);
+            for (u, v, what) in [
+                (&a.s, &b.s, "s"),
+                (&a.rw, &b.rw, "rw"),
+                (&a.abar, &b.abar, "abar"),
+                (&a.var, &b.var, "var"),
+                (&a.nsig, &b.nsig, "nsig"),
+            ] {
+                assert_eq!(bits(u), bits(v), "state {j}: {what}");
+            }
+            assert_eq!([a.scl, a.off, a.dscl], [b.scl, b.off, b.dscl]);
+        }
+    }
+}
