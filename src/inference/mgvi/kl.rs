@@ -225,7 +225,8 @@ impl MetricObjective for Kl<'_> {
         let n = states.len() as f64;
         par_zero(g);
         let mut value = 0.0;
-        // one fused pass per sample: value, gradient, and the state the metric will reuse
+        // one fused pass per sample (four samples in one where the backend walks them
+        // together): value, gradient, and the state the metric will reuse
         *at_valid = false;
         let shared_sig = self.samples_share_xsig();
         let mask = self.mask;

@@ -23,7 +23,8 @@ use crate::likelihood::state::State;
 /// docs/performance.md, "value and gradient of four states in one walk").
 const TOGETHER_MAX_ENTRIES: usize = 32;
 
-/// Whether the KL's states are walked four at a time on `m` (see [`TOGETHER_MAX_ENTRIES`]).
+/// Whether the KL's states are walked four at a time on this rank's part of `m` (see
+/// [`TOGETHER_MAX_ENTRIES`]; the model walks them together only where every rank does).
 pub(super) fn together(m: &ModelCore) -> bool {
     m.data.windows.prob.len() <= TOGETHER_MAX_ENTRIES * m.data.len()
 }

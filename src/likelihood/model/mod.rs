@@ -375,7 +375,10 @@ impl Model {
         w: &mut ModelWork,
     ) -> Result<()> {
         let (np, nxi) = (self.n_params(), self.icr.n_xi());
-        let together = if self.backend.walks_states_together(&self.core) {
+        // decided on all ranks together: a walk orders the ICR's exchanges and the sums'
+        // reductions differently from one state at a time, so every rank must take the same path
+        let walk = self.backend.walks_states_together(&self.core);
+        let together = if self.dom.decomp.all(walk) {
             states.len() / 4 * 4
         } else {
             0
