@@ -48,6 +48,22 @@ impl QuadColumns {
     }
 }
 
+impl QuadColumns {
+    /// The inner columns' cotangents folded into the column's, lane by lane
+    /// ([`super::response::finish_vjp`] for each state).
+    #[inline(always)]
+    pub(super) fn fold_bars(&mut self) {
+        let n = self.r.len();
+        let mut acc = self.cb[n];
+        for k in (0..n).rev() {
+            for s in 0..4 {
+                self.rb[k][s] += acc[s];
+                acc[s] += self.cb[k][s];
+            }
+        }
+    }
+}
+
 /// One entry's share of the tangent sums, four states at once: the operations of
 /// `lanes::tangent_terms`, lane by lane, for the entry `e` and the columns `[r, c, dr, dc]`
 /// at its shell.

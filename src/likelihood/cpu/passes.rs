@@ -106,23 +106,54 @@ impl LanesOp for EnergyPass<'_> {
         for (j, i) in stars.enumerate() {
             let win = d.windows.of(i);
             let (ab, va) = moments(lanes, win, col[0], col[1]);
-            let ns = nsig[i] * d.a_err[i];
-            let vv = ns * ns + m.distance_part(va);
-            let r = d.a_obs[i] - ab;
-            let (ei, ca, cv) = m.star_energy(i, r, vv);
-            e += ei;
-            let cot = [ca, m.distance_part(cv)];
-            vjp(win, col, ab, cot, [&mut *rw_bar, &mut *cum_bar]);
+            let t = star_terms(m, i, (ab, va), [nsig, dnsig]);
+            e += t.energy;
+            vjp(win, col, ab, t.cot, [&mut *rw_bar, &mut *cum_bar]);
             a[j] = ab;
-            v[j] = vv;
+            v[j] = t.var;
             g[j] = if m.infer_nsigma {
-                cv * 2.0 * ns * d.a_err[i] * dnsig[i] + xsig[i]
+                t.gsig + xsig[i]
             } else {
                 0.0
             };
         }
         e
     }
+}
+
+/// One star's part of the energy at its moments `(ā, σ_a²)` with n_σ and dn_σ/dξ_σ of all
+/// stars in `sig`: its variance v, energy, cotangents on ā and σ_a², and ξ_σ gradient less
+/// its prior term (0 where ξ_σ is not inferred; the operations [`EnergyPass`] and
+/// [`EnergyQuad`] share, in their order).
+#[inline(always)]
+fn star_terms(
+    m: &ModelCore,
+    i: usize,
+    (ab, va): (f64, f64),
+    [nsig, dnsig]: [&[f64]; 2],
+) -> StarTerms {
+    let d = &m.data;
+    let ns = nsig[i] * d.a_err[i];
+    let var = ns * ns + m.distance_part(va);
+    let (energy, ca, cv) = m.star_energy(i, d.a_obs[i] - ab, var);
+    StarTerms {
+        var,
+        energy,
+        cot: [ca, m.distance_part(cv)],
+        gsig: if m.infer_nsigma {
+            cv * 2.0 * ns * d.a_err[i] * dnsig[i]
+        } else {
+            0.0
+        },
+    }
+}
+
+/// [`star_terms`]' results.
+struct StarTerms {
+    var: f64,
+    energy: f64,
+    cot: [f64; 2],
+    gsig: f64,
 }
 
 /// [`EnergyPass`] for four states at once (their columns in `q.r` and `q.c`; cotangents
@@ -157,20 +188,12 @@ impl LanesOp for EnergyQuad<'_, '_> {
             let (ab, va) = quad::moments(o, &win, q);
             let (mut ca, mut cv) = ([0.0; 4], [0.0; 4]);
             for s in 0..4 {
-                let [nsig, dnsig] = sig[s];
-                let ns = nsig[i] * d.a_err[i];
-                let vv = ns * ns + m.distance_part(va[s]);
-                let r = d.a_obs[i] - ab[s];
-                let (ei, ga, gv) = m.star_energy(i, r, vv);
-                e[s] += ei;
-                (ca[s], cv[s]) = (ga, m.distance_part(gv));
+                let t = star_terms(m, i, (ab[s], va[s]), sig[s]);
+                e[s] += t.energy;
+                [ca[s], cv[s]] = t.cot;
                 out[s][0][j] = ab[s];
-                out[s][1][j] = vv;
-                out[s][2][j] = if m.infer_nsigma {
-                    gv * 2.0 * ns * d.a_err[i] * dnsig[i]
-                } else {
-                    0.0
-                };
+                out[s][1][j] = t.var;
+                out[s][2][j] = t.gsig;
             }
             quad::vjp(o, &win, q, ab, [ca, cv]);
         }
@@ -343,13 +366,7 @@ fn quad_finish(
     scalars: &mut [[f64; 2]],
 ) {
     let n = q.r.len();
-    let mut acc = q.cb[n];
-    for k in (0..n).rev() {
-        for s in 0..4 {
-            q.rb[k][s] += acc[s];
-            acc[s] += q.cb[k][s];
-        }
-    }
+    q.fold_bars();
     let col: [(&[f64], &[f64]); 4] = std::array::from_fn(|s| cols(&sts[s], p, n));
     let (mut g_scl, mut g_off) = ([0.0; 4], [0.0; 4]);
     for (k, sb) in sbar.iter_mut().enumerate().take(n) {

@@ -143,14 +143,7 @@ fn pixel(m: &ModelCore, parts: &[Parts], p: usize, q: &mut QuadColumns) {
         q: &mut *q,
         out,
     });
-    // the inner columns' cotangents folded into the column's (`finish_vjp`, lane by lane)
-    let mut acc = q.cb[n];
-    for k in (0..n).rev() {
-        for s in 0..4 {
-            q.rb[k][s] += acc[s];
-            acc[s] += q.cb[k][s];
-        }
-    }
+    q.fold_bars();
     for (s, part) in parts.iter().enumerate() {
         let (sbar, scalars, energy) = &part.slot;
         // SAFETY: each pixel writes its own chunk of the field and its own entries
