@@ -145,6 +145,26 @@ pub trait Backend: Send + Sync {
         r
     }
 
+    /// [`Backend::metric`] of two tangents at the same state (`dxi[t]`, value tangents
+    /// `tangents[t]` = (δscale, δoffset)), each product's ICR part into `g_xi[t]`; returns each
+    /// one's value-space cotangents. A backend may walk the stars once for both (the CPU
+    /// does), with each product's arithmetic as on its own; the default runs two products.
+    fn metric_pair(
+        &self,
+        m: &ModelCore,
+        st: &State,
+        dxi: [&[f64]; 2],
+        tangents: [(f64, f64); 2],
+        [g0, g1]: [&mut [f64]; 2],
+        w: &mut ModelWork,
+    ) -> Result<[[f64; 2]; 2]> {
+        let [(s0, o0), (s1, o1)] = tangents;
+        Ok([
+            self.metric(m, st, dxi[0], s0, o0, g0, w)?,
+            self.metric(m, st, dxi[1], s1, o1, g1, w)?,
+        ])
+    }
+
     /// The sample-averaged KL metric product of [`super::model::Model::averaged_metric`].
     fn averaged_metric(
         &self,

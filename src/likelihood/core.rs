@@ -95,6 +95,10 @@ pub struct ModelWork {
     /// What a walk of several states at once leaves for each state's adjoint
     /// ([`super::backend::Backend::value_grad_walk`]; empty until one runs).
     pub(crate) slots: Vec<StateSlot>,
+    /// The second final chart field's tangent and cotangent of a pair of metric products
+    /// ([`super::backend::Backend::metric_pair`]; empty until one runs).
+    pub(crate) pair_field: Vec<f64>,
+    pub(crate) pair_acc: Vec<f64>,
 }
 
 /// One state's results of a walk of several states at once, until its adjoint: the final
@@ -212,6 +216,8 @@ impl ModelCore {
             acc: Vec::new(),
             masked: Vec::new(),
             slots: Vec::new(),
+            pair_field: Vec::new(),
+            pair_acc: Vec::new(),
         }
     }
 }

@@ -487,7 +487,7 @@ pub(super) fn kept<'a>(win: &Window<'a>, n: usize) -> Kept<'a> {
 pub(super) fn moments<L: Lanes>(lanes: L, win: Window<'_>, rw: &[f64], cum: &[f64]) -> (f64, f64) {
     // ā = Σ p c̃ and m = Σ p (c̃² + r² h) are the tangent sums of a tangent equal to the
     // column itself, term for term the same operations
-    let (a, m) = window_sums(lanes, &win, [rw, cum], [rw, cum]);
+    let [(a, m)] = window_sums(lanes, &win, [rw, cum], [[rw, cum]]);
     (a, m - win.kappa * a * a)
 }
 
@@ -501,47 +501,63 @@ pub(super) fn jvp<L: Lanes>(
     tan: [&[f64]; 2],
     abar: f64,
 ) -> (f64, f64) {
-    let (da, dm) = window_sums(lanes, &win, col, tan);
-    (da, 2.0 * dm - 2.0 * win.kappa * abar * da)
+    jvps(lanes, win, col, [tan], abar)[0]
+}
+
+/// [`jvp`] for `N` tangents of the same column in one walk of the window (its entries and
+/// the column read once): each tangent's the bits of [`jvp`] on its own.
+#[inline(always)]
+pub(super) fn jvps<L: Lanes, const N: usize>(
+    lanes: L,
+    win: Window<'_>,
+    col: [&[f64]; 2],
+    tans: [[&[f64]; 2]; N],
+    abar: f64,
+) -> [(f64, f64); N] {
+    window_sums(lanes, &win, col, tans).map(|(da, dm)| (da, 2.0 * dm - 2.0 * win.kappa * abar * da))
 }
 
 /// The window sums `(Σ p δc̃, Σ p (c̃ δc̃ + r δr h))` of one star for a column and its inner
-/// columns `col` and their tangents `tan`, the "beyond the grid" bin included: whole groups
-/// of [`LANES`] entries through `lanes`, the last, shorter group lane by lane.
+/// columns `col` and each of their tangents `tans`, the "beyond the grid" bin included: whole
+/// groups of [`LANES`] entries through `lanes`, the last, shorter group lane by lane.
 #[inline(always)]
-fn window_sums<L: Lanes>(
+fn window_sums<L: Lanes, const N: usize>(
     lanes: L,
     win: &Window<'_>,
     [rw, cum]: [&[f64]; 2],
-    [drw, dcum]: [&[f64]; 2],
-) -> (f64, f64) {
+    tans: [[&[f64]; 2]; N],
+) -> [(f64, f64); N] {
     let n = rw.len();
     let k = kept(win, n);
     let kr = k.shells();
-    let (r, c, dr, dc) = (
-        &rw[kr.clone()],
-        &cum[kr.clone()],
-        &drw[kr.clone()],
-        &dcum[kr],
-    );
-    let mut acc = lanes.zero();
+    let (r, c) = (&rw[kr.clone()], &cum[kr.clone()]);
+    let d = tans.map(|[drw, dcum]| [&drw[kr.clone()], &dcum[kr.clone()]]);
+    let mut acc = [lanes.zero(); N];
     let (len, full) = k.groups();
     for j in (0..full).step_by(LANES) {
         let col = [group(r, j), group(c, j)];
-        lanes.tangents(&mut acc, k.entries(j), col, [group(dr, j), group(dc, j)]);
+        for t in 0..N {
+            let tan = [group(d[t][0], j), group(d[t][1], j)];
+            lanes.tangents(&mut acc[t], k.entries(j), col, tan);
+        }
     }
-    let mut sums = lanes.sums(acc);
-    for (l, j) in (full..len).enumerate() {
-        let t = tangent_terms(k.p[j], k.f[j], k.h[j], [r[j], c[j]], [dr[j], dc[j]]);
-        sums.add_lane(l, t);
+    let mut out = [(0.0, 0.0); N];
+    for t in 0..N {
+        let mut sums = lanes.sums(acc[t]);
+        let [dr, dc] = d[t];
+        for (l, j) in (full..len).enumerate() {
+            let t = tangent_terms(k.p[j], k.f[j], k.h[j], [r[j], c[j]], [dr[j], dc[j]]);
+            sums.add_lane(l, t);
+        }
+        let (mut x, mut y) = sums.totals();
+        if k.beyond {
+            let (pj, dcum) = (win.prob[win.prob.len() - 1] as f64, tans[t][1]);
+            x += pj * dcum[n];
+            y += pj * cum[n] * dcum[n];
+        }
+        out[t] = (x, y);
     }
-    let (mut x, mut y) = sums.totals();
-    if k.beyond {
-        let pj = win.prob[win.prob.len() - 1] as f64;
-        x += pj * dcum[n];
-        y += pj * cum[n] * dcum[n];
-    }
-    (x, y)
+    out
 }
 
 /// [`star_vjp`] without a dispatch of its own (as [`moments`]; an element-wise loop, which
@@ -550,28 +566,49 @@ fn window_sums<L: Lanes>(
 #[inline(always)]
 pub(super) fn vjp(
     win: Window<'_>,
+    col: [&[f64]; 2],
+    abar: f64,
+    g: [f64; 2],
+    bars: [&mut [f64]; 2],
+) {
+    vjps(win, col, abar, [g], [bars])
+}
+
+/// [`vjp`] for `N` cotangents of the same star in one walk of its window, each into its own
+/// `bars` (each the bits of [`vjp`] on its own).
+#[inline(always)]
+pub(super) fn vjps<const N: usize>(
+    win: Window<'_>,
     [rw, cum]: [&[f64]; 2],
     abar: f64,
-    [ga, gv]: [f64; 2],
-    [rw_bar, cum_bar]: [&mut [f64]; 2],
+    g: [[f64; 2]; N],
+    mut bars: [[&mut [f64]; 2]; N],
 ) {
     let n = rw.len();
     let k = kept(&win, n);
     let kr = k.shells();
-    let base = ga - 2.0 * gv * win.kappa * abar;
+    let base = g.map(|[ga, gv]| ga - 2.0 * gv * win.kappa * abar);
     let entries = k.p.iter().zip(k.f).zip(k.h);
     let col = rw[kr.clone()].iter().zip(&cum[kr.clone()]);
-    let bars = rw_bar[kr.clone()].iter_mut().zip(&mut cum_bar[kr]);
-    for ((((&pj, &fj), &hj), (&r, &c0)), (rb, cb)) in entries.zip(col).zip(bars) {
+    let mut kept_bars = bars
+        .each_mut()
+        .map(|[rb, cb]| [&mut rb[kr.clone()], &mut cb[kr.clone()]]);
+    for (j, (((&pj, &fj), &hj), (&r, &c0))) in entries.zip(col).enumerate() {
         let (pj, fj) = (pj as f64, fj as f64 * F_SCALE);
         let c = c0 + r * fj;
-        let w = pj * (base + 2.0 * gv * c);
-        *cb += w;
-        *rb += w * fj + 2.0 * gv * pj * r * (hj as f64 * H_SCALE);
+        for t in 0..N {
+            let gv = g[t][1];
+            let [rb, cb] = &mut kept_bars[t];
+            let w = pj * (base[t] + 2.0 * gv * c);
+            cb[j] += w;
+            rb[j] += w * fj + 2.0 * gv * pj * r * (hj as f64 * H_SCALE);
+        }
     }
     if k.beyond {
         let pj = win.prob[win.prob.len() - 1] as f64;
-        cum_bar[n] += pj * (base + 2.0 * gv * cum[n]);
+        for t in 0..N {
+            bars[t][1][n] += pj * (base[t] + 2.0 * g[t][1] * cum[n]);
+        }
     }
 }
 

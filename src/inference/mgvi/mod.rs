@@ -20,7 +20,9 @@ use crate::likelihood::state::State;
 use crate::num::cg::CgSettings;
 use crate::sphere::decomp::Space;
 pub use kl::Kl;
-pub use sampling::{draw_residual, draw_residual_in, sample_point, Fisher, ModelAt};
+pub use sampling::{
+    draw_residual, draw_residual_in, draw_residuals_in, sample_point, Fisher, ModelAt,
+};
 pub use scale::{ScaleFactor, ScaleUpdate};
 
 /// What MGVI carries from one global iteration to the next (and a checkpoint stores).
@@ -373,27 +375,31 @@ fn draw_samples(
     } else {
         None
     };
-    for pair in 0..settings.sample_pairs {
+    let pair_streams: Vec<u64> = (0..settings.sample_pairs)
+        .map(|pair| residual_stream(streams.stage, streams.iteration, pair))
+        .collect();
+    // two residuals at a time: their solves walk the stars together
+    for two in pair_streams.chunks(2) {
         crate::base::stop::check()?;
-        let stream = residual_stream(streams.stage, streams.iteration, pair);
-        let (mut d, rep, mut y) = draw_residual_in(&lin, streams.seed, stream, &cg_settings)?;
-        // held entries stay where they are in every sample
-        mask.apply(&mut d);
-        sample_cg.push(rep.iterations);
-        sample_cg_residuals.push(rep.rel_residual);
-        capped += usize::from(rep.stopped_at_cap(&cg_settings));
-        if let Some(e) = determined.as_mut() {
-            e.add_residual(model, &lin, &d, &rep, settings.sample_pairs, &cg_settings)?;
+        for (mut d, rep, mut y) in draw_residuals_in(&lin, streams.seed, two, &cg_settings)? {
+            // held entries stay where they are in every sample
+            mask.apply(&mut d);
+            sample_cg.push(rep.iterations);
+            sample_cg_residuals.push(rep.rel_residual);
+            capped += usize::from(rep.stopped_at_cap(&cg_settings));
+            if let Some(e) = determined.as_mut() {
+                e.add_residual(model, &lin, &d, &rep, settings.sample_pairs, &cg_settings)?;
+            }
+            if let SampleMode::GeoVi(gs) = &settings.mode {
+                mask.apply(&mut y);
+                let coords = geovi::DustCoordinates::new(model, &st, x, xsig, mask, with_sig);
+                let (c, dd, reps) = geovi::refine_pair(&coords, &y, &d, gs)?;
+                geo.extend(reps);
+                d = dd;
+                shifts.push(c);
+            }
+            residuals.push(d);
         }
-        if let SampleMode::GeoVi(gs) = &settings.mode {
-            mask.apply(&mut y);
-            let coords = geovi::DustCoordinates::new(model, &st, x, xsig, mask, with_sig);
-            let (c, dd, reps) = geovi::refine_pair(&coords, &y, &d, gs)?;
-            geo.extend(reps);
-            d = dd;
-            shifts.push(c);
-        }
-        residuals.push(d);
     }
     if !geo.is_empty() {
         let worst = geo.iter().map(|r| r.misfit).fold(0.0, f64::max);

@@ -36,6 +36,16 @@ pub trait Fisher {
         let space = self.space();
         cg::try_solve_with(&*space, |v, out| self.metric(v, out), y, delta, settings)
     }
+    /// [`Fisher::solve`] for two right-hand sides (the default: one after the other; a
+    /// linearised model may solve them in lockstep, each with the bits of its own solve).
+    fn solve_pair(
+        &self,
+        [y0, y1]: [&[f64]; 2],
+        [d0, d1]: [&mut [f64]; 2],
+        settings: &CgSettings,
+    ) -> Result<[CgReport; 2]> {
+        Ok([self.solve(y0, d0, settings)?, self.solve(y1, d1, settings)?])
+    }
 }
 
 /// The dust model linearised at a state, restricted to the free entries of `mask`
@@ -51,7 +61,9 @@ pub struct ModelAt<'a> {
     /// Whether the samples cover ξ_σ (vectors over p = [x | ξ_σ]).
     pub with_sig: bool,
     work: std::cell::RefCell<ModelWork>,
-    scratch: std::cell::RefCell<Vec<f64>>,
+    /// Copies of the vectors a product is of with their held entries zeroed (one per
+    /// vector of a pair).
+    scratch: [std::cell::RefCell<Vec<f64>>; 2],
     space: Arc<dyn Space>,
 }
 
@@ -64,7 +76,7 @@ impl<'a> ModelAt<'a> {
             mask,
             with_sig: false,
             work: std::cell::RefCell::new(model.workspace()),
-            scratch: std::cell::RefCell::new(Vec::new()),
+            scratch: Default::default(),
             space: Arc::new(model.dom.x.clone()),
         }
     }
@@ -117,7 +129,7 @@ impl Fisher for ModelAt<'_> {
                 &mut self.work.borrow_mut(),
             );
         }
-        let mut scratch = self.scratch.borrow_mut();
+        let mut scratch = self.scratch[0].borrow_mut();
         let vm = self.mask.masked(v, &mut scratch);
         self.model
             .metric(self.state, vm, out, &mut self.work.borrow_mut())?;
@@ -138,6 +150,34 @@ impl Fisher for ModelAt<'_> {
         };
         Some((x, &self.model.dom.stars))
     }
+    fn solve_pair(
+        &self,
+        y: [&[f64]; 2],
+        [d0, d1]: [&mut [f64]; 2],
+        settings: &CgSettings,
+    ) -> Result<[CgReport; 2]> {
+        let device = |y: &[f64], d: &mut [f64]| {
+            self.model
+                .solve_metric(&[self.state], self.mask, self.with_sig, y, d, settings)
+        };
+        // n_σ sampled: the product is the averaged metric's, one state at a time
+        if self.with_sig {
+            return Ok([
+                self.solve(y[0], d0, settings)?,
+                self.solve(y[1], d1, settings)?,
+            ]);
+        }
+        if let Some(r0) = device(y[0], d0)? {
+            return Ok([r0, self.solve(y[1], d1, settings)?]);
+        }
+        cg::try_solve_pair_with(
+            &*self.space,
+            |p| self.metric_pairs(p),
+            y,
+            [d0, d1],
+            settings,
+        )
+    }
     fn solve(&self, y: &[f64], delta: &mut [f64], settings: &CgSettings) -> Result<CgReport> {
         // on a device the whole CG stays there; on the CPU it runs here
         let on_device =
@@ -153,6 +193,28 @@ impl Fisher for ModelAt<'_> {
                 settings,
             ),
         }
+    }
+}
+
+impl ModelAt<'_> {
+    /// `out = M v` for each `(v, out)` of `pairs` (one or two; ξ_σ held), a pair in one walk of
+    /// the stars ([`Model::metric_pair`]).
+    fn metric_pairs(&self, pairs: &mut [(&[f64], &mut [f64])]) -> Result<()> {
+        let [(v0, o0), (v1, o1)] = pairs else {
+            return pairs.iter_mut().try_for_each(|(v, o)| self.metric(v, o));
+        };
+        let (mut s0, mut s1) = (self.scratch[0].borrow_mut(), self.scratch[1].borrow_mut());
+        let vm = [self.mask.masked(v0, &mut s0), self.mask.masked(v1, &mut s1)];
+        let (o0, o1) = (&mut **o0, &mut **o1);
+        self.model
+            .metric_pair(self.state, vm, [o0, o1], &mut self.work.borrow_mut())?;
+        // held entries: the identity (the free ones already hold J^T F J v + v)
+        for (out, v) in [(o0, v0), (o1, v1)] {
+            for &h in self.mask.held() {
+                out[h] = 0.0 * out[h] + v[h];
+            }
+        }
+        Ok(())
     }
 }
 
@@ -195,6 +257,9 @@ fn metric_sample_from_normals<F: Fisher>(
     Ok(y)
 }
 
+/// A residual δ, its solve's report and the metric sample y it solved `M δ = y` for.
+pub type Draw = (Vec<f64>, CgReport, Vec<f64>);
+
 /// One residual like [`draw_residual`], with its normals drawn from stream `stream` of
 /// `seed`: per patch when `f` is distributed (rank-count independent), else in one
 /// sequence. Also returns the metric sample y it solved `M δ = y` for.
@@ -203,11 +268,34 @@ pub fn draw_residual_in<F: Fisher>(
     seed: u64,
     stream: u64,
     settings: &CgSettings,
-) -> Result<(Vec<f64>, CgReport, Vec<f64>)> {
+) -> Result<Draw> {
     let y = metric_sample_in(f, seed, stream)?;
     let mut delta = vec![0.0; f.dim()];
     let rep = f.solve(&y, &mut delta, settings)?;
     Ok((delta, rep, y))
+}
+
+/// [`draw_residual_in`] for each of `streams`, two at a time solved together
+/// ([`Fisher::solve_pair`]), each the bits of its own draw.
+pub fn draw_residuals_in<F: Fisher>(
+    f: &F,
+    seed: u64,
+    streams: &[u64],
+    settings: &CgSettings,
+) -> Result<Vec<Draw>> {
+    let [s0, s1] = streams else {
+        return streams
+            .iter()
+            .map(|&s| draw_residual_in(f, seed, s, settings))
+            .collect();
+    };
+    let (y0, y1) = (
+        metric_sample_in(f, seed, *s0)?,
+        metric_sample_in(f, seed, *s1)?,
+    );
+    let (mut d0, mut d1) = (vec![0.0; f.dim()], vec![0.0; f.dim()]);
+    let [r0, r1] = f.solve_pair([&y0, &y1], [&mut d0, &mut d1], settings)?;
+    Ok(vec![(d0, r0, y0), (d1, r1, y1)])
 }
 
 /// A draw y ~ N(0, M) from stream `stream` of `seed`, as [`draw_residual_in`] draws it.

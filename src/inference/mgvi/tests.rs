@@ -7,9 +7,18 @@ use rand_distr::StandardNormal;
 
 /// The demo-like tiny model (nside 8 × 2 levels) over `n_stars` simulated stars, serial.
 pub(super) fn tiny_model(n_stars: usize) -> crate::likelihood::model::Model {
+    tiny_model_with(n_stars, |_| {})
+}
+
+/// [`tiny_model`] with its configuration changed by `tweak` first.
+fn tiny_model_with(
+    n_stars: usize,
+    tweak: impl FnOnce(&mut crate::app::config::Config),
+) -> crate::likelihood::model::Model {
     use crate::app::config::{Config, Precision};
     let mut cfg = Config::tiny(8, 2);
     cfg.simulate.n_stars = n_stars;
+    tweak(&mut cfg);
     let sim = crate::app::simulate::run(&cfg, "").unwrap();
     let chart = cfg.chart().unwrap();
     let kernel = cfg.kernel.build().unwrap();
@@ -417,4 +426,35 @@ fn log_density_moments_from_the_kl_states_are_the_recomputed_ones() {
     // at another point the states are not p's: no moments from them
     let q: Vec<f64> = p.iter().map(|v| v + 1e-3).collect();
     assert!(kl.with_states_at(&q, |_| ()).is_none());
+}
+
+#[test]
+fn two_residuals_solved_together_are_those_drawn_alone() {
+    // the lockstep solve's pair products walk the stars once for both vectors: each residual,
+    // its CG report and its metric sample keep the bits of its own draw (a held entry, both
+    // noise models, solves that stop at their tolerance and at the cap)
+    for (marginal, rel_tol, max_iter) in [(false, 1e-6, 200), (true, 1e-12, 15)] {
+        let model = tiny_model_with(300, |cfg| cfg.noise.marginalise_nsigma = marginal);
+        let (np, ns) = (model.n_params(), model.data.len());
+        let mut g = normals(5);
+        let st = model
+            .state(&g(np, 0.5), &g(ns, 0.7), &mut model.workspace())
+            .unwrap();
+        let mask = Mask::holding([3]);
+        let lin = ModelAt::new(&model, &st, &mask);
+        let settings = CgSettings {
+            rel_tol,
+            max_iter,
+            ..Default::default()
+        };
+        let together = draw_residuals_in(&lin, 11, &[4, 9], &settings).unwrap();
+        for ((d, rep, y), stream) in together.iter().zip([4, 9]) {
+            let (d1, rep1, y1) = draw_residual_in(&lin, 11, stream, &settings).unwrap();
+            assert_eq!(*rep, rep1, "stream {stream}");
+            let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(d), bits(&d1), "stream {stream}: residual");
+            assert_eq!(bits(y), bits(&y1), "stream {stream}: metric sample");
+        }
+        assert!(together.iter().all(|(_, r, _)| r.iterations > 2));
+    }
 }

@@ -2,6 +2,7 @@
 //! stars. Every reduction runs in a fixed order (pixel partials summed per patch), so the
 //! results do not depend on the thread count or the MPI rank count.
 
+mod pair;
 mod passes;
 mod states;
 
@@ -206,6 +207,18 @@ impl Backend for Cpu {
             m.dom.pixel_sum2(pix)
         });
         Ok(c)
+    }
+
+    fn metric_pair(
+        &self,
+        m: &ModelCore,
+        st: &State,
+        dxi: [&[f64]; 2],
+        tangents: [(f64, f64); 2],
+        g_xi: [&mut [f64]; 2],
+        w: &mut ModelWork,
+    ) -> Result<[[f64; 2]; 2]> {
+        Ok(pair::metric_pair(m, st, dxi, tangents, g_xi, w))
     }
 
     fn averaged_metric(

@@ -322,7 +322,7 @@ impl LanesOp for MetricPixel<'_, '_> {
 
 /// A state's extinction column and kept log-density at pixel `p` (`n` shells).
 #[inline(always)]
-fn cols(st: &State, p: usize, n: usize) -> (&[f64], &[f64]) {
+pub(super) fn cols(st: &State, p: usize, n: usize) -> (&[f64], &[f64]) {
     (&st.rw[p * n..(p + 1) * n], &st.s[p * n..(p + 1) * n])
 }
 
@@ -500,11 +500,11 @@ impl MetricScratch {
 /// Per-thread scratch of the per-pixel passes: a column's tangent, its inner columns and
 /// their tangents, and the cotangents of both.
 pub(super) struct PixelScratch {
-    drw: Vec<f64>,
-    cum: Vec<f64>,
-    dcum: Vec<f64>,
-    rw_bar: Vec<f64>,
-    cum_bar: Vec<f64>,
+    pub drw: Vec<f64>,
+    pub cum: Vec<f64>,
+    pub dcum: Vec<f64>,
+    pub rw_bar: Vec<f64>,
+    pub cum_bar: Vec<f64>,
 }
 
 impl PixelScratch {

@@ -448,6 +448,34 @@ impl Model {
         Ok(())
     }
 
+    /// [`Model::metric`] of two vectors `v[t]` into `out[t]` at one state, each the bits of
+    /// its product on its own (the backend may walk the stars once for both).
+    pub fn metric_pair(
+        &self,
+        st: &State,
+        v: [&[f64]; 2],
+        out: [&mut [f64]; 2],
+        w: &mut ModelWork,
+    ) -> Result<()> {
+        let nxi = self.icr.n_xi();
+        let chain = self.chain();
+        let tangents = v.map(|v| chain.tangent(st.dscl, [v[nxi], v[nxi + 1]]));
+        let [o0, o1] = out;
+        {
+            let (g0, g1) = (&mut o0[..nxi], &mut o1[..nxi]);
+            let dxi = [&v[0][..nxi], &v[1][..nxi]];
+            let c = self
+                .backend
+                .metric_pair(&self.core, st, dxi, tangents, [g0, g1], w)?;
+            [o0[nxi], o0[nxi + 1]] = chain.cotangent(st.dscl, c[0]);
+            [o1[nxi], o1[nxi + 1]] = chain.cotangent(st.dscl, c[1]);
+        }
+        for (out, v) in [o0, o1].into_iter().zip(v) {
+            out.par_iter_mut().zip(v).for_each(|(o, x)| *o += x);
+        }
+        Ok(())
+    }
+
     /// `Jᵀ F^{1/2} η` for standard-normal `eta_a`, `eta_v` (one pair per star).
     pub fn sqrt_fisher_t(
         &self,

@@ -198,6 +198,40 @@ pub fn try_solve_with(
     }
 }
 
+/// [`solve_pair_in`] on host vectors distributed as `space` says, for an operator that can
+/// fail: `apply(pairs)` writes `A v` into `out` for each `(v, out)` of `pairs` (one or two);
+/// the first error is returned (the remaining iterations run on zeros and are discarded).
+pub fn try_solve_pair_with(
+    space: &dyn Space,
+    mut apply: impl FnMut(&mut [(&[f64], &mut [f64])]) -> anyhow::Result<()>,
+    [b0, b1]: [&[f64]; 2],
+    [x0, x1]: [&mut [f64]; 2],
+    s: &CgSettings,
+) -> anyhow::Result<[CgReport; 2]> {
+    let mut err = None;
+    let (b0, b1) = (HostVec::Ref(b0), HostVec::Ref(b1));
+    let (mut x0, mut x1) = (HostVec::Mut(x0), HostVec::Mut(x1));
+    let reps = solve_pair_in(
+        &mut Host(space, std::marker::PhantomData),
+        |pairs: &mut [(&HostVec, &mut HostVec)]| {
+            let mut pairs: Vec<(&[f64], &mut [f64])> =
+                pairs.iter_mut().map(|(v, o)| (&***v, &mut ***o)).collect();
+            if err.is_some() {
+                pairs.iter_mut().for_each(|(_, o)| o.fill(0.0));
+            } else if let Err(e) = apply(&mut pairs) {
+                err = Some(e);
+            }
+        },
+        [&b0, &b1],
+        [&mut x0, &mut x1],
+        s,
+    );
+    match err {
+        Some(e) => Err(e),
+        None => Ok(reps),
+    }
+}
+
 /// [`solve`] for vectors distributed as `space` says (inner products summed over ranks).
 pub fn solve_with(
     space: &dyn Space,
@@ -224,64 +258,219 @@ pub fn solve_in<S: CgSpace>(
     x: &mut S::V,
     s: &CgSettings,
 ) -> CgReport {
-    let bnorm = space.dot(b, b).sqrt();
-    if bnorm == 0.0 {
-        space.zero(x);
-        return CgReport {
-            iterations: 0,
-            rel_residual: 0.0,
-            inverse_moments: [0.0; 3],
-        };
+    let mut run = match Run::new(space, b, x, s) {
+        Ok(run) => run,
+        Err(rep) => return rep,
+    };
+    while let Some((v, out)) = run.wanted() {
+        apply(v, out);
+        run.advance(space, s);
     }
-    let mut ap = space.clone_of(b);
-    let mut r = space.clone_of(b);
-    // from a zero start (every caller's) r₀ = b: A·0 is zero, up to signs of zeros, and
-    // costs a whole product (a metric product: ICR forward, star walks, ICR adjoint)
-    if !space.is_zero(x) {
-        apply(x, &mut ap);
-        space.sub(b, &ap, &mut r);
-    }
-    let mut p = space.clone_of(&r);
-    let mut rr = space.dot(&r, &r);
-    let rr0 = rr;
-    let mut total_decrease = 0.0;
-    let mut it = 0;
-    // the Lanczos coefficients of the iterations done
-    let (mut alphas, mut betas) = (Vec::new(), Vec::new());
-    while it < s.max_iter && rr.sqrt() > s.rel_tol * bnorm {
-        apply(&p, &mut ap);
-        let pap = space.dot(&p, &ap);
-        if pap.is_nan() || pap <= 0.0 {
-            break; // not positive definite along p (or not finite): keep what we have
-        }
-        let alpha = rr / pap;
-        space.axpy(alpha, &p, x);
-        alphas.push(alpha);
-        it += 1;
-        // energy decrease of this step: ½ α² pᵀAp = ½ α rr
-        let dec = 0.5 * alpha * rr;
-        total_decrease += dec;
-        if s.recompute_every > 0 && it % s.recompute_every == 0 {
-            apply(x, &mut ap);
-            space.sub(b, &ap, &mut r);
-        } else {
-            space.axpy(-alpha, &ap, &mut r);
-        }
-        let rr_new = space.dot(&r, &r);
-        if s.energy_tol > 0.0 && dec < s.energy_tol * total_decrease {
-            rr = rr_new;
+    run.report()
+}
+
+/// Two solves `A x₀ = b₀`, `A x₁ = b₁` with the same operator in lockstep: while both
+/// iterate, `apply` gets both products of an iteration at once (operators whose cost is
+/// mostly shared between vectors, such as a walk of every star, do the shared part once);
+/// once one stops, the other's alone. Each solve does [`solve_in`]'s operations in its
+/// order, so with an `apply` that gives each vector the bits of a product on its own, the
+/// results are bit for bit those of two [`solve_in`] calls. `apply(pairs)` writes `A v`
+/// into `out` for each `(v, out)` of `pairs` (one or two).
+pub fn solve_pair_in<S: CgSpace>(
+    space: &mut S,
+    mut apply: impl FnMut(&mut [(&S::V, &mut S::V)]),
+    [b0, b1]: [&S::V; 2],
+    [x0, x1]: [&mut S::V; 2],
+    s: &CgSettings,
+) -> [CgReport; 2] {
+    let mut runs = [Run::new(space, b0, x0, s), Run::new(space, b1, x1, s)];
+    loop {
+        let [r0, r1] = &mut runs;
+        let mut pairs: Vec<(&S::V, &mut S::V)> = [r0, r1]
+            .into_iter()
+            .filter_map(|r| r.as_mut().ok().and_then(Run::wanted))
+            .collect();
+        if pairs.is_empty() {
             break;
         }
-        let beta = rr_new / rr;
-        betas.push(beta);
-        space.xpay(&r, beta, &mut p);
-        rr = rr_new;
+        apply(&mut pairs);
+        drop(pairs);
+        for run in runs.iter_mut().filter_map(|r| r.as_mut().ok()) {
+            if run.phase != Phase::Done {
+                run.advance(space, s);
+            }
+        }
     }
-    let m = lanczos_inverse_moments(&alphas, &betas);
-    CgReport {
-        iterations: it,
-        rel_residual: rr.sqrt() / bnorm,
-        inverse_moments: m.map(|v| v * rr0),
+    runs.map(|r| match r {
+        Ok(run) => run.report(),
+        Err(rep) => rep,
+    })
+}
+
+/// What a [`Run`] does with the product it asked for next.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Phase {
+    /// r₀ = b − A x₀ (a start other than zero).
+    Start,
+    /// A step along p.
+    Step,
+    /// The periodic r = b − A x.
+    Recompute,
+    /// Stopped.
+    Done,
+}
+
+/// One CG solve between operator applications: [`Run::wanted`] names the product it needs
+/// next, [`Run::advance`] takes it up, so that a caller can apply the operator to the
+/// vectors of several solves at once.
+struct Run<'a, S: CgSpace> {
+    b: &'a S::V,
+    x: &'a mut S::V,
+    ap: S::V,
+    r: S::V,
+    /// The search direction, from the first residual on.
+    p: Option<S::V>,
+    phase: Phase,
+    bnorm: f64,
+    rr: f64,
+    rr0: f64,
+    /// The last step's energy decrease, and the total so far.
+    dec: f64,
+    total_decrease: f64,
+    it: usize,
+    /// The Lanczos coefficients of the iterations done.
+    alphas: Vec<f64>,
+    betas: Vec<f64>,
+}
+
+impl<'a, S: CgSpace> Run<'a, S> {
+    /// A solve of `A x = b` from the guess in `x`, or its report when `b` is zero.
+    fn new(space: &mut S, b: &'a S::V, x: &'a mut S::V, s: &CgSettings) -> Result<Self, CgReport> {
+        let bnorm = space.dot(b, b).sqrt();
+        if bnorm == 0.0 {
+            space.zero(x);
+            return Err(CgReport {
+                iterations: 0,
+                rel_residual: 0.0,
+                inverse_moments: [0.0; 3],
+            });
+        }
+        let (ap, r) = (space.clone_of(b), space.clone_of(b));
+        let mut run = Run {
+            b,
+            x,
+            ap,
+            r,
+            p: None,
+            phase: Phase::Start,
+            bnorm,
+            rr: 0.0,
+            rr0: 0.0,
+            dec: 0.0,
+            total_decrease: 0.0,
+            it: 0,
+            alphas: Vec::new(),
+            betas: Vec::new(),
+        };
+        // from a zero start (every caller's) r₀ = b: A·0 is zero, up to signs of zeros, and
+        // costs a whole product (a metric product: ICR forward, star walks, ICR adjoint)
+        if space.is_zero(run.x) {
+            run.begin(space, s);
+        }
+        Ok(run)
+    }
+
+    /// The vector the next product is of, and where it goes; `None` once stopped.
+    fn wanted(&mut self) -> Option<(&S::V, &mut S::V)> {
+        let Run {
+            x, p, ap, phase, ..
+        } = self;
+        match phase {
+            Phase::Start | Phase::Recompute => Some((&**x, ap)),
+            Phase::Step => p.as_ref().map(|p| (p, ap)),
+            Phase::Done => None,
+        }
+    }
+
+    /// Takes up the product [`Run::wanted`] asked for.
+    fn advance(&mut self, space: &mut S, s: &CgSettings) {
+        match self.phase {
+            Phase::Start => {
+                space.sub(self.b, &self.ap, &mut self.r);
+                self.begin(space, s);
+            }
+            Phase::Step => self.step(space, s),
+            Phase::Recompute => {
+                space.sub(self.b, &self.ap, &mut self.r);
+                self.update_direction(space, s);
+            }
+            Phase::Done => {}
+        }
+    }
+
+    /// The first direction p = r₀.
+    fn begin(&mut self, space: &mut S, s: &CgSettings) {
+        self.p = Some(space.clone_of(&self.r));
+        self.rr = space.dot(&self.r, &self.r);
+        self.rr0 = self.rr;
+        self.next(s);
+    }
+
+    /// x and r moved along p, by the product A p in `ap`.
+    fn step(&mut self, space: &mut S, s: &CgSettings) {
+        let Some(p) = self.p.as_ref() else { return };
+        let pap = space.dot(p, &self.ap);
+        if pap.is_nan() || pap <= 0.0 {
+            // not positive definite along p (or not finite): keep what we have
+            self.phase = Phase::Done;
+            return;
+        }
+        let alpha = self.rr / pap;
+        space.axpy(alpha, p, self.x);
+        self.alphas.push(alpha);
+        self.it += 1;
+        // energy decrease of this step: ½ α² pᵀAp = ½ α rr
+        self.dec = 0.5 * alpha * self.rr;
+        self.total_decrease += self.dec;
+        if s.recompute_every > 0 && self.it.is_multiple_of(s.recompute_every) {
+            self.phase = Phase::Recompute;
+            return;
+        }
+        space.axpy(-alpha, &self.ap, &mut self.r);
+        self.update_direction(space, s);
+    }
+
+    /// The next direction from the new residual, unless the energy rule stops the solve.
+    fn update_direction(&mut self, space: &mut S, s: &CgSettings) {
+        let rr_new = space.dot(&self.r, &self.r);
+        if s.energy_tol > 0.0 && self.dec < s.energy_tol * self.total_decrease {
+            self.rr = rr_new;
+            self.phase = Phase::Done;
+            return;
+        }
+        let beta = rr_new / self.rr;
+        self.betas.push(beta);
+        if let Some(p) = self.p.as_mut() {
+            space.xpay(&self.r, beta, p);
+        }
+        self.rr = rr_new;
+        self.next(s);
+    }
+
+    /// Another step, or stop at the tolerance or the cap.
+    fn next(&mut self, s: &CgSettings) {
+        let go_on = self.it < s.max_iter && self.rr.sqrt() > s.rel_tol * self.bnorm;
+        self.phase = if go_on { Phase::Step } else { Phase::Done };
+    }
+
+    /// The outcome.
+    fn report(&self) -> CgReport {
+        let m = lanczos_inverse_moments(&self.alphas, &self.betas);
+        CgReport {
+            iterations: self.it,
+            rel_residual: self.rr.sqrt() / self.bnorm,
+            inverse_moments: m.map(|v| v * self.rr0),
+        }
     }
 }
 
@@ -333,199 +522,4 @@ fn tridiagonal_solve(diag: &[f64], off: &[f64], rhs: &[f64]) -> Vec<f64> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// [`Host`] with the zero-start check off: every solve applies the operator to its start.
-    struct Unchecked<'a, 'v>(Host<'a, 'v>);
-
-    impl<'v> CgSpace for Unchecked<'_, 'v> {
-        type V = HostVec<'v>;
-        fn clone_of(&mut self, x: &HostVec<'v>) -> HostVec<'v> {
-            self.0.clone_of(x)
-        }
-        fn dot(&mut self, x: &HostVec<'v>, y: &HostVec<'v>) -> f64 {
-            self.0.dot(x, y)
-        }
-        fn axpy(&mut self, a: f64, x: &HostVec<'v>, y: &mut HostVec<'v>) {
-            self.0.axpy(a, x, y)
-        }
-        fn xpay(&mut self, x: &HostVec<'v>, b: f64, y: &mut HostVec<'v>) {
-            self.0.xpay(x, b, y)
-        }
-        fn sub(&mut self, b: &HostVec<'v>, ap: &HostVec<'v>, r: &mut HostVec<'v>) {
-            self.0.sub(b, ap, r)
-        }
-        fn zero(&mut self, x: &mut HostVec<'v>) {
-            self.0.zero(x)
-        }
-    }
-
-    #[test]
-    fn a_zero_start_skips_the_product_with_it_and_changes_no_bit() {
-        let n = 50;
-        let apply = |x: &[f64], out: &mut [f64]| {
-            for i in 0..n {
-                let left = if i > 0 { x[i - 1] } else { 0.0 };
-                let right = if i + 1 < n { x[i + 1] } else { 0.0 };
-                out[i] = (3.0 + (i as f64 * 0.3).sin()) * x[i] - 0.9 * (left + right);
-            }
-        };
-        let b: Vec<f64> = (0..n).map(|i| (i as f64 * 0.41).cos() - 0.2).collect();
-        let s = CgSettings {
-            rel_tol: 1e-9,
-            max_iter: 15,
-            ..Default::default()
-        };
-        let run = |checked: bool, start: f64| {
-            let mut calls = 0;
-            let mut x = vec![start; n];
-            let (bv, mut xv) = (HostVec::Ref(&b), HostVec::Mut(&mut x));
-            let host = Host(&Serial, std::marker::PhantomData);
-            let op = |v: &HostVec, o: &mut HostVec| {
-                calls += 1;
-                apply(v, o)
-            };
-            let rep = if checked {
-                solve_in(&mut { host }, op, &bv, &mut xv, &s)
-            } else {
-                solve_in(&mut Unchecked(host), op, &bv, &mut xv, &s)
-            };
-            (x, rep, calls)
-        };
-        let (x1, r1, c1) = run(true, 0.0);
-        let (x0, r0, c0) = run(false, 0.0);
-        assert_eq!((c1, c0), (r1.iterations, r1.iterations + 1));
-        assert_eq!(r1, r0);
-        assert!(x1.iter().zip(&x0).all(|(a, b)| a.to_bits() == b.to_bits()));
-        // any other start still applies the operator to it first
-        let (_, r2, c2) = run(true, 0.25);
-        assert_eq!(c2, r2.iterations + 1);
-    }
-
-    #[test]
-    fn a_non_finite_operator_leaves_the_start_where_it_was() {
-        let b = vec![1.0; 8];
-        let mut x = vec![0.0; 8];
-        let rep = solve(|_, o| o.fill(f64::NAN), &b, &mut x, &CgSettings::default());
-        assert_eq!(rep.iterations, 0);
-        assert!(x.iter().all(|v| *v == 0.0));
-    }
-
-    #[test]
-    fn solves_spd_system_to_tolerance() {
-        let n = 60;
-        // A = I + Σ v vᵀ with a few random-ish vectors: SPD, condition ~1e3
-        let vs: Vec<Vec<f64>> = (0..5)
-            .map(|k| {
-                (0..n)
-                    .map(|i| ((i * (k + 3)) as f64 * 0.37).sin() * (k as f64 + 1.0) * 4.0)
-                    .collect()
-            })
-            .collect();
-        let apply = |x: &[f64], out: &mut [f64]| {
-            out.copy_from_slice(x);
-            for v in &vs {
-                let d: f64 = v.iter().zip(x).map(|(a, b)| a * b).sum();
-                for i in 0..n {
-                    out[i] += d * v[i];
-                }
-            }
-        };
-        let b: Vec<f64> = (0..n).map(|i| (i as f64).cos()).collect();
-        let mut x = vec![0.0; n];
-        let rep = solve(
-            apply,
-            &b,
-            &mut x,
-            &CgSettings {
-                rel_tol: 1e-12,
-                max_iter: 500,
-                ..Default::default()
-            },
-        );
-        let mut ax = vec![0.0; n];
-        apply(&x, &mut ax);
-        let err: f64 = ax
-            .iter()
-            .zip(&b)
-            .map(|(a, c)| (a - c).powi(2))
-            .sum::<f64>()
-            .sqrt();
-        assert!(err < 1e-10, "residual {err}, {rep:?}");
-        // rank-5 update of I: CG converges in at most 6 iterations in exact arithmetic
-        assert!(rep.iterations <= 12, "{rep:?}");
-    }
-
-    #[test]
-    fn the_reported_inverse_moments_are_those_of_the_solved_right_hand_side() {
-        // A = diag(1 + 40 (i/n)²) + a rank-3 term: SPD with a spread spectrum, so that CG
-        // needs many iterations and its quadrature is not trivially exact
-        let n = 80;
-        let vs: Vec<Vec<f64>> = (0..3)
-            .map(|k| {
-                (0..n)
-                    .map(|i| ((i * (k + 2)) as f64 * 0.53).cos() * 2.0)
-                    .collect()
-            })
-            .collect();
-        let apply = |x: &[f64], out: &mut [f64]| {
-            for i in 0..n {
-                out[i] = (1.0 + 40.0 * (i as f64 / n as f64).powi(2)) * x[i];
-            }
-            for v in &vs {
-                let d: f64 = v.iter().zip(x).map(|(a, b)| a * b).sum();
-                out.iter_mut().zip(v).for_each(|(o, vi)| *o += d * vi);
-            }
-        };
-        let b: Vec<f64> = (0..n).map(|i| (i as f64 * 0.7).sin() + 0.3).collect();
-        let tight = CgSettings {
-            rel_tol: 1e-13,
-            max_iter: 1000,
-            ..Default::default()
-        };
-        let solve_from_zero = |rhs: &[f64]| {
-            let mut x = vec![0.0; n];
-            let rep = solve(apply, rhs, &mut x, &tight);
-            (x, rep)
-        };
-        let (x, rep) = solve_from_zero(&b);
-        let (y, _) = solve_from_zero(&x);
-        let dot = |a: &[f64], c: &[f64]| a.iter().zip(c).map(|(p, q)| p * q).sum::<f64>();
-        let exact = [dot(&b, &x), dot(&x, &x), dot(&x, &y)];
-        for (got, want) in rep.inverse_moments.iter().zip(exact) {
-            assert!(
-                (got - want).abs() <= 1e-9 * want,
-                "{:?} vs {exact:?}",
-                rep.inverse_moments
-            );
-        }
-        // stopped early, the first moment is still bᵀx of the iterate (a zero start)
-        let mut x5 = vec![0.0; n];
-        let loose = CgSettings {
-            max_iter: 5,
-            ..tight
-        };
-        let rep5 = solve(apply, &b, &mut x5, &loose);
-        assert_eq!(rep5.iterations, 5);
-        let m1 = dot(&b, &x5);
-        assert!(
-            (rep5.inverse_moments[0] - m1).abs() <= 1e-10 * m1,
-            "{rep5:?} vs {m1}"
-        );
-        assert!(rep5.inverse_moments[1] < exact[1] && rep5.inverse_moments[2] < exact[2]);
-        // from a warm start they are the starting residual's: r₀ᵀA⁻¹r₀ = r₀ᵀ(x − x₀)
-        let x0: Vec<f64> = (0..n).map(|i| 0.1 * (i as f64).cos()).collect();
-        let mut ax0 = vec![0.0; n];
-        apply(&x0, &mut ax0);
-        let r0: Vec<f64> = b.iter().zip(&ax0).map(|(p, q)| p - q).collect();
-        let mut xw = x0.clone();
-        let repw = solve(apply, &b, &mut xw, &tight);
-        let dx: Vec<f64> = xw.iter().zip(&x0).map(|(p, q)| p - q).collect();
-        let want = dot(&r0, &dx);
-        assert!(
-            (repw.inverse_moments[0] - want).abs() <= 1e-9 * want,
-            "{repw:?} vs {want}"
-        );
-    }
-}
+mod tests;
