@@ -73,6 +73,10 @@ pub struct State {
     /// Identity of the contents: a fresh value whenever a model method refills the state
     /// (the OpenCL backend keeps device copies keyed by it).
     pub id: u64,
+    /// Identity of `nsig` and `dnsig`: the source state's when a model method copied them
+    /// from a state at the same ξ_σ (the KL's sample states), else fresh; states with equal
+    /// values here hold the same n_σ bit for bit, so a walk of several reads them once.
+    pub sig_id: u64,
     /// Whether `s` and `rw` hold this state's values on the host (the OpenCL `value_grad`
     /// leaves them on the device: the KL needs them only there).
     pub fields_on_host: bool,

@@ -7,7 +7,7 @@ use std::ops::Range;
 
 use crate::likelihood::core::ModelCore;
 use crate::likelihood::lanes::{Lanes, LanesOp, QuadOps};
-use crate::likelihood::quad::{self, QuadColumns};
+use crate::likelihood::quad::{self, Quad, QuadColumns};
 use crate::likelihood::response::{finish_vjp, inner_columns, jvp, moments, vjp, Window};
 use crate::likelihood::state::State;
 
@@ -287,7 +287,12 @@ impl LanesOp for MetricPixel<'_, '_> {
             w.rw_bar.fill(0.0);
             w.cum_bar.fill(0.0);
         }
-        let star = StarMetric { m, v_sig, n_states };
+        let star = StarMetric {
+            m,
+            v_sig,
+            n_states,
+            inv_exact: states.len().is_power_of_two(),
+        };
         for (j, i) in (lo..hi).enumerate() {
             let win = d.windows.of(i);
             let mut os_j = os.as_deref_mut().map(|os| &mut os[j]);
@@ -387,6 +392,8 @@ struct StarMetric<'a> {
     m: &'a ModelCore,
     v_sig: Option<&'a [f64]>,
     n_states: f64,
+    /// Whether 1/n_states is exact (a power of two).
+    inv_exact: bool,
 }
 
 impl StarMetric<'_> {
@@ -400,6 +407,39 @@ impl StarMetric<'_> {
             *dv += dvds * vs[i];
             dvds
         })
+    }
+
+    /// [`StarMetric::sig_tangent`] for four states, with ∂v/∂ξ_σ computed once when the
+    /// four hold the same n_σ (the KL's states: [`State::sig_id`]).
+    #[inline(always)]
+    fn sig_tangents(&self, sts: &[State], i: usize, dv: &mut Quad) -> Option<Quad> {
+        let vs = self.v_sig?;
+        let id = sts[0].sig_id;
+        let shared = sts[1].sig_id == id && sts[2].sig_id == id && sts[3].sig_id == id;
+        let a_err = self.m.data.a_err[i];
+        let mut dvds = [0.0; 4];
+        if shared {
+            dvds = [2.0 * sts[0].nsig[i] * a_err * a_err * sts[0].dnsig[i]; 4];
+        } else {
+            for s in 0..4 {
+                dvds[s] = 2.0 * sts[s].nsig[i] * a_err * a_err * sts[s].dnsig[i];
+            }
+        }
+        for s in 0..4 {
+            dv[s] += dvds[s] * vs[i];
+        }
+        Some(dvds)
+    }
+
+    /// A state's share `x / n` of the mean over the `n` states: a product with 1/n where that
+    /// is exact (n a power of two), the same bits without a division.
+    #[inline(always)]
+    fn share(&self, x: f64) -> f64 {
+        if self.inv_exact {
+            x * (1.0 / self.n_states)
+        } else {
+            x / self.n_states
+        }
     }
 
     /// Star `i`'s tangent, Fisher weighting and cotangent for state `st` (with its column
@@ -420,7 +460,7 @@ impl StarMetric<'_> {
         let dvds = self.sig_tangent(st, i, &mut dv);
         m.fisher_weigh(i, st.var[i], &mut da, &mut dv);
         if let (Some(o), Some(dvds)) = (os, dvds) {
-            *o += dvds * dv / self.n_states;
+            *o += self.share(dvds * dv);
         }
         let gv = m.distance_part(dv);
         let bars = [&mut w.rw_bar[..], &mut w.cum_bar[..]];
@@ -447,11 +487,10 @@ impl StarMetric<'_> {
         }
         let (mut da, y) = quad::jvp(o, win, q, abar);
         let mut dv = [0.0; 4];
-        let mut dvds = [None; 4];
         for s in 0..4 {
             dv[s] = m.distance_part(y[s]);
-            dvds[s] = self.sig_tangent(&sts[s], i, &mut dv[s]);
         }
+        let dvds = self.sig_tangents(sts, i, &mut dv);
         if m.marginal.is_none() {
             // the Gaussian's weights (δā/v, δv/(2v²)) as `fisher_weigh` computes them, in one
             // vector division each instead of four scalar ones behind a branch
@@ -465,11 +504,9 @@ impl StarMetric<'_> {
                 m.fisher_weigh(i, var[s], &mut da[s], &mut dv[s]);
             }
         }
-        if let Some(out) = os {
-            for (dvds, dv) in dvds.iter().zip(dv) {
-                if let Some(dvds) = dvds {
-                    *out += dvds * dv / self.n_states;
-                }
+        if let (Some(out), Some(dvds)) = (os, dvds) {
+            for s in 0..4 {
+                *out += self.share(dvds[s] * dv[s]);
             }
         }
         let mut gv = [0.0; 4];

@@ -60,6 +60,8 @@ pub(super) fn walk(m: &ModelCore, states: &mut [State], w: &mut ModelWork) -> Re
         bail!("a walk of {} states (four at a time)", states.len());
     }
     let (n_field, npix, n_stars) = (w.field.len(), m.npix(), m.data.len());
+    // the KL's states share n_σ (copied from the first): read from one copy, the same bits
+    let shared = states.iter().all(|s| s.sig_id == states[0].sig_id);
     w.slots.resize_with(4, StateSlot::default);
     let parts: Vec<Parts> = states
         .iter_mut()
@@ -98,14 +100,16 @@ pub(super) fn walk(m: &ModelCore, states: &mut [State], w: &mut ModelWork) -> Re
         })
         .collect();
     let n = m.n_r();
-    (0..npix)
-        .into_par_iter()
-        .for_each_init(|| QuadColumns::new(n), |q, p| pixel(m, &parts, p, q));
+    (0..npix).into_par_iter().for_each_init(
+        || QuadColumns::new(n),
+        |q, p| pixel(m, &parts, shared, p, q),
+    );
     Ok(())
 }
 
-/// The walk's pass over pixel `p` for the four states of `parts` (`q` its scratch).
-fn pixel(m: &ModelCore, parts: &[Parts], p: usize, q: &mut QuadColumns) {
+/// The walk's pass over pixel `p` for the four states of `parts` (`q` its scratch), their
+/// n_σ read from the first's when `shared_sig` (equal bit for bit).
+fn pixel(m: &ModelCore, parts: &[Parts], shared_sig: bool, p: usize, q: &mut QuadColumns) {
     let (n, nc, pad) = (m.n_r(), m.n_chart(), m.padding());
     let cols = p * n..(p + 1) * n;
     // the columns and inner columns as `inner_columns` forms them, lane by lane
@@ -135,7 +139,7 @@ fn pixel(m: &ModelCore, parts: &[Parts], p: usize, q: &mut QuadColumns) {
             ]
         }
     });
-    let sig = std::array::from_fn(|s| parts[s].sig);
+    let sig = std::array::from_fn(|s| parts[if shared_sig { 0 } else { s }].sig);
     let e = lanes::dispatch(EnergyQuad {
         m,
         sig,

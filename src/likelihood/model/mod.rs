@@ -131,6 +131,7 @@ impl Model {
             nsig: vec![1.0; self.data.len()],
             dnsig: vec![0.0; self.data.len()],
             id: next_state_id(),
+            sig_id: next_state_id(),
             fields_on_host: true,
         }
     }
@@ -150,9 +151,11 @@ impl Model {
     /// when given (a state at the same ξ_σ) instead of recomputed.
     fn set_globals(&self, x: &[f64], xsig: &[f64], same_sig: Option<&State>, st: &mut State) {
         let nxi = self.icr.n_xi();
+        st.sig_id = next_state_id();
         if let Some(src) = same_sig.filter(|_| self.marginal.is_none() && self.infer_nsigma) {
             par_copy(&mut st.nsig, &src.nsig);
             par_copy(&mut st.dnsig, &src.dnsig);
+            st.sig_id = src.sig_id;
         } else if self.marginal.is_some() {
             // the likelihood integrates n_σ out: v holds the distance part σ_a² alone
             st.nsig.fill(0.0);

@@ -552,3 +552,42 @@ fn states_walked_together_equal_one_at_a_time() {
         }
     }
 }
+
+#[test]
+fn states_sharing_n_sigma_give_the_averaged_metric_of_states_that_do_not() {
+    // the KL's states copy n_σ from the first (`State::sig_id` equal), and the four-state
+    // walk then reads it once per star: the product must keep the bits of the walk that
+    // reads each state's copy
+    let (m, x_true, _) = setup(400, true, "volume");
+    let (n, np) = (m.data.len(), m.n_params());
+    let xsig = gauss(n, 50, 1.0);
+    let mut w = m.workspace();
+    let mut shared: Vec<State> = Vec::new();
+    for j in 0..4 {
+        let x = axpy(&x_true, 0.3, &gauss(np, 60 + j, 1.0));
+        let mut st = m.empty_state();
+        m.update_state_sharing(&x, &xsig, shared.first(), &mut st, &mut w)
+            .unwrap();
+        shared.push(st);
+    }
+    assert!(shared.iter().all(|s| s.sig_id == shared[0].sig_id));
+    let mut apart = shared.clone();
+    for (j, st) in apart.iter_mut().enumerate() {
+        st.sig_id = 1000 + j as u64;
+    }
+    let v = gauss(np + n, 70, 1.0);
+    let mask = Mask::holding([4]);
+    let product = |states: &[State]| {
+        let mut out = vec![0.0; np + n];
+        m.averaged_metric(states, &mask, &v, &mut out, &mut m.workspace())
+            .unwrap();
+        out.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+    };
+    assert_eq!(product(&shared), product(&apart));
+    // and n_σ does enter the product: it differs with another ξ_σ for the last state
+    let mut other = shared.clone();
+    let x3 = axpy(&x_true, 0.3, &gauss(np, 63, 1.0));
+    m.update_state(&x3, &gauss(n, 51, 1.0), &mut other[3], &mut w)
+        .unwrap();
+    assert_ne!(product(&shared), product(&other));
+}
