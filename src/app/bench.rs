@@ -326,6 +326,15 @@ fn bench_metric(
         .collect();
     let t = try_median_time(opts.reps, || model.metric(&st, &v, &mut gx, &mut w))?;
     ops.push(("metric_s", t));
+    // the lockstep sampling solves' product: two vectors at once
+    let v2: Vec<f64> = (0..model.n_params())
+        .map(|_| rng.sample(StandardNormal))
+        .collect();
+    let mut gx2 = vec![0.0; model.n_params()];
+    let t = try_median_time(opts.reps, || {
+        model.metric_pair(&st, [&v, &v2], [&mut gx, &mut gx2], &mut w)
+    })?;
+    ops.push(("metric_pair_s", t));
     // the Newton steps' product: the metric averaged over 2 sample pairs' 4 states (here
     // four copies of one), with the ξ_σ block
     let states = vec![st.clone(); 4];

@@ -574,40 +574,35 @@ pub(super) fn vjp(
     vjps(win, col, abar, [g], [bars])
 }
 
-/// [`vjp`] for `N` cotangents of the same star in one walk of its window, each into its own
-/// `bars` (each the bits of [`vjp`] on its own).
+/// [`vjp`] for `N` cotangents of the same star, each into its own `bars` (each the bits of
+/// [`vjp`] on its own): the window's bounds found once, its entries walked once per
+/// cotangent (from the cache after the first), each walk an element-wise loop as in [`vjp`].
 #[inline(always)]
 pub(super) fn vjps<const N: usize>(
     win: Window<'_>,
     [rw, cum]: [&[f64]; 2],
     abar: f64,
     g: [[f64; 2]; N],
-    mut bars: [[&mut [f64]; 2]; N],
+    bars: [[&mut [f64]; 2]; N],
 ) {
     let n = rw.len();
     let k = kept(&win, n);
     let kr = k.shells();
-    let base = g.map(|[ga, gv]| ga - 2.0 * gv * win.kappa * abar);
-    let entries = k.p.iter().zip(k.f).zip(k.h);
-    let col = rw[kr.clone()].iter().zip(&cum[kr.clone()]);
-    let mut kept_bars = bars
-        .each_mut()
-        .map(|[rb, cb]| [&mut rb[kr.clone()], &mut cb[kr.clone()]]);
-    for (j, (((&pj, &fj), &hj), (&r, &c0))) in entries.zip(col).enumerate() {
-        let (pj, fj) = (pj as f64, fj as f64 * F_SCALE);
-        let c = c0 + r * fj;
-        for t in 0..N {
-            let gv = g[t][1];
-            let [rb, cb] = &mut kept_bars[t];
-            let w = pj * (base[t] + 2.0 * gv * c);
-            cb[j] += w;
-            rb[j] += w * fj + 2.0 * gv * pj * r * (hj as f64 * H_SCALE);
+    for ([ga, gv], [rw_bar, cum_bar]) in g.into_iter().zip(bars) {
+        let base = ga - 2.0 * gv * win.kappa * abar;
+        let entries = k.p.iter().zip(k.f).zip(k.h);
+        let col = rw[kr.clone()].iter().zip(&cum[kr.clone()]);
+        let kept_bars = rw_bar[kr.clone()].iter_mut().zip(&mut cum_bar[kr.clone()]);
+        for ((((&pj, &fj), &hj), (&r, &c0)), (rb, cb)) in entries.zip(col).zip(kept_bars) {
+            let (pj, fj) = (pj as f64, fj as f64 * F_SCALE);
+            let c = c0 + r * fj;
+            let w = pj * (base + 2.0 * gv * c);
+            *cb += w;
+            *rb += w * fj + 2.0 * gv * pj * r * (hj as f64 * H_SCALE);
         }
-    }
-    if k.beyond {
-        let pj = win.prob[win.prob.len() - 1] as f64;
-        for t in 0..N {
-            bars[t][1][n] += pj * (base[t] + 2.0 * g[t][1] * cum[n]);
+        if k.beyond {
+            let pj = win.prob[win.prob.len() - 1] as f64;
+            cum_bar[n] += pj * (base + 2.0 * gv * cum[n]);
         }
     }
 }
