@@ -10,7 +10,7 @@ use super::passes::{cols, PixelScratch};
 use crate::base::util::par_zero;
 use crate::likelihood::core::{ModelCore, ModelWork};
 use crate::likelihood::lanes::{self, Lanes, LanesOp};
-use crate::likelihood::response::{finish_vjp, inner_columns, jvps, vjps};
+use crate::likelihood::response::{jvps, vjps};
 use crate::likelihood::state::State;
 
 /// `g_xi[t] = Sᵀ Jᵀ F J S dxi[t]` for both `t` at state `st` (the ICR part of
@@ -115,17 +115,9 @@ impl LanesOp for MetricPair<'_, '_> {
             w,
         } = self;
         let (n, d) = (m.n_r(), &m.data);
-        let (col, sk) = cols(st, p, n);
+        let col = cols(st, p, n).0;
         for t in 0..2 {
-            let (dscl, doff) = tangents[t];
-            let w = &mut w[t];
-            for (k, drw) in w.drw.iter_mut().enumerate() {
-                *drw = col[k] * (st.scl * ds[t][k] + sk[k] * dscl + doff);
-            }
-            inner_columns(col, &mut w.cum);
-            inner_columns(&w.drw, &mut w.dcum);
-            w.rw_bar.fill(0.0);
-            w.cum_bar.fill(0.0);
+            w[t].prepare(st, p, ds[t], tangents[t]);
         }
         let [w0, w1] = w;
         for i in d.offsets[p]..d.offsets[p + 1] {
@@ -144,17 +136,9 @@ impl LanesOp for MetricPair<'_, '_> {
             ];
             vjps(win, [col, &w0.cum], st.abar[i], g, bars);
         }
+        // as the one-state product: its weight 1/1
         for ((w, sbar), sc) in [w0, w1].into_iter().zip(sbar).zip(scalars) {
-            finish_vjp(&w.cum_bar, &mut w.rw_bar);
-            // as the one-state product: its weight 1/1 and the same operations
-            let (mut g_scl, mut g_off) = (0.0, 0.0);
-            for k in 0..n {
-                let t = 1.0 * w.rw_bar[k] * col[k];
-                sbar[k] += st.scl * t;
-                g_scl += sk[k] * t;
-                g_off += t;
-            }
-            *sc = [g_scl, g_off];
+            *sc = w.finish(st, p, 1.0, sbar);
         }
     }
 }

@@ -277,15 +277,8 @@ impl LanesOp for MetricPixel<'_, '_> {
         for ((sts, tans), q) in blocks.zip(&mut w.quads) {
             quad_columns(sts, tans, ds, p, q);
         }
-        for ((st, &(dscl, doff)), w) in rest.iter().zip(rest_tangents).zip(&mut w.states) {
-            let (col, sk) = cols(st, p, n);
-            for (k, drw) in w.drw.iter_mut().enumerate() {
-                *drw = col[k] * (st.scl * ds[k] + sk[k] * dscl + doff);
-            }
-            inner_columns(col, &mut w.cum);
-            inner_columns(&w.drw, &mut w.dcum);
-            w.rw_bar.fill(0.0);
-            w.cum_bar.fill(0.0);
+        for ((st, &tangent), w) in rest.iter().zip(rest_tangents).zip(&mut w.states) {
+            w.prepare(st, p, ds, tangent);
         }
         let star = StarMetric {
             m,
@@ -310,17 +303,7 @@ impl LanesOp for MetricPixel<'_, '_> {
             quad_finish(sts, p, weight, q, sbar, sc);
         }
         for ((st, w), sc) in rest.iter().zip(&mut w.states).zip(rest_scalars) {
-            let (col, sk) = cols(st, p, n);
-            finish_vjp(&w.cum_bar, &mut w.rw_bar);
-            // rw = Δr exp(scl s + off): ∂rw/∂s = scl rw, ∂rw/∂scl = s rw, ∂rw/∂off = rw
-            let (mut g_scl, mut g_off) = (0.0, 0.0);
-            for k in 0..n {
-                let t = weight * w.rw_bar[k] * col[k];
-                sbar[k] += st.scl * t;
-                g_scl += sk[k] * t;
-                g_off += t;
-            }
-            *sc = [g_scl, g_off];
+            *sc = w.finish(st, p, weight, sbar);
         }
     }
 }
@@ -545,6 +528,45 @@ pub(super) struct PixelScratch {
 }
 
 impl PixelScratch {
+    /// State `st`'s column tangent at pixel `p` for the field tangent `ds` of its kept shells
+    /// and the scale and offset tangents `(dscl, doff)`, the inner columns of both, and zero
+    /// cotangents: the start of a one-state metric product's pixel.
+    #[inline(always)]
+    pub(super) fn prepare(&mut self, st: &State, p: usize, ds: &[f64], (dscl, doff): (f64, f64)) {
+        let (col, sk) = cols(st, p, self.drw.len());
+        for (k, drw) in self.drw.iter_mut().enumerate() {
+            *drw = col[k] * (st.scl * ds[k] + sk[k] * dscl + doff);
+        }
+        inner_columns(col, &mut self.cum);
+        inner_columns(&self.drw, &mut self.dcum);
+        self.rw_bar.fill(0.0);
+        self.cum_bar.fill(0.0);
+    }
+
+    /// The end of a one-state metric product's pixel: the inner columns' cotangents folded
+    /// into the column's, `weight` times the field cotangent added into `sbar`; returns the
+    /// pixel's [Σ s t, Σ t] partials (times `weight`).
+    #[inline(always)]
+    pub(super) fn finish(
+        &mut self,
+        st: &State,
+        p: usize,
+        weight: f64,
+        sbar: &mut [f64],
+    ) -> [f64; 2] {
+        let (col, sk) = cols(st, p, self.drw.len());
+        finish_vjp(&self.cum_bar, &mut self.rw_bar);
+        // rw = Δr exp(scl s + off): ∂rw/∂s = scl rw, ∂rw/∂scl = s rw, ∂rw/∂off = rw
+        let (mut g_scl, mut g_off) = (0.0, 0.0);
+        for k in 0..col.len() {
+            let t = weight * self.rw_bar[k] * col[k];
+            sbar[k] += st.scl * t;
+            g_scl += sk[k] * t;
+            g_off += t;
+        }
+        [g_scl, g_off]
+    }
+
     pub(super) fn new(n: usize) -> Self {
         Self {
             drw: vec![0.0; n],
