@@ -566,44 +566,94 @@ fn window_sums<L: Lanes, const N: usize>(
 #[inline(always)]
 pub(super) fn vjp(
     win: Window<'_>,
-    col: [&[f64]; 2],
-    abar: f64,
-    g: [f64; 2],
-    bars: [&mut [f64]; 2],
-) {
-    vjps(win, col, abar, [g], [bars])
-}
-
-/// [`vjp`] for `N` cotangents of the same star, each into its own `bars` (each the bits of
-/// [`vjp`] on its own): the window's bounds found once, its entries walked once per
-/// cotangent (from the cache after the first), each walk an element-wise loop as in [`vjp`].
-#[inline(always)]
-pub(super) fn vjps<const N: usize>(
-    win: Window<'_>,
     [rw, cum]: [&[f64]; 2],
     abar: f64,
-    g: [[f64; 2]; N],
-    bars: [[&mut [f64]; 2]; N],
+    [ga, gv]: [f64; 2],
+    [rw_bar, cum_bar]: [&mut [f64]; 2],
 ) {
     let n = rw.len();
     let k = kept(&win, n);
     let kr = k.shells();
-    for ([ga, gv], [rw_bar, cum_bar]) in g.into_iter().zip(bars) {
-        let base = ga - 2.0 * gv * win.kappa * abar;
-        let entries = k.p.iter().zip(k.f).zip(k.h);
-        let col = rw[kr.clone()].iter().zip(&cum[kr.clone()]);
-        let kept_bars = rw_bar[kr.clone()].iter_mut().zip(&mut cum_bar[kr.clone()]);
-        for ((((&pj, &fj), &hj), (&r, &c0)), (rb, cb)) in entries.zip(col).zip(kept_bars) {
-            let (pj, fj) = (pj as f64, fj as f64 * F_SCALE);
-            let c = c0 + r * fj;
-            let w = pj * (base + 2.0 * gv * c);
-            *cb += w;
-            *rb += w * fj + 2.0 * gv * pj * r * (hj as f64 * H_SCALE);
-        }
-        if k.beyond {
-            let pj = win.prob[win.prob.len() - 1] as f64;
-            cum_bar[n] += pj * (base + 2.0 * gv * cum[n]);
-        }
+    let base = ga - 2.0 * gv * win.kappa * abar;
+    let entries = k.p.iter().zip(k.f).zip(k.h);
+    let col = rw[kr.clone()].iter().zip(&cum[kr.clone()]);
+    let bars = rw_bar[kr.clone()].iter_mut().zip(&mut cum_bar[kr]);
+    for ((((&pj, &fj), &hj), (&r, &c0)), (rb, cb)) in entries.zip(col).zip(bars) {
+        let e = cotangent_entry(pj, fj, hj, [r, c0]);
+        let (dc, dr) = e.terms(base, gv);
+        *cb += dc;
+        *rb += dr;
+    }
+    if k.beyond {
+        let pj = win.prob[win.prob.len() - 1] as f64;
+        cum_bar[n] += pj * (base + 2.0 * gv * cum[n]);
+    }
+}
+
+/// [`vjp`] for two cotangents of the same star in one element-wise loop over its window (each
+/// entry converted and its column read once for both), each into its own `bars` with the bits
+/// of [`vjp`] on its own.
+#[inline(always)]
+pub(super) fn vjp_pair(
+    win: Window<'_>,
+    [rw, cum]: [&[f64]; 2],
+    abar: f64,
+    [[ga0, gv0], [ga1, gv1]]: [[f64; 2]; 2],
+    [[rw0, cum0], [rw1, cum1]]: [[&mut [f64]; 2]; 2],
+) {
+    let n = rw.len();
+    let k = kept(&win, n);
+    let kr = k.shells();
+    let base0 = ga0 - 2.0 * gv0 * win.kappa * abar;
+    let base1 = ga1 - 2.0 * gv1 * win.kappa * abar;
+    let entries = k.p.iter().zip(k.f).zip(k.h);
+    let col = rw[kr.clone()].iter().zip(&cum[kr.clone()]);
+    let b0 = rw0[kr.clone()].iter_mut().zip(&mut cum0[kr.clone()]);
+    let b1 = rw1[kr.clone()].iter_mut().zip(&mut cum1[kr]);
+    for ((((&pj, &fj), &hj), (&r, &c0)), ((rb0, cb0), (rb1, cb1))) in
+        entries.zip(col).zip(b0.zip(b1))
+    {
+        let e = cotangent_entry(pj, fj, hj, [r, c0]);
+        let ((dc0, dr0), (dc1, dr1)) = (e.terms(base0, gv0), e.terms(base1, gv1));
+        (*cb0, *rb0, *cb1, *rb1) = (*cb0 + dc0, *rb0 + dr0, *cb1 + dc1, *rb1 + dr1);
+    }
+    if k.beyond {
+        let pj = win.prob[win.prob.len() - 1] as f64;
+        cum0[n] += pj * (base0 + 2.0 * gv0 * cum[n]);
+        cum1[n] += pj * (base1 + 2.0 * gv1 * cum[n]);
+    }
+}
+
+/// One window entry as the VJP reads it: its probability, mean position and position
+/// variance as f64, the column `r` at its shell and the inner column `c` at the star's
+/// position in it.
+struct CotangentEntry {
+    p: f64,
+    f: f64,
+    h: f64,
+    r: f64,
+    c: f64,
+}
+
+#[inline(always)]
+fn cotangent_entry(p: f32, f: u16, h: u16, [r, c0]: [f64; 2]) -> CotangentEntry {
+    let (p, f) = (p as f64, f as f64 * F_SCALE);
+    CotangentEntry {
+        p,
+        f,
+        h: h as f64 * H_SCALE,
+        r,
+        c: c0 + r * f,
+    }
+}
+
+impl CotangentEntry {
+    /// The entry's additions to the cotangents of the inner column and of the column for a
+    /// star's `base` = g_a − 2 g_v κ ā and `gv` = g_v.
+    #[inline(always)]
+    fn terms(&self, base: f64, gv: f64) -> (f64, f64) {
+        let w = self.p * (base + 2.0 * gv * self.c);
+        (w, w * self.f + 2.0 * gv * self.p * self.r * self.h)
     }
 }
 

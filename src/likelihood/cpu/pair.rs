@@ -10,7 +10,7 @@ use super::passes::{cols, PixelScratch};
 use crate::base::util::par_zero;
 use crate::likelihood::core::{ModelCore, ModelWork};
 use crate::likelihood::lanes::{self, Lanes, LanesOp};
-use crate::likelihood::response::{jvps, vjps};
+use crate::likelihood::response::{jvps, vjp_pair};
 use crate::likelihood::state::State;
 
 /// `g_xi[t] = Sᵀ Jᵀ F J S dxi[t]` for both `t` at state `st` (the ICR part of
@@ -134,7 +134,7 @@ impl LanesOp for MetricPair<'_, '_> {
                 [&mut w0.rw_bar[..], &mut w0.cum_bar[..]],
                 [&mut w1.rw_bar[..], &mut w1.cum_bar[..]],
             ];
-            vjps(win, [col, &w0.cum], st.abar[i], g, bars);
+            vjp_pair(win, [col, &w0.cum], st.abar[i], g, bars);
         }
         // as the one-state product: its weight 1/1
         for ((w, sbar), sc) in [w0, w1].into_iter().zip(sbar).zip(scalars) {
