@@ -133,10 +133,7 @@ impl Fisher for ModelAt<'_> {
         let vm = self.mask.masked(v, &mut scratch);
         self.model
             .metric(self.state, vm, out, &mut self.work.borrow_mut())?;
-        // held entries: the identity (the free ones already hold J^T F J v + v)
-        for &h in self.mask.held() {
-            out[h] = 0.0 * out[h] + v[h];
-        }
+        self.held_identity(v, out);
         Ok(())
     }
     fn space(&self) -> Arc<dyn Space> {
@@ -156,18 +153,16 @@ impl Fisher for ModelAt<'_> {
         [d0, d1]: [&mut [f64]; 2],
         settings: &CgSettings,
     ) -> Result<[CgReport; 2]> {
-        let device = |y: &[f64], d: &mut [f64]| {
-            self.model
-                .solve_metric(&[self.state], self.mask, self.with_sig, y, d, settings)
-        };
-        // n_σ sampled: the product is the averaged metric's, one state at a time
+        // n_σ sampled (the averaged metric's product), or on a device: one after the other
         if self.with_sig {
             return Ok([
                 self.solve(y[0], d0, settings)?,
                 self.solve(y[1], d1, settings)?,
             ]);
         }
-        if let Some(r0) = device(y[0], d0)? {
+        let on_device =
+            (self.model).solve_metric(&[self.state], self.mask, false, y[0], d0, settings)?;
+        if let Some(r0) = on_device {
             return Ok([r0, self.solve(y[1], d1, settings)?]);
         }
         cg::try_solve_pair_with(
@@ -197,6 +192,14 @@ impl Fisher for ModelAt<'_> {
 }
 
 impl ModelAt<'_> {
+    /// The metric's held entries, the identity: `out[h] = v[h]` (the free ones already hold
+    /// Jᵀ F J v + v).
+    fn held_identity(&self, v: &[f64], out: &mut [f64]) {
+        for &h in self.mask.held() {
+            out[h] = 0.0 * out[h] + v[h];
+        }
+    }
+
     /// `out = M v` for each `(v, out)` of `pairs` (one or two; ξ_σ held), a pair in one walk of
     /// the stars ([`Model::metric_pair`]).
     fn metric_pairs(&self, pairs: &mut [(&[f64], &mut [f64])]) -> Result<()> {
@@ -208,12 +211,8 @@ impl ModelAt<'_> {
         let (o0, o1) = (&mut **o0, &mut **o1);
         self.model
             .metric_pair(self.state, vm, [o0, o1], &mut self.work.borrow_mut())?;
-        // held entries: the identity (the free ones already hold J^T F J v + v)
-        for (out, v) in [(o0, v0), (o1, v1)] {
-            for &h in self.mask.held() {
-                out[h] = 0.0 * out[h] + v[h];
-            }
-        }
+        self.held_identity(v0, o0);
+        self.held_identity(v1, o1);
         Ok(())
     }
 }

@@ -254,10 +254,8 @@ impl Backend for Cpu {
             metric_pixels(m, states, &tangents, ds, sig, acc, pix);
             let (mut g_scl, mut g_off) = (0.0, 0.0);
             for (si, st) in states.iter().enumerate() {
-                for (q, sc) in per_state.iter_mut().zip(pix.chunks_exact(states.len())) {
-                    *q = sc[si];
-                }
-                let [a, b] = chain.cotangent(st.dscl, m.dom.pixel_sum2(&per_state));
+                let sum = lane_sum2(m, pix, states.len(), si, &mut per_state);
+                let [a, b] = chain.cotangent(st.dscl, sum);
                 g_scl += a;
                 g_off += b;
             }
@@ -351,6 +349,22 @@ fn value_grad_pixels(
                 *sc = [g_scl, g_off];
             },
         );
+}
+
+/// The global sum of lane `lane` of per-pixel partials held `lanes` to a pixel (pixel-major,
+/// as the metric walks leave them), through `per` (one pixel's worth each) so that it is
+/// summed in the patch order of [`crate::sphere::decomp::Domain::pixel_sum2`].
+fn lane_sum2(
+    m: &ModelCore,
+    scalars: &[[f64; 2]],
+    lanes: usize,
+    lane: usize,
+    per: &mut [[f64; 2]],
+) -> [f64; 2] {
+    for (q, sc) in per.iter_mut().zip(scalars.chunks_exact(lanes)) {
+        *q = sc[lane];
+    }
+    m.dom.pixel_sum2(per)
 }
 
 /// ICR forward of `dxi`, then `pass(ds, acc, scalars)` adding the final chart field's

@@ -6,6 +6,7 @@
 
 use rayon::prelude::*;
 
+use super::lane_sum2;
 use super::passes::{cols, PixelScratch};
 use crate::base::util::par_zero;
 use crate::likelihood::core::{ModelCore, ModelWork};
@@ -39,12 +40,7 @@ pub(super) fn metric_pair(
     }
     pair_pixels(m, st, [&ds0, &ds1], tangents, [&mut acc0, &mut acc1], w);
     let mut per = std::mem::take(&mut w.pix_scalars);
-    let c = [0, 1].map(|t| {
-        for (q, sc) in per.iter_mut().zip(w.state_scalars.chunks_exact(2)) {
-            *q = sc[t];
-        }
-        m.dom.pixel_sum2(&per)
-    });
+    let c = [0, 1].map(|t| lane_sum2(m, &w.state_scalars, 2, t, &mut per));
     w.pix_scalars = per;
     w.icr.fields[top] = ds1;
     w.pair_field = ds0;
