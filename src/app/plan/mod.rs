@@ -19,7 +19,7 @@ use crate::sphere::grid::{self, Chart};
 mod timing;
 
 pub use timing::KernelSpeeds;
-use timing::{iteration_seconds, kernel_speeds, stage_counts, stage_work};
+use timing::{iteration_seconds, kernel_speeds, stage_counts, stage_work, Sharing};
 
 /// What to plan for.
 #[derive(Clone, Debug)]
@@ -373,7 +373,8 @@ fn traffic_and_time(
     let gb = |b: f64| b / 1e9;
     let last = cfg.inference.stage.last().cloned().unwrap_or_default();
     let (n, cs, sn, cn) = stage_counts(&last);
-    let icr_pairs = stage_work(&last, cfg.noise.sample_nsigma).icr_pairs;
+    let share = Sharing::of(cfg, win_bytes);
+    let icr_pairs = stage_work(&last, cfg.noise.sample_nsigma, share).icr_pairs;
     let sums = 2.0 * (n * cs + sn * cn) + sn * 2.0 * 2.0 * n * 4.0 + sn * cn * 2.0 * n;
     let sum_bytes = 8.0 * 2.0 * f.patches as f64 * (opts.ranks as f64 - 1.0);
     let t_iter = iteration_seconds(cfg, &last, f, win_bytes, speeds) / opts.threads_per_rank as f64;
@@ -399,8 +400,8 @@ fn traffic_and_time(
     writeln!(
         s,
         "time per global iteration (largest rank, {} threads, ideal thread scaling, {}: {:.1} ns \
-         per voxel per ICR pair; per star walk {}, of four states side by side {}; {:.2} ns per \
-         value per vector pass): {:.0} s",
+         per voxel per ICR pair; per star walk {}, of two tangents at one state {}, of four \
+         states side by side {}; {:.2} ns per value per vector pass): {:.0} s",
         opts.threads_per_rank,
         if opts.no_timing {
             "reference kernel speeds (--no-timing)"
@@ -409,6 +410,7 @@ fn traffic_and_time(
         },
         speeds.voxel_s * 1e9,
         walk_figures(speeds.walk),
+        walk_figures(speeds.pair_walk),
         walk_figures(speeds.quad_walk),
         speeds.vector_s * 1e9,
         t_iter

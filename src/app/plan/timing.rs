@@ -22,15 +22,18 @@ pub struct WalkCosts {
 }
 
 /// Kernel speeds on one thread, in seconds: of an ICR forward + adjoint per chart voxel, of
-/// a star walk for one state and for a block of four states side by side (the Newton steps'
-/// averaged metric, `likelihood::quad`), and of one pass over a parameter-sized vector per
-/// value.
+/// a star walk for one state, for two tangents at one state (the sampling solves in
+/// lockstep, `likelihood::cpu::pair`) and for a block of four states side by side (the
+/// Newton steps' averaged metric and the evaluations of short windows, `likelihood::quad`),
+/// and of one pass over a parameter-sized vector per value.
 #[derive(Clone, Copy, Debug)]
 pub struct KernelSpeeds {
     /// Seconds per chart voxel per ICR forward + adjoint.
     pub voxel_s: f64,
     /// One state's star walk.
     pub walk: WalkCosts,
+    /// Two tangents' star walk at one state.
+    pub pair_walk: WalkCosts,
     /// Four states' star walk, side by side.
     pub quad_walk: WalkCosts,
     /// Seconds per value per vector pass.
@@ -41,13 +44,19 @@ impl KernelSpeeds {
     /// Fixed speeds (`--no-timing`): one thread of a recent server core, as `dust3d plan`
     /// timed them on an Intel Xeon with AVX2 (2026-12-04; from run to run 21.1–23.5 ns per
     /// ICR voxel; one state's walk 1.1–4.3 ns per voxel, 5.8–13 ns per star, 1.0–1.7 ns per
-    /// entry; four states' 8.8–10.5 ns per voxel, 14–17 ns per star, 1.5–1.8 ns per entry;
-    /// 1.1–1.2 ns per vector value).
+    /// entry; two tangents' 6.4–7.5 ns per voxel, 25–30 ns per star, 1.1–1.5 ns per entry;
+    /// four states' 8.8–10.5 ns per voxel, 14–17 ns per star, 1.5–1.8 ns per entry; 1.1–1.2
+    /// ns per vector value).
     pub const REFERENCE: Self = Self {
         voxel_s: 2.2e-8,
         walk: WalkCosts {
             voxel_s: 3.0e-9,
             star_s: 1.0e-8,
+            entry_s: 1.3e-9,
+        },
+        pair_walk: WalkCosts {
+            voxel_s: 7.0e-9,
+            star_s: 2.8e-8,
             entry_s: 1.3e-9,
         },
         quad_walk: WalkCosts {
@@ -61,10 +70,10 @@ impl KernelSpeeds {
 
 /// [`KernelSpeeds`] of this machine, timed on one thread: the ICR on the W1 chart (1.6 M
 /// voxels, whose matrices and fields do not fit in cache, as a fit's do not); the star walks
-/// as metric products less their ICR pair (of one state, and averaged over four), on the W1
-/// sky of 200,000 stars and on every fourth of them, each with all 4 levels (128 shells,
-/// about 35 window entries per star) and with 2 (32 shells, about 10) — see [`walk_costs`];
-/// and a vector update over 16 M values.
+/// as metric products less their ICR pairs (of one state, of two vectors at one state, and
+/// averaged over four states), on the W1 sky of 200,000 stars and on every fourth of them,
+/// each with all 4 levels (128 shells, about 35 window entries per star) and with 2 (32
+/// shells, about 10) — see [`walk_costs`]; and a vector update over 16 M values.
 pub(super) fn kernel_speeds(no_timing: bool) -> Result<KernelSpeeds> {
     if no_timing {
         return Ok(KernelSpeeds::REFERENCE);
@@ -87,23 +96,25 @@ pub(super) fn kernel_speeds(no_timing: bool) -> Result<KernelSpeeds> {
         Ok(KernelSpeeds {
             voxel_s: t_icr4 / icr4.n_field() as f64,
             walk: walk_costs(fine[0], coarse[0]),
-            quad_walk: walk_costs(fine[1], coarse[1]),
+            pair_walk: walk_costs(fine[1], coarse[1]),
+            quad_walk: walk_costs(fine[2], coarse[2]),
             vector_s: t_vec / b.len() as f64,
         })
     })
 }
 
 /// Star walks' seconds on the catalogs `cats` with the chart of `icr` (half a metric product
-/// less its ICR pair, `t_icr`), as `[voxels, stars, entries, seconds]`: of one state, then of
-/// four states side by side (the product averaged over four), for each catalog.
+/// less its ICR pairs, `t_icr` each), as `[voxels, stars, entries, seconds]`: of one state,
+/// of two vectors at one state, and of four states side by side (the product averaged over
+/// four), for each catalog.
 fn walk_seconds(
     cfg: &Config,
     icr: Arc<Icr>,
     cats: [&crate::data::catalog::Catalog; 2],
     t_icr: f64,
-) -> Result<[[[f64; 4]; 2]; 2]> {
+) -> Result<[[[f64; 4]; 2]; 3]> {
     let chart = cfg.chart()?;
-    let mut out = [[[0.0; 4]; 2]; 2];
+    let mut out = [[[0.0; 4]; 2]; 3];
     for (c, cat) in cats.into_iter().enumerate() {
         let cat = cat.clone().into_pixel_layout(chart.nside_final());
         let model = crate::app::build::model(cfg, icr.clone(), &cat)?;
@@ -113,8 +124,12 @@ fn walk_seconds(
         let mut w = model.workspace();
         let mut st = model.empty_state();
         model.update_state(&x, &xsig, &mut st, &mut w)?;
-        let mut o = vec![0.0; np];
+        let (mut o, mut o2) = (vec![0.0; np], vec![0.0; np]);
         let t1 = crate::app::bench::try_median_time(5, || model.metric(&st, &x, &mut o, &mut w))?;
+        let y = vec![-0.2; np];
+        let t2 = crate::app::bench::try_median_time(5, || {
+            model.metric_pair(&st, [&x, &y], [&mut o, &mut o2], &mut w)
+        })?;
         let states = vec![st; 4];
         let (mask, v) = (
             crate::likelihood::mask::Mask::all_free(),
@@ -129,9 +144,10 @@ fn walk_seconds(
             ns as f64,
             model.data.windows.prob.len() as f64,
         ];
-        for (q, t) in [t1, t4].into_iter().enumerate() {
+        // a product of two vectors runs two ICR pairs
+        for (q, (t, icr_pairs)) in [(t1, 1.0), (t2, 2.0), (t4, 1.0)].into_iter().enumerate() {
             let [a, b, e] = shape;
-            out[q][c] = [a, b, e, (t - t_icr).max(0.0) / 2.0];
+            out[q][c] = [a, b, e, (t - icr_pairs * t_icr).max(0.0) / 2.0];
         }
     }
     Ok(out)
@@ -195,11 +211,48 @@ pub(super) struct StageWork {
     pub icr_pairs: f64,
     /// Star walks of one state (each reads every star's window once).
     walks: f64,
+    /// Star walks of two tangents at one state.
+    pair_walks: f64,
     /// Star walks of four states side by side.
     quad_walks: f64,
     /// Passes over a parameter-sized vector.
     vector_passes: f64,
 }
+
+/// Which walks the backend shares between solves and samples (the CPU backend's; OpenCL
+/// shares none).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(super) struct Sharing {
+    /// The sample pairs' solves run two at a time in lockstep, each product one walk of two
+    /// tangents (not with n_σ sampled: those solves run one after the other).
+    pub lockstep: bool,
+    /// The evaluations walk the samples' states four at a time (windows short enough:
+    /// [`crate::likelihood::cpu::TOGETHER_MAX_ENTRIES`]).
+    pub together: bool,
+}
+
+impl Sharing {
+    /// Nothing shared: every solve and every evaluation on its own.
+    #[cfg(test)]
+    const NONE: Self = Self {
+        lockstep: false,
+        together: false,
+    };
+
+    /// What the configured backend shares for stars of `win_bytes` window bytes each.
+    pub(super) fn of(cfg: &Config, win_bytes: f64) -> Self {
+        let cpu = cfg.backend.kind == crate::app::config::BackendKind::Cpu;
+        let entries = (win_bytes - WINDOW_STAR_BYTES) / WINDOW_ENTRY_BYTES;
+        Self {
+            lockstep: cpu && !cfg.noise.sample_nsigma,
+            together: cpu && entries <= crate::likelihood::cpu::TOGETHER_MAX_ENTRIES as f64,
+        }
+    }
+}
+
+/// Window bytes per entry, and per star besides its entries (start, offset and κ).
+const WINDOW_ENTRY_BYTES: f64 = 8.0;
+const WINDOW_STAR_BYTES: f64 = 12.0;
 
 /// Vector passes per CG iteration: the product's output accumulation, two dot products and
 /// three updates, counted as passes of an update (one read, one write). Free entries are not
@@ -213,26 +266,39 @@ const EVAL_VECTOR_PASSES: f64 = 10.0;
 /// The work of one global iteration at the stage's caps: each sample pair's CG solve (its
 /// draw, a cotangent walk and an ICR adjoint, and one product per iteration: CG starts from
 /// zero and skips the product with its start; the scale's evidence update solves once more
-/// per iteration, and once more per pair when n_σ is sampled, `sample_nsigma`), and per
-/// Newton step about 2 value + gradient evaluations of all 2N samples (line search included)
-/// and the CG's products with the metric averaged over them (one ICR pair per product, two
-/// walks per sample, tangent and cotangent, for the samples in blocks of four side by side and
-/// the rest one by one; an evaluation walks each window twice too: the moments and the
-/// cotangent).
-pub(super) fn stage_work(stage: &StageConfig, sample_nsigma: bool) -> StageWork {
+/// per iteration, and once more per pair when n_σ is sampled, `sample_nsigma`; with
+/// `lockstep`, the pairs' solves two at a time, each iteration's two products one walk of
+/// two tangents each way), and per Newton step about 2 value + gradient evaluations of all
+/// 2N samples (line search included) and the CG's products with the metric averaged over
+/// them (one ICR pair per product, two walks per sample, tangent and cotangent, for the
+/// samples in blocks of four side by side and the rest one by one; an evaluation walks each
+/// window twice too: the moments and the cotangent, in blocks of four with `together`).
+pub(super) fn stage_work(stage: &StageConfig, sample_nsigma: bool, share: Sharing) -> StageWork {
     let (n, cs, sn, cn) = stage_counts(stage);
     let solves = match (stage.scale_update, sample_nsigma) {
         (crate::app::config::ScaleUpdateName::Evidence, false) => n + 1.0,
         (crate::app::config::ScaleUpdateName::Evidence, true) => 2.0 * n + 1.0,
         _ => n,
     };
+    let lockstep = if share.lockstep {
+        (n / 2.0).floor()
+    } else {
+        0.0
+    };
+    let alone = solves - 2.0 * lockstep;
     let evaluations = sn * 2.0 * 2.0 * n;
     let cg_iterations = solves * cs + sn * cn;
     let (blocks, rest) = ((2.0 * n / 4.0).floor(), (2.0 * n) % 4.0);
+    let (eval_blocks, eval_alone) = if share.together {
+        (sn * 2.0 * blocks, sn * 2.0 * rest)
+    } else {
+        (0.0, evaluations)
+    };
     StageWork {
         icr_pairs: solves * (0.5 + cs) + evaluations + sn * cn,
-        walks: solves * (1.0 + 2.0 * cs) + 2.0 * evaluations + sn * cn * 2.0 * rest,
-        quad_walks: sn * cn * 2.0 * blocks,
+        walks: alone * (1.0 + 2.0 * cs) + 2.0 * lockstep + 2.0 * eval_alone + sn * cn * 2.0 * rest,
+        pair_walks: lockstep * 2.0 * cs,
+        quad_walks: sn * cn * 2.0 * blocks + 2.0 * eval_blocks,
         vector_passes: CG_VECTOR_PASSES * cg_iterations + EVAL_VECTOR_PASSES * evaluations,
     }
 }
@@ -246,13 +312,15 @@ pub(super) fn iteration_seconds(
     win_bytes: f64,
     speeds: KernelSpeeds,
 ) -> f64 {
-    let w = stage_work(stage, cfg.noise.sample_nsigma);
-    let entries = f.stars * (win_bytes - 12.0) / 8.0;
+    let share = Sharing::of(cfg, win_bytes);
+    let w = stage_work(stage, cfg.noise.sample_nsigma, share);
+    let entries = f.stars * (win_bytes - WINDOW_STAR_BYTES) / WINDOW_ENTRY_BYTES;
     let values = (f.voxels + f.xi) as f64 + f.stars;
     let walk =
         |c: WalkCosts| c.voxel_s * f.voxels as f64 + c.star_s * f.stars + c.entry_s * entries;
     w.icr_pairs * speeds.voxel_s * f.voxels as f64
         + w.walks * walk(speeds.walk)
+        + w.pair_walks * walk(speeds.pair_walk)
         + w.quad_walks * walk(speeds.quad_walk)
         + w.vector_passes * speeds.vector_s * values
 }
@@ -282,10 +350,16 @@ mod tests {
                 b.vector_passes - a.vector_passes,
             ]
         };
-        let (a, b) = (stage_work(&joint, false), stage_work(&evidence, false));
+        let (a, b) = (
+            stage_work(&joint, false, Sharing::NONE),
+            stage_work(&evidence, false, Sharing::NONE),
+        );
         let passes = 100.0 * CG_VECTOR_PASSES;
         assert_eq!(extra(a, b), [100.5, 201.0, passes]);
-        let (a, b) = (stage_work(&joint, true), stage_work(&evidence, true));
+        let (a, b) = (
+            stage_work(&joint, true, Sharing::NONE),
+            stage_work(&evidence, true, Sharing::NONE),
+        );
         assert_eq!(extra(a, b), [5.0 * 100.5, 5.0 * 201.0, 5.0 * passes]);
     }
 
@@ -298,7 +372,7 @@ mod tests {
             ..Default::default()
         };
         // 1 pair: two states alone; 2 pairs: one block of four; 3 pairs: a block and two alone
-        let [one, two, three] = [1, 2, 3].map(|n| stage_work(&stage(n), false));
+        let [one, two, three] = [1, 2, 3].map(|n| stage_work(&stage(n), false, Sharing::NONE));
         assert_eq!([one, two, three].map(|w| w.quad_walks), [0.0, 60.0, 60.0]);
         // a pair more: its solve (draw, cs products of two walks), its evaluations (3 steps
         // × 2 × 2 states, two walks each), and the Newton CG's single-state walks (3 steps ×
@@ -307,6 +381,85 @@ mod tests {
         let pair = 1.0 + 2.0 * cs + 24.0;
         assert_eq!(two.walks - one.walks, pair - 120.0);
         assert_eq!(three.walks - two.walks, pair + 120.0);
+    }
+
+    #[test]
+    fn lockstep_solves_share_their_walks_two_at_a_time_and_the_evidence_solve_goes_alone() {
+        let stage = |pairs| StageConfig {
+            sample_pairs: pairs,
+            sample_cg_iterations: 20,
+            scale_update: crate::app::config::ScaleUpdateName::Evidence,
+            ..Default::default()
+        };
+        let lockstep = Sharing {
+            lockstep: true,
+            together: false,
+        };
+        let cs = 20.0;
+        for pairs in [1, 2, 3, 4] {
+            let (a, b) = (
+                stage_work(&stage(pairs), false, Sharing::NONE),
+                stage_work(&stage(pairs), false, lockstep),
+            );
+            // ⌊N/2⌋ solves in lockstep: each pair's 2 cs products one walk of two tangents
+            // each way instead of four one-state walks; draws, ICR pairs, vectors unchanged
+            let together = (pairs / 2) as f64;
+            assert_eq!(b.pair_walks, together * 2.0 * cs, "{pairs} pairs");
+            assert_eq!(a.walks - b.walks, together * 4.0 * cs, "{pairs} pairs");
+            assert_eq!(
+                [a.icr_pairs, a.quad_walks, a.vector_passes],
+                [b.icr_pairs, b.quad_walks, b.vector_passes]
+            );
+        }
+    }
+
+    #[test]
+    fn short_windows_evaluate_the_samples_four_at_a_time() {
+        let stage = |pairs| StageConfig {
+            sample_pairs: pairs,
+            newton_steps: 3,
+            ..Default::default()
+        };
+        let together = Sharing {
+            lockstep: false,
+            together: true,
+        };
+        for (pairs, blocks) in [(1, 0.0), (2, 1.0), (3, 1.0)] {
+            let (a, b) = (
+                stage_work(&stage(pairs), false, Sharing::NONE),
+                stage_work(&stage(pairs), false, together),
+            );
+            // 3 steps × 2 evaluations: a block's eight one-state walks (moments and cotangent
+            // of four states) become two four-state walks; the states after the last block
+            // walk alone as before
+            assert_eq!(
+                b.quad_walks - a.quad_walks,
+                6.0 * 2.0 * blocks,
+                "{pairs} pairs"
+            );
+            assert_eq!(a.walks - b.walks, 6.0 * 2.0 * 4.0 * blocks, "{pairs} pairs");
+            assert_eq!(a.icr_pairs, b.icr_pairs);
+        }
+    }
+
+    #[test]
+    fn the_backend_and_the_window_length_decide_the_sharing() {
+        let mut cfg = Config::default();
+        let bytes = |entries: f64| WINDOW_STAR_BYTES + WINDOW_ENTRY_BYTES * entries;
+        let max = crate::likelihood::cpu::TOGETHER_MAX_ENTRIES as f64;
+        assert_eq!(
+            Sharing::of(&cfg, bytes(max)),
+            Sharing {
+                lockstep: true,
+                together: true
+            }
+        );
+        assert!(!Sharing::of(&cfg, bytes(max + 0.5)).together);
+        cfg.noise.sample_nsigma = true;
+        assert!(!Sharing::of(&cfg, bytes(10.0)).lockstep);
+        cfg.noise.sample_nsigma = false;
+        cfg.backend.kind = crate::app::config::BackendKind::Opencl;
+        assert_eq!(Sharing::of(&cfg, bytes(10.0)), Sharing::NONE);
     }
 
     #[test]

@@ -12,6 +12,7 @@ use rayon::prelude::*;
 use self::passes::{
     CotangentPass, EnergyPass, MetricPixel, MetricScratch, MomentsPass, TangentPass,
 };
+pub use self::states::TOGETHER_MAX_ENTRIES;
 use super::backend::Backend;
 use super::core::{ModelCore, ModelWork};
 use super::lanes;

@@ -21,7 +21,7 @@ use crate::likelihood::state::State;
 /// (each entry's values broadcast to the four states' lanes, four states' columns in the
 /// cache), so it pays on a coarse chart's short windows and not on long ones (measured in
 /// docs/performance.md, "value and gradient of four states in one walk").
-const TOGETHER_MAX_ENTRIES: usize = 32;
+pub const TOGETHER_MAX_ENTRIES: usize = 32;
 
 /// Whether the KL's states are walked four at a time on this rank's part of `m` (see
 /// [`TOGETHER_MAX_ENTRIES`]; the model walks them together only where every rank does).
