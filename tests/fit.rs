@@ -276,7 +276,8 @@ fn star_table(path: &Path) -> (Vec<String>, Vec<Vec<f64>>) {
 
 #[test]
 fn per_star_products_agree_with_an_independent_computation_from_the_map() {
-    use dust3d::likelihood::response::{inner_columns, star_moments, Windows};
+    use dust3d::likelihood::response::{inner_columns, star_moments};
+    use dust3d::likelihood::windows::Windows;
     let dir = tempfile::tempdir().unwrap();
     let (mut cfg, _) = demo_config();
     cfg.simulate.n_stars = 4000;

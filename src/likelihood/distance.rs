@@ -4,7 +4,7 @@
 //! decreasing) weighs it by ∝ t⁻⁴ (t = 1/d), and the window's probabilities and within-shell
 //! moments are then integrated numerically over the parallax (docs/model.md).
 
-use super::response::{extended_bin, quantised, Windows, GL5};
+use super::windows::{extended_bin, quantised, Windows, GL5};
 use crate::sphere::grid::Shells;
 
 /// Half-width, in parallax errors, of the parallax range a window with a distance prior
@@ -296,8 +296,7 @@ mod tests {
     use rand_distr::StandardNormal;
 
     use super::*;
-    use crate::likelihood::response::Window;
-    use crate::likelihood::response::{Windows, F_SCALE, H_SCALE};
+    use crate::likelihood::windows::{Window, Windows, F_SCALE, H_SCALE};
     use crate::sphere::grid::Shells;
     use crate::sphere::transforms::norm_pdf;
 

@@ -7,13 +7,13 @@
 
 use crate::base::simd::{self, WithSimd};
 
-use super::response::{F_SCALE, H_SCALE};
+use super::windows::{F_SCALE, H_SCALE};
 
 /// Lanes of the window sums.
 pub(super) const LANES: usize = 4;
 
 /// A group of [`LANES`] window entries: probabilities and the quantised position and
-/// position variance ([`super::response::Windows`]).
+/// position variance ([`super::windows::Windows`]).
 #[derive(Clone, Copy)]
 pub(super) struct Entries<'a> {
     pub p: &'a [f32; LANES],
@@ -222,7 +222,7 @@ pub(super) mod avx2 {
     use pulp::x86::V3;
 
     use super::{Entries, LaneSums, Lanes, QuadOps, LANES};
-    use crate::likelihood::response::{F_SCALE, H_SCALE};
+    use crate::likelihood::windows::{F_SCALE, H_SCALE};
 
     /// The terms of four entries at once in AVX2 registers: the same multiplications and
     /// additions as [`super::tangent_terms`], in the same order

@@ -12,3 +12,4 @@ pub mod noise;
 mod quad;
 pub mod response;
 pub mod state;
+pub mod windows;

@@ -10,7 +10,8 @@
 //! were not (a call per star), so per-star lane loops are written out.
 
 use super::lanes::{QuadOps, LANES};
-use super::response::{kept, Window};
+use super::response::kept;
+use super::windows::Window;
 
 /// One value per state of a block of four.
 pub(super) type Quad = [f64; 4];
@@ -216,7 +217,8 @@ pub(super) fn vjp<O: QuadOps>(
 mod tests {
     use super::*;
     use crate::likelihood::lanes::{dispatch, Lanes, LanesOp, Portable, PortableQuad};
-    use crate::likelihood::response::{self, inner_columns, Windows};
+    use crate::likelihood::response::{self, inner_columns};
+    use crate::likelihood::windows::Windows;
     use crate::sphere::grid::Shells;
 
     /// Four states' columns and tangents of all magnitudes, some negative, on `n` shells.

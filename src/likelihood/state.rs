@@ -4,7 +4,7 @@
 
 use crate::data::catalog::PixelCatalog;
 use crate::likelihood::distance::DistancePrior;
-use crate::likelihood::response::Windows;
+use crate::likelihood::windows::Windows;
 
 /// Stars as the likelihood sees them: grouped by final-level pixel.
 #[derive(Clone, Debug)]

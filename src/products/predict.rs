@@ -12,7 +12,8 @@
 use anyhow::{bail, Result};
 use rayon::prelude::*;
 
-use crate::likelihood::response::{inner_columns, star_moments, Windows};
+use crate::likelihood::response::{inner_columns, star_moments};
+use crate::likelihood::windows::Windows;
 use crate::products::mapfile::DustMap;
 use crate::products::query::{angular_weights, AngularWeights};
 use crate::sphere::grid;

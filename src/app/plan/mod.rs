@@ -149,7 +149,7 @@ fn stage_windows(cfg: &Config, chart: &Chart, stage: &StageConfig) -> (f64, f64)
         }
     }
     let win =
-        crate::likelihood::response::Windows::with_prior(&shells, &w, &s, &cfg.distance_prior());
+        crate::likelihood::windows::Windows::with_prior(&shells, &w, &s, &cfg.distance_prior());
     let per_star = win.bytes() as f64 / w.len().max(1) as f64;
     (w.len() as f64 / passed as f64, per_star)
 }

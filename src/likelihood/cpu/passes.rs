@@ -8,8 +8,9 @@ use std::ops::Range;
 use crate::likelihood::core::ModelCore;
 use crate::likelihood::lanes::{Lanes, LanesOp, QuadOps};
 use crate::likelihood::quad::{self, Quad, QuadColumns};
-use crate::likelihood::response::{finish_vjp, inner_columns, jvp, moments, vjp, Window};
+use crate::likelihood::response::{finish_vjp, inner_columns, jvp, moments, vjp};
 use crate::likelihood::state::State;
+use crate::likelihood::windows::Window;
 
 /// ā and σ_a² of the stars `stars` of one pixel (column `col`, inner columns `cum`), into
 /// `a` and `v` (indexed from the pixel's first star).

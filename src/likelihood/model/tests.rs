@@ -2,8 +2,8 @@ use super::*;
 use crate::app::config::Config;
 use crate::app::config::Precision;
 use crate::app::simulate;
-use crate::likelihood::response::Windows;
 use crate::likelihood::response::{finish_vjp, inner_columns, star_jvp, star_moments, star_vjp};
+use crate::likelihood::windows::Windows;
 use rand::Rng;
 use rand_distr::StandardNormal;
 
