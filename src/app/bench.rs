@@ -555,8 +555,6 @@ fn bench_query(
 
 /// Run benchmark `what` on preset `preset_name`.
 pub fn run(what: &str, preset_name: &str, opts: BenchOptions) -> Result<BenchOut> {
-    let backend = if opts.opencl { "opencl" } else { "cpu" };
-    let (reps, precision) = (opts.reps, opts.precision);
     if opts.opencl && !matches!(what, "icr" | "likelihood" | "metric" | "mgvi") {
         bail!("--backend opencl runs icr, likelihood, metric and mgvi");
     }
@@ -564,58 +562,12 @@ pub fn run(what: &str, preset_name: &str, opts: BenchOptions) -> Result<BenchOut
     let mut ops: Vec<(&str, f64)> = Vec::new();
     let mut extra = Map::new();
     match what {
-        "icr" => {
-            let t0 = Instant::now();
-            let icr = Icr::new(&p.chart, &p.kernel, precision)?;
-            ops.push(("setup_s", t0.elapsed().as_secs_f64()));
-            let mut rng = crate::base::rng::stream(0, crate::base::rng::streams::BENCH);
-            let xi: Vec<f64> = (0..icr.n_xi())
-                .map(|_| rng.sample(StandardNormal))
-                .collect();
-            let mut w = icr.workspace();
-            ops.push(("forward_s", median_time(reps, || icr.forward(&xi, &mut w))));
-            let sb: Vec<f64> = (0..icr.n_field())
-                .map(|_| rng.sample(StandardNormal))
-                .collect();
-            let mut xb = vec![0.0; icr.n_xi()];
-            ops.push((
-                "adjoint_s",
-                median_time(reps, || icr.adjoint(&sb, &mut xb, &mut w)),
-            ));
-            if backend == "cpu" {
-                let cold = reps.min(5);
-                let tf = median_time_cold(cold, || icr.forward(&xi, &mut w));
-                let ta = median_time_cold(cold, || icr.adjoint(&sb, &mut xb, &mut w));
-                ops.push(("forward_cold_s", tf));
-                ops.push(("adjoint_cold_s", ta));
-            }
-            extra.insert("matrix_bytes".into(), json!(icr.matrix_bytes()));
-            extra.insert("matrix_classes".into(), json!(icr.class_counts()));
-            if backend == "cpu" {
-                let b = roofline::icr_bytes(&p.chart, icr.n_xi(), icr.matrix_bytes());
-                let moved = ["forward_s", "adjoint_s", "forward_cold_s", "adjoint_cold_s"];
-                roofline_figures(&ops, &mut extra, &moved.map(|op| (op, b)));
-            }
-            if backend == "opencl" {
-                ops.clear();
-                ops.push(("setup_s", t0.elapsed().as_secs_f64()));
-                bench_icr_opencl(
-                    &icr,
-                    &xi,
-                    &sb,
-                    reps,
-                    opts.device_precision,
-                    &mut ops,
-                    &mut extra,
-                )?;
-            }
-            extra.insert("n_xi".into(), json!(icr.n_xi()));
-        }
+        "icr" => bench_icr(&p, opts, &mut ops, &mut extra)?,
         "likelihood" | "metric" | "mgvi" => bench_model(&p, what, opts, &mut ops, &mut extra)?,
-        "query" => bench_query(&p, reps, &mut ops, &mut extra)?,
+        "query" => bench_query(&p, opts.reps, &mut ops, &mut extra)?,
         "stream" => {
             let t0 = Instant::now();
-            let gbs = roofline::stream_triad_gbs(STREAM_MIB, reps.max(5));
+            let gbs = roofline::stream_triad_gbs(STREAM_MIB, opts.reps.max(5));
             ops.push(("stream_s", t0.elapsed().as_secs_f64()));
             extra.insert("stream_triad_gbs".into(), json!(gbs));
             extra.insert("array_mib".into(), json!(STREAM_MIB));
@@ -627,6 +579,66 @@ pub fn run(what: &str, preset_name: &str, opts: BenchOptions) -> Result<BenchOut
             )
         }
     }
+    Ok(report(what, &p, opts, &ops, extra))
+}
+
+/// The ICR's forward and adjoint (warm and, on the CPU, with cold caches), its matrices and
+/// the roofline figures (`bench icr`).
+fn bench_icr(
+    p: &Preset,
+    opts: BenchOptions,
+    ops: &mut Vec<(&str, f64)>,
+    extra: &mut Map<String, Value>,
+) -> Result<()> {
+    let reps = opts.reps;
+    let t0 = Instant::now();
+    let icr = Icr::new(&p.chart, &p.kernel, opts.precision)?;
+    ops.push(("setup_s", t0.elapsed().as_secs_f64()));
+    let mut rng = crate::base::rng::stream(0, crate::base::rng::streams::BENCH);
+    let xi: Vec<f64> = (0..icr.n_xi())
+        .map(|_| rng.sample(StandardNormal))
+        .collect();
+    let mut w = icr.workspace();
+    ops.push(("forward_s", median_time(reps, || icr.forward(&xi, &mut w))));
+    let sb: Vec<f64> = (0..icr.n_field())
+        .map(|_| rng.sample(StandardNormal))
+        .collect();
+    let mut xb = vec![0.0; icr.n_xi()];
+    ops.push((
+        "adjoint_s",
+        median_time(reps, || icr.adjoint(&sb, &mut xb, &mut w)),
+    ));
+    extra.insert("matrix_bytes".into(), json!(icr.matrix_bytes()));
+    extra.insert("matrix_classes".into(), json!(icr.class_counts()));
+    extra.insert("n_xi".into(), json!(icr.n_xi()));
+    if opts.opencl {
+        ops.clear();
+        ops.push(("setup_s", t0.elapsed().as_secs_f64()));
+        let (xi, sb) = (&xi[..], &sb[..]);
+        return bench_icr_opencl(&icr, xi, sb, reps, opts.device_precision, ops, extra);
+    }
+    let cold = reps.min(5);
+    let tf = median_time_cold(cold, || icr.forward(&xi, &mut w));
+    let ta = median_time_cold(cold, || icr.adjoint(&sb, &mut xb, &mut w));
+    ops.push(("forward_cold_s", tf));
+    ops.push(("adjoint_cold_s", ta));
+    let b = roofline::icr_bytes(&p.chart, icr.n_xi(), icr.matrix_bytes());
+    let moved = ["forward_s", "adjoint_s", "forward_cold_s", "adjoint_cold_s"];
+    roofline_figures(ops, extra, &moved.map(|op| (op, b)));
+    Ok(())
+}
+
+/// The benchmark's JSON object (the run's settings, each operation's median seconds and the
+/// extra figures, peak memory) and the same as a table.
+fn report(
+    what: &str,
+    p: &Preset,
+    opts: BenchOptions,
+    ops: &[(&str, f64)],
+    extra: Map<String, Value>,
+) -> BenchOut {
+    let backend = if opts.opencl { "opencl" } else { "cpu" };
+    let precision = opts.precision;
     let mut obj = Map::new();
     obj.insert("preset".into(), json!(p.name));
     obj.insert("threads".into(), json!(rayon::current_num_threads()));
@@ -638,7 +650,7 @@ pub fn run(what: &str, preset_name: &str, opts: BenchOptions) -> Result<BenchOut
     obj.insert("benchmark".into(), json!(what));
     // the instruction set the per-star walks were dispatched to
     obj.insert("simd".into(), json!(crate::base::simd::describe()));
-    for (k, v) in &ops {
+    for (k, v) in ops {
         obj.insert((*k).into(), json!(v));
     }
     obj.extend(extra);
@@ -660,8 +672,8 @@ pub fn run(what: &str, preset_name: &str, opts: BenchOptions) -> Result<BenchOut
             text += &format!("  {k:<18} {v}\n");
         }
     }
-    Ok(BenchOut {
+    BenchOut {
         json: Value::Object(obj),
         text,
-    })
+    }
 }

@@ -276,7 +276,6 @@ pub fn run(cfg: &Config, opts: &PlanOptions) -> Result<String> {
     let n_patch = grid::npix(nside_dec);
     let (worst, win_bytes, worst_rank) = largest_rank_index(cfg, opts)?;
     let mut s = String::new();
-    let gb = |b: f64| b / 1e9;
     writeln!(
         s,
         "dust3d plan: nside {} x {} chart shells ({} kept), {} levels, {:.3e} stars, {} ranks, \
@@ -297,6 +296,25 @@ pub fn run(cfg: &Config, opts: &PlanOptions) -> Result<String> {
         f.patches, f.pixels, f.voxels as f64, f.xi as f64, f.stars
     )?;
     writeln!(s, "angular classes per refinement step: {:?}", f.classes)?;
+    s += &memory_lines(cfg, f, opts, win_bytes)?;
+    let speeds = kernel_speeds(opts.no_timing)?;
+    s += &traffic_and_time(cfg, &worst, opts, win_bytes, speeds)?;
+    s += &stage_lines(cfg, opts, worst_rank, speeds)?;
+    writeln!(s, "(planned in {:.1} s)", t0.elapsed().as_secs_f64())?;
+    Ok(s)
+}
+
+/// The memory lines of rank `f`: each item, the device estimate, the per-unit figures and the
+/// catalog's transient peak while it is read.
+fn memory_lines(
+    cfg: &Config,
+    f: &RankFigures,
+    opts: &PlanOptions,
+    win_bytes: f64,
+) -> Result<String> {
+    let chart = cfg.chart()?;
+    let mut s = String::new();
+    let gb = |b: f64| b / 1e9;
     writeln!(s, "memory per rank (largest), GB:")?;
     for (k, v) in &f.memory {
         writeln!(s, "  {k:<34} {:>8.3}", gb(*v))?;
@@ -354,10 +372,6 @@ pub fn run(cfg: &Config, opts: &PlanOptions) -> Result<String> {
         opts.ranks,
         gb(catalog_peak)
     )?;
-    let speeds = kernel_speeds(opts.no_timing)?;
-    s += &traffic_and_time(cfg, &worst, opts, win_bytes, speeds)?;
-    s += &stage_lines(cfg, opts, worst_rank, speeds)?;
-    writeln!(s, "(planned in {:.1} s)", t0.elapsed().as_secs_f64())?;
     Ok(s)
 }
 

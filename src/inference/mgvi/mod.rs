@@ -310,19 +310,15 @@ pub fn global_iteration(
         map_z_rms: z_rms_change(model, &map_before, &map_after, &map_std),
         scale_z: 0.0,
     };
-    let scale = match determined {
-        // sums from residuals that did not converge lack the spread they read: the scale
-        // stays where it is rather than follow them
-        Some(e) if sample_cg_capped > 0 || e.capped > 0 => {
-            tracing::warn!(
-                capped = sample_cg_capped + e.capped,
-                "the scale's evidence update needs converged samples: scale held this \
-                 iteration (raise sample_cg_iterations)"
-            );
-            None
-        }
-        _ if own_factor => scale::update(model, mask, x, residuals, shifts, determined),
-        _ => None,
+    let scale = if own_factor {
+        let samples = Samples {
+            residuals,
+            shifts,
+            capped: sample_cg_capped,
+        };
+        scale_update(model, mask, x, samples, determined)
+    } else {
+        None
     };
     if own_factor {
         change.scale_z = scale.map_or(f64::INFINITY, |f| (f.scale - f.previous).abs() / f.std);
@@ -336,6 +332,46 @@ pub fn global_iteration(
         change,
         scale,
     })
+}
+
+/// An iteration's residual pairs, their geoVI shifts (empty for MGVI) and how many of their
+/// solves stopped at the CG cap.
+struct Samples<'a> {
+    residuals: &'a mut [Vec<f64>],
+    shifts: &'a mut [Vec<f64>],
+    capped: usize,
+}
+
+/// [`scale::update`] of the scale's own factor from `x` and the samples (re-expressed at the
+/// new scale), with the evidence sums `determined` (`ScaleUpdate::Evidence`); held (`None`,
+/// nothing changed) where the evidence would read samples whose solves did not converge.
+fn scale_update(
+    model: &Model,
+    mask: &Mask,
+    x: &mut [f64],
+    samples: Samples<'_>,
+    determined: Option<scale::Evidence>,
+) -> Option<scale::ScaleFactor> {
+    match determined {
+        // sums from residuals that did not converge lack the spread they read: the scale
+        // stays where it is rather than follow them
+        Some(e) if samples.capped > 0 || e.capped > 0 => {
+            tracing::warn!(
+                capped = samples.capped + e.capped,
+                "the scale's evidence update needs converged samples: scale held this \
+                 iteration (raise sample_cg_iterations)"
+            );
+            None
+        }
+        _ => scale::update(
+            model,
+            mask,
+            x,
+            samples.residuals,
+            samples.shifts,
+            determined,
+        ),
+    }
 }
 
 /// The residual pairs of one iteration at (x, ξ_σ) into `residuals` and `shifts` (geoVI
