@@ -110,6 +110,78 @@ pub fn compare(map: &DustMap, reference: &DustMap, o: &CompareOptions) -> Result
     }
     let qa = Interpolator::new(map, Quantity::Integrated, o.convention, false)?;
     let qb = Interpolator::new(reference, Quantity::Integrated, o.convention, false)?;
+    let (d0, d1, nd) = shared_distances(&qa, &qb, o)?;
+    let npix = grid::npix(o.nside);
+    let hi_guess = (0..npix)
+        .map(|p| {
+            let (l, b) = grid::pix2ang(o.nside, p as u64);
+            qa.mean(l, b, d1).max(qb.mean(l, b, d1))
+        })
+        .filter(|v| v.is_finite())
+        .fold(o.min_value * 10.0, f64::max);
+    let (lo, hi) = (o.min_value, hi_guess * 1.05);
+    let bins = o.bins;
+    let lw = (hi.ln() - lo.ln()) / bins as f64;
+    let bin = |v: f64| ((v.ln() - lo.ln()) / lw).floor();
+    // a bar on a terminal, ten log lines otherwise
+    let pb = crate::base::logging::progress(npix as u64, "compare");
+    let done = std::sync::atomic::AtomicUsize::new(0);
+    let tick = || {
+        let n = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        if n.is_multiple_of(256) || n == npix {
+            pb.set_position(n as u64);
+        }
+        if n.is_multiple_of((npix / 10).max(1)) {
+            tracing::info!("compare: {n}/{npix} sightlines");
+        }
+    };
+    let t = (0..npix)
+        .into_par_iter()
+        .fold(
+            || Tally::new(bins),
+            |mut acc, p| {
+                let (l, b) = grid::pix2ang(o.nside, p as u64);
+                let (wa, wb) = (qa.angular(l, b), qb.angular(l, b));
+                for k in 0..nd {
+                    let d = d0 + k as f64 * o.step_pc;
+                    let (va, vb) = (qa.mean_at(&wa, d), qb.mean_at(&wb, d));
+                    acc.add(va, vb, p % 16 == 0, [bin(vb), bin(va)]);
+                }
+                tick();
+                acc
+            },
+        )
+        .reduce(|| Tally::new(bins), Tally::merge);
+    pb.finish_and_clear();
+    if t.points == 0 {
+        bail!("the maps have no test point where both have a value");
+    }
+    let Tally {
+        counts,
+        points,
+        mut ratios,
+        sums,
+        ..
+    } = t;
+    ratios.sort_by(f64::total_cmp);
+    Ok(Comparison {
+        n_points: points,
+        n_in_range: counts.iter().sum::<u64>() as usize,
+        distances_pc: (d0, d0 + (nd - 1) as f64 * o.step_pc, nd),
+        range: (lo, hi),
+        counts,
+        median_ratio: ratios.get(ratios.len() / 2).copied().unwrap_or(f64::NAN),
+        pearson_log: pearson(&sums),
+    })
+}
+
+/// The distance range both maps cover, `(first, last, count)` of the test distances in pc, or
+/// an error when they share none or the test points would exceed `o.max_points`.
+fn shared_distances(
+    qa: &Interpolator<'_>,
+    qb: &Interpolator<'_>,
+    o: &CompareOptions,
+) -> Result<(f64, f64, usize)> {
     let (a0, a1) = qa.range_pc();
     let (b0, b1) = qb.range_pc();
     let (d0, d1) = (a0.max(b0), a1.min(b1));
@@ -133,94 +205,72 @@ pub fn compare(map: &DustMap, reference: &DustMap, o: &CompareOptions) -> Result
         distances = nd,
         "comparing"
     );
-    let hi_guess = (0..grid::npix(o.nside))
-        .map(|p| {
-            let (l, b) = grid::pix2ang(o.nside, p as u64);
-            qa.mean(l, b, d1).max(qb.mean(l, b, d1))
-        })
-        .filter(|v| v.is_finite())
-        .fold(o.min_value * 10.0, f64::max);
-    let (lo, hi) = (o.min_value, hi_guess * 1.05);
-    let bins = o.bins;
-    let lw = (hi.ln() - lo.ln()) / bins as f64;
-    let bin = |v: f64| ((v.ln() - lo.ln()) / lw).floor();
-    // a bar on a terminal, ten log lines otherwise
-    let npix = grid::npix(o.nside);
-    let pb = crate::base::logging::progress(npix as u64, "compare");
-    let done = std::sync::atomic::AtomicUsize::new(0);
-    let tick = || {
-        let n = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-        if n.is_multiple_of(256) || n == npix {
-            pb.set_position(n as u64);
+    Ok((d0, d1, nd))
+}
+
+/// One thread's share of the comparison: the 2D histogram of (reference, map) log bins, the
+/// test points with both values finite, every 16th sightline's ratios, and the sums
+/// `[n, Σx, Σy, Σx², Σy², Σxy]` of the log values (x the reference's).
+struct Tally {
+    bins: usize,
+    counts: Vec<u64>,
+    points: usize,
+    ratios: Vec<f64>,
+    sums: [f64; 6],
+}
+
+impl Tally {
+    fn new(bins: usize) -> Self {
+        Self {
+            bins,
+            counts: vec![0; bins * bins],
+            points: 0,
+            ratios: Vec::new(),
+            sums: [0.0; 6],
         }
-        if n.is_multiple_of((npix / 10).max(1)) {
-            tracing::info!("compare: {n}/{npix} sightlines");
-        }
-    };
-    type Acc = (Vec<u64>, usize, Vec<f64>, [f64; 6]);
-    let (counts, n_points, mut ratios, s): Acc = (0..npix)
-        .into_par_iter()
-        .fold(
-            || (vec![0u64; bins * bins], 0usize, Vec::new(), [0.0; 6]),
-            |mut acc, p| {
-                let (l, b) = grid::pix2ang(o.nside, p as u64);
-                let (wa, wb) = (qa.angular(l, b), qb.angular(l, b));
-                for k in 0..nd {
-                    let d = d0 + k as f64 * o.step_pc;
-                    let (va, vb) = (qa.mean_at(&wa, d), qb.mean_at(&wb, d));
-                    if !(va.is_finite() && vb.is_finite()) {
-                        continue;
-                    }
-                    acc.1 += 1;
-                    if va > 0.0 && vb > 0.0 {
-                        if p % 16 == 0 {
-                            acc.2.push(va / vb);
-                        }
-                        let (x, y) = (vb.ln(), va.ln());
-                        for (t, v) in acc.3.iter_mut().zip([1.0, x, y, x * x, y * y, x * y]) {
-                            *t += v;
-                        }
-                        let (i, j) = (bin(vb), bin(va));
-                        if (0.0..bins as f64).contains(&i) && (0.0..bins as f64).contains(&j) {
-                            acc.0[i as usize * bins + j as usize] += 1;
-                        }
-                    }
-                }
-                tick();
-                acc
-            },
-        )
-        .reduce(
-            || (vec![0u64; bins * bins], 0usize, Vec::new(), [0.0; 6]),
-            |mut a, b| {
-                a.0.iter_mut().zip(&b.0).for_each(|(x, y)| *x += y);
-                a.2.extend(b.2);
-                a.3.iter_mut().zip(b.3).for_each(|(x, y)| *x += y);
-                (a.0, a.1 + b.1, a.2, a.3)
-            },
-        );
-    pb.finish_and_clear();
-    if n_points == 0 {
-        bail!("the maps have no test point where both have a value");
     }
-    ratios.sort_by(f64::total_cmp);
-    let n_in_range = counts.iter().sum::<u64>() as usize;
-    let pearson_log = {
-        let n = s[0].max(1.0);
-        let cov = s[5] / n - s[1] / n * s[2] / n;
-        let vx = s[3] / n - (s[1] / n).powi(2);
-        let vy = s[4] / n - (s[2] / n).powi(2);
-        cov / (vx * vy).sqrt()
-    };
-    Ok(Comparison {
-        n_points,
-        n_in_range,
-        distances_pc: (d0, d0 + (nd - 1) as f64 * o.step_pc, nd),
-        range: (lo, hi),
-        counts,
-        median_ratio: ratios.get(ratios.len() / 2).copied().unwrap_or(f64::NAN),
-        pearson_log,
-    })
+
+    /// A test point's map value `va` and reference value `vb`, its ratio kept if `sample`,
+    /// in histogram bin `[i, j]` (reference, map; out of range when outside `0..bins`).
+    fn add(&mut self, va: f64, vb: f64, sample: bool, [i, j]: [f64; 2]) {
+        if !(va.is_finite() && vb.is_finite()) {
+            return;
+        }
+        self.points += 1;
+        if va > 0.0 && vb > 0.0 {
+            if sample {
+                self.ratios.push(va / vb);
+            }
+            let (x, y) = (vb.ln(), va.ln());
+            for (t, v) in self.sums.iter_mut().zip([1.0, x, y, x * x, y * y, x * y]) {
+                *t += v;
+            }
+            let n = self.bins as f64;
+            if (0.0..n).contains(&i) && (0.0..n).contains(&j) {
+                self.counts[i as usize * self.bins + j as usize] += 1;
+            }
+        }
+    }
+
+    fn merge(mut self, b: Self) -> Self {
+        self.counts
+            .iter_mut()
+            .zip(&b.counts)
+            .for_each(|(x, y)| *x += y);
+        self.ratios.extend(b.ratios);
+        self.sums.iter_mut().zip(b.sums).for_each(|(x, y)| *x += y);
+        self.points += b.points;
+        self
+    }
+}
+
+/// Pearson's correlation of the log values from their sums `[n, Σx, Σy, Σx², Σy², Σxy]`.
+fn pearson(s: &[f64; 6]) -> f64 {
+    let n = s[0].max(1.0);
+    let cov = s[5] / n - s[1] / n * s[2] / n;
+    let vx = s[3] / n - (s[1] / n).powi(2);
+    let vy = s[4] / n - (s[2] / n).powi(2);
+    cov / (vx * vy).sqrt()
 }
 
 /// Write the comparison into `dir`: `compare_hist.png`, `compare_quantiles.csv` and

@@ -14,6 +14,37 @@ impl Config {
         self.validate_grid()?;
         self.validate_output()?;
         self.validate_distances()?;
+        self.validate_kernel()?;
+        self.validate_prior_and_noise()?;
+        self.validate_backend()?;
+        self.validate_catalog()?;
+        self.validate_inference()?;
+        if let Some(n) = self.parallel.nside_dec {
+            let chart = self.chart()?;
+            if !n.is_power_of_two() || n > chart.nside_final() {
+                return Err(invalid(
+                    "parallel.nside_dec",
+                    format!(
+                        "parallel.nside_dec must be a power of two ≤ the map nside {}, got {n}",
+                        chart.nside_final()
+                    ),
+                ));
+            }
+        }
+        self.simulate.validate()?;
+        let h = self.validation.holdout_fraction;
+        if !((0.0..1.0).contains(&h)) {
+            return Err(invalid(
+                "validation.holdout_fraction",
+                format!("validation.holdout_fraction must be in [0, 1), got {h}"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// `[kernel]`: a positive, finite amplitude and length, and a spectrum file where the
+    /// kernel is a tabulated spectrum.
+    fn validate_kernel(&self) -> Result<()> {
         let k = &self.kernel;
         if !(k.std > 0.0 && k.std.is_finite()) {
             return Err(invalid(
@@ -33,6 +64,12 @@ impl Config {
                 "kernel.kind = \"spectrum\" needs kernel.spectrum_file",
             ));
         }
+        Ok(())
+    }
+
+    /// `[prior]` and `[noise]`: finite values, positive widths, a prior median of ln ρ that
+    /// exp can take, and n_σ either marginalised or sampled.
+    fn validate_prior_and_noise(&self) -> Result<()> {
         let p = &self.prior;
         for (key, v) in [
             ("prior.scale_mean", p.scale_mean),
@@ -80,12 +117,20 @@ impl Config {
                  (noise.sample_nsigma = true)",
             ));
         }
+        Ok(())
+    }
+
+    /// `[backend]` against the rest: one way to name the devices, and the settings that run
+    /// on the CPU backend only (the n_σ-marginal likelihood and, with it, no geoVI).
+    fn validate_backend(&self) -> Result<()> {
         if self.backend.device.is_some() && !self.backend.devices.is_empty() {
             return Err(invalid(
                 "backend.devices",
-                "backend.device names one OpenCL device for every rank and backend.devices                  shares a list out by node-local rank: set one of them",
+                "backend.device names one OpenCL device for every rank and backend.devices \
+                 shares a list out by node-local rank: set one of them",
             ));
         }
+        let n = &self.noise;
         if n.marginalise_nsigma && self.backend.kind == super::BackendKind::Opencl {
             return Err(invalid(
                 "noise.marginalise_nsigma",
@@ -102,28 +147,6 @@ impl Config {
                 format!("inference.stage[{k}].sample_mode"),
                 "geoVI's coordinates assume the Gaussian likelihood: with \
                  noise.marginalise_nsigma use sample_mode = \"mgvi\"",
-            ));
-        }
-        self.validate_catalog()?;
-        self.validate_inference()?;
-        if let Some(n) = self.parallel.nside_dec {
-            let chart = self.chart()?;
-            if !n.is_power_of_two() || n > chart.nside_final() {
-                return Err(invalid(
-                    "parallel.nside_dec",
-                    format!(
-                        "parallel.nside_dec must be a power of two ≤ the map nside {}, got {n}",
-                        chart.nside_final()
-                    ),
-                ));
-            }
-        }
-        self.simulate.validate()?;
-        let h = self.validation.holdout_fraction;
-        if !((0.0..1.0).contains(&h)) {
-            return Err(invalid(
-                "validation.holdout_fraction",
-                format!("validation.holdout_fraction must be in [0, 1), got {h}"),
             ));
         }
         Ok(())
