@@ -274,6 +274,41 @@ pub fn global_iteration(
     } = draw_samples(
         model, settings, mask, x, xsig, residuals, shifts, streams, evidence,
     )?;
+    let (newton, mut change) = kl_step(model, settings, mask, (x, xsig), (residuals, shifts))?;
+    let scale = if own_factor {
+        let samples = Samples {
+            residuals,
+            shifts,
+            capped: sample_cg_capped,
+        };
+        scale_update(model, mask, x, samples, determined)
+    } else {
+        None
+    };
+    if own_factor {
+        change.scale_z = scale.map_or(f64::INFINITY, |f| (f.scale - f.previous).abs() / f.std);
+    }
+    Ok(IterationReport {
+        kl: newton.value,
+        sample_cg,
+        sample_cg_residuals,
+        sample_cg_capped,
+        newton,
+        change,
+        scale,
+    })
+}
+
+/// The KL of the iteration's samples minimised by Newton steps from (x, ξ_σ), which move to
+/// its minimum; the Newton report and what changed (the KL, the step, the samples' mean
+/// ln ρ; `scale_z` 0).
+fn kl_step(
+    model: &Model,
+    settings: &IterationSettings,
+    mask: &Mask,
+    (x, xsig): (&mut [f64], &mut [f64]),
+    (residuals, shifts): (&[Vec<f64>], &[Vec<f64>]),
+) -> Result<(NewtonReport, Change)> {
     let mut p0 = x.to_vec();
     p0.extend_from_slice(xsig);
     // the samples' mean ln ρ before the Newton steps, from their first evaluation
@@ -304,34 +339,13 @@ pub fn global_iteration(
         tracing::debug!("the KL's states are not the final point's: ln ρ moments recomputed");
         log_density_moments(model, x, residuals, shifts)
     });
-    let mut change = Change {
+    let change = Change {
         kl_relative: (newton.value - newton.initial_value).abs() / newton.value.abs().max(1.0),
         step_rms: (model.dom.x.dot(&dx, &dx) / np as f64).sqrt(),
         map_z_rms: z_rms_change(model, &map_before, &map_after, &map_std),
         scale_z: 0.0,
     };
-    let scale = if own_factor {
-        let samples = Samples {
-            residuals,
-            shifts,
-            capped: sample_cg_capped,
-        };
-        scale_update(model, mask, x, samples, determined)
-    } else {
-        None
-    };
-    if own_factor {
-        change.scale_z = scale.map_or(f64::INFINITY, |f| (f.scale - f.previous).abs() / f.std);
-    }
-    Ok(IterationReport {
-        kl: newton.value,
-        sample_cg,
-        sample_cg_residuals,
-        sample_cg_capped,
-        newton,
-        change,
-        scale,
-    })
+    Ok((newton, change))
 }
 
 /// An iteration's residual pairs, their geoVI shifts (empty for MGVI) and how many of their
