@@ -317,94 +317,107 @@ impl Config {
         }
         let last = self.inference.stage.len() - 1;
         for (i, s) in self.inference.stage.iter().enumerate() {
-            let key = format!("inference.stage[{i}]");
-            if !s.distance_variance && i == last {
+            self.validate_stage(i, s, i == last)?;
+            stage_numbers(&format!("inference.stage[{i}]"), s)?;
+        }
+        Ok(())
+    }
+
+    /// Stage `i` against the schedule and the grid: the full likelihood in the `last` stage,
+    /// no more levels than the grid has, a usable distance limit.
+    fn validate_stage(&self, i: usize, s: &super::StageConfig, last: bool) -> Result<()> {
+        let key = format!("inference.stage[{i}]");
+        if !s.distance_variance && last {
+            return Err(invalid(
+                format!("{key}.distance_variance"),
+                format!(
+                    "{key}.distance_variance = false in the last stage: the map must come \
+                     from the full likelihood (use it in earlier stages only)"
+                ),
+            ));
+        }
+        if let Some(l) = s.levels {
+            if l > self.grid.levels {
                 return Err(invalid(
-                    format!("{key}.distance_variance"),
+                    format!("{key}.levels"),
                     format!(
-                        "{key}.distance_variance = false in the last stage: the map must come \
-                         from the full likelihood (use it in earlier stages only)"
+                        "{key}.levels = {l} exceeds grid.levels = {}",
+                        self.grid.levels
                     ),
                 ));
             }
-            if let Some(l) = s.levels {
-                if l > self.grid.levels {
-                    return Err(invalid(
-                        format!("{key}.levels"),
-                        format!(
-                            "{key}.levels = {l} exceeds grid.levels = {}",
-                            self.grid.levels
-                        ),
-                    ));
-                }
-            }
-            if let Some(d) = s.max_distance_pc {
-                if !(d > 0.0 && d.is_finite()) {
-                    return Err(invalid(
-                        format!("{key}.max_distance_pc"),
-                        format!("{key}.max_distance_pc must be a finite number > 0, got {d}"),
-                    ));
-                }
-            }
-            if !(s.star_fraction > 0.0 && s.star_fraction <= 1.0) {
+        }
+        if let Some(d) = s.max_distance_pc {
+            if !(d > 0.0 && d.is_finite()) {
                 return Err(invalid(
-                    format!("{key}.star_fraction"),
-                    format!(
-                        "{key}.star_fraction must be in (0, 1], got {}",
-                        s.star_fraction
-                    ),
-                ));
-            }
-            if !(s.newton_forcing > 0.0 && s.newton_forcing < 1.0) {
-                return Err(invalid(
-                    format!("{key}.newton_forcing"),
-                    format!(
-                        "{key}.newton_forcing must be in (0, 1), got {}",
-                        s.newton_forcing
-                    ),
-                ));
-            }
-            for (name, v) in [
-                ("selection_sigma", s.selection_sigma),
-                ("kl_rtol", s.kl_rtol),
-                ("step_tol", s.step_tol),
-                ("map_tol", s.map_tol),
-                ("scale_tol", s.scale_tol),
-            ] {
-                if !(v >= 0.0 && v.is_finite()) {
-                    return Err(invalid(
-                        format!("{key}.{name}"),
-                        format!("{key}.{name} must be ≥ 0 (0: never stop early), got {v}"),
-                    ));
-                }
-            }
-            for (name, v) in [
-                ("sample_pairs", s.sample_pairs),
-                ("iterations", s.iterations),
-                ("sample_cg_iterations", s.sample_cg_iterations),
-                ("newton_steps", s.newton_steps),
-                ("newton_cg_iterations", s.newton_cg_iterations),
-                ("geovi_newton_steps", s.geovi_newton_steps),
-            ] {
-                if v == 0 {
-                    return Err(invalid(
-                        format!("{key}.{name}"),
-                        format!("{key}.{name} must be ≥ 1"),
-                    ));
-                }
-            }
-            if !(s.sample_cg_tolerance > 0.0 && s.sample_cg_tolerance < 1.0) {
-                return Err(invalid(
-                    format!("{key}.sample_cg_tolerance"),
-                    format!(
-                        "{key}.sample_cg_tolerance must be in (0, 1), got {}",
-                        s.sample_cg_tolerance
-                    ),
+                    format!("{key}.max_distance_pc"),
+                    format!("{key}.max_distance_pc must be a finite number > 0, got {d}"),
                 ));
             }
         }
         Ok(())
     }
+}
+
+/// A stage's numbers in their ranges: fractions, tolerances, counts; `key` its table.
+fn stage_numbers(key: &str, s: &super::StageConfig) -> Result<()> {
+    if !(s.star_fraction > 0.0 && s.star_fraction <= 1.0) {
+        return Err(invalid(
+            format!("{key}.star_fraction"),
+            format!(
+                "{key}.star_fraction must be in (0, 1], got {}",
+                s.star_fraction
+            ),
+        ));
+    }
+    if !(s.newton_forcing > 0.0 && s.newton_forcing < 1.0) {
+        return Err(invalid(
+            format!("{key}.newton_forcing"),
+            format!(
+                "{key}.newton_forcing must be in (0, 1), got {}",
+                s.newton_forcing
+            ),
+        ));
+    }
+    for (name, v) in [
+        ("selection_sigma", s.selection_sigma),
+        ("kl_rtol", s.kl_rtol),
+        ("step_tol", s.step_tol),
+        ("map_tol", s.map_tol),
+        ("scale_tol", s.scale_tol),
+    ] {
+        if !(v >= 0.0 && v.is_finite()) {
+            return Err(invalid(
+                format!("{key}.{name}"),
+                format!("{key}.{name} must be ≥ 0 (0: never stop early), got {v}"),
+            ));
+        }
+    }
+    for (name, v) in [
+        ("sample_pairs", s.sample_pairs),
+        ("iterations", s.iterations),
+        ("sample_cg_iterations", s.sample_cg_iterations),
+        ("newton_steps", s.newton_steps),
+        ("newton_cg_iterations", s.newton_cg_iterations),
+        ("geovi_newton_steps", s.geovi_newton_steps),
+    ] {
+        if v == 0 {
+            return Err(invalid(
+                format!("{key}.{name}"),
+                format!("{key}.{name} must be ≥ 1"),
+            ));
+        }
+    }
+    if !(s.sample_cg_tolerance > 0.0 && s.sample_cg_tolerance < 1.0) {
+        return Err(invalid(
+            format!("{key}.sample_cg_tolerance"),
+            format!(
+                "{key}.sample_cg_tolerance must be in (0, 1), got {}",
+                s.sample_cg_tolerance
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// `err` with the place of its key in the file: "<origin>, line N: …" when the key is set
