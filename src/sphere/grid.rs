@@ -222,6 +222,55 @@ impl Chart {
         r_min_pc: f64,
         r_max_pc: f64,
     ) -> Result<Self> {
+        Self::check_inputs(nside0, n_r0, levels, (r_min_pc, r_max_pc))?;
+        let fail = |field: &'static str, message: String| -> anyhow::Error {
+            ChartError { field, message }.into()
+        };
+        let mut n = n_r0;
+        for l in 0..levels {
+            if n < 3 {
+                return Err(fail(
+                    "n_r0",
+                    format!("grid: level {l} has only {n} shells; increase grid.n_r0 ({n_r0})"),
+                ));
+            }
+            n = 2 * (n - 2);
+        }
+        if n <= 2 * padding {
+            return Err(fail(
+                "padding",
+                format!(
+                    "grid: the final level has {n} shells, not more than 2 × padding ({padding})"
+                ),
+            ));
+        }
+        let n_kept = n - 2 * padding;
+        let scale = (1u64 << levels) as f64;
+        let dlog = (r_max_pc / r_min_pc).ln() / n_kept as f64;
+        let a = scale * dlog;
+        // centre of kept shell 0 (final index `padding`) is at ln r_min + dlog/2
+        let u0 = Self::offset(levels) + padding as f64 / scale;
+        let b = r_min_pc.ln() + 0.5 * dlog - a * u0;
+        Ok(Self {
+            nside0,
+            n_r0,
+            levels,
+            padding,
+            r_min_pc,
+            r_max_pc,
+            a,
+            b,
+        })
+    }
+
+    /// [`Chart::new`]'s arguments one by one: a HEALPix nside0, a final nside within
+    /// HEALPix's range, at least 3 level-0 shells, and 0 < r_min < r_max, finite.
+    fn check_inputs(
+        nside0: u32,
+        n_r0: usize,
+        levels: usize,
+        (r_min_pc, r_max_pc): (f64, f64),
+    ) -> Result<()> {
         let fail = |field: &'static str, message: String| -> anyhow::Error {
             ChartError { field, message }.into()
         };
@@ -267,41 +316,7 @@ impl Chart {
                 ),
             ));
         }
-        let mut n = n_r0;
-        for l in 0..levels {
-            if n < 3 {
-                return Err(fail(
-                    "n_r0",
-                    format!("grid: level {l} has only {n} shells; increase grid.n_r0 ({n_r0})"),
-                ));
-            }
-            n = 2 * (n - 2);
-        }
-        if n <= 2 * padding {
-            return Err(fail(
-                "padding",
-                format!(
-                    "grid: the final level has {n} shells, not more than 2 × padding ({padding})"
-                ),
-            ));
-        }
-        let n_kept = n - 2 * padding;
-        let scale = (1u64 << levels) as f64;
-        let dlog = (r_max_pc / r_min_pc).ln() / n_kept as f64;
-        let a = scale * dlog;
-        // centre of kept shell 0 (final index `padding`) is at ln r_min + dlog/2
-        let u0 = Self::offset(levels) + padding as f64 / scale;
-        let b = r_min_pc.ln() + 0.5 * dlog - a * u0;
-        Ok(Self {
-            nside0,
-            n_r0,
-            levels,
-            padding,
-            r_min_pc,
-            r_max_pc,
-            a,
-            b,
-        })
+        Ok(())
     }
 
     /// The same chart ended at level `k ≤ levels` (a coarse stage's chart): identical
