@@ -128,58 +128,89 @@ pub fn predict_with(
             .map(|(s, i)| (s.as_slice(), i.as_slice()))
             .collect()
     };
-    let widths = map.shells.widths_pc();
-    let (npix, nr, ns) = (map.npix(), map.n_r(), fields.len() as f64);
+    let ns = fields.len() as f64;
     let per_star: Vec<(usize, [f64; 3])> = groups
         .par_iter()
         .flat_map_iter(|stars| {
-            let (pix, wgt) = weights[stars[0]];
-            let used: Vec<(usize, f64)> = pix.into_iter().zip(wgt).filter(|w| w.1 != 0.0).collect();
-            let (mut rw, mut cum) = (vec![0.0; nr], vec![0.0; nr + 1]);
-            let mut acc = vec![[0.0f64; 3]; stars.len()];
-            for (rho, inner) in &fields {
-                for k in 0..nr {
-                    let col: f64 = used.iter().map(|&(p, w)| w * rho[k * npix + p]).sum();
-                    rw[k] = col * widths[k];
-                }
-                inner_columns(&rw, &mut cum);
-                let i0: f64 = used.iter().map(|&(p, w)| w * inner[p]).sum();
-                for (a, &s) in acc.iter_mut().zip(stars.iter()) {
-                    let w = win.of(s);
-                    let (m, v) = star_moments(w, &rw, &cum);
-                    // the inner map shifts every bin but "nearer than the inner edge"
-                    let p0 = if w.e0 == 0 { w.prob[0] as f64 } else { 0.0 };
-                    let m2 = v + m * m + 2.0 * i0 * m + i0 * i0 * (1.0 - p0);
-                    let mean = m + i0 * (1.0 - p0);
-                    a[0] += mean;
-                    a[1] += mean * mean;
-                    a[2] += (m2 - mean * mean).max(0.0);
-                }
-            }
+            let acc = group_sums(map, &fields, &win, weights[stars[0]], stars);
             stars.iter().copied().zip(acc).collect::<Vec<_>>()
         })
         .collect();
-    let mut out = Prediction {
-        mean: vec![0.0; n_star],
-        std: vec![0.0; n_star],
-        map_std: vec![0.0; n_star],
-        distance_std: vec![0.0; n_star],
-    };
-    let has_samples = !map.samples.is_empty();
-    for (i, [s1, s2, v]) in per_star {
-        let mean = s1 / ns;
-        let map_var = (s2 / ns - mean * mean).max(0.0);
-        let dist_var = v / ns;
-        out.mean[i] = mean;
-        out.distance_std[i] = dist_var.sqrt();
-        out.map_std[i] = if has_samples {
-            map_var.sqrt()
-        } else {
-            f64::NAN
-        };
-        out.std[i] = (dist_var + if has_samples { map_var } else { 0.0 }).sqrt();
+    Ok(Prediction::from_sums(
+        n_star,
+        per_star,
+        ns,
+        !map.samples.is_empty(),
+    ))
+}
+
+/// Per star of `stars` (which see the same column: pixels and weights `(pix, wgt)`), the
+/// sums over the map's `fields` (ρ and inner map per sample, or the mean) of the predicted
+/// mean, its square and the distance variance.
+fn group_sums(
+    map: &DustMap,
+    fields: &[(&[f64], &[f64])],
+    win: &Windows,
+    (pix, wgt): AngularWeights,
+    stars: &[usize],
+) -> Vec<[f64; 3]> {
+    let widths = map.shells.widths_pc();
+    let (npix, nr) = (map.npix(), map.n_r());
+    let used: Vec<(usize, f64)> = pix.into_iter().zip(wgt).filter(|w| w.1 != 0.0).collect();
+    let (mut rw, mut cum) = (vec![0.0; nr], vec![0.0; nr + 1]);
+    let mut acc = vec![[0.0f64; 3]; stars.len()];
+    for (rho, inner) in fields {
+        for k in 0..nr {
+            let col: f64 = used.iter().map(|&(p, w)| w * rho[k * npix + p]).sum();
+            rw[k] = col * widths[k];
+        }
+        inner_columns(&rw, &mut cum);
+        let i0: f64 = used.iter().map(|&(p, w)| w * inner[p]).sum();
+        for (a, &s) in acc.iter_mut().zip(stars.iter()) {
+            let w = win.of(s);
+            let (m, v) = star_moments(w, &rw, &cum);
+            // the inner map shifts every bin but "nearer than the inner edge"
+            let p0 = if w.e0 == 0 { w.prob[0] as f64 } else { 0.0 };
+            let m2 = v + m * m + 2.0 * i0 * m + i0 * i0 * (1.0 - p0);
+            let mean = m + i0 * (1.0 - p0);
+            a[0] += mean;
+            a[1] += mean * mean;
+            a[2] += (m2 - mean * mean).max(0.0);
+        }
     }
-    Ok(out)
+    acc
+}
+
+impl Prediction {
+    /// The prediction of `n_star` stars from each star's sums over `ns` fields ([`group_sums`]);
+    /// without samples the map's part of the spread is unknown (NaN) and left out of `std`.
+    fn from_sums(
+        n_star: usize,
+        per_star: Vec<(usize, [f64; 3])>,
+        ns: f64,
+        has_samples: bool,
+    ) -> Self {
+        let mut out = Prediction {
+            mean: vec![0.0; n_star],
+            std: vec![0.0; n_star],
+            map_std: vec![0.0; n_star],
+            distance_std: vec![0.0; n_star],
+        };
+        for (i, [s1, s2, v]) in per_star {
+            let mean = s1 / ns;
+            let map_var = (s2 / ns - mean * mean).max(0.0);
+            let dist_var = v / ns;
+            out.mean[i] = mean;
+            out.distance_std[i] = dist_var.sqrt();
+            out.map_std[i] = if has_samples {
+                map_var.sqrt()
+            } else {
+                f64::NAN
+            };
+            out.std[i] = (dist_var + if has_samples { map_var } else { 0.0 }).sqrt();
+        }
+        out
+    }
 }
 
 #[cfg(test)]
