@@ -17,12 +17,12 @@ use crate::inference::newton::{self, NewtonReport, NewtonSettings};
 use crate::likelihood::mask::Mask;
 use crate::likelihood::model::Model;
 use crate::likelihood::state::State;
-use crate::num::cg::CgSettings;
 use crate::sphere::decomp::Space;
 pub use kl::Kl;
 pub use sampling::{
     draw_residual, draw_residual_in, draw_residuals_in, sample_point, Fisher, ModelAt,
 };
+use sampling::{draw_samples, Draws};
 pub use scale::{ScaleFactor, ScaleUpdate};
 
 /// What MGVI carries from one global iteration to the next (and a checkpoint stores).
@@ -386,97 +386,6 @@ fn scale_update(
             determined,
         ),
     }
-}
-
-/// The residual pairs of one iteration at (x, ξ_σ) into `residuals` and `shifts` (geoVI
-/// only), with the evidence sums when `evidence`.
-#[allow(clippy::too_many_arguments)]
-fn draw_samples(
-    model: &Model,
-    settings: &IterationSettings,
-    mask: &Mask,
-    x: &[f64],
-    xsig: &[f64],
-    residuals: &mut Vec<Vec<f64>>,
-    shifts: &mut Vec<Vec<f64>>,
-    streams: Streams,
-    evidence: bool,
-) -> Result<Draws> {
-    let mut w = model.workspace();
-    let st = model.state(x, xsig, &mut w)?;
-    let with_sig = settings.sample_nsigma && model.infer_nsigma;
-    let lin = if with_sig {
-        ModelAt::with_nsigma(model, &st, mask)
-    } else {
-        ModelAt::new(model, &st, mask)
-    };
-    let cg_settings = CgSettings {
-        rel_tol: settings.sample_cg_tolerance,
-        max_iter: settings.sample_cg_iterations,
-        ..Default::default()
-    };
-    residuals.clear();
-    shifts.clear();
-    let (mut sample_cg, mut sample_cg_residuals) = (Vec::new(), Vec::new());
-    let mut capped = 0;
-    let mut geo = Vec::new();
-    let mut determined = if evidence {
-        Some(scale::Evidence::at(model, &lin, x, &cg_settings)?)
-    } else {
-        None
-    };
-    let pair_streams: Vec<u64> = (0..settings.sample_pairs)
-        .map(|pair| residual_stream(streams.stage, streams.iteration, pair))
-        .collect();
-    // two residuals at a time: their solves walk the stars together
-    for two in pair_streams.chunks(2) {
-        crate::base::stop::check()?;
-        for (mut d, rep, mut y) in draw_residuals_in(&lin, streams.seed, two, &cg_settings)? {
-            // held entries stay where they are in every sample
-            mask.apply(&mut d);
-            sample_cg.push(rep.iterations);
-            sample_cg_residuals.push(rep.rel_residual);
-            capped += usize::from(rep.stopped_at_cap(&cg_settings));
-            if let Some(e) = determined.as_mut() {
-                e.add_residual(model, &lin, &d, &rep, settings.sample_pairs, &cg_settings)?;
-            }
-            if let SampleMode::GeoVi(gs) = &settings.mode {
-                mask.apply(&mut y);
-                let coords = geovi::DustCoordinates::new(model, &st, x, xsig, mask, with_sig);
-                let (c, dd, reps) = geovi::refine_pair(&coords, &y, &d, gs)?;
-                geo.extend(reps);
-                d = dd;
-                shifts.push(c);
-            }
-            residuals.push(d);
-        }
-    }
-    if !geo.is_empty() {
-        let worst = geo.iter().map(|r| r.misfit).fold(0.0, f64::max);
-        let start = geo.iter().map(|r| r.start_misfit).fold(0.0, f64::max);
-        tracing::info!(
-            samples = geo.len(),
-            "geoVI: coordinate-equation misfit |g(δ) − y|/|y| ≤ {worst:.2e} (linear start ≤ {start:.2e})"
-        );
-    }
-    Ok(Draws {
-        sample_cg,
-        sample_cg_residuals,
-        sample_cg_capped: capped,
-        determined,
-    })
-}
-
-/// What drawing an iteration's residuals reports.
-struct Draws {
-    /// Each draw's CG iterations.
-    sample_cg: Vec<usize>,
-    /// Each draw's relative residual.
-    sample_cg_residuals: Vec<f64>,
-    /// Draws whose CG stopped at its cap above its tolerance.
-    sample_cg_capped: usize,
-    /// The evidence sums of the scale's update, when asked for.
-    determined: Option<scale::Evidence>,
 }
 
 /// The sample mean and standard deviation of ln ρ = scale · s + offset over the samples

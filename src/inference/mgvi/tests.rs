@@ -1,5 +1,6 @@
 use super::*;
 use crate::inference::newton::MetricObjective;
+use crate::num::cg::CgSettings;
 use anyhow::Result;
 use faer::linalg::solvers::Solve;
 use rand::Rng;
