@@ -25,6 +25,23 @@ impl<'v> CgSpace for Unchecked<'_, 'v> {
     }
 }
 
+/// The SPD test operator `out = diag(d) x + Σ_v v (vᵀ x)`: the spectrum of `d` lifted by a
+/// low-rank term.
+fn diag_plus_low_rank<'a>(
+    d: &'a [f64],
+    vs: &'a [Vec<f64>],
+) -> impl Fn(&[f64], &mut [f64]) + Copy + 'a {
+    move |x, out| {
+        for i in 0..d.len() {
+            out[i] = d[i] * x[i];
+        }
+        for v in vs {
+            let dot: f64 = v.iter().zip(x).map(|(a, b)| a * b).sum();
+            out.iter_mut().zip(v).for_each(|(o, vi)| *o += dot * vi);
+        }
+    }
+}
+
 #[test]
 fn a_zero_start_skips_the_product_with_it_and_changes_no_bit() {
     let n = 50;
@@ -87,15 +104,8 @@ fn solves_spd_system_to_tolerance() {
                 .collect()
         })
         .collect();
-    let apply = |x: &[f64], out: &mut [f64]| {
-        out.copy_from_slice(x);
-        for v in &vs {
-            let d: f64 = v.iter().zip(x).map(|(a, b)| a * b).sum();
-            for i in 0..n {
-                out[i] += d * v[i];
-            }
-        }
-    };
+    let diag = vec![1.0; n];
+    let apply = diag_plus_low_rank(&diag, &vs);
     let b: Vec<f64> = (0..n).map(|i| (i as f64).cos()).collect();
     let mut x = vec![0.0; n];
     let rep = solve(
@@ -133,15 +143,10 @@ fn the_reported_inverse_moments_are_those_of_the_solved_right_hand_side() {
                 .collect()
         })
         .collect();
-    let apply = |x: &[f64], out: &mut [f64]| {
-        for i in 0..n {
-            out[i] = (1.0 + 40.0 * (i as f64 / n as f64).powi(2)) * x[i];
-        }
-        for v in &vs {
-            let d: f64 = v.iter().zip(x).map(|(a, b)| a * b).sum();
-            out.iter_mut().zip(v).for_each(|(o, vi)| *o += d * vi);
-        }
-    };
+    let diag: Vec<f64> = (0..n)
+        .map(|i| 1.0 + 40.0 * (i as f64 / n as f64).powi(2))
+        .collect();
+    let apply = diag_plus_low_rank(&diag, &vs);
     let b: Vec<f64> = (0..n).map(|i| (i as f64 * 0.7).sin() + 0.3).collect();
     let tight = CgSettings {
         rel_tol: 1e-13,
@@ -212,15 +217,10 @@ fn two_solves_in_lockstep_give_the_bits_of_two_alone() {
                 .collect()
         })
         .collect();
-    let apply = |x: &[f64], out: &mut [f64]| {
-        for i in 0..n {
-            out[i] = (1.0 + 30.0 * (i as f64 / n as f64).powi(2)) * x[i];
-        }
-        for v in &vs {
-            let d: f64 = v.iter().zip(x).map(|(a, b)| a * b).sum();
-            out.iter_mut().zip(v).for_each(|(o, vi)| *o += d * vi);
-        }
-    };
+    let diag: Vec<f64> = (0..n)
+        .map(|i| 1.0 + 30.0 * (i as f64 / n as f64).powi(2))
+        .collect();
+    let apply = diag_plus_low_rank(&diag, &vs);
     let rough: Vec<f64> = (0..n).map(|i| (i as f64 * 0.9).cos()).collect();
     // on the first 12 entries only
     let smooth: Vec<f64> = (0..n)
