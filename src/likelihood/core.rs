@@ -95,9 +95,9 @@ pub struct ModelWork {
     /// What a walk of several states at once leaves for each state's adjoint
     /// ([`super::backend::Backend::value_grad_walk`]; empty until one runs).
     pub(crate) slots: Vec<StateSlot>,
-    /// The second final chart field's tangent and cotangent of a pair of metric products
-    /// ([`super::backend::Backend::metric_pair`]; empty until one runs).
-    pub(crate) pair_field: Vec<f64>,
+    /// The second vector's ICR buffers and final chart field cotangent of a pair of metric
+    /// products ([`super::backend::Backend::metric_pair`]; empty until one runs).
+    pub(crate) pair_icr: Option<IcrWork>,
     pub(crate) pair_acc: Vec<f64>,
 }
 
@@ -216,7 +216,7 @@ impl ModelCore {
             acc: Vec::new(),
             masked: Vec::new(),
             slots: Vec::new(),
-            pair_field: Vec::new(),
+            pair_icr: None,
             pair_acc: Vec::new(),
         }
     }

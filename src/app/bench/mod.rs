@@ -326,9 +326,28 @@ fn bench_icr(
     let ta = median_time_cold(cold, || icr.adjoint(&sb, &mut xb, &mut w));
     ops.push(("forward_cold_s", tf));
     ops.push(("adjoint_cold_s", ta));
+    // two cotangents at once, as the sampling solves' metric products run them
+    let (mut w1, mut xb1) = (icr.workspace(), vec![0.0; icr.n_xi()]);
+    let sb1: Vec<f64> = sb.iter().rev().copied().collect();
+    let t = median_time(reps, || {
+        icr.adjoint_pair([&sb, &sb1], [&mut xb, &mut xb1], [&mut w, &mut w1])
+    });
+    ops.push(("adjoint_pair_s", t));
+    let t = median_time_cold(cold, || {
+        icr.adjoint_pair([&sb, &sb1], [&mut xb, &mut xb1], [&mut w, &mut w1])
+    });
+    ops.push(("adjoint_pair_cold_s", t));
     let b = roofline::icr_bytes(&p.chart, icr.n_xi(), icr.matrix_bytes());
-    let moved = ["forward_s", "adjoint_s", "forward_cold_s", "adjoint_cold_s"];
-    roofline_figures(ops, extra, &moved.map(|op| (op, b)));
+    let pair = 2.0 * b - icr.matrix_bytes() as f64;
+    let moved = [
+        ("forward_s", b),
+        ("adjoint_s", b),
+        ("forward_cold_s", b),
+        ("adjoint_cold_s", b),
+        ("adjoint_pair_s", pair),
+        ("adjoint_pair_cold_s", pair),
+    ];
+    roofline_figures(ops, extra, &moved);
     Ok(())
 }
 

@@ -26,43 +26,40 @@ pub(super) fn metric_pair(
     w: &mut ModelWork,
 ) -> [[f64; 2]; 2] {
     let top = m.icr.chart.levels;
-    // the first forward's final field set aside in the pair's buffer while the second runs
+    let mut w1 = w.pair_icr.take().unwrap_or_else(|| m.icr.workspace());
+    // the forwards one at a time (sharing a site matrix gains nothing there: their fine
+    // columns' streams, not the matrices, bound them); the adjoints share each matrix
     m.icr.forward(dxi[0], &mut w.icr);
-    let mut ds0 = std::mem::take(&mut w.pair_field);
-    ds0.resize(w.icr.fields[top].len(), 0.0);
-    std::mem::swap(&mut ds0, &mut w.icr.fields[top]);
-    m.icr.forward(dxi[1], &mut w.icr);
-    let ds1 = std::mem::take(&mut w.icr.fields[top]);
+    m.icr.forward(dxi[1], &mut w1);
+    let (ds0, ds1) = (&w.icr.fields[top], &w1.fields[top]);
     let (mut acc0, mut acc1) = (std::mem::take(&mut w.acc), std::mem::take(&mut w.pair_acc));
     for acc in [&mut acc0, &mut acc1] {
         acc.resize(ds0.len(), 0.0);
         par_zero(acc);
     }
-    pair_pixels(m, st, [&ds0, &ds1], tangents, [&mut acc0, &mut acc1], w);
+    let scalars = &mut w.state_scalars;
+    pair_pixels(m, st, [ds0, ds1], tangents, [&mut acc0, &mut acc1], scalars);
     let mut per = std::mem::take(&mut w.pix_scalars);
     let c = [0, 1].map(|t| lane_sum2(m, &w.state_scalars, 2, t, &mut per));
     w.pix_scalars = per;
-    w.icr.fields[top] = ds1;
-    w.pair_field = ds0;
-    m.icr.adjoint(&acc0, g0, &mut w.icr);
-    m.icr.adjoint(&acc1, g1, &mut w.icr);
-    (w.acc, w.pair_acc) = (acc0, acc1);
+    m.icr
+        .adjoint_pair([&acc0, &acc1], [g0, g1], [&mut w.icr, &mut w1]);
+    (w.acc, w.pair_acc, w.pair_icr) = (acc0, acc1, Some(w1));
     c
 }
 
 /// The per-pixel part of [`metric_pair`] after the ICR forwards: each final chart field's
 /// cotangent into its zeroed `acc`, each pixel's [Σ s t, Σ t] per product (pixel-major) into
-/// the workspace's `state_scalars`.
+/// `scalars`.
 fn pair_pixels(
     m: &ModelCore,
     st: &State,
     ds: [&[f64]; 2],
     tangents: [(f64, f64); 2],
     [acc0, acc1]: [&mut [f64]; 2],
-    w: &mut ModelWork,
+    scalars: &mut Vec<[f64; 2]>,
 ) {
     let (n, nc, pad) = (m.n_r(), m.n_chart(), m.padding());
-    let scalars = &mut w.state_scalars;
     scalars.clear();
     scalars.resize(m.npix() * 2, [0.0; 2]);
     acc0.par_chunks_mut(nc)

@@ -152,14 +152,15 @@ impl Site<'_> {
     }
 }
 
-/// Transpose of [`refine`], first half: every local pixel's window contributions into
-/// `scatter` (chunk p·9 + slot) and its excitations' cotangents.
-pub(super) fn scatter_adjoint<T: MatEntry>(
+/// Transpose of [`refine`], first half, for `V` cotangents at once: every local pixel's
+/// window contributions into `scatter` (chunk p·9 + slot) and its excitations' cotangents,
+/// each site matrix read once for all `V`.
+pub(super) fn scatter_adjoint<T: MatEntry, const V: usize>(
     level: &Level,
     mats: &[T],
-    fine_bar: &[f64],
-    xi_bar: &mut [f64],
-    scatter: &mut [f64],
+    fine_bar: [&[f64]; V],
+    xi_bar: [&mut [f64]; V],
+    scatter: [&mut [f64]; V],
 ) {
     #[cfg(target_arch = "x86_64")]
     if let Some(v3) = pulp::x86::V3::try_new() {
@@ -176,16 +177,26 @@ pub(super) fn scatter_adjoint<T: MatEntry>(
 }
 
 /// [`scatter_adjoint`] with the row dots of `d`.
-pub(super) fn scatter_with<T: MatEntry, D: SiteDots>(
+pub(super) fn scatter_with<T: MatEntry, D: SiteDots, const V: usize>(
     d: D,
     level: &Level,
     mats: &[T],
-    fine_bar: &[f64],
-    xi_bar: &mut [f64],
-    scatter: &mut [f64],
+    fine_bar: [&[f64]; V],
+    xi_bar: [&mut [f64]; V],
+    scatter: [&mut [f64]; V],
 ) {
     let (n_c, n_f, ns) = (level.n_c, level.n_f, level.n_sites_r());
-    let (tp, xp) = (DisjointMut::new(scatter), DisjointMut::new(xi_bar));
+    let (tp, xp) = (scatter.map(DisjointMut::new), xi_bar.map(DisjointMut::new));
+    // SAFETY (both): every pixel occurs once in `by_class` and a chunk of `par_chunks` is
+    // one thread's, so a pixel's chunks are touched by that thread alone
+    let chunks = |q: usize| -> [(&mut [f64], &mut [f64]); V] {
+        std::array::from_fn(|t| unsafe {
+            (
+                tp[t].chunk(q * 9 * n_c, 9 * n_c),
+                xp[t].chunk(q * ns * 8, ns * 8),
+            )
+        })
+    };
     level.by_class.par_chunks(8).for_each(|ps| {
         for (k, &p) in ps.iter().enumerate() {
             let p = p as usize;
@@ -194,64 +205,76 @@ pub(super) fn scatter_with<T: MatEntry, D: SiteDots>(
             // memory, not in cache (W1 adjoint with cold caches 12.2 → 8.9 ms)
             if let Some(&q) = ps.get(k + 1) {
                 let q = q as usize;
-                // SAFETY: pixel q is this chunk's (no other thread touches its chunks) and
-                // not p, so these borrows, dropped at once, overlap no live one
-                let next =
-                    unsafe { (tp.chunk(q * 9 * n_c, 9 * n_c), xp.chunk(q * ns * 8, ns * 8)) };
-                prefetch_heads(level, &fine_bar[4 * q * n_f..4 * (q + 1) * n_f], next);
-            }
-            // SAFETY: every pixel occurs once in `by_class`, so the chunks are disjoint
-            let (t, xb) = unsafe { (tp.chunk(p * 9 * n_c, 9 * n_c), xp.chunk(p * ns * 8, ns * 8)) };
-            d.run(|| {
-                let class = level.geom.class[p] as usize;
-                let fb = &fine_bar[4 * p * n_f..4 * (p + 1) * n_f];
-                // the row dots of the last three sites: window value i of a slot sums the
-                // dots of sites i − 2, i − 1 and i (in that order), so it is written once,
-                // when site i is done, instead of being added to in memory three times
-                let mut r = [[0.0f64; 36]; 3];
-                let finish = |t: &mut [f64], r: &[[f64; 36]; 3], i: usize| {
-                    for a in 0..9 {
-                        let mut v = 0.0;
-                        for dj in (0..3).rev() {
-                            if (dj..ns + dj).contains(&i) {
-                                v += r[(i - dj) % 3][a * 3 + dj];
-                            }
-                        }
-                        t[a * n_c + i] = v;
-                    }
-                };
-                for j in 0..ns {
-                    prefetch_next_site(mats, class, ns, j);
-                    prefetch_fine_ahead(fb, n_f, j);
-                    if j + 2 < ns {
-                        prefetch(&xb[(j + 2) * 8..][..8]);
-                    }
-                    if j.is_multiple_of(8) && j + 8 < n_c {
-                        for a in 0..9 {
-                            prefetch(&t[a * n_c + j + 8..][..1]);
-                        }
-                    }
-                    let g: [f64; 8] = std::array::from_fn(|o| fb[(o / 2) * n_f + 2 * j + (o % 2)]);
-                    d.dots(
-                        &mats[(class * ns + j) * SITE_LEN..][..SITE_LEN],
-                        &g,
-                        &mut r[j % 3],
-                    );
-                    xb[j * 8..j * 8 + 8].copy_from_slice(&r[j % 3][27..35]);
-                    if j >= 2 {
-                        let (r0, r1, r2) = (&r[j % 3], &r[(j + 2) % 3], &r[(j + 1) % 3]);
-                        for a in 0..9 {
-                            t[a * n_c + j] = ((0.0 + r2[a * 3 + 2]) + r1[a * 3 + 1]) + r0[a * 3];
-                        }
-                    } else {
-                        finish(t, &r, j);
-                    }
+                // the next pixel's borrows, dropped at once, overlap no live one (q ≠ p)
+                for (fb, next) in fine_bar.iter().zip(chunks(q)) {
+                    prefetch_heads(level, &fb[4 * q * n_f..4 * (q + 1) * n_f], next);
                 }
-                finish(t, &r, ns);
-                finish(t, &r, ns + 1);
-            })
+            }
+            let mut out = chunks(p);
+            let fb = fine_bar.map(|fb| &fb[4 * p * n_f..4 * (p + 1) * n_f]);
+            let class = level.geom.class[p] as usize;
+            d.run(|| scatter_pixel(d, level, &mats[class * ns * SITE_LEN..], fb, &mut out));
         }
     });
+}
+
+/// One coarse pixel of [`scatter_with`]: its sites' row dots (site matrices `mats`, from
+/// its class's first) with each of the `V` fine cotangents `fb`, into each one's window
+/// chunks and excitation cotangents `out`.
+#[inline(always)]
+fn scatter_pixel<T: MatEntry, D: SiteDots, const V: usize>(
+    d: D,
+    level: &Level,
+    mats: &[T],
+    fb: [&[f64]; V],
+    out: &mut [(&mut [f64], &mut [f64]); V],
+) {
+    let (n_c, n_f, ns) = (level.n_c, level.n_f, level.n_sites_r());
+    // the row dots of the last three sites: window value i of a slot sums the dots of sites
+    // i − 2, i − 1 and i (in that order), so it is written once, when site i is done,
+    // instead of being added to in memory three times
+    let mut r = [[[0.0f64; 36]; 3]; V];
+    let finish = |t: &mut [f64], r: &[[f64; 36]; 3], i: usize| {
+        for a in 0..9 {
+            let mut v = 0.0;
+            for dj in (0..3).rev() {
+                if (dj..ns + dj).contains(&i) {
+                    v += r[(i - dj) % 3][a * 3 + dj];
+                }
+            }
+            t[a * n_c + i] = v;
+        }
+    };
+    for j in 0..ns {
+        prefetch_next_site(mats, 0, ns, j);
+        let m = &mats[j * SITE_LEN..][..SITE_LEN];
+        for ((fb, (t, xb)), r) in fb.iter().zip(out.iter_mut()).zip(&mut r) {
+            prefetch_fine_ahead(fb, n_f, j);
+            if j + 2 < ns {
+                prefetch(&xb[(j + 2) * 8..][..8]);
+            }
+            if j.is_multiple_of(8) && j + 8 < n_c {
+                for a in 0..9 {
+                    prefetch(&t[a * n_c + j + 8..][..1]);
+                }
+            }
+            let g: [f64; 8] = std::array::from_fn(|o| fb[(o / 2) * n_f + 2 * j + (o % 2)]);
+            d.dots(m, &g, &mut r[j % 3]);
+            xb[j * 8..j * 8 + 8].copy_from_slice(&r[j % 3][27..35]);
+            if j >= 2 {
+                let (r0, r1, r2) = (&r[j % 3], &r[(j + 2) % 3], &r[(j + 1) % 3]);
+                for a in 0..9 {
+                    t[a * n_c + j] = ((0.0 + r2[a * 3 + 2]) + r1[a * 3 + 1]) + r0[a * 3];
+                }
+            } else {
+                finish(t, r, j);
+            }
+        }
+    }
+    for ((t, _), r) in out.iter_mut().zip(&r) {
+        finish(t, r, ns);
+        finish(t, r, ns + 1);
+    }
 }
 
 /// The matrix of site `j + 1` of angular class `class` (`ns` sites), if there is one.

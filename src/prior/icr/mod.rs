@@ -493,46 +493,93 @@ impl Icr {
 
     /// `ξ̄ = Sᵀ s̄` for a final-level cotangent `s_bar`; overwrites `xi_bar`.
     pub fn adjoint(&self, s_bar: &[f64], xi_bar: &mut [f64], work: &mut IcrWork) {
-        assert_eq!(
-            xi_bar.len(),
-            self.n_xi(),
-            "ICR adjoint: wrong number of excitations"
-        );
+        self.adjoint_n([s_bar], [xi_bar], [work]);
+    }
+
+    /// [`Icr::adjoint`] of two cotangents, each site matrix read once for both; each
+    /// result has the bits of its own adjoint.
+    pub fn adjoint_pair(
+        &self,
+        s_bar: [&[f64]; 2],
+        xi_bar: [&mut [f64]; 2],
+        work: [&mut IcrWork; 2],
+    ) {
+        self.adjoint_n(s_bar, xi_bar, work);
+    }
+
+    fn adjoint_n<const V: usize>(
+        &self,
+        s_bar: [&[f64]; V],
+        mut xi_bar: [&mut [f64]; V],
+        mut work: [&mut IcrWork; V],
+    ) {
+        for xb in &xi_bar {
+            assert_eq!(
+                xb.len(),
+                self.n_xi(),
+                "ICR adjoint: wrong number of excitations"
+            );
+        }
         let nl = self.levels.len();
         for (l, level) in self.levels.iter().enumerate().rev() {
-            let (lo, hi) = work.fields.split_at_mut(l + 1);
+            let n_local = 9 * level.npix_c() * level.n_c;
             // the last step reads the caller's cotangent where it lies (a parameter-sized
             // copy saved per adjoint)
-            let fine_bar: &[f64] = if l + 1 == nl { s_bar } else { &hi[0] };
-            let xb = &mut xi_bar[level.xi_off..level.xi_off + level.n_xi()];
-            let n_local = 9 * level.npix_c() * level.n_c;
-            let t = &mut work.scatter[..n_local];
-            match &level.mats {
-                Matrices::F64(m) => scatter_adjoint(level, m, fine_bar, xb, t),
-                Matrices::F32(m) => scatter_adjoint(level, m, fine_bar, xb, t),
+            let mut fine_bar: [&[f64]; V] = s_bar;
+            let mut scatter: [&mut [f64]; V] = std::array::from_fn(|_| Default::default());
+            for ((w, fb), t) in work.iter_mut().zip(&mut fine_bar).zip(&mut scatter) {
+                let IcrWork {
+                    fields, scatter, ..
+                } = &mut **w;
+                if l + 1 < nl {
+                    *fb = &fields[l + 1];
+                }
+                *t = &mut scatter[..n_local];
             }
-            let source: &[f64] = match level.kind {
-                StepKind::Replicated => &work.scatter[..n_local],
-                StepKind::Gathered => {
-                    let n = level.counts[4].iter().sum();
-                    let (local, all) = (&work.scatter[..n_local], &mut work.gathered[..n]);
-                    comm::all_gather_into(local, &level.counts[4], all);
-                    &work.gathered[..n]
-                }
-                StepKind::Halo => {
-                    exchange_back(level, &mut work.scatter, &mut work.send);
-                    &work.scatter
-                }
-            };
-            gather_adjoint(level, source, &mut lo[l]);
+            let xb = xi_bar
+                .each_mut()
+                .map(|x| &mut x[level.xi_off..level.xi_off + level.n_xi()]);
+            match &level.mats {
+                Matrices::F64(m) => scatter_adjoint(level, m, fine_bar, xb, scatter),
+                Matrices::F32(m) => scatter_adjoint(level, m, fine_bar, xb, scatter),
+            }
+            for w in work.iter_mut() {
+                gather_step(level, n_local, l, w);
+            }
         }
         let n0 = self.n0;
         let l0 = &self.level0;
-        let s0: &[f64] = if nl == 0 { s_bar } else { &work.fields[0] };
-        xi_bar[..n0].par_iter_mut().enumerate().for_each(|(m, x)| {
-            *x = (m..n0).map(|i| l0[i * n0 + m] * s0[i]).sum();
-        });
+        for ((s_bar, xi_bar), w) in s_bar.iter().zip(xi_bar).zip(&work) {
+            let s0: &[f64] = if nl == 0 { s_bar } else { &w.fields[0] };
+            xi_bar[..n0].par_iter_mut().enumerate().for_each(|(m, x)| {
+                *x = (m..n0).map(|i| l0[i * n0 + m] * s0[i]).sum();
+            });
+        }
     }
+}
+
+/// Second half of an adjoint step `l` after its scatter (`n_local` local values): the window
+/// contributions brought to their owners, then summed into the coarse cotangent.
+fn gather_step(level: &Level, n_local: usize, l: usize, work: &mut IcrWork) {
+    let IcrWork {
+        fields,
+        scatter,
+        gathered,
+        send,
+    } = work;
+    let source: &[f64] = match level.kind {
+        StepKind::Replicated => &scatter[..n_local],
+        StepKind::Gathered => {
+            let n = level.counts[4].iter().sum();
+            comm::all_gather_into(&scatter[..n_local], &level.counts[4], &mut gathered[..n]);
+            &gathered[..n]
+        }
+        StepKind::Halo => {
+            exchange_back(level, scatter, send);
+            scatter
+        }
+    };
+    gather_adjoint(level, source, &mut fields[l]);
 }
 
 #[cfg(test)]

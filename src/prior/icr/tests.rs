@@ -227,14 +227,18 @@ fn the_adjoint_site_products_are_the_same_with_and_without_vector_dots() {
             if let (true, Some(v3)) = (vector, pulp::x86::V3::try_new()) {
                 let d = site::avx2::Dots(v3);
                 match m {
-                    Matrices::F64(m) => kernels::scatter_with(d, level, m, f, &mut xb, &mut t),
-                    Matrices::F32(m) => kernels::scatter_with(d, level, m, f, &mut xb, &mut t),
+                    Matrices::F64(m) => {
+                        kernels::scatter_with(d, level, m, [f], [&mut xb], [&mut t])
+                    }
+                    Matrices::F32(m) => {
+                        kernels::scatter_with(d, level, m, [f], [&mut xb], [&mut t])
+                    }
                 }
                 return (xb, t);
             }
             match m {
-                Matrices::F64(m) => kernels::scatter_with(d, level, m, f, &mut xb, &mut t),
-                Matrices::F32(m) => kernels::scatter_with(d, level, m, f, &mut xb, &mut t),
+                Matrices::F64(m) => kernels::scatter_with(d, level, m, [f], [&mut xb], [&mut t]),
+                Matrices::F32(m) => kernels::scatter_with(d, level, m, [f], [&mut xb], [&mut t]),
             }
             (xb, t)
         };
@@ -268,4 +272,24 @@ fn f32_matrices_move_a_prior_draw_by_under_1e_6_of_the_prior_std() {
     let rms = (a.iter().zip(b).map(|(p, q)| (p - q).powi(2)).sum::<f64>() / a.len() as f64).sqrt();
     println!("f32 matrices: field differs by {rms:.2e} rms, {worst:.2e} at most (prior std 1.5)");
     assert!(worst < 1e-6 * K.std && worst > 0.0, "{worst:e}");
+}
+
+#[test]
+fn a_pair_of_adjoints_has_the_bits_of_each_alone() {
+    let chart = Chart::new(2, 8, 2, 1, 40.0, 600.0).unwrap();
+    for prec in [Precision::F64, Precision::F32] {
+        let icr = Icr::new(&chart, &K, prec).unwrap();
+        let (y0, y1) = (gauss(icr.n_field(), 5), gauss(icr.n_field(), 6));
+        let (mut a0, mut a1) = (icr.workspace(), icr.workspace());
+        let (mut g0, mut g1) = (vec![0.0; icr.n_xi()], vec![0.0; icr.n_xi()]);
+        icr.adjoint(&y0, &mut g0, &mut a0);
+        icr.adjoint(&y1, &mut g1, &mut a1);
+        let (mut b0, mut b1) = (icr.workspace(), icr.workspace());
+        let (mut h0, mut h1) = (vec![1.0; icr.n_xi()], vec![1.0; icr.n_xi()]);
+        icr.adjoint_pair([&y0, &y1], [&mut h0, &mut h1], [&mut b0, &mut b1]);
+        let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&g0), bits(&h0), "adjoint 0 ({prec:?})");
+        assert_eq!(bits(&g1), bits(&h1), "adjoint 1 ({prec:?})");
+        assert_ne!(bits(&g0), bits(&g1));
+    }
 }
