@@ -47,6 +47,16 @@ struct KlCache {
     gs: Vec<f64>,
 }
 
+impl Drop for Kl<'_> {
+    /// The states and the workspace handed back to the model for the next iteration's KL.
+    fn drop(&mut self) {
+        let c = self.cache.get_mut().unwrap_or_else(|e| e.into_inner());
+        let states = std::mem::take(&mut c.states);
+        let work = std::mem::take(&mut c.work);
+        self.model.recycle(states, vec![work]);
+    }
+}
+
 impl<'a> Kl<'a> {
     /// KL of `model` with the sample pairs x + c_k ± δ_k of `residuals` δ_k and `shifts` c_k
     /// (empty for MGVI) and free-entry `mask`.

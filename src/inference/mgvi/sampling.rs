@@ -82,6 +82,11 @@ impl<'a> ModelAt<'a> {
         }
     }
 
+    /// The workspace, to hand back to the model ([`Model::recycle`]).
+    pub fn into_work(self) -> ModelWork {
+        self.work.into_inner()
+    }
+
     /// Linearisation of `model` at `state` over p = [x | ξ_σ].
     pub fn with_nsigma(model: &'a Model, state: &'a State, mask: &'a Mask) -> Self {
         Self {
@@ -376,6 +381,8 @@ pub(super) fn draw_samples(
 ) -> Result<Draws> {
     let mut w = model.workspace();
     let st = model.state(x, xsig, &mut w)?;
+    // the linearisation's products take this workspace up again
+    model.recycle(Vec::new(), vec![w]);
     let with_sig = settings.sample_nsigma && model.infer_nsigma;
     let lin = if with_sig {
         ModelAt::with_nsigma(model, &st, mask)
@@ -423,6 +430,8 @@ pub(super) fn draw_samples(
             residuals.push(d);
         }
     }
+    let work = lin.into_work();
+    model.recycle(vec![st], vec![work]);
     if !geo.is_empty() {
         let worst = geo.iter().map(|r| r.misfit).fold(0.0, f64::max);
         let start = geo.iter().map(|r| r.start_misfit).fold(0.0, f64::max);

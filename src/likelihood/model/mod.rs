@@ -18,7 +18,7 @@ use super::cpu::Cpu;
 use super::mask::Mask;
 use super::state::next_state_id;
 pub use super::state::{StarData, State};
-use crate::base::util::par_copy;
+use crate::base::util::{par_copy, PAR_MIN_LEN};
 use crate::data::catalog::PixelCatalog;
 use crate::num::cg::{CgReport, CgSettings};
 use crate::prior::icr::Icr;
@@ -93,6 +93,7 @@ impl Model {
             pad: chart.padding,
             n_chart: chart.n_r(chart.levels),
             icr,
+            spares: Default::default(),
         };
         Ok(Self {
             core,
@@ -118,8 +119,26 @@ impl Model {
     }
 
     /// A state with every buffer allocated, to be filled by [`Model::update_state`] or
-    /// [`Model::value_grad`].
+    /// [`Model::value_grad`]: a handed-back one ([`ModelCore::recycle`]) reset to the values
+    /// of a new one, if there is one.
     pub fn empty_state(&self) -> State {
+        if let Some(mut st) = self.spare_state() {
+            for (v, x) in [(&mut st.s, 0.0), (&mut st.rw, 0.0), (&mut st.abar, 0.0)]
+                .into_iter()
+                .chain([
+                    (&mut st.var, 0.0),
+                    (&mut st.nsig, 1.0),
+                    (&mut st.dnsig, 0.0),
+                ])
+            {
+                v.par_iter_mut()
+                    .with_min_len(PAR_MIN_LEN)
+                    .for_each(|y| *y = x);
+            }
+            (st.scl, st.dscl, st.off) = (0.0, 0.0, 0.0);
+            (st.id, st.sig_id, st.fields_on_host) = (next_state_id(), next_state_id(), true);
+            return st;
+        }
         State {
             s: vec![0.0; self.npix() * self.n_r()],
             rw: vec![0.0; self.npix() * self.n_r()],

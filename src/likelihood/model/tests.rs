@@ -591,3 +591,40 @@ fn states_sharing_n_sigma_give_the_averaged_metric_of_states_that_do_not() {
         .unwrap();
     assert_ne!(product(&shared), product(&other));
 }
+
+#[test]
+fn handed_back_states_and_workspaces_are_given_out_again_as_new() {
+    let (m, x_true, _) = setup(300, true, "volume");
+    let n = m.data.len();
+    let xs = gauss(n, 71, 1.0);
+    let (mut w, fresh) = (m.workspace(), m.empty_state());
+    let st = m.state(&x_true, &xs, &mut w).unwrap();
+    let (e, mut g) = (m.energy(&st, &x_true, &xs), vec![0.0; m.n_params()]);
+    m.gradient(&st, &x_true, &xs, &mut g, &mut vec![0.0; n], &mut w)
+        .unwrap();
+    let (s_at, w_at) = (st.s.as_ptr(), w.field.as_ptr());
+    m.recycle(vec![st], vec![w]);
+    // the same buffers, reset to a new state's values
+    let again = m.empty_state();
+    assert_eq!(again.s.as_ptr(), s_at);
+    for (a, b) in [
+        (&again.s, &fresh.s),
+        (&again.rw, &fresh.rw),
+        (&again.abar, &fresh.abar),
+        (&again.var, &fresh.var),
+        (&again.nsig, &fresh.nsig),
+        (&again.dnsig, &fresh.dnsig),
+    ] {
+        assert_eq!(a, b);
+    }
+    assert!(again.id != fresh.id && again.fields_on_host);
+    let mut w2 = m.workspace();
+    assert_eq!(w2.field.as_ptr(), w_at);
+    // and they compute what new ones do, bit for bit
+    let st2 = m.state(&x_true, &xs, &mut w2).unwrap();
+    let mut g2 = vec![0.0; m.n_params()];
+    m.gradient(&st2, &x_true, &xs, &mut g2, &mut vec![0.0; n], &mut w2)
+        .unwrap();
+    assert_eq!(m.energy(&st2, &x_true, &xs).to_bits(), e.to_bits());
+    assert_eq!(g2, g);
+}

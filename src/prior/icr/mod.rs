@@ -143,7 +143,7 @@ pub struct Icr {
 }
 
 /// Preallocated buffers of [`Icr::forward`] and [`Icr::adjoint`].
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct IcrWork {
     /// Field of every level, pixel-major.
     pub fields: Vec<Vec<f64>>,
