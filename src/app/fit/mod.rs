@@ -356,17 +356,7 @@ impl StageRun {
             st.iteration + 1
         );
         let rep = mgvi::global_iteration(&self.model, &self.settings, &self.mask, vi, streams)
-            .map_err(|e| {
-                let overflow = e
-                    .chain()
-                    .any(|c| c.is::<crate::inference::newton::NonFiniteObjective>());
-                match overflow {
-                    // from the prior median nothing has grown yet: the prior itself overflows
-                    true if at_prior_centre => e.context(format!("{at} ({PRIOR_OVERFLOW_HINT})")),
-                    true => e.context(format!("{at} ({OVERFLOW_HINT})")),
-                    false => e.context(at.clone()),
-                }
-            })?;
+            .map_err(|e| iteration_error(e, &at, at_prior_centre))?;
         if !rep.kl.is_finite() {
             // nothing can move from an infinite energy: stop with the reason, not a map
             bail!(
@@ -414,6 +404,20 @@ impl StageRun {
         };
         warn_capped(&self.settings, &rep, at_prior_centre);
         Ok((row, rep.sample_cg))
+    }
+}
+
+/// An iteration's error in the words of where it happened (`at`), with the hint for a
+/// density that overflowed.
+fn iteration_error(e: anyhow::Error, at: &str, at_prior_centre: bool) -> anyhow::Error {
+    let overflow = e
+        .chain()
+        .any(|c| c.is::<crate::inference::newton::NonFiniteObjective>());
+    match overflow {
+        // from the prior median nothing has grown yet: the prior itself overflows
+        true if at_prior_centre => e.context(format!("{at} ({PRIOR_OVERFLOW_HINT})")),
+        true => e.context(format!("{at} ({OVERFLOW_HINT})")),
+        false => e.context(at.to_string()),
     }
 }
 

@@ -144,7 +144,9 @@ fn walk_seconds(
             ns as f64,
             model.data.windows.prob.len() as f64,
         ];
-        // a product of two vectors runs two ICR pairs
+        // a product of two vectors runs two ICR pairs (its two adjoints share their site
+        // matrices: what that saves shows in the walk's figure, which the plan counts as
+        // often as the pairs)
         for (q, (t, icr_pairs)) in [(t1, 1.0), (t2, 2.0), (t4, 1.0)].into_iter().enumerate() {
             let [a, b, e] = shape;
             out[q][c] = [a, b, e, (t - icr_pairs * t_icr).max(0.0) / 2.0];

@@ -196,6 +196,31 @@ fn evidence_step(now: f64, mode: f64) -> f64 {
     to
 }
 
+/// The samples' power Σ ξ² over the free excitations of `mask`, summed over the samples.
+fn samples_power(
+    model: &Model,
+    mask: &Mask,
+    x: &[f64],
+    residuals: &[Vec<f64>],
+    shifts: &[Vec<f64>],
+) -> f64 {
+    let (nxi, layout) = (model.icr.n_xi(), &model.dom.x);
+    let n_samples = 2 * residuals.len();
+    let mut xs = x.to_vec();
+    let mut power = 0.0;
+    for j in 0..n_samples {
+        super::sample_point(x, residuals, shifts, j, &mut xs);
+        power += layout.sum(|i| {
+            if i < nxi && mask.is_free(i) {
+                xs[i] * xs[i]
+            } else {
+                0.0
+            }
+        });
+    }
+    power
+}
+
 /// Update the scale's factor from the samples of (`x`, `residuals`, `shifts`) and re-express
 /// them at the new scale (see the module docs). `mask` marks the free entries of x; ξ_a
 /// must be held (0) in it. With `determined` (the sums of [`Evidence`] from this
@@ -225,20 +250,9 @@ pub fn update(
         );
         return None;
     }
-    let n_samples = 2 * residuals.len();
-    let mut xs = x.to_vec();
-    let mut power = 0.0;
-    for j in 0..n_samples {
-        super::sample_point(x, residuals, shifts, j, &mut xs);
-        power += layout.sum(|i| {
-            if i < nxi && mask.is_free(i) {
-                xs[i] * xs[i]
-            } else {
-                0.0
-            }
-        });
-    }
-    let moment = power / (n_samples as f64 * free);
+    // in this order, as the bits of every fit so far
+    let power = samples_power(model, mask, x, residuals, shifts);
+    let moment = power / (2.0 * residuals.len() as f64 * free);
     let before = model.scale.value(x[nxi]);
     // the evidence's count and power both read in the directions the data determine
     let (n, m2) = match determined {
