@@ -15,6 +15,7 @@ use mpi::traits::*;
 use mpi::Count;
 
 static WORLD: OnceLock<(usize, usize)> = OnceLock::new();
+static ANY_THREAD: OnceLock<bool> = OnceLock::new();
 static BYTES_SENT: AtomicU64 = AtomicU64::new(0);
 static MPI_NANOS: AtomicU64 = AtomicU64::new(0);
 
@@ -41,13 +42,22 @@ pub fn init() -> Guard {
         WORLD.get_or_init(|| (0, 1));
         return Guard { _universe: None };
     }
-    let (universe, _) = mpi::initialize_with_threading(mpi::Threading::Funneled)
+    // serialized: the commands run on a thread of the pool, not the main one (one thread at
+    // a time calls MPI)
+    let (universe, provided) = mpi::initialize_with_threading(mpi::Threading::Serialized)
         .expect("MPI initialisation failed");
+    ANY_THREAD.get_or_init(|| provided >= mpi::Threading::Serialized);
     let w = universe.world();
     WORLD.get_or_init(|| (w.rank() as usize, w.size() as usize));
     Guard {
         _universe: Some(universe),
     }
+}
+
+/// Whether MPI takes calls from any one thread at a time (always without MPI); else only
+/// from the main thread.
+pub fn calls_from_any_thread() -> bool {
+    *ANY_THREAD.get_or_init(|| true)
 }
 
 /// This process's rank (0 without MPI).
