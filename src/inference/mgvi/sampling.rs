@@ -82,7 +82,7 @@ impl<'a> ModelAt<'a> {
         }
     }
 
-    /// The workspace, to hand back to the model ([`Model::recycle`]).
+    /// The workspace, to hand back to the model ([`ModelCore::recycle`](crate::likelihood::model::ModelCore::recycle)).
     pub fn into_work(self) -> ModelWork {
         self.work.into_inner()
     }
