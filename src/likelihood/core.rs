@@ -85,8 +85,8 @@ pub struct ModelCore {
 /// States and workspaces a finished user handed back ([`ModelCore::recycle`]), so that the
 /// next iteration's are not allocated anew. Beyond ~32 MB glibc gives every block its own
 /// mapping and returns it at `free`, so a buffer allocated anew costs a page fault and a
-/// page zeroed by the kernel per 4 KB at its first touch: at W2, 8 % of an iteration's
-/// time before the spares.
+/// page zeroed by the kernel per 4 KB at its first touch (at W2 the kernel's page clearing
+/// is 8 % of an iteration's CPU time, most of it the iteration's own first touches).
 #[derive(Default)]
 pub(crate) struct Spares {
     states: std::sync::Mutex<Vec<super::state::State>>,
