@@ -373,10 +373,7 @@ mod tests {
 
     #[test]
     fn a_small_parallax_error_gives_the_exact_integral() {
-        let shells = Shells::log_uniform(40.0, 2000.0, 64).unwrap();
-        let par = [2.5, 0.6, 10.0, -2.0, 30.0, 1.0];
-        let err = [0.1, 0.3, 0.02, 0.2, 0.05, 1e-6];
-        let w = Windows::new(&shells, &par, &err);
+        let (shells, w) = crate::likelihood::windows::six_stars();
         // σ_ω → 0: ā is the exact integral of the piecewise-constant ρ to d = 1 kpc
         let rho: Vec<f64> = (0..64)
             .map(|k| 1e-3 * (1.0 + (k as f64 * 0.3).sin()))

@@ -311,17 +311,25 @@ impl Windows {
     }
 }
 
+/// Six stars' windows on 64 log-uniform shells over 40–2000 pc, for tests: star 3 has a
+/// negative parallax, star 5 a parallax of 1 mas ± 1e-6.
+#[cfg(test)]
+pub(crate) fn six_stars() -> (Shells, Windows) {
+    let shells = Shells::log_uniform(40.0, 2000.0, 64).unwrap();
+    let par = [2.5, 0.6, 10.0, -2.0, 30.0, 1.0];
+    let err = [0.1, 0.3, 0.02, 0.2, 0.05, 1e-6];
+    let w = Windows::new(&shells, &par, &err);
+    (shells, w)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn windows_sum_to_one_and_negative_parallaxes_lie_beyond_the_grid() {
-        let shells = Shells::log_uniform(40.0, 2000.0, 64).unwrap();
-        let par = [2.5, 0.6, 10.0, -2.0, 30.0, 1.0];
-        let err = [0.1, 0.3, 0.02, 0.2, 0.05, 1e-6];
-        let w = Windows::new(&shells, &par, &err);
-        for i in 0..par.len() {
+        let (_, w) = six_stars();
+        for i in 0..6 {
             let p = w.of(i).prob;
             let s: f64 = p.iter().map(|&v| v as f64).sum();
             assert!((s - 1.0).abs() < 1e-6, "star {i}: sum {s}");

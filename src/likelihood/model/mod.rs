@@ -123,14 +123,15 @@ impl Model {
     /// of a new one, if there is one.
     pub fn empty_state(&self) -> State {
         if let Some(mut st) = self.spare_state() {
-            for (v, x) in [(&mut st.s, 0.0), (&mut st.rw, 0.0), (&mut st.abar, 0.0)]
-                .into_iter()
-                .chain([
-                    (&mut st.var, 0.0),
-                    (&mut st.nsig, 1.0),
-                    (&mut st.dnsig, 0.0),
-                ])
-            {
+            let fills = [
+                (&mut st.s, 0.0),
+                (&mut st.rw, 0.0),
+                (&mut st.abar, 0.0),
+                (&mut st.var, 0.0),
+                (&mut st.nsig, 1.0),
+                (&mut st.dnsig, 0.0),
+            ];
+            for (v, x) in fills {
                 v.par_iter_mut()
                     .with_min_len(PAR_MIN_LEN)
                     .for_each(|y| *y = x);
