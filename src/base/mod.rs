@@ -10,3 +10,4 @@ pub mod rng;
 pub mod simd;
 pub mod stop;
 pub(crate) mod util;
+pub mod vexp;

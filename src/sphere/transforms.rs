@@ -1,6 +1,7 @@
 //! Prior transforms from standard-normal latents to physical parameters, each with its
 //! derivative: LogNormal (scale), Normal (offset), InverseGamma (per-star noise inflation).
 
+use crate::base::vexp;
 use statrs::distribution::{ContinuousCDF, Gamma};
 use statrs::function::gamma::{gamma_lr, gamma_ur, ln_gamma};
 
@@ -285,10 +286,45 @@ impl InvGamma {
     /// assert!(slope > 0.0);
     /// ```
     pub fn value_deriv(&self, xi: f64) -> (f64, f64) {
-        let u = (xi + TABLE_MAX) * TABLE_DENSITY;
-        if !(u >= 0.0 && u < (self.table.len() - 1) as f64) {
-            return self.exact(xi);
+        match self.table_ln(xi) {
+            Some((ln_v, dln)) => {
+                let v = vexp::exp(ln_v);
+                (v, v * dln)
+            }
+            None => self.exact(xi),
         }
+    }
+
+    /// [`InvGamma::value_deriv`] of every `xi` into `v` and `dv`, bit for bit, with the
+    /// exponentials taken together.
+    pub fn values_derivs(&self, xi: &[f64], v: &mut [f64], dv: &mut [f64]) {
+        for ((&z, v), d) in xi.iter().zip(&mut *v).zip(&mut *dv) {
+            (*v, *d) = self.table_ln(z).unwrap_or((f64::NAN, f64::NAN));
+        }
+        vexp::exp_in_place(v);
+        for ((&z, v), d) in xi.iter().zip(v).zip(dv) {
+            if self.in_table(z) {
+                *d *= *v;
+            } else {
+                (*v, *d) = self.exact(z);
+            }
+        }
+    }
+
+    /// Whether the table covers `xi`.
+    #[inline]
+    fn in_table(&self, xi: f64) -> bool {
+        let u = (xi + TABLE_MAX) * TABLE_DENSITY;
+        u >= 0.0 && u < (self.table.len() - 1) as f64
+    }
+
+    /// ln n_σ and d ln n_σ / dξ at `xi` from the cubic Hermite table; `None` outside it.
+    #[inline]
+    fn table_ln(&self, xi: f64) -> Option<(f64, f64)> {
+        if !self.in_table(xi) {
+            return None;
+        }
+        let u = (xi + TABLE_MAX) * TABLE_DENSITY;
         let k = u as usize;
         let t = u - k as f64;
         let h = 1.0 / TABLE_DENSITY;
@@ -304,8 +340,7 @@ impl InvGamma {
             + (-6.0 * t2 + 6.0 * t) * y1
             + (3.0 * t2 - 2.0 * t) * h * d1)
             / h;
-        let v = ln_v.exp();
-        (v, v * dln)
+        Some((ln_v, dln))
     }
 }
 

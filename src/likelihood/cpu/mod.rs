@@ -20,6 +20,7 @@ use super::mask::Mask;
 use super::response::{finish_vjp, inner_columns};
 use super::state::State;
 use crate::base::util::{par_zero, DisjointMut, PAR_MIN_LEN};
+use crate::base::vexp;
 
 /// The CPU backend (the default).
 #[derive(Clone, Copy, Debug, Default)]
@@ -38,7 +39,11 @@ fn fill_column(
     let (n, nc, pad) = (m.n_r(), m.n_chart(), m.padding());
     sk.copy_from_slice(&field[p * nc + pad..p * nc + pad + n]);
     for k in 0..n {
-        col[k] = (scl * sk[k] + off).exp() * m.widths[k];
+        col[k] = scl * sk[k] + off;
+    }
+    vexp::exp_in_place(&mut col[..n]);
+    for k in 0..n {
+        col[k] *= m.widths[k];
     }
 }
 

@@ -24,6 +24,9 @@ use crate::num::cg::{CgReport, CgSettings};
 use crate::prior::icr::Icr;
 use crate::sphere::decomp::{Domain, Space};
 
+/// Stars per task of the n_σ transform (its exponentials taken a block at a time).
+const SIG_CHUNK: usize = 4096;
+
 /// Writes sample point `j`'s [x | ξ_σ] into the buffer ([`Model::value_grad_states`]).
 pub type StatePoint<'a> = dyn FnMut(usize, &mut Vec<f64>) + 'a;
 
@@ -182,12 +185,10 @@ impl Model {
             st.dnsig.fill(0.0);
         } else if self.infer_nsigma {
             st.nsig
-                .par_iter_mut()
-                .zip(st.dnsig.par_iter_mut())
-                .zip(xsig)
-                .for_each(|((v, d), &z)| {
-                    (*v, *d) = self.nsigma.value_deriv(z);
-                });
+                .par_chunks_mut(SIG_CHUNK)
+                .zip(st.dnsig.par_chunks_mut(SIG_CHUNK))
+                .zip(xsig.par_chunks(SIG_CHUNK))
+                .for_each(|((v, d), z)| self.nsigma.values_derivs(z, v, d));
         }
         st.scl = self.scale.value(x[nxi]);
         st.off = self.offset.value(x[nxi + 1]);
