@@ -1,9 +1,21 @@
 // Vector kernels of the conjugate-gradient solver and the metric product on the device, so
-// CG iterates never leave it. Dot products are summed in chunks of DOT_CHUNK values, each
-// chunk sequentially, the chunk sums then in order on the host: the same association as the
-// CPU's det_sum, so both give the same digits.
+// CG iterates never leave it. Dot products are summed in chunks of DOT_CHUNK values (or per
+// patch range), each in the CPU's lane order (base::util::lane_sum), the sums then in order
+// on the host: the same association as the CPU's, so both give the same digits.
 
 #define DOT_CHUNK 8192
+
+// sum of x[i] y[i] over lo..hi: eight partial sums by (i - lo) mod 8 over the whole groups of
+// eight, the tail apart, added in base::util::lane_sum's tree
+REAL lane_dot(const ulong lo, const ulong hi, __global const REAL *x, __global const REAL *y) {
+  REAL a[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  const ulong full = lo + (hi - lo) / 8 * 8;
+  for (ulong i = lo; i < full; i += 8)
+    for (int k = 0; k < 8; k++) a[k] += x[i + k] * y[i + k];
+  REAL tail = 0;
+  for (ulong i = full; i < hi; i++) tail += x[i] * y[i];
+  return (((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]))) + tail;
+}
 
 // partial[c] = sum of x[i] y[i] over chunk c
 __kernel void dot_partials(const ulong n, __global const REAL *x, __global const REAL *y,
@@ -11,23 +23,19 @@ __kernel void dot_partials(const ulong n, __global const REAL *x, __global const
   const ulong c = get_global_id(0);
   const ulong lo = c * DOT_CHUNK;
   if (lo >= n) return;
-  const ulong hi = min(n, lo + DOT_CHUNK);
-  REAL acc = 0;
-  for (ulong i = lo; i < hi; i++) acc += x[i] * y[i];
-  partial[c] = acc;
+  partial[c] = lane_dot(lo, min(n, lo + DOT_CHUNK), x, y);
 }
 
 // Patch-ordered partial sums (dust3d's reduction order, docs/architecture.md): partial[k] sums
 // x[i] y[i] over the index ranges seg[2s]..seg[2s+1] of parts s = part_off[k]..part_off[k+1],
-// each range in order. Part 0 is the replicated block, part k ≥ 1 patch k − 1.
+// each range's lane sum in order. Part 0 is the replicated block, part k ≥ 1 patch k − 1.
 __kernel void dot_segments(const ulong nparts, __global const ulong *seg,
                            __global const uint *part_off, __global const REAL *x,
                            __global const REAL *y, __global REAL *partial) {
   const ulong k = get_global_id(0);
   if (k >= nparts) return;
   REAL acc = 0;
-  for (uint s = part_off[k]; s < part_off[k + 1]; s++)
-    for (ulong i = seg[2 * s]; i < seg[2 * s + 1]; i++) acc += x[i] * y[i];
+  for (uint s = part_off[k]; s < part_off[k + 1]; s++) acc += lane_dot(seg[2 * s], seg[2 * s + 1], x, y);
   partial[k] = acc;
 }
 

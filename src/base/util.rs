@@ -1,5 +1,7 @@
 //! Small shared helpers.
 
+use std::ops::Range;
+
 /// Elements per rayon task of element-wise vector updates (axpy, masks, sums of gradients):
 /// each element is computed alone, so the split changes no result, and at this length a
 /// task's work outweighs its scheduling.
@@ -61,17 +63,65 @@ impl<T> DisjointMut<T> {
     }
 }
 
-/// Σ f(i) for i in 0..n, in parallel over fixed chunks summed in a fixed order, so the
-/// result does not depend on the number of threads.
-pub(crate) fn det_sum(n: usize, f: impl Fn(usize) -> f64 + Sync) -> f64 {
+/// Σ of `g` over fixed consecutive ranges covering 0..n, in parallel, the ranges' sums added
+/// in order: a result that does not depend on the number of threads.
+pub(crate) fn det_sum_ranges(n: usize, g: impl Fn(Range<usize>) -> f64 + Sync) -> f64 {
     use rayon::prelude::*;
     const CHUNK: usize = 8192;
     let parts: Vec<f64> = (0..n.div_ceil(CHUNK))
         .into_par_iter()
-        .map(|c| (c * CHUNK..((c + 1) * CHUNK).min(n)).map(&f).sum())
+        .map(|c| g(c * CHUNK..((c + 1) * CHUNK).min(n)))
         .collect();
     parts.iter().sum()
 }
+
+/// Σ f(i) over `range` in [`SUM_LANES`] interleaved partial sums (i ≡ k mod 8 relative to
+/// the start in sum k, the leftover tail in a ninth) added in a fixed tree: a fixed order,
+/// like a plain sum, but eight additions in flight instead of one, so a long sum runs at
+/// the speed of its loads rather than of the adder's latency.
+#[inline]
+pub(crate) fn lane_sum(range: Range<usize>, f: impl Fn(usize) -> f64) -> f64 {
+    let mut acc = [0.0; SUM_LANES];
+    let full = range.start + range.len() / SUM_LANES * SUM_LANES;
+    for i in (range.start..full).step_by(SUM_LANES) {
+        for (k, a) in acc.iter_mut().enumerate() {
+            *a += f(i + k);
+        }
+    }
+    let tail: f64 = (full..range.end).map(f).sum();
+    lanes_total(acc, tail)
+}
+
+/// Σ a_i b_i, bit for bit [`lane_sum`] of the products, over slices (no index checks, so
+/// the compiler vectorises it).
+#[inline]
+pub(crate) fn lane_dot(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len(), "dot of unequal lengths");
+    let mut acc = [0.0; SUM_LANES];
+    let (ca, cb) = (a.chunks_exact(SUM_LANES), b.chunks_exact(SUM_LANES));
+    let tail: f64 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for k in 0..SUM_LANES {
+            acc[k] += x[k] * y[k];
+        }
+    }
+    lanes_total(acc, tail)
+}
+
+/// [`lane_sum`]'s partial sums and tail added in its fixed tree.
+#[inline(always)]
+fn lanes_total(acc: [f64; SUM_LANES], tail: f64) -> f64 {
+    let [a0, a1, a2, a3, a4, a5, a6, a7] = acc;
+    (((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7))) + tail
+}
+
+/// Partial sums of [`lane_sum`].
+const SUM_LANES: usize = 8;
 
 /// Element-wise mean and standard deviation (1/N) over samples.
 pub(crate) fn mean_std(samples: &[Vec<f64>]) -> (Vec<f64>, Vec<f64>) {
@@ -111,5 +161,28 @@ mod tests {
         assert!(!par_equal(&dst, &dst), "NaN equals nothing");
         par_zero(&mut dst);
         assert!(dst.iter().all(|v| *v == 0.0) && dst.len() == src.len());
+    }
+
+    #[test]
+    fn lane_sums_are_one_fixed_order_and_close_to_the_exact_sum() {
+        // integers times a power of two: every partial sum is exact, so each order gives
+        // the exact total; the random values then compare the two forms bit for bit
+        let ints: Vec<f64> = (0..1003).map(|i| ((i * 37) % 101) as f64 * 0.25).collect();
+        let exact: f64 = (0..1003).map(|i| ((i * 37) % 101) as f64).sum::<f64>() * 0.25;
+        assert_eq!(lane_sum(0..ints.len(), |i| ints[i]), exact);
+        let a: Vec<f64> = (0..1003).map(|i| (i as f64 * 0.7).sin()).collect();
+        let b: Vec<f64> = (0..1003).map(|i| (i as f64 * 1.3).cos()).collect();
+        for r in [0..0, 0..5, 3..11, 0..1003, 17..1000] {
+            let by_index = lane_sum(r.clone(), |i| a[i] * b[i]);
+            let by_slice = lane_dot(&a[r.clone()], &b[r.clone()]);
+            assert_eq!(by_index.to_bits(), by_slice.to_bits(), "{r:?}");
+            let plain: f64 = r.clone().map(|i| a[i] * b[i]).sum();
+            assert!((by_index - plain).abs() <= 1e-13, "{r:?}");
+        }
+        let n = 3 * 8192 + 5;
+        let c: Vec<f64> = (0..n).map(|i| (i as f64).sqrt()).collect();
+        let by_ranges = det_sum_ranges(n, |r| lane_dot(&c[r.clone()], &c[r]));
+        let by_index = det_sum_ranges(n, |r| lane_sum(r, |i| c[i] * c[i]));
+        assert_eq!(by_ranges.to_bits(), by_index.to_bits());
     }
 }

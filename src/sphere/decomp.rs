@@ -15,7 +15,7 @@ use anyhow::{bail, Result};
 use rayon::prelude::*;
 
 use crate::base::comm;
-use crate::base::util::DisjointMut;
+use crate::base::util::{det_sum_ranges, lane_dot, lane_sum, DisjointMut};
 
 /// Which rank owns which patches.
 #[derive(Clone, Debug, PartialEq)]
@@ -232,11 +232,17 @@ pub struct VecLayout {
 impl VecLayout {
     /// `Σ_i f(i)` over the whole distributed vector, in the fixed order.
     pub fn sum(&self, f: impl Fn(usize) -> f64 + Sync) -> f64 {
-        let rep: f64 = self.rep.iter().flat_map(|r| r.clone()).map(&f).sum();
+        self.sum_ranges(|r| lane_sum(r, &f))
+    }
+
+    /// The sum over the whole distributed vector of `g` of each of its index ranges, in the
+    /// fixed order of [`VecLayout::sum`].
+    fn sum_ranges(&self, g: impl Fn(Range<usize>) -> f64 + Sync) -> f64 {
+        let rep: f64 = self.rep.iter().map(|r| g(r.clone())).sum();
         let parts: Vec<[f64; 1]> = self
             .patch
             .par_iter()
-            .map(|rs| [rs.iter().flat_map(|r| r.clone()).map(&f).sum()])
+            .map(|rs| [rs.iter().map(|r| g(r.clone())).sum()])
             .collect();
         reduce(&self.decomp, [rep], &parts)[0]
     }
@@ -329,7 +335,7 @@ pub struct Serial;
 
 impl Space for Serial {
     fn dot(&self, a: &[f64], b: &[f64]) -> f64 {
-        crate::base::util::det_sum(a.len(), |i| a[i] * b[i])
+        det_sum_ranges(a.len(), |r| lane_dot(&a[r.clone()], &b[r]))
     }
     fn max(&self, v: f64) -> f64 {
         v
@@ -342,7 +348,7 @@ impl Space for Serial {
 impl Space for VecLayout {
     fn dot(&self, a: &[f64], b: &[f64]) -> f64 {
         debug_assert_eq!(a.len(), self.len);
-        self.sum(|i| a[i] * b[i])
+        self.sum_ranges(|r| lane_dot(&a[r.clone()], &b[r]))
     }
     fn max(&self, v: f64) -> f64 {
         if self.decomp.size() == 1 {

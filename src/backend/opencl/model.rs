@@ -20,7 +20,7 @@ static SOURCE: &str = concat!(
     include_str!("../../../opencl/vector.cl")
 );
 
-/// Values per dot-product chunk (as in vector.cl and `det_sum`).
+/// Values per dot-product chunk (as in vector.cl and the CPU's `Serial` space).
 pub(super) const DOT_CHUNK: usize = 8192;
 
 /// States kept on the device unless a caller reserves more (two per antithetic sample pair
