@@ -35,7 +35,8 @@ __kernel void dot_segments(const ulong nparts, __global const ulong *seg,
   const ulong k = get_global_id(0);
   if (k >= nparts) return;
   REAL acc = 0;
-  for (uint s = part_off[k]; s < part_off[k + 1]; s++) acc += lane_dot(seg[2 * s], seg[2 * s + 1], x, y);
+  for (uint s = part_off[k]; s < part_off[k + 1]; s++)
+    acc += lane_dot(seg[2 * s], seg[2 * s + 1], x, y);
   partial[k] = acc;
 }
 
