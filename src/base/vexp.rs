@@ -135,10 +135,9 @@ impl WithSimd for ExpInPlace<'_> {
                 *y = exp_core(v);
             }
             if !all {
+                // rare: the block again value by value, as the scalar path takes it
                 for (y, &v) in b.iter_mut().zip(&x) {
-                    if !inside(v) {
-                        *y = v.exp();
-                    }
+                    *y = exp_one(v);
                 }
             }
         }

@@ -303,7 +303,7 @@ impl InvGamma {
         }
         vexp::exp_in_place(v);
         for ((&z, v), d) in xi.iter().zip(v).zip(dv) {
-            if self.in_table(z) {
+            if self.table_pos(z).is_some() {
                 *d *= *v;
             } else {
                 (*v, *d) = self.exact(z);
@@ -311,20 +311,17 @@ impl InvGamma {
         }
     }
 
-    /// Whether the table covers `xi`.
+    /// `xi`'s position in the table, in table steps; `None` where the table does not cover it.
     #[inline]
-    fn in_table(&self, xi: f64) -> bool {
+    fn table_pos(&self, xi: f64) -> Option<f64> {
         let u = (xi + TABLE_MAX) * TABLE_DENSITY;
-        u >= 0.0 && u < (self.table.len() - 1) as f64
+        (u >= 0.0 && u < (self.table.len() - 1) as f64).then_some(u)
     }
 
     /// ln n_σ and d ln n_σ / dξ at `xi` from the cubic Hermite table; `None` outside it.
     #[inline]
     fn table_ln(&self, xi: f64) -> Option<(f64, f64)> {
-        if !self.in_table(xi) {
-            return None;
-        }
-        let u = (xi + TABLE_MAX) * TABLE_DENSITY;
+        let u = self.table_pos(xi)?;
         let k = u as usize;
         let t = u - k as f64;
         let h = 1.0 / TABLE_DENSITY;
