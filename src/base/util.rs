@@ -1,6 +1,29 @@
 //! Small shared helpers.
 
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+/// Wall-clock time accumulated over timed sections (seconds), from any thread: the
+/// per-phase timings of an iteration.
+#[derive(Debug, Default)]
+pub struct Stopwatch(AtomicU64);
+
+impl Stopwatch {
+    /// Runs `f`, adding its wall-clock time.
+    pub fn time<R>(&self, f: impl FnOnce() -> R) -> R {
+        let t0 = Instant::now();
+        let r = f();
+        let ns = u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.0.fetch_add(ns, Ordering::Relaxed);
+        r
+    }
+
+    /// The time accumulated so far, seconds.
+    pub fn seconds(&self) -> f64 {
+        self.0.load(Ordering::Relaxed) as f64 * 1e-9
+    }
+}
 
 /// Elements per rayon task of element-wise vector updates (axpy, masks, sums of gradients):
 /// each element is computed alone, so the split changes no result, and at this length a
@@ -184,5 +207,20 @@ mod tests {
         let by_ranges = det_sum_ranges(n, |r| lane_dot(&c[r.clone()], &c[r]));
         let by_index = det_sum_ranges(n, |r| lane_sum(r, |i| c[i] * c[i]));
         assert_eq!(by_ranges.to_bits(), by_index.to_bits());
+    }
+
+    #[test]
+    fn a_stopwatch_adds_up_its_sections_from_several_threads() {
+        let w = Stopwatch::default();
+        let pause = std::time::Duration::from_millis(20);
+        assert_eq!(w.time(|| 2 + 2), 4);
+        std::thread::scope(|s| {
+            for _ in 0..2 {
+                s.spawn(|| w.time(|| std::thread::sleep(pause)));
+            }
+        });
+        // two sleeps of 20 ms, each at least that long; a loaded machine may add more
+        assert!(w.seconds() >= 0.040, "{}", w.seconds());
+        assert!(w.seconds() < 10.0, "{}", w.seconds());
     }
 }

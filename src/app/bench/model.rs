@@ -152,6 +152,15 @@ fn bench_mgvi(
     extra.insert("newton_cg".into(), json!(rep.newton.cg_iterations));
     extra.insert("sample_cg".into(), json!(rep.sample_cg));
     extra.insert("kl_evaluations".into(), json!(rep.newton.evaluations));
+    // where the iteration's time went: its two parts and what their operators took
+    let t = rep.timings;
+    ops.extend([
+        ("sampling_s", t.sampling_s),
+        ("sampling_products_s", t.sampling_products_s),
+        ("newton_s", t.newton_s),
+        ("newton_products_s", t.newton_products_s),
+        ("kl_evaluations_s", t.kl_evaluations_s),
+    ]);
     Ok(())
 }
 

@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
 
-use crate::base::util::{par_copy, par_equal, par_zero, PAR_MIN_LEN};
+use crate::base::util::{par_copy, par_equal, par_zero, Stopwatch, PAR_MIN_LEN};
 use crate::inference::newton::MetricObjective;
 use crate::likelihood::mask::Mask;
 use crate::likelihood::model::{Model, ModelWork, State};
@@ -23,6 +23,17 @@ pub struct Kl<'a> {
     space: Arc<dyn Space>,
     cache: Mutex<KlCache>,
     record: Mutex<MeanRecord>,
+    /// Time in value-and-gradient evaluations and in metric products.
+    watches: [Stopwatch; 2],
+}
+
+/// Where a [`Kl`]'s time went so far.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct KlTimes {
+    /// Value-and-gradient evaluations, seconds.
+    pub evaluations_s: f64,
+    /// Metric products (on a device, whole metric solves), seconds.
+    pub products_s: f64,
 }
 
 /// The point whose samples' mean ln ρ is wanted from its first evaluation, and that mean
@@ -84,6 +95,15 @@ impl<'a> Kl<'a> {
             space: Arc::new(model.dom.p.clone()),
             cache: Mutex::new(cache),
             record: Mutex::new(MeanRecord::default()),
+            watches: Default::default(),
+        }
+    }
+
+    /// The time spent in evaluations and metric products so far.
+    pub fn times(&self) -> KlTimes {
+        KlTimes {
+            evaluations_s: self.watches[0].seconds(),
+            products_s: self.watches[1].seconds(),
         }
     }
 
@@ -217,6 +237,56 @@ impl MetricObjective for Kl<'_> {
         g[np - 2].powi(2) + g[np - 1].powi(2)
     }
     fn value_grad(&self, p: &[f64], g: &mut [f64]) -> Result<f64> {
+        self.watches[0].time(|| self.evaluate(p, g))
+    }
+
+    fn metric(&self, p: &[f64], v: &[f64], out: &mut [f64]) -> Result<()> {
+        let mut c = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        self.ensure_states(p, &mut c)?;
+        self.watches[1].time(|| self.metric_at_states(&mut c, v, out))
+    }
+
+    fn solve(
+        &self,
+        p: &[f64],
+        b: &[f64],
+        x: &mut [f64],
+        settings: &CgSettings,
+    ) -> Result<CgReport> {
+        let on_device = {
+            let mut c = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+            self.ensure_states(p, &mut c)?;
+            let refs: Vec<&State> = c.states.iter().collect();
+            self.watches[1]
+                .time(|| (self.model).solve_metric(&refs, self.mask, true, b, x, settings))
+                .context("metric solve on the device")?
+        };
+        match on_device {
+            Some(rep) => Ok(rep),
+            // the states are p's for the whole solve (made so above; nothing else runs
+            // meanwhile), so the products skip comparing p with the cached point (a pass
+            // over two parameter-sized vectors per product)
+            None => cg::try_solve_with(
+                &*self.space,
+                |v, out| {
+                    let mut c = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+                    self.watches[1].time(|| self.metric_at_states(&mut c, v, out))
+                },
+                b,
+                x,
+                settings,
+            ),
+        }
+    }
+
+    fn space(&self) -> Arc<dyn Space> {
+        self.space.clone()
+    }
+}
+
+impl Kl<'_> {
+    /// [`MetricObjective::value_grad`], untimed.
+    fn evaluate(&self, p: &[f64], g: &mut [f64]) -> Result<f64> {
         let mut c = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         self.prepare(&mut c);
         let np = self.model.n_params();
@@ -269,48 +339,5 @@ impl MetricObjective for Kl<'_> {
         *at_valid = true;
         self.record(p, states);
         Ok(value)
-    }
-
-    fn metric(&self, p: &[f64], v: &[f64], out: &mut [f64]) -> Result<()> {
-        let mut c = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        self.ensure_states(p, &mut c)?;
-        self.metric_at_states(&mut c, v, out)
-    }
-
-    fn solve(
-        &self,
-        p: &[f64],
-        b: &[f64],
-        x: &mut [f64],
-        settings: &CgSettings,
-    ) -> Result<CgReport> {
-        let on_device = {
-            let mut c = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-            self.ensure_states(p, &mut c)?;
-            let refs: Vec<&State> = c.states.iter().collect();
-            self.model
-                .solve_metric(&refs, self.mask, true, b, x, settings)
-                .context("metric solve on the device")?
-        };
-        match on_device {
-            Some(rep) => Ok(rep),
-            // the states are p's for the whole solve (made so above; nothing else runs
-            // meanwhile), so the products skip comparing p with the cached point (a pass
-            // over two parameter-sized vectors per product)
-            None => cg::try_solve_with(
-                &*self.space,
-                |v, out| {
-                    let mut c = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-                    self.metric_at_states(&mut c, v, out)
-                },
-                b,
-                x,
-                settings,
-            ),
-        }
-    }
-
-    fn space(&self) -> Arc<dyn Space> {
-        self.space.clone()
     }
 }

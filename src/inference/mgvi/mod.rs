@@ -19,6 +19,7 @@ use crate::likelihood::model::Model;
 use crate::likelihood::state::State;
 use crate::sphere::decomp::Space;
 pub use kl::Kl;
+pub use kl::KlTimes;
 pub use sampling::{
     draw_residual, draw_residual_in, draw_residuals_in, sample_point, Fisher, ModelAt,
 };
@@ -189,6 +190,44 @@ pub struct IterationReport {
     /// where an update was held: unconverged solves, no determined power yet, no finite
     /// mode).
     pub scale: Option<ScaleFactor>,
+    /// Where the iteration's wall-clock time went.
+    pub timings: IterationTimings,
+}
+
+/// Wall-clock seconds of one global iteration's parts. A part's products are the operator
+/// applications inside its CG solves (on a device, the whole device solve); the rest of a
+/// part is the CGs' vector updates, the line search's bookkeeping, the sampling's
+/// right-hand sides and geoVI's refinement.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct IterationTimings {
+    /// Drawing the residuals (their right-hand sides and CG solves), seconds.
+    pub sampling_s: f64,
+    /// Metric products inside the sampling CGs, seconds.
+    pub sampling_products_s: f64,
+    /// Minimising the KL (the Newton steps), seconds.
+    pub newton_s: f64,
+    /// Evaluations of the KL's value and gradient (every sample's energy), seconds.
+    pub kl_evaluations_s: f64,
+    /// Sample-averaged metric products inside the Newton CGs, seconds.
+    pub newton_products_s: f64,
+    /// The whole iteration (the scale's own update included), seconds.
+    pub total_s: f64,
+}
+
+impl IterationTimings {
+    /// One debug line with the parts and their products.
+    fn log(&self) {
+        let f = |s: f64| format!("{s:.2}");
+        tracing::debug!(
+            sampling_s = f(self.sampling_s),
+            sampling_products_s = f(self.sampling_products_s),
+            newton_s = f(self.newton_s),
+            kl_evaluations_s = f(self.kl_evaluations_s),
+            newton_products_s = f(self.newton_products_s),
+            total_s = f(self.total_s),
+            "MGVI iteration timings"
+        );
+    }
 }
 
 /// How much one global iteration changed the approximate posterior, with this iteration's
@@ -250,6 +289,7 @@ pub fn global_iteration(
     state: &mut MgviState,
     streams: Streams,
 ) -> Result<IterationReport> {
+    let t_start = std::time::Instant::now();
     let own_factor = settings.scale_update != ScaleUpdate::Joint;
     let evidence = settings.scale_update == ScaleUpdate::Evidence;
     // the scale's own factor moves it outside the Gaussian: held in sampling and KL
@@ -271,10 +311,15 @@ pub fn global_iteration(
         sample_cg_residuals,
         sample_cg_capped,
         determined,
+        products_s: sampling_products_s,
     } = draw_samples(
         model, settings, mask, x, xsig, residuals, shifts, streams, evidence,
     )?;
-    let (newton, mut change) = kl_step(model, settings, mask, (x, xsig), (residuals, shifts))?;
+    let sampling_s = t_start.elapsed().as_secs_f64();
+    let t_newton = std::time::Instant::now();
+    let (newton, mut change, kl_times) =
+        kl_step(model, settings, mask, (x, xsig), (residuals, shifts))?;
+    let newton_s = t_newton.elapsed().as_secs_f64();
     let scale = if own_factor {
         let samples = Samples {
             residuals,
@@ -288,6 +333,15 @@ pub fn global_iteration(
     if own_factor {
         change.scale_z = scale.map_or(f64::INFINITY, |f| (f.scale - f.previous).abs() / f.std);
     }
+    let timings = IterationTimings {
+        sampling_s,
+        sampling_products_s,
+        newton_s,
+        kl_evaluations_s: kl_times.evaluations_s,
+        newton_products_s: kl_times.products_s,
+        total_s: t_start.elapsed().as_secs_f64(),
+    };
+    timings.log();
     Ok(IterationReport {
         kl: newton.value,
         sample_cg,
@@ -296,19 +350,20 @@ pub fn global_iteration(
         newton,
         change,
         scale,
+        timings,
     })
 }
 
 /// The KL of the iteration's samples minimised by Newton steps from (x, ξ_σ), which move to
-/// its minimum; the Newton report and what changed (the KL, the step, the samples' mean
-/// ln ρ; `scale_z` 0).
+/// its minimum; the Newton report, what changed (the KL, the step, the samples' mean
+/// ln ρ; `scale_z` 0) and where the KL's time went.
 fn kl_step(
     model: &Model,
     settings: &IterationSettings,
     mask: &Mask,
     (x, xsig): (&mut [f64], &mut [f64]),
     (residuals, shifts): (&[Vec<f64>], &[Vec<f64>]),
-) -> Result<(NewtonReport, Change)> {
+) -> Result<(NewtonReport, Change, kl::KlTimes)> {
     let mut p0 = x.to_vec();
     p0.extend_from_slice(xsig);
     // the samples' mean ln ρ before the Newton steps, from their first evaluation
@@ -324,6 +379,7 @@ fn kl_step(
     // the KL's last evaluation is usually at the accepted point: its states are the samples'
     let after = kl.with_states_at(&p, |states| log_density_moments_of(model, states));
     let before = kl.recorded_mean();
+    let times = kl.times();
     drop(kl);
     // (x is still the start point here)
     let map_before = before.unwrap_or_else(|| {
@@ -345,7 +401,7 @@ fn kl_step(
         map_z_rms: z_rms_change(model, &map_before, &map_after, &map_std),
         scale_z: 0.0,
     };
-    Ok((newton, change))
+    Ok((newton, change, times))
 }
 
 /// An iteration's residual pairs, their geoVI shifts (empty for MGVI) and how many of their

@@ -1,6 +1,7 @@
 //! MGVI's residual samples: δ ~ N(0, M⁻¹) with M = I + Jᵀ F J the metric at the expansion
 //! point, drawn as `M δ = η₁ + Jᵀ F^{1/2} η₂` by conjugate gradients (paper App. B).
 
+use crate::base::util::Stopwatch;
 use anyhow::Result;
 use rand::Rng;
 use rand_distr::StandardNormal;
@@ -66,6 +67,8 @@ pub struct ModelAt<'a> {
     /// vector of a pair).
     scratch: [std::cell::RefCell<Vec<f64>>; 2],
     space: Arc<dyn Space>,
+    /// Time in metric products (on a device, whole metric solves).
+    products: Stopwatch,
 }
 
 impl<'a> ModelAt<'a> {
@@ -79,7 +82,13 @@ impl<'a> ModelAt<'a> {
             work: std::cell::RefCell::new(model.workspace()),
             scratch: Default::default(),
             space: Arc::new(model.dom.x.clone()),
+            products: Stopwatch::default(),
         }
+    }
+
+    /// Seconds spent in metric products so far (on a device, in whole metric solves).
+    pub fn products_s(&self) -> f64 {
+        self.products.seconds()
     }
 
     /// The workspace, to hand back to the model ([`ModelCore::recycle`](crate::likelihood::model::ModelCore::recycle)).
@@ -126,22 +135,9 @@ impl Fisher for ModelAt<'_> {
         Ok(())
     }
     fn metric(&self, v: &[f64], out: &mut [f64]) -> Result<()> {
-        if self.with_sig {
-            return self.model.averaged_metric(
-                std::slice::from_ref(self.state),
-                self.mask,
-                v,
-                out,
-                &mut self.work.borrow_mut(),
-            );
-        }
-        let mut scratch = self.scratch[0].borrow_mut();
-        let vm = self.mask.masked(v, &mut scratch);
-        self.model
-            .metric(self.state, vm, out, &mut self.work.borrow_mut())?;
-        self.held_identity(v, out);
-        Ok(())
+        self.products.time(|| self.product(v, out))
     }
+
     fn space(&self) -> Arc<dyn Space> {
         self.space.clone()
     }
@@ -166,14 +162,15 @@ impl Fisher for ModelAt<'_> {
                 self.solve(y[1], d1, settings)?,
             ]);
         }
-        let on_device =
-            (self.model).solve_metric(&[self.state], self.mask, false, y[0], d0, settings)?;
+        let on_device = self.products.time(|| {
+            (self.model).solve_metric(&[self.state], self.mask, false, y[0], d0, settings)
+        })?;
         if let Some(r0) = on_device {
             return Ok([r0, self.solve(y[1], d1, settings)?]);
         }
         cg::try_solve_pair_with(
             &*self.space,
-            |p| self.metric_pairs(p),
+            |p| self.products.time(|| self.metric_pairs(p)),
             y,
             [d0, d1],
             settings,
@@ -181,9 +178,9 @@ impl Fisher for ModelAt<'_> {
     }
     fn solve(&self, y: &[f64], delta: &mut [f64], settings: &CgSettings) -> Result<CgReport> {
         // on a device the whole CG stays there; on the CPU it runs here
-        let on_device =
-            self.model
-                .solve_metric(&[self.state], self.mask, self.with_sig, y, delta, settings)?;
+        let on_device = self.products.time(|| {
+            (self.model).solve_metric(&[self.state], self.mask, self.with_sig, y, delta, settings)
+        })?;
         match on_device {
             Some(rep) => Ok(rep),
             None => cg::try_solve_with(
@@ -198,6 +195,25 @@ impl Fisher for ModelAt<'_> {
 }
 
 impl ModelAt<'_> {
+    /// `out = M v`, untimed ([`Fisher::metric`] times it).
+    fn product(&self, v: &[f64], out: &mut [f64]) -> Result<()> {
+        if self.with_sig {
+            return self.model.averaged_metric(
+                std::slice::from_ref(self.state),
+                self.mask,
+                v,
+                out,
+                &mut self.work.borrow_mut(),
+            );
+        }
+        let mut scratch = self.scratch[0].borrow_mut();
+        let vm = self.mask.masked(v, &mut scratch);
+        self.model
+            .metric(self.state, vm, out, &mut self.work.borrow_mut())?;
+        self.held_identity(v, out);
+        Ok(())
+    }
+
     /// The metric's held entries, the identity: `out[h] = v[h]` (the free ones already hold
     /// Jᵀ F J v + v).
     fn held_identity(&self, v: &[f64], out: &mut [f64]) {
@@ -210,7 +226,7 @@ impl ModelAt<'_> {
     /// the stars ([`Model::metric_pair`]).
     fn metric_pairs(&self, pairs: &mut [(&[f64], &mut [f64])]) -> Result<()> {
         let [(v0, o0), (v1, o1)] = pairs else {
-            return pairs.iter_mut().try_for_each(|(v, o)| self.metric(v, o));
+            return pairs.iter_mut().try_for_each(|(v, o)| self.product(v, o));
         };
         let (mut s0, mut s1) = (self.scratch[0].borrow_mut(), self.scratch[1].borrow_mut());
         let vm = [self.mask.masked(v0, &mut s0), self.mask.masked(v1, &mut s1)];
@@ -430,6 +446,7 @@ pub(super) fn draw_samples(
             residuals.push(d);
         }
     }
+    let products_s = lin.products_s();
     let work = lin.into_work();
     model.recycle(vec![st], vec![work]);
     if !geo.is_empty() {
@@ -445,6 +462,7 @@ pub(super) fn draw_samples(
         sample_cg_residuals,
         sample_cg_capped: capped,
         determined,
+        products_s,
     })
 }
 
@@ -458,4 +476,6 @@ pub(super) struct Draws {
     pub sample_cg_capped: usize,
     /// The evidence sums of the scale's update, when asked for.
     pub determined: Option<scale::Evidence>,
+    /// Seconds in metric products (on a device, in whole metric solves).
+    pub products_s: f64,
 }

@@ -459,3 +459,37 @@ fn two_residuals_solved_together_are_those_drawn_alone() {
         assert!(together.iter().all(|(_, r, _)| r.iterations > 2));
     }
 }
+
+#[test]
+fn an_iterations_timings_add_up() {
+    // each part's products lie inside the part, the two parts inside the whole: the
+    // stopwatches time disjoint sections, nested only as documented
+    let model = tiny_model(300);
+    let mut state = MgviState::start(model.n_params());
+    state.xsig = vec![0.0; model.data.len()];
+    let settings = IterationSettings {
+        sample_pairs: 2,
+        sample_cg_iterations: 10,
+        newton_steps: 2,
+        newton_cg_iterations: 5,
+        ..Default::default()
+    };
+    let streams = Streams {
+        seed: 3,
+        stage: 0,
+        iteration: 0,
+    };
+    let rep = global_iteration(&model, &settings, &free_mask(), &mut state, streams).unwrap();
+    let t = rep.timings;
+    assert!(
+        t.sampling_products_s > 0.0 && t.newton_products_s > 0.0,
+        "{t:?}"
+    );
+    assert!(t.kl_evaluations_s > 0.0, "{t:?}");
+    assert!(t.sampling_products_s <= t.sampling_s, "{t:?}");
+    assert!(
+        t.newton_products_s + t.kl_evaluations_s <= t.newton_s,
+        "{t:?}"
+    );
+    assert!(t.sampling_s + t.newton_s <= t.total_s, "{t:?}");
+}
