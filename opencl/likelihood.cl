@@ -9,7 +9,8 @@
 #ifdef USE_FP64
 #pragma OPENCL EXTENSION cl_khr_fp64 : enable
 #endif
-// no fused multiply-adds: the CPU code does not fuse either, so sums round alike
+// multiply-adds fused exactly where the CPU code fuses them (fma), nowhere else, so
+// sums round alike
 #pragma OPENCL FP_CONTRACT OFF
 
 #define F_SCALE ((REAL)1.0 / (REAL)65535.0)
@@ -85,9 +86,9 @@ inline REAL2 moments(Split w, __global const float *prob, __global const ushort 
   uint k = w.k0;
   for (uint j = w.jl; j < w.jh; j++, k++) {
     REAL pj = (REAL)prob[w.o0 + j], r = rw[k];
-    REAL c = cum[k] + r * ((REAL)frac[w.o0 + j] * F_SCALE);
+    REAL c = fma(r, (REAL)frac[w.o0 + j] * F_SCALE, cum[k]);
     lanes_add(&l, j - w.jl, pj * c,
-              pj * (c * c + r * r * ((REAL)spread[w.o0 + j] * H_SCALE)));
+              pj * fma(c, c, r * r * ((REAL)spread[w.o0 + j] * H_SCALE)));
   }
   REAL2 t = lanes_total(l);
   REAL a = t.x, m = t.y;
@@ -107,10 +108,10 @@ inline void star_vjp(Split w, __global const float *prob, __global const ushort 
   uint k = w.k0;
   for (uint j = w.jl; j < w.jh; j++, k++) {
     REAL pj = (REAL)prob[w.o0 + j], fj = (REAL)frac[w.o0 + j] * F_SCALE;
-    REAL c = cum[k] + rw[k] * fj;
-    REAL wt = pj * (base + (REAL)2 * gv * c);
+    REAL c = fma(rw[k], fj, cum[k]);
+    REAL wt = pj * fma((REAL)2 * gv, c, base);
     cum_bar[k] += wt;
-    rw_bar[k] += wt * fj + (REAL)2 * gv * pj * rw[k] * ((REAL)spread[w.o0 + j] * H_SCALE);
+    rw_bar[k] += fma(wt, fj, (REAL)2 * gv * pj * rw[k] * ((REAL)spread[w.o0 + j] * H_SCALE));
   }
   if (w.beyond) {
     REAL pj = (REAL)prob[w.o0 + w.len - 1];
@@ -255,10 +256,10 @@ __kernel void jvp(const uint npix, const uint n, const uint nc, const uint pad, 
     uint k = w.k0;
     for (uint j = w.jl; j < w.jh; j++, k++) {
       REAL pj = (REAL)prob[w.o0 + j], fj = (REAL)frac[w.o0 + j] * F_SCALE;
-      REAL c = cm[k] + col[k] * fj;
-      REAL dcv = dcm[k] + dc[k] * fj;
+      REAL c = fma(col[k], fj, cm[k]);
+      REAL dcv = fma(dc[k], fj, dcm[k]);
       lanes_add(&l, j - w.jl, pj * dcv,
-                pj * (c * dcv + col[k] * dc[k] * ((REAL)spread[w.o0 + j] * H_SCALE)));
+                pj * fma(c, dcv, col[k] * dc[k] * ((REAL)spread[w.o0 + j] * H_SCALE)));
     }
     REAL2 t = lanes_total(l);
     REAL a = t.x, m = t.y;

@@ -24,7 +24,10 @@ pub(super) struct Entries<'a> {
 /// A star's tangent terms `(p δc, p (c δc + r δr h))` of ā and its second moment at one
 /// entry, `c` the inner column at the star's mean position in the shell, for the tangents
 /// `dr` of the column and `dc0` of its inner columns (with the column itself as tangent,
-/// the terms of ā and of its second moment).
+/// the terms of ā and of its second moment). The three multiply-adds are fused (rounded
+/// once): every instruction set computes them so, in hardware where it can (x86-64 with
+/// FMA, aarch64), otherwise in software (slower, the same bits), and the walks are bound by
+/// their floating-point operations (docs/performance.md).
 #[inline(always)]
 pub(super) fn tangent_terms(
     p: f32,
@@ -34,9 +37,9 @@ pub(super) fn tangent_terms(
     [dr, dc0]: [f64; 2],
 ) -> (f64, f64) {
     let (p, f) = (f64::from(p), f64::from(f) * F_SCALE);
-    let c = c0 + r * f;
-    let dc = dc0 + dr * f;
-    (p * dc, p * (c * dc + r * dr * (f64::from(h) * H_SCALE)))
+    let c = r.mul_add(f, c0);
+    let dc = dr.mul_add(f, dc0);
+    (p * dc, p * c.mul_add(dc, r * dr * (f64::from(h) * H_SCALE)))
 }
 
 /// How a walk computes and adds up groups of [`LANES`] terms, for one instruction set.
@@ -78,6 +81,8 @@ pub(super) trait QuadOps: Copy {
     fn mul(self, a: Self::V, b: Self::V) -> Self::V;
     /// Lane-wise quotient.
     fn div(self, a: Self::V, b: Self::V) -> Self::V;
+    /// Lane-wise a·b + c, rounded once (as `f64::mul_add`).
+    fn mul_add(self, a: Self::V, b: Self::V, c: Self::V) -> Self::V;
     /// A window entry's probability, fractional position and its variance, as f64 in every
     /// lane (the conversions of [`tangent_terms`]).
     #[inline(always)]
@@ -124,6 +129,10 @@ impl QuadOps for PortableQuad {
     #[inline(always)]
     fn div(self, a: [f64; 4], b: [f64; 4]) -> [f64; 4] {
         std::array::from_fn(|s| a[s] / b[s])
+    }
+    #[inline(always)]
+    fn mul_add(self, a: [f64; 4], b: [f64; 4], c: [f64; 4]) -> [f64; 4] {
+        std::array::from_fn(|s| a[s].mul_add(b[s], c[s]))
     }
 }
 
@@ -224,9 +233,9 @@ pub(super) mod avx2 {
     use super::{Entries, LaneSums, Lanes, QuadOps, LANES};
     use crate::likelihood::windows::{F_SCALE, H_SCALE};
 
-    /// The terms of four entries at once in AVX2 registers: the same multiplications and
-    /// additions as [`super::tangent_terms`], in the same order
-    /// (no fused multiply-add), with exact conversions of the stored f32 and u16 values.
+    /// The terms of four entries at once in AVX2 registers: the same multiplications,
+    /// additions and fused multiply-adds as [`super::tangent_terms`], in the same order,
+    /// with exact conversions of the stored f32 and u16 values.
     #[derive(Clone, Copy)]
     pub(crate) struct Avx2(pub(crate) V3);
 
@@ -268,11 +277,12 @@ pub(super) mod avx2 {
             let [p, f, h] = self.entries(e);
             let (r, c0): (__m256d, __m256d) = (cast(*r), cast(*c));
             let (dr, dc0): (__m256d, __m256d) = (cast(*dr), cast(*dc));
-            let c = avx._mm256_add_pd(c0, avx._mm256_mul_pd(r, f));
-            let dc = avx._mm256_add_pd(dc0, avx._mm256_mul_pd(dr, f));
+            let fma = self.0.fma;
+            let c = fma._mm256_fmadd_pd(r, f, c0);
+            let dc = fma._mm256_fmadd_pd(dr, f, dc0);
             let x = avx._mm256_mul_pd(p, dc);
             let spread = avx._mm256_mul_pd(avx._mm256_mul_pd(r, dr), h);
-            let y = avx._mm256_mul_pd(p, avx._mm256_add_pd(avx._mm256_mul_pd(c, dc), spread));
+            let y = avx._mm256_mul_pd(p, fma._mm256_fmadd_pd(c, dc, spread));
             acc[0] = avx._mm256_add_pd(acc[0], x);
             acc[1] = avx._mm256_add_pd(acc[1], y);
         }
@@ -314,6 +324,10 @@ pub(super) mod avx2 {
         #[inline(always)]
         fn div(self, a: __m256d, b: __m256d) -> __m256d {
             self.0.avx._mm256_div_pd(a, b)
+        }
+        #[inline(always)]
+        fn mul_add(self, a: __m256d, b: __m256d, c: __m256d) -> __m256d {
+            self.0.fma._mm256_fmadd_pd(a, b, c)
         }
         /// Converted four entries at a time, then each lane broadcast by a permute.
         #[inline(always)]
@@ -378,8 +392,8 @@ mod tests {
     /// tangent terms with the column as its own tangent must give, bit for bit.
     fn moment_terms(p: f32, f: u16, h: u16, r: f64, c0: f64) -> (f64, f64) {
         let p = f64::from(p);
-        let c = c0 + r * (f64::from(f) * F_SCALE);
-        (p * c, p * (c * c + r * r * (f64::from(h) * H_SCALE)))
+        let c = r.mul_add(f64::from(f) * F_SCALE, c0);
+        (p * c, p * c.mul_add(c, r * r * (f64::from(h) * H_SCALE)))
     }
 
     /// The scalar terms, lane by lane, added to zero lane sums (compiled for the baseline).

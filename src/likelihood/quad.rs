@@ -71,11 +71,11 @@ impl QuadColumns {
 #[inline(always)]
 fn tangent_entry<O: QuadOps>(o: O, [p, f, h]: [O::V; 3], col: [&Quad; 4], xy: &mut [O::V; 2]) {
     let [r, c0, dr, dc0] = col.map(|v| o.load(v));
-    let c = o.add(c0, o.mul(r, f));
-    let dc = o.add(dc0, o.mul(dr, f));
+    let c = o.mul_add(r, f, c0);
+    let dc = o.mul_add(dr, f, dc0);
     let spread = o.mul(o.mul(r, dr), h);
     xy[0] = o.add(xy[0], o.mul(p, dc));
-    xy[1] = o.add(xy[1], o.mul(p, o.add(o.mul(c, dc), spread)));
+    xy[1] = o.add(xy[1], o.mul(p, o.mul_add(c, dc, spread)));
 }
 
 /// The tangents `(δā, δσ_a²)` of one star for four states (their columns, tangents and
@@ -163,12 +163,12 @@ fn cotangent_entry<O: QuadOps>(
     j: usize,
 ) {
     let (r, c0) = (o.load(&r[j]), o.load(&c[j]));
-    let c = o.add(c0, o.mul(r, f));
-    let w = o.mul(p, o.add(base, o.mul(two_gv, c)));
+    let c = o.mul_add(r, f, c0);
+    let w = o.mul(p, o.mul_add(two_gv, c, base));
     let cb_j = o.add(o.load(&cb[j]), w);
     o.store(&mut cb[j], cb_j);
     let spread = o.mul(o.mul(o.mul(two_gv, p), r), h);
-    let rb_j = o.add(o.load(&rb[j]), o.add(o.mul(w, f), spread));
+    let rb_j = o.add(o.load(&rb[j]), o.mul_add(w, f, spread));
     o.store(&mut rb[j], rb_j);
 }
 

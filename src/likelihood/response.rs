@@ -340,17 +340,18 @@ fn cotangent_entry(p: f32, f: u16, h: u16, [r, c0]: [f64; 2]) -> CotangentEntry 
         f,
         h: h as f64 * H_SCALE,
         r,
-        c: c0 + r * f,
+        c: r.mul_add(f, c0),
     }
 }
 
 impl CotangentEntry {
     /// The entry's additions to the cotangents of the inner column and of the column for a
-    /// star's `base` = g_a − 2 g_v κ ā and `gv` = g_v.
+    /// star's `base` = g_a − 2 g_v κ ā and `gv` = g_v (multiply-adds fused, as in
+    /// [`lanes::tangent_terms`]).
     #[inline(always)]
     fn terms(&self, base: f64, gv: f64) -> (f64, f64) {
-        let w = self.p * (base + 2.0 * gv * self.c);
-        (w, w * self.f + 2.0 * gv * self.p * self.r * self.h)
+        let w = self.p * (2.0 * gv).mul_add(self.c, base);
+        (w, w.mul_add(self.f, 2.0 * gv * self.p * self.r * self.h))
     }
 }
 
