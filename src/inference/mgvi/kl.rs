@@ -23,8 +23,10 @@ pub struct Kl<'a> {
     space: Arc<dyn Space>,
     cache: Mutex<KlCache>,
     record: Mutex<MeanRecord>,
-    /// Time in value-and-gradient evaluations and in metric products.
-    watches: [Stopwatch; 2],
+    /// Time in value-and-gradient evaluations.
+    evaluations: Stopwatch,
+    /// Time in metric products (on a device, whole metric solves).
+    products: Stopwatch,
 }
 
 /// Where a [`Kl`]'s time went so far.
@@ -95,15 +97,16 @@ impl<'a> Kl<'a> {
             space: Arc::new(model.dom.p.clone()),
             cache: Mutex::new(cache),
             record: Mutex::new(MeanRecord::default()),
-            watches: Default::default(),
+            evaluations: Stopwatch::default(),
+            products: Stopwatch::default(),
         }
     }
 
     /// The time spent in evaluations and metric products so far.
     pub fn times(&self) -> KlTimes {
         KlTimes {
-            evaluations_s: self.watches[0].seconds(),
-            products_s: self.watches[1].seconds(),
+            evaluations_s: self.evaluations.seconds(),
+            products_s: self.products.seconds(),
         }
     }
 
@@ -200,10 +203,12 @@ impl<'a> Kl<'a> {
     }
 
     /// The averaged metric product at the cached states (the caller has made them its
-    /// point's).
+    /// point's), timed.
     fn metric_at_states(&self, c: &mut KlCache, v: &[f64], out: &mut [f64]) -> Result<()> {
-        let KlCache { states, work, .. } = c;
-        self.model.averaged_metric(states, self.mask, v, out, work)
+        self.products.time(|| {
+            let KlCache { states, work, .. } = c;
+            self.model.averaged_metric(states, self.mask, v, out, work)
+        })
     }
 
     /// `f` of the samples' states, in sample order, when the last evaluation left them at
@@ -237,13 +242,13 @@ impl MetricObjective for Kl<'_> {
         g[np - 2].powi(2) + g[np - 1].powi(2)
     }
     fn value_grad(&self, p: &[f64], g: &mut [f64]) -> Result<f64> {
-        self.watches[0].time(|| self.evaluate(p, g))
+        self.evaluations.time(|| self.evaluate(p, g))
     }
 
     fn metric(&self, p: &[f64], v: &[f64], out: &mut [f64]) -> Result<()> {
         let mut c = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         self.ensure_states(p, &mut c)?;
-        self.watches[1].time(|| self.metric_at_states(&mut c, v, out))
+        self.metric_at_states(&mut c, v, out)
     }
 
     fn solve(
@@ -257,7 +262,7 @@ impl MetricObjective for Kl<'_> {
             let mut c = self.cache.lock().unwrap_or_else(|e| e.into_inner());
             self.ensure_states(p, &mut c)?;
             let refs: Vec<&State> = c.states.iter().collect();
-            self.watches[1]
+            self.products
                 .time(|| (self.model).solve_metric(&refs, self.mask, true, b, x, settings))
                 .context("metric solve on the device")?
         };
@@ -270,7 +275,7 @@ impl MetricObjective for Kl<'_> {
                 &*self.space,
                 |v, out| {
                     let mut c = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-                    self.watches[1].time(|| self.metric_at_states(&mut c, v, out))
+                    self.metric_at_states(&mut c, v, out)
                 },
                 b,
                 x,

@@ -18,8 +18,7 @@ use crate::likelihood::mask::Mask;
 use crate::likelihood::model::Model;
 use crate::likelihood::state::State;
 use crate::sphere::decomp::Space;
-pub use kl::Kl;
-pub use kl::KlTimes;
+pub use kl::{Kl, KlTimes};
 pub use sampling::{
     draw_residual, draw_residual_in, draw_residuals_in, sample_point, Fisher, ModelAt,
 };

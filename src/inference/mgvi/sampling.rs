@@ -162,10 +162,7 @@ impl Fisher for ModelAt<'_> {
                 self.solve(y[1], d1, settings)?,
             ]);
         }
-        let on_device = self.products.time(|| {
-            (self.model).solve_metric(&[self.state], self.mask, false, y[0], d0, settings)
-        })?;
-        if let Some(r0) = on_device {
+        if let Some(r0) = self.device_solve(y[0], d0, settings)? {
             return Ok([r0, self.solve(y[1], d1, settings)?]);
         }
         cg::try_solve_pair_with(
@@ -178,10 +175,7 @@ impl Fisher for ModelAt<'_> {
     }
     fn solve(&self, y: &[f64], delta: &mut [f64], settings: &CgSettings) -> Result<CgReport> {
         // on a device the whole CG stays there; on the CPU it runs here
-        let on_device = self.products.time(|| {
-            (self.model).solve_metric(&[self.state], self.mask, self.with_sig, y, delta, settings)
-        })?;
-        match on_device {
+        match self.device_solve(y, delta, settings)? {
             Some(rep) => Ok(rep),
             None => cg::try_solve_with(
                 &*self.space,
@@ -195,6 +189,19 @@ impl Fisher for ModelAt<'_> {
 }
 
 impl ModelAt<'_> {
+    /// `M δ = y` solved where the model's backend keeps its vectors, timed as products;
+    /// `None` when the CG runs on the host.
+    fn device_solve(
+        &self,
+        y: &[f64],
+        delta: &mut [f64],
+        settings: &CgSettings,
+    ) -> Result<Option<CgReport>> {
+        self.products.time(|| {
+            (self.model).solve_metric(&[self.state], self.mask, self.with_sig, y, delta, settings)
+        })
+    }
+
     /// `out = M v`, untimed ([`Fisher::metric`] times it).
     fn product(&self, v: &[f64], out: &mut [f64]) -> Result<()> {
         if self.with_sig {
