@@ -11,7 +11,7 @@
 use anyhow::Result;
 
 pub use super::core::Chain;
-use super::core::{ModelCore, ModelWork};
+use super::core::{ModelCore, ModelWork, SampleField};
 use super::mask::Mask;
 use super::state::State;
 use crate::num::cg::{CgReport, CgSettings};
@@ -41,46 +41,86 @@ pub trait Backend: Send + Sync {
         w: &mut ModelWork,
     ) -> Result<[f64; 3]>;
 
-    /// Whether this backend evaluates the KL's sample states of model `m` four at a time
-    /// ([`Backend::value_grad_prepare`], [`Backend::value_grad_walk`],
-    /// [`Backend::value_grad_finish`]: one walk of the stars for the four, as the averaged
-    /// metric does). When not, those three are never called.
+    /// Whether this backend reads final-chart fields from the host ([`SampleField`]), so that
+    /// the model runs the ICR itself and forms the KL's sample fields by its linearity:
+    /// [`Backend::state_field`], [`Backend::value_grad_field`] and the walk of several
+    /// states. When not, those are never called and every sample is evaluated from its
+    /// excitations ([`Backend::state`], [`Backend::value_grad`]).
+    fn takes_fields(&self) -> bool {
+        false
+    }
+
+    /// [`Backend::state`] from the final chart's field instead of the excitations.
+    fn state_field(
+        &self,
+        _m: &ModelCore,
+        _field: SampleField<'_>,
+        _st: &mut State,
+        _w: &mut ModelWork,
+    ) -> Result<()> {
+        anyhow::bail!("{} does not take fields from the host", self.describe())
+    }
+
+    /// [`Backend::value_grad`] from the final chart's field, without the ICR adjoint: the
+    /// state, the ξ_σ gradient (prior term included), and the field's cotangent *added* into
+    /// `field_bar` (so that the KL's samples pull their summed cotangents back through one
+    /// adjoint); returns [energy, ∂E/∂scale, ∂E/∂offset].
+    #[allow(clippy::too_many_arguments)]
+    fn value_grad_field(
+        &self,
+        _m: &ModelCore,
+        _field: SampleField<'_>,
+        _xsig: &[f64],
+        _st: &mut State,
+        _gsig: &mut [f64],
+        _field_bar: &mut [f64],
+        _w: &mut ModelWork,
+    ) -> Result<[f64; 3]> {
+        anyhow::bail!("{} does not take fields from the host", self.describe())
+    }
+
+    /// Whether this backend, one that [takes fields](Backend::takes_fields), evaluates the
+    /// KL's sample states of model `m` four at a time ([`Backend::value_grad_prepare`],
+    /// [`Backend::value_grad_walk`], [`Backend::value_grad_finish`]: one walk of the stars
+    /// for the four, as the averaged metric does). When not, those three are never called.
     fn walks_states_together(&self, _m: &ModelCore) -> bool {
         false
     }
 
-    /// The first part of [`Backend::value_grad`] for one of several states: `st.s` and
-    /// `st.rw` for ICR excitations `xi` (scale, offset and n_σ already set).
+    /// The first part of [`Backend::value_grad_field`] for one of several states: `st.s`
+    /// and `st.rw` from the final chart's field (scale, offset and n_σ already set).
     fn value_grad_prepare(
         &self,
         _m: &ModelCore,
-        _xi: &[f64],
+        _field: SampleField<'_>,
         _st: &mut State,
         _w: &mut ModelWork,
     ) -> Result<()> {
         anyhow::bail!("{} evaluates states one at a time", self.describe())
     }
 
-    /// The stars' part of [`Backend::value_grad`] for four prepared states at once: their ā
-    /// and σ_a², and what [`Backend::value_grad_finish`] needs, kept in `w`.
+    /// The stars' part of [`Backend::value_grad_field`] for four prepared states at once:
+    /// their ā and σ_a², their field cotangents added into `field_bar` (state by state, in
+    /// state order, voxel by voxel), and what [`Backend::value_grad_finish`] needs, kept in
+    /// `w`.
     fn value_grad_walk(
         &self,
         _m: &ModelCore,
         _states: &mut [State],
+        _field_bar: &mut [f64],
         _w: &mut ModelWork,
     ) -> Result<()> {
         anyhow::bail!("{} evaluates states one at a time", self.describe())
     }
 
-    /// The rest of [`Backend::value_grad`] for state `k` of the last walk: the ICR part of
-    /// the gradient into `g_xi`, the ξ_σ gradient (its prior term from `xsig`) into `gsig`;
-    /// returns [energy, ∂E/∂scale, ∂E/∂offset].
+    /// The rest of [`Backend::value_grad_field`] for state `k` of the last walk: the ξ_σ
+    /// gradient (its prior term from `xsig`) into `gsig`; returns [energy, ∂E/∂scale,
+    /// ∂E/∂offset].
     fn value_grad_finish(
         &self,
         _m: &ModelCore,
         _k: usize,
         _xsig: &[f64],
-        _g_xi: &mut [f64],
         _gsig: &mut [f64],
         _w: &mut ModelWork,
     ) -> Result<[f64; 3]> {

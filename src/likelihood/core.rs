@@ -93,6 +93,45 @@ pub(crate) struct Spares {
     works: std::sync::Mutex<Vec<ModelWork>>,
 }
 
+/// A final-chart field as a backend reads it: the field at a point, plus or minus the field
+/// of a KL sample's offset from that point. ICR is linear, S(x ± o) = S x ± S o, so one
+/// forward of the point and one per offset give every sample's field
+/// ([`super::model::SampleFields`]).
+#[derive(Clone, Copy, Debug)]
+pub struct SampleField<'a> {
+    /// S x, the final chart's field at the point (this rank's pixels, pixel-major, with the
+    /// chart's padding shells).
+    pub point: &'a [f64],
+    /// S o in the same layout and its sign (±1), for a sample's field.
+    pub offset: Option<(&'a [f64], f64)>,
+}
+
+impl<'a> SampleField<'a> {
+    /// The field `point` itself.
+    pub fn plain(point: &'a [f64]) -> Self {
+        Self {
+            point,
+            offset: None,
+        }
+    }
+
+    /// The values from index `start` on into `out` (`point ± offset`, each entry rounded
+    /// once: a sign flip is exact).
+    #[inline]
+    pub fn copy_to(&self, start: usize, out: &mut [f64]) {
+        let x = &self.point[start..start + out.len()];
+        match self.offset {
+            None => out.copy_from_slice(x),
+            Some((o, sign)) => {
+                let o = &o[start..start + out.len()];
+                for ((y, a), b) in out.iter_mut().zip(x).zip(o) {
+                    *y = a + sign * b;
+                }
+            }
+        }
+    }
+}
+
 /// Buffers reused across calls (used by the CPU backend; a device backend keeps its own).
 #[derive(Default)]
 pub struct ModelWork {
@@ -106,7 +145,7 @@ pub struct ModelWork {
     pub(crate) pix_energy: Vec<f64>,
     pub(crate) acc: Vec<f64>,
     pub(crate) masked: Vec<f64>,
-    /// What a walk of several states at once leaves for each state's adjoint
+    /// What a walk of several states at once leaves for each state's end
     /// ([`super::backend::Backend::value_grad_walk`]; empty until one runs).
     pub(crate) slots: Vec<StateSlot>,
     /// The second vector's ICR buffers and final chart field cotangent of a pair of metric
@@ -115,12 +154,11 @@ pub struct ModelWork {
     pub(crate) pair_acc: Vec<f64>,
 }
 
-/// One state's results of a walk of several states at once, until its adjoint: the final
-/// chart field's cotangent, each pixel's [Σ s t, Σ t] and energy, and each star's ξ_σ
-/// gradient without its prior term.
+/// One state's results of a walk of several states at once, until its end
+/// ([`super::backend::Backend::value_grad_finish`]): each pixel's [Σ s t, Σ t] and energy,
+/// and each star's ξ_σ gradient without its prior term.
 #[derive(Default)]
 pub(crate) struct StateSlot {
-    pub(crate) sbar: Vec<f64>,
     pub(crate) pix_scalars: Vec<[f64; 2]>,
     pub(crate) pix_energy: Vec<f64>,
     pub(crate) gsig: Vec<f64>,

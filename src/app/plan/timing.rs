@@ -231,6 +231,10 @@ pub(super) struct Sharing {
     /// The evaluations walk the samples' states four at a time (windows short enough:
     /// [`crate::likelihood::cpu::TOGETHER_MAX_ENTRIES`]).
     pub together: bool,
+    /// The evaluations form the samples' fields by the ICR's linearity
+    /// ([`crate::likelihood::model::SampleFields`]): one ICR pair per evaluation for all
+    /// samples, and one forward per residual and iteration.
+    pub fields: bool,
 }
 
 impl Sharing {
@@ -239,6 +243,7 @@ impl Sharing {
     const NONE: Self = Self {
         lockstep: false,
         together: false,
+        fields: false,
     };
 
     /// What the configured backend shares for stars of `win_bytes` window bytes each.
@@ -248,6 +253,7 @@ impl Sharing {
         Self {
             lockstep: cpu && !cfg.noise.sample_nsigma,
             together: cpu && entries <= crate::likelihood::cpu::TOGETHER_MAX_ENTRIES as f64,
+            fields: cpu,
         }
     }
 }
@@ -274,7 +280,9 @@ const EVAL_VECTOR_PASSES: f64 = 10.0;
 /// 2N samples (line search included) and the CG's products with the metric averaged over
 /// them (one ICR pair per product, two walks per sample, tangent and cotangent, for the
 /// samples in blocks of four side by side and the rest one by one; an evaluation walks each
-/// window twice too: the moments and the cotangent, in blocks of four with `together`).
+/// window twice too: the moments and the cotangent, in blocks of four with `together`; it
+/// runs an ICR pair per sample, or one for all with `fields`, which adds a forward per
+/// residual and iteration).
 pub(super) fn stage_work(stage: &StageConfig, sample_nsigma: bool, share: Sharing) -> StageWork {
     let (n, cs, sn, cn) = stage_counts(stage);
     let solves = match (stage.scale_update, sample_nsigma) {
@@ -296,8 +304,13 @@ pub(super) fn stage_work(stage: &StageConfig, sample_nsigma: bool, share: Sharin
     } else {
         (0.0, evaluations)
     };
+    let eval_icr = if share.fields {
+        sn * 2.0 + 0.5 * n
+    } else {
+        evaluations
+    };
     StageWork {
-        icr_pairs: solves * (0.5 + cs) + evaluations + sn * cn,
+        icr_pairs: solves * (0.5 + cs) + eval_icr + sn * cn,
         walks: alone * (1.0 + 2.0 * cs) + 2.0 * lockstep + 2.0 * eval_alone + sn * cn * 2.0 * rest,
         pair_walks: lockstep * 2.0 * cs,
         quad_walks: sn * cn * 2.0 * blocks + 2.0 * eval_blocks,
@@ -395,7 +408,7 @@ mod tests {
         };
         let lockstep = Sharing {
             lockstep: true,
-            together: false,
+            ..Sharing::NONE
         };
         let cs = 20.0;
         for pairs in [1, 2, 3, 4] {
@@ -423,8 +436,8 @@ mod tests {
             ..Default::default()
         };
         let together = Sharing {
-            lockstep: false,
             together: true,
+            ..Sharing::NONE
         };
         for (pairs, blocks) in [(1, 0.0), (2, 1.0), (3, 1.0)] {
             let (a, b) = (
@@ -445,6 +458,30 @@ mod tests {
     }
 
     #[test]
+    fn sample_fields_take_one_icr_pair_per_evaluation_and_a_forward_per_residual() {
+        let stage = |pairs| StageConfig {
+            sample_pairs: pairs,
+            newton_steps: 3,
+            ..Default::default()
+        };
+        let fields = Sharing {
+            fields: true,
+            ..Sharing::NONE
+        };
+        for pairs in [1, 2, 3] {
+            let (a, b) = (
+                stage_work(&stage(pairs), false, Sharing::NONE),
+                stage_work(&stage(pairs), false, fields),
+            );
+            // 3 steps × 2 evaluations of 2N samples, an ICR pair each, against one pair per
+            // evaluation and N forwards (half a pair each); the walks unchanged
+            let n = pairs as f64;
+            assert_eq!(a.icr_pairs - b.icr_pairs, 6.0 * 2.0 * n - (6.0 + 0.5 * n));
+            assert_eq!([a.walks, a.quad_walks], [b.walks, b.quad_walks]);
+        }
+    }
+
+    #[test]
     fn the_backend_and_the_window_length_decide_the_sharing() {
         let mut cfg = Config::default();
         let bytes = |entries: f64| WINDOW_STAR_BYTES + WINDOW_ENTRY_BYTES * entries;
@@ -453,7 +490,8 @@ mod tests {
             Sharing::of(&cfg, bytes(max)),
             Sharing {
                 lockstep: true,
-                together: true
+                together: true,
+                fields: true
             }
         );
         assert!(!Sharing::of(&cfg, bytes(max + 0.5)).together);

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use crate::base::util::{par_copy, par_equal, par_zero, Stopwatch, PAR_MIN_LEN};
 use crate::inference::newton::MetricObjective;
 use crate::likelihood::mask::Mask;
-use crate::likelihood::model::{Model, ModelWork, State};
+use crate::likelihood::model::{Model, ModelWork, SampleFields, State};
 use crate::num::cg::{self, CgReport, CgSettings};
 use crate::sphere::decomp::Space;
 
@@ -58,6 +58,9 @@ struct KlCache {
     xk: Vec<f64>,
     gx: Vec<f64>,
     gs: Vec<f64>,
+    /// The samples' fields by the ICR's linearity, where the backend takes fields (made at
+    /// the first use: one ICR forward per residual).
+    fields: Option<SampleFields>,
 }
 
 impl Drop for Kl<'_> {
@@ -88,6 +91,7 @@ impl<'a> Kl<'a> {
             xk: Vec::new(),
             gx: Vec::new(),
             gs: Vec::new(),
+            fields: None,
         };
         Self {
             model,
@@ -163,12 +167,17 @@ impl<'a> Kl<'a> {
         super::sampling::sample_point(p, self.residuals, self.shifts, j, out);
     }
 
-    /// Buffers sized for this model and sample count.
+    /// Buffers sized for this model and sample count, and the samples' fields where the
+    /// backend takes them.
     fn prepare(&self, c: &mut KlCache) {
         let n = 2 * self.residuals.len();
         if c.states.len() != n {
             c.states = (0..n).map(|_| self.model.empty_state()).collect();
             c.at_valid = false;
+        }
+        if c.fields.is_none() && self.model.takes_fields() {
+            let f = (self.model).sample_fields(self.residuals, self.shifts, &mut c.work);
+            c.fields = Some(f);
         }
     }
 
@@ -182,16 +191,24 @@ impl<'a> Kl<'a> {
         let np = self.model.n_params();
         let shared_sig = self.samples_share_xsig();
         let KlCache {
-            states, work, xk, ..
+            states,
+            work,
+            xk,
+            fields,
+            ..
         } = c;
+        if let Some(f) = fields.as_mut() {
+            self.model.set_sample_point(f, p, work);
+        }
         for j in 0..states.len() {
             self.fill_sample(p, j, xk);
             let (xk, xsig) = xk.split_at(np);
             let (st, same_sig) = state_and_sig_source(states, j, shared_sig);
-            if let Err(e) = self
-                .model
-                .update_state_sharing(xk, xsig, same_sig, st, work)
-            {
+            let updated = match fields {
+                Some(f) => (self.model).update_state_field((xk, xsig), same_sig, f.of(j), st, work),
+                None => (self.model).update_state_sharing(xk, xsig, same_sig, st, work),
+            };
+            if let Err(e) = updated {
                 // the cached states are half updated: none of them may be reused
                 c.at_valid = false;
                 return Err(e);
@@ -304,45 +321,61 @@ impl Kl<'_> {
             xk,
             gx,
             gs,
+            fields,
         } = &mut *c;
         gx.resize(np, 0.0);
         gs.resize(ns, 0.0);
         let n = states.len() as f64;
         par_zero(g);
         let mut value = 0.0;
-        // one fused pass per sample (four samples in one where the backend walks them
-        // together): value, gradient, and the state the metric will reuse
+        // one pass per sample (four samples in one where the backend walks them together):
+        // value, gradient, and the state the metric will reuse
         *at_valid = false;
         let shared_sig = self.samples_share_xsig();
-        let mask = self.mask;
+        let held = self.mask.held();
         let mut point = |j: usize, buf: &mut Vec<f64>| self.fill_sample(p, j, buf);
         let mut take = |_: usize, v: f64, gx: &[f64], gs: &[f64]| {
             value += v / n;
             let (g_x, g_s) = g.split_at_mut(np);
-            let before: Vec<f64> = mask.held().iter().map(|&h| g_x[h]).collect();
-            g_x.par_iter_mut()
-                .with_min_len(PAR_MIN_LEN)
-                .zip(gx)
-                .for_each(|(o, v)| *o += v / n);
-            // a held entry's gradient stays (signed) zero
-            for (&h, b) in mask.held().iter().zip(before) {
-                g_x[h] = b + 0.0 * gx[h] / n;
-            }
-            g_s.par_iter_mut()
-                .with_min_len(PAR_MIN_LEN)
-                .zip(gs)
-                .for_each(|(o, v)| *o += v / n);
+            add_share(g_x, gx, n, held);
+            add_share(g_s, gs, n, &[]);
         };
+        if let Some(f) = fields.as_mut() {
+            self.model.set_sample_point(f, p, work);
+        }
         self.model.value_grad_states(
             states,
             shared_sig,
+            fields.as_ref(),
             (&mut point, &mut take),
             (xk, gx, gs),
             work,
         )?;
+        if fields.is_some() {
+            // the ICR part of the likelihood's gradient, one adjoint for all samples
+            let nxi = self.model.icr.n_xi();
+            add_share(&mut g[..nxi], &gx[..nxi], n, held);
+        }
         par_copy(at, p);
         *at_valid = true;
         self.record(p, states);
         Ok(value)
+    }
+}
+
+/// `g += v / n` (`v` as long as `g` or shorter); the entries `held` stay what they were
+/// (signed zeros: a held entry's gradient is zero).
+fn add_share(g: &mut [f64], v: &[f64], n: f64, held: &[usize]) {
+    let held: Vec<(usize, f64)> = held
+        .iter()
+        .filter(|&&h| h < v.len())
+        .map(|&h| (h, g[h]))
+        .collect();
+    g.par_iter_mut()
+        .with_min_len(PAR_MIN_LEN)
+        .zip(v)
+        .for_each(|(o, v)| *o += v / n);
+    for (h, before) in held {
+        g[h] = before + 0.0 * v[h] / n;
     }
 }

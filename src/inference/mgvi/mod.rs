@@ -444,26 +444,25 @@ fn scale_update(
 }
 
 /// The sample mean and standard deviation of ln ρ = scale · s + offset over the samples
-/// x + c_k ± δ_k on this rank's kept voxels, pixel-major (ICR forwards only: no star is evaluated).
+/// x + c_k ± δ_k on this rank's kept voxels, pixel-major (ICR forwards only: no star is
+/// evaluated; the samples' fields formed as the KL forms them, [`crate::likelihood::model::SampleFields`]).
 fn log_density_moments(
     model: &Model,
     x: &[f64],
     residuals: &[Vec<f64>],
     shifts: &[Vec<f64>],
 ) -> [Vec<f64>; 2] {
-    let (nxi, n, nc, pad) = (
-        model.icr.n_xi(),
-        model.n_r(),
-        model.n_chart(),
-        model.padding(),
-    );
-    let mut iw = model.icr.workspace();
+    let (nxi, n) = (model.icr.n_xi(), model.n_r());
+    let (nc, pad) = (model.n_chart(), model.padding());
+    let mut w = model.workspace();
+    let mut fields = model.sample_fields(residuals, shifts, &mut w);
+    model.set_sample_point(&mut fields, x, &mut w);
+    model.recycle(Vec::new(), vec![w]);
     let mut m = Moments::new(model.npix() * n, 2 * residuals.len());
-    let mut xs = x.to_vec();
+    let (mut xs, mut field) = (x.to_vec(), Vec::new());
     for j in 0..2 * residuals.len() {
         sample_point(x, residuals, shifts, j, &mut xs);
-        model.icr.forward(&xs[..nxi], &mut iw);
-        let field = &iw.fields[model.icr.chart.levels];
+        fields.fill(j, &mut field);
         let scl = model.scale.value(xs[nxi]);
         let off = model.offset.value(xs[nxi + 1]);
         m.add(n, scl, off, |p| &field[p * nc + pad..p * nc + pad + n]);

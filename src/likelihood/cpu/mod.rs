@@ -14,7 +14,7 @@ use self::passes::{
 };
 pub use self::states::TOGETHER_MAX_ENTRIES;
 use super::backend::Backend;
-use super::core::{ModelCore, ModelWork};
+use super::core::{ModelCore, ModelWork, SampleField};
 use super::lanes;
 use super::mask::Mask;
 use super::response::{finish_vjp, inner_columns};
@@ -26,10 +26,11 @@ use crate::base::vexp;
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Cpu;
 
-/// Pixel `p`'s kept log-density `sk` and extinction per shell `col = Δr exp(scl s + off)`.
+/// Pixel `p`'s kept log-density `sk` (from the final chart's `field`) and extinction per
+/// shell `col = Δr exp(scl s + off)`.
 fn fill_column(
     m: &ModelCore,
-    field: &[f64],
+    field: SampleField<'_>,
     p: usize,
     scl: f64,
     off: f64,
@@ -37,7 +38,7 @@ fn fill_column(
     col: &mut [f64],
 ) {
     let (n, nc, pad) = (m.n_r(), m.n_chart(), m.padding());
-    sk.copy_from_slice(&field[p * nc + pad..p * nc + pad + n]);
+    field.copy_to(p * nc + pad, &mut sk[..n]);
     for k in 0..n {
         col[k] = scl * sk[k] + off;
     }
@@ -54,45 +55,22 @@ impl Backend for Cpu {
 
     fn state(&self, m: &ModelCore, xi: &[f64], st: &mut State, w: &mut ModelWork) -> Result<()> {
         m.icr.forward(xi, &mut w.icr);
-        st.fields_on_host = true;
-        let field = &w.icr.fields[m.icr.chart.levels];
-        let n = m.n_r();
-        let (scl, off) = (st.scl, st.off);
-        let State {
-            s,
-            rw,
-            abar,
-            var,
-            nsig,
-            ..
-        } = st;
-        let nsig = &*nsig;
-        let (ap, vp) = (DisjointMut::new(abar), DisjointMut::new(var));
-        let d = &m.data;
-        // one pass per pixel: its kept log-density, ρ column, inner columns and stars
-        s.par_chunks_mut(n)
-            .zip(rw.par_chunks_mut(n))
-            .enumerate()
-            .for_each_init(
-                || vec![0.0; n + 1],
-                |cum, (p, (sk, col))| {
-                    fill_column(m, field, p, scl, off, sk, col);
-                    let (lo, hi) = (d.offsets[p], d.offsets[p + 1]);
-                    if lo == hi {
-                        return;
-                    }
-                    // SAFETY: star ranges of distinct pixels are disjoint
-                    let (a, v) = unsafe { (ap.chunk(lo, hi - lo), vp.chunk(lo, hi - lo)) };
-                    inner_columns(col, cum);
-                    lanes::dispatch(MomentsPass {
-                        m,
-                        col: [col, cum],
-                        nsig,
-                        stars: lo..hi,
-                        out: [a, v],
-                    });
-                },
-            );
+        fill_state(m, SampleField::plain(&w.icr.fields[m.icr.chart.levels]), st);
+        Ok(())
+    }
+
+    fn takes_fields(&self) -> bool {
+        true
+    }
+
+    fn state_field(
+        &self,
+        m: &ModelCore,
+        field: SampleField<'_>,
+        st: &mut State,
+        _w: &mut ModelWork,
+    ) -> Result<()> {
+        fill_state(m, field, st);
         Ok(())
     }
 
@@ -106,7 +84,6 @@ impl Backend for Cpu {
         gsig: &mut [f64],
         w: &mut ModelWork,
     ) -> Result<[f64; 3]> {
-        st.fields_on_host = true;
         m.icr.forward(xi, &mut w.icr);
         let ModelWork {
             icr,
@@ -115,19 +92,28 @@ impl Backend for Cpu {
             pix_energy,
             ..
         } = w;
-        value_grad_pixels(
-            m,
-            &icr.fields[m.icr.chart.levels],
-            xsig,
-            st,
-            gsig,
-            sbar_all,
-            pix_scalars,
-            pix_energy,
-        );
+        let field = SampleField::plain(&icr.fields[m.icr.chart.levels]);
+        let out = (&mut sbar_all[..], false);
+        value_grad_pixels(m, field, xsig, st, gsig, out, pix_scalars, pix_energy);
         m.icr.adjoint(sbar_all, g_xi, icr);
         let [g_scl, g_off] = m.dom.pixel_sum2(pix_scalars);
         Ok([m.dom.pixel_sum(pix_energy), g_scl, g_off])
+    }
+
+    fn value_grad_field(
+        &self,
+        m: &ModelCore,
+        field: SampleField<'_>,
+        xsig: &[f64],
+        st: &mut State,
+        gsig: &mut [f64],
+        field_bar: &mut [f64],
+        w: &mut ModelWork,
+    ) -> Result<[f64; 3]> {
+        let (scalars, energy) = (&mut w.pix_scalars, &mut w.pix_energy);
+        value_grad_pixels(m, field, xsig, st, gsig, (field_bar, true), scalars, energy);
+        let [g_scl, g_off] = m.dom.pixel_sum2(scalars);
+        Ok([m.dom.pixel_sum(energy), g_scl, g_off])
     }
 
     fn walks_states_together(&self, m: &ModelCore) -> bool {
@@ -137,11 +123,11 @@ impl Backend for Cpu {
     fn value_grad_prepare(
         &self,
         m: &ModelCore,
-        xi: &[f64],
+        field: SampleField<'_>,
         st: &mut State,
-        w: &mut ModelWork,
+        _w: &mut ModelWork,
     ) -> Result<()> {
-        states::prepare(m, xi, st, w);
+        states::prepare(m, field, st);
         Ok(())
     }
 
@@ -149,9 +135,10 @@ impl Backend for Cpu {
         &self,
         m: &ModelCore,
         states: &mut [State],
+        field_bar: &mut [f64],
         w: &mut ModelWork,
     ) -> Result<()> {
-        states::walk(m, states, w)
+        states::walk(m, states, field_bar, w)
     }
 
     fn value_grad_finish(
@@ -159,11 +146,10 @@ impl Backend for Cpu {
         m: &ModelCore,
         k: usize,
         xsig: &[f64],
-        g_xi: &mut [f64],
         gsig: &mut [f64],
         w: &mut ModelWork,
     ) -> Result<[f64; 3]> {
-        states::finish(m, k, xsig, g_xi, gsig, w)
+        states::finish(m, k, xsig, gsig, w)
     }
 
     fn jvp(
@@ -281,19 +267,63 @@ impl Backend for Cpu {
     }
 }
 
-/// The per-pixel pass of [`Cpu::value_grad`] after the ICR forward: state, energy partials,
-/// ξ_σ gradient, field cotangent and the [Σ s t, Σ t] partials of every pixel.
+/// The state's per-star moments (`st.abar`, `st.var`) and its columns (`st.s`, `st.rw`) from
+/// the final chart's `field`: one pass per pixel over its column and its stars.
+fn fill_state(m: &ModelCore, field: SampleField<'_>, st: &mut State) {
+    st.fields_on_host = true;
+    let n = m.n_r();
+    let (scl, off) = (st.scl, st.off);
+    let State {
+        s,
+        rw,
+        abar,
+        var,
+        nsig,
+        ..
+    } = st;
+    let nsig = &*nsig;
+    let (ap, vp) = (DisjointMut::new(abar), DisjointMut::new(var));
+    let d = &m.data;
+    s.par_chunks_mut(n)
+        .zip(rw.par_chunks_mut(n))
+        .enumerate()
+        .for_each_init(
+            || vec![0.0; n + 1],
+            |cum, (p, (sk, col))| {
+                fill_column(m, field, p, scl, off, sk, col);
+                let (lo, hi) = (d.offsets[p], d.offsets[p + 1]);
+                if lo == hi {
+                    return;
+                }
+                // SAFETY: star ranges of distinct pixels are disjoint
+                let (a, v) = unsafe { (ap.chunk(lo, hi - lo), vp.chunk(lo, hi - lo)) };
+                inner_columns(col, cum);
+                lanes::dispatch(MomentsPass {
+                    m,
+                    col: [col, cum],
+                    nsig,
+                    stars: lo..hi,
+                    out: [a, v],
+                });
+            },
+        );
+}
+
+/// The per-pixel pass of a value and gradient from the final chart's `field`: state, energy
+/// partials, ξ_σ gradient, field cotangent (written into `sbar_all`, or added when its flag
+/// is set) and the [Σ s t, Σ t] partials of every pixel.
 #[allow(clippy::too_many_arguments)]
 fn value_grad_pixels(
     m: &ModelCore,
-    field: &[f64],
+    field: SampleField<'_>,
     xsig: &[f64],
     st: &mut State,
     gsig: &mut [f64],
-    sbar_all: &mut [f64],
+    (sbar_all, add): (&mut [f64], bool),
     pix_scalars: &mut [[f64; 2]],
     pix_energy: &mut [f64],
 ) {
+    st.fields_on_host = true;
     let (n, nc, pad) = (m.n_r(), m.n_chart(), m.padding());
     let d = &m.data;
     let (scl, off) = (st.scl, st.off);
@@ -344,11 +374,14 @@ fn value_grad_pixels(
                     bars: [rw_bar, cum_bar],
                 });
                 finish_vjp(cum_bar, rw_bar);
-                sbar.fill(0.0);
+                if !add {
+                    sbar.fill(0.0);
+                }
                 let (mut g_scl, mut g_off) = (0.0, 0.0);
                 for k in 0..n {
                     let t = rw_bar[k] * col[k];
-                    sbar[pad + k] = scl * t;
+                    let sb = &mut sbar[pad + k];
+                    *sb = if add { *sb + scl * t } else { scl * t };
                     g_scl += sk[k] * t;
                     g_off += t;
                 }

@@ -1,5 +1,5 @@
 //! Value and gradient of four states in one walk of the stars (the KL's sample points):
-//! [`super::Backend::value_grad`] split in three, so that each star's window is read once for
+//! [`super::Backend::value_grad_field`] split in three, so that each star's window is read once for
 //! all four states, as the averaged metric reads it ([`super::passes::MetricPixel`]). The
 //! walk's own work per star (its window's bounds, the short last group, the lanes' final
 //! additions) is then shared by the four, which on a coarse chart's short windows is half of
@@ -11,7 +11,7 @@ use rayon::prelude::*;
 use super::fill_column;
 use super::passes::EnergyQuad;
 use crate::base::util::DisjointMut;
-use crate::likelihood::core::{ModelCore, ModelWork, StateSlot};
+use crate::likelihood::core::{ModelCore, ModelWork, SampleField, StateSlot};
 use crate::likelihood::lanes;
 use crate::likelihood::quad::QuadColumns;
 use crate::likelihood::state::State;
@@ -29,11 +29,10 @@ pub(super) fn together(m: &ModelCore) -> bool {
     m.data.windows.prob.len() <= TOGETHER_MAX_ENTRIES * m.data.len()
 }
 
-/// `st.s` and `st.rw` for ICR excitations `xi` (the first part of a value and gradient).
-pub(super) fn prepare(m: &ModelCore, xi: &[f64], st: &mut State, w: &mut ModelWork) {
+/// `st.s` and `st.rw` from the final chart's field (the first part of a value and
+/// gradient).
+pub(super) fn prepare(m: &ModelCore, field: SampleField<'_>, st: &mut State) {
     st.fields_on_host = true;
-    m.icr.forward(xi, &mut w.icr);
-    let field = &w.icr.fields[m.icr.chart.levels];
     let n = m.n_r();
     let (scl, off) = (st.scl, st.off);
     st.s.par_chunks_mut(n)
@@ -49,17 +48,22 @@ struct Parts<'a> {
     scl: f64,
     sig: [&'a [f64]; 2],
     out: [DisjointMut<f64>; 3],
-    slot: (DisjointMut<f64>, DisjointMut<[f64; 2]>, DisjointMut<f64>),
+    slot: (DisjointMut<[f64; 2]>, DisjointMut<f64>),
 }
 
-/// The walk of four prepared states: their ā and σ_a², and per state in `w.slots` the final
-/// chart field's cotangent, each pixel's [Σ s t, Σ t] and energy, and each star's ξ_σ
-/// gradient less its prior term.
-pub(super) fn walk(m: &ModelCore, states: &mut [State], w: &mut ModelWork) -> Result<()> {
+/// The walk of four prepared states: their ā and σ_a², their final chart field cotangents
+/// added into `field_bar` (state by state, in state order), and per state in `w.slots` each
+/// pixel's [Σ s t, Σ t] and energy and each star's ξ_σ gradient less its prior term.
+pub(super) fn walk(
+    m: &ModelCore,
+    states: &mut [State],
+    field_bar: &mut [f64],
+    w: &mut ModelWork,
+) -> Result<()> {
     if states.len() != 4 {
         bail!("a walk of {} states (four at a time)", states.len());
     }
-    let (n_field, npix, n_stars) = (w.field.len(), m.npix(), m.data.len());
+    let (npix, n_stars) = (m.npix(), m.data.len());
     // the KL's states share n_σ (copied from the first): read from one copy, the same bits
     let shared = states.iter().all(|s| s.sig_id == states[0].sig_id);
     w.slots.resize_with(4, StateSlot::default);
@@ -67,7 +71,6 @@ pub(super) fn walk(m: &ModelCore, states: &mut [State], w: &mut ModelWork) -> Re
         .iter_mut()
         .zip(&mut w.slots)
         .map(|(st, slot)| {
-            slot.sbar.resize(n_field, 0.0);
             slot.pix_scalars.resize(npix, [0.0; 2]);
             slot.pix_energy.resize(npix, 0.0);
             slot.gsig.resize(n_stars, 0.0);
@@ -92,7 +95,6 @@ pub(super) fn walk(m: &ModelCore, states: &mut [State], w: &mut ModelWork) -> Re
                     DisjointMut::new(&mut slot.gsig),
                 ],
                 slot: (
-                    DisjointMut::new(&mut slot.sbar),
                     DisjointMut::new(&mut slot.pix_scalars),
                     DisjointMut::new(&mut slot.pix_energy),
                 ),
@@ -100,16 +102,24 @@ pub(super) fn walk(m: &ModelCore, states: &mut [State], w: &mut ModelWork) -> Re
         })
         .collect();
     let n = m.n_r();
+    let bar = DisjointMut::new(field_bar);
     (0..npix).into_par_iter().for_each_init(
         || QuadColumns::new(n),
-        |q, p| pixel(m, &parts, shared, p, q),
+        |q, p| pixel(m, (&parts, &bar), shared, p, q),
     );
     Ok(())
 }
 
 /// The walk's pass over pixel `p` for the four states of `parts` (`q` its scratch), their
-/// n_σ read from the first's when `shared_sig` (equal bit for bit).
-fn pixel(m: &ModelCore, parts: &[Parts], shared_sig: bool, p: usize, q: &mut QuadColumns) {
+/// field cotangents added into `bar`, their n_σ read from the first's when `shared_sig`
+/// (equal bit for bit).
+fn pixel(
+    m: &ModelCore,
+    (parts, bar): (&[Parts], &DisjointMut<f64>),
+    shared_sig: bool,
+    p: usize,
+    q: &mut QuadColumns,
+) {
     let (n, nc, pad) = (m.n_r(), m.n_chart(), m.padding());
     let cols = p * n..(p + 1) * n;
     // the columns and inner columns as `inner_columns` forms them, lane by lane
@@ -148,21 +158,16 @@ fn pixel(m: &ModelCore, parts: &[Parts], shared_sig: bool, p: usize, q: &mut Qua
         out,
     });
     q.fold_bars();
+    // SAFETY: each pixel writes its own chunk of the field
+    let sbar = unsafe { bar.chunk(p * nc + pad, n) };
     for (s, part) in parts.iter().enumerate() {
-        let (sbar, scalars, energy) = &part.slot;
-        // SAFETY: each pixel writes its own chunk of the field and its own entries
-        let (sbar, sc, en) = unsafe {
-            (
-                sbar.chunk(p * nc, nc),
-                scalars.chunk(p, 1),
-                energy.chunk(p, 1),
-            )
-        };
-        sbar.fill(0.0);
+        let (scalars, energy) = &part.slot;
+        // SAFETY: each pixel writes its own entries
+        let (sc, en) = unsafe { (scalars.chunk(p, 1), energy.chunk(p, 1)) };
         let (mut g_scl, mut g_off) = (0.0, 0.0);
         for k in 0..n {
             let t = q.rb[k][s] * part.rw[cols.start + k];
-            sbar[pad + k] = part.scl * t;
+            sbar[k] += part.scl * t;
             g_scl += part.s[cols.start + k] * t;
             g_off += t;
         }
@@ -170,21 +175,18 @@ fn pixel(m: &ModelCore, parts: &[Parts], shared_sig: bool, p: usize, q: &mut Qua
     }
 }
 
-/// The rest of a value and gradient for state `k` of the last walk: the ICR adjoint into
-/// `g_xi`, the ξ_σ gradient with its prior term `xsig` into `gsig`; returns [energy,
-/// ∂E/∂scale, ∂E/∂offset].
+/// The rest of a value and gradient for state `k` of the last walk: the ξ_σ gradient with
+/// its prior term `xsig` into `gsig`; returns [energy, ∂E/∂scale, ∂E/∂offset].
 pub(super) fn finish(
     m: &ModelCore,
     k: usize,
     xsig: &[f64],
-    g_xi: &mut [f64],
     gsig: &mut [f64],
     w: &mut ModelWork,
 ) -> Result<[f64; 3]> {
     let Some(slot) = w.slots.get(k) else {
         bail!("no state {k} in the last walk");
     };
-    m.icr.adjoint(&slot.sbar, g_xi, &mut w.icr);
     if m.infer_nsigma {
         gsig.par_iter_mut()
             .zip(&slot.gsig)

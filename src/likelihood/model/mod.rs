@@ -23,16 +23,10 @@ use crate::data::catalog::PixelCatalog;
 use crate::num::cg::{CgReport, CgSettings};
 use crate::prior::icr::Icr;
 use crate::sphere::decomp::{Domain, Space};
+pub use samples::{SampleFields, StatePoint, StateResult};
 
 /// Stars per task of the n_σ transform (its exponentials taken a block at a time).
 const SIG_CHUNK: usize = 4096;
-
-/// Writes sample point `j`'s [x | ξ_σ] into the buffer ([`Model::value_grad_states`]).
-pub type StatePoint<'a> = dyn FnMut(usize, &mut Vec<f64>) + 'a;
-
-/// Receives sample point `j`'s energy and its gradients in x and ξ_σ
-/// ([`Model::value_grad_states`]).
-pub type StateResult<'a> = dyn FnMut(usize, f64, &[f64], &[f64]) + 'a;
 
 /// The composed model: its [`ModelCore`] (which it derefs to) and the backend its voxel
 /// and star stages run on.
@@ -383,66 +377,6 @@ impl Model {
         Ok(lik + self.prior_energy(x, xsig))
     }
 
-    /// [`Model::value_grad_sharing`] of every state of `states` (the KL's sample points),
-    /// four at a time in one walk of the stars where the backend walks states together, the
-    /// rest one by one; with `share`, each state after the first copies its n_σ from the
-    /// first. `point(j, buf)` writes state j's [x | ξ_σ] into `buf` (called twice per state
-    /// of a walk: before it and after it); `take(j, value, gx, gsig)` receives each state's
-    /// energy and gradients, in state order. The results are bit-identical to
-    /// [`Model::value_grad_sharing`] state by state.
-    pub fn value_grad_states(
-        &self,
-        states: &mut [State],
-        share: bool,
-        (point, take): (&mut StatePoint<'_>, &mut StateResult<'_>),
-        (xk, gx, gsig): (&mut Vec<f64>, &mut [f64], &mut [f64]),
-        w: &mut ModelWork,
-    ) -> Result<()> {
-        let (np, nxi) = (self.n_params(), self.icr.n_xi());
-        // decided on all ranks together: a walk orders the ICR's exchanges and the sums'
-        // reductions differently from one state at a time, so every rank must take the same path
-        let walk = self.backend.walks_states_together(&self.core);
-        let together = if self.dom.decomp.all(walk) {
-            states.len() / 4 * 4
-        } else {
-            0
-        };
-        for first in (0..together).step_by(4) {
-            for j in first..first + 4 {
-                point(j, xk);
-                let (x, xsig) = xk.split_at(np);
-                self.check_lengths(x, xsig)?;
-                let (done, rest) = states.split_at_mut(j);
-                let st = &mut rest[0];
-                st.id = next_state_id();
-                self.set_globals(x, xsig, done.first().filter(|_| share), st);
-                self.backend
-                    .value_grad_prepare(&self.core, &x[..nxi], st, w)?;
-            }
-            self.backend
-                .value_grad_walk(&self.core, &mut states[first..first + 4], w)?;
-            for (k, j) in (first..first + 4).enumerate() {
-                point(j, xk);
-                let (x, xsig) = xk.split_at(np);
-                let [lik, g_scl, g_off] =
-                    self.backend
-                        .value_grad_finish(&self.core, k, xsig, &mut gx[..nxi], gsig, w)?;
-                [gx[nxi], gx[nxi + 1]] = self.chain().cotangent(states[j].dscl, [g_scl, g_off]);
-                gx.par_iter_mut().zip(x).for_each(|(g, xv)| *g += xv);
-                take(j, lik + self.prior_energy(x, xsig), gx, gsig);
-            }
-        }
-        for j in together..states.len() {
-            point(j, xk);
-            let (x, xsig) = xk.split_at(np);
-            let (done, rest) = states.split_at_mut(j);
-            let same = done.first().filter(|_| share);
-            let value = self.value_grad_sharing(x, xsig, (&mut rest[0], same), gx, gsig, w)?;
-            take(j, value, gx, gsig);
-        }
-        Ok(())
-    }
-
     /// Tangent of (ā, v) per star for a tangent `dx` of x (ξ_σ held fixed).
     pub fn jvp(
         &self,
@@ -515,6 +449,8 @@ impl Model {
         self.vjp(st, &ca, &cv, out, w)
     }
 }
+
+mod samples;
 
 #[cfg(test)]
 mod tests;

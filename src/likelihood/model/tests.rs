@@ -488,24 +488,42 @@ fn without_distance_variance_gradient_and_metric_are_exact() {
     }
 }
 
-/// The KL's sample states evaluated four at a time in one walk of the stars (the CPU
-/// backend) give the bits of one at a time: states, energies and both gradients; six states
-/// (a walk of four and two alone), with n_σ shared from the first state and not.
+/// Six sample points x ± δ_k (three antithetic pairs) as the KL writes them, and the
+/// residuals: each point [x | ξ_σ], ξ_σ shared by all when `share`.
+fn sample_points(m: &Model, x: &[f64], share: bool) -> (Vec<Vec<f64>>, Vec<Vec<f64>>) {
+    let (n, np) = (m.data.len(), m.n_params());
+    let residuals: Vec<Vec<f64>> = (0..3).map(|k| gauss(np, 30 + k, 0.3)).collect();
+    let points = (0..6)
+        .map(|j| {
+            let sign = if j % 2 == 0 { 1.0 } else { -1.0 };
+            let mut p: Vec<f64> = x
+                .iter()
+                .zip(&residuals[j / 2])
+                .map(|(a, d)| a + sign * d)
+                .collect();
+            p.extend(gauss(n, if share { 40 } else { 40 + j as u64 }, 1.0));
+            p
+        })
+        .collect();
+    (points, residuals)
+}
+
+/// The KL's sample states from their fields (the ICR forward of the point plus each
+/// residual's), four at a time in one walk of the stars (the CPU backend), give the bits of
+/// one at a time: states, energies, both gradients and the summed field cotangent's
+/// adjoint; six states (a walk of four and two alone), with n_σ shared from the first state
+/// and not.
 #[test]
 fn states_walked_together_equal_one_at_a_time() {
     let (m, x_true, _) = setup(400, true, "volume");
-    assert!(m.backend.walks_states_together(&m.core));
-    let (n, np) = (m.data.len(), m.n_params());
+    assert!(m.takes_fields() && m.backend.walks_states_together(&m.core));
+    let (n, np, nxi) = (m.data.len(), m.n_params(), m.icr.n_xi());
     let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     for share in [false, true] {
-        let points: Vec<Vec<f64>> = (0..6)
-            .map(|j| {
-                let mut p = axpy(&x_true, 0.3, &gauss(np, 30 + j, 1.0));
-                // shared n_σ: every state at the first state's ξ_σ, as the KL's are
-                p.extend(gauss(n, if share { 40 } else { 40 + j }, 1.0));
-                p
-            })
-            .collect();
+        let (points, residuals) = sample_points(&m, &x_true, share);
+        let mut w = m.workspace();
+        let mut fields = m.sample_fields(&residuals, &[], &mut w);
+        m.set_sample_point(&mut fields, &x_true, &mut w);
         let mut together: Vec<State> = (0..6).map(|_| m.empty_state()).collect();
         let (mut xk, mut gx, mut gs) = (Vec::new(), vec![0.0; np], vec![0.0; n]);
         let mut got = Vec::new();
@@ -516,27 +534,44 @@ fn states_walked_together_equal_one_at_a_time() {
         let mut take = |j: usize, v: f64, gx: &[f64], gs: &[f64]| {
             got.push((j, v, gx.to_vec(), gs.to_vec()));
         };
-        let mut w = m.workspace();
         let bufs = (&mut xk, &mut gx[..], &mut gs[..]);
-        m.value_grad_states(&mut together, share, (&mut point, &mut take), bufs, &mut w)
-            .unwrap();
+        let f = Some(&fields);
+        m.value_grad_states(
+            &mut together,
+            share,
+            f,
+            (&mut point, &mut take),
+            bufs,
+            &mut w,
+        )
+        .unwrap();
+        let g_icr = gx[..nxi].to_vec();
         let mut one: Vec<State> = (0..6).map(|_| m.empty_state()).collect();
-        let mut w1 = m.workspace();
+        let (mut w1, mut bar) = (m.workspace(), vec![0.0; m.icr.n_field()]);
         for (j, p) in points.iter().enumerate() {
             let (x, xs) = p.split_at(np);
             let (done, rest) = one.split_at_mut(j);
-            let same = done.first().filter(|_| share);
-            let st = (&mut rest[0], same);
-            let v = m
-                .value_grad_sharing(x, xs, st, &mut gx, &mut gs, &mut w1)
+            let (same, st) = (done.first().filter(|_| share), &mut rest[0]);
+            m.update_state_field((x, xs), same, fields.of(j), st, &mut w1)
                 .unwrap();
+            let [lik, g_scl, g_off] = m
+                .backend
+                .value_grad_field(&m.core, fields.of(j), xs, st, &mut gs, &mut bar, &mut w1)
+                .unwrap();
+            let v = lik + m.prior_energy(x, xs);
             let (k, value, gx_k, gs_k) = &got[j];
             assert_eq!(
                 (*k, value.to_bits()),
                 (j, v.to_bits()),
                 "state {j}, share {share}"
             );
-            assert_eq!(bits(gx_k), bits(&gx), "state {j}: gradient in x");
+            assert_eq!(
+                bits(&gx_k[..nxi]),
+                bits(&x[..nxi]),
+                "state {j}: prior gradient"
+            );
+            let [a, b] = m.chain().cotangent(st.dscl, [g_scl, g_off]);
+            assert_eq!(bits(&gx_k[nxi..]), bits(&[a + x[nxi], b + x[nxi + 1]]));
             assert_eq!(bits(gs_k), bits(&gs), "state {j}: gradient in ξ_σ");
             let (a, b) = (&together[j], &one[j]);
             for (u, v, what) in [
@@ -550,7 +585,76 @@ fn states_walked_together_equal_one_at_a_time() {
             }
             assert_eq!([a.scl, a.off, a.dscl], [b.scl, b.off, b.dscl]);
         }
+        let mut g_one = vec![0.0; nxi];
+        m.icr.adjoint(&bar, &mut g_one, &mut w1.icr);
+        assert_eq!(
+            bits(&g_icr),
+            bits(&g_one),
+            "the samples' ICR gradient, share {share}"
+        );
     }
+}
+
+/// The samples' values and gradients from their fields (one ICR forward of the point and one
+/// per residual, one adjoint of the summed cotangents) are those from each sample's own
+/// excitations, to the rounding of the ICR's sums: the fields (|s| ≤ 6 here) to 1e-13, a
+/// few units of their last place; energies to 1e-10 relative and the summed gradient to
+/// 1e-10 of its norm, as the stars' σ_a² = m − κ ā² cancels (by up to 10³ at these points,
+/// where the fields' ~4e-15 gave up to 3e-12 in the energy).
+#[test]
+fn sample_fields_give_the_samples_values_and_gradients() {
+    let (m, x_true, _) = setup(400, true, "volume");
+    let (n, np, nxi) = (m.data.len(), m.n_params(), m.icr.n_xi());
+    let (points, residuals) = sample_points(&m, &x_true, true);
+    let mut w = m.workspace();
+    let mut fields = m.sample_fields(&residuals, &[], &mut w);
+    m.set_sample_point(&mut fields, &x_true, &mut w);
+    let mut states: Vec<State> = (0..6).map(|_| m.empty_state()).collect();
+    let (mut xk, mut gx, mut gs) = (Vec::new(), vec![0.0; np], vec![0.0; n]);
+    let (mut values, mut g_sum) = (Vec::new(), vec![0.0; np]);
+    let mut point = |j: usize, b: &mut Vec<f64>| {
+        b.clear();
+        b.extend_from_slice(&points[j]);
+    };
+    let mut take = |_: usize, v: f64, gx: &[f64], _: &[f64]| {
+        values.push(v);
+        g_sum.iter_mut().zip(gx).for_each(|(a, b)| *a += b);
+    };
+    let bufs = (&mut xk, &mut gx[..], &mut gs[..]);
+    m.value_grad_states(
+        &mut states,
+        true,
+        Some(&fields),
+        (&mut point, &mut take),
+        bufs,
+        &mut w,
+    )
+    .unwrap();
+    g_sum.iter_mut().zip(&gx[..nxi]).for_each(|(a, b)| *a += b);
+    let mut g_ref = vec![0.0; np];
+    let mut first: Option<State> = None;
+    for (j, p) in points.iter().enumerate() {
+        let (x, xs) = p.split_at(np);
+        let mut st = m.empty_state();
+        let v = m
+            .value_grad_sharing(x, xs, (&mut st, first.as_ref()), &mut gx, &mut gs, &mut w)
+            .unwrap();
+        assert!(
+            (values[j] - v).abs() <= 1e-10 * v.abs(),
+            "state {j}: {} against {v}",
+            values[j]
+        );
+        let ds = states[j].s.iter().zip(&st.s).map(|(a, b)| (a - b).abs());
+        assert!(ds.fold(0.0, f64::max) <= 1e-13, "state {j}: ln ρ");
+        g_ref.iter_mut().zip(&gx).for_each(|(a, b)| *a += b);
+        first.get_or_insert(st);
+    }
+    let err: f64 = g_sum.iter().zip(&g_ref).map(|(a, b)| (a - b).powi(2)).sum();
+    assert!(
+        err.sqrt() <= 1e-10 * dot(&g_ref, &g_ref).sqrt(),
+        "gradient: {}",
+        err.sqrt()
+    );
 }
 
 #[test]
