@@ -197,22 +197,27 @@ impl<'a> Kl<'a> {
             fields,
             ..
         } = c;
-        if let Some(f) = fields.as_mut() {
-            self.model.set_sample_point(f, p, work);
-        }
-        for j in 0..states.len() {
-            self.fill_sample(p, j, xk);
-            let (xk, xsig) = xk.split_at(np);
-            let (st, same_sig) = state_and_sig_source(states, j, shared_sig);
-            let updated = match fields {
-                Some(f) => (self.model).update_state_field((xk, xsig), same_sig, f.of(j), st, work),
-                None => (self.model).update_state_sharing(xk, xsig, same_sig, st, work),
-            };
-            if let Err(e) = updated {
-                // the cached states are half updated: none of them may be reused
-                c.at_valid = false;
-                return Err(e);
-            }
+        let updated = match fields {
+            Some(f) => self.model.with_point_field(p, work, |at, work| {
+                (0..states.len()).try_for_each(|j| {
+                    self.fill_sample(p, j, xk);
+                    let (xk, xsig) = xk.split_at(np);
+                    let (st, same) = state_and_sig_source(states, j, shared_sig);
+                    let field = f.of(at, j);
+                    (self.model).update_state_field((xk, xsig), same, field, st, work)
+                })
+            }),
+            None => (0..states.len()).try_for_each(|j| {
+                self.fill_sample(p, j, xk);
+                let (xk, xsig) = xk.split_at(np);
+                let (st, same) = state_and_sig_source(states, j, shared_sig);
+                (self.model).update_state_sharing(xk, xsig, same, st, work)
+            }),
+        };
+        if let Err(e) = updated {
+            // the cached states are half updated: none of them may be reused
+            c.at_valid = false;
+            return Err(e);
         }
         par_copy(&mut c.at, p);
         c.at_valid = true;
@@ -340,13 +345,10 @@ impl Kl<'_> {
             add_share(g_x, gx, n, held);
             add_share(g_s, gs, n, &[]);
         };
-        if let Some(f) = fields.as_mut() {
-            self.model.set_sample_point(f, p, work);
-        }
         self.model.value_grad_states(
             states,
             shared_sig,
-            fields.as_ref(),
+            fields.as_ref().map(|f| (f, p)),
             (&mut point, &mut take),
             (xk, gx, gs),
             work,

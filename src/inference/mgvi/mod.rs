@@ -455,18 +455,19 @@ fn log_density_moments(
     let (nxi, n) = (model.icr.n_xi(), model.n_r());
     let (nc, pad) = (model.n_chart(), model.padding());
     let mut w = model.workspace();
-    let mut fields = model.sample_fields(residuals, shifts, &mut w);
-    model.set_sample_point(&mut fields, x, &mut w);
-    model.recycle(Vec::new(), vec![w]);
+    let fields = model.sample_fields(residuals, shifts, &mut w);
     let mut m = Moments::new(model.npix() * n, 2 * residuals.len());
     let (mut xs, mut field) = (x.to_vec(), Vec::new());
-    for j in 0..2 * residuals.len() {
-        sample_point(x, residuals, shifts, j, &mut xs);
-        fields.fill(j, &mut field);
-        let scl = model.scale.value(xs[nxi]);
-        let off = model.offset.value(xs[nxi + 1]);
-        m.add(n, scl, off, |p| &field[p * nc + pad..p * nc + pad + n]);
-    }
+    model.with_point_field(x, &mut w, |at, _| {
+        for j in 0..2 * residuals.len() {
+            sample_point(x, residuals, shifts, j, &mut xs);
+            fields.fill(at, j, &mut field);
+            let scl = model.scale.value(xs[nxi]);
+            let off = model.offset.value(xs[nxi + 1]);
+            m.add(n, scl, off, |p| &field[p * nc + pad..p * nc + pad + n]);
+        }
+    });
+    model.recycle(Vec::new(), vec![w]);
     m.finish()
 }
 

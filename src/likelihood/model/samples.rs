@@ -25,10 +25,9 @@ pub type StatePoint<'a> = dyn FnMut(usize, &mut Vec<f64>) + 'a;
 /// ([`Model::value_grad_states`]).
 pub type StateResult<'a> = dyn FnMut(usize, f64, &[f64], &[f64]) + 'a;
 
-/// The final chart's fields of a KL's sample points x + o_j: S x ([`Model::set_sample_point`])
-/// and the offsets' S o_j ([`Model::sample_fields`]).
+/// The final chart's fields of the offsets o_j of a KL's sample points x + o_j, S o_j
+/// ([`Model::sample_fields`]); the point's S x comes from [`Model::with_point_field`].
 pub struct SampleFields {
-    point: Vec<f64>,
     offsets: Vec<Vec<f64>>,
     /// Whether `offsets[k]` serves samples 2k (+) and 2k + 1 (−), MGVI's antithetic pairs
     /// ±δ_k (S(−δ) = −S δ exactly); otherwise `offsets[j]` is sample j's (geoVI's c_k ± δ_k).
@@ -37,15 +36,15 @@ pub struct SampleFields {
 }
 
 impl SampleFields {
-    /// Sample `j`'s field, S x ± S o.
-    pub fn of(&self, j: usize) -> SampleField<'_> {
+    /// Sample `j`'s field, S x ± S o, for the point's field `point` = S x.
+    pub fn of<'a>(&'a self, point: &'a [f64], j: usize) -> SampleField<'a> {
         let (k, sign) = if self.antithetic {
             (j / 2, if j.is_multiple_of(2) { 1.0 } else { -1.0 })
         } else {
             (j, 1.0)
         };
         SampleField {
-            point: &self.point,
+            point,
             offset: Some((&self.offsets[k], sign)),
         }
     }
@@ -60,10 +59,10 @@ impl SampleFields {
         self.samples == 0
     }
 
-    /// Sample `j`'s whole field into `out` (resized).
-    pub fn fill(&self, j: usize, out: &mut Vec<f64>) {
-        out.resize(self.point.len(), 0.0);
-        let f = self.of(j);
+    /// Sample `j`'s whole field into `out` (resized), for the point's field `point`.
+    pub fn fill(&self, point: &[f64], j: usize, out: &mut Vec<f64>) {
+        out.resize(point.len(), 0.0);
+        let f = self.of(point, j);
         out.par_chunks_mut(PAR_MIN_LEN)
             .enumerate()
             .for_each(|(c, o)| f.copy_to(c * PAR_MIN_LEN, o));
@@ -80,7 +79,7 @@ impl Model {
     /// The fields of the offsets o_j of the sample points of `residuals` δ_k and `shifts` c_k
     /// (geoVI; empty for MGVI): sample 2k is x + c_k + δ_k and sample 2k + 1 is
     /// x + c_k − δ_k, as [`crate::inference::mgvi::sampling::sample_point`] writes them. One
-    /// ICR forward per residual (MGVI) or per sample (geoVI). Set the point before use.
+    /// ICR forward per residual (MGVI) or per sample (geoVI).
     pub fn sample_fields(
         &self,
         residuals: &[Vec<f64>],
@@ -111,17 +110,27 @@ impl Model {
             offsets.push(field);
         }
         SampleFields {
-            point: Vec::new(),
             offsets,
             antithetic,
             samples: 2 * residuals.len(),
         }
     }
 
-    /// Sets the samples' point to the parameters `x` (one ICR forward of its excitations).
-    pub fn set_sample_point(&self, f: &mut SampleFields, x: &[f64], w: &mut ModelWork) {
+    /// `f(point, w)` with `point` the final chart's field of the parameters `x` (one ICR
+    /// forward of its excitations, into `w`'s own buffer, which `f` reads in place: `f` must
+    /// not run the ICR on `w`).
+    pub fn with_point_field<R>(
+        &self,
+        x: &[f64],
+        w: &mut ModelWork,
+        f: impl FnOnce(&[f64], &mut ModelWork) -> R,
+    ) -> R {
+        let top = self.icr.chart.levels;
         self.icr.forward(&x[..self.icr.n_xi()], &mut w.icr);
-        par_copy(&mut f.point, &w.icr.fields[self.icr.chart.levels]);
+        let point = std::mem::take(&mut w.icr.fields[top]);
+        let r = f(&point, w);
+        w.icr.fields[top] = point;
+        r
     }
 
     /// [`Model::update_state_sharing`] from the final chart's `field` of x's excitations,
@@ -145,9 +154,9 @@ impl Model {
     /// state j's [x | ξ_σ] into `buf`; `take(j, value, gx, gsig)` receives each state's
     /// energy and gradients, in state order.
     ///
-    /// Without `fields`, each state is [`Model::value_grad_sharing`]'s. With `fields` (their
-    /// point set to the ICR part of the point whose samples `point` writes; a backend that
-    /// takes fields), each state's field is the point's plus its offset's, the states are
+    /// Without `fields`, each state is [`Model::value_grad_sharing`]'s. With `fields` (the
+    /// samples' offset fields and the parameters x whose samples `point` writes; a backend
+    /// that takes fields), each state's field is x's plus its offset's, the states are
     /// walked four at a time where the backend walks states together, and each state's
     /// gradient in x leaves out the ICR part of its likelihood: their sum over the states,
     /// one adjoint of the summed field cotangents, is left in the first n_ξ entries of `gx`
@@ -156,13 +165,13 @@ impl Model {
         &self,
         states: &mut [State],
         share: bool,
-        fields: Option<&SampleFields>,
+        fields: Option<(&SampleFields, &[f64])>,
         (point, take): (&mut StatePoint<'_>, &mut StateResult<'_>),
         (xk, gx, gsig): (&mut Vec<f64>, &mut [f64], &mut [f64]),
         w: &mut ModelWork,
     ) -> Result<()> {
         let np = self.n_params();
-        let Some(fields) = fields else {
+        let Some((fields, x)) = fields else {
             for j in 0..states.len() {
                 point(j, xk);
                 let (x, xsig) = xk.split_at(np);
@@ -178,13 +187,15 @@ impl Model {
         }
         let mut bar = std::mem::take(&mut w.field);
         par_zero(&mut bar);
-        let walked = self.walk_fields(
-            (states, share, fields),
-            (point, take),
-            (xk, gx, gsig),
-            &mut bar,
-            w,
-        );
+        let walked = self.with_point_field(x, w, |at, w| {
+            self.walk_fields(
+                (states, share, (fields, at)),
+                (point, take),
+                (xk, gx, gsig),
+                &mut bar,
+                w,
+            )
+        });
         if walked.is_ok() {
             self.icr
                 .adjoint(&bar, &mut gx[..self.icr.n_xi()], &mut w.icr);
@@ -197,7 +208,7 @@ impl Model {
     /// added into `bar` in state order.
     fn walk_fields(
         &self,
-        (states, share, fields): (&mut [State], bool, &SampleFields),
+        (states, share, (fields, at)): (&mut [State], bool, (&SampleFields, &[f64])),
         (point, take): (&mut StatePoint<'_>, &mut StateResult<'_>),
         (xk, gx, gsig): (&mut Vec<f64>, &mut [f64], &mut [f64]),
         bar: &mut [f64],
@@ -218,7 +229,7 @@ impl Model {
                 let (x, xsig) = xk.split_at(np);
                 let st = self.start_state((x, xsig), states, j, share)?;
                 self.backend
-                    .value_grad_prepare(&self.core, fields.of(j), st, w)?;
+                    .value_grad_prepare(&self.core, fields.of(at, j), st, w)?;
             }
             let block = &mut states[first..first + 4];
             self.backend.value_grad_walk(&self.core, block, bar, w)?;
@@ -236,7 +247,7 @@ impl Model {
             point(j, xk);
             let (x, xsig) = xk.split_at(np);
             let st = self.start_state((x, xsig), states, j, share)?;
-            let field = fields.of(j);
+            let field = fields.of(at, j);
             let parts = self
                 .backend
                 .value_grad_field(&self.core, field, xsig, st, gsig, bar, w)?;

@@ -522,8 +522,9 @@ fn states_walked_together_equal_one_at_a_time() {
     for share in [false, true] {
         let (points, residuals) = sample_points(&m, &x_true, share);
         let mut w = m.workspace();
-        let mut fields = m.sample_fields(&residuals, &[], &mut w);
-        m.set_sample_point(&mut fields, &x_true, &mut w);
+        let fields = m.sample_fields(&residuals, &[], &mut w);
+        let mut at = vec![0.0; m.icr.n_field()];
+        m.with_point_field(&x_true, &mut w, |pt, _| at.copy_from_slice(pt));
         let mut together: Vec<State> = (0..6).map(|_| m.empty_state()).collect();
         let (mut xk, mut gx, mut gs) = (Vec::new(), vec![0.0; np], vec![0.0; n]);
         let mut got = Vec::new();
@@ -535,7 +536,7 @@ fn states_walked_together_equal_one_at_a_time() {
             got.push((j, v, gx.to_vec(), gs.to_vec()));
         };
         let bufs = (&mut xk, &mut gx[..], &mut gs[..]);
-        let f = Some(&fields);
+        let f = Some((&fields, &x_true[..]));
         m.value_grad_states(
             &mut together,
             share,
@@ -552,11 +553,19 @@ fn states_walked_together_equal_one_at_a_time() {
             let (x, xs) = p.split_at(np);
             let (done, rest) = one.split_at_mut(j);
             let (same, st) = (done.first().filter(|_| share), &mut rest[0]);
-            m.update_state_field((x, xs), same, fields.of(j), st, &mut w1)
+            m.update_state_field((x, xs), same, fields.of(&at, j), st, &mut w1)
                 .unwrap();
             let [lik, g_scl, g_off] = m
                 .backend
-                .value_grad_field(&m.core, fields.of(j), xs, st, &mut gs, &mut bar, &mut w1)
+                .value_grad_field(
+                    &m.core,
+                    fields.of(&at, j),
+                    xs,
+                    st,
+                    &mut gs,
+                    &mut bar,
+                    &mut w1,
+                )
                 .unwrap();
             let v = lik + m.prior_energy(x, xs);
             let (k, value, gx_k, gs_k) = &got[j];
@@ -607,8 +616,7 @@ fn sample_fields_give_the_samples_values_and_gradients() {
     let (n, np, nxi) = (m.data.len(), m.n_params(), m.icr.n_xi());
     let (points, residuals) = sample_points(&m, &x_true, true);
     let mut w = m.workspace();
-    let mut fields = m.sample_fields(&residuals, &[], &mut w);
-    m.set_sample_point(&mut fields, &x_true, &mut w);
+    let fields = m.sample_fields(&residuals, &[], &mut w);
     let mut states: Vec<State> = (0..6).map(|_| m.empty_state()).collect();
     let (mut xk, mut gx, mut gs) = (Vec::new(), vec![0.0; np], vec![0.0; n]);
     let (mut values, mut g_sum) = (Vec::new(), vec![0.0; np]);
@@ -624,7 +632,7 @@ fn sample_fields_give_the_samples_values_and_gradients() {
     m.value_grad_states(
         &mut states,
         true,
-        Some(&fields),
+        Some((&fields, &x_true[..])),
         (&mut point, &mut take),
         bufs,
         &mut w,
