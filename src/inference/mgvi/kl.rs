@@ -167,6 +167,15 @@ impl<'a> Kl<'a> {
         super::sampling::sample_point(p, self.residuals, self.shifts, j, out);
     }
 
+    /// Write sample point `j`'s entries from the scale's latent on, `[ξ_scale, ξ_offset |
+    /// ξ_σ]`, into `out` (as [`Kl::fill_sample`] writes them).
+    fn fill_tail(&self, p: &[f64], j: usize, out: &mut Vec<f64>) {
+        let from = self.model.icr.n_xi();
+        out.resize(p.len() - from, 0.0);
+        let (r, s) = (self.residuals, self.shifts);
+        super::sampling::sample_point_from(p, r, s, (j, from), out);
+    }
+
     /// Buffers sized for this model and sample count, and the samples' fields where the
     /// backend takes them.
     fn prepare(&self, c: &mut KlCache) {
@@ -200,11 +209,10 @@ impl<'a> Kl<'a> {
         let updated = match fields {
             Some(f) => self.model.with_point_field(p, work, |at, work| {
                 (0..states.len()).try_for_each(|j| {
-                    self.fill_sample(p, j, xk);
-                    let (xk, xsig) = xk.split_at(np);
+                    self.fill_tail(p, j, xk);
                     let (st, same) = state_and_sig_source(states, j, shared_sig);
                     let field = f.of(at, j);
-                    (self.model).update_state_field((xk, xsig), same, field, st, work)
+                    (self.model).update_state_field(xk, same, field, st, work)
                 })
             }),
             None => (0..states.len()).try_for_each(|j| {
@@ -317,7 +325,6 @@ impl Kl<'_> {
         let mut c = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         self.prepare(&mut c);
         let np = self.model.n_params();
-        let ns = p.len() - np;
         let KlCache {
             states,
             work,
@@ -328,39 +335,61 @@ impl Kl<'_> {
             gs,
             fields,
         } = &mut *c;
-        gx.resize(np, 0.0);
-        gs.resize(ns, 0.0);
-        let n = states.len() as f64;
-        par_zero(g);
-        let mut value = 0.0;
-        // one pass per sample (four samples in one where the backend walks them together):
-        // value, gradient, and the state the metric will reuse
+        gs.resize(p.len() - np, 0.0);
+        // the states the metric will reuse, made anew here
         *at_valid = false;
-        let shared_sig = self.samples_share_xsig();
-        let held = self.mask.held();
-        let mut point = |j: usize, buf: &mut Vec<f64>| self.fill_sample(p, j, buf);
-        let mut take = |_: usize, v: f64, gx: &[f64], gs: &[f64]| {
-            value += v / n;
-            let (g_x, g_s) = g.split_at_mut(np);
-            add_share(g_x, gx, n, held);
-            add_share(g_s, gs, n, &[]);
+        let share = self.samples_share_xsig();
+        let value = match fields {
+            Some(f) => {
+                let mut tail = |j: usize, buf: &mut Vec<f64>| self.fill_tail(p, j, buf);
+                let model = self.model;
+                let v = model.samples_value_grad(
+                    (states, share),
+                    (f, p),
+                    &mut tail,
+                    (xk, gs),
+                    g,
+                    work,
+                )?;
+                // a held entry's gradient stays (signed) zero
+                for &h in self.mask.held() {
+                    g[h] = 0.0 * g[h] + 0.0;
+                }
+                v
+            }
+            None => self.evaluate_apart(p, (states, share), (xk, gx, gs), g, work)?,
         };
-        self.model.value_grad_states(
-            states,
-            shared_sig,
-            fields.as_ref().map(|f| (f, p)),
-            (&mut point, &mut take),
-            (xk, gx, gs),
-            work,
-        )?;
-        if fields.is_some() {
-            // the ICR part of the likelihood's gradient, one adjoint for all samples
-            let nxi = self.model.icr.n_xi();
-            add_share(&mut g[..nxi], &gx[..nxi], n, held);
-        }
         par_copy(at, p);
         *at_valid = true;
         self.record(p, states);
+        Ok(value)
+    }
+
+    /// The mean energy and gradient of the samples of `p` evaluated one by one from their
+    /// points, for a backend that does not take fields: each sample's
+    /// [`Model::value_grad_sharing`] (n_σ shared from the first with `share`).
+    fn evaluate_apart(
+        &self,
+        p: &[f64],
+        (states, share): (&mut [State], bool),
+        (xk, gx, gs): (&mut Vec<f64>, &mut Vec<f64>, &mut Vec<f64>),
+        g: &mut [f64],
+        work: &mut ModelWork,
+    ) -> Result<f64> {
+        let (np, n) = (self.model.n_params(), states.len() as f64);
+        gx.resize(np, 0.0);
+        par_zero(g);
+        let mut value = 0.0;
+        for j in 0..states.len() {
+            self.fill_sample(p, j, xk);
+            let (x, xsig) = xk.split_at(np);
+            let (st, same) = state_and_sig_source(states, j, share);
+            let v = (self.model).value_grad_sharing(x, xsig, (st, same), gx, gs, work)?;
+            value += v / n;
+            let (g_x, g_s) = g.split_at_mut(np);
+            add_share(g_x, gx, n, self.mask.held());
+            add_share(g_s, gs, n, &[]);
+        }
         Ok(value)
     }
 }

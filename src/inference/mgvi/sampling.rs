@@ -368,17 +368,31 @@ pub fn sample_point(
     j: usize,
     out: &mut [f64],
 ) {
+    sample_point_from(base, residuals, shifts, (j, 0), out);
+}
+
+/// The entries from index `from` on of [`sample_point`] `j` into `out` (as long as `base`
+/// from `from` on), the same arithmetic: `(j, from)`.
+pub(crate) fn sample_point_from(
+    base: &[f64],
+    residuals: &[Vec<f64>],
+    shifts: &[Vec<f64>],
+    (j, from): (usize, usize),
+    out: &mut [f64],
+) {
     use crate::base::util::PAR_MIN_LEN;
     use rayon::prelude::*;
+    let after = |v: &[f64]| -> usize { from.min(v.len()) };
     let d = &residuals[j / 2];
+    let d = &d[after(d)..];
     let n = d.len().min(out.len());
     let sign = if j.is_multiple_of(2) { 1.0 } else { -1.0 };
     let (head, tail) = out.split_at_mut(n);
-    let (base, base_tail) = base.split_at(n);
+    let (base, base_tail) = base[from..].split_at(n);
     let head = head.par_iter_mut().with_min_len(PAR_MIN_LEN).zip(base);
     match shifts.get(j / 2) {
         Some(c) => head
-            .zip(d[..n].par_iter().zip(&c[..n]))
+            .zip(d[..n].par_iter().zip(&c[after(c)..][..n]))
             .for_each(|((o, x), (b, s))| *o = x + (s + sign * b)),
         None => head.zip(&d[..n]).for_each(|((o, x), b)| *o = x + sign * b),
     }

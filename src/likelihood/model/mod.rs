@@ -23,7 +23,7 @@ use crate::data::catalog::PixelCatalog;
 use crate::num::cg::{CgReport, CgSettings};
 use crate::prior::icr::Icr;
 use crate::sphere::decomp::{Domain, Space};
-pub use samples::{SampleFields, StatePoint, StateResult};
+pub use samples::{SampleFields, SampleTail};
 
 /// Stars per task of the n_σ transform (its exponentials taken a block at a time).
 const SIG_CHUNK: usize = 4096;
@@ -164,10 +164,16 @@ impl Model {
         self.backend.traffic()
     }
 
-    /// The global scale and offset and every star's n_σ into `st`; n_σ copied from `same_sig`
-    /// when given (a state at the same ξ_σ) instead of recomputed.
-    fn set_globals(&self, x: &[f64], xsig: &[f64], same_sig: Option<&State>, st: &mut State) {
-        let nxi = self.icr.n_xi();
+    /// The global scale and offset of the latents `[ξ_scale, ξ_offset]` and every star's
+    /// n_σ into `st`; n_σ copied from `same_sig` when given (a state at the same ξ_σ) instead
+    /// of recomputed.
+    fn set_globals(
+        &self,
+        [zs, zo]: [f64; 2],
+        xsig: &[f64],
+        same_sig: Option<&State>,
+        st: &mut State,
+    ) {
         st.sig_id = next_state_id();
         if let Some(src) = same_sig.filter(|_| self.marginal.is_none() && self.infer_nsigma) {
             par_copy(&mut st.nsig, &src.nsig);
@@ -184,9 +190,15 @@ impl Model {
                 .zip(xsig.par_chunks(SIG_CHUNK))
                 .for_each(|((v, d), z)| self.nsigma.values_derivs(z, v, d));
         }
-        st.scl = self.scale.value(x[nxi]);
-        st.off = self.offset.value(x[nxi + 1]);
-        st.dscl = self.scale.deriv(x[nxi]);
+        st.scl = self.scale.value(zs);
+        st.off = self.offset.value(zo);
+        st.dscl = self.scale.deriv(zs);
+    }
+
+    /// The latents `[ξ_scale, ξ_offset]` of parameters `x`.
+    fn globals(&self, x: &[f64]) -> [f64; 2] {
+        let nxi = self.icr.n_xi();
+        [x[nxi], x[nxi + 1]]
     }
 
     /// Check the lengths of a parameter vector and its ξ_σ.
@@ -227,7 +239,7 @@ impl Model {
     ) -> Result<()> {
         self.check_lengths(x, xsig)?;
         st.id = next_state_id();
-        self.set_globals(x, xsig, same_sig, st);
+        self.set_globals(self.globals(x), xsig, same_sig, st);
         self.backend.state(&self.core, &x[..self.icr.n_xi()], st, w)
     }
 
@@ -295,13 +307,16 @@ impl Model {
 
     /// ½|x|² + ½|ξ_σ|² (the latter only when n_σ is inferred).
     fn prior_energy(&self, x: &[f64], xsig: &[f64]) -> f64 {
-        let prior = 0.5 * self.dom.x.dot(x, x);
-        let psig = if self.infer_nsigma {
+        0.5 * self.dom.x.dot(x, x) + self.sig_prior_energy(xsig)
+    }
+
+    /// ½|ξ_σ|² when n_σ is inferred, else 0.
+    fn sig_prior_energy(&self, xsig: &[f64]) -> f64 {
+        if self.infer_nsigma {
             0.5 * self.dom.stars.dot(xsig, xsig)
         } else {
             0.0
-        };
-        prior + psig
+        }
     }
 
     /// Gradient of [`Model::energy`] with respect to x and ξ_σ.
@@ -366,7 +381,7 @@ impl Model {
         self.check_lengths(x, xsig)?;
         let nxi = self.icr.n_xi();
         st.id = next_state_id();
-        self.set_globals(x, xsig, same_sig, st);
+        self.set_globals(self.globals(x), xsig, same_sig, st);
         let [lik, g_scl, g_off] =
             self.backend
                 .value_grad(&self.core, &x[..nxi], xsig, st, &mut gx[..nxi], gsig, w)?;

@@ -510,78 +510,57 @@ fn sample_points(m: &Model, x: &[f64], share: bool) -> (Vec<Vec<f64>>, Vec<Vec<f
 
 /// The KL's sample states from their fields (the ICR forward of the point plus each
 /// residual's), four at a time in one walk of the stars (the CPU backend), give the bits of
-/// one at a time: states, energies, both gradients and the summed field cotangent's
-/// adjoint; six states (a walk of four and two alone), with n_σ shared from the first state
-/// and not.
+/// one at a time: states, the sums of energies and latent cotangents, the summed field
+/// cotangent and ξ_σ gradient; six states (a walk of four and two alone), with n_σ shared
+/// from the first state and not.
 #[test]
 fn states_walked_together_equal_one_at_a_time() {
     let (m, x_true, _) = setup(400, true, "volume");
     assert!(m.takes_fields() && m.backend.walks_states_together(&m.core));
-    let (n, np, nxi) = (m.data.len(), m.n_params(), m.icr.n_xi());
+    let (n, nxi, nf) = (m.data.len(), m.icr.n_xi(), m.icr.n_field());
     let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     for share in [false, true] {
         let (points, residuals) = sample_points(&m, &x_true, share);
+        let tails: Vec<&[f64]> = points.iter().map(|p| &p[nxi..]).collect();
+        let mut tail = |j: usize, b: &mut Vec<f64>| {
+            b.clear();
+            b.extend_from_slice(tails[j]);
+        };
         let mut w = m.workspace();
         let fields = m.sample_fields(&residuals, &[], &mut w);
-        let mut at = vec![0.0; m.icr.n_field()];
-        m.with_point_field(&x_true, &mut w, |pt, _| at.copy_from_slice(pt));
         let mut together: Vec<State> = (0..6).map(|_| m.empty_state()).collect();
-        let (mut xk, mut gx, mut gs) = (Vec::new(), vec![0.0; np], vec![0.0; n]);
-        let mut got = Vec::new();
-        let mut point = |j: usize, b: &mut Vec<f64>| {
-            b.clear();
-            b.extend_from_slice(&points[j]);
-        };
-        let mut take = |j: usize, v: f64, gx: &[f64], gs: &[f64]| {
-            got.push((j, v, gx.to_vec(), gs.to_vec()));
-        };
-        let bufs = (&mut xk, &mut gx[..], &mut gs[..]);
-        let f = Some((&fields, &x_true[..]));
-        m.value_grad_states(
-            &mut together,
-            share,
-            f,
-            (&mut point, &mut take),
-            bufs,
-            &mut w,
-        )
-        .unwrap();
-        let g_icr = gx[..nxi].to_vec();
+        let (mut tbuf, mut gs) = (Vec::new(), vec![0.0; n]);
+        let (mut bar, mut g_sig) = (vec![0.0; nf], vec![0.0; n]);
+        let sums = m
+            .with_point_field(&x_true, &mut w, |at, w| {
+                let walk = (&mut together[..], share, (&fields, at));
+                m.walk_samples(
+                    walk,
+                    &mut tail,
+                    (&mut tbuf, &mut gs),
+                    (&mut bar, &mut g_sig),
+                    w,
+                )
+            })
+            .unwrap();
+        let mut at = vec![0.0; nf];
+        m.with_point_field(&x_true, &mut w, |pt, _| at.copy_from_slice(pt));
         let mut one: Vec<State> = (0..6).map(|_| m.empty_state()).collect();
-        let (mut w1, mut bar) = (m.workspace(), vec![0.0; m.icr.n_field()]);
-        for (j, p) in points.iter().enumerate() {
-            let (x, xs) = p.split_at(np);
+        let (mut w1, mut bar1, mut g_sig1) = (m.workspace(), vec![0.0; nf], vec![0.0; n]);
+        let mut sums1 = (0.0, [0.0; 2]);
+        for (j, t) in tails.iter().enumerate() {
             let (done, rest) = one.split_at_mut(j);
             let (same, st) = (done.first().filter(|_| share), &mut rest[0]);
-            m.update_state_field((x, xs), same, fields.of(&at, j), st, &mut w1)
+            let field = fields.of(&at, j);
+            m.update_state_field(t, same, field, st, &mut w1).unwrap();
+            let xs = &t[2..];
+            let [lik, g_scl, g_off] = (m.backend)
+                .value_grad_field(&m.core, field, xs, st, &mut gs, &mut bar1, &mut w1)
                 .unwrap();
-            let [lik, g_scl, g_off] = m
-                .backend
-                .value_grad_field(
-                    &m.core,
-                    fields.of(&at, j),
-                    xs,
-                    st,
-                    &mut gs,
-                    &mut bar,
-                    &mut w1,
-                )
-                .unwrap();
-            let v = lik + m.prior_energy(x, xs);
-            let (k, value, gx_k, gs_k) = &got[j];
-            assert_eq!(
-                (*k, value.to_bits()),
-                (j, v.to_bits()),
-                "state {j}, share {share}"
-            );
-            assert_eq!(
-                bits(&gx_k[..nxi]),
-                bits(&x[..nxi]),
-                "state {j}: prior gradient"
-            );
             let [a, b] = m.chain().cotangent(st.dscl, [g_scl, g_off]);
-            assert_eq!(bits(&gx_k[nxi..]), bits(&[a + x[nxi], b + x[nxi + 1]]));
-            assert_eq!(bits(gs_k), bits(&gs), "state {j}: gradient in ξ_σ");
+            sums1.0 += lik + m.sig_prior_energy(xs);
+            sums1.1 = [sums1.1[0] + a, sums1.1[1] + b];
+            g_sig1.iter_mut().zip(&gs).for_each(|(o, v)| *o += v);
             let (a, b) = (&together[j], &one[j]);
             for (u, v, what) in [
                 (&a.s, &b.s, "s"),
@@ -594,70 +573,70 @@ fn states_walked_together_equal_one_at_a_time() {
             }
             assert_eq!([a.scl, a.off, a.dscl], [b.scl, b.off, b.dscl]);
         }
-        let mut g_one = vec![0.0; nxi];
-        m.icr.adjoint(&bar, &mut g_one, &mut w1.icr);
+        assert_eq!(sums.0.to_bits(), sums1.0.to_bits(), "energy, share {share}");
         assert_eq!(
-            bits(&g_icr),
-            bits(&g_one),
-            "the samples' ICR gradient, share {share}"
+            bits(&sums.1),
+            bits(&sums1.1),
+            "latent cotangents, share {share}"
         );
+        assert_eq!(bits(&bar), bits(&bar1), "field cotangent, share {share}");
+        assert_eq!(bits(&g_sig), bits(&g_sig1), "ξ_σ gradient, share {share}");
     }
 }
 
-/// The samples' values and gradients from their fields (one ICR forward of the point and one
-/// per residual, one adjoint of the summed cotangents) are those from each sample's own
-/// excitations, to the rounding of the ICR's sums: the fields (|s| ≤ 6 here) to 1e-13, a
-/// few units of their last place; energies to 1e-10 relative and the summed gradient to
-/// 1e-10 of its norm, as the stars' σ_a² = m − κ ā² cancels (by up to 10³ at these points,
-/// where the fields' ~4e-15 gave up to 3e-12 in the energy).
+/// The samples' mean energy and gradient from their fields (one ICR forward of the point
+/// and one per residual, one adjoint of the summed cotangents, the prior's mean in closed
+/// form) are those of each sample point evaluated on its own, to the rounding of the ICR's
+/// sums: the fields (|s| ≤ 6 here) to 1e-13, a few units of their last place; the energy
+/// to 1e-10 relative and the gradient to 1e-10 of its norm, as the stars' σ_a² = m − κ ā²
+/// cancels (by up to 10³ at these points, where the fields' ~4e-15 gave up to 3e-12 in a
+/// sample's energy).
 #[test]
 fn sample_fields_give_the_samples_values_and_gradients() {
     let (m, x_true, _) = setup(400, true, "volume");
     let (n, np, nxi) = (m.data.len(), m.n_params(), m.icr.n_xi());
     let (points, residuals) = sample_points(&m, &x_true, true);
+    let p: Vec<f64> = x_true.iter().chain(&points[0][np..]).copied().collect();
     let mut w = m.workspace();
     let fields = m.sample_fields(&residuals, &[], &mut w);
     let mut states: Vec<State> = (0..6).map(|_| m.empty_state()).collect();
-    let (mut xk, mut gx, mut gs) = (Vec::new(), vec![0.0; np], vec![0.0; n]);
-    let (mut values, mut g_sum) = (Vec::new(), vec![0.0; np]);
-    let mut point = |j: usize, b: &mut Vec<f64>| {
+    let mut tail = |j: usize, b: &mut Vec<f64>| {
         b.clear();
-        b.extend_from_slice(&points[j]);
+        b.extend_from_slice(&points[j][nxi..]);
     };
-    let mut take = |_: usize, v: f64, gx: &[f64], _: &[f64]| {
-        values.push(v);
-        g_sum.iter_mut().zip(gx).for_each(|(a, b)| *a += b);
-    };
-    let bufs = (&mut xk, &mut gx[..], &mut gs[..]);
-    m.value_grad_states(
-        &mut states,
-        true,
-        Some((&fields, &x_true[..])),
-        (&mut point, &mut take),
-        bufs,
-        &mut w,
-    )
-    .unwrap();
-    g_sum.iter_mut().zip(&gx[..nxi]).for_each(|(a, b)| *a += b);
-    let mut g_ref = vec![0.0; np];
+    let (mut tbuf, mut gs, mut g) = (Vec::new(), vec![0.0; n], vec![0.0; np + n]);
+    let bufs = (&mut tbuf, &mut gs[..]);
+    let value = m
+        .samples_value_grad(
+            (&mut states, true),
+            (&fields, &p),
+            &mut tail,
+            bufs,
+            &mut g,
+            &mut w,
+        )
+        .unwrap();
+    let (mut v_ref, mut g_ref, mut gx) = (0.0, vec![0.0; np + n], vec![0.0; np]);
     let mut first: Option<State> = None;
-    for (j, p) in points.iter().enumerate() {
-        let (x, xs) = p.split_at(np);
+    for (j, pt) in points.iter().enumerate() {
+        let (x, xs) = pt.split_at(np);
         let mut st = m.empty_state();
-        let v = m
-            .value_grad_sharing(x, xs, (&mut st, first.as_ref()), &mut gx, &mut gs, &mut w)
-            .unwrap();
-        assert!(
-            (values[j] - v).abs() <= 1e-10 * v.abs(),
-            "state {j}: {} against {v}",
-            values[j]
-        );
+        let sharing = (&mut st, first.as_ref());
+        v_ref += m
+            .value_grad_sharing(x, xs, sharing, &mut gx, &mut gs, &mut w)
+            .unwrap()
+            / 6.0;
         let ds = states[j].s.iter().zip(&st.s).map(|(a, b)| (a - b).abs());
         assert!(ds.fold(0.0, f64::max) <= 1e-13, "state {j}: ln ρ");
-        g_ref.iter_mut().zip(&gx).for_each(|(a, b)| *a += b);
+        let gj = gx.iter().chain(&gs);
+        g_ref.iter_mut().zip(gj).for_each(|(a, b)| *a += b / 6.0);
         first.get_or_insert(st);
     }
-    let err: f64 = g_sum.iter().zip(&g_ref).map(|(a, b)| (a - b).powi(2)).sum();
+    assert!(
+        (value - v_ref).abs() <= 1e-10 * v_ref.abs(),
+        "{value} against {v_ref}"
+    );
+    let err: f64 = g.iter().zip(&g_ref).map(|(a, b)| (a - b).powi(2)).sum();
     assert!(
         err.sqrt() <= 1e-10 * dot(&g_ref, &g_ref).sqrt(),
         "gradient: {}",
