@@ -183,11 +183,20 @@ impl Model {
         if !self.takes_fields() {
             bail!("{} does not take fields from the host", self.backend_name());
         }
-        if p.len() != np + self.data.len() || g.len() != p.len() || fields.len() != states.len() {
+        let ns = self.data.len();
+        if states.is_empty() || fields.len() != states.len() {
             bail!(
-                "a KL point of {} entries for {} samples",
+                "{} sample states for {} sample fields",
+                states.len(),
+                fields.len()
+            );
+        }
+        if p.len() != np + ns || g.len() != p.len() {
+            bail!(
+                "a KL point of {} entries and a gradient of {} for a model of {np} parameters \
+                 and {ns} stars",
                 p.len(),
-                states.len()
+                g.len()
             );
         }
         let mut bar = std::mem::take(&mut w.field);

@@ -642,6 +642,21 @@ fn sample_fields_give_the_samples_values_and_gradients() {
         "gradient: {}",
         err.sqrt()
     );
+    // sizes that do not fit are errors, not panics or a mean over no sample
+    let bufs = (&mut tbuf, &mut gs[..]);
+    let sts = (&mut states[..], true);
+    let short = m.samples_value_grad(sts, (&fields, &p), &mut tail, bufs, &mut g[1..], &mut w);
+    assert!(format!("{:#}", short.unwrap_err()).contains("a gradient of"));
+    let bufs = (&mut tbuf, &mut gs[..]);
+    let none = m.samples_value_grad(
+        (&mut [], true),
+        (&fields, &p),
+        &mut tail,
+        bufs,
+        &mut g,
+        &mut w,
+    );
+    assert!(format!("{:#}", none.unwrap_err()).contains("0 sample states"));
 }
 
 #[test]
