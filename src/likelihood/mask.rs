@@ -85,6 +85,22 @@ impl Mask {
         }
     }
 
+    /// A gradient's held entries set to zero (+0; NaN where the entry is not finite, as a
+    /// dense mask's `0 · g + 0` gives), the free ones untouched.
+    ///
+    /// ```
+    /// use dust3d::likelihood::mask::Mask;
+    /// let mut g = [1.5, -2.0, f64::INFINITY];
+    /// Mask::holding([1, 2]).zero_held(&mut g);
+    /// assert_eq!(g[..2], [1.5, 0.0]);
+    /// assert!(g[1].is_sign_positive() && g[2].is_nan());
+    /// ```
+    pub fn zero_held(&self, g: &mut [f64]) {
+        for &h in self.held_below(g.len()) {
+            g[h] = 0.0 * g[h] + 0.0;
+        }
+    }
+
     /// `v ∘ mask`: `v` itself when no entry of it is held, else a copy in `scratch` with the
     /// held entries multiplied by 0.
     pub fn masked<'a>(&self, v: &'a [f64], scratch: &'a mut Vec<f64>) -> &'a [f64] {

@@ -351,10 +351,7 @@ impl Kl<'_> {
                     g,
                     work,
                 )?;
-                // a held entry's gradient stays (signed) zero
-                for &h in self.mask.held() {
-                    g[h] = 0.0 * g[h] + 0.0;
-                }
+                self.mask.zero_held(&mut g[..np]);
                 v
             }
             None => self.evaluate_apart(p, (states, share), (xk, gx, gs), g, work)?,
@@ -386,27 +383,13 @@ impl Kl<'_> {
             let (st, same) = state_and_sig_source(states, j, share);
             let v = (self.model).value_grad_sharing(x, xsig, (st, same), gx, gs, work)?;
             value += v / n;
-            let (g_x, g_s) = g.split_at_mut(np);
-            add_share(g_x, gx, n, self.mask.held());
-            add_share(g_s, gs, n, &[]);
+            let gj = gx.par_iter().chain(gs.par_iter());
+            g.par_iter_mut()
+                .with_min_len(PAR_MIN_LEN)
+                .zip(gj)
+                .for_each(|(o, v)| *o += v / n);
         }
+        self.mask.zero_held(&mut g[..np]);
         Ok(value)
-    }
-}
-
-/// `g += v / n` (`v` as long as `g` or shorter); the entries `held` stay what they were
-/// (signed zeros: a held entry's gradient is zero).
-fn add_share(g: &mut [f64], v: &[f64], n: f64, held: &[usize]) {
-    let held: Vec<(usize, f64)> = held
-        .iter()
-        .filter(|&&h| h < v.len())
-        .map(|&h| (h, g[h]))
-        .collect();
-    g.par_iter_mut()
-        .with_min_len(PAR_MIN_LEN)
-        .zip(v)
-        .for_each(|(o, v)| *o += v / n);
-    for (h, before) in held {
-        g[h] = before + 0.0 * v[h] / n;
     }
 }

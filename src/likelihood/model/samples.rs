@@ -247,10 +247,10 @@ impl Model {
             0
         };
         let mut sums = (0.0, [0.0; 2]);
-        let mut add = |this: &Self, xsig: &[f64], dscl: f64, parts: [f64; 3], gsig: &[f64]| {
+        let mut add = |xsig: &[f64], dscl: f64, parts: [f64; 3], gsig: &[f64]| {
             let [lik, g_scl, g_off] = parts;
-            let [a, b] = this.chain().cotangent(dscl, [g_scl, g_off]);
-            sums.0 += lik + this.sig_prior_energy(xsig);
+            let [a, b] = self.chain().cotangent(dscl, [g_scl, g_off]);
+            sums.0 += lik + self.sig_prior_energy(xsig);
             (sums.1[0], sums.1[1]) = (sums.1[0] + a, sums.1[1] + b);
             g_sig
                 .par_iter_mut()
@@ -271,7 +271,7 @@ impl Model {
                 tail(j, tbuf);
                 let xsig = &tbuf[2..];
                 let parts = (self.backend).value_grad_finish(&self.core, k, xsig, gsig, w)?;
-                add(self, xsig, states[j].dscl, parts, gsig);
+                add(xsig, states[j].dscl, parts, gsig);
             }
         }
         for j in together..states.len() {
@@ -280,7 +280,7 @@ impl Model {
             let (field, xsig) = (fields.of(at, j), &tbuf[2..]);
             let parts =
                 (self.backend).value_grad_field(&self.core, field, xsig, st, gsig, bar, w)?;
-            add(self, xsig, st.dscl, parts, gsig);
+            add(xsig, st.dscl, parts, gsig);
         }
         Ok(sums)
     }
