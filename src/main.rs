@@ -38,6 +38,11 @@ fn main() {
         drop(mpi);
         exit_without_library_cleanup(1);
     }
+    drop(mpi);
+    if dust3d::data::guard::library_suspect() {
+        // a damaged file was read on the way (e.g. `info` first asks whether a catalog is a map)
+        exit_without_library_cleanup(0);
+    }
 }
 
 /// End the process without the C libraries' exit handlers. After a read of a damaged file

@@ -7,6 +7,10 @@
 //!
 //! `DUST3D_FUZZ_CASES` sets the cases per format (default 400); `DUST3D_FUZZ_SEED` the seed.
 //! A failing case's input is kept under `target/tmp/fuzz-failures/` (format index-case).
+//! Whether the netCDF/HDF5 library crashes on a damaged file, or only fails, can depend on
+//! the process's memory layout (the lengths of its path and environment), so a case may end
+//! differently on another machine: each case runs under a file name of its own length, and
+//! a crash on one machine is a crash to catch on all.
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -475,7 +479,11 @@ fn fuzz_target(
                     for case in (w..cases).step_by(2) {
                         let mut rng =
                             ChaCha8Rng::seed_from_u64(seed ^ ((ti as u64) << 32) ^ case as u64);
-                        let input = wdir.join(format!("case.{}", t.ext));
+                        // a path whose length varies with the case: how the C libraries fail
+                        // on a damaged file (an error, a crash or an abort) can depend on the
+                        // process's memory layout, and with it on the length of its arguments
+                        let pad = "_".repeat(case % 24);
+                        let input = wdir.join(format!("case{pad}.{}", t.ext));
                         let bytes = match &t.structure {
                             Some(map) => {
                                 let _ = std::fs::remove_file(&input);
@@ -512,6 +520,7 @@ fn fuzz_target(
                             let keep = keep_dir.join(format!("{ti}-{case}.{}", t.ext));
                             std::fs::write(&keep, &bytes).ok();
                         }
+                        let _ = std::fs::remove_file(&input);
                         out.push((case, o));
                     }
                     out

@@ -5,20 +5,44 @@
 //! can loop forever on some damaged files (seen in its global heap): a watchdog ends the
 //! process with a message naming the file when a read takes longer than any healthy one
 //! would — 5 s plus 0.1 s per MB of the file (10 MB/s), or `DUST3D_READ_TIMEOUT_S`. HDF5
-//! 1.10 also dereferences damaged heap addresses (segmentation fault in `H5HG_read`): during
-//! a guarded read a SIGSEGV/SIGBUS handler prints the same kind of message and exits 1.
+//! 1.10 also dereferences damaged heap addresses (segmentation fault in `H5HG_read`) and frees
+//! pointers read from damaged object headers (glibc's `free(): invalid pointer`, an abort,
+//! in `H5O_msg_reset` while a file is opened): during a guarded read a handler of SIGSEGV,
+//! SIGBUS, SIGABRT, SIGFPE and SIGILL prints the same kind of message and exits 1. Whether
+//! such a file crashes, or only fails, depends on the process's memory layout (the length of
+//! its path and of its environment), so one damaged file can do either on two machines.
+//! After a guarded read has failed, the library's state is suspect: [`library_suspect`]
+//! tells the program to end without the library's exit handlers.
 
 use anyhow::{anyhow, Result};
 use std::cell::RefCell;
 use std::panic::{self, AssertUnwindSafe};
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 /// The message the crash handler writes (only async-signal-safe access: a fixed buffer whose
 /// length is published through an atomic once it is filled).
 static mut CRASH_MSG: [u8; 1024] = [0; 1024];
 static CRASH_LEN: AtomicUsize = AtomicUsize::new(0);
+
+/// Set once a guarded read has failed or panicked.
+static SUSPECT: AtomicBool = AtomicBool::new(false);
+
+/// The signals a damaged file can raise inside the C libraries.
+const CRASH_SIGNALS: [libc::c_int; 5] = [
+    libc::SIGSEGV,
+    libc::SIGBUS,
+    libc::SIGABRT,
+    libc::SIGFPE,
+    libc::SIGILL,
+];
+
+/// True once a guarded read in this process has failed: the netCDF/HDF5 library may hold
+/// memory that the damaged file corrupted, and its clean-up at exit could crash on it.
+pub fn library_suspect() -> bool {
+    SUSPECT.load(Ordering::SeqCst)
+}
 
 extern "C" fn on_crash(_sig: libc::c_int) {
     let n = CRASH_LEN.load(Ordering::SeqCst);
@@ -31,8 +55,8 @@ extern "C" fn on_crash(_sig: libc::c_int) {
     }
 }
 
-/// Route SIGSEGV and SIGBUS to [`on_crash`] with `message`; returns the previous actions.
-fn arm_crash_message(message: &str) -> [libc::sigaction; 2] {
+/// Route [`CRASH_SIGNALS`] to [`on_crash`] with `message`; returns the previous actions.
+fn arm_crash_message(message: &str) -> [libc::sigaction; 5] {
     let bytes = message.as_bytes();
     let n = bytes.len().min(1024);
     // SAFETY: no handler runs yet (the length is 0 or the previous message's until stored)
@@ -41,11 +65,8 @@ fn arm_crash_message(message: &str) -> [libc::sigaction; 2] {
         buf[..n].copy_from_slice(&bytes[..n]);
     }
     CRASH_LEN.store(n, Ordering::SeqCst);
-    let mut old: [libc::sigaction; 2] = unsafe { std::mem::zeroed() };
-    for (sig, old) in [libc::SIGSEGV, libc::SIGBUS]
-        .into_iter()
-        .zip(old.iter_mut())
-    {
+    let mut old: [libc::sigaction; 5] = unsafe { std::mem::zeroed() };
+    for (sig, old) in CRASH_SIGNALS.into_iter().zip(old.iter_mut()) {
         // SAFETY: installing a handler that only writes and exits
         unsafe {
             let mut action: libc::sigaction = std::mem::zeroed();
@@ -58,8 +79,8 @@ fn arm_crash_message(message: &str) -> [libc::sigaction; 2] {
     old
 }
 
-fn disarm_crash_message(old: [libc::sigaction; 2]) {
-    for (sig, old) in [libc::SIGSEGV, libc::SIGBUS].into_iter().zip(old.iter()) {
+fn disarm_crash_message(old: [libc::sigaction; 5]) {
+    for (sig, old) in CRASH_SIGNALS.into_iter().zip(old.iter()) {
         // SAFETY: restoring the actions saved by arm_crash_message
         unsafe { libc::sigaction(sig, old, std::ptr::null_mut()) };
     }
@@ -113,6 +134,9 @@ pub fn reading<T>(path: &Path, what: &str, read: impl FnOnce() -> Result<T>) -> 
     ));
     let result = catch_panic(&file, what, read);
     disarm_crash_message(armed);
+    if result.is_err() {
+        SUSPECT.store(true, Ordering::SeqCst);
+    }
     let _ = done.send(());
     let _ = watchdog.join();
     result
@@ -161,5 +185,64 @@ mod tests {
         if std::env::var_os("DUST3D_READ_TIMEOUT_S").is_none() {
             assert_eq!(read_limit(m), Duration::from_secs(5));
         }
+    }
+
+    /// Which signal the child process raises inside a guarded read.
+    const CHILD: &str = "DUST3D_GUARD_TEST_SIGNAL";
+
+    #[test]
+    fn a_crash_inside_a_read_ends_with_a_message_and_exit_code_1() {
+        if let Ok(sig) = std::env::var(CHILD) {
+            // the child: raise the signal inside a guarded read, as a damaged file would
+            let sig: libc::c_int = sig.parse().unwrap();
+            let _ = reading(Path::new("damaged.nc"), "test file", || {
+                if sig == libc::SIGABRT {
+                    std::process::abort() // glibc's malloc checks end this way
+                }
+                // SAFETY: raising a signal whose handler ends the process
+                unsafe { libc::raise(sig) };
+                Ok(())
+            });
+            unreachable!("the handler ends the process");
+        }
+        let signals = [
+            libc::SIGSEGV,
+            libc::SIGBUS,
+            libc::SIGABRT,
+            libc::SIGFPE,
+            libc::SIGILL,
+        ];
+        for sig in signals {
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "--exact",
+                    "data::guard::tests::a_crash_inside_a_read_ends_with_a_message_and_exit_code_1",
+                    "--nocapture",
+                    "--test-threads=1",
+                ])
+                .env(CHILD, sig.to_string())
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(
+                out.status.code(),
+                Some(1),
+                "signal {sig}: {:?} {err}",
+                out.status
+            );
+            assert!(
+                err.contains(
+                    "error: damaged.nc: the netCDF/HDF5 library crashed reading this test file"
+                ),
+                "signal {sig}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_failed_read_makes_the_library_suspect() {
+        let r: Result<()> = reading(Path::new("m.nc"), "netCDF map", || Err(anyhow!("bad")));
+        assert!(r.is_err());
+        assert!(library_suspect());
     }
 }

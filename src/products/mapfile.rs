@@ -484,11 +484,11 @@ impl DustMap {
 
 /// Number of samples a dust3d map file holds (0 if none or unreadable).
 pub fn sample_count(path: &Path) -> usize {
+    // an unreadable file is an error inside the guard, so that it counts as a failed read
     crate::data::guard::reading(path, "netCDF file", || {
-        Ok(netcdf::open(path)
-            .ok()
-            .and_then(|nc| nc.dimension("sample").map(|d| d.len()))
-            .unwrap_or(0))
+        Ok(netcdf::open(path)?
+            .dimension("sample")
+            .map_or(0, |d| d.len()))
     })
     .unwrap_or(0)
 }
@@ -496,9 +496,8 @@ pub fn sample_count(path: &Path) -> usize {
 /// True if `path` looks like a dust3d map (a netCDF file with a `mean` and `nside`).
 pub fn is_map_file(path: &Path) -> bool {
     crate::data::guard::reading(path, "netCDF file", || {
-        Ok(netcdf::open(path)
-            .map(|nc| nc.variable("mean").is_some() && nc.attribute("nside").is_some())
-            .unwrap_or(false))
+        let nc = netcdf::open(path)?;
+        Ok(nc.variable("mean").is_some() && nc.attribute("nside").is_some())
     })
     .unwrap_or(false)
 }
