@@ -486,7 +486,6 @@ fn fuzz_target(
                         let input = wdir.join(format!("case{pad}.{}", t.ext));
                         let bytes = match &t.structure {
                             Some(map) => {
-                                let _ = std::fs::remove_file(&input);
                                 altered_map(&mut rng, map, &input);
                                 std::fs::read(&input).unwrap()
                             }

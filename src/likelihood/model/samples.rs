@@ -94,23 +94,30 @@ impl Model {
     ) -> SampleFields {
         let (np, nxi, top) = (self.n_params(), self.icr.n_xi(), self.icr.chart.levels);
         let (antithetic, n) = (shifts.is_empty(), 2 * residuals.len());
-        let mut o = vec![0.0; np];
-        let (mut offsets, mut half_norm2) = (Vec::new(), 0.0);
+        // geoVI's offsets c_k ± δ_k are formed here; MGVI's ±δ_k are the residuals themselves
+        let mut shifted = (!antithetic).then(|| vec![0.0; np]);
+        let (mut offsets, mut half_norm2, mut norm2) = (Vec::new(), 0.0, 0.0);
         let mut mean = (!antithetic).then(|| vec![0.0; np]);
         for j in 0..n {
             let d = &residuals[j / 2][..np];
             let sign = if j.is_multiple_of(2) { 1.0 } else { -1.0 };
-            match shifts.get(j / 2) {
-                Some(c) => o
-                    .par_iter_mut()
-                    .with_min_len(PAR_MIN_LEN)
-                    .zip(d.par_iter().zip(&c[..np]))
-                    .for_each(|(o, (b, s))| *o = s + sign * b),
-                None => o.copy_from_slice(d),
+            let o: &[f64] = match (shifts.get(j / 2), shifted.as_mut()) {
+                (Some(c), Some(buf)) => {
+                    buf.par_iter_mut()
+                        .with_min_len(PAR_MIN_LEN)
+                        .zip(d.par_iter().zip(&c[..np]))
+                        .for_each(|(o, (b, s))| *o = s + sign * b);
+                    buf
+                }
+                _ => d,
+            };
+            // |−δ|² has the bits of |δ|²: an antithetic pair's second norm is its first
+            if !antithetic || j.is_multiple_of(2) {
+                norm2 = self.dom.x.dot(o, o);
             }
-            half_norm2 += 0.5 * self.dom.x.dot(&o, &o) / n as f64;
+            half_norm2 += 0.5 * norm2 / n as f64;
             if let Some(m) = mean.as_mut() {
-                m.iter_mut().zip(&o).for_each(|(m, o)| *m += o / n as f64);
+                m.iter_mut().zip(o).for_each(|(m, o)| *m += o / n as f64);
             }
             if antithetic && !j.is_multiple_of(2) {
                 continue;
