@@ -247,6 +247,21 @@ impl VecLayout {
         reduce(&self.decomp, [rep], &parts)[0]
     }
 
+    /// Whether the replicated and the patches' ranges cover `0..len` exactly once.
+    fn partitions(&self) -> bool {
+        let mut all: Vec<&Range<usize>> =
+            self.rep.iter().chain(self.patch.iter().flatten()).collect();
+        all.sort_unstable_by_key(|r| r.start);
+        let mut end = 0;
+        for r in all.into_iter().filter(|r| !r.is_empty()) {
+            if r.start != end {
+                return false;
+            }
+            end = r.end;
+        }
+        end == self.len
+    }
+
     /// Append `extra` ranges per patch (e.g. the per-star block of the KL parameters) after
     /// `offset`, extending the vector to `offset + extra_len`.
     pub fn extended(&self, offset: usize, extra: &[Range<usize>], extra_len: usize) -> Self {
@@ -324,6 +339,12 @@ impl Domain {
 pub trait Space: Send + Sync {
     /// aᵀb over the whole (distributed) vector.
     fn dot(&self, a: &[f64], b: &[f64]) -> f64;
+    /// Σ g(r) over the index ranges r in which [`Space::dot`] sums a vector of length `n`,
+    /// in its order and grouping, each range visited once, so that `g` may also update its
+    /// range's entries: `dot(a, b)` is `range_sum(n, |r| lane_dot(&a[r], &b[r]))` bit for
+    /// bit. `None`, without calling `g`, where those ranges do not cover every entry exactly
+    /// once (an update in `g` would then miss some).
+    fn range_sum(&self, n: usize, g: &(dyn Fn(Range<usize>) -> f64 + Sync)) -> Option<f64>;
     /// Maximum over ranks.
     fn max(&self, v: f64) -> f64;
     /// True iff true on every rank.
@@ -337,6 +358,9 @@ impl Space for Serial {
     fn dot(&self, a: &[f64], b: &[f64]) -> f64 {
         det_sum_ranges(a.len(), |r| lane_dot(&a[r.clone()], &b[r]))
     }
+    fn range_sum(&self, n: usize, g: &(dyn Fn(Range<usize>) -> f64 + Sync)) -> Option<f64> {
+        Some(det_sum_ranges(n, g))
+    }
     fn max(&self, v: f64) -> f64 {
         v
     }
@@ -349,6 +373,9 @@ impl Space for VecLayout {
     fn dot(&self, a: &[f64], b: &[f64]) -> f64 {
         debug_assert_eq!(a.len(), self.len);
         self.sum_ranges(|r| lane_dot(&a[r.clone()], &b[r]))
+    }
+    fn range_sum(&self, n: usize, g: &(dyn Fn(Range<usize>) -> f64 + Sync)) -> Option<f64> {
+        (n == self.len && self.partitions()).then(|| self.sum_ranges(g))
     }
     fn max(&self, v: f64) -> f64 {
         if self.decomp.size() == 1 {
