@@ -6,14 +6,9 @@ fn main() {
     // is reported and leaves the previous files, instead of the signal killing the process
     // SAFETY: setting a signal's disposition to "ignore" before any thread starts
     unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
-    // one glibc arena: the command runs on a thread of the pool (cli::run), and its buffers
-    // in a thread's own arena fragment that arena's 64 MB heaps, which are not given back
-    // (W1 iteration peak 597 MB, up to 714 MB with a thread arena; time the same)
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: sets a parameter of glibc's allocator before any thread exists
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 1)
-    };
+    // one glibc arena, and freed buffers kept for the next iteration instead of given back
+    // SAFETY: no other thread exists yet
+    unsafe { dust3d::base::allocator::configure() };
     let mpi = dust3d::base::comm::init();
     dust3d::base::logging::init();
     if let Err(e) = dust3d::cli::run() {

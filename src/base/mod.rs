@@ -1,6 +1,7 @@
 //! Base layer: services every other layer may use and that know nothing of dust — atomic
 //! file writes, MPI, logging, provenance records, seeded random streams, small helpers.
 
+pub mod allocator;
 pub mod atomic;
 pub mod comm;
 pub mod logging;
