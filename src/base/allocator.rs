@@ -8,9 +8,6 @@
 
 use std::ffi::OsString;
 
-/// Extra bytes asked of the kernel each time the heap grows (fewer, larger extensions).
-const TOP_PAD_BYTES: i32 = 256 << 20;
-
 /// Whether the environment (read through `var`) sets glibc's allocator parameters itself:
 /// any `MALLOC_…_` variable glibc reads, or a `glibc.malloc.` tunable. dust3d then leaves
 /// the allocator as the user chose.
@@ -53,7 +50,6 @@ pub unsafe fn configure() -> bool {
             libc::mallopt(libc::M_ARENA_MAX, 1);
             // −1: never trim (mallopt takes an int; glibc reads it as the largest size)
             libc::mallopt(libc::M_TRIM_THRESHOLD, -1);
-            libc::mallopt(libc::M_TOP_PAD, TOP_PAD_BYTES);
             libc::mallopt(libc::M_MMAP_MAX, 0);
         }
         true
