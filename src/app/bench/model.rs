@@ -171,27 +171,28 @@ fn bench_mgvi(
     Ok(())
 }
 
+/// The names of an iteration's parts, after a prefix.
+macro_rules! part_names {
+    ($prefix:literal) => {
+        [
+            concat!($prefix, "sampling_s"),
+            concat!($prefix, "sampling_products_s"),
+            concat!($prefix, "newton_s"),
+            concat!($prefix, "newton_products_s"),
+            concat!($prefix, "kl_evaluations_s"),
+        ]
+    };
+}
+
 /// An iteration's parts as named timings (the warm iteration's names begin with `warm_`).
 fn iteration_parts(
     warm: bool,
     t: &crate::inference::mgvi::IterationTimings,
 ) -> [(&'static str, f64); 5] {
     let names = if warm {
-        [
-            "warm_sampling_s",
-            "warm_sampling_products_s",
-            "warm_newton_s",
-            "warm_newton_products_s",
-            "warm_kl_evaluations_s",
-        ]
+        part_names!("warm_")
     } else {
-        [
-            "sampling_s",
-            "sampling_products_s",
-            "newton_s",
-            "newton_products_s",
-            "kl_evaluations_s",
-        ]
+        part_names!("")
     };
     let values = [
         t.sampling_s,
