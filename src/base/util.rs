@@ -49,6 +49,15 @@ pub(crate) fn par_zero(v: &mut [f64]) {
         .for_each(|x| *x = 0.0);
 }
 
+/// `out ← out + v` on the rayon pool (a metric's identity part added to its likelihood part).
+pub(crate) fn par_add(out: &mut [f64], v: &[f64]) {
+    use rayon::prelude::*;
+    out.par_iter_mut()
+        .with_min_len(PAR_MIN_LEN)
+        .zip(v)
+        .for_each(|(o, x)| *o += x);
+}
+
 /// Whether `a == b` element by element (the same length, no NaN), compared on the rayon pool.
 pub(crate) fn par_equal(a: &[f64], b: &[f64]) -> bool {
     use rayon::prelude::*;

@@ -205,8 +205,9 @@ pub trait Backend: Send + Sync {
         ])
     }
 
-    /// The sample-averaged KL metric product of [`super::model::Model::averaged_metric`].
-    fn averaged_metric(
+    /// The likelihood part of the sample-averaged KL metric product
+    /// ([`super::model::Model::averaged_fisher`]: held entries multiplied by 0, no identity).
+    fn averaged_fisher(
         &self,
         m: &ModelCore,
         states: &[State],

@@ -87,7 +87,7 @@ impl<T: Real> Backend for OpenCl<T> {
         self.lock().vjp(st, ca, cv, g_xi)
     }
 
-    fn averaged_metric(
+    fn averaged_fisher(
         &self,
         m: &ModelCore,
         states: &[State],
@@ -98,7 +98,7 @@ impl<T: Real> Backend for OpenCl<T> {
     ) -> Result<()> {
         let refs: Vec<&State> = states.iter().collect();
         self.lock()
-            .metric_host(&refs, mask, true, m.chain(), v, out)
+            .fisher_host(&refs, mask, true, m.chain(), v, out)
     }
 
     fn solve_metric(

@@ -60,8 +60,9 @@ impl<T: Real> Inner<T> {
 
     /// The metric product entirely on the device (see `Model::averaged_metric`; with one
     /// state and `with_sig` false it is `ModelAt::metric`): `out = mask ∘ (1/N) Σ_k J_kᵀ F_k
-    /// J_k (mask ∘ v) + v`, plus the ξ_σ part when `with_sig`. Only four scalars and the
-    /// chunk sums of the scale/offset cotangents cross the bus.
+    /// J_k (mask ∘ v) + v`, plus the ξ_σ part when `with_sig`; without the `+ v` unless
+    /// `identity` (`Model::averaged_fisher`). Only four scalars and the chunk sums of the
+    /// scale/offset cotangents cross the bus.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn metric_apply(
         &self,
@@ -70,8 +71,8 @@ impl<T: Real> Inner<T> {
         mask_host: &Mask,
         with_sig: bool,
         chain: Chain,
-        v: &Buffer<T>,
-        out: &Buffer<T>,
+        (v, out): (&Buffer<T>, &Buffer<T>),
+        identity: bool,
     ) -> Result<()> {
         let np = mask.len();
         let nxi = np - 2;
@@ -117,20 +118,20 @@ impl<T: Real> Inner<T> {
             g_off += b;
         }
         self.icr.adjoint()?;
-        Self::enq(
-            self.vkernel("combine", nxi)
-                .arg(nxi as u64)
-                .arg(mask)
-                .arg(&self.icr.xi_bar)
-                .arg(v)
-                .arg(out),
-        )?;
+        let xi_bar = &self.icr.xi_bar;
+        let mut k = self.vkernel(if identity { "combine" } else { "mask_mul" }, nxi);
+        k.arg(nxi as u64).arg(mask).arg(xi_bar);
+        if identity {
+            k.arg(v);
+        }
+        Self::enq(k.arg(out))?;
+        let vlat = if identity { vlat } else { [0.0; 2] };
         let tail = [
             T::from_f64(mask_host.factor(nxi) * g_scl + vlat[0]),
             T::from_f64(mask_host.factor(nxi + 1) * g_off + vlat[1]),
         ];
         out.write(&tail[..]).offset(nxi).enq()?;
-        if with_sig {
+        if with_sig && identity {
             Self::enq(
                 self.vkernel("add_tail", nst)
                     .arg(nst as u64)
@@ -161,9 +162,10 @@ impl<T: Real> Inner<T> {
             .collect()
     }
 
-    /// One metric product from and to the host (the KL's `averaged_metric`).
+    /// One metric product's likelihood part from and to the host (the KL's
+    /// `averaged_fisher`: no identity part).
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn metric_host(
+    pub(crate) fn fisher_host(
         &mut self,
         states: &[&State],
         mask: &Mask,
@@ -177,7 +179,7 @@ impl<T: Real> Inner<T> {
         let vb = zeros_q::<T>(&self.queue, v.len())?;
         let ob = zeros_q::<T>(&self.queue, v.len())?;
         self.upload(&vb, v)?;
-        self.metric_apply(&slots, &self.mask, mask, with_sig, chain, &vb, &ob)?;
+        self.metric_apply(&slots, &self.mask, mask, with_sig, chain, (&vb, &ob), false)?;
         self.download(&ob, out)
     }
 
@@ -216,7 +218,7 @@ impl<T: Real> Inner<T> {
         let rep = crate::num::cg::solve_in(
             &mut space,
             |v: &Buffer<T>, o: &mut Buffer<T>| {
-                let r = this.metric_apply(&slots, &this.mask, mask, with_sig, chain, v, o);
+                let r = this.metric_apply(&slots, &this.mask, mask, with_sig, chain, (v, o), true);
                 if let (Err(e), None) = (r, &op_err) {
                     op_err = Some(e);
                 }

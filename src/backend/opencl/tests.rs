@@ -197,8 +197,11 @@ fn check(precision: &str, distance_variance: bool, kernel: f64, reduced: f64) {
     let lin_d = crate::inference::mgvi::ModelAt::new(&dev, &states_d[0], &mask);
     use crate::inference::mgvi::Fisher;
     let (mut dc, mut dd) = (vec![0.0; np], vec![0.0; np]);
-    crate::num::cg::try_solve_with(&dev.dom.x, |v, o| lin_d.metric(v, o), y, &mut dc, &settings)
-        .unwrap();
+    let op = (
+        crate::num::cg::Operator::Whole,
+        |v: &[f64], o: &mut [f64]| lin_d.metric(v, o),
+    );
+    crate::num::cg::try_solve_with(&dev.dom.x, op, y, &mut dc, &settings).unwrap();
     lin_d.solve(y, &mut dd, &settings).unwrap();
     errs.push(("CG solve, sampling metric".into(), rel(&dd, &dc), kernel));
     report(precision, &errs);

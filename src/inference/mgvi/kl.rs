@@ -6,11 +6,11 @@ use anyhow::{Context, Result};
 use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
 
-use crate::base::util::{par_copy, par_equal, par_zero, Stopwatch, PAR_MIN_LEN};
+use crate::base::util::{par_add, par_copy, par_equal, par_zero, Stopwatch, PAR_MIN_LEN};
 use crate::inference::newton::MetricObjective;
 use crate::likelihood::mask::Mask;
 use crate::likelihood::model::{Model, ModelWork, SampleFields, State};
-use crate::num::cg::{self, CgReport, CgSettings};
+use crate::num::cg::{self, CgReport, CgSettings, Operator};
 use crate::sphere::decomp::Space;
 
 /// The KL objective over p = [x | ξ_σ]: average energy over the samples p + c_k ± δ_k
@@ -235,9 +235,16 @@ impl<'a> Kl<'a> {
     /// The averaged metric product at the cached states (the caller has made them its
     /// point's), timed.
     fn metric_at_states(&self, c: &mut KlCache, v: &[f64], out: &mut [f64]) -> Result<()> {
+        self.fisher_at_states(c, v, out)?;
+        par_add(out, v);
+        Ok(())
+    }
+
+    /// [`Kl::metric_at_states`] without the identity part, for a CG that adds it itself.
+    fn fisher_at_states(&self, c: &mut KlCache, v: &[f64], out: &mut [f64]) -> Result<()> {
         self.products.time(|| {
             let KlCache { states, work, .. } = c;
-            self.model.averaged_metric(states, self.mask, v, out, work)
+            self.model.averaged_fisher(states, self.mask, v, out, work)
         })
     }
 
@@ -303,10 +310,10 @@ impl MetricObjective for Kl<'_> {
             // over two parameter-sized vectors per product)
             None => cg::try_solve_with(
                 &*self.space,
-                |v, out| {
+                (Operator::IdentityPlus, |v: &[f64], out: &mut [f64]| {
                     let mut c = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-                    self.metric_at_states(&mut c, v, out)
-                },
+                    self.fisher_at_states(&mut c, v, out)
+                }),
                 b,
                 x,
                 settings,

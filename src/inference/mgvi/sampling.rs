@@ -1,7 +1,7 @@
 //! MGVI's residual samples: δ ~ N(0, M⁻¹) with M = I + Jᵀ F J the metric at the expansion
 //! point, drawn as `M δ = η₁ + Jᵀ F^{1/2} η₂` by conjugate gradients (paper App. B).
 
-use crate::base::util::Stopwatch;
+use crate::base::util::{par_add, Stopwatch};
 use anyhow::Result;
 use rand::Rng;
 use rand_distr::StandardNormal;
@@ -10,7 +10,7 @@ use std::sync::Arc;
 use super::{geovi, residual_stream, scale, IterationSettings, SampleMode, Streams};
 use crate::likelihood::mask::Mask;
 use crate::likelihood::model::{Model, ModelWork, State};
-use crate::num::cg::{self, CgReport, CgSettings};
+use crate::num::cg::{self, CgReport, CgSettings, Operator};
 use crate::sphere::decomp::{Serial, Space, VecLayout};
 
 /// A linearised model as MGVI's sampler sees it: the metric `M = I + Jᵀ F J` and the map
@@ -36,7 +36,10 @@ pub trait Fisher {
     /// Solve `M δ = y` by CG from the guess in `delta` (on the host unless overridden).
     fn solve(&self, y: &[f64], delta: &mut [f64], settings: &CgSettings) -> Result<CgReport> {
         let space = self.space();
-        cg::try_solve_with(&*space, |v, out| self.metric(v, out), y, delta, settings)
+        let op = (Operator::Whole, |v: &[f64], out: &mut [f64]| {
+            self.metric(v, out)
+        });
+        cg::try_solve_with(&*space, op, y, delta, settings)
     }
     /// [`Fisher::solve`] for two right-hand sides (the default: one after the other; a
     /// linearised model may solve them in lockstep, each with the bits of its own solve).
@@ -167,7 +170,10 @@ impl Fisher for ModelAt<'_> {
         }
         cg::try_solve_pair_with(
             &*self.space,
-            |p| self.products.time(|| self.metric_pairs(p)),
+            (
+                Operator::IdentityPlus,
+                |p: &mut [(&[f64], &mut [f64])]| self.products.time(|| self.fisher_pairs(p)),
+            ),
             y,
             [d0, d1],
             settings,
@@ -179,7 +185,9 @@ impl Fisher for ModelAt<'_> {
             Some(rep) => Ok(rep),
             None => cg::try_solve_with(
                 &*self.space,
-                |v, out| self.metric(v, out),
+                (Operator::IdentityPlus, |v: &[f64], out: &mut [f64]| {
+                    self.products.time(|| self.fisher_product(v, out))
+                }),
                 y,
                 delta,
                 settings,
@@ -202,10 +210,19 @@ impl ModelAt<'_> {
         })
     }
 
-    /// `out = M v`, untimed ([`Fisher::metric`] times it).
+    /// `out = M v`, untimed ([`Fisher::metric`] times it): [`ModelAt::fisher_product`] and
+    /// the identity (on held entries the identity alone: `0 · out[h] + v[h]`).
     fn product(&self, v: &[f64], out: &mut [f64]) -> Result<()> {
+        self.fisher_product(v, out)?;
+        par_add(out, v);
+        Ok(())
+    }
+
+    /// `out = (M − I) v`, untimed: the likelihood part `mask ∘ Jᵀ F J (mask ∘ v)` (held
+    /// entries multiplied by 0), for a CG that adds the identity itself.
+    fn fisher_product(&self, v: &[f64], out: &mut [f64]) -> Result<()> {
         if self.with_sig {
-            return self.model.averaged_metric(
+            return self.model.averaged_fisher(
                 std::slice::from_ref(self.state),
                 self.mask,
                 v,
@@ -216,32 +233,26 @@ impl ModelAt<'_> {
         let mut scratch = self.scratch[0].borrow_mut();
         let vm = self.mask.masked(v, &mut scratch);
         self.model
-            .metric(self.state, vm, out, &mut self.work.borrow_mut())?;
-        self.held_identity(v, out);
+            .fisher_metric(self.state, vm, out, &mut self.work.borrow_mut())?;
+        self.mask.apply(out);
         Ok(())
     }
 
-    /// The metric's held entries, the identity: `out[h] = v[h]` (the free ones already hold
-    /// Jᵀ F J v + v).
-    fn held_identity(&self, v: &[f64], out: &mut [f64]) {
-        for &h in self.mask.held() {
-            out[h] = 0.0 * out[h] + v[h];
-        }
-    }
-
-    /// `out = M v` for each `(v, out)` of `pairs` (one or two; ξ_σ held), a pair in one walk of
-    /// the stars ([`Model::metric_pair`]).
-    fn metric_pairs(&self, pairs: &mut [(&[f64], &mut [f64])]) -> Result<()> {
+    /// [`ModelAt::fisher_product`] for each `(v, out)` of `pairs` (one or two; ξ_σ held), a
+    /// pair in one walk of the stars ([`Model::fisher_metric_pair`]).
+    fn fisher_pairs(&self, pairs: &mut [(&[f64], &mut [f64])]) -> Result<()> {
         let [(v0, o0), (v1, o1)] = pairs else {
-            return pairs.iter_mut().try_for_each(|(v, o)| self.product(v, o));
+            return pairs
+                .iter_mut()
+                .try_for_each(|(v, o)| self.fisher_product(v, o));
         };
         let (mut s0, mut s1) = (self.scratch[0].borrow_mut(), self.scratch[1].borrow_mut());
         let vm = [self.mask.masked(v0, &mut s0), self.mask.masked(v1, &mut s1)];
         let (o0, o1) = (&mut **o0, &mut **o1);
-        self.model
-            .metric_pair(self.state, vm, [o0, o1], &mut self.work.borrow_mut())?;
-        self.held_identity(v0, o0);
-        self.held_identity(v1, o1);
+        let w = &mut self.work.borrow_mut();
+        self.model.fisher_metric_pair(self.state, vm, [o0, o1], w)?;
+        self.mask.apply(o0);
+        self.mask.apply(o1);
         Ok(())
     }
 }

@@ -44,7 +44,10 @@ pub trait MetricObjective {
         settings: &CgSettings,
     ) -> Result<cg::CgReport, Error> {
         let space = self.space();
-        cg::try_solve_with(&*space, |v, out| self.metric(p, v, out), b, x, settings)
+        let op = (cg::Operator::Whole, |v: &[f64], out: &mut [f64]| {
+            self.metric(p, v, out)
+        });
+        cg::try_solve_with(&*space, op, b, x, settings)
     }
 }
 

@@ -19,7 +19,7 @@ use super::lanes;
 use super::mask::Mask;
 use super::response::{finish_vjp, inner_columns};
 use super::state::State;
-use crate::base::util::{par_zero, DisjointMut, PAR_MIN_LEN};
+use crate::base::util::{par_zero, DisjointMut};
 use crate::base::vexp;
 
 /// The CPU backend (the default).
@@ -213,7 +213,7 @@ impl Backend for Cpu {
         Ok(pair::metric_pair(m, st, dxi, tangents, g_xi, w))
     }
 
-    fn averaged_metric(
+    fn averaged_fisher(
         &self,
         m: &ModelCore,
         states: &[State],
@@ -256,12 +256,7 @@ impl Backend for Cpu {
         w.pix_scalars = per_state;
         out[nxi] = g_scl;
         out[nxi + 1] = g_off;
-        let (ox, osig) = out.split_at_mut(np);
-        mask.combine(ox, vx);
-        osig.par_iter_mut()
-            .with_min_len(PAR_MIN_LEN)
-            .zip(&vs[..ns])
-            .for_each(|(o, vi)| *o += vi);
+        mask.apply(&mut out[..np]);
         w.masked = scratch;
         Ok(())
     }

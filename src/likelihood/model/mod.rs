@@ -18,7 +18,7 @@ use super::cpu::Cpu;
 use super::mask::Mask;
 use super::state::next_state_id;
 pub use super::state::{StarData, State};
-use crate::base::util::{par_copy, PAR_MIN_LEN};
+use crate::base::util::{par_add, par_copy, PAR_MIN_LEN};
 use crate::data::catalog::PixelCatalog;
 use crate::num::cg::{CgReport, CgSettings};
 use crate::prior::icr::Icr;
@@ -283,8 +283,24 @@ impl Model {
         out: &mut [f64],
         w: &mut ModelWork,
     ) -> Result<()> {
+        self.averaged_fisher(states, mask, v, out, w)?;
+        par_add(out, v);
+        Ok(())
+    }
+
+    /// [`Model::averaged_metric`] without its identity part: `out = mask ∘ (1/N) Σ_k J_kᵀ F_k
+    /// J_k v` (held entries multiplied by 0), for a CG that adds `v` itself
+    /// ([`crate::num::cg::Operator::IdentityPlus`]).
+    pub fn averaged_fisher(
+        &self,
+        states: &[State],
+        mask: &Mask,
+        v: &[f64],
+        out: &mut [f64],
+        w: &mut ModelWork,
+    ) -> Result<()> {
         self.backend
-            .averaged_metric(&self.core, states, mask, v, out, w)
+            .averaged_fisher(&self.core, states, mask, v, out, w)
     }
 
     /// Solve `M x = b` where the backend keeps its vectors, for the metric of `states`
@@ -409,6 +425,19 @@ impl Model {
 
     /// Metric-vector product `out = v + Jᵀ F J v`.
     pub fn metric(&self, st: &State, v: &[f64], out: &mut [f64], w: &mut ModelWork) -> Result<()> {
+        self.fisher_metric(st, v, out, w)?;
+        par_add(out, v);
+        Ok(())
+    }
+
+    /// [`Model::metric`] without its identity part: `out = Jᵀ F J v`.
+    pub fn fisher_metric(
+        &self,
+        st: &State,
+        v: &[f64],
+        out: &mut [f64],
+        w: &mut ModelWork,
+    ) -> Result<()> {
         let nxi = self.icr.n_xi();
         let chain = self.chain();
         let (dscl, doff) = chain.tangent(st.dscl, [v[nxi], v[nxi + 1]]);
@@ -417,13 +446,26 @@ impl Model {
             .backend
             .metric(core, st, &v[..nxi], dscl, doff, g_xi, w)?;
         [out[nxi], out[nxi + 1]] = chain.cotangent(st.dscl, c);
-        out.par_iter_mut().zip(v).for_each(|(o, x)| *o += x);
         Ok(())
     }
 
     /// [`Model::metric`] of two vectors `v[t]` into `out[t]` at one state, each the bits of
     /// its product on its own (the backend may walk the stars once for both).
     pub fn metric_pair(
+        &self,
+        st: &State,
+        v: [&[f64]; 2],
+        [o0, o1]: [&mut [f64]; 2],
+        w: &mut ModelWork,
+    ) -> Result<()> {
+        self.fisher_metric_pair(st, v, [&mut *o0, &mut *o1], w)?;
+        par_add(o0, v[0]);
+        par_add(o1, v[1]);
+        Ok(())
+    }
+
+    /// [`Model::metric_pair`] without the identity parts: `out[t] = Jᵀ F J v[t]`.
+    pub fn fisher_metric_pair(
         &self,
         st: &State,
         v: [&[f64]; 2],
@@ -442,9 +484,6 @@ impl Model {
                 .metric_pair(&self.core, st, dxi, tangents, [g0, g1], w)?;
             [o0[nxi], o0[nxi + 1]] = chain.cotangent(st.dscl, c[0]);
             [o1[nxi], o1[nxi + 1]] = chain.cotangent(st.dscl, c[1]);
-        }
-        for (out, v) in [o0, o1].into_iter().zip(v) {
-            out.par_iter_mut().zip(v).for_each(|(o, x)| *o += x);
         }
         Ok(())
     }

@@ -39,6 +39,17 @@ impl Default for CgSettings {
     }
 }
 
+/// What the operator given to a solve writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Operator {
+    /// `A v` itself.
+    Whole,
+    /// `B v`, for `A = I + B` (a metric: identity plus the likelihood's part). CG adds `v` in
+    /// the pass that takes `vᵀ A v` ([`CgSpace::add_dot`]), with the bits of an operator that
+    /// added it itself (`B v + v`): two parameter-sized streams less per iteration.
+    IdentityPlus,
+}
+
 /// Outcome of a CG solve.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct CgReport {
@@ -87,6 +98,13 @@ pub trait CgSpace {
     fn step_and_turn(&mut self, a: f64, p: &mut Self::V, x: &mut Self::V, r: &Self::V, b: f64) {
         self.axpy(a, p, x);
         self.xpay(r, b, p);
+    }
+    /// y += x, then xᵀy: the identity part of an operator `I + B` added to its product
+    /// `B x` in `y` ([`CgSpace::axpy`] with a = 1), and the inner product CG takes next
+    /// ([`CgSpace::dot`]), in one pass where the space can (the same bits).
+    fn add_dot(&mut self, x: &Self::V, y: &mut Self::V) -> f64 {
+        self.axpy(1.0, x, y);
+        self.dot(x, y)
     }
     /// Whether every entry of `x` is zero on every rank (false when not cheap to tell: the
     /// solve then applies the operator to its start as to any other).
@@ -178,6 +196,21 @@ impl<'v> CgSpace for Host<'_, 'v> {
             self.dot(y, y)
         })
     }
+    fn add_dot(&mut self, x: &HostVec<'v>, y: &mut HostVec<'v>) -> f64 {
+        let n = y.len();
+        let (xs, out) = (&**x, DisjointMut::new(y));
+        let fused = self.0.range_sum(n, &|r| {
+            // SAFETY: `range_sum` visits each range once, and its ranges are disjoint
+            let ys = unsafe { out.chunk(r.start, r.len()) };
+            let xs = &xs[r];
+            ys.iter_mut().zip(xs).for_each(|(yi, xi)| *yi += xi);
+            lane_dot(xs, ys)
+        });
+        fused.unwrap_or_else(|| {
+            self.axpy(1.0, x, y);
+            self.dot(x, y)
+        })
+    }
     fn step_and_turn(
         &mut self,
         a: f64,
@@ -216,23 +249,28 @@ pub fn solve(
 /// iterations run on zeros and are discarded).
 pub fn try_solve_with(
     space: &dyn Space,
-    mut apply: impl FnMut(&[f64], &mut [f64]) -> anyhow::Result<()>,
+    (op, mut apply): (
+        Operator,
+        impl FnMut(&[f64], &mut [f64]) -> anyhow::Result<()>,
+    ),
     b: &[f64],
     x: &mut [f64],
     s: &CgSettings,
 ) -> anyhow::Result<CgReport> {
     let mut err = None;
-    let rep = solve_with(
-        space,
-        |v, out| {
+    let (bv, mut xv) = (HostVec::Ref(b), HostVec::Mut(x));
+    let rep = solve_op_in(
+        &mut Host(space, std::marker::PhantomData),
+        op,
+        |v: &HostVec, out: &mut HostVec| {
             if err.is_some() {
                 out.iter_mut().for_each(|o| *o = 0.0);
             } else if let Err(e) = apply(v, out) {
                 err = Some(e);
             }
         },
-        b,
-        x,
+        &bv,
+        &mut xv,
         s,
     );
     match err {
@@ -246,7 +284,10 @@ pub fn try_solve_with(
 /// the first error is returned (the remaining iterations run on zeros and are discarded).
 pub fn try_solve_pair_with(
     space: &dyn Space,
-    mut apply: impl FnMut(&mut [(&[f64], &mut [f64])]) -> anyhow::Result<()>,
+    (op, mut apply): (
+        Operator,
+        impl FnMut(&mut [(&[f64], &mut [f64])]) -> anyhow::Result<()>,
+    ),
     [b0, b1]: [&[f64]; 2],
     [x0, x1]: [&mut [f64]; 2],
     s: &CgSettings,
@@ -256,6 +297,7 @@ pub fn try_solve_pair_with(
     let (mut x0, mut x1) = (HostVec::Mut(x0), HostVec::Mut(x1));
     let reps = solve_pair_in(
         &mut Host(space, std::marker::PhantomData),
+        op,
         |pairs: &mut [(&HostVec, &mut HostVec)]| {
             let mut pairs: Vec<(&[f64], &mut [f64])> =
                 pairs.iter_mut().map(|(v, o)| (&***v, &mut ***o)).collect();
@@ -296,12 +338,24 @@ pub fn solve_with(
 /// [`solve`] in any [`CgSpace`]: `apply(space, v, out)` writes `A v`.
 pub fn solve_in<S: CgSpace>(
     space: &mut S,
+    apply: impl FnMut(&S::V, &mut S::V),
+    b: &S::V,
+    x: &mut S::V,
+    s: &CgSettings,
+) -> CgReport {
+    solve_op_in(space, Operator::Whole, apply, b, x, s)
+}
+
+/// [`solve_in`] with the operator given as `op` says.
+pub fn solve_op_in<S: CgSpace>(
+    space: &mut S,
+    op: Operator,
     mut apply: impl FnMut(&S::V, &mut S::V),
     b: &S::V,
     x: &mut S::V,
     s: &CgSettings,
 ) -> CgReport {
-    let mut run = match Run::new(space, b, x, s) {
+    let mut run = match Run::new(space, op, b, x, s) {
         Ok(run) => run,
         Err(rep) => return rep,
     };
@@ -321,12 +375,16 @@ pub fn solve_in<S: CgSpace>(
 /// into `out` for each `(v, out)` of `pairs` (one or two).
 pub fn solve_pair_in<S: CgSpace>(
     space: &mut S,
+    op: Operator,
     mut apply: impl FnMut(&mut [(&S::V, &mut S::V)]),
     [b0, b1]: [&S::V; 2],
     [x0, x1]: [&mut S::V; 2],
     s: &CgSettings,
 ) -> [CgReport; 2] {
-    let mut runs = [Run::new(space, b0, x0, s), Run::new(space, b1, x1, s)];
+    let mut runs = [
+        Run::new(space, op, b0, x0, s),
+        Run::new(space, op, b1, x1, s),
+    ];
     loop {
         let [r0, r1] = &mut runs;
         let mut pairs: Vec<(&S::V, &mut S::V)> = [r0, r1]
@@ -367,6 +425,7 @@ enum Phase {
 /// next, [`Run::advance`] takes it up, so that a caller can apply the operator to the
 /// vectors of several solves at once.
 struct Run<'a, S: CgSpace> {
+    op: Operator,
     b: &'a S::V,
     x: &'a mut S::V,
     ap: S::V,
@@ -388,7 +447,13 @@ struct Run<'a, S: CgSpace> {
 
 impl<'a, S: CgSpace> Run<'a, S> {
     /// A solve of `A x = b` from the guess in `x`, or its report when `b` is zero.
-    fn new(space: &mut S, b: &'a S::V, x: &'a mut S::V, s: &CgSettings) -> Result<Self, CgReport> {
+    fn new(
+        space: &mut S,
+        op: Operator,
+        b: &'a S::V,
+        x: &'a mut S::V,
+        s: &CgSettings,
+    ) -> Result<Self, CgReport> {
         let bnorm = space.dot(b, b).sqrt();
         if bnorm == 0.0 {
             space.zero(x);
@@ -400,6 +465,7 @@ impl<'a, S: CgSpace> Run<'a, S> {
         }
         let (ap, r) = (space.clone_of(b), space.clone_of(b));
         let mut run = Run {
+            op,
             b,
             x,
             ap,
@@ -439,16 +505,25 @@ impl<'a, S: CgSpace> Run<'a, S> {
     fn advance(&mut self, space: &mut S, s: &CgSettings) {
         match self.phase {
             Phase::Start => {
+                self.add_identity(space);
                 space.sub(self.b, &self.ap, &mut self.r);
                 self.begin(space, s);
             }
             Phase::Step => self.step(space, s),
             Phase::Recompute => {
+                self.add_identity(space);
                 space.sub(self.b, &self.ap, &mut self.r);
                 let rr_new = space.dot(&self.r, &self.r);
                 self.update_direction(space, s, rr_new, None);
             }
             Phase::Done => {}
+        }
+    }
+
+    /// A x from the operator's product of x: x added for [`Operator::IdentityPlus`].
+    fn add_identity(&mut self, space: &mut S) {
+        if self.op == Operator::IdentityPlus {
+            space.axpy(1.0, self.x, &mut self.ap);
         }
     }
 
@@ -468,7 +543,10 @@ impl<'a, S: CgSpace> Run<'a, S> {
     /// recomputed residual, else with the next direction).
     fn step(&mut self, space: &mut S, s: &CgSettings) {
         let Some(p) = self.p.as_ref() else { return };
-        let pap = space.dot(p, &self.ap);
+        let pap = match self.op {
+            Operator::Whole => space.dot(p, &self.ap),
+            Operator::IdentityPlus => space.add_dot(p, &mut self.ap),
+        };
         if pap.is_nan() || pap <= 0.0 {
             // not positive definite along p (or not finite): keep what we have
             self.phase = Phase::Done;

@@ -261,6 +261,7 @@ fn two_solves_in_lockstep_give_the_bits_of_two_alone() {
             let mut host = Host(&Serial, std::marker::PhantomData);
             solve_pair_in(
                 &mut host,
+                Operator::Whole,
                 |pairs: &mut [(&HostVec, &mut HostVec)]| {
                     products += pairs.len();
                     together += usize::from(pairs.len() == 2);
@@ -294,6 +295,10 @@ fn two_solves_in_lockstep_give_the_bits_of_two_alone() {
     }
 }
 
+/// Fused vector passes (a space's `axpy_norm`, `step_and_turn`, `add_dot`) against the
+/// separate ones, and an operator `I + B` given as `B` ([`Operator::IdentityPlus`]) against
+/// the same operator given whole (`B v + v`): the same bits, on the serial space and on patch
+/// layouts whose ranges cover the vector or not.
 #[test]
 fn fused_vector_passes_give_the_bits_of_separate_ones() {
     use crate::sphere::decomp::{Decomp, VecLayout};
@@ -310,7 +315,11 @@ fn fused_vector_passes_give_the_bits_of_separate_ones() {
     let diag: Vec<f64> = (0..n)
         .map(|i| 1.0 + (i as f64 * 0.013).sin().abs() * 40.0)
         .collect();
-    let apply = diag_plus_low_rank(&diag, &vs);
+    let apply_b = diag_plus_low_rank(&diag, &vs);
+    let whole = |v: &[f64], o: &mut [f64]| {
+        apply_b(v, o);
+        o.iter_mut().zip(v).for_each(|(o, v)| *o += v);
+    };
     let b: Vec<f64> = (0..n).map(|i| (i as f64 * 0.21).cos() + 0.1).collect();
     let start: Vec<f64> = (0..n).map(|i| 1e-3 * (i % 7) as f64).collect();
     // the 12 patches of nside_dec 1 own interleaved ranges after a replicated head; the
@@ -350,22 +359,32 @@ fn fused_vector_passes_give_the_bits_of_separate_ones() {
                 ..Default::default()
             },
         ] {
-            let run = |fused: bool| {
+            let run = |fused: bool, kind: Operator| {
                 let mut x = start.clone();
                 let (bv, mut xv) = (HostVec::Ref(&b), HostVec::Mut(&mut x));
                 let host = Host(space, std::marker::PhantomData);
-                let op = |v: &HostVec, o: &mut HostVec| apply(v, o);
+                let op = |v: &HostVec, o: &mut HostVec| match kind {
+                    Operator::Whole => whole(v, o),
+                    Operator::IdentityPlus => apply_b(v, o),
+                };
                 let rep = if fused {
-                    solve_in(&mut { host }, op, &bv, &mut xv, &s)
+                    solve_op_in(&mut { host }, kind, op, &bv, &mut xv, &s)
                 } else {
-                    solve_in(&mut Unchecked(host), op, &bv, &mut xv, &s)
+                    solve_op_in(&mut Unchecked(host), kind, op, &bv, &mut xv, &s)
                 };
                 (x, rep)
             };
-            let ((x1, r1), (x0, r0)) = (run(true), run(false));
-            assert!(r1.iterations > 2, "{r1:?}");
-            assert_eq!(r1, r0);
-            assert!(x1.iter().zip(&x0).all(|(a, b)| a.to_bits() == b.to_bits()));
+            let (x0, r0) = run(false, Operator::Whole);
+            assert!(r0.iterations > 2, "{r0:?}");
+            for (fused, kind) in [
+                (true, Operator::Whole),
+                (false, Operator::IdentityPlus),
+                (true, Operator::IdentityPlus),
+            ] {
+                let (x1, r1) = run(fused, kind);
+                assert_eq!(r1, r0, "{fused} {kind:?}");
+                assert!(x1.iter().zip(&x0).all(|(a, b)| a.to_bits() == b.to_bits()));
+            }
         }
     }
 }
