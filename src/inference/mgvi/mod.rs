@@ -201,13 +201,15 @@ pub struct IterationReport {
 pub struct IterationTimings {
     /// Drawing the residuals (their right-hand sides and CG solves), seconds.
     pub sampling_s: f64,
-    /// Metric products inside the sampling CGs, seconds.
+    /// Metric products inside the sampling CGs (their likelihood parts: on the host CG adds
+    /// the identity in its own pass), seconds.
     pub sampling_products_s: f64,
     /// Minimising the KL (the Newton steps), seconds.
     pub newton_s: f64,
     /// Evaluations of the KL's value and gradient (every sample's energy), seconds.
     pub kl_evaluations_s: f64,
-    /// Sample-averaged metric products inside the Newton CGs, seconds.
+    /// Sample-averaged metric products inside the Newton CGs (likelihood parts, as in the
+    /// sampling), seconds.
     pub newton_products_s: f64,
     /// The whole iteration (the scale's own update included), seconds.
     pub total_s: f64,

@@ -13,6 +13,7 @@
 use crate::base::util::{lane_dot, par_zero, DisjointMut, PAR_MIN_LEN};
 use crate::sphere::decomp::{Serial, Space};
 use rayon::prelude::*;
+use std::ops::Range;
 
 /// Stopping rules of [`solve`].
 #[derive(Clone, Copy, Debug)]
@@ -149,6 +150,25 @@ impl std::ops::DerefMut for HostVec<'_> {
     }
 }
 
+impl Host<'_, '_> {
+    /// Σ `pass(y[r], r)` over the ranges `r` of [`Space::range_sum`], `pass` updating its
+    /// range of `y` as it sums: an update and an inner product in one pass, with the inner
+    /// product's bits. `None`, `y` untouched, where those ranges do not cover `y`.
+    fn fused(
+        &self,
+        y: &mut [f64],
+        pass: impl Fn(&mut [f64], Range<usize>) -> f64 + Sync,
+    ) -> Option<f64> {
+        let n = y.len();
+        let out = DisjointMut::new(y);
+        self.0.range_sum(n, &|r| {
+            // SAFETY: `range_sum` visits each range once, and its ranges are disjoint
+            let ys = unsafe { out.chunk(r.start, r.len()) };
+            pass(ys, r)
+        })
+    }
+}
+
 impl<'v> CgSpace for Host<'_, 'v> {
     type V = HostVec<'v>;
     fn clone_of(&mut self, x: &HostVec<'v>) -> HostVec<'v> {
@@ -183,11 +203,8 @@ impl<'v> CgSpace for Host<'_, 'v> {
         par_zero(x);
     }
     fn axpy_norm(&mut self, a: f64, x: &HostVec<'v>, y: &mut HostVec<'v>) -> f64 {
-        let n = y.len();
-        let (xs, out) = (&**x, DisjointMut::new(y));
-        let fused = self.0.range_sum(n, &|r| {
-            // SAFETY: `range_sum` visits each range once, and its ranges are disjoint
-            let ys = unsafe { out.chunk(r.start, r.len()) };
+        let xs = &**x;
+        let fused = self.fused(y, |ys, r| {
             ys.iter_mut().zip(&xs[r]).for_each(|(yi, xi)| *yi += a * xi);
             lane_dot(ys, ys)
         });
@@ -197,11 +214,8 @@ impl<'v> CgSpace for Host<'_, 'v> {
         })
     }
     fn add_dot(&mut self, x: &HostVec<'v>, y: &mut HostVec<'v>) -> f64 {
-        let n = y.len();
-        let (xs, out) = (&**x, DisjointMut::new(y));
-        let fused = self.0.range_sum(n, &|r| {
-            // SAFETY: `range_sum` visits each range once, and its ranges are disjoint
-            let ys = unsafe { out.chunk(r.start, r.len()) };
+        let xs = &**x;
+        let fused = self.fused(y, |ys, r| {
             let xs = &xs[r];
             ys.iter_mut().zip(xs).for_each(|(yi, xi)| *yi += xi);
             lane_dot(xs, ys)
@@ -245,8 +259,9 @@ pub fn solve(
     solve_with(&Serial, apply, b, x, s)
 }
 
-/// [`solve_with`] for an operator that can fail: the first error is returned (the remaining
-/// iterations run on zeros and are discarded).
+/// [`solve_with`] for an operator `(op, apply)` that can fail (`op` says what `apply`
+/// writes): the first error is returned (the remaining iterations run on zeros and are
+/// discarded).
 pub fn try_solve_with(
     space: &dyn Space,
     (op, mut apply): (
@@ -279,9 +294,10 @@ pub fn try_solve_with(
     }
 }
 
-/// [`solve_pair_in`] on host vectors distributed as `space` says, for an operator that can
-/// fail: `apply(pairs)` writes `A v` into `out` for each `(v, out)` of `pairs` (one or two);
-/// the first error is returned (the remaining iterations run on zeros and are discarded).
+/// [`solve_pair_in`] on host vectors distributed as `space` says, for an operator
+/// `(op, apply)` that can fail: `apply(pairs)` writes `A v` (or what `op` says) into `out` for
+/// each `(v, out)` of `pairs` (one or two); the first error is returned (the remaining
+/// iterations run on zeros and are discarded).
 pub fn try_solve_pair_with(
     space: &dyn Space,
     (op, mut apply): (
@@ -371,8 +387,8 @@ pub fn solve_op_in<S: CgSpace>(
 /// mostly shared between vectors, such as a walk of every star, do the shared part once);
 /// once one stops, the other's alone. Each solve does [`solve_in`]'s operations in its
 /// order, so with an `apply` that gives each vector the bits of a product on its own, the
-/// results are bit for bit those of two [`solve_in`] calls. `apply(pairs)` writes `A v`
-/// into `out` for each `(v, out)` of `pairs` (one or two).
+/// results are bit for bit those of two [`solve_op_in`] calls. `apply(pairs)` writes `A v`
+/// (or what `op` says) into `out` for each `(v, out)` of `pairs` (one or two).
 pub fn solve_pair_in<S: CgSpace>(
     space: &mut S,
     op: Operator,
