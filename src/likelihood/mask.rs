@@ -113,18 +113,6 @@ impl Mask {
         scratch
     }
 
-    /// `out ← mask ∘ out + v`, the identity part of a metric product added to its masked
-    /// likelihood part (the same operations on each entry as with a dense mask).
-    pub fn combine(&self, out: &mut [f64], v: &[f64]) {
-        out.par_iter_mut()
-            .with_min_len(PAR_MIN_LEN)
-            .zip(v)
-            .for_each(|(o, vi)| *o += vi);
-        for &h in self.held_below(out.len().min(v.len())) {
-            out[h] = 0.0 * out[h] + v[h];
-        }
-    }
-
     /// This mask as dense factors over `n` entries (for a device that applies it itself).
     pub fn dense(&self, n: usize) -> Vec<f64> {
         let mut d = vec![1.0; n];
@@ -161,13 +149,16 @@ mod tests {
         assert_eq!(m.with_held(0).held(), &[0, 1, 9]);
     }
 
+    /// A metric's likelihood part masked, then its identity added (as CG adds it): the bits
+    /// of a dense mask, `mask ∘ out + v`.
     #[test]
-    fn combine_gives_the_dense_masks_bits() {
+    fn masked_then_identity_gives_the_dense_masks_bits() {
         let m = Mask::holding([0, 3]);
         let v = [0.25, -1.0, 3.5, -0.0, 1e-300];
         let o = [2.0, -0.0, 1e300, -7.0, -1e-300];
         let mut got = o;
-        m.combine(&mut got, &v);
+        m.apply(&mut got);
+        got.iter_mut().zip(&v).for_each(|(g, vi)| *g += vi);
         let want: Vec<f64> = dense_of(&m, 5)
             .iter()
             .zip(o.iter().zip(&v))
