@@ -8,9 +8,13 @@ fn main() {
     unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
     // one glibc arena, and freed buffers kept for the next iteration instead of given back
     // SAFETY: no other thread exists yet
-    unsafe { dust3d::base::allocator::configure() };
+    let allocator_set = unsafe { dust3d::base::allocator::configure() };
     let mpi = dust3d::base::comm::init();
     dust3d::base::logging::init();
+    tracing::debug!(
+        allocator_set,
+        "glibc allocator: one arena, freed memory kept (false: the environment sets it, or not glibc)"
+    );
     if let Err(e) = dust3d::cli::run() {
         if let Some(stop) = dust3d::base::stop::interrupted(&e) {
             // every rank stopped at the same safe point: a clean exit, not an abort

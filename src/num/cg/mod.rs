@@ -136,19 +136,18 @@ pub fn try_solve_with(
     s: &CgSettings,
 ) -> anyhow::Result<CgReport> {
     let mut err = None;
-    let (bv, mut xv) = (HostVec::Ref(b), HostVec::Mut(x));
-    let rep = solve_op_in(
-        &mut Host(space, std::marker::PhantomData),
+    let rep = solve_host(
+        space,
         op,
-        |v: &HostVec, out: &mut HostVec| {
+        |v, out| {
             if err.is_some() {
                 out.iter_mut().for_each(|o| *o = 0.0);
             } else if let Err(e) = apply(v, out) {
                 err = Some(e);
             }
         },
-        &bv,
-        &mut xv,
+        b,
+        x,
         s,
     );
     match err {
@@ -199,14 +198,28 @@ pub fn try_solve_pair_with(
 /// [`solve`] for vectors distributed as `space` says (inner products summed over ranks).
 pub fn solve_with(
     space: &dyn Space,
+    apply: impl FnMut(&[f64], &mut [f64]),
+    b: &[f64],
+    x: &mut [f64],
+    s: &CgSettings,
+) -> CgReport {
+    solve_host(space, Operator::Whole, apply, b, x, s)
+}
+
+/// [`solve_op_in`] on host vectors distributed as `space` says, the caller's `b` and `x`
+/// borrowed.
+fn solve_host(
+    space: &dyn Space,
+    op: Operator,
     mut apply: impl FnMut(&[f64], &mut [f64]),
     b: &[f64],
     x: &mut [f64],
     s: &CgSettings,
 ) -> CgReport {
     let (bv, mut xv) = (HostVec::Ref(b), HostVec::Mut(x));
-    solve_in(
+    solve_op_in(
         &mut Host(space, std::marker::PhantomData),
+        op,
         |v: &HostVec, o: &mut HostVec| apply(v, o),
         &bv,
         &mut xv,
